@@ -1,0 +1,28 @@
+//! OpenMesh relay dataplane.
+//!
+//! The pure layers take bytes and a `now` and return decisions; they open no socket, spawn no
+//! task and read no clock:
+//!
+//! - [`wire`]: link frames and envelopes, byte for byte as `docs/PROTOCOL.md` says;
+//! - [`signaling`]: HELLO meets the relay's policy and yields the session contract (WELCOME);
+//! - [`session`]: the session state machine (handshake, heartbeats, drain, close);
+//! - [`policy`]: agent admission, per-envelope ingress checks, token buckets;
+//! - [`routing`]: which core (and later which relay) an envelope goes to.
+//!
+//! The I/O shell:
+//!
+//! - [`engine`]: the thread-per-core io_uring relay engine (TLS, connections, mailboxes);
+//! - [`client`]: the agent client library (tokio);
+//! - [`pki`]: identities, the development CA, certificates;
+//! - [`metrics`]: every metric name and description.
+
+pub mod client;
+pub mod engine;
+pub mod metrics;
+pub mod pki;
+pub mod policy;
+pub mod routing;
+pub mod session;
+pub mod signaling;
+pub mod tls;
+pub mod wire;

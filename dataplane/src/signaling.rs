@@ -1,0 +1,145 @@
+//! Signaling: the agent's HELLO (capability descriptor) meets the relay's [`ContractPolicy`] and
+//! yields the session contract sent back in WELCOME.
+//!
+//! Pure: [`negotiate`] takes the HELLO, the relay's policy and the ids, and returns the WELCOME or
+//! the reason to CLOSE. The chosen protocol version is the highest one both sides speak.
+
+use crate::wire::{
+    AgentId, DeliveryClass, Hello, Reason, RelayId, Welcome, PROTOCOL_VERSION_MAX,
+    PROTOCOL_VERSION_MIN,
+};
+
+/// Smallest max-frame an agent may ask for; below this, the relay's minimum applies.
+pub const MIN_FRAME: u32 = 4096;
+
+/// What the relay is willing to agree to. Built from the relay configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContractPolicy {
+    pub min_version: u16,
+    pub max_version: u16,
+    /// Heartbeat interval when the agent asks for none, milliseconds.
+    pub heartbeat_ms: u32,
+    /// Bounds on the heartbeat interval an agent may ask for.
+    pub heartbeat_min_ms: u32,
+    pub heartbeat_max_ms: u32,
+    /// Largest frame the relay accepts.
+    pub max_frame: u32,
+    pub rate_envelopes: u32,
+    pub rate_bytes: u64,
+    pub max_ttl_ms: u64,
+    /// Delivery classes the relay serves (bit set).
+    pub classes: u8,
+    pub key_rotation_s: u32,
+}
+
+impl Default for ContractPolicy {
+    fn default() -> Self {
+        ContractPolicy {
+            min_version: PROTOCOL_VERSION_MIN,
+            max_version: PROTOCOL_VERSION_MAX,
+            heartbeat_ms: 10_000,
+            heartbeat_min_ms: 1_000,
+            heartbeat_max_ms: 60_000,
+            max_frame: 1 << 20,
+            rate_envelopes: 1_000_000,
+            rate_bytes: 1 << 30,
+            max_ttl_ms: 24 * 3600 * 1000,
+            classes: DeliveryClass::BestEffort.bit() | DeliveryClass::AtLeastOnce.bit(),
+            key_rotation_s: 300,
+        }
+    }
+}
+
+/// Agrees the session contract for one HELLO.
+///
+/// - version: the highest version in both ranges, else `NoCommonVersion`;
+/// - heartbeat: the agent's wish clamped to the relay's bounds (0: the relay's default);
+/// - max frame: the smaller of the two, never below [`MIN_FRAME`];
+/// - classes: those both want; an agent that names none gets all the relay serves, an agent whose
+///   wishes share none with the relay is refused with `ClassNotAllowed`.
+pub fn negotiate(
+    hello: &Hello,
+    policy: &ContractPolicy,
+    session_id: u64,
+    relay_id: RelayId,
+    agent_id: AgentId,
+) -> Result<Welcome, Reason> {
+    let version = hello.max_version.min(policy.max_version);
+    if version < hello.min_version.max(policy.min_version) {
+        return Err(Reason::NoCommonVersion);
+    }
+    let heartbeat_ms = match hello.heartbeat_ms {
+        0 => policy.heartbeat_ms,
+        h => h.clamp(policy.heartbeat_min_ms, policy.heartbeat_max_ms),
+    };
+    let max_frame = hello.max_frame.max(MIN_FRAME).min(policy.max_frame);
+    let classes = match hello.classes {
+        0 => policy.classes,
+        c if c & policy.classes == 0 => return Err(Reason::ClassNotAllowed),
+        c => c & policy.classes,
+    };
+    Ok(Welcome {
+        version,
+        session_id,
+        relay_id,
+        agent_id,
+        heartbeat_ms,
+        max_frame,
+        rate_envelopes: policy.rate_envelopes,
+        rate_bytes: policy.rate_bytes,
+        max_ttl_ms: policy.max_ttl_ms,
+        classes,
+        key_rotation_s: policy.key_rotation_s,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello(min: u16, max: u16) -> Hello {
+        Hello {
+            min_version: min,
+            max_version: max,
+            transports: 1,
+            classes: 0,
+            max_frame: 1 << 16,
+            heartbeat_ms: 500,
+            schemas: vec!["market/proposal@2.1".into()],
+        }
+    }
+
+    fn policy(min: u16, max: u16) -> ContractPolicy {
+        ContractPolicy { min_version: min, max_version: max, ..Default::default() }
+    }
+
+    #[test]
+    fn picks_highest_common_version() {
+        let w = negotiate(&hello(1, 5), &policy(2, 3), 7, RelayId::default(), AgentId::default());
+        assert_eq!(w.unwrap().version, 3);
+        let w = negotiate(&hello(3, 3), &policy(1, 9), 7, RelayId::default(), AgentId::default());
+        assert_eq!(w.unwrap().version, 3);
+    }
+
+    #[test]
+    fn disjoint_version_ranges_are_refused() {
+        let r = negotiate(&hello(4, 6), &policy(1, 3), 7, RelayId::default(), AgentId::default());
+        assert_eq!(r, Err(Reason::NoCommonVersion));
+        let r = negotiate(&hello(1, 1), &policy(2, 3), 7, RelayId::default(), AgentId::default());
+        assert_eq!(r, Err(Reason::NoCommonVersion));
+    }
+
+    #[test]
+    fn clamps_heartbeat_and_frame_and_intersects_classes() {
+        let mut h = hello(1, 1);
+        h.max_frame = 10;
+        h.classes = DeliveryClass::AtLeastOnce.bit() | DeliveryClass::Durable.bit();
+        let w = negotiate(&h, &policy(1, 1), 1, RelayId::default(), AgentId::default()).unwrap();
+        assert_eq!(w.heartbeat_ms, 1_000);
+        assert_eq!(w.max_frame, MIN_FRAME);
+        assert_eq!(w.classes, DeliveryClass::AtLeastOnce.bit());
+        h.classes = DeliveryClass::Durable.bit();
+        let r = negotiate(&h, &policy(1, 1), 1, RelayId::default(), AgentId::default());
+        assert_eq!(r, Err(Reason::ClassNotAllowed));
+    }
+}

@@ -1,0 +1,140 @@
+//! TLS 1.3 configuration for every OpenMesh link: rustls with the aws-lc-rs provider, TLS 1.3
+//! only, X25519MLKEM768 (post-quantum hybrid) preferred and X25519 accepted, AES-256-GCM,
+//! AES-128-GCM and ChaCha20-Poly1305, and mutual authentication.
+//!
+//! Agents always present a certificate for their own Ed25519 key; the relay reads the agent id
+//! from it ([`crate::pki::ed25519_key_of`]). In open admission any such certificate is accepted
+//! once the handshake signature proves possession of the key; in CA-only admission it must chain
+//! to the fleet CA.
+
+use std::sync::Arc;
+
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::{aws_lc_rs, CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
+
+use crate::pki::{ed25519_key_of, Identity};
+use crate::policy::AdmissionMode;
+
+/// ALPN protocol id of the agent link.
+pub const ALPN: &[u8] = b"openmesh/1";
+
+/// Errors building a TLS configuration.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsConfigError {
+    #[error("tls: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("client verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    #[error("CA-only admission needs at least one CA certificate")]
+    NoCa,
+}
+
+/// The crypto provider every link uses.
+pub fn provider() -> Arc<CryptoProvider> {
+    use aws_lc_rs::cipher_suite::*;
+    Arc::new(CryptoProvider {
+        cipher_suites: vec![TLS13_AES_256_GCM_SHA384, TLS13_AES_128_GCM_SHA256, TLS13_CHACHA20_POLY1305_SHA256],
+        kx_groups: vec![aws_lc_rs::kx_group::X25519MLKEM768, aws_lc_rs::kx_group::X25519],
+        ..aws_lc_rs::default_provider()
+    })
+}
+
+/// Server configuration for a relay's agent listener.
+pub fn server_config(
+    identity: &Identity,
+    mode: AdmissionMode,
+    ca: &[CertificateDer<'static>],
+) -> Result<Arc<rustls::ServerConfig>, TlsConfigError> {
+    let provider = provider();
+    let verifier: Arc<dyn ClientCertVerifier> = match mode {
+        AdmissionMode::Open => Arc::new(OpenAgentVerifier {
+            algorithms: provider.signature_verification_algorithms,
+        }),
+        AdmissionMode::CaOnly => {
+            if ca.is_empty() {
+                return Err(TlsConfigError::NoCa);
+            }
+            let mut roots = RootCertStore::empty();
+            for c in ca {
+                roots.add(c.clone())?;
+            }
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?
+        }
+    };
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(identity.chain.clone(), identity.private_key())?;
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    cfg.send_tls13_tickets = 0;
+    Ok(Arc::new(cfg))
+}
+
+/// Client configuration for an agent: trusts `ca`, presents `identity`.
+pub fn client_config(
+    identity: &Identity,
+    ca: &[CertificateDer<'static>],
+) -> Result<Arc<rustls::ClientConfig>, TlsConfigError> {
+    let mut roots = RootCertStore::empty();
+    for c in ca {
+        roots.add(c.clone())?;
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(identity.chain.clone(), identity.private_key())?;
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Open admission: accepts any certificate carrying an Ed25519 key, provided the TLS 1.3
+/// CertificateVerify signature proves the peer holds that key.
+#[derive(Debug)]
+struct OpenAgentVerifier {
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ClientCertVerifier for OpenAgentVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        ed25519_key_of(end_entity).map_err(|_| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
+        })?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        vec![SignatureScheme::ED25519]
+    }
+}

@@ -1,0 +1,416 @@
+//! Link frames: `length: u32 | type: u8 | body`, where `length` counts the type byte and the body.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use super::reader::Reader;
+use super::{AgentId, Envelope, MessageId, Reason, RelayId, WireError};
+
+/// Bytes before a frame's body: the `u32` length and the type byte.
+pub const FRAME_HEADER_LEN: usize = 5;
+/// Most schema ids a HELLO may list.
+pub const MAX_HELLO_SCHEMAS: usize = 32;
+/// Most message ids one ACK frame may carry.
+pub const MAX_ACK_BATCH: usize = 4096;
+
+/// The frame kinds, with their wire codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameType {
+    Hello = 0x01,
+    Welcome = 0x02,
+    Envelope = 0x03,
+    Ack = 0x04,
+    Nack = 0x05,
+    Ping = 0x06,
+    Pong = 0x07,
+    GoingAway = 0x08,
+    Close = 0x09,
+}
+
+impl FrameType {
+    fn from_u8(v: u8) -> Result<Self, WireError> {
+        Ok(match v {
+            0x01 => Self::Hello,
+            0x02 => Self::Welcome,
+            0x03 => Self::Envelope,
+            0x04 => Self::Ack,
+            0x05 => Self::Nack,
+            0x06 => Self::Ping,
+            0x07 => Self::Pong,
+            0x08 => Self::GoingAway,
+            0x09 => Self::Close,
+            other => return Err(WireError::UnknownFrameType(other)),
+        })
+    }
+}
+
+/// HELLO: the agent's capability descriptor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hello {
+    pub min_version: u16,
+    pub max_version: u16,
+    /// Bit set of transports the agent can use: bit 0 TCP+TLS, bit 1 QUIC.
+    pub transports: u8,
+    /// Bit set of delivery classes the agent wants ([`crate::wire::DeliveryClass::bit`]).
+    pub classes: u8,
+    /// Largest frame the agent accepts.
+    pub max_frame: u32,
+    /// Heartbeat interval the agent wants, milliseconds.
+    pub heartbeat_ms: u32,
+    /// Schema ids the agent speaks, such as `market/proposal@2.1`.
+    pub schemas: Vec<String>,
+}
+
+/// WELCOME: the session contract chosen by the relay.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Welcome {
+    pub version: u16,
+    pub session_id: u64,
+    pub relay_id: RelayId,
+    /// The agent id the relay authenticated (the public key of the agent's certificate).
+    pub agent_id: AgentId,
+    pub heartbeat_ms: u32,
+    pub max_frame: u32,
+    /// Envelopes per second the relay reads from this session before it stops reading.
+    pub rate_envelopes: u32,
+    /// Bytes per second the relay reads from this session before it stops reading.
+    pub rate_bytes: u64,
+    pub max_ttl_ms: u64,
+    /// Bit set of delivery classes allowed in this session.
+    pub classes: u8,
+    /// Seconds between TLS key updates (and end-to-end key rotations).
+    pub key_rotation_s: u32,
+}
+
+/// ACK: one or more message ids whose custody the receiver took.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AckBatch {
+    ids: Bytes,
+}
+
+impl AckBatch {
+    /// Builds a batch; at most [`MAX_ACK_BATCH`] ids are taken.
+    pub fn new(ids: impl IntoIterator<Item = MessageId>) -> Self {
+        let mut b = BytesMut::new();
+        for id in ids.into_iter().take(MAX_ACK_BATCH) {
+            b.put_slice(&id.0);
+        }
+        AckBatch { ids: b.freeze() }
+    }
+    /// Number of ids.
+    pub fn len(&self) -> usize {
+        self.ids.len() / 16
+    }
+    /// Whether the batch is empty.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+    /// The ids.
+    pub fn ids(&self) -> impl Iterator<Item = MessageId> + '_ {
+        self.ids.chunks_exact(16).map(|c| {
+            let mut id = [0u8; 16];
+            id.copy_from_slice(c);
+            MessageId(id)
+        })
+    }
+}
+
+/// NACK: a refusal of one envelope, with a reason code and text.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Nack {
+    pub message_id: MessageId,
+    /// Raw reason code; see [`Reason`].
+    pub code: u16,
+    pub text: String,
+}
+
+impl Nack {
+    /// A NACK with a known reason and its label as text.
+    pub fn new(message_id: MessageId, reason: Reason) -> Self {
+        Nack { message_id, code: reason as u16, text: reason.label().to_string() }
+    }
+    /// The reason, if this build knows the code.
+    pub fn reason(&self) -> Option<Reason> {
+        Reason::from_u16(self.code)
+    }
+}
+
+/// PING: the sender's monotonic timestamp, echoed by PONG.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ping {
+    pub timestamp_us: u64,
+}
+
+/// PONG: the PING's timestamp echoed, and the responder's own clock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pong {
+    pub echo_us: u64,
+    pub responder_us: u64,
+}
+
+/// GOING_AWAY: the relay drains; finish, then reconnect elsewhere.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GoingAway {
+    pub code: u16,
+    /// Milliseconds until the relay closes the link.
+    pub drain_ms: u32,
+    /// Where to reconnect (empty: anywhere).
+    pub redirect: String,
+}
+
+/// CLOSE: the session ends, with a reason.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Close {
+    pub code: u16,
+    pub text: String,
+}
+
+impl Close {
+    /// A CLOSE with a known reason and free text (truncated to 255 bytes on the wire).
+    pub fn new(reason: Reason, text: impl Into<String>) -> Self {
+        Close { code: reason as u16, text: text.into() }
+    }
+    /// The reason, if this build knows the code.
+    pub fn reason(&self) -> Option<Reason> {
+        Reason::from_u16(self.code)
+    }
+}
+
+/// One decoded link frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Frame {
+    Hello(Hello),
+    Welcome(Welcome),
+    Envelope(Envelope),
+    Ack(AckBatch),
+    Nack(Nack),
+    Ping(Ping),
+    Pong(Pong),
+    GoingAway(GoingAway),
+    Close(Close),
+}
+
+/// Splits frames off a receive buffer.
+#[derive(Clone, Copy, Debug)]
+pub struct FrameDecoder {
+    max_frame: usize,
+}
+
+impl FrameDecoder {
+    /// A decoder refusing frames whose length prefix exceeds `max_frame`.
+    pub fn new(max_frame: usize) -> Self {
+        FrameDecoder { max_frame }
+    }
+
+    /// Changes the maximum (after the session contract is agreed).
+    pub fn set_max_frame(&mut self, max_frame: usize) {
+        self.max_frame = max_frame;
+    }
+
+    /// The maximum frame length accepted.
+    pub fn max_frame(&self) -> usize {
+        self.max_frame
+    }
+
+    /// Takes one complete frame off the front of `buf`. `Ok(None)`: more bytes are needed.
+    /// The length prefix is checked against the maximum before anything else, so a hostile
+    /// length never makes the caller buffer or allocate more than `max_frame + 5` bytes.
+    pub fn decode(&self, buf: &mut BytesMut) -> Result<Option<Frame>, WireError> {
+        if buf.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+        if len > self.max_frame {
+            return Err(WireError::FrameTooLarge { len, max: self.max_frame });
+        }
+        if len == 0 {
+            return Err(WireError::EmptyFrame);
+        }
+        if buf.len() < 4 + len {
+            return Ok(None);
+        }
+        buf.advance(4);
+        let frame = buf.split_to(len).freeze();
+        Frame::decode(frame).map(Some)
+    }
+}
+
+impl Frame {
+    /// Decodes `type | body` (the bytes after the length prefix).
+    pub fn decode(mut frame: Bytes) -> Result<Self, WireError> {
+        if frame.is_empty() {
+            return Err(WireError::EmptyFrame);
+        }
+        let ty = FrameType::from_u8(frame[0])?;
+        frame.advance(1);
+        if ty == FrameType::Envelope {
+            return Envelope::decode(frame).map(Frame::Envelope);
+        }
+        let mut r = Reader::new(&frame);
+        let out = match ty {
+            FrameType::Hello => {
+                let min_version = r.u16("min version")?;
+                let max_version = r.u16("max version")?;
+                if min_version > max_version {
+                    return Err(WireError::Invalid("version range"));
+                }
+                let transports = r.u8("transports")?;
+                let classes = r.u8("classes")?;
+                let max_frame = r.u32("max frame")?;
+                let heartbeat_ms = r.u32("heartbeat")?;
+                let n = r.u8("schema count")? as usize;
+                if n > MAX_HELLO_SCHEMAS {
+                    return Err(WireError::Invalid("schema count"));
+                }
+                let mut schemas = Vec::with_capacity(n);
+                for _ in 0..n {
+                    schemas.push(r.short_str("schema id")?.to_string());
+                }
+                Frame::Hello(Hello {
+                    min_version,
+                    max_version,
+                    transports,
+                    classes,
+                    max_frame,
+                    heartbeat_ms,
+                    schemas,
+                })
+            }
+            FrameType::Welcome => Frame::Welcome(Welcome {
+                version: r.u16("version")?,
+                session_id: r.u64("session id")?,
+                relay_id: RelayId(r.array("relay id")?),
+                agent_id: AgentId(r.array("agent id")?),
+                heartbeat_ms: r.u32("heartbeat")?,
+                max_frame: r.u32("max frame")?,
+                rate_envelopes: r.u32("envelope rate")?,
+                rate_bytes: r.u64("byte rate")?,
+                max_ttl_ms: r.u64("max ttl")?,
+                classes: r.u8("classes")?,
+                key_rotation_s: r.u32("key rotation")?,
+            }),
+            FrameType::Ack => {
+                let n = r.u16("ack count")? as usize;
+                if n == 0 || n > MAX_ACK_BATCH {
+                    return Err(WireError::Invalid("ack count"));
+                }
+                let start = r.pos();
+                r.take(n * 16, "ack ids")?;
+                Frame::Ack(AckBatch { ids: frame.slice(start..start + n * 16) })
+            }
+            FrameType::Nack => Frame::Nack(Nack {
+                message_id: MessageId(r.array("message id")?),
+                code: r.u16("reason")?,
+                text: r.short_str("reason text")?.to_string(),
+            }),
+            FrameType::Ping => Frame::Ping(Ping { timestamp_us: r.u64("timestamp")? }),
+            FrameType::Pong => Frame::Pong(Pong {
+                echo_us: r.u64("echo timestamp")?,
+                responder_us: r.u64("responder timestamp")?,
+            }),
+            FrameType::GoingAway => Frame::GoingAway(GoingAway {
+                code: r.u16("reason")?,
+                drain_ms: r.u32("drain time")?,
+                redirect: r.short_str("redirect")?.to_string(),
+            }),
+            FrameType::Close => Frame::Close(Close {
+                code: r.u16("reason")?,
+                text: r.short_str("reason text")?.to_string(),
+            }),
+            FrameType::Envelope => unreachable!("handled above"),
+        };
+        r.finish()?;
+        Ok(out)
+    }
+
+    /// Appends the encoded frame, length prefix included, to `dst`.
+    pub fn encode(&self, dst: &mut BytesMut) {
+        if let Frame::Envelope(e) = self {
+            e.encode(dst);
+            return;
+        }
+        let start = dst.len();
+        dst.put_u32(0);
+        match self {
+            Frame::Hello(h) => {
+                dst.put_u8(FrameType::Hello as u8);
+                dst.put_u16(h.min_version);
+                dst.put_u16(h.max_version);
+                dst.put_u8(h.transports);
+                dst.put_u8(h.classes);
+                dst.put_u32(h.max_frame);
+                dst.put_u32(h.heartbeat_ms);
+                let n = h.schemas.len().min(MAX_HELLO_SCHEMAS);
+                dst.put_u8(n as u8);
+                for s in &h.schemas[..n] {
+                    put_short_str(dst, s);
+                }
+            }
+            Frame::Welcome(w) => {
+                dst.put_u8(FrameType::Welcome as u8);
+                dst.put_u16(w.version);
+                dst.put_u64(w.session_id);
+                dst.put_slice(&w.relay_id.0);
+                dst.put_slice(&w.agent_id.0);
+                dst.put_u32(w.heartbeat_ms);
+                dst.put_u32(w.max_frame);
+                dst.put_u32(w.rate_envelopes);
+                dst.put_u64(w.rate_bytes);
+                dst.put_u64(w.max_ttl_ms);
+                dst.put_u8(w.classes);
+                dst.put_u32(w.key_rotation_s);
+            }
+            Frame::Ack(a) => {
+                dst.put_u8(FrameType::Ack as u8);
+                dst.put_u16(a.len() as u16);
+                dst.put_slice(&a.ids);
+            }
+            Frame::Nack(n) => {
+                dst.put_u8(FrameType::Nack as u8);
+                dst.put_slice(&n.message_id.0);
+                dst.put_u16(n.code);
+                put_short_str(dst, &n.text);
+            }
+            Frame::Ping(p) => {
+                dst.put_u8(FrameType::Ping as u8);
+                dst.put_u64(p.timestamp_us);
+            }
+            Frame::Pong(p) => {
+                dst.put_u8(FrameType::Pong as u8);
+                dst.put_u64(p.echo_us);
+                dst.put_u64(p.responder_us);
+            }
+            Frame::GoingAway(g) => {
+                dst.put_u8(FrameType::GoingAway as u8);
+                dst.put_u16(g.code);
+                dst.put_u32(g.drain_ms);
+                put_short_str(dst, &g.redirect);
+            }
+            Frame::Close(c) => {
+                dst.put_u8(FrameType::Close as u8);
+                dst.put_u16(c.code);
+                put_short_str(dst, &c.text);
+            }
+            Frame::Envelope(_) => unreachable!("handled above"),
+        }
+        let len = (dst.len() - start - 4) as u32;
+        dst[start..start + 4].copy_from_slice(&len.to_be_bytes());
+    }
+
+    /// The encoded frame as one buffer.
+    pub fn to_bytes(&self) -> Bytes {
+        let mut b = BytesMut::new();
+        self.encode(&mut b);
+        b.freeze()
+    }
+}
+
+/// Writes a `u8`-length string, cut at 255 bytes on a character boundary.
+fn put_short_str(dst: &mut BytesMut, s: &str) {
+    let mut end = s.len().min(255);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    dst.put_u8(end as u8);
+    dst.put_slice(&s.as_bytes()[..end]);
+}
