@@ -1,1 +1,370 @@
-//! agent client
+//! The agent client library: connect to a relay over mutual TLS 1.3 with an identity, exchange
+//! HELLO and WELCOME, send envelopes, receive them, ACK them, answer heartbeats.
+//!
+//! Runs on tokio (tokio-rustls). An [`Agent`] owns a reader task and a writer task; the writer
+//! coalesces queued frames and ACKs into one TLS write per batch.
+//!
+//! ```no_run
+//! # async fn demo(cfg: openmesh_dataplane::client::ClientConfig, to: openmesh_dataplane::wire::AgentId) -> Result<(), openmesh_dataplane::client::ClientError> {
+//! use openmesh_dataplane::client::{Agent, Event};
+//! let mut agent = Agent::connect(cfg).await?;
+//! let env = agent.envelope_to(to, 60_000).build(b"hello").expect("small envelope");
+//! agent.send(&env).await?;
+//! while let Some(ev) = agent.next_event().await {
+//!     if let Event::Acked(ids) = ev { break; }
+//! }
+//! # Ok(()) }
+//! ```
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use crate::pki::Identity;
+use crate::tls::{client_config, TlsConfigError};
+use crate::wire::{
+    AckBatch, AgentId, Close, DeliveryClass, Destination, Envelope, EnvelopeBuilder, Frame,
+    FrameDecoder, GoingAway, Hello, MessageId, Nack, Pong, Reason, Welcome, WireError,
+    PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
+};
+
+/// Errors of the client library.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    #[error("connect: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("tls config: {0}")]
+    Tls(#[from] TlsConfigError),
+    #[error("invalid server name {0}")]
+    ServerName(String),
+    #[error("wire: {0}")]
+    Wire(#[from] WireError),
+    /// The relay ended the session with CLOSE.
+    #[error("relay closed the session: {} ({})", .0.text, .0.code)]
+    Closed(Close),
+    #[error("unexpected frame during handshake")]
+    Unexpected,
+    #[error("timed out waiting for WELCOME")]
+    Timeout,
+    #[error("session is gone")]
+    Gone,
+}
+
+/// How to reach a relay and who to be.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    pub relay: SocketAddr,
+    /// Name to verify in the relay's certificate (default: the relay's IP address).
+    pub server_name: Option<String>,
+    /// CA certificates to trust for the relay.
+    pub ca: Vec<CertificateDer<'static>>,
+    pub identity: Identity,
+    pub hello: Hello,
+    /// Answer the relay's PINGs (turn off only to test dead-peer detection).
+    pub answer_pings: bool,
+}
+
+impl ClientConfig {
+    /// A config with the default HELLO (this build's versions, TCP+TLS, best-effort and
+    /// at-least-once, 1 MiB frames, the relay's heartbeat).
+    pub fn new(relay: SocketAddr, ca: Vec<CertificateDer<'static>>, identity: Identity) -> Self {
+        ClientConfig {
+            relay,
+            server_name: None,
+            ca,
+            identity,
+            hello: Hello {
+                min_version: PROTOCOL_VERSION_MIN,
+                max_version: PROTOCOL_VERSION_MAX,
+                transports: 1,
+                classes: DeliveryClass::BestEffort.bit() | DeliveryClass::AtLeastOnce.bit(),
+                max_frame: 1 << 20,
+                heartbeat_ms: 0,
+                schemas: Vec::new(),
+            },
+            answer_pings: true,
+        }
+    }
+}
+
+/// Something that happened on the session.
+#[derive(Debug)]
+pub enum Event {
+    /// An envelope for this agent. ACK it with [`Agent::ack`] once processed.
+    Envelope(Envelope),
+    /// The relay took custody of these envelopes.
+    Acked(AckBatch),
+    /// The relay refused an envelope.
+    Nacked(Nack),
+    /// The relay drains: finish and reconnect elsewhere.
+    GoingAway(GoingAway),
+    /// The session ended (with the relay's CLOSE, if it sent one).
+    Closed(Option<Close>),
+}
+
+enum Out {
+    Frame(Bytes),
+    Ack(MessageId),
+}
+
+/// A connected agent.
+pub struct Agent {
+    id: AgentId,
+    welcome: Welcome,
+    out: mpsc::Sender<Out>,
+    events: mpsc::Receiver<Event>,
+    next_id: AtomicU64,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Opens a mutual-TLS link to the relay (no HELLO yet). For tests that speak raw frames.
+pub async fn connect_tls(cfg: &ClientConfig) -> Result<TlsStream<TcpStream>, ClientError> {
+    let tls = client_config(&cfg.identity, &cfg.ca)?;
+    let name = match &cfg.server_name {
+        Some(n) => {
+            ServerName::try_from(n.clone()).map_err(|_| ClientError::ServerName(n.clone()))?
+        }
+        None => ServerName::IpAddress(cfg.relay.ip().into()),
+    };
+    let tcp = TcpStream::connect(cfg.relay).await?;
+    tcp.set_nodelay(true)?;
+    Ok(TlsConnector::from(Arc::new((*tls).clone()))
+        .connect(name, tcp)
+        .await?)
+}
+
+impl Agent {
+    /// Connects, sends HELLO and waits (up to 10 s) for WELCOME.
+    pub async fn connect(cfg: ClientConfig) -> Result<Agent, ClientError> {
+        let mut link = connect_tls(&cfg).await?;
+        link.write_all(&Frame::Hello(cfg.hello.clone()).to_bytes())
+            .await?;
+        link.flush().await?;
+        let mut rx = BytesMut::with_capacity(64 << 10);
+        let mut dec =
+            FrameDecoder::new(cfg.hello.max_frame.max(crate::signaling::MIN_FRAME) as usize);
+        let welcome = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Some(f) = dec.decode(&mut rx)? {
+                    return match f {
+                        Frame::Welcome(w) => Ok(w),
+                        Frame::Close(c) => Err(ClientError::Closed(c)),
+                        _ => Err(ClientError::Unexpected),
+                    };
+                }
+                if link.read_buf(&mut rx).await? == 0 {
+                    return Err(ClientError::Gone);
+                }
+            }
+        })
+        .await
+        .map_err(|_| ClientError::Timeout)??;
+        dec.set_max_frame(welcome.max_frame as usize);
+        let (rd, wr) = tokio::io::split(link);
+        let (out_tx, out_rx) = mpsc::channel(16_384);
+        let (ev_tx, ev_rx) = mpsc::channel(65_536);
+        let writer = tokio::spawn(write_loop(wr, out_rx));
+        let reader = tokio::spawn(read_loop(
+            rd,
+            rx,
+            dec,
+            ev_tx,
+            out_tx.clone(),
+            cfg.answer_pings,
+        ));
+        Ok(Agent {
+            id: cfg.identity.agent_id(),
+            welcome,
+            out: out_tx,
+            events: ev_rx,
+            next_id: AtomicU64::new(1),
+            tasks: vec![writer, reader],
+        })
+    }
+
+    /// This agent's id.
+    pub fn id(&self) -> AgentId {
+        self.id
+    }
+
+    /// The session contract.
+    pub fn welcome(&self) -> &Welcome {
+        &self.welcome
+    }
+
+    /// A fresh message id: 64 random-ish high bits from the agent id and time, 64 counter bits.
+    pub fn next_message_id(&self) -> MessageId {
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut hi = [0u8; 8];
+        hi.copy_from_slice(&self.id.0[..8]);
+        let hi = u64::from_be_bytes(hi) ^ (self.welcome.session_id << 32);
+        MessageId::from_u128((hi as u128) << 64 | n as u128)
+    }
+
+    /// An at-least-once envelope builder from this agent to `to`, expiring in `ttl_ms`.
+    pub fn envelope_to(&self, to: AgentId, ttl_ms: u64) -> EnvelopeBuilder {
+        EnvelopeBuilder::new(
+            self.next_message_id(),
+            self.id,
+            Destination::Agent(to),
+            unix_ms(),
+            ttl_ms,
+        )
+    }
+
+    /// Queues an envelope for sending.
+    pub async fn send(&self, env: &Envelope) -> Result<(), ClientError> {
+        let mut b = BytesMut::with_capacity(env.frame_len());
+        env.encode(&mut b);
+        self.send_raw(b.freeze()).await
+    }
+
+    /// Queues already-encoded frame bytes (any bytes: tests use this to send garbage).
+    pub async fn send_raw(&self, frame: Bytes) -> Result<(), ClientError> {
+        self.out
+            .send(Out::Frame(frame))
+            .await
+            .map_err(|_| ClientError::Gone)
+    }
+
+    /// Acknowledges a received envelope (ACKs are batched).
+    pub async fn ack(&self, id: MessageId) -> Result<(), ClientError> {
+        self.out
+            .send(Out::Ack(id))
+            .await
+            .map_err(|_| ClientError::Gone)
+    }
+
+    /// The next event; `None` once the session is over and every event was taken.
+    pub async fn next_event(&mut self) -> Option<Event> {
+        self.events.recv().await
+    }
+
+    /// Sends CLOSE and ends the session.
+    pub async fn close(self) -> Result<(), ClientError> {
+        self.send_raw(Frame::Close(Close::new(Reason::Normal, "bye")).to_bytes())
+            .await
+    }
+}
+
+/// Wall-clock milliseconds since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+async fn write_loop(
+    mut wr: tokio::io::WriteHalf<TlsStream<TcpStream>>,
+    mut rx: mpsc::Receiver<Out>,
+) {
+    let mut buf = BytesMut::with_capacity(256 << 10);
+    let mut acks: Vec<MessageId> = Vec::new();
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        let mut n = 0;
+        while let Some(o) = next {
+            match o {
+                Out::Frame(f) => {
+                    flush_acks(&mut acks, &mut buf);
+                    buf.extend_from_slice(&f);
+                }
+                Out::Ack(id) => acks.push(id),
+            }
+            n += 1;
+            if buf.len() > (256 << 10) || n > 4096 {
+                break;
+            }
+            next = rx.try_recv().ok();
+        }
+        flush_acks(&mut acks, &mut buf);
+        if wr.write_all(&buf).await.is_err() || wr.flush().await.is_err() {
+            return;
+        }
+        buf.clear();
+    }
+    let _ = wr.shutdown().await;
+}
+
+fn flush_acks(acks: &mut Vec<MessageId>, buf: &mut BytesMut) {
+    for chunk in acks.chunks(crate::wire::MAX_ACK_BATCH) {
+        Frame::Ack(AckBatch::new(chunk.iter().copied())).encode(buf);
+    }
+    acks.clear();
+}
+
+async fn read_loop(
+    mut rd: tokio::io::ReadHalf<TlsStream<TcpStream>>,
+    mut rx: BytesMut,
+    dec: FrameDecoder,
+    events: mpsc::Sender<Event>,
+    out: mpsc::Sender<Out>,
+    answer_pings: bool,
+) {
+    let mut close = None;
+    'outer: loop {
+        loop {
+            let f = match dec.decode(&mut rx) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(_) => break 'outer,
+            };
+            let ev = match f {
+                Frame::Envelope(e) => Event::Envelope(e),
+                Frame::Ack(a) => Event::Acked(a),
+                Frame::Nack(n) => Event::Nacked(n),
+                Frame::GoingAway(g) => Event::GoingAway(g),
+                Frame::Close(c) => {
+                    close = Some(c);
+                    break 'outer;
+                }
+                Frame::Ping(p) => {
+                    if answer_pings {
+                        let pong = Frame::Pong(Pong {
+                            echo_us: p.timestamp_us,
+                            responder_us: now_us(),
+                        });
+                        let _ = out.send(Out::Frame(pong.to_bytes())).await;
+                    }
+                    continue;
+                }
+                Frame::Pong(_) | Frame::Hello(_) | Frame::Welcome(_) => continue,
+            };
+            if events.send(ev).await.is_err() {
+                return;
+            }
+        }
+        match rd.read_buf(&mut rx).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    let _ = events.send(Event::Closed(close)).await;
+}

@@ -1,1 +1,220 @@
-//! metrics
+//! Every metric the relay exports: names, descriptions, and the per-core handles the engine
+//! increments. `docs/OPERATIONS.md` lists the same names; keep both in step.
+//!
+//! The engine resolves every labelled handle once per core ([`CoreMetrics::new`]), so the
+//! per-envelope path does an atomic add on a handle, never a registry lookup.
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics::{Counter, Gauge, Histogram, Unit};
+
+use crate::wire::{DeliveryClass, Reason};
+
+pub const ENVELOPES_IN: &str = "openmesh_envelopes_received_total";
+pub const BYTES_IN: &str = "openmesh_envelope_bytes_received_total";
+pub const ENVELOPES_OUT: &str = "openmesh_envelopes_delivered_total";
+pub const BYTES_OUT: &str = "openmesh_envelope_bytes_delivered_total";
+pub const ACKS_IN: &str = "openmesh_acks_received_total";
+pub const ACKS_OUT: &str = "openmesh_acks_sent_total";
+pub const REFUSED: &str = "openmesh_envelopes_refused_total";
+pub const DROPPED: &str = "openmesh_envelopes_dropped_total";
+pub const REDELIVERED: &str = "openmesh_envelopes_redelivered_total";
+pub const SESSIONS_ACTIVE: &str = "openmesh_sessions_active";
+pub const SESSIONS_OPENED: &str = "openmesh_sessions_opened_total";
+pub const SESSIONS_CLOSED: &str = "openmesh_sessions_closed_total";
+pub const CONNECTIONS_ACCEPTED: &str = "openmesh_connections_accepted_total";
+pub const HANDSHAKE_FAILURES: &str = "openmesh_handshake_failures_total";
+pub const QUEUE_DEPTH: &str = "openmesh_queue_depth";
+pub const INFLIGHT: &str = "openmesh_inflight_envelopes";
+pub const MAILBOX_SENT: &str = "openmesh_mailbox_messages_total";
+pub const MAILBOX_FULL: &str = "openmesh_mailbox_full_total";
+pub const THROTTLED: &str = "openmesh_reads_throttled_total";
+pub const RTT: &str = "openmesh_session_rtt_seconds";
+pub const KEY_UPDATES: &str = "openmesh_tls_key_updates_total";
+pub const CORES: &str = "openmesh_engine_cores";
+
+/// Registers the descriptions of every metric with the installed recorder.
+pub fn describe() {
+    describe_counter!(
+        ENVELOPES_IN,
+        Unit::Count,
+        "Envelopes accepted from agents, by delivery class."
+    );
+    describe_counter!(
+        BYTES_IN,
+        Unit::Bytes,
+        "Bytes of envelopes accepted from agents, by class."
+    );
+    describe_counter!(
+        ENVELOPES_OUT,
+        Unit::Count,
+        "Envelopes written to destination agents, by class."
+    );
+    describe_counter!(
+        BYTES_OUT,
+        Unit::Bytes,
+        "Bytes of envelopes written to destination agents, by class."
+    );
+    describe_counter!(
+        ACKS_IN,
+        Unit::Count,
+        "Message ids acknowledged by destination agents."
+    );
+    describe_counter!(
+        ACKS_OUT,
+        Unit::Count,
+        "Message ids acknowledged to source agents."
+    );
+    describe_counter!(
+        REFUSED,
+        Unit::Count,
+        "Envelopes refused with a NACK, by reason."
+    );
+    describe_counter!(
+        DROPPED,
+        Unit::Count,
+        "Envelopes dropped without a NACK (best-effort or undeliverable custody), by reason."
+    );
+    describe_counter!(
+        REDELIVERED,
+        Unit::Count,
+        "Unacknowledged envelopes handed to a newer session of the same agent."
+    );
+    describe_gauge!(SESSIONS_ACTIVE, Unit::Count, "Established agent sessions.");
+    describe_counter!(SESSIONS_OPENED, Unit::Count, "Agent sessions established.");
+    describe_counter!(
+        SESSIONS_CLOSED,
+        Unit::Count,
+        "Agent sessions closed, by reason."
+    );
+    describe_counter!(
+        CONNECTIONS_ACCEPTED,
+        Unit::Count,
+        "TCP connections accepted on the agent port."
+    );
+    describe_counter!(
+        HANDSHAKE_FAILURES,
+        Unit::Count,
+        "TLS or HELLO handshakes that failed, by reason."
+    );
+    describe_gauge!(
+        QUEUE_DEPTH,
+        Unit::Count,
+        "Envelopes queued towards agents and not yet written."
+    );
+    describe_gauge!(
+        INFLIGHT,
+        Unit::Count,
+        "At-least-once envelopes written to agents and not yet acknowledged."
+    );
+    describe_counter!(
+        MAILBOX_SENT,
+        Unit::Count,
+        "Envelopes sent from this core to another core's mailbox, by sending core."
+    );
+    describe_counter!(
+        MAILBOX_FULL,
+        Unit::Count,
+        "Times a cross-core mailbox was full and the sender waited."
+    );
+    describe_counter!(THROTTLED, Unit::Count, "Times a session's reading paused: on its rate limits (envelopes, bytes) or on a congested destination queue.");
+    describe_histogram!(
+        RTT,
+        Unit::Seconds,
+        "Round-trip time measured by PING/PONG on agent sessions."
+    );
+    describe_counter!(
+        KEY_UPDATES,
+        Unit::Count,
+        "TLS 1.3 KeyUpdates sent on the session's rotation interval."
+    );
+    describe_gauge!(CORES, Unit::Count, "Dataplane cores running.");
+}
+
+/// Handles one core increments.
+#[derive(Clone)]
+pub struct CoreMetrics {
+    pub envelopes_in: [Counter; 3],
+    pub bytes_in: [Counter; 3],
+    pub envelopes_out: [Counter; 3],
+    pub bytes_out: [Counter; 3],
+    pub acks_in: Counter,
+    pub acks_out: Counter,
+    refused: Vec<Counter>,
+    dropped: Vec<Counter>,
+    closed: Vec<Counter>,
+    handshake_failures: Vec<Counter>,
+    pub redelivered: Counter,
+    pub sessions_active: Gauge,
+    pub sessions_opened: Counter,
+    pub connections_accepted: Counter,
+    pub queue_depth: Gauge,
+    pub inflight: Gauge,
+    pub mailbox_sent: Counter,
+    pub mailbox_full: Counter,
+    pub throttled_envelopes: Counter,
+    pub throttled_bytes: Counter,
+    pub throttled_destination: Counter,
+    pub rtt: Histogram,
+    pub key_updates: Counter,
+}
+
+impl CoreMetrics {
+    /// Resolves every handle for core `core`.
+    pub fn new(core: u16) -> Self {
+        let core = core.to_string();
+        let by_class =
+            |name: &'static str| DeliveryClass::ALL.map(|c| counter!(name, "class" => c.label()));
+        let by_reason = |name: &'static str| {
+            Reason::ALL
+                .iter()
+                .map(|r| counter!(name, "reason" => r.label()))
+                .collect()
+        };
+        CoreMetrics {
+            envelopes_in: by_class(ENVELOPES_IN),
+            bytes_in: by_class(BYTES_IN),
+            envelopes_out: by_class(ENVELOPES_OUT),
+            bytes_out: by_class(BYTES_OUT),
+            acks_in: counter!(ACKS_IN),
+            acks_out: counter!(ACKS_OUT),
+            refused: by_reason(REFUSED),
+            dropped: by_reason(DROPPED),
+            closed: by_reason(SESSIONS_CLOSED),
+            handshake_failures: by_reason(HANDSHAKE_FAILURES),
+            redelivered: counter!(REDELIVERED),
+            sessions_active: gauge!(SESSIONS_ACTIVE),
+            sessions_opened: counter!(SESSIONS_OPENED),
+            connections_accepted: counter!(CONNECTIONS_ACCEPTED),
+            queue_depth: gauge!(QUEUE_DEPTH, "core" => core.clone()),
+            inflight: gauge!(INFLIGHT, "core" => core.clone()),
+            mailbox_sent: counter!(MAILBOX_SENT, "from_core" => core.clone()),
+            mailbox_full: counter!(MAILBOX_FULL, "from_core" => core.clone()),
+            throttled_envelopes: counter!(THROTTLED, "limit" => "envelopes"),
+            throttled_bytes: counter!(THROTTLED, "limit" => "bytes"),
+            throttled_destination: counter!(THROTTLED, "limit" => "destination_queue"),
+            rtt: histogram!(RTT),
+            key_updates: counter!(KEY_UPDATES),
+        }
+    }
+
+    fn idx(r: Reason) -> usize {
+        Reason::ALL.iter().position(|x| *x == r).unwrap_or(0)
+    }
+
+    /// Counts one envelope refused with a NACK.
+    pub fn refused(&self, r: Reason) {
+        self.refused[Self::idx(r)].increment(1);
+    }
+    /// Counts envelopes dropped without a NACK.
+    pub fn dropped(&self, r: Reason, n: u64) {
+        self.dropped[Self::idx(r)].increment(n);
+    }
+    /// Counts one closed session.
+    pub fn closed(&self, r: Reason) {
+        self.closed[Self::idx(r)].increment(1);
+    }
+    /// Counts one failed handshake.
+    pub fn handshake_failed(&self, r: Reason) {
+        self.handshake_failures[Self::idx(r)].increment(1);
+    }
+}

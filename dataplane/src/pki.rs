@@ -40,7 +40,10 @@ pub enum PkiError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> PkiError + '_ {
-    move |source| PkiError::Io { path: path.to_path_buf(), source }
+    move |source| PkiError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// An Ed25519 key with a certificate for it: what an agent or a relay presents in TLS.
@@ -53,13 +56,19 @@ pub struct Identity {
 
 impl std::fmt::Debug for Identity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Identity").field("public", &AgentId(self.public)).finish_non_exhaustive()
+        f.debug_struct("Identity")
+            .field("public", &AgentId(self.public))
+            .finish_non_exhaustive()
     }
 }
 
 impl Clone for Identity {
     fn clone(&self) -> Self {
-        Identity { chain: self.chain.clone(), key_pkcs8: self.key_pkcs8.clone(), public: self.public }
+        Identity {
+            chain: self.chain.clone(),
+            key_pkcs8: self.key_pkcs8.clone(),
+            public: self.public,
+        }
     }
 }
 
@@ -77,7 +86,11 @@ impl Identity {
     fn from_parts(chain: Vec<CertificateDer<'static>>, key: &KeyPair) -> Self {
         let mut public = [0u8; 32];
         public.copy_from_slice(key.public_key_raw());
-        Identity { chain, key_pkcs8: key.serialize_der(), public }
+        Identity {
+            chain,
+            key_pkcs8: key.serialize_der(),
+            public,
+        }
     }
 
     /// Loads a certificate chain and its PKCS#8 key from PEM files.
@@ -101,7 +114,11 @@ impl Identity {
             pem.push_str(&to_pem("CERTIFICATE", c));
         }
         write_file(cert_path, pem.as_bytes(), false)?;
-        write_file(key_path, to_pem("PRIVATE KEY", &self.key_pkcs8).as_bytes(), true)
+        write_file(
+            key_path,
+            to_pem("PRIVATE KEY", &self.key_pkcs8).as_bytes(),
+            true,
+        )
     }
 
     /// Loads the identity from the two files if they exist, else generates a self-signed one and
@@ -163,7 +180,11 @@ impl CertAuthority {
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let cert = params.self_signed(&key)?;
-        Ok(CertAuthority { cert_pem: cert.pem(), cert: cert.der().clone(), key })
+        Ok(CertAuthority {
+            cert_pem: cert.pem(),
+            cert: cert.der().clone(),
+            key,
+        })
     }
 
     /// Loads a CA from its certificate and key PEM files.
@@ -174,7 +195,11 @@ impl CertAuthority {
             .into_iter()
             .next()
             .ok_or_else(|| PkiError::Empty(cert_path.to_path_buf(), "certificate"))?;
-        Ok(CertAuthority { cert, cert_pem, key: KeyPair::from_pem(&key_pem)? })
+        Ok(CertAuthority {
+            cert,
+            cert_pem,
+            key: KeyPair::from_pem(&key_pem)?,
+        })
     }
 
     /// Writes the CA certificate and key as PEM.
@@ -203,15 +228,20 @@ impl CertAuthority {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.distinguished_name = dn(common_name);
         for n in names {
-            params.subject_alt_names.push(match n.parse::<std::net::IpAddr>() {
-                Ok(ip) => SanType::IpAddress(ip),
-                Err(_) => SanType::DnsName(n.clone().try_into()?),
-            });
+            params
+                .subject_alt_names
+                .push(match n.parse::<std::net::IpAddr>() {
+                    Ok(ip) => SanType::IpAddress(ip),
+                    Err(_) => SanType::DnsName(n.clone().try_into()?),
+                });
         }
         params.extended_key_usages = vec![usage];
         let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)?;
         let cert = params.signed_by(&key, &issuer)?;
-        Ok(Identity::from_parts(vec![cert.der().clone(), self.cert.clone()], &key))
+        Ok(Identity::from_parts(
+            vec![cert.der().clone(), self.cert.clone()],
+            &key,
+        ))
     }
 }
 
@@ -281,7 +311,9 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, PkiError>
 
 fn pem_certs(pem: &str) -> Vec<CertificateDer<'static>> {
     use rustls::pki_types::pem::PemObject;
-    CertificateDer::pem_slice_iter(pem.as_bytes()).filter_map(Result::ok).collect()
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .filter_map(Result::ok)
+        .collect()
 }
 
 fn dn(common_name: &str) -> DistinguishedName {

@@ -30,7 +30,11 @@ pub struct Admission {
 
 impl Default for Admission {
     fn default() -> Self {
-        Admission { mode: AdmissionMode::Open, allow: HashSet::new(), deny: HashSet::new() }
+        Admission {
+            mode: AdmissionMode::Open,
+            allow: HashSet::new(),
+            deny: HashSet::new(),
+        }
     }
 }
 
@@ -87,7 +91,12 @@ impl TokenBucket {
     /// A full bucket refilling at `rate_per_s`, holding at most `burst` tokens.
     pub fn new(rate_per_s: u64, burst: u64, now_us: u64) -> Self {
         let burst = burst.max(1) as f64;
-        TokenBucket { rate_per_s: rate_per_s.max(1) as f64, burst, tokens: burst, last_us: now_us }
+        TokenBucket {
+            rate_per_s: rate_per_s.max(1) as f64,
+            burst,
+            tokens: burst,
+            last_us: now_us,
+        }
     }
 
     fn refill(&mut self, now_us: u64) {
@@ -138,23 +147,44 @@ mod tests {
     fn ingress_checks_each_rule() {
         let me = AgentId([1; 32]);
         let c = contract(me);
-        let b = EnvelopeBuilder::new(MessageId::from_u128(1), me, Destination::Agent(me), 1000, 500);
+        let b = EnvelopeBuilder::new(
+            MessageId::from_u128(1),
+            me,
+            Destination::Agent(me),
+            1000,
+            500,
+        );
         let e = b.build(b"p").unwrap();
         assert_eq!(check_ingress(&e.header, &e.routing, &c, 1000), Ok(()));
-        assert_eq!(check_ingress(&e.header, &e.routing, &c, 1500), Err(Reason::Expired));
+        assert_eq!(
+            check_ingress(&e.header, &e.routing, &c, 1500),
+            Err(Reason::Expired)
+        );
         let mut r = e.routing.clone();
         r.hop_limit = 0;
-        assert_eq!(check_ingress(&e.header, &r, &c, 1000), Err(Reason::HopLimitExceeded));
+        assert_eq!(
+            check_ingress(&e.header, &r, &c, 1000),
+            Err(Reason::HopLimitExceeded)
+        );
         let other = contract(AgentId([2; 32]));
-        assert_eq!(check_ingress(&e.header, &e.routing, &other, 1000), Err(Reason::SourceMismatch));
+        assert_eq!(
+            check_ingress(&e.header, &e.routing, &other, 1000),
+            Err(Reason::SourceMismatch)
+        );
         let mut long = b.clone();
         long.expires_ms = 1000 + 60_001;
         let e = long.build(b"p").unwrap();
-        assert_eq!(check_ingress(&e.header, &e.routing, &c, 1000), Err(Reason::TtlTooLong));
+        assert_eq!(
+            check_ingress(&e.header, &e.routing, &c, 1000),
+            Err(Reason::TtlTooLong)
+        );
         let mut be = b;
         be.class = DeliveryClass::BestEffort;
         let e = be.build(b"p").unwrap();
-        assert_eq!(check_ingress(&e.header, &e.routing, &c, 1000), Err(Reason::ClassNotAllowed));
+        assert_eq!(
+            check_ingress(&e.header, &e.routing, &c, 1000),
+            Err(Reason::ClassNotAllowed)
+        );
     }
 
     #[test]

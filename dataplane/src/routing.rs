@@ -134,6 +134,9 @@ mod tests {
         assert_eq!(d.route(&env_to(a), 1), Route::Local);
         assert_eq!(d.route(&env_to(a), 0), Route::Core(1));
         assert!(d.detach(&a, 7));
-        assert_eq!(d.route(&env_to(a), 0), Route::Refuse(Reason::DestinationUnavailable));
+        assert_eq!(
+            d.route(&env_to(a), 0),
+            Route::Refuse(Reason::DestinationUnavailable)
+        );
     }
 }

@@ -62,7 +62,10 @@ pub struct SessionTimeouts {
 
 impl Default for SessionTimeouts {
     fn default() -> Self {
-        SessionTimeouts { handshake_us: 10_000_000, drain_us: 5_000_000 }
+        SessionTimeouts {
+            handshake_us: 10_000_000,
+            drain_us: 5_000_000,
+        }
     }
 }
 
@@ -117,7 +120,10 @@ impl Session {
 
     /// Whether envelopes may flow in and out.
     pub fn is_open(&self) -> bool {
-        matches!(self.state, SessionState::Established | SessionState::Draining)
+        matches!(
+            self.state,
+            SessionState::Established | SessionState::Draining
+        )
     }
 
     /// Decides what to do with a frame that arrived at `now_us`. Any frame proves the peer alive.
@@ -253,12 +259,18 @@ mod tests {
         assert_eq!(s.on_frame(&ping, 1), Admit::Close(Reason::UnexpectedFrame));
         assert_eq!(s.on_frame(&hello(), 2), Admit::Accept);
         s.established(&welcome(1000, 0), 2);
-        assert_eq!(s.on_frame(&hello(), 3), Admit::Close(Reason::UnexpectedFrame));
+        assert_eq!(
+            s.on_frame(&hello(), 3),
+            Admit::Close(Reason::UnexpectedFrame)
+        );
     }
 
     #[test]
     fn missing_hello_times_out() {
-        let t = SessionTimeouts { handshake_us: 100, drain_us: 100 };
+        let t = SessionTimeouts {
+            handshake_us: 100,
+            drain_us: 100,
+        };
         let mut s = Session::new(0, t);
         assert_eq!(s.poll(99), None);
         assert_eq!(s.poll(100), Some(Due::Close(Reason::HandshakeTimeout)));
@@ -280,10 +292,25 @@ mod tests {
         let mut s = Session::new(0, SessionTimeouts::default());
         s.established(&welcome(1, 0), 0);
         for t in (0..10_000).step_by(900) {
-            s.on_frame(&Frame::Pong(Pong { echo_us: t, responder_us: 0 }), t);
+            s.on_frame(
+                &Frame::Pong(Pong {
+                    echo_us: t,
+                    responder_us: 0,
+                }),
+                t,
+            );
             assert_ne!(s.poll(t), Some(Due::Close(Reason::HeartbeatTimeout)));
         }
-        assert_eq!(s.on_pong(&Pong { echo_us: 100, responder_us: 0 }, 350), Some(250));
+        assert_eq!(
+            s.on_pong(
+                &Pong {
+                    echo_us: 100,
+                    responder_us: 0
+                },
+                350
+            ),
+            Some(250)
+        );
         assert_eq!(s.rtt_us(), Some(250));
     }
 
@@ -298,7 +325,10 @@ mod tests {
 
     #[test]
     fn draining_refuses_envelopes_and_ends_at_deadline() {
-        let t = SessionTimeouts { handshake_us: 100, drain_us: 500 };
+        let t = SessionTimeouts {
+            handshake_us: 100,
+            drain_us: 500,
+        };
         let mut s = Session::new(0, t);
         assert!(!s.start_drain(0));
         s.on_frame(&hello(), 0);
@@ -313,7 +343,10 @@ mod tests {
         )
         .build(b"x")
         .unwrap();
-        assert_eq!(s.on_frame(&Frame::Envelope(env), 11), Admit::Nack(Reason::ShuttingDown));
+        assert_eq!(
+            s.on_frame(&Frame::Envelope(env), 11),
+            Admit::Nack(Reason::ShuttingDown)
+        );
         assert_eq!(s.drain_left_ms(10), 0);
         assert_eq!(s.poll(509), None);
         assert_eq!(s.poll(510), Some(Due::Close(Reason::ShuttingDown)));

@@ -110,22 +110,50 @@ mod tests {
     }
 
     fn policy(min: u16, max: u16) -> ContractPolicy {
-        ContractPolicy { min_version: min, max_version: max, ..Default::default() }
+        ContractPolicy {
+            min_version: min,
+            max_version: max,
+            ..Default::default()
+        }
     }
 
     #[test]
     fn picks_highest_common_version() {
-        let w = negotiate(&hello(1, 5), &policy(2, 3), 7, RelayId::default(), AgentId::default());
+        let w = negotiate(
+            &hello(1, 5),
+            &policy(2, 3),
+            7,
+            RelayId::default(),
+            AgentId::default(),
+        );
         assert_eq!(w.unwrap().version, 3);
-        let w = negotiate(&hello(3, 3), &policy(1, 9), 7, RelayId::default(), AgentId::default());
+        let w = negotiate(
+            &hello(3, 3),
+            &policy(1, 9),
+            7,
+            RelayId::default(),
+            AgentId::default(),
+        );
         assert_eq!(w.unwrap().version, 3);
     }
 
     #[test]
     fn disjoint_version_ranges_are_refused() {
-        let r = negotiate(&hello(4, 6), &policy(1, 3), 7, RelayId::default(), AgentId::default());
+        let r = negotiate(
+            &hello(4, 6),
+            &policy(1, 3),
+            7,
+            RelayId::default(),
+            AgentId::default(),
+        );
         assert_eq!(r, Err(Reason::NoCommonVersion));
-        let r = negotiate(&hello(1, 1), &policy(2, 3), 7, RelayId::default(), AgentId::default());
+        let r = negotiate(
+            &hello(1, 1),
+            &policy(2, 3),
+            7,
+            RelayId::default(),
+            AgentId::default(),
+        );
         assert_eq!(r, Err(Reason::NoCommonVersion));
     }
 

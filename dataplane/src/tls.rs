@@ -38,8 +38,15 @@ pub enum TlsConfigError {
 pub fn provider() -> Arc<CryptoProvider> {
     use aws_lc_rs::cipher_suite::*;
     Arc::new(CryptoProvider {
-        cipher_suites: vec![TLS13_AES_256_GCM_SHA384, TLS13_AES_128_GCM_SHA256, TLS13_CHACHA20_POLY1305_SHA256],
-        kx_groups: vec![aws_lc_rs::kx_group::X25519MLKEM768, aws_lc_rs::kx_group::X25519],
+        cipher_suites: vec![
+            TLS13_AES_256_GCM_SHA384,
+            TLS13_AES_128_GCM_SHA256,
+            TLS13_CHACHA20_POLY1305_SHA256,
+        ],
+        kx_groups: vec![
+            aws_lc_rs::kx_group::X25519MLKEM768,
+            aws_lc_rs::kx_group::X25519,
+        ],
         ..aws_lc_rs::default_provider()
     })
 }
@@ -63,7 +70,8 @@ pub fn server_config(
             for c in ca {
                 roots.add(c.clone())?;
             }
-            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .build()?
         }
     };
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
@@ -122,7 +130,9 @@ impl ClientCertVerifier for OpenAgentVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
     }
 
     fn verify_tls13_signature(

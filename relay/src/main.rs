@@ -1,1 +1,228 @@
-fn main(){}
+//! `openmesh-relay`: reads the configuration, prepares TLS, installs the Prometheus exporter,
+//! starts the dataplane cores, and drains them on SIGTERM.
+
+mod config;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use openmesh_dataplane::engine::{Engine, EngineConfig, Limits};
+use openmesh_dataplane::pki::{self, DevPkiPaths, Identity};
+use openmesh_dataplane::policy::{Admission, AdmissionMode};
+use openmesh_dataplane::session::SessionTimeouts;
+use openmesh_dataplane::signaling::ContractPolicy;
+use openmesh_dataplane::wire::{AgentId, DeliveryClass};
+use signal_hook::consts::{SIGINT, SIGTERM};
+
+use config::Config;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// OpenMesh relay: forwards end-to-end encrypted envelopes between agents.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// TOML configuration file (every field optional; see docs/OPERATIONS.md).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Validate the configuration and exit.
+    #[arg(long)]
+    check_config: bool,
+    /// Dataplane cores (overrides relay.cores).
+    #[arg(long)]
+    cores: Option<usize>,
+    /// Agent listen address (overrides relay.listen).
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Prometheus listen address (overrides relay.metrics).
+    #[arg(long)]
+    metrics: Option<std::net::SocketAddr>,
+    /// Data directory (overrides relay.data_dir).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Log format, plain or json (overrides relay.log_format).
+    #[arg(long)]
+    log_format: Option<String>,
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("openmesh-relay: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(cli: &Cli) -> anyhow::Result<Config> {
+    let mut cfg: Config = match &cli.config {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?
+        }
+        None => Config::default(),
+    };
+    if let Some(c) = cli.cores {
+        cfg.relay.cores = c;
+    }
+    if let Some(a) = cli.listen {
+        cfg.relay.listen = a;
+    }
+    if let Some(a) = cli.metrics {
+        cfg.relay.metrics = a;
+    }
+    if let Some(d) = &cli.data_dir {
+        cfg.relay.data_dir = d.clone();
+    }
+    if let Some(f) = &cli.log_format {
+        cfg.relay.log_format = f.clone();
+    }
+    if let Ok(k) = std::env::var("OPENMESH_TLS_KEY") {
+        cfg.tls.key = Some(PathBuf::from(k));
+    }
+    if let Err(msg) = cfg.validate() {
+        bail!("invalid configuration: {msg}");
+    }
+    Ok(cfg)
+}
+
+fn init_logging(cfg: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.relay.log_level));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
+    if cfg.relay.log_format == "json" {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn run() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let cfg = load(&cli)?;
+    if cli.check_config {
+        println!("configuration ok");
+        return Ok(());
+    }
+    init_logging(&cfg);
+
+    let dev = DevPkiPaths::under(&cfg.relay.data_dir);
+    let identity = match (&cfg.tls.cert, &cfg.tls.key) {
+        (Some(c), Some(k)) => Identity::load(c, k).context("loading tls.cert / tls.key")?,
+        (None, None) => {
+            let (id, created) = pki::dev_pki(&dev).context("preparing the development PKI")?;
+            let verb = if created { "created" } else { "using" };
+            println!("{verb} development CA: {}", dev.ca_cert.display());
+            println!("{verb} relay certificate: {}", dev.relay_cert.display());
+            id
+        }
+        _ => bail!("tls.cert and tls.key must be given together"),
+    };
+    let ca_path = cfg.tls.ca.clone().unwrap_or_else(|| dev.ca_cert.clone());
+    let mode = match cfg.tls.admission.as_str() {
+        "ca-only" => AdmissionMode::CaOnly,
+        _ => AdmissionMode::Open,
+    };
+    let ca = match mode {
+        AdmissionMode::CaOnly => pki::load_certs(&ca_path).context("loading tls.ca")?,
+        AdmissionMode::Open => Vec::new(),
+    };
+    let tls = openmesh_dataplane::tls::server_config(&identity, mode, &ca)?;
+    let ids = |v: &[String]| -> HashSet<AgentId> {
+        v.iter().filter_map(|s| AgentId::from_hex(s)).collect()
+    };
+    let admission = Admission {
+        mode,
+        allow: ids(&cfg.tls.allow),
+        deny: ids(&cfg.tls.deny),
+    };
+
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(cfg.relay.metrics)
+        .set_buckets(&[
+            1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.5, 1.0,
+        ])?
+        .install()
+        .with_context(|| format!("starting the metrics exporter on {}", cfg.relay.metrics))?;
+    openmesh_dataplane::metrics::describe();
+
+    let s = &cfg.session;
+    let cores = match cfg.relay.cores {
+        0 => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        n => n,
+    };
+    let engine = Engine::start(EngineConfig {
+        listen: cfg.relay.listen,
+        cores,
+        pin: cfg.relay.pin_cores,
+        tls,
+        relay_id: identity.relay_id(),
+        contract: ContractPolicy {
+            heartbeat_ms: s.heartbeat_ms,
+            heartbeat_min_ms: s.heartbeat_min_ms,
+            heartbeat_max_ms: s.heartbeat_max_ms,
+            max_frame: s.max_frame,
+            rate_envelopes: s.rate_envelopes,
+            rate_bytes: s.rate_bytes,
+            max_ttl_ms: s.max_ttl_ms,
+            classes: DeliveryClass::BestEffort.bit() | DeliveryClass::AtLeastOnce.bit(),
+            key_rotation_s: s.key_rotation_s,
+            ..ContractPolicy::default()
+        },
+        timeouts: SessionTimeouts {
+            handshake_us: s.handshake_timeout_ms * 1000,
+            drain_us: s.drain_timeout_ms * 1000,
+        },
+        admission,
+        limits: Limits {
+            max_connections_per_core: cfg.limits.max_connections_per_core,
+            send_queue_envelopes: cfg.limits.send_queue_envelopes,
+            send_queue_bytes: cfg.limits.send_queue_bytes,
+            mailbox_capacity: cfg.limits.mailbox_capacity,
+            custody_per_agent: cfg.limits.custody_per_agent,
+            read_buffer: cfg.limits.read_buffer,
+        },
+        tick_ms: cfg.relay.tick_ms,
+    })?;
+    println!(
+        "openmesh-relay ready: agents on {} (TLS 1.3), metrics on http://{}/metrics, {} cores, relay id {}",
+        engine.local_addr(),
+        cfg.relay.metrics,
+        cores,
+        AgentId(identity.public_key()).to_hex()
+    );
+
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+    if let Some(sig) = signals.forever().next() {
+        tracing::info!(signal = sig, "draining");
+    }
+    engine.drain();
+    let deadline = Instant::now() + Duration::from_millis(s.drain_timeout_ms + 3000);
+    while !engine.drained() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let clean = engine.drained();
+    engine.shutdown();
+    println!(
+        "openmesh-relay stopped{}",
+        if clean {
+            ""
+        } else {
+            " (drain deadline passed)"
+        }
+    );
+    Ok(())
+}

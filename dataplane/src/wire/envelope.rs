@@ -60,7 +60,12 @@ pub struct RoutingPart {
 impl RoutingPart {
     /// A routing part for an envelope leaving its source agent.
     pub fn origin(hop_limit: u8) -> Self {
-        RoutingPart { hop_limit, hop_index: 0, route_generation: 0, path: Bytes::new() }
+        RoutingPart {
+            hop_limit,
+            hop_index: 0,
+            route_generation: 0,
+            path: Bytes::new(),
+        }
     }
 
     /// Encoded length in bytes.
@@ -87,7 +92,12 @@ impl RoutingPart {
         }
         let start = r.pos();
         r.take(n * 32, "path")?;
-        Ok(RoutingPart { hop_limit, hop_index, route_generation, path: frame.slice(start..start + n * 32) })
+        Ok(RoutingPart {
+            hop_limit,
+            hop_index,
+            route_generation,
+            path: frame.slice(start..start + n * 32),
+        })
     }
 
     fn encode(&self, dst: &mut BytesMut) {
@@ -148,7 +158,11 @@ impl Envelope {
         let routing = RoutingPart::decode(&mut r, &body)?;
         let immutable = body.slice(r.pos()..);
         let header = EnvelopeHeader::decode(&immutable)?;
-        Ok(Envelope { routing, header, immutable })
+        Ok(Envelope {
+            routing,
+            header,
+            immutable,
+        })
     }
 
     /// Encoded length of the whole frame, header included.
@@ -184,12 +198,14 @@ impl Envelope {
     /// Schema id such as `market/proposal@2.1`.
     pub fn schema(&self) -> &str {
         let (off, len) = self.header.sections.schema;
-        std::str::from_utf8(&self.immutable[off as usize..off as usize + len as usize]).unwrap_or("")
+        std::str::from_utf8(&self.immutable[off as usize..off as usize + len as usize])
+            .unwrap_or("")
     }
 
     /// Jurisdictions the envelope may be routed and stored in (empty: anywhere).
     pub fn jurisdictions(&self) -> impl Iterator<Item = Jurisdiction> + '_ {
-        self.section(self.header.sections.jur, 2).map(|c| Jurisdiction([c[0], c[1]]))
+        self.section(self.header.sections.jur, 2)
+            .map(|c| Jurisdiction([c[0], c[1]]))
     }
 
     /// Relays the envelope must not cross.
@@ -280,7 +296,14 @@ impl EnvelopeHeader {
             path_class,
             multipath_k,
             min_trust,
-            sections: Sections { jur, avoid, prefer, fallback, schema, payload },
+            sections: Sections {
+                jur,
+                avoid,
+                prefer,
+                fallback,
+                schema,
+                payload,
+            },
         })
     }
 }
@@ -354,13 +377,25 @@ impl EnvelopeBuilder {
     /// Length of the immutable part for a payload of `payload_len` bytes.
     pub fn immutable_len(&self, payload_len: usize) -> usize {
         let c = &self.constraints;
-        1 + 16 + 32 + 1 + 32 + 8 + 8 + 5
-            + 1 + 2 * c.jurisdictions.len()
-            + 1 + 32 * c.avoid.len()
-            + 1 + 32 * c.prefer.len()
-            + 1 + c.fallback.len()
-            + 1 + self.schema.len()
-            + 4 + payload_len
+        1 + 16
+            + 32
+            + 1
+            + 32
+            + 8
+            + 8
+            + 5
+            + 1
+            + 2 * c.jurisdictions.len()
+            + 1
+            + 32 * c.avoid.len()
+            + 1
+            + 32 * c.prefer.len()
+            + 1
+            + c.fallback.len()
+            + 1
+            + self.schema.len()
+            + 4
+            + payload_len
     }
 
     /// Encodes the immutable part and returns the envelope. Fails if a list or the schema id is
@@ -425,6 +460,10 @@ impl EnvelopeBuilder {
         b.put_slice(payload);
         let immutable = b.freeze();
         let header = EnvelopeHeader::decode(&immutable)?;
-        Ok(Envelope { routing: RoutingPart::origin(self.hop_limit), header, immutable })
+        Ok(Envelope {
+            routing: RoutingPart::origin(self.hop_limit),
+            header,
+            immutable,
+        })
     }
 }

@@ -127,7 +127,11 @@ pub struct Nack {
 impl Nack {
     /// A NACK with a known reason and its label as text.
     pub fn new(message_id: MessageId, reason: Reason) -> Self {
-        Nack { message_id, code: reason as u16, text: reason.label().to_string() }
+        Nack {
+            message_id,
+            code: reason as u16,
+            text: reason.label().to_string(),
+        }
     }
     /// The reason, if this build knows the code.
     pub fn reason(&self) -> Option<Reason> {
@@ -168,7 +172,10 @@ pub struct Close {
 impl Close {
     /// A CLOSE with a known reason and free text (truncated to 255 bytes on the wire).
     pub fn new(reason: Reason, text: impl Into<String>) -> Self {
-        Close { code: reason as u16, text: text.into() }
+        Close {
+            code: reason as u16,
+            text: text.into(),
+        }
     }
     /// The reason, if this build knows the code.
     pub fn reason(&self) -> Option<Reason> {
@@ -221,7 +228,10 @@ impl FrameDecoder {
         }
         let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
         if len > self.max_frame {
-            return Err(WireError::FrameTooLarge { len, max: self.max_frame });
+            return Err(WireError::FrameTooLarge {
+                len,
+                max: self.max_frame,
+            });
         }
         if len == 0 {
             return Err(WireError::EmptyFrame);
@@ -296,14 +306,18 @@ impl Frame {
                 }
                 let start = r.pos();
                 r.take(n * 16, "ack ids")?;
-                Frame::Ack(AckBatch { ids: frame.slice(start..start + n * 16) })
+                Frame::Ack(AckBatch {
+                    ids: frame.slice(start..start + n * 16),
+                })
             }
             FrameType::Nack => Frame::Nack(Nack {
                 message_id: MessageId(r.array("message id")?),
                 code: r.u16("reason")?,
                 text: r.short_str("reason text")?.to_string(),
             }),
-            FrameType::Ping => Frame::Ping(Ping { timestamp_us: r.u64("timestamp")? }),
+            FrameType::Ping => Frame::Ping(Ping {
+                timestamp_us: r.u64("timestamp")?,
+            }),
             FrameType::Pong => Frame::Pong(Pong {
                 echo_us: r.u64("echo timestamp")?,
                 responder_us: r.u64("responder timestamp")?,

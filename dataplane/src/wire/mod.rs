@@ -19,7 +19,7 @@ pub use envelope::{
 };
 pub use frame::{
     AckBatch, Close, Frame, FrameDecoder, FrameType, GoingAway, Hello, Nack, Ping, Pong, Welcome,
-    FRAME_HEADER_LEN,
+    FRAME_HEADER_LEN, MAX_ACK_BATCH, MAX_HELLO_SCHEMAS,
 };
 
 use std::fmt;

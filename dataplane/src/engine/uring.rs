@@ -1,0 +1,95 @@
+//! The one home of the io_uring runtime (tokio-uring 0.5) and of raw socket set-up.
+//!
+//! Everything the engine does with a socket goes through this module, so the engine could move to
+//! another io_uring runtime without touching the pure layers. Rules this module exists to keep
+//! (tokio-uring 0.5 does not cancel a dropped operation):
+//! - never race an operation against a timer: deadlines are enforced by [`Stream::shutdown`] from
+//!   a timer task, which completes the pending read or write with an error or EOF;
+//! - one reader task and one writer task per socket;
+//! - listeners are built with socket2 (SO_REUSEPORT, backlog) and handed over with `from_std`,
+//!   because `TcpListener::bind` forces its own options.
+
+use std::future::Future;
+use std::io;
+use std::net::{Shutdown, SocketAddr};
+use std::os::fd::AsRawFd;
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Runs `fut` to completion on a new io_uring runtime on the current thread.
+pub fn run<F: Future>(ring_entries: u32, fut: F) -> F::Output {
+    tokio_uring::builder().entries(ring_entries).start(fut)
+}
+
+/// Spawns a task on the current core's runtime.
+pub fn spawn<F: Future + 'static>(fut: F) {
+    drop(tokio_uring::spawn(fut));
+}
+
+/// Binds a non-blocking listener with SO_REUSEPORT so that every core can bind its own.
+pub fn bind_reuseport(addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog)?;
+    Ok(socket.into())
+}
+
+/// A listener owned by one core.
+pub struct Listener {
+    inner: tokio_uring::net::TcpListener,
+    fd: i32,
+}
+
+impl Listener {
+    /// Adopts a listener bound by [`bind_reuseport`]. Must run inside the core's runtime.
+    pub fn from_std(l: std::net::TcpListener) -> Self {
+        let fd = l.as_raw_fd();
+        Listener {
+            inner: tokio_uring::net::TcpListener::from_std(l),
+            fd,
+        }
+    }
+
+    /// Accepts the next connection.
+    pub async fn accept(&self) -> io::Result<(Stream, SocketAddr)> {
+        let (s, addr) = self.inner.accept().await?;
+        s.set_nodelay(true)?;
+        Ok((Stream { inner: s }, addr))
+    }
+
+    /// Stops accepting: a pending accept completes with an error, and the kernel stops routing
+    /// new connections to this socket's queue.
+    pub fn stop(&self) {
+        #[allow(unsafe_code)]
+        // SAFETY: `fd` belongs to `self.inner`, which is alive; shutdown(2) does not close it.
+        unsafe {
+            libc::shutdown(self.fd, libc::SHUT_RDWR);
+        }
+    }
+}
+
+/// A connected TCP stream owned by one core.
+pub struct Stream {
+    inner: tokio_uring::net::TcpStream,
+}
+
+impl Stream {
+    /// Reads into the spare capacity of `buf` (its length is reset to 0 first).
+    pub async fn read(&self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+        buf.clear();
+        self.inner.read(buf).await
+    }
+
+    /// Writes all of `buf`.
+    pub async fn write_all(&self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+        self.inner.write_all(buf).await
+    }
+
+    /// Shuts the socket down; pending operations on it complete.
+    pub fn shutdown(&self) {
+        let _ = self.inner.shutdown(Shutdown::Both);
+    }
+}

@@ -1,0 +1,167 @@
+//! A small agent to try a relay by hand.
+//!
+//! ```text
+//! cargo run --example agent -- recv --name bob          # prints bob's agent id, waits
+//! cargo run --example agent -- send --name alice --to bob --text "hello"
+//! ```
+//!
+//! Identities are kept under `./openmesh-data/agents/NAME.pem`; `--to` takes a name known there
+//! or a 64-character hex agent id. The relay's development CA is read from
+//! `./openmesh-data/tls/dev-ca.pem` unless `--ca` says otherwise.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use openmesh_dataplane::client::{Agent, ClientConfig, Event};
+use openmesh_dataplane::pki::{load_certs, Identity};
+use openmesh_dataplane::wire::AgentId;
+
+#[derive(Parser)]
+struct Cli {
+    /// Relay address.
+    #[arg(long, default_value = "127.0.0.1:7400", global = true)]
+    relay: SocketAddr,
+    /// CA certificate of the relay.
+    #[arg(long, default_value = "openmesh-data/tls/dev-ca.pem", global = true)]
+    ca: PathBuf,
+    /// Where identities are kept.
+    #[arg(long, default_value = "openmesh-data/agents", global = true)]
+    dir: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Wait for envelopes and print them.
+    Recv {
+        #[arg(long, default_value = "bob")]
+        name: String,
+        /// Exit after this many envelopes (0: never).
+        #[arg(long, default_value_t = 0)]
+        count: u64,
+    },
+    /// Send envelopes to another agent and wait for the relay's ACKs.
+    Send {
+        #[arg(long, default_value = "alice")]
+        name: String,
+        /// Destination: a name under --dir or a hex agent id.
+        #[arg(long)]
+        to: String,
+        #[arg(long, default_value = "hello from OpenMesh")]
+        text: String,
+        #[arg(long, default_value_t = 1)]
+        count: u64,
+        /// Time to live, milliseconds.
+        #[arg(long, default_value_t = 600_000)]
+        ttl_ms: u64,
+        /// Schema id carried in the envelope.
+        #[arg(long, default_value = "market/proposal@2.1")]
+        schema: String,
+    },
+}
+
+fn identity(dir: &std::path::Path, name: &str) -> anyhow::Result<Identity> {
+    Ok(Identity::load_or_generate(
+        &dir.join(format!("{name}.pem")),
+        &dir.join(format!("{name}-key.pem")),
+        name,
+    )?)
+}
+
+fn resolve(dir: &std::path::Path, to: &str) -> anyhow::Result<AgentId> {
+    if let Some(id) = AgentId::from_hex(to) {
+        return Ok(id);
+    }
+    let cert = dir.join(format!("{to}.pem"));
+    if !cert.exists() {
+        bail!(
+            "no agent named {to:?} under {} (run `recv --name {to}` first) and not a hex id",
+            dir.display()
+        );
+    }
+    Ok(AgentId(openmesh_dataplane::pki::ed25519_key_of(
+        &load_certs(&cert)?[0],
+    )?))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let ca = load_certs(&cli.ca)
+        .with_context(|| format!("reading the relay CA {}", cli.ca.display()))?;
+    match cli.cmd {
+        Cmd::Recv { name, count } => {
+            let id = identity(&cli.dir, &name)?;
+            let mut agent = Agent::connect(ClientConfig::new(cli.relay, ca, id)).await?;
+            println!(
+                "{name} connected as {} (protocol v{})",
+                agent.id().to_hex(),
+                agent.welcome().version
+            );
+            let mut got = 0;
+            while let Some(ev) = agent.next_event().await {
+                match ev {
+                    Event::Envelope(e) => {
+                        got += 1;
+                        println!(
+                            "from {} [{}] {}: {}",
+                            e.header.source,
+                            e.schema(),
+                            e.header.message_id,
+                            String::from_utf8_lossy(&e.payload())
+                        );
+                        agent.ack(e.header.message_id).await?;
+                        if count > 0 && got >= count {
+                            break;
+                        }
+                    }
+                    Event::GoingAway(g) => println!("relay going away in {} ms", g.drain_ms),
+                    Event::Closed(c) => {
+                        println!("closed: {c:?}");
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Cmd::Send {
+            name,
+            to,
+            text,
+            count,
+            ttl_ms,
+            schema,
+        } => {
+            let to = resolve(&cli.dir, &to)?;
+            let mut agent =
+                Agent::connect(ClientConfig::new(cli.relay, ca, identity(&cli.dir, &name)?))
+                    .await?;
+            for _ in 0..count {
+                let mut b = agent.envelope_to(to, ttl_ms);
+                b.schema = schema.clone();
+                agent.send(&b.build(text.as_bytes())?).await?;
+            }
+            let (mut acked, mut refused) = (0, 0);
+            while acked + refused < count {
+                match agent.next_event().await {
+                    Some(Event::Acked(a)) => acked += a.len() as u64,
+                    Some(Event::Nacked(n)) => {
+                        refused += 1;
+                        println!("refused {}: {} (code {})", n.message_id, n.text, n.code);
+                    }
+                    Some(Event::Closed(c)) => bail!("closed: {c:?}"),
+                    None => bail!("session ended"),
+                    _ => {}
+                }
+            }
+            println!("{acked} acknowledged, {refused} refused");
+            if refused > 0 {
+                std::process::exit(1);
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,207 @@
+//! The relay's configuration file: typed, defaulted in one place, every field documented in
+//! `docs/OPERATIONS.md`, checked at start with a message naming the bad field.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// The whole file. Every section and field is optional.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub relay: RelaySection,
+    pub tls: TlsSection,
+    pub session: SessionSection,
+    pub limits: LimitsSection,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RelaySection {
+    /// Address agents connect to.
+    pub listen: SocketAddr,
+    /// Address of the Prometheus `/metrics` endpoint.
+    pub metrics: SocketAddr,
+    /// Directory for the development PKI (and, later, the store).
+    pub data_dir: PathBuf,
+    /// Dataplane cores; 0 means one per CPU.
+    pub cores: usize,
+    /// Pin each core thread to its CPU.
+    pub pin_cores: bool,
+    /// Period of each core's timer sweep, milliseconds.
+    pub tick_ms: u64,
+    /// `plain` or `json`.
+    pub log_format: String,
+    /// A tracing filter such as `info` or `openmesh_dataplane=debug`.
+    pub log_level: String,
+}
+
+impl Default for RelaySection {
+    fn default() -> Self {
+        RelaySection {
+            listen: "127.0.0.1:7400".parse().expect("literal address"),
+            metrics: "127.0.0.1:9400".parse().expect("literal address"),
+            data_dir: PathBuf::from("./openmesh-data"),
+            cores: 0,
+            pin_cores: true,
+            tick_ms: 100,
+            log_format: "plain".into(),
+            log_level: "info".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSection {
+    /// Relay certificate chain (PEM). Empty: the development certificate under `data_dir/tls/`.
+    pub cert: Option<PathBuf>,
+    /// Relay private key (PEM, PKCS#8). Overridden by `OPENMESH_TLS_KEY`.
+    pub key: Option<PathBuf>,
+    /// CA certificates (PEM) trusted for agents in `ca-only` admission. Empty: the development CA.
+    pub ca: Option<PathBuf>,
+    /// `open` (any agent key, self-signed certificates accepted) or `ca-only`.
+    pub admission: String,
+    /// Agent ids (64 hex characters) admitted; empty admits all.
+    pub allow: Vec<String>,
+    /// Agent ids never admitted.
+    pub deny: Vec<String>,
+}
+
+impl Default for TlsSection {
+    fn default() -> Self {
+        TlsSection {
+            cert: None,
+            key: None,
+            ca: None,
+            admission: "open".into(),
+            allow: Vec::new(),
+            deny: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionSection {
+    pub heartbeat_ms: u32,
+    pub heartbeat_min_ms: u32,
+    pub heartbeat_max_ms: u32,
+    pub handshake_timeout_ms: u64,
+    pub drain_timeout_ms: u64,
+    pub max_frame: u32,
+    pub rate_envelopes: u32,
+    pub rate_bytes: u64,
+    pub max_ttl_ms: u64,
+    pub key_rotation_s: u32,
+}
+
+impl Default for SessionSection {
+    fn default() -> Self {
+        let p = openmesh_dataplane::signaling::ContractPolicy::default();
+        let t = openmesh_dataplane::session::SessionTimeouts::default();
+        SessionSection {
+            heartbeat_ms: p.heartbeat_ms,
+            heartbeat_min_ms: p.heartbeat_min_ms,
+            heartbeat_max_ms: p.heartbeat_max_ms,
+            handshake_timeout_ms: t.handshake_us / 1000,
+            drain_timeout_ms: t.drain_us / 1000,
+            max_frame: p.max_frame,
+            rate_envelopes: p.rate_envelopes,
+            rate_bytes: p.rate_bytes,
+            max_ttl_ms: p.max_ttl_ms,
+            key_rotation_s: p.key_rotation_s,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsSection {
+    pub max_connections_per_core: usize,
+    pub send_queue_envelopes: usize,
+    pub send_queue_bytes: usize,
+    pub mailbox_capacity: usize,
+    pub custody_per_agent: usize,
+    pub read_buffer: usize,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        let l = openmesh_dataplane::engine::Limits::default();
+        LimitsSection {
+            max_connections_per_core: l.max_connections_per_core,
+            send_queue_envelopes: l.send_queue_envelopes,
+            send_queue_bytes: l.send_queue_bytes,
+            mailbox_capacity: l.mailbox_capacity,
+            custody_per_agent: l.custody_per_agent,
+            read_buffer: l.read_buffer,
+        }
+    }
+}
+
+impl Config {
+    /// Checks value ranges; the error names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        let s = &self.session;
+        let l = &self.limits;
+        let checks: [(bool, &str); 12] = [
+            (matches!(self.relay.log_format.as_str(), "plain" | "json"), "relay.log_format must be \"plain\" or \"json\""),
+            (self.relay.tick_ms >= 1 && self.relay.tick_ms <= 10_000, "relay.tick_ms must be 1..=10000"),
+            (matches!(self.tls.admission.as_str(), "open" | "ca-only"), "tls.admission must be \"open\" or \"ca-only\""),
+            (s.heartbeat_min_ms >= 100 && s.heartbeat_min_ms <= s.heartbeat_max_ms, "session.heartbeat_min_ms must be >= 100 and <= heartbeat_max_ms"),
+            (s.heartbeat_ms >= s.heartbeat_min_ms && s.heartbeat_ms <= s.heartbeat_max_ms, "session.heartbeat_ms must lie within heartbeat_min_ms..=heartbeat_max_ms"),
+            (s.max_frame >= openmesh_dataplane::signaling::MIN_FRAME && s.max_frame <= 16 << 20, "session.max_frame must be 4096..=16777216"),
+            (s.rate_envelopes > 0, "session.rate_envelopes must be > 0"),
+            (s.rate_bytes >= s.max_frame as u64, "session.rate_bytes must be >= session.max_frame"),
+            (s.max_ttl_ms > 0, "session.max_ttl_ms must be > 0"),
+            (s.handshake_timeout_ms > 0 && s.drain_timeout_ms > 0, "session.handshake_timeout_ms and drain_timeout_ms must be > 0"),
+            (l.max_connections_per_core > 0 && l.send_queue_envelopes > 0 && l.mailbox_capacity >= 16, "limits.max_connections_per_core and send_queue_envelopes must be > 0, mailbox_capacity >= 16"),
+            (l.send_queue_bytes >= s.max_frame as usize && l.read_buffer >= 4096, "limits.send_queue_bytes must be >= session.max_frame and read_buffer >= 4096"),
+        ];
+        for (ok, msg) in checks {
+            if !ok {
+                return Err(msg.to_string());
+            }
+        }
+        for (name, list) in [("tls.allow", &self.tls.allow), ("tls.deny", &self.tls.deny)] {
+            for id in list {
+                if openmesh_dataplane::wire::AgentId::from_hex(id).is_none() {
+                    return Err(format!("{name}: {id:?} is not a 64-character hex agent id"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_file_parses_and_matches_the_defaults() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/openmesh-relay.example.toml"
+        ))
+        .unwrap();
+        let c: Config = toml::from_str(&text).unwrap();
+        c.validate().unwrap();
+        let d = Config::default();
+        assert_eq!(c.relay.listen, d.relay.listen);
+        assert_eq!(c.session.max_frame, d.session.max_frame);
+        assert_eq!(c.limits.send_queue_envelopes, d.limits.send_queue_envelopes);
+        assert_eq!(c.session.heartbeat_ms, d.session.heartbeat_ms);
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        let c: Config = toml::from_str("[session]\nmax_frame = 10\n").unwrap();
+        assert!(c.validate().unwrap_err().contains("session.max_frame"));
+        let c: Config = toml::from_str("[tls]\nallow = [\"zz\"]\n").unwrap();
+        assert!(c.validate().unwrap_err().contains("tls.allow"));
+        assert!(toml::from_str::<Config>("[relay]\nlisten_addr = \"x\"\n").is_err());
+    }
+}

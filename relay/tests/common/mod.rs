@@ -1,0 +1,193 @@
+//! Test harness: runs the real `openmesh-relay` binary on free loopback ports with a temporary
+//! data directory, waits for its ready line, connects client-library agents, scrapes /metrics,
+//! and kills the process when dropped (also when the test fails).
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use openmesh_dataplane::client::{Agent, ClientConfig};
+use openmesh_dataplane::pki::{load_certs, DevPkiPaths, Identity};
+use rustls::pki_types::CertificateDer;
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct Relay {
+    pub child: Option<Child>,
+    pub addr: SocketAddr,
+    pub metrics: SocketAddr,
+    pub dir: PathBuf,
+    pub ca: Vec<CertificateDer<'static>>,
+    pub stdout: mpsc::Receiver<String>,
+}
+
+impl Relay {
+    /// Starts a relay with `extra` CLI flags and an optional TOML config body.
+    pub fn start(extra: &[&str], config: Option<&str>) -> Relay {
+        let dir = std::env::temp_dir().join(format!(
+            "om-test-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_openmesh-relay"));
+        cmd.args([
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics",
+            &metrics.to_string(),
+            "--data-dir",
+        ])
+        .arg(&dir)
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(
+            std::fs::File::create(dir.join("relay.log")).unwrap(),
+        ));
+        if let Some(body) = config {
+            let p = dir.join("relay.toml");
+            std::fs::write(&p, body).unwrap();
+            cmd.arg("--config").arg(p);
+        }
+        let mut child = cmd.spawn().expect("spawn openmesh-relay");
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut relay = Relay {
+            child: Some(child),
+            addr: "0.0.0.0:0".parse().unwrap(),
+            metrics,
+            dir,
+            ca: Vec::new(),
+            stdout: rx,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let line = relay
+                .stdout
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .unwrap_or_else(|_| panic!("relay not ready; log:\n{}", relay.log()));
+            if let Some(rest) = line.split("agents on ").nth(1) {
+                relay.addr = rest.split_whitespace().next().unwrap().parse().unwrap();
+                break;
+            }
+        }
+        relay.ca = load_certs(&DevPkiPaths::under(&relay.dir).ca_cert).unwrap();
+        relay
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("relay.log")).unwrap_or_default()
+    }
+
+    pub fn config(&self, name: &str) -> ClientConfig {
+        ClientConfig::new(
+            self.addr,
+            self.ca.clone(),
+            Identity::generate_self_signed(name).unwrap(),
+        )
+    }
+
+    pub async fn agent(&self, name: &str) -> Agent {
+        Agent::connect(self.config(name))
+            .await
+            .expect("agent connects")
+    }
+
+    /// The /metrics text.
+    pub fn scrape(&self) -> String {
+        let mut s = TcpStream::connect(self.metrics).unwrap();
+        write!(s, "GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body
+    }
+
+    /// Sum of every sample of `name` whose labels contain all of `labels` (`k="v"` strings).
+    pub fn metric(&self, name: &str, labels: &[&str]) -> f64 {
+        metric_in(&self.scrape(), name, labels)
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("relay did not exit after SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Resident set size of the relay, bytes.
+    pub fn rss(&self) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let kb: u64 = s
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap();
+        kb * 1024
+    }
+}
+
+pub fn metric_in(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b'{') | Some(b' '))
+        })
+        .filter(|l| labels.iter().all(|lab| l.contains(lab)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("relay log kept in {}", self.dir.display());
+        }
+    }
+}
