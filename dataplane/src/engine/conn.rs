@@ -216,7 +216,10 @@ impl ConnState {
                 let _ = self.tls.writer().write_all(&self.ctrl);
                 self.ctrl.clear();
             }
-            if self.welcomed && !self.closing {
+            if self.closing {
+                // After CLOSE, nothing but the TLS close_notify.
+                self.tls.send_close_notify();
+            } else if self.welcomed {
                 self.write_envelopes(m);
             }
         }
@@ -337,7 +340,6 @@ impl Conn {
             self.stream.shutdown();
         } else {
             st.send_frame(&Frame::Close(Close::new(reason, reason.label())));
-            st.tls.send_close_notify();
         }
         self.wake.notify_one();
     }

@@ -191,3 +191,81 @@ impl Drop for Relay {
         }
     }
 }
+
+impl Relay {
+    /// Sends SIGTERM without waiting.
+    pub fn sigterm(&self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status();
+    }
+}
+
+/// A raw mutual-TLS link for tests that speak frames (or garbage) directly.
+pub struct RawLink {
+    pub io: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    rx: bytes::BytesMut,
+    dec: openmesh_dataplane::wire::FrameDecoder,
+}
+
+impl RawLink {
+    pub async fn open(relay: &Relay, name: &str) -> RawLink {
+        let io = openmesh_dataplane::client::connect_tls(&relay.config(name))
+            .await
+            .unwrap();
+        RawLink {
+            io,
+            rx: bytes::BytesMut::new(),
+            dec: openmesh_dataplane::wire::FrameDecoder::new(1 << 24),
+        }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        self.io.write_all(bytes).await.unwrap();
+        self.io.flush().await.unwrap();
+    }
+
+    /// The next frame, or `None` at end of stream (or after 10 s).
+    pub async fn next(&mut self) -> Option<openmesh_dataplane::wire::Frame> {
+        use tokio::io::AsyncReadExt;
+        let fut = async {
+            loop {
+                if let Some(f) = self
+                    .dec
+                    .decode(&mut self.rx)
+                    .expect("relay sends valid frames")
+                {
+                    return Some(f);
+                }
+                match self.io.read_buf(&mut self.rx).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(_) => {}
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), fut)
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Reads frames until CLOSE and returns its reason code.
+    pub async fn expect_close(&mut self) -> u16 {
+        loop {
+            match self.next().await {
+                Some(openmesh_dataplane::wire::Frame::Close(c)) => return c.code,
+                Some(_) => continue,
+                None => panic!("link ended without CLOSE"),
+            }
+        }
+    }
+}
+
+/// The default HELLO as frame bytes.
+pub fn hello_bytes(relay: &Relay) -> Vec<u8> {
+    openmesh_dataplane::wire::Frame::Hello(relay.config("x").hello)
+        .to_bytes()
+        .to_vec()
+}

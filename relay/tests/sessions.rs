@@ -1,0 +1,277 @@
+//! Session behaviour through the real binary: version alignment, heartbeat death, TLS key
+//! updates, duplicate agent ids, graceful drain on SIGTERM.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::Relay;
+use openmesh_dataplane::client::{Agent, ClientError, Event};
+use openmesh_dataplane::pki::Identity;
+use openmesh_dataplane::wire::{MessageId, Reason};
+
+async fn event(a: &mut Agent) -> Event {
+    tokio::time::timeout(Duration::from_secs(15), a.next_event())
+        .await
+        .expect("event in time")
+        .expect("session open")
+}
+
+async fn wait_acked(a: &mut Agent, n: usize) {
+    let mut got = 0;
+    while got < n {
+        match event(a).await {
+            Event::Acked(ids) => got += ids.len(),
+            other => panic!("expected ACK, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn version_alignment_picks_highest_common_or_closes() {
+    let relay = Relay::start(&["--cores", "1"], None);
+    let mut cfg = relay.config("wide");
+    cfg.hello.min_version = 1;
+    cfg.hello.max_version = 7;
+    let a = Agent::connect(cfg).await.unwrap();
+    assert_eq!(a.welcome().version, 1, "highest version both speak");
+
+    let mut cfg = relay.config("future");
+    cfg.hello.min_version = 5;
+    cfg.hello.max_version = 9;
+    match Agent::connect(cfg).await {
+        Err(ClientError::Closed(c)) => assert_eq!(c.reason(), Some(Reason::NoCommonVersion)),
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("a session without a common version was established"),
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let m = relay.metric(
+        "openmesh_handshake_failures_total",
+        &["reason=\"no_common_version\""],
+    );
+    assert_eq!(m, 1.0);
+    assert_eq!(relay.metric("openmesh_sessions_active", &[]), 1.0);
+}
+
+const FAST_HEARTBEAT: &str =
+    "[session]\nheartbeat_ms = 200\nheartbeat_min_ms = 100\nkey_rotation_s = 1\n";
+
+#[tokio::test]
+async fn silent_peer_is_declared_dead_while_live_peers_stay_and_keys_rotate() {
+    let relay = Relay::start(&["--cores", "1"], Some(FAST_HEARTBEAT));
+    let mut cfg = relay.config("silent");
+    cfg.answer_pings = false;
+    let mut silent = Agent::connect(cfg).await.unwrap();
+    assert_eq!(silent.welcome().heartbeat_ms, 200);
+    let mut live = relay.agent("live").await;
+    let mut peer = relay.agent("peer").await;
+    let t0 = std::time::Instant::now();
+    loop {
+        match event(&mut silent).await {
+            Event::Closed(Some(c)) => {
+                assert_eq!(c.reason(), Some(Reason::HeartbeatTimeout));
+                break;
+            }
+            Event::Closed(None) => panic!("closed without a reason"),
+            _ => {}
+        }
+    }
+    // Three missed 200 ms intervals, checked on a 100 ms sweep.
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "dead peer detected in {:?}",
+        t0.elapsed()
+    );
+    // The live agents answered PINGs for the same time and still exchange (after key updates).
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let env = live
+        .envelope_to(peer.id(), 10_000)
+        .build(b"still here")
+        .unwrap();
+    live.send(&env).await.unwrap();
+    match event(&mut peer).await {
+        Event::Envelope(e) => assert_eq!(&e.payload()[..], b"still here"),
+        other => panic!("{other:?}"),
+    }
+    wait_acked(&mut live, 1).await;
+    let text = relay.scrape();
+    assert_eq!(
+        common::metric_in(
+            &text,
+            "openmesh_sessions_closed_total",
+            &["reason=\"heartbeat_timeout\""]
+        ),
+        1.0
+    );
+    assert!(common::metric_in(&text, "openmesh_tls_key_updates_total", &[]) >= 2.0);
+    assert!(common::metric_in(&text, "openmesh_session_rtt_seconds_count", &[]) > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn newest_session_of_an_agent_wins_and_inherits_unacked_envelopes() {
+    for cores in ["1", "2"] {
+        let relay = Relay::start(&["--cores", cores], None);
+        let id = Identity::generate_self_signed("dup").unwrap();
+        let mut cfg = relay.config("dup");
+        cfg.identity = id.clone();
+        let mut first = Agent::connect(cfg.clone()).await.unwrap();
+        let mut sender = relay.agent("sender").await;
+        let mut sent = Vec::new();
+        for i in 0..10u32 {
+            let env = sender
+                .envelope_to(id.agent_id(), 30_000)
+                .build(&i.to_be_bytes())
+                .unwrap();
+            sent.push(env.header.message_id);
+            sender.send(&env).await.unwrap();
+        }
+        wait_acked(&mut sender, 10).await;
+        let mut unacked = HashSet::new();
+        for i in 0..10 {
+            match event(&mut first).await {
+                Event::Envelope(e) if i < 5 => first.ack(e.header.message_id).await.unwrap(),
+                Event::Envelope(e) => {
+                    unacked.insert(e.header.message_id);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut second = Agent::connect(cfg).await.unwrap();
+        loop {
+            match event(&mut first).await {
+                Event::Closed(Some(c)) => {
+                    assert_eq!(c.reason(), Some(Reason::SessionReplaced), "cores={cores}");
+                    break;
+                }
+                Event::Closed(None) => panic!("replaced session closed without reason"),
+                _ => {}
+            }
+        }
+        let mut redelivered = HashSet::new();
+        while redelivered.len() < 5 {
+            match event(&mut second).await {
+                Event::Envelope(e) => {
+                    assert!(redelivered.insert(e.header.message_id));
+                    second.ack(e.header.message_id).await.unwrap();
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(
+            redelivered, unacked,
+            "cores={cores}: unacked envelopes move to the new session"
+        );
+        let env = sender
+            .envelope_to(id.agent_id(), 30_000)
+            .build(b"after")
+            .unwrap();
+        sender.send(&env).await.unwrap();
+        match event(&mut second).await {
+            Event::Envelope(e) => assert_eq!(&e.payload()[..], b"after"),
+            other => panic!("{other:?}"),
+        }
+        let text = relay.scrape();
+        assert_eq!(
+            common::metric_in(
+                &text,
+                "openmesh_sessions_closed_total",
+                &["reason=\"session_replaced\""]
+            ),
+            1.0
+        );
+        assert_eq!(
+            common::metric_in(&text, "openmesh_sessions_active", &[]),
+            2.0
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_gracefully_and_loses_no_acked_envelope() {
+    let mut relay = Relay::start(&["--cores", "2"], None);
+    let mut a = relay.agent("a").await;
+    let mut b = relay.agent("b").await;
+    let to = b.id();
+    let receiver = tokio::spawn(async move {
+        let mut got = HashSet::new();
+        let mut going_away = false;
+        loop {
+            match event(&mut b).await {
+                Event::Envelope(e) => {
+                    got.insert(e.header.message_id);
+                    b.ack(e.header.message_id).await.unwrap();
+                }
+                Event::GoingAway(_) => going_away = true,
+                Event::Closed(c) => {
+                    assert_eq!(c.and_then(|c| c.reason()), Some(Reason::ShuttingDown));
+                    return (got, going_away);
+                }
+                other => panic!("receiver got {other:?}"),
+            }
+        }
+    });
+    let mut acked: HashSet<MessageId> = HashSet::new();
+    let mut refused = 0;
+    let mut inflight = 0;
+    let mut stop_sending = false;
+    let mut sent = 0u64;
+    let mut signalled = false;
+    let mut going_away = false;
+    loop {
+        while !stop_sending && inflight < 256 {
+            let env = a
+                .envelope_to(to, 30_000)
+                .build(&sent.to_be_bytes())
+                .unwrap();
+            a.send(&env).await.unwrap();
+            sent += 1;
+            inflight += 1;
+        }
+        if !signalled && acked.len() >= 5_000 {
+            relay.sigterm();
+            signalled = true;
+        }
+        match event(&mut a).await {
+            Event::Acked(ids) => {
+                inflight -= ids.len();
+                acked.extend(ids.ids());
+            }
+            Event::Nacked(n) => {
+                assert_eq!(n.reason(), Some(Reason::ShuttingDown));
+                inflight -= 1;
+                refused += 1;
+            }
+            Event::GoingAway(_) => {
+                going_away = true;
+                stop_sending = true;
+            }
+            Event::Closed(c) => {
+                assert_eq!(c.and_then(|c| c.reason()), Some(Reason::ShuttingDown));
+                break;
+            }
+            Event::Envelope(e) => panic!("sender got {e:?}"),
+        }
+    }
+    assert!(going_away, "sender saw GOING_AWAY");
+    assert_eq!(
+        inflight, 0,
+        "every envelope was ACKed or NACKed before CLOSE"
+    );
+    let (got, b_going_away) = receiver.await.unwrap();
+    assert!(b_going_away, "receiver saw GOING_AWAY");
+    let lost: Vec<_> = acked.difference(&got).collect();
+    assert!(
+        lost.is_empty(),
+        "{} ACKed envelopes never reached the receiver",
+        lost.len()
+    );
+    let status = relay.terminate();
+    assert!(status.success(), "relay exit status {status:?}");
+    assert!(
+        acked.len() >= 5_000,
+        "acked {} refused {refused}",
+        acked.len()
+    );
+}
