@@ -1,0 +1,237 @@
+//! Bad input through the real binary: every refusal has its documented reason, is counted, and a
+//! well-behaved pair connected at the same time loses nothing.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use common::{hello_bytes, RawLink, Relay};
+use openmesh_dataplane::client::{unix_ms, Agent, Event};
+use openmesh_dataplane::wire::{Frame, MessageId, Reason};
+
+/// A pair exchanging `n` envelopes, sent while the test misbehaves elsewhere.
+fn well_behaved_pair(relay: &Relay, n: u64) -> tokio::task::JoinHandle<u64> {
+    let cfg_a = relay.config("good-a");
+    let cfg_b = relay.config("good-b");
+    tokio::spawn(async move {
+        let mut a = Agent::connect(cfg_a).await.unwrap();
+        let mut b = Agent::connect(cfg_b).await.unwrap();
+        let to = b.id();
+        let recv = tokio::spawn(async move {
+            let mut next = 0u64;
+            while next < n {
+                match tokio::time::timeout(Duration::from_secs(20), b.next_event()).await {
+                    Ok(Some(Event::Envelope(e))) => {
+                        assert_eq!(
+                            u64::from_be_bytes(e.payload()[..8].try_into().unwrap()),
+                            next
+                        );
+                        next += 1;
+                        b.ack(e.header.message_id).await.unwrap();
+                    }
+                    other => panic!("good receiver got {other:?}"),
+                }
+            }
+            next
+        });
+        let mut acked = 0u64;
+        let mut sent = 0u64;
+        while acked < n {
+            while sent < n && sent - acked < 256 {
+                a.send(
+                    &a.envelope_to(to, 30_000)
+                        .build(&sent.to_be_bytes())
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+                sent += 1;
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+            match tokio::time::timeout(Duration::from_secs(20), a.next_event()).await {
+                Ok(Some(Event::Acked(ids))) => acked += ids.len() as u64,
+                other => panic!("good sender got {other:?}"),
+            }
+        }
+        recv.await.unwrap()
+    })
+}
+
+async fn welcomed(relay: &Relay, name: &str) -> RawLink {
+    let mut l = RawLink::open(relay, name).await;
+    l.send(&hello_bytes(relay)).await;
+    match l.next().await {
+        Some(Frame::Welcome(_)) => l,
+        other => panic!("expected WELCOME, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_input_gets_its_reason_and_others_lose_nothing() {
+    let relay = Relay::start(&["--cores", "2"], None);
+    let good = well_behaved_pair(&relay, 3_000);
+
+    // Garbage: a frame of an unknown type.
+    let mut l = RawLink::open(&relay, "garbage").await;
+    l.send(&[0, 0, 0, 4, 0xee, 1, 2, 3]).await;
+    assert_eq!(l.expect_close().await, Reason::ProtocolError as u16);
+
+    // A length prefix above the maximum frame, after a valid HELLO.
+    let mut l = welcomed(&relay, "big").await;
+    l.send(&(64u32 << 20).to_be_bytes()).await;
+    assert_eq!(l.expect_close().await, Reason::FrameTooLarge as u16);
+
+    // An envelope before HELLO.
+    let mut l = RawLink::open(&relay, "eager").await;
+    let env = openmesh_dataplane::wire::EnvelopeBuilder::new(
+        MessageId::from_u128(1),
+        Default::default(),
+        openmesh_dataplane::wire::Destination::Agent(Default::default()),
+        unix_ms(),
+        1000,
+    )
+    .build(b"too early")
+    .unwrap();
+    let mut b = BytesMut::new();
+    env.encode(&mut b);
+    l.send(&b).await;
+    assert_eq!(l.expect_close().await, Reason::UnexpectedFrame as u16);
+
+    // A truncated frame: half an envelope, then the sender hangs up.
+    let mut l = welcomed(&relay, "truncated").await;
+    l.send(&b[..b.len() / 2]).await;
+    tokio::io::AsyncWriteExt::shutdown(&mut l.io).await.unwrap();
+    assert!(l.next().await.is_none() || l.next().await.is_none());
+
+    // Hop limit 0 and an expired envelope: refused with NACKs, the session goes on.
+    let mut a = relay.agent("nacked").await;
+    let peer = relay.agent("peer").await;
+    let mut hop0 = a.envelope_to(peer.id(), 10_000);
+    hop0.hop_limit = 0;
+    let hop0 = hop0.build(b"no hops").unwrap();
+    let mut old = a.envelope_to(peer.id(), 10_000);
+    old.created_ms = unix_ms() - 5_000;
+    old.expires_ms = unix_ms() - 1_000;
+    let old = old.build(b"stale").unwrap();
+    let mut ttl = a.envelope_to(peer.id(), 10_000);
+    ttl.expires_ms = unix_ms() + 365 * 24 * 3600 * 1000;
+    let ttl = ttl.build(b"forever").unwrap();
+    for e in [&hop0, &old, &ttl] {
+        a.send(e).await.unwrap();
+    }
+    let mut reasons = Vec::new();
+    while reasons.len() < 3 {
+        match tokio::time::timeout(Duration::from_secs(10), a.next_event()).await {
+            Ok(Some(Event::Nacked(n))) => reasons.push((n.message_id, n.reason())),
+            other => panic!("expected NACK, got {other:?}"),
+        }
+    }
+    assert!(reasons.contains(&(hop0.header.message_id, Some(Reason::HopLimitExceeded))));
+    assert!(reasons.contains(&(old.header.message_id, Some(Reason::Expired))));
+    assert!(reasons.contains(&(ttl.header.message_id, Some(Reason::TtlTooLong))));
+
+    assert_eq!(
+        good.await.unwrap(),
+        3_000,
+        "the well-behaved pair lost nothing"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let text = relay.scrape();
+    let hs = |r: &str| {
+        common::metric_in(
+            &text,
+            "openmesh_handshake_failures_total",
+            &[&format!("reason=\"{r}\"")],
+        )
+    };
+    let closed = |r: &str| {
+        common::metric_in(
+            &text,
+            "openmesh_sessions_closed_total",
+            &[&format!("reason=\"{r}\"")],
+        )
+    };
+    let refused = |r: &str| {
+        common::metric_in(
+            &text,
+            "openmesh_envelopes_refused_total",
+            &[&format!("reason=\"{r}\"")],
+        )
+    };
+    assert_eq!(hs("protocol_error"), 1.0);
+    assert_eq!(hs("unexpected_frame"), 1.0);
+    assert_eq!(closed("frame_too_large"), 1.0);
+    assert_eq!(closed("truncated_frame"), 1.0);
+    assert_eq!(refused("hop_limit_exceeded"), 1.0);
+    assert_eq!(refused("expired"), 1.0);
+    assert_eq!(refused("ttl_too_long"), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_above_the_rate_limit_is_paced_not_dropped_and_memory_stays_bounded() {
+    const FLOOD: u64 = 6_000;
+    let relay = Relay::start(
+        &["--cores", "2"],
+        Some("[session]\nrate_envelopes = 3000\n"),
+    );
+    let rss_before = relay.rss();
+    let good = well_behaved_pair(&relay, 2_000);
+    let mut flooder = relay.agent("flooder").await;
+    let mut sink = relay.agent("sink").await;
+    let to = sink.id();
+    let sink_task = tokio::spawn(async move {
+        let mut n = 0;
+        while n < FLOOD {
+            match tokio::time::timeout(Duration::from_secs(20), sink.next_event()).await {
+                Ok(Some(Event::Envelope(e))) => {
+                    sink.ack(e.header.message_id).await.unwrap();
+                    n += 1;
+                }
+                other => panic!("sink got {other:?}"),
+            }
+        }
+        n
+    });
+    let payload = [7u8; 256];
+    let t0 = std::time::Instant::now();
+    // The client queues everything at once; the relay reads it at its pace.
+    for _ in 0..FLOOD {
+        flooder
+            .send(&flooder.envelope_to(to, 60_000).build(&payload).unwrap())
+            .await
+            .unwrap();
+    }
+    let mut acked = 0;
+    while acked < FLOOD {
+        match tokio::time::timeout(Duration::from_secs(20), flooder.next_event()).await {
+            Ok(Some(Event::Acked(ids))) => acked += ids.len() as u64,
+            other => panic!("flooder got {other:?}"),
+        }
+    }
+    let took = t0.elapsed();
+    assert_eq!(sink_task.await.unwrap(), FLOOD, "paced, not dropped");
+    assert_eq!(good.await.unwrap(), 2_000);
+    // 6000 envelopes at 3000/s with a 300-envelope burst cannot take less than ~1.9 s.
+    assert!(
+        took >= Duration::from_millis(1_500),
+        "flood was not paced: {took:?}"
+    );
+    let text = relay.scrape();
+    assert!(
+        common::metric_in(
+            &text,
+            "openmesh_reads_throttled_total",
+            &["limit=\"envelopes\""]
+        ) > 0.0
+    );
+    assert_eq!(
+        common::metric_in(&text, "openmesh_envelopes_dropped_total", &[]),
+        0.0
+    );
+    let rss_after = relay.rss();
+    assert!(
+        rss_after < rss_before + (64 << 20),
+        "relay RSS grew from {rss_before} to {rss_after}"
+    );
+}
