@@ -35,7 +35,7 @@ fn http_get(port: u16, path: &str) -> Option<String> {
 #[tokio::test]
 async fn prometheus_scrapes_the_relay_and_sees_envelopes() {
     let relay = Relay::start(&["--cores", "1"], None);
-    let mut a = relay.agent("a").await;
+    let a = relay.agent("a").await;
     let mut b = relay.agent("b").await;
     for i in 0..25u32 {
         a.send(
