@@ -347,3 +347,6 @@ impl fmt::Display for Reason {
         f.write_str(self.label())
     }
 }
+
+#[cfg(test)]
+mod tests;
