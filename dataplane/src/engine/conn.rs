@@ -250,12 +250,11 @@ impl ConnState {
         if self.sending.is_empty() {
             return;
         }
-        let heads = self.heads.clone().freeze();
         let mut slices = Vec::with_capacity(self.sending.len() * 2);
         let mut off = 0;
         for env in &self.sending {
             let h = 5 + env.routing.encoded_len();
-            slices.push(IoSlice::new(&heads[off..off + h]));
+            slices.push(IoSlice::new(&self.heads[off..off + h]));
             slices.push(IoSlice::new(&env.immutable));
             off += h;
         }
