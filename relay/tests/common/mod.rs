@@ -43,6 +43,11 @@ impl Relay {
                 .unwrap()
                 .as_nanos()
         ));
+        Self::start_in(dir, extra, config)
+    }
+
+    /// Starts a relay whose data directory is `dir`.
+    pub fn start_in(dir: PathBuf, extra: &[&str], config: Option<&str>) -> Relay {
         std::fs::create_dir_all(&dir).unwrap();
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_openmesh-relay"));
