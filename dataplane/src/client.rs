@@ -71,7 +71,8 @@ pub struct ClientConfig {
     pub ca: Vec<CertificateDer<'static>>,
     pub identity: Identity,
     pub hello: Hello,
-    /// Answer the relay's PINGs (turn off only to test dead-peer detection).
+    /// Answer the relay's PINGs and PING a silent relay (turn off only to test dead-peer
+    /// detection). A relay silent for three heartbeat intervals ends the session either way.
     pub answer_pings: bool,
 }
 
@@ -190,6 +191,7 @@ impl Agent {
             ev_tx,
             out_tx.clone(),
             cfg.answer_pings,
+            Duration::from_millis(welcome.heartbeat_ms.max(1) as u64),
         ));
         Ok(Agent {
             id: cfg.identity.agent_id(),
@@ -327,8 +329,10 @@ async fn read_loop(
     events: mpsc::Sender<Event>,
     out: mpsc::Sender<Out>,
     answer_pings: bool,
+    heartbeat: Duration,
 ) {
     let mut close = None;
+    let mut silent = 0;
     'outer: loop {
         loop {
             let f = match dec.decode(&mut rx) {
@@ -361,9 +365,24 @@ async fn read_loop(
                 return;
             }
         }
-        match rd.read_buf(&mut rx).await {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
+        // Heartbeats: after an interval of silence PING the relay; after three, give up.
+        // (A tokio read is cancel-safe, unlike an io_uring one.)
+        match tokio::time::timeout(heartbeat, rd.read_buf(&mut rx)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(_)) => silent = 0,
+            Err(_) => {
+                silent += 1;
+                if silent >= crate::session::DEAD_AFTER_INTERVALS {
+                    close = Some(Close::new(Reason::HeartbeatTimeout, "relay silent"));
+                    break;
+                }
+                if answer_pings {
+                    let ping = Frame::Ping(crate::wire::Ping {
+                        timestamp_us: now_us(),
+                    });
+                    let _ = out.send(Out::Frame(ping.to_bytes())).await;
+                }
+            }
         }
     }
     let _ = events.send(Event::Closed(close)).await;
