@@ -74,6 +74,11 @@ pub struct ClientConfig {
     /// Answer the relay's PINGs and PING a silent relay (turn off only to test dead-peer
     /// detection). A relay silent for three heartbeat intervals ends the session either way.
     pub answer_pings: bool,
+    /// ACK every received envelope as soon as the library decodes it (batched per read), instead
+    /// of waiting for [`Agent::ack`]. For load generators and sinks.
+    pub auto_ack: bool,
+    /// Local address to connect from (spreads many agents over 127.0.0.0/8).
+    pub bind: Option<std::net::IpAddr>,
 }
 
 impl ClientConfig {
@@ -95,6 +100,8 @@ impl ClientConfig {
                 schemas: Vec::new(),
             },
             answer_pings: true,
+            auto_ack: false,
+            bind: None,
         }
     }
 }
@@ -117,6 +124,7 @@ pub enum Event {
 enum Out {
     Frame(Bytes),
     Ack(MessageId),
+    Acks(Vec<MessageId>),
 }
 
 /// A connected agent.
@@ -146,7 +154,18 @@ pub async fn connect_tls(cfg: &ClientConfig) -> Result<TlsStream<TcpStream>, Cli
         }
         None => ServerName::IpAddress(cfg.relay.ip().into()),
     };
-    let tcp = TcpStream::connect(cfg.relay).await?;
+    let tcp = match cfg.bind {
+        None => TcpStream::connect(cfg.relay).await?,
+        Some(ip) => {
+            let sock = if cfg.relay.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            sock.bind(SocketAddr::new(ip, 0))?;
+            sock.connect(cfg.relay).await?
+        }
+    };
     tcp.set_nodelay(true)?;
     Ok(TlsConnector::from(Arc::new((*tls).clone()))
         .connect(name, tcp)
@@ -190,8 +209,11 @@ impl Agent {
             dec,
             ev_tx,
             out_tx.clone(),
-            cfg.answer_pings,
-            Duration::from_millis(welcome.heartbeat_ms.max(1) as u64),
+            ReadOptions {
+                answer_pings: cfg.answer_pings,
+                auto_ack: cfg.auto_ack,
+                heartbeat: Duration::from_millis(welcome.heartbeat_ms.max(1) as u64),
+            },
         ));
         Ok(Agent {
             id: cfg.identity.agent_id(),
@@ -256,6 +278,11 @@ impl Agent {
             .map_err(|_| ClientError::Gone)
     }
 
+    /// The next event if one is ready, without waiting.
+    pub fn try_event(&mut self) -> Option<Event> {
+        self.events.try_recv().ok()
+    }
+
     /// The next event; `None` once the session is over and every event was taken.
     pub async fn next_event(&mut self) -> Option<Event> {
         self.events.recv().await
@@ -299,6 +326,7 @@ async fn write_loop(
                     buf.extend_from_slice(&f);
                 }
                 Out::Ack(id) => acks.push(id),
+                Out::Acks(ids) => acks.extend(ids),
             }
             n += 1;
             if buf.len() > (256 << 10) || n > 4096 {
@@ -322,17 +350,28 @@ fn flush_acks(acks: &mut Vec<MessageId>, buf: &mut BytesMut) {
     acks.clear();
 }
 
+struct ReadOptions {
+    answer_pings: bool,
+    auto_ack: bool,
+    heartbeat: Duration,
+}
+
 async fn read_loop(
     mut rd: tokio::io::ReadHalf<TlsStream<TcpStream>>,
     mut rx: BytesMut,
     dec: FrameDecoder,
     events: mpsc::Sender<Event>,
     out: mpsc::Sender<Out>,
-    answer_pings: bool,
-    heartbeat: Duration,
+    opts: ReadOptions,
 ) {
+    let ReadOptions {
+        answer_pings,
+        auto_ack,
+        heartbeat,
+    } = opts;
     let mut close = None;
     let mut silent = 0;
+    let mut acks = Vec::new();
     'outer: loop {
         loop {
             let f = match dec.decode(&mut rx) {
@@ -341,7 +380,12 @@ async fn read_loop(
                 Err(_) => break 'outer,
             };
             let ev = match f {
-                Frame::Envelope(e) => Event::Envelope(e),
+                Frame::Envelope(e) => {
+                    if auto_ack && e.header.class != DeliveryClass::BestEffort {
+                        acks.push(e.header.message_id);
+                    }
+                    Event::Envelope(e)
+                }
                 Frame::Ack(a) => Event::Acked(a),
                 Frame::Nack(n) => Event::Nacked(n),
                 Frame::GoingAway(g) => Event::GoingAway(g),
@@ -364,6 +408,14 @@ async fn read_loop(
             if events.send(ev).await.is_err() {
                 return;
             }
+        }
+        if !acks.is_empty()
+            && out
+                .send(Out::Acks(std::mem::take(&mut acks)))
+                .await
+                .is_err()
+        {
+            break;
         }
         // Heartbeats: after an interval of silence PING the relay; after three, give up.
         // (A tokio read is cancel-safe, unlike an io_uring one.)

@@ -116,6 +116,11 @@ fn run() -> anyhow::Result<()> {
         return Ok(());
     }
     init_logging(&cfg);
+    // Every agent is a file descriptor: take the hard limit.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::debug!(nofile = n, "file descriptor limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the file descriptor limit"),
+    }
 
     let dev = DevPkiPaths::under(&cfg.relay.data_dir);
     let identity = match (&cfg.tls.cert, &cfg.tls.key) {

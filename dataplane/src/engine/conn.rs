@@ -100,7 +100,7 @@ impl ConnState {
             inflight: HashMap::new(),
             awaiting: 0,
             batch: Vec::new(),
-            rx: BytesMut::with_capacity(16 << 10),
+            rx: BytesMut::new(),
             decoder: FrameDecoder::new(max_frame),
             bucket_envelopes: None,
             bucket_bytes: None,

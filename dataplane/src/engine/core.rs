@@ -23,6 +23,8 @@ use crate::wire::{
     AgentId, DeliveryClass, Destination, Envelope, Frame, GoingAway, MessageId, Pong, Reason,
 };
 
+/// First size of a connection's read buffer.
+const INITIAL_READ_BUFFER: usize = 4096;
 /// Outbox backlog towards one core above which readers stop reading.
 const OUTBOX_HIGH: usize = 16_384;
 
@@ -110,7 +112,10 @@ async fn tick_loop(core: Rc<Core>) {
 }
 
 async fn reader(core: Rc<Core>, conn: Rc<Conn>) {
-    let mut buf = Vec::with_capacity(core.cfg.limits.read_buffer);
+    // Idle agents cost little: the read buffer starts small and doubles (up to
+    // `limits.read_buffer`) whenever a read fills it.
+    let max = core.cfg.limits.read_buffer;
+    let mut buf = Vec::with_capacity(INITIAL_READ_BUFFER.min(max));
     loop {
         let wait = conn.st.borrow_mut().throttle_wait(now_us(), &core.m);
         if wait > 0 {
@@ -131,12 +136,15 @@ async fn reader(core: Rc<Core>, conn: Rc<Conn>) {
         }
         core.on_bytes(&conn, &buf[..n]);
         core.flush_outbox();
+        if n == buf.capacity() && n < max {
+            buf.reserve_exact((n * 2).min(max) - buf.len());
+        }
     }
     core.teardown(&conn);
 }
 
 async fn writer(core: Rc<Core>, conn: Rc<Conn>) {
-    let mut out = Vec::with_capacity(64 << 10);
+    let mut out = Vec::new();
     loop {
         conn.wake.notified().await;
         loop {

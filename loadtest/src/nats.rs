@@ -1,0 +1,112 @@
+//! The baseline target: the same pairs against a NATS server through async-nats, so that the
+//! comparison uses one generator design. Core NATS has no acknowledgements: every class runs as
+//! best-effort there, and the report counts what did not arrive as lost.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::BytesMut;
+use futures_util::StreamExt;
+use hdrhistogram::Histogram;
+
+use crate::payload;
+use crate::report::Live;
+use crate::scenario::{precise_timers, sleep_until, Expect, PairParams, Recorder};
+
+/// Runs one publisher/subscriber pair on subject `openmesh.loadtest.IDX`.
+pub async fn pair(
+    url: Arc<String>,
+    idx: usize,
+    p: PairParams,
+    live: Arc<Live>,
+) -> anyhow::Result<Histogram<u64>> {
+    let subject = format!("openmesh.loadtest.{idx}");
+    let sub_client = async_nats::connect(url.as_str())
+        .await
+        .context("NATS subscriber connects")?;
+    let mut sub = sub_client.subscribe(subject.clone()).await?;
+    sub_client.flush().await?;
+    let pub_client = async_nats::connect(url.as_str())
+        .await
+        .context("NATS publisher connects")?;
+    let expect = Expect::new();
+
+    let (exp, lv, drain) = (expect.clone(), live.clone(), p.drain);
+    let receiver = tokio::spawn(async move {
+        let mut rec = Recorder::new(lv);
+        let mut done_at: Option<Instant> = None;
+        loop {
+            match tokio::time::timeout(Duration::from_millis(100), sub.next()).await {
+                Ok(Some(m)) => rec.on_payload(&m.payload),
+                Ok(None) => break,
+                Err(_) => {}
+            }
+            let want = exp.get();
+            if want != u64::MAX {
+                let since = *done_at.get_or_insert_with(Instant::now);
+                if rec.unique >= want || since.elapsed() > drain {
+                    break;
+                }
+            }
+        }
+        drop(sub_client);
+        rec.hist
+    });
+
+    let sent = match p.rate {
+        None => {
+            let end = Instant::now() + p.duration;
+            let mut seq = 0u64;
+            let mut buf = BytesMut::new();
+            while Instant::now() < end {
+                let ns = live.now_ns();
+                for _ in 0..256 {
+                    payload::fill(&mut buf, p.size, seq, ns);
+                    pub_client
+                        .publish(subject.clone(), buf.split().freeze())
+                        .await?;
+                    seq += 1;
+                }
+                live.sent.fetch_add(256, Ordering::Relaxed);
+            }
+            pub_client.flush().await?;
+            seq
+        }
+        Some(rate) => {
+            let lv = live.clone();
+            let rt = tokio::runtime::Handle::current();
+            let (client, subj, size, dur) =
+                (pub_client.clone(), subject.clone(), p.size, p.duration);
+            tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
+                precise_timers();
+                let interval = (1e9 / rate.max(1.0)) as u64;
+                let start = lv.now_ns();
+                let end = start + dur.as_nanos() as u64;
+                let (mut seq, mut next) = (0u64, start);
+                let mut buf = BytesMut::new();
+                while next < end {
+                    sleep_until(&lv, next);
+                    let now = lv.now_ns();
+                    rt.block_on(async {
+                        while next <= now && next < end {
+                            payload::fill(&mut buf, size, seq, next);
+                            client.publish(subj.clone(), buf.split().freeze()).await?;
+                            seq += 1;
+                            next += interval;
+                            lv.sent.fetch_add(1, Ordering::Relaxed);
+                        }
+                        client.flush().await?;
+                        anyhow::Ok(())
+                    })?;
+                }
+                Ok(seq)
+            })
+            .await??
+        }
+    };
+    live.acked.fetch_add(sent, Ordering::Relaxed);
+    expect.set(sent);
+    Ok(receiver.await?)
+}

@@ -1,0 +1,335 @@
+//! Virtual agents on OpenMesh relays, built on the agent client library.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::BytesMut;
+use hdrhistogram::Histogram;
+use openmesh_dataplane::client::{unix_ms, Agent, ClientConfig, Event};
+use openmesh_dataplane::pki::Identity;
+use openmesh_dataplane::wire::{DeliveryClass, Reason};
+use rustls::pki_types::CertificateDer;
+use tokio::sync::Semaphore;
+
+use crate::payload::Template;
+use crate::report::{ConnectionsReport, Live};
+use crate::scenario::{precise_timers, sleep_until, Expect, PairParams, Recorder};
+
+/// Where the relays are and whom to trust.
+pub struct Relays {
+    pub addrs: Vec<SocketAddr>,
+    pub ca: Vec<CertificateDer<'static>>,
+}
+
+impl Relays {
+    fn config(&self, idx: usize, name: &str, bind: Option<IpAddr>) -> anyhow::Result<ClientConfig> {
+        let id = Identity::generate_self_signed(name)?;
+        let mut c = ClientConfig::new(self.addrs[idx % self.addrs.len()], self.ca.clone(), id);
+        c.bind = bind;
+        Ok(c)
+    }
+}
+
+/// Source address for the `i`-th connection: 127.0.1.x, a new address every 20,000 connections,
+/// so that more than the ~28,000 ephemeral ports of one address can reach one relay.
+fn source_ip(i: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(
+        127,
+        0,
+        1 + (i / 20_000 / 250) as u8,
+        1 + ((i / 20_000) % 250) as u8,
+    ))
+}
+
+/// Runs one sender/receiver pair through the relays; returns the receiver's latency histogram.
+pub async fn pair(
+    relays: Arc<Relays>,
+    idx: usize,
+    p: PairParams,
+    live: Arc<Live>,
+) -> anyhow::Result<Histogram<u64>> {
+    let mut rcfg = relays.config(idx, &format!("loadtest-recv-{idx}"), None)?;
+    rcfg.auto_ack = true;
+    let mut recv = Agent::connect(rcfg).await.context("receiver connects")?;
+    let sender = Agent::connect(relays.config(idx, &format!("loadtest-send-{idx}"), None)?)
+        .await
+        .context("sender connects")?;
+    let mut b = sender.envelope_to(recv.id(), 60_000);
+    b.class = p.class;
+    let tmpl = Template::new(&b, p.size, idx as u64)?;
+    let expect = Expect::new();
+
+    let (exp, lv, drain) = (expect.clone(), live.clone(), p.drain);
+    let receiver = tokio::spawn(async move {
+        let mut rec = Recorder::new(lv);
+        let mut done_at: Option<Instant> = None;
+        loop {
+            match tokio::time::timeout(Duration::from_millis(100), recv.next_event()).await {
+                Ok(Some(Event::Envelope(e))) => rec.on_payload(&e.payload()),
+                Ok(Some(Event::Closed(_))) | Ok(None) => break,
+                Ok(Some(_)) | Err(_) => {}
+            }
+            let want = exp.get();
+            if want != u64::MAX {
+                let since = *done_at.get_or_insert_with(Instant::now);
+                if rec.unique >= want || since.elapsed() > drain {
+                    break;
+                }
+            }
+        }
+        rec.hist
+    });
+
+    let sent = match p.rate {
+        None => closed_loop(sender, &tmpl, &p, &live).await?,
+        Some(rate) => {
+            let lv = live.clone();
+            let p2 = p.clone();
+            let handle = tokio::runtime::Handle::current();
+            tokio::task::spawn_blocking(move || open_loop(sender, &tmpl, &p2, rate, &lv, &handle))
+                .await??
+        }
+    };
+    expect.set(sent);
+    Ok(receiver.await?)
+}
+
+/// Sends as fast as the window allows for the duration; returns how many deliveries to expect.
+async fn closed_loop(
+    mut s: Agent,
+    t: &Template,
+    p: &PairParams,
+    live: &Live,
+) -> anyhow::Result<u64> {
+    let acked_class = p.class != DeliveryClass::BestEffort;
+    let end = Instant::now() + p.duration;
+    let (mut seq, mut inflight, mut acked) = (0u64, 0u64, 0u64);
+    let mut batch = BytesMut::with_capacity(t.len() * 256);
+    loop {
+        while let Some(ev) = s.try_event() {
+            settle(ev, &mut inflight, &mut acked, live)?;
+        }
+        if Instant::now() >= end {
+            break;
+        }
+        let room = if acked_class {
+            p.window.saturating_sub(inflight)
+        } else {
+            256
+        };
+        if room == 0 {
+            if let Ok(Some(ev)) =
+                tokio::time::timeout(Duration::from_millis(50), s.next_event()).await
+            {
+                settle(ev, &mut inflight, &mut acked, live)?;
+            }
+            continue;
+        }
+        let n = room.min(256);
+        let now_ms = unix_ms();
+        let ns = live.now_ns();
+        for _ in 0..n {
+            t.write(&mut batch, seq, ns, now_ms);
+            seq += 1;
+        }
+        s.send_raw(batch.split().freeze()).await?;
+        live.sent.fetch_add(n, Ordering::Relaxed);
+        if acked_class {
+            inflight += n;
+        }
+    }
+    finish(s, acked_class, seq, inflight, acked, p.drain, live).await
+}
+
+/// Sends at `rate` per second from a dedicated thread, each envelope stamped with the time it was
+/// scheduled for (so a stall shows up as latency, not as a gap: no coordinated omission).
+fn open_loop(
+    mut s: Agent,
+    t: &Template,
+    p: &PairParams,
+    rate: f64,
+    live: &Live,
+    rt: &tokio::runtime::Handle,
+) -> anyhow::Result<u64> {
+    precise_timers();
+    let acked_class = p.class != DeliveryClass::BestEffort;
+    let interval = (1e9 / rate.max(1.0)) as u64;
+    let start = live.now_ns();
+    let end = start + p.duration.as_nanos() as u64;
+    let (mut seq, mut inflight, mut acked) = (0u64, 0u64, 0u64);
+    let mut next = start;
+    let mut batch = BytesMut::with_capacity(t.len() * 64);
+    while next < end {
+        sleep_until(live, next);
+        let now = live.now_ns();
+        let now_ms = unix_ms();
+        let mut n = 0;
+        while next <= now && next < end && n < 1024 {
+            t.write(&mut batch, seq, next, now_ms);
+            seq += 1;
+            n += 1;
+            next += interval;
+        }
+        rt.block_on(s.send_raw(batch.split().freeze()))?;
+        live.sent.fetch_add(n, Ordering::Relaxed);
+        if acked_class {
+            inflight += n;
+        }
+        while let Some(ev) = s.try_event() {
+            settle(ev, &mut inflight, &mut acked, live)?;
+        }
+    }
+    rt.block_on(finish(s, acked_class, seq, inflight, acked, p.drain, live))
+}
+
+fn settle(ev: Event, inflight: &mut u64, acked: &mut u64, live: &Live) -> anyhow::Result<()> {
+    match ev {
+        Event::Acked(ids) => {
+            let n = ids.len() as u64;
+            *inflight = inflight.saturating_sub(n);
+            *acked += n;
+            live.acked.fetch_add(n, Ordering::Relaxed);
+        }
+        Event::Nacked(n) => {
+            *inflight = inflight.saturating_sub(1);
+            live.nacked.fetch_add(1, Ordering::Relaxed);
+            if !n.reason().is_some_and(Reason::retryable) {
+                anyhow::bail!("relay refused an envelope: {} ({})", n.text, n.code);
+            }
+        }
+        Event::Closed(c) => anyhow::bail!("sender session closed: {c:?}"),
+        Event::GoingAway(_) | Event::Envelope(_) => {}
+    }
+    Ok(())
+}
+
+/// Waits for the outstanding ACKs; returns how many deliveries the receiver should see.
+async fn finish(
+    mut s: Agent,
+    acked_class: bool,
+    sent: u64,
+    mut inflight: u64,
+    mut acked: u64,
+    drain: Duration,
+    live: &Live,
+) -> anyhow::Result<u64> {
+    if !acked_class {
+        return Ok(sent);
+    }
+    let deadline = Instant::now() + drain;
+    while inflight > 0 && Instant::now() < deadline {
+        if let Ok(Some(ev)) = tokio::time::timeout(Duration::from_millis(100), s.next_event()).await
+        {
+            settle(ev, &mut inflight, &mut acked, live)?;
+        }
+    }
+    Ok(acked)
+}
+
+/// Ramps to `agents` idle sessions, holds, then churns at `churn_rate` per second.
+pub async fn connections(
+    relays: Arc<Relays>,
+    agents: usize,
+    duration: Duration,
+    churn_rate: f64,
+    relay_pid: Option<u32>,
+    live: Arc<Live>,
+) -> anyhow::Result<ConnectionsReport> {
+    let rss_before = relay_pid.and_then(crate::report::process_rss);
+    // Identities are generated up front so the ramp measures the relay, not key generation.
+    let ids: Vec<ClientConfig> = (0..agents)
+        .map(|i| relays.config(i, &format!("idle-{i}"), Some(source_ip(i))))
+        .collect::<anyhow::Result<_>>()?;
+    let sem = Arc::new(Semaphore::new(256));
+    let t0 = Instant::now();
+    let ramp_deadline = t0 + duration;
+    let mut tasks = tokio::task::JoinSet::new();
+    for cfg in ids {
+        let permit = sem.clone().acquire_owned().await?;
+        if Instant::now() > ramp_deadline {
+            break;
+        }
+        let lv = live.clone();
+        tasks.spawn(async move {
+            let r = Agent::connect(cfg).await;
+            drop(permit);
+            match r {
+                Ok(a) => {
+                    lv.delivered.fetch_add(1, Ordering::Relaxed);
+                    lv.slot_add(1);
+                    Some(a)
+                }
+                Err(_) => {
+                    lv.errors.fetch_add(1, Ordering::Relaxed);
+                    None
+                }
+            }
+        });
+    }
+    let mut held = Vec::with_capacity(agents);
+    while let Some(r) = tasks.join_next().await {
+        if let Some(a) = r? {
+            held.push(a);
+        }
+    }
+    let ramp_s = t0.elapsed().as_secs_f64();
+    let failures = live.errors.load(Ordering::Relaxed);
+    // Hold: let the relay settle, then read its memory.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_after = relay_pid.and_then(crate::report::process_rss);
+    let connected = held.len() as u64;
+
+    // Churn: replace one agent every 1/churn_rate seconds for half the duration.
+    let churn_for = duration / 2;
+    let interval = Duration::from_secs_f64(1.0 / churn_rate.max(1.0));
+    let c0 = Instant::now();
+    let (mut churned, mut churn_failures) = (0u64, 0u64);
+    let mut i = agents;
+    let mut tick = tokio::time::interval(interval);
+    let mut pending = tokio::task::JoinSet::new();
+    while c0.elapsed() < churn_for {
+        tick.tick().await;
+        if !held.is_empty() {
+            held.swap_remove(i % held.len());
+        }
+        let cfg = relays.config(i, &format!("churn-{i}"), Some(source_ip(i)))?;
+        i += 1;
+        pending.spawn(Agent::connect(cfg));
+        while let Some(r) = pending.try_join_next() {
+            match r? {
+                Ok(a) => {
+                    churned += 1;
+                    held.push(a);
+                }
+                Err(_) => churn_failures += 1,
+            }
+        }
+    }
+    while let Some(r) = pending.join_next().await {
+        match r? {
+            Ok(_) => churned += 1,
+            Err(_) => churn_failures += 1,
+        }
+    }
+    let churn_s = c0.elapsed().as_secs_f64();
+    drop(held);
+    Ok(ConnectionsReport {
+        agents: connected,
+        ramp_s,
+        handshakes_per_s: connected as f64 / ramp_s.max(1e-9),
+        failures,
+        relay_rss_before: rss_before,
+        relay_rss_after: rss_after,
+        relay_rss_per_agent: match (rss_before, rss_after) {
+            (Some(b), Some(a)) if connected > 0 => {
+                Some(a.saturating_sub(b) as f64 / connected as f64)
+            }
+            _ => None,
+        },
+        churn_handshakes_per_s: churned as f64 / churn_s.max(1e-9),
+        churn_failures,
+    })
+}

@@ -1,0 +1,143 @@
+//! Scenarios: how many sender/receiver pairs, closed or open loop, and for how long. Each
+//! target (OpenMesh relays, or a NATS server as the baseline) provides the pair itself.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use openmesh_dataplane::wire::DeliveryClass;
+
+use crate::payload;
+use crate::report::{latency_histogram, Live, Seen};
+
+/// The scenarios `run --scenario` takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// One sender to one receiver, 256-byte payloads, as fast as the window allows.
+    Small,
+    /// The same with 16 KiB payloads.
+    Bulk,
+    /// Open loop at a fixed rate; one-way latency from the scheduled send time.
+    Latency,
+    /// N sender/receiver pairs at once.
+    Fan,
+    /// Ramp to M idle agents, hold, then churn.
+    Connections,
+}
+
+impl Scenario {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Small => "small",
+            Scenario::Bulk => "bulk",
+            Scenario::Latency => "latency",
+            Scenario::Fan => "fan",
+            Scenario::Connections => "connections",
+        }
+    }
+    pub fn default_size(self) -> usize {
+        match self {
+            Scenario::Bulk => 16 << 10,
+            _ => 256,
+        }
+    }
+    pub fn default_agents(self) -> usize {
+        match self {
+            Scenario::Fan => 32,
+            Scenario::Connections => 10_000,
+            _ => 1,
+        }
+    }
+    pub fn default_window(self) -> u64 {
+        match self {
+            Scenario::Small => 2048,
+            Scenario::Latency => 4096,
+            _ => 256,
+        }
+    }
+}
+
+/// What one pair does.
+#[derive(Clone, Debug)]
+pub struct PairParams {
+    pub class: DeliveryClass,
+    pub size: usize,
+    /// Envelopes per second for this pair (open loop); `None` is closed loop.
+    pub rate: Option<f64>,
+    /// Unacknowledged envelopes per sender (at-least-once and durable).
+    pub window: u64,
+    pub duration: Duration,
+    /// How long to wait for stragglers after sending stops.
+    pub drain: Duration,
+}
+
+/// Shared between a pair's sender and receiver: how many deliveries the receiver should wait for
+/// (`u64::MAX` while the sender is still sending).
+pub struct Expect(AtomicU64);
+
+impl Expect {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Expect(AtomicU64::new(u64::MAX)))
+    }
+    pub fn set(&self, n: u64) {
+        self.0.store(n, Ordering::SeqCst);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// The receiving half's bookkeeping: unique deliveries, duplicates, latency.
+pub struct Recorder {
+    seen: Seen,
+    pub hist: Histogram<u64>,
+    pub unique: u64,
+    live: Arc<Live>,
+}
+
+impl Recorder {
+    pub fn new(live: Arc<Live>) -> Self {
+        Recorder {
+            seen: Seen::default(),
+            hist: latency_histogram(),
+            unique: 0,
+            live,
+        }
+    }
+
+    /// Records one received payload of `len` bytes.
+    pub fn on_payload(&mut self, p: &[u8]) {
+        let Some((seq, sched)) = payload::parse(p) else {
+            self.live.errors.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        if self.seen.insert(seq) {
+            self.unique += 1;
+            self.live.delivered.fetch_add(1, Ordering::Relaxed);
+            self.live.bytes.fetch_add(p.len() as u64, Ordering::Relaxed);
+            self.live.slot_add(1);
+            let lat = self.live.now_ns().saturating_sub(sched).max(1);
+            let _ = self.hist.record(lat);
+        } else {
+            self.live.duplicates.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Sets the calling thread's timer slack to 1 ns so that open-loop senders wake on time.
+pub fn precise_timers() {
+    #[allow(unsafe_code)]
+    // SAFETY: PR_SET_TIMERSLACK takes an integer and affects only the calling thread.
+    unsafe {
+        libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0);
+    }
+}
+
+/// Sleeps the calling (dedicated) thread until the run clock reaches `at_ns`.
+pub fn sleep_until(live: &Live, at_ns: u64) {
+    let now = live.now_ns();
+    if at_ns > now {
+        std::thread::sleep(Duration::from_nanos(at_ns - now));
+    }
+}
