@@ -417,7 +417,7 @@ async fn read_loop(
         {
             break;
         }
-        // Heartbeats: after an interval of silence PING the relay; after three, give up.
+        // Heartbeats: after two intervals of silence PING the relay; after three, give up.
         // (A tokio read is cancel-safe, unlike an io_uring one.)
         match tokio::time::timeout(heartbeat, rd.read_buf(&mut rx)).await {
             Ok(Ok(0)) | Ok(Err(_)) => break,
@@ -428,7 +428,9 @@ async fn read_loop(
                     close = Some(Close::new(Reason::HeartbeatTimeout, "relay silent"));
                     break;
                 }
-                if answer_pings {
+                // A live relay PINGs after one silent interval; PING it only after two, so that
+                // the relay's own PINGs (and its RTT measurements) are not pre-empted.
+                if answer_pings && silent >= 2 {
                     let ping = Frame::Ping(crate::wire::Ping {
                         timestamp_us: now_us(),
                     });

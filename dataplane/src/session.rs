@@ -173,6 +173,11 @@ impl Session {
         }
     }
 
+    /// Microseconds since the last frame arrived.
+    pub fn quiet_us(&self, now_us: u64) -> u64 {
+        now_us.saturating_sub(self.last_rx_us)
+    }
+
     /// Milliseconds left until the drain deadline.
     pub fn drain_left_ms(&self, now_us: u64) -> u32 {
         (self.drain_deadline_us.saturating_sub(now_us) / 1000).min(u32::MAX as u64) as u32

@@ -267,7 +267,11 @@ impl Report {
             .x_label_area_size(40)
             .y_label_area_size(80)
             .build_cartesian_2d(0.0..tmax, 0.0..ymax)?;
-        c.configure_mesh().x_desc("seconds").y_desc(ylabel).draw()?;
+        c.configure_mesh()
+            .x_desc("seconds")
+            .y_desc(ylabel)
+            .y_label_formatter(&|v| format!("{v:.0}"))
+            .draw()?;
         c.draw_series(LineSeries::new(self.timeline.iter().copied(), &BLUE))?;
         if self.latency_curve.is_empty() {
             bottom.titled("no latency recorded in this scenario", ("sans-serif", 18))?;
@@ -284,8 +288,12 @@ impl Report {
             let ymin = pts.iter().map(|p| p.1).fold(f64::MAX, f64::min) / 2.0;
             let mut c = ChartBuilder::on(&bottom)
                 .caption(
-                    "one-way latency by percentile (from scheduled send time)",
-                    ("sans-serif", 22),
+                    if self.rate.is_some() {
+                        "one-way latency by percentile (open loop, from the scheduled send time)"
+                    } else {
+                        "one-way latency by percentile (closed loop: includes queueing behind the window)"
+                    },
+                    ("sans-serif", 20),
                 )
                 .margin(15)
                 .x_label_area_size(40)
@@ -294,7 +302,11 @@ impl Report {
             c.configure_mesh()
                 .x_desc("percentile")
                 .y_desc("microseconds")
-                .x_label_formatter(&|x| format!("p{}", 100.0 - 100.0 * 10f64.powf(-x)))
+                .x_label_formatter(&|x| {
+                    let v = format!("{:.4}", 100.0 - 100.0 * 10f64.powf(-x));
+                    format!("p{}", v.trim_end_matches('0').trim_end_matches('.'))
+                })
+                .y_label_formatter(&|v| format!("{v:.0}"))
                 .draw()?;
             c.draw_series(LineSeries::new(pts, &RED))?;
         }

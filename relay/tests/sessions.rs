@@ -51,7 +51,10 @@ async fn version_alignment_picks_highest_common_or_closes() {
         &["reason=\"no_common_version\""],
     );
     assert_eq!(m, 1.0);
-    assert_eq!(relay.metric("openmesh_sessions_active", &[]), 1.0);
+    assert_eq!(
+        relay.settled_metric("openmesh_sessions_active", &[], 1.0),
+        1.0
+    );
 }
 
 const FAST_HEARTBEAT: &str =
@@ -181,8 +184,9 @@ async fn newest_session_of_an_agent_wins_and_inherits_unacked_envelopes() {
             ),
             1.0
         );
+        // The replaced session's teardown follows its CLOSE asynchronously.
         assert_eq!(
-            common::metric_in(&text, "openmesh_sessions_active", &[]),
+            relay.settled_metric("openmesh_sessions_active", &[], 2.0),
             2.0
         );
     }

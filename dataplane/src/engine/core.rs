@@ -23,6 +23,8 @@ use crate::wire::{
     AgentId, DeliveryClass, Destination, Envelope, Frame, GoingAway, MessageId, Pong, Reason,
 };
 
+/// How long a settled draining session must have been quiet before it is closed.
+const DRAIN_QUIET_US: u64 = 250_000;
 /// First size of a connection's read buffer.
 const INITIAL_READ_BUFFER: usize = 4096;
 /// Outbox backlog towards one core above which readers stop reading.
@@ -704,7 +706,12 @@ impl Core {
                     }
                 }
             }
-            if st.session.state() == SessionState::Draining && st.settled() {
+            // A draining session closes once nothing is outstanding and the agent has been
+            // quiet long enough for what it sent before GOING_AWAY to have arrived.
+            if st.session.state() == SessionState::Draining
+                && st.settled()
+                && st.session.quiet_us(now) >= DRAIN_QUIET_US
+            {
                 c.close(&mut st, Reason::ShuttingDown, &self.m);
             }
         }

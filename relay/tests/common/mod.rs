@@ -274,3 +274,18 @@ pub fn hello_bytes(relay: &Relay) -> Vec<u8> {
         .to_bytes()
         .to_vec()
 }
+
+impl Relay {
+    /// Polls a metric until it equals `want` (the relay settles asynchronously), for up to 5 s.
+    /// Returns the last value read.
+    pub fn settled_metric(&self, name: &str, labels: &[&str], want: f64) -> f64 {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let v = self.metric(name, labels);
+            if v == want || Instant::now() > deadline {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
