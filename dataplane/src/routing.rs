@@ -44,7 +44,8 @@ pub enum Attach {
 /// One core's view of where agents are attached.
 #[derive(Clone, Debug, Default)]
 pub struct Directory {
-    agents: HashMap<AgentId, Location>,
+    // foldhash with a per-process random seed: fast, and agent ids cannot be chosen to collide.
+    agents: HashMap<AgentId, Location, foldhash::fast::RandomState>,
 }
 
 impl Directory {

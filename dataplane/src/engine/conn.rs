@@ -60,7 +60,7 @@ pub(crate) struct ConnState {
     pub(crate) outq: VecDeque<Envelope>,
     pub(crate) outq_bytes: usize,
     /// Envelopes written to the agent that wait for its ACK.
-    pub(crate) inflight: HashMap<MessageId, Envelope>,
+    pub(crate) inflight: HashMap<MessageId, Envelope, foldhash::fast::RandomState>,
     /// Envelopes sent to other cores that wait for a verdict.
     pub(crate) awaiting: u32,
     /// Envelopes accepted by the reader in the current pass, routed after it.
@@ -75,6 +75,8 @@ pub(crate) struct ConnState {
     /// CLOSE queued (or TLS failed); the writer shuts the socket down once flushed.
     pub(crate) closing: bool,
     pub(crate) closing_since_us: u64,
+    /// The writer task waits for a wake-up (anything queued must notify it).
+    pub(crate) writer_idle: bool,
     /// The connection was torn down; both tasks stop.
     pub(crate) finished: bool,
     /// Envelopes were handed to a newer session; nothing is left to keep in custody.
@@ -97,7 +99,7 @@ impl ConnState {
             acks_to_send: Vec::new(),
             outq: VecDeque::new(),
             outq_bytes: 0,
-            inflight: HashMap::new(),
+            inflight: HashMap::default(),
             awaiting: 0,
             batch: Vec::new(),
             rx: BytesMut::new(),
@@ -109,6 +111,7 @@ impl ConnState {
             closing: false,
             closing_since_us: 0,
             finished: false,
+            writer_idle: true,
             handed_over: false,
             heads: BytesMut::new(),
             sending: Vec::new(),
@@ -278,12 +281,19 @@ impl ConnState {
             }
         }
         drop(slices);
+        let (mut n, mut b) = ([0u64; 3], [0u64; 3]);
         for env in self.sending.drain(..) {
             let c = env.header.class as usize;
-            m.envelopes_out[c].increment(1);
-            m.bytes_out[c].increment(env.immutable.len() as u64);
+            n[c] += 1;
+            b[c] += env.immutable.len() as u64;
             if env.header.class != DeliveryClass::BestEffort {
                 self.inflight.insert(env.header.message_id, env);
+            }
+        }
+        for c in 0..3 {
+            if n[c] > 0 {
+                m.envelopes_out[c].increment(n[c]);
+                m.bytes_out[c].increment(b[c]);
             }
         }
     }
@@ -317,6 +327,14 @@ impl Conn {
             st: RefCell::new(st),
             wake: Notify::new(),
         })
+    }
+
+    /// Wakes the writer if it is waiting; a busy writer picks new output up on its next pass.
+    pub(crate) fn wake(&self, st: &mut ConnState) {
+        if st.writer_idle {
+            st.writer_idle = false;
+            self.wake.notify_one();
+        }
     }
 
     /// Ends the session with `reason`: CLOSE is queued (when TLS is up) and the writer shuts the

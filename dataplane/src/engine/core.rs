@@ -36,14 +36,16 @@ pub(crate) struct Core {
     cfg: Arc<EngineConfig>,
     shared: Arc<Shared>,
     m: CoreMetrics,
-    conns: RefCell<HashMap<ConnId, Rc<Conn>>>,
-    by_agent: RefCell<HashMap<AgentId, ConnId>>,
+    conns: RefCell<HashMap<ConnId, Rc<Conn>, foldhash::fast::RandomState>>,
+    by_agent: RefCell<HashMap<AgentId, ConnId, foldhash::fast::RandomState>>,
     directory: RefCell<Directory>,
     /// Unacknowledged at-least-once envelopes of agents that disconnected, for redelivery.
     custody: RefCell<HashMap<AgentId, VecDeque<Envelope>>>,
     outbox: RefCell<Outbox>,
     draining: Cell<bool>,
     drain_reported: Cell<bool>,
+    /// Envelopes handed to other cores since the last outbox flush (counted per flush).
+    handed_off: Cell<u64>,
     next_conn: Cell<ConnId>,
     listener: Listener,
 }
@@ -61,13 +63,14 @@ pub(crate) fn run(
             id,
             ncores,
             m: CoreMetrics::new(id),
-            conns: RefCell::new(HashMap::new()),
-            by_agent: RefCell::new(HashMap::new()),
+            conns: RefCell::new(HashMap::default()),
+            by_agent: RefCell::new(HashMap::default()),
             directory: RefCell::new(Directory::new()),
             custody: RefCell::new(HashMap::new()),
             outbox: RefCell::new(Outbox::new(ncores as usize)),
             draining: Cell::new(false),
             drain_reported: Cell::new(false),
+            handed_off: Cell::new(0),
             next_conn: Cell::new(1),
             listener: Listener::from_std(listener),
             cfg,
@@ -156,6 +159,9 @@ async fn writer(core: Rc<Core>, conn: Rc<Conn>) {
                     return;
                 }
                 st.fill(&mut out, &core.m);
+                if out.is_empty() {
+                    st.writer_idle = true;
+                }
             }
             if out.is_empty() {
                 break;
@@ -236,7 +242,8 @@ impl Core {
         }
         let now = now_us();
         let now_ms = unix_ms();
-        let (mut n_env, mut n_bytes) = (0u64, 0u64);
+        // Counted per read, not per envelope: one atomic add per class and batch.
+        let (mut n_env, mut n_bytes) = ([0u64; 3], [0u64; 3]);
         loop {
             let decoder = st.decoder;
             let frame = match decoder.decode(&mut st.rx) {
@@ -271,11 +278,9 @@ impl Core {
                         st.nack(env.header.message_id, r, &self.m);
                         continue;
                     }
-                    n_env += 1;
-                    n_bytes += env.immutable.len() as u64;
                     let c = env.header.class as usize;
-                    self.m.envelopes_in[c].increment(1);
-                    self.m.bytes_in[c].increment(env.immutable.len() as u64);
+                    n_env[c] += 1;
+                    n_bytes[c] += env.immutable.len() as u64;
                     st.batch.push(env);
                 }
                 Frame::Ack(a) => {
@@ -312,12 +317,19 @@ impl Core {
                 Frame::Welcome(_) | Frame::GoingAway(_) => {}
             }
         }
-        if n_env > 0 {
+        let (total_env, total_bytes) = (n_env.iter().sum::<u64>(), n_bytes.iter().sum::<u64>());
+        if total_env > 0 {
+            for c in 0..3 {
+                if n_env[c] > 0 {
+                    self.m.envelopes_in[c].increment(n_env[c]);
+                    self.m.bytes_in[c].increment(n_bytes[c]);
+                }
+            }
             if let Some(b) = st.bucket_envelopes.as_mut() {
-                b.spend(n_env, now);
+                b.spend(total_env, now);
             }
             if let Some(b) = st.bucket_bytes.as_mut() {
-                b.spend(n_bytes, now);
+                b.spend(total_bytes, now);
             }
         }
         if !st.ctrl.is_empty() {
@@ -463,7 +475,7 @@ impl Core {
                         src: Some((self.id, src.id)),
                     },
                 );
-                self.m.mailbox_sent.increment(1);
+                self.handed_off.set(self.handed_off.get() + 1);
             }
             Route::Refuse(r) => self.on_verdict(src.id, id, acked, Err(r), false),
         }
@@ -482,12 +494,10 @@ impl Core {
             return Err((Reason::DestinationUnavailable, env));
         };
         let l = &self.cfg.limits;
-        let r = conn
-            .st
-            .borrow_mut()
-            .enqueue(env, l.send_queue_envelopes, l.send_queue_bytes);
+        let mut st = conn.st.borrow_mut();
+        let r = st.enqueue(env, l.send_queue_envelopes, l.send_queue_bytes);
         if r.is_ok() {
-            conn.wake.notify_one();
+            conn.wake(&mut st);
         }
         r
     }
@@ -509,14 +519,16 @@ impl Core {
         }
         match result {
             Ok(congested) => {
-                st.congestion(congested, now_us());
+                if congested || st.backoff_us > 0 {
+                    st.congestion(congested, now_us());
+                }
                 if acked {
                     st.acks_to_send.push(id);
                 }
             }
             Err(r) => st.nack(id, r, &self.m),
         }
-        c.wake.notify_one();
+        c.wake(&mut st);
     }
 
     async fn mailbox_loop(&self) {
@@ -643,6 +655,10 @@ impl Core {
     }
 
     fn flush_outbox(&self) {
+        let handed = self.handed_off.replace(0);
+        if handed > 0 {
+            self.m.mailbox_sent.increment(handed);
+        }
         let f = self.outbox.borrow_mut().flush(&self.shared.mailboxes);
         if f.full > 0 {
             self.m.mailbox_full.increment(f.full);
