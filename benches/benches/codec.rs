@@ -85,8 +85,8 @@ fn forwarding(c: &mut Criterion) {
     let env = envelope(256);
     c.bench_function("forwarding_decision_100k_agents", |b| {
         b.iter(|| {
-            check_ingress(&env.header, &env.routing, &contract, 2_000).unwrap();
-            dir.route(&env.header, 0)
+            check_ingress(&env, &contract, 2_000).unwrap();
+            dir.route(&env, 0)
         })
     });
 }

@@ -132,7 +132,9 @@ pub struct Agent {
     id: AgentId,
     welcome: Welcome,
     out: mpsc::Sender<Out>,
-    events: mpsc::Receiver<Event>,
+    /// Events arrive in batches, one per socket read.
+    events: mpsc::Receiver<Vec<Event>>,
+    pending: std::collections::VecDeque<Event>,
     next_id: AtomicU64,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -201,7 +203,7 @@ impl Agent {
         dec.set_max_frame(welcome.max_frame as usize);
         let (rd, wr) = tokio::io::split(link);
         let (out_tx, out_rx) = mpsc::channel(16_384);
-        let (ev_tx, ev_rx) = mpsc::channel(65_536);
+        let (ev_tx, ev_rx) = mpsc::channel(1024);
         let writer = tokio::spawn(write_loop(wr, out_rx));
         let reader = tokio::spawn(read_loop(
             rd,
@@ -220,6 +222,7 @@ impl Agent {
             welcome,
             out: out_tx,
             events: ev_rx,
+            pending: std::collections::VecDeque::new(),
             next_id: AtomicU64::new(1),
             tasks: vec![writer, reader],
         })
@@ -280,12 +283,35 @@ impl Agent {
 
     /// The next event if one is ready, without waiting.
     pub fn try_event(&mut self) -> Option<Event> {
-        self.events.try_recv().ok()
+        if self.pending.is_empty() {
+            self.pending.extend(self.events.try_recv().ok()?);
+        }
+        self.pending.pop_front()
     }
 
     /// The next event; `None` once the session is over and every event was taken.
     pub async fn next_event(&mut self) -> Option<Event> {
-        self.events.recv().await
+        while self.pending.is_empty() {
+            self.pending.extend(self.events.recv().await?);
+        }
+        self.pending.pop_front()
+    }
+
+    /// Waits for events and moves every one that is ready into `out` (at least one). Returns
+    /// false once the session is over and every event was taken. Cheaper than
+    /// [`Agent::next_event`] for receivers that handle many envelopes.
+    pub async fn next_events(&mut self, out: &mut Vec<Event>) -> bool {
+        if self.pending.is_empty() {
+            match self.events.recv().await {
+                Some(batch) => self.pending.extend(batch),
+                None => return false,
+            }
+        }
+        out.extend(self.pending.drain(..));
+        while let Ok(batch) = self.events.try_recv() {
+            out.extend(batch);
+        }
+        true
     }
 
     /// Sends CLOSE and ends the session.
@@ -360,7 +386,7 @@ async fn read_loop(
     mut rd: tokio::io::ReadHalf<TlsStream<TcpStream>>,
     mut rx: BytesMut,
     dec: FrameDecoder,
-    events: mpsc::Sender<Event>,
+    events: mpsc::Sender<Vec<Event>>,
     out: mpsc::Sender<Out>,
     opts: ReadOptions,
 ) {
@@ -372,6 +398,7 @@ async fn read_loop(
     let mut close = None;
     let mut silent = 0;
     let mut acks = Vec::new();
+    let mut batch = Vec::new();
     'outer: loop {
         loop {
             let f = match dec.decode(&mut rx) {
@@ -381,8 +408,8 @@ async fn read_loop(
             };
             let ev = match f {
                 Frame::Envelope(e) => {
-                    if auto_ack && e.header.class != DeliveryClass::BestEffort {
-                        acks.push(e.header.message_id);
+                    if auto_ack && e.class() != DeliveryClass::BestEffort {
+                        acks.push(e.message_id());
                     }
                     Event::Envelope(e)
                 }
@@ -405,9 +432,10 @@ async fn read_loop(
                 }
                 Frame::Pong(_) | Frame::Hello(_) | Frame::Welcome(_) => continue,
             };
-            if events.send(ev).await.is_err() {
-                return;
-            }
+            batch.push(ev);
+        }
+        if !batch.is_empty() && events.send(std::mem::take(&mut batch)).await.is_err() {
+            return;
         }
         if !acks.is_empty()
             && out
@@ -439,5 +467,6 @@ async fn read_loop(
             }
         }
     }
-    let _ = events.send(Event::Closed(close)).await;
+    batch.push(Event::Closed(close));
+    let _ = events.send(batch).await;
 }

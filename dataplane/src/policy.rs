@@ -7,7 +7,7 @@
 
 use std::collections::HashSet;
 
-use crate::wire::{AgentId, EnvelopeHeader, Reason, RoutingPart, Welcome};
+use crate::wire::{AgentId, Envelope, Reason, Welcome};
 
 /// How agents are admitted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,25 +53,21 @@ impl Admission {
 /// In order: the source must be the authenticated agent, the hop limit must not be exhausted, the
 /// expiry must lie in the future and no further than the contract's maximum TTL, and the class
 /// must be allowed.
-pub fn check_ingress(
-    header: &EnvelopeHeader,
-    routing: &RoutingPart,
-    contract: &Welcome,
-    now_ms: u64,
-) -> Result<(), Reason> {
-    if header.source != contract.agent_id {
+pub fn check_ingress(env: &Envelope, contract: &Welcome, now_ms: u64) -> Result<(), Reason> {
+    if env.source() != contract.agent_id {
         return Err(Reason::SourceMismatch);
     }
-    if routing.hop_limit == 0 {
+    if env.routing.hop_limit == 0 {
         return Err(Reason::HopLimitExceeded);
     }
-    if header.expires_ms <= now_ms {
+    let expires = env.expires_ms();
+    if expires <= now_ms {
         return Err(Reason::Expired);
     }
-    if header.expires_ms - now_ms > contract.max_ttl_ms {
+    if expires - now_ms > contract.max_ttl_ms {
         return Err(Reason::TtlTooLong);
     }
-    if contract.classes & header.class.bit() == 0 {
+    if contract.classes & env.class().bit() == 0 {
         return Err(Reason::ClassNotAllowed);
     }
     Ok(())
@@ -155,36 +151,24 @@ mod tests {
             500,
         );
         let e = b.build(b"p").unwrap();
-        assert_eq!(check_ingress(&e.header, &e.routing, &c, 1000), Ok(()));
+        assert_eq!(check_ingress(&e, &c, 1000), Ok(()));
+        assert_eq!(check_ingress(&e, &c, 1500), Err(Reason::Expired));
+        let mut hop0 = e.clone();
+        hop0.routing.hop_limit = 0;
         assert_eq!(
-            check_ingress(&e.header, &e.routing, &c, 1500),
-            Err(Reason::Expired)
-        );
-        let mut r = e.routing.clone();
-        r.hop_limit = 0;
-        assert_eq!(
-            check_ingress(&e.header, &r, &c, 1000),
+            check_ingress(&hop0, &c, 1000),
             Err(Reason::HopLimitExceeded)
         );
         let other = contract(AgentId([2; 32]));
-        assert_eq!(
-            check_ingress(&e.header, &e.routing, &other, 1000),
-            Err(Reason::SourceMismatch)
-        );
+        assert_eq!(check_ingress(&e, &other, 1000), Err(Reason::SourceMismatch));
         let mut long = b.clone();
         long.expires_ms = 1000 + 60_001;
         let e = long.build(b"p").unwrap();
-        assert_eq!(
-            check_ingress(&e.header, &e.routing, &c, 1000),
-            Err(Reason::TtlTooLong)
-        );
+        assert_eq!(check_ingress(&e, &c, 1000), Err(Reason::TtlTooLong));
         let mut be = b;
         be.class = DeliveryClass::BestEffort;
         let e = be.build(b"p").unwrap();
-        assert_eq!(
-            check_ingress(&e.header, &e.routing, &c, 1000),
-            Err(Reason::ClassNotAllowed)
-        );
+        assert_eq!(check_ingress(&e, &c, 1000), Err(Reason::ClassNotAllowed));
     }
 
     #[test]

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 
-use crate::wire::{AgentId, Destination, EnvelopeHeader, Reason};
+use crate::wire::{AgentId, Destination, Envelope, Reason};
 
 /// The core owning an attached agent, and the sequence number of that attachment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,8 +97,8 @@ impl Directory {
     }
 
     /// The forwarding decision for an envelope at `my_core`.
-    pub fn route(&self, header: &EnvelopeHeader, my_core: u16) -> Route {
-        match header.destination {
+    pub fn route(&self, env: &Envelope, my_core: u16) -> Route {
+        match env.destination() {
             Destination::Agent(a) => match self.agents.get(&a) {
                 Some(loc) if loc.core == my_core => Route::Local,
                 Some(loc) => Route::Core(loc.core),
@@ -114,11 +114,10 @@ mod tests {
     use super::*;
     use crate::wire::{EnvelopeBuilder, MessageId};
 
-    fn env_to(a: AgentId) -> EnvelopeHeader {
+    fn env_to(a: AgentId) -> Envelope {
         EnvelopeBuilder::new(MessageId::from_u128(1), a, Destination::Agent(a), 0, 1)
             .build(b"")
             .unwrap()
-            .header
     }
 
     #[test]

@@ -104,14 +104,14 @@ fn forwarding_an_envelope_allocates_nothing_in_steady_state() {
         let Some(Frame::Envelope(env)) = dec.decode(rx).unwrap() else {
             panic!("envelope")
         };
-        check_ingress(&env.header, &env.routing, &contract, 2_000).unwrap();
-        assert_eq!(dir.route(&env.header, 0), Route::Local);
+        check_ingress(&env, &contract, 2_000).unwrap();
+        assert_eq!(dir.route(&env, 0), Route::Local);
         queue.push_back(env);
         let mut env = queue.pop_front().unwrap();
         env.routing.hop_limit -= 1;
         heads.clear();
         env.encode_head(&mut heads);
-        let id = env.header.message_id;
+        let id = env.message_id();
         inflight.insert(id, env);
         inflight.remove(&id).unwrap();
     };

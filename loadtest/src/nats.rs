@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::BytesMut;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use hdrhistogram::Histogram;
 
 use crate::payload;
@@ -35,11 +35,23 @@ pub async fn pair(
 
     let (exp, lv, drain) = (expect.clone(), live.clone(), p.drain);
     let receiver = tokio::spawn(async move {
-        let mut rec = Recorder::new(lv);
+        let mut rec = Recorder::new(lv.clone());
         let mut done_at: Option<Instant> = None;
         loop {
             match tokio::time::timeout(Duration::from_millis(100), sub.next()).await {
-                Ok(Some(m)) => rec.on_payload(&m.payload),
+                Ok(Some(m)) => {
+                    // Take everything already buffered too: one clock read and one counter
+                    // update per batch, as for OpenMesh receivers.
+                    let now = lv.now_ns();
+                    rec.on_payload(&m.payload, now);
+                    for _ in 0..1024 {
+                        match sub.next().now_or_never() {
+                            Some(Some(m)) => rec.on_payload(&m.payload, now),
+                            _ => break,
+                        }
+                    }
+                    rec.flush(now);
+                }
                 Ok(None) => break,
                 Err(_) => {}
             }

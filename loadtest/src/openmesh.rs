@@ -64,13 +64,29 @@ pub async fn pair(
 
     let (exp, lv, drain) = (expect.clone(), live.clone(), p.drain);
     let receiver = tokio::spawn(async move {
-        let mut rec = Recorder::new(lv);
+        let mut rec = Recorder::new(lv.clone());
         let mut done_at: Option<Instant> = None;
+        let mut evs = Vec::new();
         loop {
-            match tokio::time::timeout(Duration::from_millis(100), recv.next_event()).await {
-                Ok(Some(Event::Envelope(e))) => rec.on_payload(&e.payload()),
-                Ok(Some(Event::Closed(_))) | Ok(None) => break,
-                Ok(Some(_)) | Err(_) => {}
+            match tokio::time::timeout(Duration::from_millis(100), recv.next_events(&mut evs)).await
+            {
+                Ok(true) => {
+                    let now = lv.now_ns();
+                    let mut closed = false;
+                    for ev in evs.drain(..) {
+                        match ev {
+                            Event::Envelope(e) => rec.on_payload(&e.payload(), now),
+                            Event::Closed(_) => closed = true,
+                            _ => {}
+                        }
+                    }
+                    rec.flush(now);
+                    if closed {
+                        break;
+                    }
+                }
+                Ok(false) => break,
+                Err(_) => {}
             }
             let want = exp.get();
             if want != u64::MAX {
@@ -259,7 +275,7 @@ pub async fn connections(
             match r {
                 Ok(a) => {
                     lv.delivered.fetch_add(1, Ordering::Relaxed);
-                    lv.slot_add(1);
+                    lv.slot_add(1, lv.now_ns());
                     Some(a)
                 }
                 Err(_) => {

@@ -111,11 +111,11 @@ mod tests {
                 panic!()
             };
             assert_eq!(
-                e.header.message_id,
+                e.message_id(),
                 MessageId::from_u128((7u128 << 64) | seq as u128)
             );
-            assert_eq!(e.header.created_ms, ms);
-            assert_eq!(e.header.expires_ms, ms + 60_000);
+            assert_eq!(e.created_ms(), ms);
+            assert_eq!(e.expires_ms(), ms + 60_000);
             assert_eq!(e.payload().len(), 256);
             assert_eq!(parse(&e.payload()), Some((seq, ns)));
         }

@@ -45,8 +45,9 @@ impl Live {
         self.start.elapsed().as_nanos() as u64
     }
 
-    pub fn slot_add(&self, n: u64) {
-        let i = (self.start.elapsed().as_millis() as u64 / SLOT_MS) as usize;
+    /// Adds `n` to the timeline slot of `now_ns` (run clock).
+    pub fn slot_add(&self, n: u64, now_ns: u64) {
+        let i = (now_ns / 1_000_000 / SLOT_MS) as usize;
         if let Some(s) = self.timeline.get(i) {
             s.fetch_add(n, Ordering::Relaxed);
         }

@@ -88,12 +88,14 @@ impl Expect {
     }
 }
 
-/// The receiving half's bookkeeping: unique deliveries, duplicates, latency.
+/// The receiving half's bookkeeping: unique deliveries, duplicates, latency. Shared counters are
+/// updated once per batch ([`Recorder::flush`]), the clock read once per batch by the caller.
 pub struct Recorder {
     seen: Seen,
     pub hist: Histogram<u64>,
     pub unique: u64,
     live: Arc<Live>,
+    batch: (u64, u64, u64, u64),
 }
 
 impl Recorder {
@@ -103,24 +105,39 @@ impl Recorder {
             hist: latency_histogram(),
             unique: 0,
             live,
+            batch: (0, 0, 0, 0),
         }
     }
 
-    /// Records one received payload of `len` bytes.
-    pub fn on_payload(&mut self, p: &[u8]) {
+    /// Records one received payload, at `now_ns` on the run clock.
+    pub fn on_payload(&mut self, p: &[u8], now_ns: u64) {
         let Some((seq, sched)) = payload::parse(p) else {
-            self.live.errors.fetch_add(1, Ordering::Relaxed);
+            self.batch.3 += 1;
             return;
         };
         if self.seen.insert(seq) {
             self.unique += 1;
-            self.live.delivered.fetch_add(1, Ordering::Relaxed);
-            self.live.bytes.fetch_add(p.len() as u64, Ordering::Relaxed);
-            self.live.slot_add(1);
-            let lat = self.live.now_ns().saturating_sub(sched).max(1);
-            let _ = self.hist.record(lat);
+            self.batch.0 += 1;
+            self.batch.1 += p.len() as u64;
+            let _ = self.hist.record(now_ns.saturating_sub(sched).max(1));
         } else {
-            self.live.duplicates.fetch_add(1, Ordering::Relaxed);
+            self.batch.2 += 1;
+        }
+    }
+
+    /// Adds this batch to the shared counters and the timeline.
+    pub fn flush(&mut self, now_ns: u64) {
+        let (n, bytes, dups, errors) = std::mem::take(&mut self.batch);
+        if n > 0 {
+            self.live.delivered.fetch_add(n, Ordering::Relaxed);
+            self.live.bytes.fetch_add(bytes, Ordering::Relaxed);
+            self.live.slot_add(n, now_ns);
+        }
+        if dups > 0 {
+            self.live.duplicates.fetch_add(dups, Ordering::Relaxed);
+        }
+        if errors > 0 {
+            self.live.errors.fetch_add(errors, Ordering::Relaxed);
         }
     }
 }

@@ -108,12 +108,12 @@ async fn main() -> anyhow::Result<()> {
                         got += 1;
                         println!(
                             "from {} [{}] {}: {}",
-                            e.header.source,
+                            e.source(),
                             e.schema(),
-                            e.header.message_id,
+                            e.message_id(),
                             String::from_utf8_lossy(&e.payload())
                         );
-                        agent.ack(e.header.message_id).await?;
+                        agent.ack(e.message_id()).await?;
                         if count > 0 && got >= count {
                             break;
                         }

@@ -28,7 +28,7 @@ fn well_behaved_pair(relay: &Relay, n: u64) -> tokio::task::JoinHandle<u64> {
                             next
                         );
                         next += 1;
-                        b.ack(e.header.message_id).await.unwrap();
+                        b.ack(e.message_id()).await.unwrap();
                     }
                     other => panic!("good receiver got {other:?}"),
                 }
@@ -127,9 +127,9 @@ async fn malformed_input_gets_its_reason_and_others_lose_nothing() {
             other => panic!("expected NACK, got {other:?}"),
         }
     }
-    assert!(reasons.contains(&(hop0.header.message_id, Some(Reason::HopLimitExceeded))));
-    assert!(reasons.contains(&(old.header.message_id, Some(Reason::Expired))));
-    assert!(reasons.contains(&(ttl.header.message_id, Some(Reason::TtlTooLong))));
+    assert!(reasons.contains(&(hop0.message_id(), Some(Reason::HopLimitExceeded))));
+    assert!(reasons.contains(&(old.message_id(), Some(Reason::Expired))));
+    assert!(reasons.contains(&(ttl.message_id(), Some(Reason::TtlTooLong))));
 
     assert_eq!(
         good.await.unwrap(),
@@ -185,7 +185,7 @@ async fn a_flood_above_the_rate_limit_is_paced_not_dropped_and_memory_stays_boun
         while n < FLOOD {
             match tokio::time::timeout(Duration::from_secs(20), sink.next_event()).await {
                 Ok(Some(Event::Envelope(e))) => {
-                    sink.ack(e.header.message_id).await.unwrap();
+                    sink.ack(e.message_id()).await.unwrap();
                     n += 1;
                 }
                 other => panic!("sink got {other:?}"),

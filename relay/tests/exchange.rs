@@ -25,7 +25,7 @@ async fn send_all(a: &mut Agent, to: AgentId, n: u64, window: u64) -> Vec<Messag
             let mut b = a.envelope_to(to, 60_000);
             b.message_id = MessageId::from_u128(seq as u128 | (1u128 << 100));
             let env = b.build(&seq.to_be_bytes()).unwrap();
-            pending.insert(env.header.message_id, seq);
+            pending.insert(env.message_id(), seq);
             a.send(&env).await.unwrap();
         }
         match tokio::time::timeout(Duration::from_secs(20), a.next_event()).await {
@@ -68,8 +68,8 @@ async fn receive(b: &mut Agent, n: u64) -> HashMap<AgentId, Vec<u64>> {
             Ok(Some(Event::Envelope(e))) => {
                 let p = e.payload();
                 let seq = u64::from_be_bytes(p[..8].try_into().unwrap());
-                got.entry(e.header.source).or_default().push(seq);
-                b.ack(e.header.message_id).await.unwrap();
+                got.entry(e.source()).or_default().push(seq);
+                b.ack(e.message_id()).await.unwrap();
                 count += 1;
             }
             Ok(other) => panic!("receiver got {other:?}"),
@@ -159,9 +159,9 @@ async fn many_agents_on_two_cores_exchange_across_cores_without_loss() {
                         inflight -= a.len() as u64;
                     }
                     Ok(Some(Event::Envelope(e))) => {
-                        assert_eq!(e.header.source, from);
+                        assert_eq!(e.source(), from);
                         received.push(u64::from_be_bytes(e.payload()[..8].try_into().unwrap()));
-                        ag.ack(e.header.message_id).await.unwrap();
+                        ag.ack(e.message_id()).await.unwrap();
                     }
                     Ok(other) => panic!("agent {i} got {other:?}"),
                     Err(_) => panic!(

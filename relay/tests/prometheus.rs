@@ -48,7 +48,7 @@ async fn prometheus_scrapes_the_relay_and_sees_envelopes() {
     }
     for _ in 0..25 {
         match tokio::time::timeout(Duration::from_secs(10), b.next_event()).await {
-            Ok(Some(Event::Envelope(e))) => b.ack(e.header.message_id).await.unwrap(),
+            Ok(Some(Event::Envelope(e))) => b.ack(e.message_id()).await.unwrap(),
             other => panic!("{other:?}"),
         }
     }

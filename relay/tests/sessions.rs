@@ -126,16 +126,16 @@ async fn newest_session_of_an_agent_wins_and_inherits_unacked_envelopes() {
                 .envelope_to(id.agent_id(), 30_000)
                 .build(&i.to_be_bytes())
                 .unwrap();
-            sent.push(env.header.message_id);
+            sent.push(env.message_id());
             sender.send(&env).await.unwrap();
         }
         wait_acked(&mut sender, 10).await;
         let mut unacked = HashSet::new();
         for i in 0..10 {
             match event(&mut first).await {
-                Event::Envelope(e) if i < 5 => first.ack(e.header.message_id).await.unwrap(),
+                Event::Envelope(e) if i < 5 => first.ack(e.message_id()).await.unwrap(),
                 Event::Envelope(e) => {
-                    unacked.insert(e.header.message_id);
+                    unacked.insert(e.message_id());
                 }
                 other => panic!("{other:?}"),
             }
@@ -156,8 +156,8 @@ async fn newest_session_of_an_agent_wins_and_inherits_unacked_envelopes() {
         while redelivered.len() < 5 {
             match event(&mut second).await {
                 Event::Envelope(e) => {
-                    assert!(redelivered.insert(e.header.message_id));
-                    second.ack(e.header.message_id).await.unwrap();
+                    assert!(redelivered.insert(e.message_id()));
+                    second.ack(e.message_id()).await.unwrap();
                 }
                 other => panic!("{other:?}"),
             }
@@ -204,8 +204,8 @@ async fn sigterm_drains_gracefully_and_loses_no_acked_envelope() {
         loop {
             match event(&mut b).await {
                 Event::Envelope(e) => {
-                    got.insert(e.header.message_id);
-                    b.ack(e.header.message_id).await.unwrap();
+                    got.insert(e.message_id());
+                    b.ack(e.message_id()).await.unwrap();
                 }
                 Event::GoingAway(_) => going_away = true,
                 Event::Closed(c) => {

@@ -193,10 +193,10 @@ impl ConnState {
     /// where order is known. Best-effort envelopes are left out and counted as dropped.
     pub(crate) fn take_custody(&mut self, m: &CoreMetrics) -> Vec<Envelope> {
         let mut inflight: Vec<Envelope> = self.inflight.drain().map(|(_, e)| e).collect();
-        inflight.sort_by_key(|e| e.header.created_ms);
+        inflight.sort_by_key(|e| e.created_ms());
         let mut out = inflight;
         for e in self.outq.drain(..) {
-            if e.header.class == DeliveryClass::BestEffort {
+            if e.class() == DeliveryClass::BestEffort {
                 m.dropped(Reason::DestinationUnavailable, 1);
             } else {
                 out.push(e);
@@ -242,7 +242,7 @@ impl ConnState {
                 break;
             };
             self.outq_bytes -= env.frame_len();
-            if env.header.expires_ms <= now_ms {
+            if env.expires_ms() <= now_ms {
                 m.dropped(Reason::Expired, 1);
                 continue;
             }
@@ -283,11 +283,11 @@ impl ConnState {
         drop(slices);
         let (mut n, mut b) = ([0u64; 3], [0u64; 3]);
         for env in self.sending.drain(..) {
-            let c = env.header.class as usize;
+            let c = env.class() as usize;
             n[c] += 1;
             b[c] += env.immutable.len() as u64;
-            if env.header.class != DeliveryClass::BestEffort {
-                self.inflight.insert(env.header.message_id, env);
+            if env.class() != DeliveryClass::BestEffort {
+                self.inflight.insert(env.message_id(), env);
             }
         }
         for c in 0..3 {

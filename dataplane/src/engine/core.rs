@@ -262,7 +262,7 @@ impl Core {
                 }
                 Admit::Nack(r) => {
                     if let Frame::Envelope(e) = &frame {
-                        st.nack(e.header.message_id, r, &self.m);
+                        st.nack(e.message_id(), r, &self.m);
                     }
                     continue;
                 }
@@ -274,11 +274,11 @@ impl Core {
                     let Some(contract) = st.contract.as_ref() else {
                         continue;
                     };
-                    if let Err(r) = check_ingress(&env.header, &env.routing, contract, now_ms) {
-                        st.nack(env.header.message_id, r, &self.m);
+                    if let Err(r) = check_ingress(&env, contract, now_ms) {
+                        st.nack(env.message_id(), r, &self.m);
                         continue;
                     }
-                    let c = env.header.class as usize;
+                    let c = env.class() as usize;
                     n_env[c] += 1;
                     n_bytes[c] += env.immutable.len() as u64;
                     st.batch.push(env);
@@ -443,7 +443,7 @@ impl Core {
 
     /// Holds an envelope for a disconnected agent, within the per-agent bound.
     fn keep(&self, agent: AgentId, env: Envelope) {
-        if env.header.class == DeliveryClass::BestEffort {
+        if env.class() == DeliveryClass::BestEffort {
             self.m.dropped(Reason::DestinationUnavailable, 1);
             return;
         }
@@ -458,9 +458,9 @@ impl Core {
 
     /// Routes an envelope accepted from `src`.
     fn route_from(&self, src: &Rc<Conn>, env: Envelope) {
-        let id = env.header.message_id;
-        let acked = env.header.class != DeliveryClass::BestEffort;
-        let route = self.directory.borrow().route(&env.header, self.id);
+        let id = env.message_id();
+        let acked = env.class() != DeliveryClass::BestEffort;
+        let route = self.directory.borrow().route(&env, self.id);
         match route {
             Route::Local => {
                 let result = self.deliver_local(env).map_err(|(r, _)| r);
@@ -485,7 +485,7 @@ impl Core {
     // The refused envelope travels back by value: no allocation on the refusal path.
     #[allow(clippy::result_large_err)]
     fn deliver_local(&self, env: Envelope) -> Result<bool, (Reason, Envelope)> {
-        let Destination::Agent(dst) = env.header.destination else {
+        let Destination::Agent(dst) = env.destination() else {
             return Err((Reason::DestinationUnavailable, env));
         };
         let cid = self.by_agent.borrow().get(&dst).copied();
@@ -581,9 +581,9 @@ impl Core {
                 self.directory.borrow_mut().detach(&agent, seq);
             }
             CoreMsg::Deliver { env, src } => {
-                let id = env.header.message_id;
-                let acked = env.header.class != DeliveryClass::BestEffort;
-                let dst = match env.header.destination {
+                let id = env.message_id();
+                let acked = env.class() != DeliveryClass::BestEffort;
+                let dst = match env.destination() {
                     Destination::Agent(a) => Some(a),
                     Destination::Group(_) => None,
                 };

@@ -1,8 +1,9 @@
 //! The envelope: a small mutable routing part written by relays, followed by the immutable part
 //! written (and covered by the end-to-end AEAD) by the source agent.
 //!
-//! A relay decodes an envelope once, into an [`EnvelopeHeader`] of fixed fields and offsets; the
-//! immutable part is never copied or re-encoded. Forwarding encodes a new routing part with
+//! A relay decodes an envelope once: the fields are validated and the offsets of the variable
+//! sections recorded; header fields are then read in place. The immutable part is never copied or
+//! re-encoded. Forwarding encodes a new routing part with
 //! [`Envelope::encode_head`] and sends the same immutable `Bytes` behind it.
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -109,46 +110,43 @@ impl RoutingPart {
     }
 }
 
-/// Fixed fields of the immutable part plus the offsets of its variable sections.
-///
-/// `Copy` and allocation-free: this is what the forwarding decision reads.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct EnvelopeHeader {
-    pub version: u8,
-    pub message_id: MessageId,
-    pub source: AgentId,
-    pub destination: Destination,
-    /// Creation time, milliseconds since the Unix epoch.
-    pub created_ms: u64,
-    /// Absolute expiry, milliseconds since the Unix epoch.
-    pub expires_ms: u64,
-    pub class: DeliveryClass,
-    pub priority: u8,
-    pub path_class: PathClass,
-    /// Number of node-disjoint paths wanted (0 or 1: single path).
-    pub multipath_k: u8,
-    /// Minimum relay trust score (0 to 100) allowed on the path.
-    pub min_trust: u8,
-    sections: Sections,
-}
+// Offsets of the fixed fields inside the immutable part (docs/PROTOCOL.md §2, ENVELOPE).
+const OFF_ID: usize = 1;
+const OFF_SOURCE: usize = 17;
+const OFF_DEST_KIND: usize = 49;
+const OFF_DEST: usize = 50;
+const OFF_CREATED: usize = 82;
+const OFF_EXPIRES: usize = 90;
+const OFF_CLASS: usize = 98;
+const OFF_PRIORITY: usize = 99;
+const OFF_PATH_CLASS: usize = 100;
+const OFF_MULTIPATH: usize = 101;
+const OFF_TRUST: usize = 102;
+const FIXED_LEN: usize = 103;
 
+/// Where the variable sections of a decoded immutable part are: `(offset, count)` pairs.
+///
+/// Small and `Copy`: a decoded envelope is about 100 bytes however large its payload, so queues
+/// and custody maps move little when envelopes move through them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Sections {
-    jur: (u32, u8),
-    avoid: (u32, u8),
-    prefer: (u32, u8),
-    fallback: (u32, u8),
-    schema: (u32, u8),
-    payload: (u32, u32),
+    jur: (u16, u8),
+    avoid: (u16, u8),
+    prefer: (u16, u8),
+    fallback: (u16, u8),
+    schema: (u16, u8),
+    payload: u16,
 }
 
-/// A decoded envelope: routing part, header view, and the shared immutable bytes.
+/// A decoded envelope: routing part, and the shared immutable bytes with the offsets of their
+/// sections. Header fields are read in place from the immutable bytes, which were validated once
+/// by [`Envelope::decode`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Envelope {
     pub routing: RoutingPart,
-    pub header: EnvelopeHeader,
     /// The immutable part exactly as the source wrote it (AEAD associated data plus payload).
     pub immutable: Bytes,
+    sections: Sections,
 }
 
 impl Envelope {
@@ -157,12 +155,84 @@ impl Envelope {
         let mut r = Reader::new(&body);
         let routing = RoutingPart::decode(&mut r, &body)?;
         let immutable = body.slice(r.pos()..);
-        let header = EnvelopeHeader::decode(&immutable)?;
+        let sections = validate(&immutable)?;
         Ok(Envelope {
             routing,
-            header,
             immutable,
+            sections,
         })
+    }
+
+    fn id32(&self, off: usize) -> [u8; 32] {
+        let mut id = [0u8; 32];
+        id.copy_from_slice(&self.immutable[off..off + 32]);
+        id
+    }
+
+    fn u64_at(&self, off: usize) -> u64 {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&self.immutable[off..off + 8]);
+        u64::from_be_bytes(b)
+    }
+
+    /// Envelope format version.
+    pub fn version(&self) -> u8 {
+        self.immutable[0]
+    }
+
+    /// The source's message id.
+    pub fn message_id(&self) -> MessageId {
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&self.immutable[OFF_ID..OFF_ID + 16]);
+        MessageId(id)
+    }
+
+    /// The source agent.
+    pub fn source(&self) -> AgentId {
+        AgentId(self.id32(OFF_SOURCE))
+    }
+
+    /// Where the envelope goes.
+    pub fn destination(&self) -> Destination {
+        match self.immutable[OFF_DEST_KIND] {
+            0 => Destination::Agent(AgentId(self.id32(OFF_DEST))),
+            _ => Destination::Group(self.id32(OFF_DEST)),
+        }
+    }
+
+    /// Creation time, milliseconds since the Unix epoch.
+    pub fn created_ms(&self) -> u64 {
+        self.u64_at(OFF_CREATED)
+    }
+
+    /// Absolute expiry, milliseconds since the Unix epoch.
+    pub fn expires_ms(&self) -> u64 {
+        self.u64_at(OFF_EXPIRES)
+    }
+
+    /// Delivery class.
+    pub fn class(&self) -> DeliveryClass {
+        DeliveryClass::from_u8(self.immutable[OFF_CLASS]).unwrap_or(DeliveryClass::BestEffort)
+    }
+
+    /// Priority, 0 lowest.
+    pub fn priority(&self) -> u8 {
+        self.immutable[OFF_PRIORITY]
+    }
+
+    /// Path class asked for.
+    pub fn path_class(&self) -> PathClass {
+        PathClass::from_u8(self.immutable[OFF_PATH_CLASS]).unwrap_or(PathClass::LowLatency)
+    }
+
+    /// Number of node-disjoint paths wanted (0 or 1: single path).
+    pub fn multipath_k(&self) -> u8 {
+        self.immutable[OFF_MULTIPATH]
+    }
+
+    /// Minimum relay trust score (0 to 100) allowed on the path.
+    pub fn min_trust(&self) -> u8 {
+        self.immutable[OFF_TRUST]
     }
 
     /// Encoded length of the whole frame, header included.
@@ -186,45 +256,44 @@ impl Envelope {
 
     /// The opaque (end-to-end encrypted) payload, shared with the envelope.
     pub fn payload(&self) -> Bytes {
-        let (off, len) = self.header.sections.payload;
-        self.immutable.slice(off as usize..(off + len) as usize)
+        self.immutable.slice(self.sections.payload as usize + 4..)
     }
 
     /// The immutable part without the payload: what the end-to-end AEAD covers as associated data.
     pub fn associated_data(&self) -> &[u8] {
-        &self.immutable[..self.header.sections.payload.0 as usize]
+        &self.immutable[..self.sections.payload as usize + 4]
     }
 
     /// Schema id such as `market/proposal@2.1`.
     pub fn schema(&self) -> &str {
-        let (off, len) = self.header.sections.schema;
+        let (off, len) = self.sections.schema;
         std::str::from_utf8(&self.immutable[off as usize..off as usize + len as usize])
             .unwrap_or("")
     }
 
     /// Jurisdictions the envelope may be routed and stored in (empty: anywhere).
     pub fn jurisdictions(&self) -> impl Iterator<Item = Jurisdiction> + '_ {
-        self.section(self.header.sections.jur, 2)
+        self.section(self.sections.jur, 2)
             .map(|c| Jurisdiction([c[0], c[1]]))
     }
 
     /// Relays the envelope must not cross.
     pub fn avoid(&self) -> impl Iterator<Item = RelayId> + '_ {
-        self.section(self.header.sections.avoid, 32).map(relay_id)
+        self.section(self.sections.avoid, 32).map(relay_id)
     }
 
     /// Relays the envelope prefers to cross.
     pub fn prefer(&self) -> impl Iterator<Item = RelayId> + '_ {
-        self.section(self.header.sections.prefer, 32).map(relay_id)
+        self.section(self.sections.prefer, 32).map(relay_id)
     }
 
     /// Path classes to fall back to, in order, when the preferred class has no path.
     pub fn fallback(&self) -> impl Iterator<Item = PathClass> + '_ {
-        self.section(self.header.sections.fallback, 1)
+        self.section(self.sections.fallback, 1)
             .filter_map(|c| PathClass::from_u8(c[0]).ok())
     }
 
-    fn section(&self, (off, n): (u32, u8), width: usize) -> std::slice::ChunksExact<'_, u8> {
+    fn section(&self, (off, n): (u16, u8), width: usize) -> std::slice::ChunksExact<'_, u8> {
         let off = off as usize;
         self.immutable[off..off + n as usize * width].chunks_exact(width)
     }
@@ -236,76 +305,59 @@ fn relay_id(c: &[u8]) -> RelayId {
     RelayId(id)
 }
 
-impl EnvelopeHeader {
-    fn decode(imm: &[u8]) -> Result<Self, WireError> {
-        let mut r = Reader::new(imm);
-        let version = r.u8("envelope version")?;
-        if version != ENVELOPE_VERSION {
-            return Err(WireError::Invalid("envelope version"));
-        }
-        let message_id = MessageId(r.array("message id")?);
-        let source = AgentId(r.array("source")?);
-        let destination = match r.u8("destination kind")? {
-            0 => Destination::Agent(AgentId(r.array("destination")?)),
-            1 => Destination::Group(r.array("destination")?),
-            _ => return Err(WireError::Invalid("destination kind")),
-        };
-        let created_ms = r.u64("created")?;
-        let expires_ms = r.u64("expiry")?;
-        let class = DeliveryClass::from_u8(r.u8("delivery class")?)?;
-        let priority = r.u8("priority")?;
-        let path_class = PathClass::from_u8(r.u8("path class")?)?;
-        let multipath_k = r.u8("multipath k")?;
-        let min_trust = r.u8("minimum trust")?;
-        if min_trust > 100 {
-            return Err(WireError::Invalid("minimum trust"));
-        }
-        let jur = list(&mut r, 2, MAX_CONSTRAINT_LIST, "jurisdictions")?;
-        for c in imm[jur.0 as usize..jur.0 as usize + 2 * jur.1 as usize].chunks_exact(2) {
-            if !c.iter().all(u8::is_ascii_uppercase) {
-                return Err(WireError::Invalid("jurisdiction"));
-            }
-        }
-        let avoid = list(&mut r, 32, MAX_CONSTRAINT_LIST, "avoid list")?;
-        let prefer = list(&mut r, 32, MAX_CONSTRAINT_LIST, "prefer list")?;
-        let fallback = list(&mut r, 1, 3, "fallback order")?;
-        for &c in &imm[fallback.0 as usize..fallback.0 as usize + fallback.1 as usize] {
-            PathClass::from_u8(c)?;
-        }
-        let schema_start = r.pos() + 1;
-        let schema = r.short_str("schema id")?;
-        let schema = (schema_start as u32, schema.len() as u8);
-        let payload_len = r.u32("payload length")?;
-        if payload_len as usize != r.remaining() {
-            return Err(if (payload_len as usize) > r.remaining() {
-                WireError::Truncated("payload")
-            } else {
-                WireError::TrailingBytes(r.remaining() - payload_len as usize)
-            });
-        }
-        let payload = (r.pos() as u32, payload_len);
-        Ok(EnvelopeHeader {
-            version,
-            message_id,
-            source,
-            destination,
-            created_ms,
-            expires_ms,
-            class,
-            priority,
-            path_class,
-            multipath_k,
-            min_trust,
-            sections: Sections {
-                jur,
-                avoid,
-                prefer,
-                fallback,
-                schema,
-                payload,
-            },
-        })
+/// Checks every field of an immutable part and returns where its sections are.
+fn validate(imm: &[u8]) -> Result<Sections, WireError> {
+    let mut r = Reader::new(imm);
+    if r.u8("envelope version")? != ENVELOPE_VERSION {
+        return Err(WireError::Invalid("envelope version"));
     }
+    r.take(16, "message id")?;
+    r.take(32, "source")?;
+    if r.u8("destination kind")? > 1 {
+        return Err(WireError::Invalid("destination kind"));
+    }
+    r.take(32, "destination")?;
+    r.u64("created")?;
+    r.u64("expiry")?;
+    DeliveryClass::from_u8(r.u8("delivery class")?)?;
+    r.u8("priority")?;
+    PathClass::from_u8(r.u8("path class")?)?;
+    r.u8("multipath k")?;
+    if r.u8("minimum trust")? > 100 {
+        return Err(WireError::Invalid("minimum trust"));
+    }
+    debug_assert_eq!(r.pos(), FIXED_LEN);
+    let jur = list(&mut r, 2, MAX_CONSTRAINT_LIST, "jurisdictions")?;
+    let jur_bytes = &imm[jur.0 as usize..jur.0 as usize + 2 * jur.1 as usize];
+    if !jur_bytes.iter().all(u8::is_ascii_uppercase) {
+        return Err(WireError::Invalid("jurisdiction"));
+    }
+    let avoid = list(&mut r, 32, MAX_CONSTRAINT_LIST, "avoid list")?;
+    let prefer = list(&mut r, 32, MAX_CONSTRAINT_LIST, "prefer list")?;
+    let fallback = list(&mut r, 1, 3, "fallback order")?;
+    for &c in &imm[fallback.0 as usize..fallback.0 as usize + fallback.1 as usize] {
+        PathClass::from_u8(c)?;
+    }
+    let schema_start = r.pos() + 1;
+    let schema = r.short_str("schema id")?;
+    let schema = (schema_start as u16, schema.len() as u8);
+    let payload = r.pos() as u16;
+    let payload_len = r.u32("payload length")? as usize;
+    if payload_len != r.remaining() {
+        return Err(if payload_len > r.remaining() {
+            WireError::Truncated("payload")
+        } else {
+            WireError::TrailingBytes(r.remaining() - payload_len)
+        });
+    }
+    Ok(Sections {
+        jur,
+        avoid,
+        prefer,
+        fallback,
+        schema,
+        payload,
+    })
 }
 
 fn list(
@@ -313,12 +365,12 @@ fn list(
     width: usize,
     max: usize,
     field: &'static str,
-) -> Result<(u32, u8), WireError> {
+) -> Result<(u16, u8), WireError> {
     let n = r.u8(field)?;
     if n as usize > max {
         return Err(WireError::Invalid(field));
     }
-    let off = r.pos() as u32;
+    let off = r.pos() as u16;
     r.take(n as usize * width, field)?;
     Ok((off, n))
 }
@@ -459,10 +511,10 @@ impl EnvelopeBuilder {
         b.put_u32(payload.len() as u32);
         b.put_slice(payload);
         let immutable = b.freeze();
-        let header = EnvelopeHeader::decode(&immutable)?;
+        let sections = validate(&immutable)?;
         Ok(Envelope {
             routing: RoutingPart::origin(self.hop_limit),
-            header,
+            sections,
             immutable,
         })
     }

@@ -3,7 +3,8 @@
 //! Pure: no I/O, no clock. Bytes come in from a link as a `BytesMut`; [`FrameDecoder::decode`]
 //! splits complete frames off it as shared `Bytes` and parses them into typed [`Frame`]s or a typed
 //! [`WireError`]. The envelope's immutable part stays one `Bytes` slice of the read buffer from
-//! then on: relays inspect it through [`EnvelopeHeader`] (offsets, no copies, no allocation) and
+//! then on: relays read its fields in place ([`Envelope::message_id`] and friends: no copies, no
+//! allocation) and
 //! write it out again behind a freshly encoded routing part ([`Envelope::encode_head`]).
 //!
 //! Decoding is total: every byte string yields a value or an error, never a panic, and no length
@@ -14,8 +15,7 @@ mod frame;
 mod reader;
 
 pub use envelope::{
-    Constraints, Destination, Envelope, EnvelopeBuilder, EnvelopeHeader, Jurisdiction, RoutingPart,
-    MAX_PATH_LEN,
+    Constraints, Destination, Envelope, EnvelopeBuilder, Jurisdiction, RoutingPart, MAX_PATH_LEN,
 };
 pub use frame::{
     AckBatch, Close, Frame, FrameDecoder, FrameType, GoingAway, Hello, Nack, Ping, Pong, Welcome,
