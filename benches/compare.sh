@@ -66,9 +66,9 @@ for s in ["small", "bulk", "latency", "fan"]:
         row("latency p99 us (20k/s)", om, nt, "p99", lambda v: f"{v:.1f}", better="lower")
     else:
         row(f"{s} envelopes/s", om, nt, "envelopes_per_s", lambda v: f"{v:,.0f}")
-    for o, n in [(om, "openmesh"), (nt, "nats")]:
-        if o and (o.get("lost") or o.get("duplicates")):
-            rows.append((f"  {s} {n} lost/dup", str(o["lost"]), str(o["duplicates"]), ""))
+    if (om and (om.get("lost") or om.get("duplicates"))) or (nt and (nt.get("lost") or nt.get("duplicates"))):
+        f = lambda o: f"lost {o['lost']}, dup {o['duplicates']}" if o else "-"
+        rows.append((f"  {s}: lost / duplicated", f(om), f(nt), ""))
 w = max(len(r[0]) for r in rows)
 print(f"{'metric':<{w}}  {'openmesh (TLS, at-least-once)':>30}  {'NATS (plaintext)':>18}  {'ratio':>7}")
 for r in rows:

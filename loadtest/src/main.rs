@@ -122,7 +122,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(a: RunArgs) -> anyhow::Result<Report> {
-    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    openmesh_dataplane::engine::uring::raise_fd_limit();
     let size = a.size.unwrap_or(a.scenario.default_size());
     if size < payload::MIN_PAYLOAD {
         bail!("--size must be at least {} bytes", payload::MIN_PAYLOAD);

@@ -117,10 +117,8 @@ fn run() -> anyhow::Result<()> {
     }
     init_logging(&cfg);
     // Every agent is a file descriptor: take the hard limit.
-    match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(n) => tracing::debug!(nofile = n, "file descriptor limit"),
-        Err(e) => tracing::warn!(error = %e, "cannot raise the file descriptor limit"),
-    }
+    let nofile = openmesh_dataplane::engine::uring::raise_fd_limit();
+    tracing::info!(nofile, "open file limit (one per agent connection)");
 
     let dev = DevPkiPaths::under(&cfg.relay.data_dir);
     let identity = match (&cfg.tls.cert, &cfg.tls.key) {

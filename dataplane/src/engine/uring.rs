@@ -93,3 +93,18 @@ impl Stream {
         let _ = self.inner.shutdown(Shutdown::Both);
     }
 }
+
+/// Raises this process's open-file limit as far as it may go: to `fs.nr_open` when the process
+/// is allowed to raise its hard limit, else the soft limit to the hard one. Every agent
+/// connection is a file descriptor. Returns the soft limit now in force.
+pub fn raise_fd_limit() -> u64 {
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    if let Some(n) = nr_open {
+        if rlimit::setrlimit(rlimit::Resource::NOFILE, n, n).is_ok() {
+            return n;
+        }
+    }
+    rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0)
+}
