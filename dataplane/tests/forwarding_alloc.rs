@@ -8,7 +8,7 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 use bytes::BytesMut;
 use openmesh_dataplane::policy::check_ingress;
@@ -97,7 +97,8 @@ fn forwarding_an_envelope_allocates_nothing_in_steady_state() {
     rx.extend_from_slice(&wire);
     let dec = FrameDecoder::new(1 << 20);
     let mut queue: VecDeque<Envelope> = VecDeque::with_capacity(4096);
-    let mut inflight: HashMap<MessageId, Envelope> = HashMap::with_capacity(4096);
+    // In-flight custody, kept in send order like the engine's (ACKs pop the front).
+    let mut inflight: VecDeque<Envelope> = VecDeque::with_capacity(4096);
     let mut heads = BytesMut::with_capacity(1 << 16);
 
     let mut step = |rx: &mut BytesMut| {
@@ -112,8 +113,8 @@ fn forwarding_an_envelope_allocates_nothing_in_steady_state() {
         heads.clear();
         env.encode_head(&mut heads);
         let id = env.message_id();
-        inflight.insert(id, env);
-        inflight.remove(&id).unwrap();
+        inflight.push_back(env);
+        assert_eq!(inflight.pop_front().unwrap().message_id(), id);
     };
 
     for _ in 0..2_000 {

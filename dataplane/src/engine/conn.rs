@@ -9,7 +9,7 @@
 //! timer sweep enforces deadlines by shutting the socket down.
 
 use std::cell::RefCell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io::{IoSlice, Read, Write};
 use std::rc::Rc;
 
@@ -17,6 +17,7 @@ use bytes::BytesMut;
 use rustls::ServerConnection;
 use tokio::sync::Notify;
 
+use super::inflight::Inflight;
 use super::mailbox::ConnId;
 use super::uring::Stream;
 use super::{now_us, unix_ms};
@@ -60,7 +61,7 @@ pub(crate) struct ConnState {
     pub(crate) outq: VecDeque<Envelope>,
     pub(crate) outq_bytes: usize,
     /// Envelopes written to the agent that wait for its ACK.
-    pub(crate) inflight: HashMap<MessageId, Envelope, foldhash::fast::RandomState>,
+    pub(crate) inflight: Inflight,
     /// Envelopes sent to other cores that wait for a verdict.
     pub(crate) awaiting: u32,
     /// Envelopes accepted by the reader in the current pass, routed after it.
@@ -99,7 +100,7 @@ impl ConnState {
             acks_to_send: Vec::new(),
             outq: VecDeque::new(),
             outq_bytes: 0,
-            inflight: HashMap::default(),
+            inflight: Inflight::default(),
             awaiting: 0,
             batch: Vec::new(),
             rx: BytesMut::new(),
@@ -192,9 +193,7 @@ impl ConnState {
     /// Takes every envelope this session holds custody of (queued and unacknowledged), in order
     /// where order is known. Best-effort envelopes are left out and counted as dropped.
     pub(crate) fn take_custody(&mut self, m: &CoreMetrics) -> Vec<Envelope> {
-        let mut inflight: Vec<Envelope> = self.inflight.drain().map(|(_, e)| e).collect();
-        inflight.sort_by_key(|e| e.created_ms());
-        let mut out = inflight;
+        let mut out = self.inflight.take();
         for e in self.outq.drain(..) {
             if e.class() == DeliveryClass::BestEffort {
                 m.dropped(Reason::DestinationUnavailable, 1);
@@ -287,7 +286,7 @@ impl ConnState {
             n[c] += 1;
             b[c] += env.immutable.len() as u64;
             if env.class() != DeliveryClass::BestEffort {
-                self.inflight.insert(env.message_id(), env);
+                self.inflight.push(env);
             }
         }
         for c in 0..3 {

@@ -284,16 +284,13 @@ impl Core {
                     st.batch.push(env);
                 }
                 Frame::Ack(a) => {
-                    let mut n = 0;
-                    for id in a.ids() {
-                        if st.inflight.remove(&id).is_some() {
-                            n += 1;
-                        }
-                    }
+                    let n: u64 = a.ids().map(|id| st.inflight.ack(id)).sum();
                     self.m.acks_in.increment(n);
                 }
                 Frame::Nack(n) => {
-                    if st.inflight.remove(&n.message_id).is_some() {
+                    // The agent refused a delivered envelope: it leaves custody, counted as dropped.
+                    if !st.inflight.is_empty() {
+                        st.inflight.ack(n.message_id);
                         self.m
                             .dropped(n.reason().unwrap_or(Reason::PolicyViolation), 1);
                     }

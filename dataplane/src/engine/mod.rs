@@ -15,6 +15,7 @@
 
 mod conn;
 mod core;
+mod inflight;
 pub mod mailbox;
 pub mod uring;
 

@@ -64,8 +64,15 @@ pub struct AgentId(pub [u8; 32]);
 pub struct RelayId(pub [u8; 32]);
 
 /// A 128-bit message id chosen by the source agent.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub struct MessageId(pub [u8; 16]);
+
+impl std::hash::Hash for MessageId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // One 128-bit write instead of a length-prefixed byte slice.
+        state.write_u128(u128::from_ne_bytes(self.0));
+    }
+}
 
 macro_rules! hex_id {
     ($t:ty, $short:expr) => {
