@@ -88,12 +88,8 @@ pub async fn pair(
                 Ok(false) => break,
                 Err(_) => {}
             }
-            let want = exp.get();
-            if want != u64::MAX {
-                let since = *done_at.get_or_insert_with(Instant::now);
-                if rec.unique >= want || since.elapsed() > drain {
-                    break;
-                }
+            if exp.receiver_done(rec.unique, &mut done_at, drain) {
+                break;
             }
         }
         rec.hist

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use openmesh_dataplane::wire::DeliveryClass;
@@ -85,6 +85,23 @@ impl Expect {
     }
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::SeqCst)
+    }
+
+    /// Whether a receiver that has `unique` deliveries can stop: the sender finished and either
+    /// everything it expects arrived, or `drain` passed since the receiver first saw it finished
+    /// (`done_at` remembers when).
+    pub fn receiver_done(
+        &self,
+        unique: u64,
+        done_at: &mut Option<Instant>,
+        drain: Duration,
+    ) -> bool {
+        let want = self.get();
+        if want == u64::MAX {
+            return false;
+        }
+        let since = *done_at.get_or_insert_with(Instant::now);
+        unique >= want || since.elapsed() > drain
     }
 }
 
