@@ -58,6 +58,9 @@ pub struct SessionTimeouts {
     pub handshake_us: u64,
     /// Deadline for a drain once GOING_AWAY was sent, microseconds.
     pub drain_us: u64,
+    /// Close an established session after this long without an envelope or ACK from the agent
+    /// (heartbeats do not count), microseconds; 0 keeps idle sessions open.
+    pub idle_us: u64,
 }
 
 impl Default for SessionTimeouts {
@@ -65,6 +68,7 @@ impl Default for SessionTimeouts {
         SessionTimeouts {
             handshake_us: 10_000_000,
             drain_us: 5_000_000,
+            idle_us: 0,
         }
     }
 }
@@ -76,6 +80,7 @@ pub struct Session {
     timeouts: SessionTimeouts,
     opened_us: u64,
     last_rx_us: u64,
+    last_traffic_us: u64,
     last_ping_us: u64,
     last_key_update_us: u64,
     heartbeat_us: u64,
@@ -93,6 +98,7 @@ impl Session {
             timeouts,
             opened_us: now_us,
             last_rx_us: now_us,
+            last_traffic_us: now_us,
             last_ping_us: now_us,
             last_key_update_us: now_us,
             heartbeat_us: 0,
@@ -129,6 +135,9 @@ impl Session {
     /// Decides what to do with a frame that arrived at `now_us`. Any frame proves the peer alive.
     pub fn on_frame(&mut self, frame: &Frame, now_us: u64) -> Admit {
         self.last_rx_us = now_us;
+        if matches!(frame, Frame::Envelope(_) | Frame::Ack(_)) {
+            self.last_traffic_us = now_us;
+        }
         match (self.state, frame) {
             (SessionState::Closed, _) => Admit::Close(Reason::Normal),
             (SessionState::Handshake, Frame::Hello(_)) => Admit::Accept,
@@ -151,6 +160,7 @@ impl Session {
         self.heartbeat_us = welcome.heartbeat_ms as u64 * 1000;
         self.key_rotation_us = welcome.key_rotation_s as u64 * 1_000_000;
         self.last_ping_us = now_us;
+        self.last_traffic_us = now_us;
         self.last_key_update_us = now_us;
     }
 
@@ -201,6 +211,11 @@ impl Session {
             SessionState::Established | SessionState::Draining => {
                 if self.state == SessionState::Draining && now_us >= self.drain_deadline_us {
                     return Some(Due::Close(Reason::ShuttingDown));
+                }
+                if self.timeouts.idle_us > 0
+                    && now_us.saturating_sub(self.last_traffic_us) >= self.timeouts.idle_us
+                {
+                    return Some(Due::Close(Reason::IdleTimeout));
                 }
                 let silent = now_us.saturating_sub(self.last_rx_us);
                 if silent >= self.heartbeat_us * DEAD_AFTER_INTERVALS {
@@ -271,10 +286,40 @@ mod tests {
     }
 
     #[test]
+    fn idle_sessions_close_only_when_configured() {
+        let t = SessionTimeouts {
+            idle_us: 5_000,
+            ..Default::default()
+        };
+        let mut s = Session::new(0, t);
+        s.established(&welcome(1, 0), 0);
+        let pong = Frame::Pong(Pong {
+            echo_us: 0,
+            responder_us: 0,
+        });
+        for now in (0..5_000).step_by(500) {
+            s.on_frame(&pong, now);
+            assert_ne!(
+                s.poll(now),
+                Some(Due::Close(Reason::IdleTimeout)),
+                "heartbeats are not traffic"
+            );
+        }
+        assert_eq!(s.poll(5_000), Some(Due::Close(Reason::IdleTimeout)));
+        let mut keep = Session::new(0, SessionTimeouts::default());
+        keep.established(&welcome(1_000_000, 0), 0);
+        assert_eq!(
+            keep.poll(3_000_000_000),
+            Some(Due::Close(Reason::HeartbeatTimeout))
+        );
+    }
+
+    #[test]
     fn missing_hello_times_out() {
         let t = SessionTimeouts {
             handshake_us: 100,
             drain_us: 100,
+            idle_us: 0,
         };
         let mut s = Session::new(0, t);
         assert_eq!(s.poll(99), None);
@@ -333,6 +378,7 @@ mod tests {
         let t = SessionTimeouts {
             handshake_us: 100,
             drain_us: 500,
+            idle_us: 0,
         };
         let mut s = Session::new(0, t);
         assert!(!s.start_drain(0));

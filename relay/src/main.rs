@@ -188,6 +188,7 @@ fn run() -> anyhow::Result<()> {
         timeouts: SessionTimeouts {
             handshake_us: s.handshake_timeout_ms * 1000,
             drain_us: s.drain_timeout_ms * 1000,
+            idle_us: s.idle_timeout_ms * 1000,
         },
         admission,
         limits: Limits {

@@ -305,3 +305,51 @@ async fn an_agent_detects_a_relay_that_stopped_answering() {
         "not before three intervals"
     );
 }
+
+#[tokio::test]
+async fn idle_timeout_closes_sessions_without_traffic_when_configured() {
+    let relay = Relay::start(
+        &["--cores", "1"],
+        Some("[session]\nheartbeat_ms = 200\nheartbeat_min_ms = 100\nidle_timeout_ms = 1000\n"),
+    );
+    let mut idle = relay.agent("idle").await;
+    let mut busy = relay.agent("busy").await;
+    let to = busy.id();
+    let t0 = std::time::Instant::now();
+    // `busy` receives (and ACKs) an envelope every 200 ms: traffic. `idle` only answers PINGs.
+    let mut idle_closed = None;
+    while t0.elapsed() < Duration::from_millis(1800) {
+        idle.send(&idle.envelope_to(to, 10_000).build(b"tick").unwrap())
+            .await
+            .ok();
+        if let Ok(Some(Event::Envelope(e))) =
+            tokio::time::timeout(Duration::from_secs(2), busy.next_event()).await
+        {
+            busy.ack(e.message_id()).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        while let Some(ev) = idle.try_event() {
+            if let Event::Closed(c) = ev {
+                idle_closed = c;
+            }
+        }
+        if idle_closed.is_some() {
+            break;
+        }
+    }
+    assert!(idle_closed.is_none(), "a sending agent is not idle");
+    // Now `busy` stops; it only receives nothing and answers PINGs: closed after ~1 s.
+    drop(idle);
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match busy.next_event().await {
+                Some(Event::Closed(c)) => return c,
+                Some(_) => {}
+                None => return None,
+            }
+        }
+    })
+    .await
+    .expect("idle session closed in time");
+    assert_eq!(closed.and_then(|c| c.reason()), Some(Reason::IdleTimeout));
+}

@@ -240,6 +240,8 @@ pub enum Reason {
     RateLimited = 20,
     /// The same message id was seen recently.
     Duplicate = 21,
+    /// No envelope or ACK from the agent within the configured idle timeout.
+    IdleTimeout = 22,
 }
 
 impl Reason {
@@ -269,6 +271,7 @@ impl Reason {
             19 => PolicyViolation,
             20 => RateLimited,
             21 => Duplicate,
+            22 => IdleTimeout,
             _ => return None,
         })
     }
@@ -299,6 +302,7 @@ impl Reason {
             PolicyViolation => "policy_violation",
             RateLimited => "rate_limited",
             Duplicate => "duplicate",
+            IdleTimeout => "idle_timeout",
         }
     }
 
@@ -314,7 +318,7 @@ impl Reason {
     }
 
     /// Every reason, for documentation and metric pre-registration.
-    pub const ALL: [Reason; 22] = [
+    pub const ALL: [Reason; 23] = [
         Reason::Normal,
         Reason::ProtocolError,
         Reason::FrameTooLarge,
@@ -337,6 +341,7 @@ impl Reason {
         Reason::PolicyViolation,
         Reason::RateLimited,
         Reason::Duplicate,
+        Reason::IdleTimeout,
     ];
 }
 
