@@ -10,7 +10,7 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::io::{IoSlice, Read, Write};
+use std::io::{BufRead, IoSlice, Write};
 use std::rc::Rc;
 
 use bytes::BytesMut;
@@ -306,12 +306,21 @@ impl ConnState {
                 Err(_) => return Err(rustls::Error::General("tls buffer full".into())),
             }
             let state = self.tls.process_new_packets()?;
-            let n = state.plaintext_bytes_to_read();
-            if n > 0 {
-                let old = self.rx.len();
-                self.rx.resize(old + n, 0);
-                let got = self.tls.reader().read(&mut self.rx[old..]).unwrap_or(0);
-                self.rx.truncate(old + got);
+            let mut left = state.plaintext_bytes_to_read();
+            if left > 0 {
+                // Copy the decrypted records straight out of rustls' buffers (no zero-fill).
+                self.rx.reserve(left);
+                let mut reader = self.tls.reader();
+                while left > 0 {
+                    let chunk = match reader.fill_buf() {
+                        Ok(c) if !c.is_empty() => c,
+                        _ => break,
+                    };
+                    let n = chunk.len().min(left);
+                    self.rx.extend_from_slice(&chunk[..n]);
+                    reader.consume(n);
+                    left -= n;
+                }
             }
         }
         Ok(())

@@ -461,7 +461,7 @@ impl Core {
         match route {
             Route::Local => {
                 let result = self.deliver_local(env).map_err(|(r, _)| r);
-                self.on_verdict(src.id, id, acked, result, false);
+                self.settle(src, id, acked, result, false);
             }
             Route::Core(k) => {
                 src.st.borrow_mut().awaiting += 1;
@@ -474,7 +474,7 @@ impl Core {
                 );
                 self.handed_off.set(self.handed_off.get() + 1);
             }
-            Route::Refuse(r) => self.on_verdict(src.id, id, acked, Err(r), false),
+            Route::Refuse(r) => self.settle(src, id, acked, Err(r), false),
         }
     }
 
@@ -510,6 +510,18 @@ impl Core {
         let Some(c) = self.conns.borrow().get(&conn).cloned() else {
             return;
         };
+        self.settle(&c, id, acked, result, remote);
+    }
+
+    /// Applies a verdict to its source connection: ACK (batched), or NACK, and congestion.
+    fn settle(
+        &self,
+        c: &Conn,
+        id: MessageId,
+        acked: bool,
+        result: Result<bool, Reason>,
+        remote: bool,
+    ) {
         let mut st = c.st.borrow_mut();
         if remote {
             st.awaiting = st.awaiting.saturating_sub(1);

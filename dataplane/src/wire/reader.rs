@@ -13,6 +13,14 @@ impl<'a> Reader<'a> {
         Reader { buf, pos: 0 }
     }
 
+    /// A cursor that starts at `pos` (the caller checked `pos <= buf.len()`).
+    pub(crate) fn at(buf: &'a [u8], pos: usize) -> Self {
+        Reader {
+            buf,
+            pos: pos.min(buf.len()),
+        }
+    }
+
     pub(crate) fn pos(&self) -> usize {
         self.pos
     }
