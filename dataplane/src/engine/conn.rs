@@ -360,7 +360,11 @@ impl Conn {
         } else {
             m.closed(reason);
         }
-        tracing::info!(conn = self.id, agent = ?st.agent, reason = reason.label(), "session closed");
+        if reason == Reason::Normal {
+            tracing::debug!(conn = self.id, agent = ?st.agent, "session closed");
+        } else {
+            tracing::info!(conn = self.id, agent = ?st.agent, reason = reason.label(), "session closed");
+        }
         if st.tls.is_handshaking() {
             self.stream.shutdown();
         } else {

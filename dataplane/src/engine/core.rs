@@ -396,7 +396,7 @@ impl Core {
         st.attach_acks_pending = self.ncores as usize - 1;
         self.m.sessions_opened.increment(1);
         self.m.sessions_active.increment(1.0);
-        tracing::info!(conn = conn.id, agent = %agent, session = sid, "session established");
+        tracing::debug!(conn = conn.id, agent = %agent, session = sid, "session established");
         if st.attach_acks_pending == 0 {
             self.send_welcome(conn, st);
         }

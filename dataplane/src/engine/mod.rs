@@ -57,7 +57,8 @@ pub struct Limits {
     pub mailbox_capacity: usize,
     /// Unacknowledged envelopes held for one disconnected agent, for redelivery on reconnect.
     pub custody_per_agent: usize,
-    /// Size of each connection's socket read buffer.
+    /// Largest read buffer of one connection: it starts at 4 KiB and doubles whenever a read
+    /// fills it, so idle agents stay cheap.
     pub read_buffer: usize,
 }
 
