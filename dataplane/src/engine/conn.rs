@@ -240,7 +240,7 @@ impl ConnState {
             let Some(env) = self.outq.pop_front() else {
                 break;
             };
-            self.outq_bytes -= env.frame_len();
+            self.outq_bytes = self.outq_bytes.saturating_sub(env.frame_len());
             if env.expires_ms() <= now_ms {
                 m.dropped(Reason::Expired, 1);
                 continue;
