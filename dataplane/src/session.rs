@@ -61,6 +61,9 @@ pub struct SessionTimeouts {
     /// Close an established session after this long without an envelope or ACK from the agent
     /// (heartbeats do not count), microseconds; 0 keeps idle sessions open.
     pub idle_us: u64,
+    /// Close a connection whose peer does not take one socket write within this long
+    /// (it stopped reading), microseconds.
+    pub write_us: u64,
 }
 
 impl Default for SessionTimeouts {
@@ -69,6 +72,7 @@ impl Default for SessionTimeouts {
             handshake_us: 10_000_000,
             drain_us: 5_000_000,
             idle_us: 0,
+            write_us: 30_000_000,
         }
     }
 }
@@ -320,6 +324,7 @@ mod tests {
             handshake_us: 100,
             drain_us: 100,
             idle_us: 0,
+            write_us: 1_000,
         };
         let mut s = Session::new(0, t);
         assert_eq!(s.poll(99), None);
@@ -379,6 +384,7 @@ mod tests {
             handshake_us: 100,
             drain_us: 500,
             idle_us: 0,
+            write_us: 1_000,
         };
         let mut s = Session::new(0, t);
         assert!(!s.start_drain(0));

@@ -189,6 +189,7 @@ fn run() -> anyhow::Result<()> {
             handshake_us: s.handshake_timeout_ms * 1000,
             drain_us: s.drain_timeout_ms * 1000,
             idle_us: s.idle_timeout_ms * 1000,
+            write_us: s.write_timeout_ms * 1000,
         },
         admission,
         limits: Limits {

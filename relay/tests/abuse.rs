@@ -235,3 +235,78 @@ async fn a_flood_above_the_rate_limit_is_paced_not_dropped_and_memory_stays_boun
         "relay RSS grew from {rss_before} to {rss_after}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_reading_is_cut_off_after_the_write_timeout() {
+    let relay = Relay::start(
+        &["--cores", "1"],
+        Some("[session]\nwrite_timeout_ms = 500\n"),
+    );
+    // The stuck agent completes HELLO, then only sends PINGs and never reads again.
+    let mut stuck = welcomed(&relay, "stuck").await;
+    let stuck_id = stuck.id;
+    let pinger = tokio::spawn(async move {
+        for i in 0..40u64 {
+            let ping = Frame::Ping(openmesh_dataplane::wire::Ping { timestamp_us: i }).to_bytes();
+            if tokio::io::AsyncWriteExt::write_all(&mut stuck.io, &ping)
+                .await
+                .is_err()
+            {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    });
+    // A sender fills the stuck agent's socket and send queue with 16 KiB envelopes.
+    let mut sender = relay.agent("sender").await;
+    let payload = vec![1u8; 16 << 10];
+    let t0 = std::time::Instant::now();
+    let mut closed = 0.0;
+    while t0.elapsed() < Duration::from_secs(8) {
+        for _ in 0..64 {
+            sender
+                .send(
+                    &sender
+                        .envelope_to(stuck_id, 30_000)
+                        .build(&payload)
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+        }
+        while let Some(ev) = sender.try_event() {
+            if let Event::Closed(c) = ev {
+                panic!("the sender was cut off: {c:?}");
+            }
+        }
+        closed = relay.metric(
+            "openmesh_sessions_closed_total",
+            &["reason=\"write_timeout\""],
+        );
+        if closed > 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(closed, 1.0, "the stuck agent was closed for not reading");
+    assert!(
+        pinger.await.unwrap(),
+        "the stuck agent's link was shut down"
+    );
+    // Everyone else is still served.
+    let mut other = relay.agent("other").await;
+    sender
+        .send(
+            &sender
+                .envelope_to(other.id(), 10_000)
+                .build(b"still served")
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    match tokio::time::timeout(Duration::from_secs(10), other.next_event()).await {
+        Ok(Some(Event::Envelope(e))) => assert_eq!(&e.payload()[..], b"still served"),
+        other => panic!("{other:?}"),
+    }
+}

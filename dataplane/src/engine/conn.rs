@@ -76,6 +76,8 @@ pub(crate) struct ConnState {
     /// CLOSE queued (or TLS failed); the writer shuts the socket down once flushed.
     pub(crate) closing: bool,
     pub(crate) closing_since_us: u64,
+    /// When the writer's socket write in progress started (0: not writing).
+    pub(crate) write_since_us: u64,
     /// The writer task waits for a wake-up (anything queued must notify it).
     pub(crate) writer_idle: bool,
     /// The connection was torn down; both tasks stop.
@@ -113,6 +115,7 @@ impl ConnState {
             closing_since_us: 0,
             finished: false,
             writer_idle: true,
+            write_since_us: 0,
             handed_over: false,
             heads: BytesMut::new(),
             sending: Vec::new(),
@@ -365,7 +368,8 @@ impl Conn {
         } else {
             tracing::info!(conn = self.id, agent = ?st.agent, reason = reason.label(), "session closed");
         }
-        if st.tls.is_handshaking() {
+        if st.tls.is_handshaking() || reason == Reason::WriteTimeout {
+            // Nothing can be said to this peer: no TLS yet, or it does not read.
             self.stream.shutdown();
         } else {
             st.send_frame(&Frame::Close(Close::new(reason, reason.label())));

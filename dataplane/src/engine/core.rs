@@ -166,7 +166,9 @@ async fn writer(core: Rc<Core>, conn: Rc<Conn>) {
             if out.is_empty() {
                 break;
             }
+            conn.st.borrow_mut().write_since_us = now_us();
             let (res, b) = conn.stream.write_all(out).await;
+            conn.st.borrow_mut().write_since_us = 0;
             out = b;
             out.clear();
             if res.is_err() {
@@ -711,6 +713,12 @@ impl Core {
                 if now.saturating_sub(st.closing_since_us) > CLOSE_LINGER_US {
                     c.stream.shutdown();
                 }
+                continue;
+            }
+            if st.write_since_us > 0
+                && now.saturating_sub(st.write_since_us) >= self.cfg.timeouts.write_us
+            {
+                c.close(&mut st, Reason::WriteTimeout, &self.m);
                 continue;
             }
             while let Some(due) = st.session.poll(now) {

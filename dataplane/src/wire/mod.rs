@@ -242,6 +242,8 @@ pub enum Reason {
     Duplicate = 21,
     /// No envelope or ACK from the agent within the configured idle timeout.
     IdleTimeout = 22,
+    /// The agent stopped reading: one socket write did not complete within the write timeout.
+    WriteTimeout = 23,
 }
 
 impl Reason {
@@ -272,6 +274,7 @@ impl Reason {
             20 => RateLimited,
             21 => Duplicate,
             22 => IdleTimeout,
+            23 => WriteTimeout,
             _ => return None,
         })
     }
@@ -303,6 +306,7 @@ impl Reason {
             RateLimited => "rate_limited",
             Duplicate => "duplicate",
             IdleTimeout => "idle_timeout",
+            WriteTimeout => "write_timeout",
         }
     }
 
@@ -318,7 +322,7 @@ impl Reason {
     }
 
     /// Every reason, for documentation and metric pre-registration.
-    pub const ALL: [Reason; 23] = [
+    pub const ALL: [Reason; 24] = [
         Reason::Normal,
         Reason::ProtocolError,
         Reason::FrameTooLarge,
@@ -342,6 +346,7 @@ impl Reason {
         Reason::RateLimited,
         Reason::Duplicate,
         Reason::IdleTimeout,
+        Reason::WriteTimeout,
     ];
 }
 

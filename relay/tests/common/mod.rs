@@ -210,17 +210,19 @@ impl Relay {
 /// A raw mutual-TLS link for tests that speak frames (or garbage) directly.
 pub struct RawLink {
     pub io: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    /// The agent id this link authenticated as.
+    pub id: openmesh_dataplane::wire::AgentId,
     rx: bytes::BytesMut,
     dec: openmesh_dataplane::wire::FrameDecoder,
 }
 
 impl RawLink {
     pub async fn open(relay: &Relay, name: &str) -> RawLink {
-        let io = openmesh_dataplane::client::connect_tls(&relay.config(name))
-            .await
-            .unwrap();
+        let cfg = relay.config(name);
+        let io = openmesh_dataplane::client::connect_tls(&cfg).await.unwrap();
         RawLink {
             io,
+            id: cfg.identity.agent_id(),
             rx: bytes::BytesMut::new(),
             dec: openmesh_dataplane::wire::FrameDecoder::new(1 << 24),
         }
