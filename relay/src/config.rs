@@ -4,6 +4,13 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use std::collections::HashSet;
+
+use openmesh_dataplane::engine::{Limits, Settings};
+use openmesh_dataplane::policy::{Admission, AdmissionMode};
+use openmesh_dataplane::session::SessionTimeouts;
+use openmesh_dataplane::signaling::ContractPolicy;
+use openmesh_dataplane::wire::{AgentId, DeliveryClass};
 use serde::Deserialize;
 
 /// The whole file. Every section and field is optional.
@@ -146,6 +153,48 @@ impl Default for LimitsSection {
 }
 
 impl Config {
+    /// The engine settings this file describes (the part that can change on SIGHUP).
+    pub fn settings(&self, mode: AdmissionMode) -> Settings {
+        let s = &self.session;
+        let l = &self.limits;
+        let ids = |v: &[String]| -> HashSet<AgentId> {
+            v.iter().filter_map(|s| AgentId::from_hex(s)).collect()
+        };
+        Settings {
+            contract: ContractPolicy {
+                heartbeat_ms: s.heartbeat_ms,
+                heartbeat_min_ms: s.heartbeat_min_ms,
+                heartbeat_max_ms: s.heartbeat_max_ms,
+                max_frame: s.max_frame,
+                rate_envelopes: s.rate_envelopes,
+                rate_bytes: s.rate_bytes,
+                max_ttl_ms: s.max_ttl_ms,
+                classes: DeliveryClass::BestEffort.bit() | DeliveryClass::AtLeastOnce.bit(),
+                key_rotation_s: s.key_rotation_s,
+                ..ContractPolicy::default()
+            },
+            timeouts: SessionTimeouts {
+                handshake_us: s.handshake_timeout_ms * 1000,
+                drain_us: s.drain_timeout_ms * 1000,
+                idle_us: s.idle_timeout_ms * 1000,
+                write_us: s.write_timeout_ms * 1000,
+            },
+            admission: Admission {
+                mode,
+                allow: ids(&self.tls.allow),
+                deny: ids(&self.tls.deny),
+            },
+            limits: Limits {
+                max_connections_per_core: l.max_connections_per_core,
+                send_queue_envelopes: l.send_queue_envelopes,
+                send_queue_bytes: l.send_queue_bytes,
+                mailbox_capacity: l.mailbox_capacity,
+                custody_per_agent: l.custody_per_agent,
+                read_buffer: l.read_buffer,
+            },
+        }
+    }
+
     /// Checks value ranges; the error names the field.
     pub fn validate(&self) -> Result<(), String> {
         let s = &self.session;

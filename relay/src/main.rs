@@ -3,20 +3,17 @@
 
 mod config;
 
-use std::collections::HashSet;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use openmesh_dataplane::engine::{Engine, EngineConfig, Limits};
+use openmesh_dataplane::engine::{Engine, EngineConfig};
 use openmesh_dataplane::pki::{self, DevPkiPaths, Identity};
-use openmesh_dataplane::policy::{Admission, AdmissionMode};
-use openmesh_dataplane::session::SessionTimeouts;
-use openmesh_dataplane::signaling::ContractPolicy;
-use openmesh_dataplane::wire::{AgentId, DeliveryClass};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use openmesh_dataplane::policy::AdmissionMode;
+use openmesh_dataplane::wire::AgentId;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 use config::Config;
 
@@ -142,15 +139,6 @@ fn run() -> anyhow::Result<()> {
         AdmissionMode::Open => Vec::new(),
     };
     let tls = openmesh_dataplane::tls::server_config(&identity, mode, &ca)?;
-    let ids = |v: &[String]| -> HashSet<AgentId> {
-        v.iter().filter_map(|s| AgentId::from_hex(s)).collect()
-    };
-    let admission = Admission {
-        mode,
-        allow: ids(&cfg.tls.allow),
-        deny: ids(&cfg.tls.deny),
-    };
-
     metrics_exporter_prometheus::PrometheusBuilder::new()
         .with_http_listener(cfg.relay.metrics)
         .set_buckets(&[
@@ -160,7 +148,6 @@ fn run() -> anyhow::Result<()> {
         .with_context(|| format!("starting the metrics exporter on {}", cfg.relay.metrics))?;
     openmesh_dataplane::metrics::describe();
 
-    let s = &cfg.session;
     let cores = match cfg.relay.cores {
         0 => std::thread::available_parallelism()
             .map(|n| n.get())
@@ -173,33 +160,7 @@ fn run() -> anyhow::Result<()> {
         pin: cfg.relay.pin_cores,
         tls,
         relay_id: identity.relay_id(),
-        contract: ContractPolicy {
-            heartbeat_ms: s.heartbeat_ms,
-            heartbeat_min_ms: s.heartbeat_min_ms,
-            heartbeat_max_ms: s.heartbeat_max_ms,
-            max_frame: s.max_frame,
-            rate_envelopes: s.rate_envelopes,
-            rate_bytes: s.rate_bytes,
-            max_ttl_ms: s.max_ttl_ms,
-            classes: DeliveryClass::BestEffort.bit() | DeliveryClass::AtLeastOnce.bit(),
-            key_rotation_s: s.key_rotation_s,
-            ..ContractPolicy::default()
-        },
-        timeouts: SessionTimeouts {
-            handshake_us: s.handshake_timeout_ms * 1000,
-            drain_us: s.drain_timeout_ms * 1000,
-            idle_us: s.idle_timeout_ms * 1000,
-            write_us: s.write_timeout_ms * 1000,
-        },
-        admission,
-        limits: Limits {
-            max_connections_per_core: cfg.limits.max_connections_per_core,
-            send_queue_envelopes: cfg.limits.send_queue_envelopes,
-            send_queue_bytes: cfg.limits.send_queue_bytes,
-            mailbox_capacity: cfg.limits.mailbox_capacity,
-            custody_per_agent: cfg.limits.custody_per_agent,
-            read_buffer: cfg.limits.read_buffer,
-        },
+        settings: cfg.settings(mode),
         tick_ms: cfg.relay.tick_ms,
     })?;
     println!(
@@ -210,12 +171,25 @@ fn run() -> anyhow::Result<()> {
         AgentId(identity.public_key()).to_hex()
     );
 
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
-    if let Some(sig) = signals.forever().next() {
-        tracing::info!(signal = sig, "draining");
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
+    for sig in signals.forever() {
+        if sig != SIGHUP {
+            tracing::info!(signal = sig, "draining");
+            break;
+        }
+        // SIGHUP: re-read the file; limits, timeouts, the contract for new sessions and the
+        // allow/deny lists change live. Addresses, cores, certificates and the admission mode
+        // need a restart.
+        match load(&cli) {
+            Ok(new) => {
+                engine.reconfigure(new.settings(mode));
+                tracing::info!("configuration reloaded");
+            }
+            Err(e) => tracing::error!(error = %format!("{e:#}"), "configuration not reloaded"),
+        }
     }
     engine.drain();
-    let deadline = Instant::now() + Duration::from_millis(s.drain_timeout_ms + 3000);
+    let deadline = Instant::now() + Duration::from_millis(cfg.session.drain_timeout_ms + 3000);
     while !engine.drained() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -207,3 +207,64 @@ fn check_config_names_the_bad_field() {
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_deny_list_live_and_keeps_a_bad_file_out() {
+    let relay = Relay::start(&["--cores", "2"], Some("[tls]\ndeny = []\n"));
+    let a_cfg = relay.config("a");
+    let mut a = Agent::connect(a_cfg.clone()).await.unwrap();
+    let mut b = relay.agent("b").await;
+    let hup = || {
+        let ok = Command::new("kill")
+            .arg("-HUP")
+            .arg(relay.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    };
+    std::fs::write(
+        relay.dir.join("relay.toml"),
+        format!("[tls]\ndeny = [\"{}\"]\n", a.id().to_hex()),
+    )
+    .unwrap();
+    hup();
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match a.next_event().await {
+                Some(openmesh_dataplane::client::Event::Closed(c)) => return c,
+                Some(_) => {}
+                None => return None,
+            }
+        }
+    })
+    .await
+    .expect("denied session closed");
+    assert_eq!(closed.and_then(|c| c.reason()), Some(Reason::NotAdmitted));
+    match Agent::connect(a_cfg).await {
+        Err(ClientError::Closed(c)) => assert_eq!(c.reason(), Some(Reason::NotAdmitted)),
+        other => panic!("denied agent reconnected: {:?}", other.map(|a| a.id())),
+    }
+    // A file that does not validate is refused; the relay keeps its settings and serves on.
+    std::fs::write(relay.dir.join("relay.toml"), "[session]\nmax_frame = 1\n").unwrap();
+    hup();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        relay.log().contains("configuration not reloaded"),
+        "{}",
+        relay.log()
+    );
+    let c = relay.agent("c").await;
+    c.send(
+        &c.envelope_to(b.id(), 10_000)
+            .build(b"after reload")
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    match tokio::time::timeout(Duration::from_secs(5), b.next_event()).await {
+        Ok(Some(openmesh_dataplane::client::Event::Envelope(e))) => {
+            assert_eq!(&e.payload()[..], b"after reload")
+        }
+        other => panic!("{other:?}"),
+    }
+}

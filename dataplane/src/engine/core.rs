@@ -48,6 +48,8 @@ pub(crate) struct Core {
     handed_off: Cell<u64>,
     next_conn: Cell<ConnId>,
     listener: Listener,
+    /// Live settings, replaced on `Reconfigure`.
+    settings: RefCell<Arc<super::Settings>>,
 }
 
 /// Runs core `id` until it receives `Exit`.
@@ -73,6 +75,7 @@ pub(crate) fn run(
             handed_off: Cell::new(0),
             next_conn: Cell::new(1),
             listener: Listener::from_std(listener),
+            settings: RefCell::new(Arc::new(cfg.settings.clone())),
             cfg,
             shared,
         });
@@ -98,7 +101,7 @@ async fn accept_loop(core: Rc<Core>) {
             }
         };
         core.m.connections_accepted.increment(1);
-        if core.conns.borrow().len() >= core.cfg.limits.max_connections_per_core {
+        if core.conns.borrow().len() >= core.settings().limits.max_connections_per_core {
             core.m.handshake_failed(Reason::TooManyConnections);
             tracing::info!(core = core.id, %peer, "connection refused: too many connections");
             stream.shutdown();
@@ -119,7 +122,7 @@ async fn tick_loop(core: Rc<Core>) {
 async fn reader(core: Rc<Core>, conn: Rc<Conn>) {
     // Idle agents cost little: the read buffer starts small and doubles (up to
     // `limits.read_buffer`) whenever a read fills it.
-    let max = core.cfg.limits.read_buffer;
+    let max = core.settings().limits.read_buffer;
     let mut buf = Vec::with_capacity(INITIAL_READ_BUFFER.min(max));
     loop {
         let wait = conn.st.borrow_mut().throttle_wait(now_us(), &core.m);
@@ -198,8 +201,8 @@ impl Core {
         tls.set_buffer_limit(None);
         let st = ConnState::new(
             tls,
-            Session::new(now_us(), self.cfg.timeouts),
-            self.cfg.contract.max_frame as usize,
+            Session::new(now_us(), self.settings().timeouts),
+            self.settings().contract.max_frame as usize,
         );
         let id = self.next_conn.get();
         self.next_conn.set(id + 1);
@@ -344,12 +347,18 @@ impl Core {
 
     fn on_hello(&self, conn: &Rc<Conn>, st: &mut ConnState, hello: &crate::wire::Hello, now: u64) {
         let Some(agent) = st.agent else { return };
-        if let Err(r) = self.cfg.admission.admit(&agent) {
+        if let Err(r) = self.settings().admission.admit(&agent) {
             conn.close(st, r, &self.m);
             return;
         }
         let sid = self.shared.session_seq.fetch_add(1, Ordering::Relaxed);
-        let welcome = match negotiate(hello, &self.cfg.contract, sid, self.cfg.relay_id, agent) {
+        let welcome = match negotiate(
+            hello,
+            &self.settings().contract,
+            sid,
+            self.cfg.relay_id,
+            agent,
+        ) {
             Ok(w) => w,
             Err(r) => {
                 conn.close(st, r, &self.m);
@@ -434,7 +443,7 @@ impl Core {
 
     /// Queues a custody envelope on `st`, or keeps it in custody when the queue refuses.
     fn enqueue_or_keep(&self, st: &mut ConnState, agent: AgentId, env: Envelope) {
-        let bytes = self.cfg.limits.send_queue_bytes.saturating_mul(4);
+        let bytes = self.settings().limits.send_queue_bytes.saturating_mul(4);
         if let Err((_, env)) = st.enqueue(env, usize::MAX, bytes) {
             self.keep(agent, env);
         }
@@ -448,7 +457,7 @@ impl Core {
         }
         let mut c = self.custody.borrow_mut();
         let q = c.entry(agent).or_default();
-        if q.len() >= self.cfg.limits.custody_per_agent {
+        if q.len() >= self.settings().limits.custody_per_agent {
             self.m.dropped(Reason::QueueFull, 1);
             return;
         }
@@ -492,7 +501,8 @@ impl Core {
         let Some(conn) = conn else {
             return Err((Reason::DestinationUnavailable, env));
         };
-        let l = &self.cfg.limits;
+        let settings = self.settings();
+        let l = &settings.limits;
         let mut st = conn.st.borrow_mut();
         let r = st.enqueue(env, l.send_queue_envelopes, l.send_queue_bytes);
         if r.is_ok() {
@@ -629,6 +639,7 @@ impl Core {
                 class_acked,
                 result,
             } => self.on_verdict(conn, id, class_acked, result, true),
+            CoreMsg::Reconfigure(s) => self.reconfigure(s),
             CoreMsg::Drain => self.start_drain(),
             CoreMsg::Exit => {
                 // Complete every pending operation so the runtime can stop.
@@ -676,6 +687,27 @@ impl Core {
         }
     }
 
+    fn settings(&self) -> std::cell::Ref<'_, Arc<super::Settings>> {
+        self.settings.borrow()
+    }
+
+    /// Takes new live settings and closes established sessions the new admission lists refuse.
+    fn reconfigure(&self, s: Arc<super::Settings>) {
+        *self.settings.borrow_mut() = s.clone();
+        let conns: Vec<Rc<Conn>> = self.conns.borrow().values().cloned().collect();
+        let mut closed = 0;
+        for c in conns {
+            let mut st = c.st.borrow_mut();
+            if let Some(agent) = st.agent {
+                if let Err(r) = s.admission.admit(&agent) {
+                    c.close(&mut st, r, &self.m);
+                    closed += 1;
+                }
+            }
+        }
+        tracing::info!(core = self.id, closed, "settings reloaded");
+    }
+
     fn start_drain(&self) {
         if self.draining.replace(true) {
             return;
@@ -716,7 +748,7 @@ impl Core {
                 continue;
             }
             if st.write_since_us > 0
-                && now.saturating_sub(st.write_since_us) >= self.cfg.timeouts.write_us
+                && now.saturating_sub(st.write_since_us) >= self.settings().timeouts.write_us
             {
                 c.close(&mut st, Reason::WriteTimeout, &self.m);
                 continue;

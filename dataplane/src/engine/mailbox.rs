@@ -43,6 +43,8 @@ pub enum CoreMsg {
         class_acked: bool,
         result: Result<bool, Reason>,
     },
+    /// New live settings.
+    Reconfigure(std::sync::Arc<super::Settings>),
     /// Begin a graceful drain.
     Drain,
     /// Stop the core.

@@ -75,6 +75,17 @@ impl Default for Limits {
     }
 }
 
+/// What can change while the relay runs ([`Engine::reconfigure`], on SIGHUP): the contract offered
+/// to new sessions, timeouts, admission lists (applied to established sessions too) and limits
+/// (`mailbox_capacity` only takes effect on restart).
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub contract: ContractPolicy,
+    pub timeouts: SessionTimeouts,
+    pub admission: Admission,
+    pub limits: Limits,
+}
+
 /// Everything the engine needs to run.
 #[derive(Clone)]
 pub struct EngineConfig {
@@ -84,12 +95,9 @@ pub struct EngineConfig {
     pub pin: bool,
     pub tls: Arc<rustls::ServerConfig>,
     pub relay_id: RelayId,
-    pub contract: ContractPolicy,
-    pub timeouts: SessionTimeouts,
-    pub admission: Admission,
-    pub limits: Limits,
     /// Period of each core's timer sweep (heartbeats, deadlines, drain), milliseconds.
     pub tick_ms: u64,
+    pub settings: Settings,
 }
 
 /// State shared by all cores: their mailboxes and a few relay-wide counters.
@@ -129,7 +137,7 @@ impl Engine {
         }
         let shared = Arc::new(Shared {
             mailboxes: (0..cores)
-                .map(|_| Mailbox::new(cfg.limits.mailbox_capacity))
+                .map(|_| Mailbox::new(cfg.settings.limits.mailbox_capacity))
                 .collect(),
             attach_seq: AtomicU64::new(1),
             session_seq: AtomicU64::new(1),
@@ -173,6 +181,15 @@ impl Engine {
             for mb in &self.shared.mailboxes {
                 mb.push_blocking(CoreMsg::Drain);
             }
+        }
+    }
+
+    /// Replaces the live settings on every core. Sessions already established keep their
+    /// contract; the new admission lists also close established sessions they no longer admit.
+    pub fn reconfigure(&self, settings: Settings) {
+        let s = Arc::new(settings);
+        for mb in &self.shared.mailboxes {
+            mb.push_blocking(CoreMsg::Reconfigure(s.clone()));
         }
     }
 
