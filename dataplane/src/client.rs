@@ -136,6 +136,7 @@ pub struct Agent {
     events: mpsc::Receiver<Vec<Event>>,
     pending: std::collections::VecDeque<Event>,
     next_id: AtomicU64,
+    id_prefix: u64,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -224,6 +225,7 @@ impl Agent {
             events: ev_rx,
             pending: std::collections::VecDeque::new(),
             next_id: AtomicU64::new(1),
+            id_prefix: random_u64()?,
             tasks: vec![writer, reader],
         })
     }
@@ -238,13 +240,11 @@ impl Agent {
         &self.welcome
     }
 
-    /// A fresh message id: 64 random-ish high bits from the agent id and time, 64 counter bits.
+    /// A fresh message id: 64 random bits drawn when the session opened, then a 64-bit counter,
+    /// so ids stay unique across sessions and relay restarts.
     pub fn next_message_id(&self) -> MessageId {
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut hi = [0u8; 8];
-        hi.copy_from_slice(&self.id.0[..8]);
-        let hi = u64::from_be_bytes(hi) ^ (self.welcome.session_id << 32);
-        MessageId::from_u128((hi as u128) << 64 | n as u128)
+        MessageId::from_u128((self.id_prefix as u128) << 64 | n as u128)
     }
 
     /// An at-least-once envelope builder from this agent to `to`, expiring in `ttl_ms`.
@@ -319,6 +319,19 @@ impl Agent {
         self.send_raw(Frame::Close(Close::new(Reason::Normal, "bye")).to_bytes())
             .await
     }
+}
+
+fn random_u64() -> Result<u64, ClientError> {
+    let mut b = [0u8; 8];
+    rustls::crypto::aws_lc_rs::default_provider()
+        .secure_random
+        .fill(&mut b)
+        .map_err(|_| {
+            ClientError::Tls(TlsConfigError::Rustls(
+                rustls::Error::FailedToGetRandomBytes,
+            ))
+        })?;
+    Ok(u64::from_be_bytes(b))
 }
 
 /// Wall-clock milliseconds since the Unix epoch.
