@@ -104,3 +104,29 @@ async fn prometheus_scrapes_the_relay_and_sees_envelopes() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
+
+#[test]
+fn the_shipped_scrape_config_is_valid() {
+    let cfg = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/prometheus.yml");
+    let out = Command::new("promtool")
+        .args(["check", "config", cfg])
+        .output()
+        .expect("promtool (Debian package prometheus; .ci/test installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let dash = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/grafana-dashboard.json"
+    ))
+    .unwrap();
+    for name in [
+        "openmesh_envelopes_received_total",
+        "openmesh_sessions_active",
+        "openmesh_handshake_failures_total",
+    ] {
+        assert!(dash.contains(name), "the dashboard charts {name}");
+    }
+}
