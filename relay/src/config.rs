@@ -20,7 +20,8 @@ pub struct Config {
     pub relay: RelaySection,
     pub tls: TlsSection,
     pub session: SessionSection,
-    pub limits: LimitsSection,
+    /// The `[limits]` section is the engine's [`Limits`] itself (same names, same defaults).
+    pub limits: Limits,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -127,36 +128,10 @@ impl Default for SessionSection {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct LimitsSection {
-    pub max_connections_per_core: usize,
-    pub send_queue_envelopes: usize,
-    pub send_queue_bytes: usize,
-    pub mailbox_capacity: usize,
-    pub custody_per_agent: usize,
-    pub read_buffer: usize,
-}
-
-impl Default for LimitsSection {
-    fn default() -> Self {
-        let l = openmesh_dataplane::engine::Limits::default();
-        LimitsSection {
-            max_connections_per_core: l.max_connections_per_core,
-            send_queue_envelopes: l.send_queue_envelopes,
-            send_queue_bytes: l.send_queue_bytes,
-            mailbox_capacity: l.mailbox_capacity,
-            custody_per_agent: l.custody_per_agent,
-            read_buffer: l.read_buffer,
-        }
-    }
-}
-
 impl Config {
     /// The engine settings this file describes (the part that can change on SIGHUP).
     pub fn settings(&self, mode: AdmissionMode) -> Settings {
         let s = &self.session;
-        let l = &self.limits;
         let ids = |v: &[String]| -> HashSet<AgentId> {
             v.iter().filter_map(|s| AgentId::from_hex(s)).collect()
         };
@@ -184,14 +159,7 @@ impl Config {
                 allow: ids(&self.tls.allow),
                 deny: ids(&self.tls.deny),
             },
-            limits: Limits {
-                max_connections_per_core: l.max_connections_per_core,
-                send_queue_envelopes: l.send_queue_envelopes,
-                send_queue_bytes: l.send_queue_bytes,
-                mailbox_capacity: l.mailbox_capacity,
-                custody_per_agent: l.custody_per_agent,
-                read_buffer: l.read_buffer,
-            },
+            limits: self.limits.clone(),
         }
     }
 

@@ -44,8 +44,9 @@ pub enum EngineError {
     Thread(io::Error),
 }
 
-/// Bounds on what one core holds.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Bounds on what one core holds. Also the relay's `[limits]` configuration section.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Limits {
     /// Connections one core serves at once; more are closed right after accept.
     pub max_connections_per_core: usize,
