@@ -353,3 +353,40 @@ async fn idle_timeout_closes_sessions_without_traffic_when_configured() {
     .expect("idle session closed in time");
     assert_eq!(closed.and_then(|c| c.reason()), Some(Reason::IdleTimeout));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custody_for_a_departed_agent_expires_and_is_counted() {
+    let relay = Relay::start(&["--cores", "1"], None);
+    let id = Identity::generate_self_signed("leaver").unwrap();
+    let mut cfg = relay.config("leaver");
+    cfg.identity = id.clone();
+    let mut leaver = Agent::connect(cfg.clone()).await.unwrap();
+    let mut sender = relay.agent("sender").await;
+    for i in 0..20u32 {
+        let env = sender
+            .envelope_to(id.agent_id(), 1_000)
+            .build(&i.to_be_bytes())
+            .unwrap();
+        sender.send(&env).await.unwrap();
+    }
+    wait_acked(&mut sender, 20).await;
+    for _ in 0..20 {
+        assert!(matches!(event(&mut leaver).await, Event::Envelope(_)));
+    }
+    drop(leaver); // leaves without ACKing: the relay keeps custody of 20 envelopes
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let dropped = |r: &Relay| r.metric("openmesh_envelopes_dropped_total", &["reason=\"expired\""]);
+    assert_eq!(dropped(&relay), 0.0);
+    // TTL 1 s, custody swept every second.
+    assert_eq!(
+        relay.settled_metric(
+            "openmesh_envelopes_dropped_total",
+            &["reason=\"expired\""],
+            20.0
+        ),
+        20.0
+    );
+    let mut back = Agent::connect(cfg).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_millis(500), back.next_event()).await;
+    assert!(got.is_err(), "expired envelopes were redelivered: {got:?}");
+}

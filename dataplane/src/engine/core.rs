@@ -25,6 +25,8 @@ use crate::wire::{
 
 /// How long a settled draining session must have been quiet before it is closed.
 const DRAIN_QUIET_US: u64 = 250_000;
+/// How often custody for disconnected agents is swept for expired envelopes.
+const CUSTODY_SWEEP_US: u64 = 1_000_000;
 /// First size of a connection's read buffer.
 const INITIAL_READ_BUFFER: usize = 4096;
 /// Outbox backlog towards one core above which readers stop reading.
@@ -44,6 +46,8 @@ pub(crate) struct Core {
     outbox: RefCell<Outbox>,
     draining: Cell<bool>,
     drain_reported: Cell<bool>,
+    /// When custody was last swept for expired envelopes.
+    custody_swept_us: Cell<u64>,
     /// Envelopes handed to other cores since the last outbox flush (counted per flush).
     handed_off: Cell<u64>,
     next_conn: Cell<ConnId>,
@@ -73,6 +77,7 @@ pub(crate) fn run(
             draining: Cell::new(false),
             drain_reported: Cell::new(false),
             handed_off: Cell::new(0),
+            custody_swept_us: Cell::new(0),
             next_conn: Cell::new(1),
             listener: Listener::from_std(listener),
             settings: RefCell::new(Arc::new(cfg.settings.clone())),
@@ -735,6 +740,10 @@ impl Core {
     /// The timer sweep: heartbeats, deadlines, key updates, drain progress, gauges.
     fn sweep(&self) {
         let now = now_us();
+        if now.saturating_sub(self.custody_swept_us.get()) >= CUSTODY_SWEEP_US {
+            self.custody_swept_us.set(now);
+            self.expire_custody(unix_ms());
+        }
         let conns: Vec<Rc<Conn>> = self.conns.borrow().values().cloned().collect();
         let (mut queued, mut inflight) = (0usize, 0usize);
         for c in &conns {
@@ -786,6 +795,20 @@ impl Core {
         if self.draining.get() && conns.is_empty() && !self.drain_reported.replace(true) {
             self.shared.drained.fetch_add(1, Ordering::SeqCst);
             tracing::info!(core = self.id, "drained");
+        }
+    }
+
+    /// Drops expired envelopes held for disconnected agents, and agents left with none.
+    fn expire_custody(&self, now_ms: u64) {
+        let mut expired = 0u64;
+        self.custody.borrow_mut().retain(|_, q| {
+            let before = q.len();
+            q.retain(|e| e.expires_ms() > now_ms);
+            expired += (before - q.len()) as u64;
+            !q.is_empty()
+        });
+        if expired > 0 {
+            self.m.dropped(Reason::Expired, expired);
         }
     }
 
