@@ -3,6 +3,7 @@
 # free loopback ports of this machine, in one run. Prints one table with the ratios.
 #
 #   benches/compare.sh [DURATION]      # default 5s per scenario; finishes in a few minutes
+#   PINNED=1 benches/compare.sh 5s     # server on CPU 0 (relay --cores 1), generator on CPU 1
 #
 # OpenMesh runs TLS 1.3 on every link with at-least-once delivery (ACKed custody); NATS runs in
 # plaintext core mode (no acknowledgements).
@@ -23,23 +24,28 @@ free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0)
 wait_port() { for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
 
 RP=$(free_port); MP=$(free_port); NP=$(free_port)
+if [ "${PINNED:-0}" = 1 ]; then
+  RELAY_ARGS=(--cores 1); SERVER_CPU=(taskset -c 0); GEN_CPU=(taskset -c 1)
+else
+  RELAY_ARGS=(); SERVER_CPU=(); GEN_CPU=()
+fi
 target/release/openmesh-relay --listen 127.0.0.1:$RP --metrics 127.0.0.1:$MP --data-dir "$OUT/relay" \
-  >"$OUT/relay.out" 2>"$OUT/relay.log" &
+  "${RELAY_ARGS[@]}" >"$OUT/relay.out" 2>"$OUT/relay.log" &
 RPID=$!
-nats-server -a 127.0.0.1 -p $NP >"$OUT/nats.log" 2>&1 &
+"${SERVER_CPU[@]}" nats-server -a 127.0.0.1 -p $NP >"$OUT/nats.log" 2>&1 &
 NPID=$!
 cleanup() { kill $RPID $NPID 2>/dev/null || true; wait $RPID $NPID 2>/dev/null || true; }
 trap cleanup EXIT
 wait_port $RP || { cat "$OUT/relay.log"; echo "relay did not start"; exit 1; }
 wait_port $NP || { cat "$OUT/nats.log"; echo "nats-server did not start"; exit 1; }
 
-LT=target/release/openmesh-loadtest
+LT=("${GEN_CPU[@]}" target/release/openmesh-loadtest)
 for s in small bulk latency fan; do
   echo "== $s: openmesh" >&2
-  $LT run --scenario $s --duration "$DUR" --relay 127.0.0.1:$RP --ca "$OUT/relay/tls/dev-ca.pem" \
+  "${LT[@]}" run --scenario $s --duration "$DUR" --relay 127.0.0.1:$RP --ca "$OUT/relay/tls/dev-ca.pem" \
     --quiet --json "$OUT/om-$s.json" --plot "$OUT/om-$s.svg" >"$OUT/om-$s.txt" || true
   echo "== $s: nats" >&2
-  $LT run --scenario $s --duration "$DUR" --target nats://127.0.0.1:$NP \
+  "${LT[@]}" run --scenario $s --duration "$DUR" --target nats://127.0.0.1:$NP \
     --quiet --json "$OUT/nats-$s.json" --plot "$OUT/nats-$s.svg" >"$OUT/nats-$s.txt" || true
 done
 

@@ -41,8 +41,10 @@ impl Default for ContractPolicy {
             heartbeat_min_ms: 1_000,
             heartbeat_max_ms: 60_000,
             max_frame: 1 << 20,
-            rate_envelopes: 1_000_000,
-            rate_bytes: 1 << 30,
+            // Above what one core forwards: the defaults never bind; operators lower them to
+            // keep one session from taking a core's share.
+            rate_envelopes: 10_000_000,
+            rate_bytes: 10 << 30,
             max_ttl_ms: 24 * 3600 * 1000,
             classes: DeliveryClass::BestEffort.bit() | DeliveryClass::AtLeastOnce.bit(),
             key_rotation_s: 300,
