@@ -76,16 +76,6 @@ impl Mailbox {
         self.queue.pop()
     }
 
-    /// Number of queued messages.
-    pub fn len(&self) -> usize {
-        self.queue.len()
-    }
-
-    /// Whether nothing is queued.
-    pub fn is_empty(&self) -> bool {
-        self.queue.is_empty()
-    }
-
     /// Pushes a message from outside the cores (signals, the service thread); retries while
     /// the mailbox is full.
     pub fn push_blocking(&self, mut msg: CoreMsg) {
