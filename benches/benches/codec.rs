@@ -6,8 +6,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use openmesh_dataplane::policy::check_ingress;
 use openmesh_dataplane::routing::{Directory, Location};
 use openmesh_dataplane::wire::{
-    AgentId, Destination, Envelope, EnvelopeBuilder, Frame, FrameDecoder, MessageId, RelayId,
-    Welcome,
+    AgentId, Destination, Envelope, EnvelopeBuilder, Frame, FrameDecoder, MessageId, Welcome,
 };
 
 fn envelope(size: usize) -> Envelope {
@@ -59,17 +58,11 @@ fn codec(c: &mut Criterion) {
 fn forwarding(c: &mut Criterion) {
     let src = AgentId([1; 32]);
     let contract = Welcome {
-        version: 1,
-        session_id: 1,
-        relay_id: RelayId::default(),
         agent_id: src,
-        heartbeat_ms: 10_000,
         max_frame: 1 << 20,
-        rate_envelopes: 1_000_000,
-        rate_bytes: 1 << 30,
         max_ttl_ms: 600_000,
         classes: 0b11,
-        key_rotation_s: 300,
+        ..Welcome::default()
     };
     let mut dir = Directory::new();
     for i in 0..100_000u32 {

@@ -34,8 +34,8 @@ use crate::pki::Identity;
 use crate::tls::{client_config, TlsConfigError};
 use crate::wire::{
     AckBatch, AgentId, Close, DeliveryClass, Destination, Envelope, EnvelopeBuilder, Frame,
-    FrameDecoder, GoingAway, Hello, MessageId, Nack, Pong, Reason, Welcome, WireError,
-    PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
+    FrameDecoder, GoingAway, Hello, MessageId, Nack, Pong, Reason, Receipt, Role, Welcome,
+    WireError, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
 };
 
 /// Errors of the client library.
@@ -93,6 +93,8 @@ impl ClientConfig {
             hello: Hello {
                 min_version: PROTOCOL_VERSION_MIN,
                 max_version: PROTOCOL_VERSION_MAX,
+                role: Role::Agent,
+                features: crate::wire::features::KNOWN,
                 transports: 1,
                 classes: DeliveryClass::BestEffort.bit() | DeliveryClass::AtLeastOnce.bit(),
                 max_frame: 1 << 20,
@@ -115,6 +117,8 @@ pub enum Event {
     Acked(AckBatch),
     /// The relay refused an envelope.
     Nacked(Nack),
+    /// What became of an envelope sent with a receipt flag.
+    Receipt(Receipt),
     /// The relay drains: finish and reconnect elsewhere.
     GoingAway(GoingAway),
     /// The session ended (with the relay's CLOSE, if it sent one).
@@ -428,6 +432,7 @@ async fn read_loop(
                 }
                 Frame::Ack(a) => Event::Acked(a),
                 Frame::Nack(n) => Event::Nacked(n),
+                Frame::Receipt(r) => Event::Receipt(r),
                 Frame::GoingAway(g) => Event::GoingAway(g),
                 Frame::Close(c) => {
                     close = Some(c);

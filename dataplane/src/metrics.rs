@@ -15,6 +15,7 @@ pub const ENVELOPES_OUT: &str = "openmesh_envelopes_delivered_total";
 pub const BYTES_OUT: &str = "openmesh_envelope_bytes_delivered_total";
 pub const ACKS_IN: &str = "openmesh_acks_received_total";
 pub const ACKS_OUT: &str = "openmesh_acks_sent_total";
+pub const UNKNOWN_IDS: &str = "openmesh_unknown_ids_total";
 pub const REFUSED: &str = "openmesh_envelopes_refused_total";
 pub const DROPPED: &str = "openmesh_envelopes_dropped_total";
 pub const REDELIVERED: &str = "openmesh_envelopes_redelivered_total";
@@ -63,6 +64,11 @@ pub fn describe() {
         ACKS_OUT,
         Unit::Count,
         "Message ids acknowledged to source agents."
+    );
+    describe_counter!(
+        UNKNOWN_IDS,
+        Unit::Count,
+        "Message ids in agents' ACK or NACK frames that matched no envelope in flight, by frame."
     );
     describe_counter!(
         REFUSED,
@@ -139,6 +145,8 @@ pub struct CoreMetrics {
     pub bytes_out: [Counter; 3],
     pub acks_in: Counter,
     pub acks_out: Counter,
+    pub unknown_acks: Counter,
+    pub unknown_nacks: Counter,
     refused: Vec<Counter>,
     dropped: Vec<Counter>,
     closed: Vec<Counter>,
@@ -151,9 +159,10 @@ pub struct CoreMetrics {
     pub inflight: Gauge,
     pub mailbox_sent: Counter,
     pub mailbox_full: Counter,
-    pub throttled_envelopes: Counter,
+    pub throttled_frames: Counter,
     pub throttled_bytes: Counter,
     pub throttled_destination: Counter,
+    pub throttled_send_window: Counter,
     pub rtt: Histogram,
     pub key_updates: Counter,
 }
@@ -177,6 +186,8 @@ impl CoreMetrics {
             bytes_out: by_class(BYTES_OUT),
             acks_in: counter!(ACKS_IN),
             acks_out: counter!(ACKS_OUT),
+            unknown_acks: counter!(UNKNOWN_IDS, "frame" => "ack"),
+            unknown_nacks: counter!(UNKNOWN_IDS, "frame" => "nack"),
             refused: by_reason(REFUSED),
             dropped: by_reason(DROPPED),
             closed: by_reason(SESSIONS_CLOSED),
@@ -189,9 +200,10 @@ impl CoreMetrics {
             inflight: gauge!(INFLIGHT, "core" => core.clone()),
             mailbox_sent: counter!(MAILBOX_SENT, "from_core" => core.clone()),
             mailbox_full: counter!(MAILBOX_FULL, "from_core" => core.clone()),
-            throttled_envelopes: counter!(THROTTLED, "limit" => "envelopes"),
+            throttled_frames: counter!(THROTTLED, "limit" => "frames"),
             throttled_bytes: counter!(THROTTLED, "limit" => "bytes"),
             throttled_destination: counter!(THROTTLED, "limit" => "destination_queue"),
+            throttled_send_window: counter!(THROTTLED, "limit" => "send_window"),
             rtt: histogram!(RTT),
             key_updates: counter!(KEY_UPDATES),
         }

@@ -48,14 +48,29 @@ impl Admission {
     }
 }
 
+/// Extension kinds this relay knows. A critical extension of any other kind makes the relay
+/// refuse the envelope (`unknown_critical_extension`); none is defined yet.
+pub const KNOWN_EXTENSIONS: &[u16] = &[];
+
 /// Checks an envelope arriving from its source agent against the session contract.
 ///
-/// In order: the source must be the authenticated agent, the hop limit must not be exhausted, the
-/// expiry must lie in the future and no further than the contract's maximum TTL, and the class
-/// must be allowed.
+/// The first rule broken gives the reason, in the order `docs/PROTOCOL.md` §4 fixes: the source
+/// is the authenticated agent; the routing part is the one an agent sends (no path, hop or copy
+/// index, route generation); no unknown critical extension; the class is allowed; the hop limit is
+/// not exhausted; the envelope has not expired (`expires_ms <= now` has); its lifetime is within
+/// the contract's maximum TTL.
 pub fn check_ingress(env: &Envelope, contract: &Welcome, now_ms: u64) -> Result<(), Reason> {
     if env.source() != contract.agent_id {
         return Err(Reason::SourceMismatch);
+    }
+    if !env.routing.is_origin() {
+        return Err(Reason::InvalidRouting);
+    }
+    if env.unknown_critical_extension(KNOWN_EXTENSIONS).is_some() {
+        return Err(Reason::UnknownCriticalExtension);
+    }
+    if contract.classes & env.class().bit() == 0 {
+        return Err(Reason::ClassNotAllowed);
     }
     if env.routing.hop_limit == 0 {
         return Err(Reason::HopLimitExceeded);
@@ -66,9 +81,6 @@ pub fn check_ingress(env: &Envelope, contract: &Welcome, now_ms: u64) -> Result<
     }
     if expires - now_ms > contract.max_ttl_ms {
         return Err(Reason::TtlTooLong);
-    }
-    if contract.classes & env.class().bit() == 0 {
-        return Err(Reason::ClassNotAllowed);
     }
     Ok(())
 }
@@ -121,21 +133,16 @@ impl TokenBucket {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::{DeliveryClass, Destination, EnvelopeBuilder, MessageId, RelayId};
+    use crate::wire::{DeliveryClass, Destination, EnvelopeBuilder, MessageId};
 
     fn contract(agent: AgentId) -> Welcome {
         Welcome {
-            version: 1,
-            session_id: 1,
-            relay_id: RelayId::default(),
             agent_id: agent,
             heartbeat_ms: 1000,
             max_frame: 65536,
-            rate_envelopes: 10,
-            rate_bytes: 10,
             max_ttl_ms: 60_000,
             classes: DeliveryClass::AtLeastOnce.bit(),
-            key_rotation_s: 0,
+            ..Welcome::default()
         }
     }
 
@@ -165,10 +172,33 @@ mod tests {
         long.expires_ms = 1000 + 60_001;
         let e = long.build(b"p").unwrap();
         assert_eq!(check_ingress(&e, &c, 1000), Err(Reason::TtlTooLong));
-        let mut be = b;
+        let mut be = b.clone();
         be.class = DeliveryClass::BestEffort;
         let e = be.build(b"p").unwrap();
         assert_eq!(check_ingress(&e, &c, 1000), Err(Reason::ClassNotAllowed));
+        assert_eq!(
+            check_ingress(&e, &c, 1500),
+            Err(Reason::ClassNotAllowed),
+            "class is checked before expiry"
+        );
+        let mut routed = b.build(b"p").unwrap();
+        routed.routing.route_generation = 3;
+        assert_eq!(
+            check_ingress(&routed, &c, 1000),
+            Err(Reason::InvalidRouting)
+        );
+        let mut crit = b.clone();
+        crit.extensions = vec![(0x8123, vec![1, 2]), (0x0042, vec![])];
+        let e = crit.build(b"p").unwrap();
+        assert_eq!(
+            check_ingress(&e, &c, 1000),
+            Err(Reason::UnknownCriticalExtension)
+        );
+        let mut plain = b;
+        plain.extensions = vec![(0x0123, vec![9])];
+        let e = plain.build(b"p").unwrap();
+        assert_eq!(check_ingress(&e, &c, 1000), Ok(()), "non-critical passes");
+        assert_eq!(check_ingress(&e, &c, e.expires_ms()), Err(Reason::Expired));
     }
 
     #[test]

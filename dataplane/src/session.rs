@@ -15,6 +15,9 @@ use crate::wire::{Frame, Pong, Reason, Welcome};
 
 /// Missed heartbeat intervals after which a silent peer is declared dead.
 pub const DEAD_AFTER_INTERVALS: u64 = 3;
+/// PINGs a peer may send per heartbeat interval; one more is `ping_flood`. A well-behaved agent
+/// PINGs at most once per two silent intervals.
+pub const PINGS_PER_INTERVAL: u32 = 4;
 
 /// Where a session is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,6 +95,9 @@ pub struct Session {
     drain_deadline_us: u64,
     rtt_us: Option<u64>,
     close_reason: Option<Reason>,
+    /// Start of the current PING-counting window and the PINGs seen in it.
+    ping_window_us: u64,
+    pings: u32,
 }
 
 impl Session {
@@ -110,6 +116,8 @@ impl Session {
             drain_deadline_us: u64::MAX,
             rtt_us: None,
             close_reason: None,
+            ping_window_us: now_us,
+            pings: 0,
         }
     }
 
@@ -146,10 +154,24 @@ impl Session {
             (SessionState::Closed, _) => Admit::Close(Reason::Normal),
             (SessionState::Handshake, Frame::Hello(_)) => Admit::Accept,
             (SessionState::Handshake, _) => Admit::Close(Reason::UnexpectedFrame),
-            (_, Frame::Hello(_) | Frame::Welcome(_) | Frame::GoingAway(_)) => {
+            (_, Frame::Hello(_) | Frame::Welcome(_) | Frame::GoingAway(_) | Frame::Receipt(_)) => {
                 Admit::Close(Reason::UnexpectedFrame)
             }
             (SessionState::Draining, Frame::Envelope(_)) => Admit::Nack(Reason::ShuttingDown),
+            (_, Frame::Ping(_)) => {
+                // Each PING makes the relay write a PONG: more than a few per heartbeat
+                // interval is a flood.
+                if now_us.saturating_sub(self.ping_window_us) >= self.heartbeat_us.max(1) {
+                    self.ping_window_us = now_us;
+                    self.pings = 0;
+                }
+                self.pings += 1;
+                if self.pings > PINGS_PER_INTERVAL {
+                    Admit::Close(Reason::PingFlood)
+                } else {
+                    Admit::Accept
+                }
+            }
             (_, Frame::Close(_)) => {
                 self.close(Reason::Normal);
                 Admit::Accept
@@ -246,33 +268,22 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::{AgentId, Hello, Ping, RelayId};
+    use crate::wire::{AgentId, Hello, Ping};
 
     fn welcome(hb_ms: u32, rot_s: u32) -> Welcome {
         Welcome {
-            version: 1,
-            session_id: 1,
-            relay_id: RelayId::default(),
-            agent_id: AgentId::default(),
             heartbeat_ms: hb_ms,
-            max_frame: 65536,
-            rate_envelopes: 10,
-            rate_bytes: 10,
-            max_ttl_ms: 10,
-            classes: 3,
             key_rotation_s: rot_s,
+            ..Welcome::default()
         }
     }
 
     fn hello() -> Frame {
         Frame::Hello(Hello {
-            min_version: 1,
-            max_version: 1,
+            min_version: 2,
+            max_version: 2,
             transports: 1,
-            classes: 0,
-            max_frame: 0,
-            heartbeat_ms: 0,
-            schemas: vec![],
+            ..Hello::default()
         })
     }
 
@@ -286,6 +297,27 @@ mod tests {
         assert_eq!(
             s.on_frame(&hello(), 3),
             Admit::Close(Reason::UnexpectedFrame)
+        );
+    }
+
+    #[test]
+    fn more_than_a_few_pings_per_interval_is_a_flood() {
+        let mut s = Session::new(0, SessionTimeouts::default());
+        s.on_frame(&hello(), 0);
+        s.established(&welcome(1_000, 0), 0);
+        let ping = Frame::Ping(Ping { timestamp_us: 1 });
+        // Four per interval, interval after interval, are fine.
+        for i in 0..40u64 {
+            let t = i * 250_000 + 1;
+            assert_eq!(s.on_frame(&ping, t), Admit::Accept, "ping {i}");
+        }
+        for _ in 0..PINGS_PER_INTERVAL - 1 {
+            assert_eq!(s.on_frame(&ping, 10_000_001), Admit::Accept);
+        }
+        assert_eq!(s.on_frame(&ping, 10_000_002), Admit::Accept);
+        assert_eq!(
+            s.on_frame(&ping, 10_000_003),
+            Admit::Close(Reason::PingFlood)
         );
     }
 

@@ -5,7 +5,7 @@
 //! the reason to CLOSE. The chosen protocol version is the highest one both sides speak.
 
 use crate::wire::{
-    AgentId, DeliveryClass, Hello, Reason, RelayId, Welcome, PROTOCOL_VERSION_MAX,
+    AgentId, DeliveryClass, Hello, Reason, RelayId, Role, Welcome, PROTOCOL_VERSION_MAX,
     PROTOCOL_VERSION_MIN,
 };
 
@@ -17,6 +17,10 @@ pub const MIN_FRAME: u32 = 4096;
 pub struct ContractPolicy {
     pub min_version: u16,
     pub max_version: u16,
+    /// The role this listener serves; a HELLO with another role is refused (`not_admitted`).
+    pub role: Role,
+    /// Feature bits the relay supports.
+    pub features: u32,
     /// Heartbeat interval when the agent asks for none, milliseconds.
     pub heartbeat_ms: u32,
     /// Bounds on the heartbeat interval an agent may ask for.
@@ -24,12 +28,18 @@ pub struct ContractPolicy {
     pub heartbeat_max_ms: u32,
     /// Largest frame the relay accepts.
     pub max_frame: u32,
-    pub rate_envelopes: u32,
+    pub rate_frames: u32,
     pub rate_bytes: u64,
     pub max_ttl_ms: u64,
     /// Delivery classes the relay serves (bit set).
     pub classes: u8,
     pub key_rotation_s: u32,
+    /// Unacknowledged envelopes the relay writes to one agent before it waits for ACKs.
+    pub deliver_window: u32,
+    /// Unacknowledged bytes (frame lengths) likewise.
+    pub deliver_window_bytes: u32,
+    /// Envelopes an agent may have awaiting the relay's answer before the relay stops reading.
+    pub send_window: u32,
 }
 
 impl Default for ContractPolicy {
@@ -37,24 +47,33 @@ impl Default for ContractPolicy {
         ContractPolicy {
             min_version: PROTOCOL_VERSION_MIN,
             max_version: PROTOCOL_VERSION_MAX,
+            role: Role::Agent,
+            // RECEIPT frames are specified but this relay does not send them yet.
+            features: 0,
             heartbeat_ms: 10_000,
             heartbeat_min_ms: 1_000,
             heartbeat_max_ms: 60_000,
             max_frame: 1 << 20,
             // Above what one core forwards: the defaults never bind; operators lower them to
             // keep one session from taking a core's share.
-            rate_envelopes: 10_000_000,
+            rate_frames: 10_000_000,
             rate_bytes: 10 << 30,
             max_ttl_ms: 24 * 3600 * 1000,
             classes: DeliveryClass::BestEffort.bit() | DeliveryClass::AtLeastOnce.bit(),
             key_rotation_s: 300,
+            deliver_window: 4096,
+            deliver_window_bytes: 4 << 20,
+            send_window: 4096,
         }
     }
 }
 
 /// Agrees the session contract for one HELLO.
 ///
-/// - version: the highest version in both ranges, else `NoCommonVersion`;
+/// - version: the highest version in both ranges, else `NoCommonVersion` (checked first: an
+///   older version's HELLO carries nothing else this build can read);
+/// - role: must be the listener's, else `NotAdmitted`;
+/// - features: those both support;
 /// - heartbeat: the agent's wish clamped to the relay's bounds (0: the relay's default);
 /// - max frame: the smaller of the two, never below [`MIN_FRAME`];
 /// - classes: those both want; an agent that names none gets all the relay serves, an agent whose
@@ -70,6 +89,9 @@ pub fn negotiate(
     if version < hello.min_version.max(policy.min_version) {
         return Err(Reason::NoCommonVersion);
     }
+    if hello.role != policy.role {
+        return Err(Reason::NotAdmitted);
+    }
     let heartbeat_ms = match hello.heartbeat_ms {
         0 => policy.heartbeat_ms,
         h => h.clamp(policy.heartbeat_min_ms, policy.heartbeat_max_ms),
@@ -82,27 +104,35 @@ pub fn negotiate(
     };
     Ok(Welcome {
         version,
+        role: hello.role,
+        features: hello.features & policy.features,
         session_id,
         relay_id,
         agent_id,
         heartbeat_ms,
         max_frame,
-        rate_envelopes: policy.rate_envelopes,
+        rate_frames: policy.rate_frames,
         rate_bytes: policy.rate_bytes,
         max_ttl_ms: policy.max_ttl_ms,
         classes,
         key_rotation_s: policy.key_rotation_s,
+        deliver_window: policy.deliver_window,
+        deliver_window_bytes: policy.deliver_window_bytes.max(max_frame),
+        send_window: policy.send_window,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::features;
 
     fn hello(min: u16, max: u16) -> Hello {
         Hello {
             min_version: min,
             max_version: max,
+            role: Role::Agent,
+            features: features::RECEIPTS | 1 << 30,
             transports: 1,
             classes: 0,
             max_frame: 1 << 16,
@@ -115,6 +145,7 @@ mod tests {
         ContractPolicy {
             min_version: min,
             max_version: max,
+            features: features::KNOWN,
             ..Default::default()
         }
     }
@@ -157,6 +188,26 @@ mod tests {
             AgentId::default(),
         );
         assert_eq!(r, Err(Reason::NoCommonVersion));
+    }
+
+    #[test]
+    fn features_intersect_and_the_role_must_match() {
+        let w = negotiate(
+            &hello(1, 9),
+            &policy(1, 9),
+            7,
+            RelayId::default(),
+            AgentId::default(),
+        );
+        assert_eq!(
+            w.unwrap().features,
+            features::RECEIPTS,
+            "unknown bits dropped"
+        );
+        let mut h = hello(1, 9);
+        h.role = Role::RelayLink;
+        let r = negotiate(&h, &policy(1, 9), 7, RelayId::default(), AgentId::default());
+        assert_eq!(r, Err(Reason::NotAdmitted));
     }
 
     #[test]

@@ -14,8 +14,7 @@ use bytes::BytesMut;
 use openmesh_dataplane::policy::check_ingress;
 use openmesh_dataplane::routing::{Directory, Location, Route};
 use openmesh_dataplane::wire::{
-    AgentId, Destination, Envelope, EnvelopeBuilder, Frame, FrameDecoder, MessageId, RelayId,
-    Welcome,
+    AgentId, Destination, Envelope, EnvelopeBuilder, Frame, FrameDecoder, MessageId, Welcome,
 };
 
 struct Counting;
@@ -52,17 +51,12 @@ fn forwarding_an_envelope_allocates_nothing_in_steady_state() {
     let src = AgentId([1; 32]);
     let dst = AgentId([2; 32]);
     let contract = Welcome {
-        version: 1,
-        session_id: 1,
-        relay_id: RelayId::default(),
         agent_id: src,
         heartbeat_ms: 10_000,
         max_frame: 1 << 20,
-        rate_envelopes: 1_000_000,
-        rate_bytes: 1 << 30,
         max_ttl_ms: 60_000,
         classes: 0b11,
-        key_rotation_s: 300,
+        ..Welcome::default()
     };
     let mut dir = Directory::new();
     for i in 0..1000u32 {

@@ -20,6 +20,7 @@ fuzz_target!(|data: &[u8]| {
                         let _ = (e.payload(), e.schema(), e.associated_data());
                         let _ = (e.jurisdictions().count(), e.avoid().count(), e.prefer().count());
                         let _ = e.fallback().count();
+                        let _ = (e.extensions().count(), e.unknown_critical_extension(&[]), e.flags());
                     }
                     let again = frame.to_bytes();
                     let mut b = BytesMut::from(&again[..]);

@@ -213,7 +213,7 @@ fn settle(ev: Event, inflight: &mut u64, acked: &mut u64, live: &Live) -> anyhow
             }
         }
         Event::Closed(c) => anyhow::bail!("sender session closed: {c:?}"),
-        Event::GoingAway(_) | Event::Envelope(_) => {}
+        Event::GoingAway(_) | Event::Envelope(_) | Event::Receipt(_) => {}
     }
     Ok(())
 }

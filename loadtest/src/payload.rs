@@ -42,11 +42,12 @@ impl Template {
         b.message_id = MessageId::from_u128(0);
         let env: Envelope = b.build(&vec![0u8; size.max(MIN_PAYLOAD)])?;
         let frame = Frame::Envelope(env.clone()).to_bytes().to_vec();
-        // Immutable part: after the 5-byte frame header and the routing part.
+        // Immutable part: after the 5-byte frame header and the routing part; the message id
+        // follows the version and flags bytes (docs/PROTOCOL.md §2, ENVELOPE).
         let imm = 5 + env.routing.encoded_len();
         Ok(Template {
-            id_off: imm + 1,
-            created_off: imm + 1 + 16 + 32 + 1 + 32,
+            id_off: imm + 2,
+            created_off: imm + 2 + 16 + 32 + 1 + 32,
             payload_off: frame.len() - size.max(MIN_PAYLOAD),
             ttl_ms: builder.expires_ms.saturating_sub(builder.created_ms),
             id_high: (id_high as u128) << 64,

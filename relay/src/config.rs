@@ -101,10 +101,13 @@ pub struct SessionSection {
     pub idle_timeout_ms: u64,
     pub write_timeout_ms: u64,
     pub max_frame: u32,
-    pub rate_envelopes: u32,
+    pub rate_frames: u32,
     pub rate_bytes: u64,
     pub max_ttl_ms: u64,
     pub key_rotation_s: u32,
+    pub deliver_window: u32,
+    pub deliver_window_bytes: u32,
+    pub send_window: u32,
 }
 
 impl Default for SessionSection {
@@ -120,10 +123,13 @@ impl Default for SessionSection {
             idle_timeout_ms: t.idle_us / 1000,
             write_timeout_ms: t.write_us / 1000,
             max_frame: p.max_frame,
-            rate_envelopes: p.rate_envelopes,
+            rate_frames: p.rate_frames,
             rate_bytes: p.rate_bytes,
             max_ttl_ms: p.max_ttl_ms,
             key_rotation_s: p.key_rotation_s,
+            deliver_window: p.deliver_window,
+            deliver_window_bytes: p.deliver_window_bytes,
+            send_window: p.send_window,
         }
     }
 }
@@ -141,11 +147,14 @@ impl Config {
                 heartbeat_min_ms: s.heartbeat_min_ms,
                 heartbeat_max_ms: s.heartbeat_max_ms,
                 max_frame: s.max_frame,
-                rate_envelopes: s.rate_envelopes,
+                rate_frames: s.rate_frames,
                 rate_bytes: s.rate_bytes,
                 max_ttl_ms: s.max_ttl_ms,
                 classes: DeliveryClass::BestEffort.bit() | DeliveryClass::AtLeastOnce.bit(),
                 key_rotation_s: s.key_rotation_s,
+                deliver_window: s.deliver_window,
+                deliver_window_bytes: s.deliver_window_bytes,
+                send_window: s.send_window,
                 ..ContractPolicy::default()
             },
             timeouts: SessionTimeouts {
@@ -167,16 +176,17 @@ impl Config {
     pub fn validate(&self) -> Result<(), String> {
         let s = &self.session;
         let l = &self.limits;
-        let checks: [(bool, &str); 12] = [
+        let checks: [(bool, &str); 13] = [
             (matches!(self.relay.log_format.as_str(), "plain" | "json"), "relay.log_format must be \"plain\" or \"json\""),
             (self.relay.tick_ms >= 1 && self.relay.tick_ms <= 10_000, "relay.tick_ms must be 1..=10000"),
             (matches!(self.tls.admission.as_str(), "open" | "ca-only"), "tls.admission must be \"open\" or \"ca-only\""),
             (s.heartbeat_min_ms >= 100 && s.heartbeat_min_ms <= s.heartbeat_max_ms, "session.heartbeat_min_ms must be >= 100 and <= heartbeat_max_ms"),
             (s.heartbeat_ms >= s.heartbeat_min_ms && s.heartbeat_ms <= s.heartbeat_max_ms, "session.heartbeat_ms must lie within heartbeat_min_ms..=heartbeat_max_ms"),
             (s.max_frame >= openmesh_dataplane::signaling::MIN_FRAME && s.max_frame <= 16 << 20, "session.max_frame must be 4096..=16777216"),
-            (s.rate_envelopes > 0, "session.rate_envelopes must be > 0"),
+            (s.rate_frames > 0, "session.rate_frames must be > 0"),
             (s.rate_bytes >= s.max_frame as u64, "session.rate_bytes must be >= session.max_frame"),
             (s.max_ttl_ms > 0, "session.max_ttl_ms must be > 0"),
+            (s.deliver_window > 0 && s.send_window > 0 && s.deliver_window_bytes >= s.max_frame, "session.deliver_window and send_window must be > 0, deliver_window_bytes >= session.max_frame"),
             (s.handshake_timeout_ms > 0 && s.drain_timeout_ms > 0 && s.write_timeout_ms > 0, "session.handshake_timeout_ms, drain_timeout_ms and write_timeout_ms must be > 0"),
             (l.max_connections_per_core > 0 && l.send_queue_envelopes > 0 && l.mailbox_capacity >= 16, "limits.max_connections_per_core and send_queue_envelopes must be > 0, mailbox_capacity >= 16"),
             (l.send_queue_bytes >= s.max_frame as usize && l.read_buffer >= 4096, "limits.send_queue_bytes must be >= session.max_frame and read_buffer >= 4096"),

@@ -6,57 +6,9 @@ mod common;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use common::{hello_bytes, RawLink, Relay};
-use openmesh_dataplane::client::{unix_ms, Agent, Event};
+use common::{hello_bytes, well_behaved_pair, RawLink, Relay};
+use openmesh_dataplane::client::{unix_ms, Event};
 use openmesh_dataplane::wire::{Frame, MessageId, Reason};
-
-/// A pair exchanging `n` envelopes, sent while the test misbehaves elsewhere.
-fn well_behaved_pair(relay: &Relay, n: u64) -> tokio::task::JoinHandle<u64> {
-    let cfg_a = relay.config("good-a");
-    let cfg_b = relay.config("good-b");
-    tokio::spawn(async move {
-        let mut a = Agent::connect(cfg_a).await.unwrap();
-        let mut b = Agent::connect(cfg_b).await.unwrap();
-        let to = b.id();
-        let recv = tokio::spawn(async move {
-            let mut next = 0u64;
-            while next < n {
-                match tokio::time::timeout(Duration::from_secs(20), b.next_event()).await {
-                    Ok(Some(Event::Envelope(e))) => {
-                        assert_eq!(
-                            u64::from_be_bytes(e.payload()[..8].try_into().unwrap()),
-                            next
-                        );
-                        next += 1;
-                        b.ack(e.message_id()).await.unwrap();
-                    }
-                    other => panic!("good receiver got {other:?}"),
-                }
-            }
-            next
-        });
-        let mut acked = 0u64;
-        let mut sent = 0u64;
-        while acked < n {
-            while sent < n && sent - acked < 256 {
-                a.send(
-                    &a.envelope_to(to, 30_000)
-                        .build(&sent.to_be_bytes())
-                        .unwrap(),
-                )
-                .await
-                .unwrap();
-                sent += 1;
-                tokio::time::sleep(Duration::from_micros(200)).await;
-            }
-            match tokio::time::timeout(Duration::from_secs(20), a.next_event()).await {
-                Ok(Some(Event::Acked(ids))) => acked += ids.len() as u64,
-                other => panic!("good sender got {other:?}"),
-            }
-        }
-        recv.await.unwrap()
-    })
-}
 
 async fn welcomed(relay: &Relay, name: &str) -> RawLink {
     let mut l = RawLink::open(relay, name).await;
@@ -171,10 +123,7 @@ async fn malformed_input_gets_its_reason_and_others_lose_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_above_the_rate_limit_is_paced_not_dropped_and_memory_stays_bounded() {
     const FLOOD: u64 = 6_000;
-    let relay = Relay::start(
-        &["--cores", "2"],
-        Some("[session]\nrate_envelopes = 3000\n"),
-    );
+    let relay = Relay::start(&["--cores", "2"], Some("[session]\nrate_frames = 3000\n"));
     let rss_before = relay.rss();
     let good = well_behaved_pair(&relay, 2_000);
     let mut flooder = relay.agent("flooder").await;
@@ -222,7 +171,7 @@ async fn a_flood_above_the_rate_limit_is_paced_not_dropped_and_memory_stays_boun
         common::metric_in(
             &text,
             "openmesh_reads_throttled_total",
-            &["limit=\"envelopes\""]
+            &["limit=\"frames\""]
         ) > 0.0
     );
     assert_eq!(
@@ -242,12 +191,16 @@ async fn a_peer_that_stops_reading_is_cut_off_after_the_write_timeout() {
         &["--cores", "1"],
         Some("[session]\nwrite_timeout_ms = 500\n"),
     );
-    // The stuck agent completes HELLO, then only sends PINGs and never reads again.
+    // The stuck agent completes HELLO, then only sends ACKs (for ids it never got: counted and
+    // ignored) and never reads again.
     let mut stuck = welcomed(&relay, "stuck").await;
     let stuck_id = stuck.id;
     let pinger = tokio::spawn(async move {
         for i in 0..40u64 {
-            let ping = Frame::Ping(openmesh_dataplane::wire::Ping { timestamp_us: i }).to_bytes();
+            let ping = Frame::Ack(openmesh_dataplane::wire::AckBatch::new([
+                MessageId::from_u128(i as u128),
+            ]))
+            .to_bytes();
             if tokio::io::AsyncWriteExt::write_all(&mut stuck.io, &ping)
                 .await
                 .is_err()

@@ -35,22 +35,27 @@ async fn version_alignment_picks_highest_common_or_closes() {
     cfg.hello.min_version = 1;
     cfg.hello.max_version = 7;
     let a = Agent::connect(cfg).await.unwrap();
-    assert_eq!(a.welcome().version, 1, "highest version both speak");
+    assert_eq!(a.welcome().version, 2, "highest version both speak");
 
-    let mut cfg = relay.config("future");
-    cfg.hello.min_version = 5;
-    cfg.hello.max_version = 9;
-    match Agent::connect(cfg).await {
-        Err(ClientError::Closed(c)) => assert_eq!(c.reason(), Some(Reason::NoCommonVersion)),
-        Err(e) => panic!("unexpected error {e}"),
-        Ok(_) => panic!("a session without a common version was established"),
+    // A version-1 agent, and one from the future: no common version.
+    for (name, min, max) in [("v1", 1, 1), ("future", 5, 9)] {
+        let mut cfg = relay.config(name);
+        cfg.hello.min_version = min;
+        cfg.hello.max_version = max;
+        match Agent::connect(cfg).await {
+            Err(ClientError::Closed(c)) => {
+                assert_eq!(c.reason(), Some(Reason::NoCommonVersion), "{name}")
+            }
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("a session without a common version was established"),
+        }
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let m = relay.metric(
         "openmesh_handshake_failures_total",
         &["reason=\"no_common_version\""],
     );
-    assert_eq!(m, 1.0);
+    assert_eq!(m, 2.0);
     assert_eq!(
         relay.settled_metric("openmesh_sessions_active", &[], 1.0),
         1.0
@@ -255,7 +260,7 @@ async fn sigterm_drains_gracefully_and_loses_no_acked_envelope() {
                 assert_eq!(c.and_then(|c| c.reason()), Some(Reason::ShuttingDown));
                 break;
             }
-            Event::Envelope(e) => panic!("sender got {e:?}"),
+            other @ (Event::Envelope(_) | Event::Receipt(_)) => panic!("sender got {other:?}"),
         }
     }
     assert!(going_away, "sender saw GOING_AWAY");

@@ -68,7 +68,7 @@ pub(crate) struct ConnState {
     pub(crate) batch: Vec<Envelope>,
     pub(crate) rx: BytesMut,
     pub(crate) decoder: FrameDecoder,
-    pub(crate) bucket_envelopes: Option<TokenBucket>,
+    pub(crate) bucket_frames: Option<TokenBucket>,
     pub(crate) bucket_bytes: Option<TokenBucket>,
     /// The reader pauses until then: a destination this session sends to is congested.
     pub(crate) paused_until_us: u64,
@@ -107,7 +107,7 @@ impl ConnState {
             batch: Vec::new(),
             rx: BytesMut::new(),
             decoder: FrameDecoder::new(max_frame),
-            bucket_envelopes: None,
+            bucket_frames: None,
             bucket_bytes: None,
             paused_until_us: 0,
             backoff_us: 0,
@@ -122,13 +122,18 @@ impl ConnState {
         }
     }
 
-    /// Queues a control frame for the writer.
+    /// Queues a control frame for the writer. Nothing is queued once CLOSE was.
     pub(crate) fn send_frame(&mut self, f: &Frame) {
-        f.encode(&mut self.ctrl);
+        if !self.closing {
+            f.encode(&mut self.ctrl);
+        }
     }
 
     /// Queues a NACK and counts the refusal.
     pub(crate) fn nack(&mut self, id: MessageId, reason: Reason, m: &CoreMetrics) {
+        if self.closing {
+            return;
+        }
         m.refused(reason);
         tracing::debug!(agent = ?self.agent, msg = %id, reason = reason.label(), "envelope refused");
         self.send_frame(&Frame::Nack(Nack::new(id, reason)));
@@ -143,12 +148,21 @@ impl ConnState {
             && self.batch.is_empty()
     }
 
+    /// Whether the agent has as many envelopes awaiting an answer as its contract's send window.
+    pub(crate) fn send_window_full(&self) -> bool {
+        !self.finished
+            && self
+                .contract
+                .as_ref()
+                .is_some_and(|c| self.awaiting >= c.send_window)
+    }
+
     /// Microseconds the reader should wait before reading again (rate limits).
     pub(crate) fn throttle_wait(&mut self, now: u64, m: &CoreMetrics) -> u64 {
-        let e = self.bucket_envelopes.as_mut().map_or(0, |b| b.wait_us(now));
+        let e = self.bucket_frames.as_mut().map_or(0, |b| b.wait_us(now));
         let b = self.bucket_bytes.as_mut().map_or(0, |b| b.wait_us(now));
         if e > 0 {
-            m.throttled_envelopes.increment(1);
+            m.throttled_frames.increment(1);
         }
         if b > 0 {
             m.throttled_bytes.increment(1);
@@ -185,6 +199,13 @@ impl ConnState {
             return Err((Reason::DestinationUnavailable, env));
         }
         let len = env.frame_len();
+        if self
+            .contract
+            .as_ref()
+            .is_some_and(|c| len > c.max_frame as usize)
+        {
+            return Err((Reason::TooLargeForDestination, env));
+        }
         if self.outq.len() >= max_envelopes || self.outq_bytes + len > max_bytes {
             return Err((Reason::QueueFull, env));
         }
@@ -211,11 +232,8 @@ impl ConnState {
     /// Moves pending output into rustls and the resulting TLS records into `out`.
     pub(crate) fn fill(&mut self, out: &mut Vec<u8>, m: &CoreMetrics) {
         if !self.tls.is_handshaking() {
-            while !self.acks_to_send.is_empty() {
-                let n = self.acks_to_send.len().min(MAX_ACK_BATCH);
-                let batch = AckBatch::new(self.acks_to_send.drain(..n));
-                m.acks_out.increment(batch.len() as u64);
-                Frame::Ack(batch).encode(&mut self.ctrl);
+            if !self.closing {
+                self.encode_acks(m);
             }
             if !self.ctrl.is_empty() {
                 let _ = self.tls.writer().write_all(&self.ctrl);
@@ -235,19 +253,60 @@ impl ConnState {
         }
     }
 
+    /// Moves the ACKs waiting to be sent into the control buffer.
+    pub(crate) fn encode_acks(&mut self, m: &CoreMetrics) {
+        while !self.acks_to_send.is_empty() {
+            let n = self.acks_to_send.len().min(MAX_ACK_BATCH);
+            let batch = AckBatch::new(self.acks_to_send.drain(..n));
+            m.acks_out.increment(batch.len() as u64);
+            Frame::Ack(batch).encode(&mut self.ctrl);
+        }
+    }
+
+    /// Whether the next queued envelope waits for the agent's ACKs (deliver window full).
+    pub(crate) fn window_full(&self) -> bool {
+        let (n, b) = self.window();
+        let next = self.outq.front().map_or(0, Envelope::frame_len);
+        !self.inflight.has_room(n, b, next)
+    }
+
+    fn window(&self) -> (usize, usize) {
+        self.contract
+            .as_ref()
+            .map_or((usize::MAX, usize::MAX), |c| {
+                (c.deliver_window as usize, c.deliver_window_bytes as usize)
+            })
+    }
+
     fn write_envelopes(&mut self, m: &CoreMetrics) {
         let now_ms = unix_ms();
         let mut bytes = 0;
         self.heads.clear();
+        // The deliver window: what this pass may add to in-flight custody.
+        let (window, window_bytes) = self.window();
+        let (mut room, mut room_bytes) = (0usize, 0usize);
         while self.sending.len() < WRITE_BATCH && bytes < WRITE_BATCH_BYTES {
             let Some(env) = self.outq.pop_front() else {
                 break;
             };
-            self.outq_bytes = self.outq_bytes.saturating_sub(env.frame_len());
             if env.expires_ms() <= now_ms {
+                self.outq_bytes = self.outq_bytes.saturating_sub(env.frame_len());
                 m.dropped(Reason::Expired, 1);
                 continue;
             }
+            if env.class() != DeliveryClass::BestEffort {
+                if !self.inflight.has_room(
+                    window.saturating_sub(room),
+                    window_bytes.saturating_sub(room_bytes),
+                    env.frame_len(),
+                ) {
+                    self.outq.push_front(env);
+                    break;
+                }
+                room += 1;
+                room_bytes += env.frame_len();
+            }
+            self.outq_bytes = self.outq_bytes.saturating_sub(env.frame_len());
             bytes += env.frame_len();
             env.encode_head(&mut self.heads);
             self.sending.push(env);
@@ -372,7 +431,10 @@ impl Conn {
             // Nothing can be said to this peer: no TLS yet, or it does not read.
             self.stream.shutdown();
         } else {
-            st.send_frame(&Frame::Close(Close::new(reason, reason.label())));
+            // ACKs already owed go out before CLOSE; nothing at all goes out after it
+            // (`send_frame` and `nack` ignore a closing connection).
+            st.encode_acks(m);
+            Frame::Close(Close::new(reason, reason.label())).encode(&mut st.ctrl);
         }
         self.wake.notify_one();
     }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::conn::{Conn, ConnState, CLOSE_LINGER_US};
+use super::inflight::Settled;
 use super::mailbox::{ConnId, CoreMsg, Outbox};
 use super::uring::{self, Listener, Stream};
 use super::{now_us, unix_ms, EngineConfig, Shared};
@@ -138,6 +139,12 @@ async fn reader(core: Rc<Core>, conn: Rc<Conn>) {
             core.flush_outbox();
             tokio::time::sleep(Duration::from_micros(200)).await;
         }
+        // The send window: stop reading while too many envelopes await another core's verdict.
+        while conn.st.borrow().send_window_full() {
+            core.m.throttled_send_window.increment(1);
+            core.flush_outbox();
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
         let (res, b) = conn.stream.read(buf).await;
         buf = b;
         let n = match res {
@@ -254,8 +261,11 @@ impl Core {
         let now_ms = unix_ms();
         // Counted per read, not per envelope: one atomic add per class and batch.
         let (mut n_env, mut n_bytes) = ([0u64; 3], [0u64; 3]);
+        // Every frame, and every byte of it, is charged to the rate buckets.
+        let (mut frames, mut frame_bytes) = (0u64, 0u64);
         loop {
             let decoder = st.decoder;
+            let before = st.rx.len();
             let frame = match decoder.decode(&mut st.rx) {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
@@ -265,6 +275,8 @@ impl Core {
                     break;
                 }
             };
+            frames += 1;
+            frame_bytes += (before - st.rx.len()) as u64;
             match st.session.on_frame(&frame, now) {
                 Admit::Close(r) => {
                     conn.close(&mut st, r, &self.m);
@@ -294,15 +306,29 @@ impl Core {
                     st.batch.push(env);
                 }
                 Frame::Ack(a) => {
-                    let n: u64 = a.ids().map(|id| st.inflight.ack(id)).sum();
-                    self.m.acks_in.increment(n);
+                    let was_full = st.window_full();
+                    let (mut known, mut unknown) = (0u64, 0u64);
+                    for id in a.ids() {
+                        match st.inflight.settle(id) {
+                            Settled::Known => known += 1,
+                            Settled::Unknown => unknown += 1,
+                        }
+                    }
+                    self.m.acks_in.increment(known);
+                    if unknown > 0 {
+                        self.m.unknown_acks.increment(unknown);
+                    }
+                    if was_full && !st.outq.is_empty() {
+                        conn.wake(&mut st);
+                    }
                 }
                 Frame::Nack(n) => {
                     // The agent refused a delivered envelope: it leaves custody, counted as dropped.
-                    if !st.inflight.is_empty() {
-                        st.inflight.ack(n.message_id);
-                        self.m
-                            .dropped(n.reason().unwrap_or(Reason::PolicyViolation), 1);
+                    match st.inflight.settle(n.message_id) {
+                        Settled::Known => self
+                            .m
+                            .dropped(n.reason().unwrap_or(Reason::PolicyViolation), 1),
+                        Settled::Unknown => self.m.unknown_nacks.increment(1),
                     }
                 }
                 Frame::Ping(p) => {
@@ -321,22 +347,21 @@ impl Core {
                     conn.close(&mut st, Reason::Normal, &self.m);
                     break;
                 }
-                Frame::Welcome(_) | Frame::GoingAway(_) => {}
+                Frame::Welcome(_) | Frame::GoingAway(_) | Frame::Receipt(_) => {}
             }
         }
-        let (total_env, total_bytes) = (n_env.iter().sum::<u64>(), n_bytes.iter().sum::<u64>());
-        if total_env > 0 {
-            for c in 0..3 {
-                if n_env[c] > 0 {
-                    self.m.envelopes_in[c].increment(n_env[c]);
-                    self.m.bytes_in[c].increment(n_bytes[c]);
-                }
+        for c in 0..3 {
+            if n_env[c] > 0 {
+                self.m.envelopes_in[c].increment(n_env[c]);
+                self.m.bytes_in[c].increment(n_bytes[c]);
             }
-            if let Some(b) = st.bucket_envelopes.as_mut() {
-                b.spend(total_env, now);
+        }
+        if frames > 0 {
+            if let Some(b) = st.bucket_frames.as_mut() {
+                b.spend(frames, now);
             }
             if let Some(b) = st.bucket_bytes.as_mut() {
-                b.spend(total_bytes, now);
+                b.spend(frame_bytes, now);
             }
         }
         if !st.ctrl.is_empty() {
@@ -372,11 +397,11 @@ impl Core {
         };
         st.session.established(&welcome, now);
         st.decoder.set_max_frame(welcome.max_frame as usize);
-        let burst_env = (welcome.rate_envelopes as u64 / 10).max(64);
+        let burst_frames = (welcome.rate_frames as u64 / 10).max(64);
         let burst_bytes = (welcome.rate_bytes / 10).max(welcome.max_frame as u64 * 4);
-        st.bucket_envelopes = Some(TokenBucket::new(
-            welcome.rate_envelopes as u64,
-            burst_env,
+        st.bucket_frames = Some(TokenBucket::new(
+            welcome.rate_frames as u64,
+            burst_frames,
             now,
         ));
         st.bucket_bytes = Some(TokenBucket::new(welcome.rate_bytes, burst_bytes, now));

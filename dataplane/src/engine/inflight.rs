@@ -1,9 +1,13 @@
 //! Envelopes written to an agent and waiting for its ACK (custody not yet transferred).
 //!
-//! Agents ACK in the order they received, so the common case is the front of a queue kept in send
-//! order: pop it, no hashing. An ACK for an id further back is remembered in a set and applied
-//! when that id reaches the front. Ids that match nothing (a confused or hostile agent) are purged
-//! whenever the set outgrows the queue, so memory stays bounded by what is in flight.
+//! Kept in send order, with the set of ids still unacknowledged beside it. Agents ACK in the order
+//! they received, so the common case pops the front; an ACK for an id further back only removes
+//! it from the set, and its envelope leaves when it reaches the front. An id that is not in the
+//! set (never written, or already ACKed) changes nothing and is reported as unknown.
+//!
+//! The deliver window counts from the oldest unacknowledged envelope: the writer stops when the
+//! queue holds `deliver_window` envelopes or `deliver_window_bytes` bytes, so a receiver that
+//! never ACKs holds at most one window.
 
 use std::collections::{HashSet, VecDeque};
 
@@ -12,66 +16,64 @@ use crate::wire::{Envelope, MessageId};
 #[derive(Default)]
 pub(crate) struct Inflight {
     order: VecDeque<Envelope>,
-    acked_early: HashSet<MessageId, foldhash::fast::RandomState>,
+    /// Frame bytes of the envelopes in `order`.
+    bytes: usize,
+    unacked: HashSet<MessageId, foldhash::fast::RandomState>,
+}
+
+/// What an ACK or NACK from the agent did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Settled {
+    /// The id was in flight; it left custody.
+    Known,
+    /// No envelope with this id is in flight.
+    Unknown,
 }
 
 impl Inflight {
     /// Records an envelope just written to the agent.
     pub(crate) fn push(&mut self, env: Envelope) {
+        self.bytes += env.frame_len();
+        self.unacked.insert(env.message_id());
         self.order.push_back(env);
     }
 
-    /// Applies an ACK; returns how many envelopes left custody.
-    pub(crate) fn ack(&mut self, id: MessageId) -> u64 {
-        match self.order.front() {
-            Some(front) if front.message_id() == id => {
-                self.order.pop_front();
-                1 + self.pop_acked_front()
-            }
-            Some(_) => {
-                self.acked_early.insert(id);
-                if self.acked_early.len() > self.order.len() {
-                    self.purge();
-                }
-                0
-            }
-            None => 0,
-        }
+    /// Whether the deliver window has room for one more envelope of `frame_len` bytes.
+    pub(crate) fn has_room(&self, window: usize, window_bytes: usize, frame_len: usize) -> bool {
+        self.order.len() < window && self.bytes + frame_len <= window_bytes
     }
 
-    fn pop_acked_front(&mut self) -> u64 {
-        let mut n = 0;
+    /// Applies an ACK (or the agent's NACK) for `id`.
+    pub(crate) fn settle(&mut self, id: MessageId) -> Settled {
+        if !self.unacked.remove(&id) {
+            return Settled::Unknown;
+        }
         while let Some(front) = self.order.front() {
-            if !self.acked_early.remove(&front.message_id()) {
+            if self.unacked.contains(&front.message_id()) {
                 break;
             }
+            self.bytes -= front.frame_len();
             self.order.pop_front();
-            n += 1;
         }
-        n
+        Settled::Known
     }
 
-    /// Forgets remembered ACKs that match no envelope in flight.
-    fn purge(&mut self) {
-        let live: HashSet<MessageId> = self.order.iter().map(Envelope::message_id).collect();
-        self.acked_early.retain(|id| live.contains(id));
-    }
-
-    /// Envelopes still in custody.
+    /// Envelopes still unacknowledged.
     pub(crate) fn len(&self) -> usize {
-        self.order.len().saturating_sub(self.acked_early.len())
+        self.unacked.len()
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.unacked.is_empty()
     }
 
-    /// Takes every envelope still in custody, in send order.
+    /// Takes every envelope still unacknowledged, in send order.
     pub(crate) fn take(&mut self) -> Vec<Envelope> {
-        let early = std::mem::take(&mut self.acked_early);
+        let unacked = std::mem::take(&mut self.unacked);
+        self.bytes = 0;
         self.order
             .drain(..)
-            .filter(|e| !early.contains(&e.message_id()))
+            .filter(|e| unacked.contains(&e.message_id()))
             .collect()
     }
 }
@@ -99,22 +101,30 @@ mod tests {
         for i in 0..5 {
             f.push(env(i));
         }
-        assert_eq!(f.ack(MessageId::from_u128(0)), 1);
-        assert_eq!(f.ack(MessageId::from_u128(2)), 0);
-        assert_eq!(f.ack(MessageId::from_u128(3)), 0);
+        let one = env(0).frame_len();
+        assert_eq!(f.settle(MessageId::from_u128(0)), Settled::Known);
+        assert_eq!(f.settle(MessageId::from_u128(2)), Settled::Known);
+        assert_eq!(f.settle(MessageId::from_u128(3)), Settled::Known);
         assert_eq!(f.len(), 2);
-        assert_eq!(
-            f.ack(MessageId::from_u128(1)),
-            3,
-            "1 then the early 2 and 3"
+        assert_eq!(f.bytes, 4 * one, "2 and 3 stay behind the unACKed 1");
+        assert!(
+            !f.has_room(4, usize::MAX, 0),
+            "the window counts from the oldest"
         );
-        assert_eq!(f.len(), 1);
+        assert!(f.has_room(5, 5 * one, one));
+        assert!(
+            !f.has_room(5, 5 * one - 1, one),
+            "a window in bytes is a hard bound"
+        );
+        assert_eq!(f.settle(MessageId::from_u128(1)), Settled::Known);
+        assert_eq!((f.len(), f.bytes), (1, one));
         for bogus in 100..110 {
-            f.ack(MessageId::from_u128(bogus));
+            assert_eq!(f.settle(MessageId::from_u128(bogus)), Settled::Unknown);
         }
-        assert!(f.acked_early.len() <= f.order.len(), "bogus ids are purged");
+        assert_eq!(f.settle(MessageId::from_u128(2)), Settled::Unknown, "twice");
+        assert_eq!(f.len(), 1, "bogus ids change nothing");
         f.push(env(5));
-        f.ack(MessageId::from_u128(5));
+        f.settle(MessageId::from_u128(5));
         let left: Vec<_> = f.take().iter().map(|e| e.message_id().as_u128()).collect();
         assert_eq!(left, vec![4]);
         assert!(f.is_empty());

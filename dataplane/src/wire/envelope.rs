@@ -18,7 +18,35 @@ use super::{
 pub const MAX_PATH_LEN: usize = 8;
 /// Most entries in each constraint list (jurisdictions, avoid, prefer).
 pub const MAX_CONSTRAINT_LIST: usize = 16;
-const ROUTING_FIXED_LEN: usize = 7;
+/// Most node-disjoint paths an envelope may ask for (`multipath_k`).
+pub const MAX_MULTIPATH: u8 = 4;
+/// Most bytes the extension area of an envelope may hold.
+pub const MAX_EXTENSIONS_LEN: usize = 1024;
+const ROUTING_FIXED_LEN: usize = 8;
+
+/// Bits of the envelope's `flags` byte (`docs/PROTOCOL.md` §2, ENVELOPE).
+pub mod flags {
+    /// The source wants a RECEIPT `delivered` once the destination agent ACKed the envelope.
+    pub const RECEIPT_DELIVERED: u8 = 1 << 0;
+    /// The source wants a RECEIPT `expired` if the envelope expires undelivered.
+    pub const RECEIPT_EXPIRED: u8 = 1 << 1;
+    /// Every bit this version defines; the others are sent as 0 and ignored.
+    pub const KNOWN: u8 = RECEIPT_DELIVERED | RECEIPT_EXPIRED;
+}
+
+/// Set in an extension's type when a relay that does not know the type must refuse the envelope.
+pub const EXTENSION_CRITICAL: u16 = 0x8000;
+
+/// One entry of an envelope's extension area: a type, whose high bit marks it critical, and an
+/// opaque value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extension<'a> {
+    /// The type without the critical bit.
+    pub kind: u16,
+    /// Whether a relay that does not know `kind` must refuse the envelope.
+    pub critical: bool,
+    pub value: &'a [u8],
+}
 
 /// Where an envelope goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -50,8 +78,10 @@ impl Jurisdiction {
 pub struct RoutingPart {
     /// Hops the envelope may still take; a relay refuses an envelope that arrives with 0.
     pub hop_limit: u8,
-    /// Index of the current hop in `path`.
+    /// Index of the current hop in `path` (0 when `path` is empty; below its length otherwise).
     pub hop_index: u8,
+    /// Which of the `multipath_k` copies this is (0 for a single path).
+    pub copy_index: u8,
     /// Route table generation the ingress relay used.
     pub route_generation: u32,
     /// Relay ids chosen by the ingress relay, `32 * n` bytes, `n <= MAX_PATH_LEN`.
@@ -64,9 +94,18 @@ impl RoutingPart {
         RoutingPart {
             hop_limit,
             hop_index: 0,
+            copy_index: 0,
             route_generation: 0,
             path: Bytes::new(),
         }
+    }
+
+    /// Whether this is the routing part an agent must send: nothing chosen by a relay yet.
+    pub fn is_origin(&self) -> bool {
+        self.hop_index == 0
+            && self.copy_index == 0
+            && self.route_generation == 0
+            && self.path.is_empty()
     }
 
     /// Encoded length in bytes.
@@ -86,16 +125,21 @@ impl RoutingPart {
     fn decode(r: &mut Reader<'_>, frame: &Bytes) -> Result<Self, WireError> {
         let hop_limit = r.u8("hop limit")?;
         let hop_index = r.u8("hop index")?;
+        let copy_index = r.u8("copy index")?;
         let route_generation = r.u32("route generation")?;
         let n = r.u8("path length")? as usize;
         if n > MAX_PATH_LEN {
             return Err(WireError::Invalid("path length"));
+        }
+        if hop_index as usize >= n.max(1) {
+            return Err(WireError::Invalid("hop index"));
         }
         let start = r.pos();
         r.take(n * 32, "path")?;
         Ok(RoutingPart {
             hop_limit,
             hop_index,
+            copy_index,
             route_generation,
             path: frame.slice(start..start + n * 32),
         })
@@ -104,6 +148,7 @@ impl RoutingPart {
     fn encode(&self, dst: &mut BytesMut) {
         dst.put_u8(self.hop_limit);
         dst.put_u8(self.hop_index);
+        dst.put_u8(self.copy_index);
         dst.put_u32(self.route_generation);
         dst.put_u8((self.path.len() / 32) as u8);
         dst.put_slice(&self.path);
@@ -111,18 +156,19 @@ impl RoutingPart {
 }
 
 // Offsets of the fixed fields inside the immutable part (docs/PROTOCOL.md §2, ENVELOPE).
-const OFF_ID: usize = 1;
-const OFF_SOURCE: usize = 17;
-const OFF_DEST_KIND: usize = 49;
-const OFF_DEST: usize = 50;
-const OFF_CREATED: usize = 82;
-const OFF_EXPIRES: usize = 90;
-const OFF_CLASS: usize = 98;
-const OFF_PRIORITY: usize = 99;
-const OFF_PATH_CLASS: usize = 100;
-const OFF_MULTIPATH: usize = 101;
-const OFF_TRUST: usize = 102;
-const FIXED_LEN: usize = 103;
+const OFF_FLAGS: usize = 1;
+const OFF_ID: usize = 2;
+const OFF_SOURCE: usize = 18;
+const OFF_DEST_KIND: usize = 50;
+const OFF_DEST: usize = 51;
+const OFF_CREATED: usize = 83;
+const OFF_EXPIRES: usize = 91;
+const OFF_CLASS: usize = 99;
+const OFF_PRIORITY: usize = 100;
+const OFF_PATH_CLASS: usize = 101;
+const OFF_MULTIPATH: usize = 102;
+const OFF_TRUST: usize = 103;
+const FIXED_LEN: usize = 104;
 
 /// Where the variable sections of a decoded immutable part are: `(offset, count)` pairs.
 ///
@@ -135,6 +181,8 @@ struct Sections {
     prefer: (u16, u8),
     fallback: (u16, u8),
     schema: (u16, u8),
+    /// Offset and length of the extension TLVs (after their `u16` length).
+    ext: (u16, u16),
     payload: u16,
 }
 
@@ -156,6 +204,9 @@ impl Envelope {
         let routing = RoutingPart::decode(&mut r, &body)?;
         let immutable = body.slice(r.pos()..);
         let sections = validate(&immutable)?;
+        if routing.copy_index >= immutable[OFF_MULTIPATH].max(1) {
+            return Err(WireError::Invalid("copy index"));
+        }
         Ok(Envelope {
             routing,
             immutable,
@@ -178,6 +229,21 @@ impl Envelope {
     /// Envelope format version.
     pub fn version(&self) -> u8 {
         self.immutable[0]
+    }
+
+    /// The flags byte ([`flags`]).
+    pub fn flags(&self) -> u8 {
+        self.immutable[OFF_FLAGS]
+    }
+
+    /// Whether the source asked for a RECEIPT when the destination ACKs.
+    pub fn wants_delivery_receipt(&self) -> bool {
+        self.flags() & flags::RECEIPT_DELIVERED != 0
+    }
+
+    /// Whether the source asked for a RECEIPT if the envelope expires undelivered.
+    pub fn wants_expiry_notice(&self) -> bool {
+        self.flags() & flags::RECEIPT_EXPIRED != 0
     }
 
     /// The source's message id.
@@ -225,7 +291,7 @@ impl Envelope {
         PathClass::from_u8(self.immutable[OFF_PATH_CLASS]).unwrap_or(PathClass::LowLatency)
     }
 
-    /// Number of node-disjoint paths wanted (0 or 1: single path).
+    /// Number of node-disjoint paths wanted (0 or 1: single path; at most [`MAX_MULTIPATH`]).
     pub fn multipath_k(&self) -> u8 {
         self.immutable[OFF_MULTIPATH]
     }
@@ -293,9 +359,49 @@ impl Envelope {
             .filter_map(|c| PathClass::from_u8(c[0]).ok())
     }
 
+    /// The extension TLVs, in order.
+    pub fn extensions(&self) -> impl Iterator<Item = Extension<'_>> + '_ {
+        let (off, len) = self.sections.ext;
+        ExtensionIter {
+            rest: &self.immutable[off as usize..off as usize + len as usize],
+        }
+    }
+
+    /// The first critical extension whose kind is not in `known`, if any: a relay refuses such
+    /// an envelope (`unknown_critical_extension`).
+    pub fn unknown_critical_extension(&self, known: &[u16]) -> Option<u16> {
+        self.extensions()
+            .find(|e| e.critical && !known.contains(&e.kind))
+            .map(|e| e.kind)
+    }
+
     fn section(&self, (off, n): (u16, u8), width: usize) -> std::slice::ChunksExact<'_, u8> {
         let off = off as usize;
         self.immutable[off..off + n as usize * width].chunks_exact(width)
+    }
+}
+
+/// Walks a validated extension area.
+struct ExtensionIter<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Iterator for ExtensionIter<'a> {
+    type Item = Extension<'a>;
+
+    fn next(&mut self) -> Option<Extension<'a>> {
+        if self.rest.len() < 4 {
+            return None;
+        }
+        let ty = u16::from_be_bytes([self.rest[0], self.rest[1]]);
+        let len = u16::from_be_bytes([self.rest[2], self.rest[3]]) as usize;
+        let value = self.rest.get(4..4 + len)?;
+        self.rest = &self.rest[4 + len..];
+        Some(Extension {
+            kind: ty & !EXTENSION_CRITICAL,
+            critical: ty & EXTENSION_CRITICAL != 0,
+            value,
+        })
     }
 }
 
@@ -322,6 +428,9 @@ fn validate(imm: &[u8]) -> Result<Sections, WireError> {
     if imm[OFF_TRUST] > 100 {
         return Err(WireError::Invalid("minimum trust"));
     }
+    if imm[OFF_MULTIPATH] > MAX_MULTIPATH {
+        return Err(WireError::Invalid("multipath k"));
+    }
     let mut r = Reader::at(imm, FIXED_LEN);
     let jur = list(&mut r, 2, MAX_CONSTRAINT_LIST, "jurisdictions")?;
     let jur_bytes = &imm[jur.0 as usize..jur.0 as usize + 2 * jur.1 as usize];
@@ -337,6 +446,18 @@ fn validate(imm: &[u8]) -> Result<Sections, WireError> {
     let schema_start = r.pos() + 1;
     let schema = r.short_str("schema id")?;
     let schema = (schema_start as u16, schema.len() as u8);
+    let ext_len = r.u16("extension length")? as usize;
+    if ext_len > MAX_EXTENSIONS_LEN {
+        return Err(WireError::Invalid("extension length"));
+    }
+    let ext_start = r.pos();
+    let mut ext = Reader::at(r.take(ext_len, "extensions")?, 0);
+    while ext.remaining() > 0 {
+        ext.u16("extension type")?;
+        let n = ext.u16("extension length")? as usize;
+        ext.take(n, "extension value")?;
+    }
+    let ext = (ext_start as u16, ext_len as u16);
     let payload = r.pos() as u16;
     let payload_len = r.u32("payload length")? as usize;
     if payload_len != r.remaining() {
@@ -352,6 +473,7 @@ fn validate(imm: &[u8]) -> Result<Sections, WireError> {
         prefer,
         fallback,
         schema,
+        ext,
         payload,
     })
 }
@@ -395,6 +517,11 @@ pub struct EnvelopeBuilder {
     pub path_class: PathClass,
     pub constraints: Constraints,
     pub schema: String,
+    /// Bits of [`flags`] (receipts wanted).
+    pub flags: u8,
+    /// Extension TLVs: `(type, value)`, the type's high bit ([`EXTENSION_CRITICAL`]) marking a
+    /// critical one.
+    pub extensions: Vec<(u16, Vec<u8>)>,
     pub hop_limit: u8,
 }
 
@@ -418,14 +545,21 @@ impl EnvelopeBuilder {
             path_class: PathClass::LowLatency,
             constraints: Constraints::default(),
             schema: String::new(),
+            flags: 0,
+            extensions: Vec::new(),
             hop_limit: 8,
         }
+    }
+
+    fn extensions_len(&self) -> usize {
+        self.extensions.iter().map(|(_, v)| 4 + v.len()).sum()
     }
 
     /// Length of the immutable part for a payload of `payload_len` bytes.
     pub fn immutable_len(&self, payload_len: usize) -> usize {
         let c = &self.constraints;
-        1 + 16
+        1 + 1
+            + 16
             + 32
             + 1
             + 32
@@ -442,6 +576,8 @@ impl EnvelopeBuilder {
             + c.fallback.len()
             + 1
             + self.schema.len()
+            + 2
+            + self.extensions_len()
             + 4
             + payload_len
     }
@@ -462,11 +598,18 @@ impl EnvelopeBuilder {
         if self.schema.len() > 255 {
             return Err(WireError::Invalid("schema id"));
         }
+        if c.multipath_k > MAX_MULTIPATH {
+            return Err(WireError::Invalid("multipath k"));
+        }
+        if self.extensions_len() > MAX_EXTENSIONS_LEN {
+            return Err(WireError::Invalid("extension length"));
+        }
         if u32::try_from(payload.len()).is_err() {
             return Err(WireError::Invalid("payload length"));
         }
         let mut b = BytesMut::with_capacity(self.immutable_len(payload.len()));
         b.put_u8(ENVELOPE_VERSION);
+        b.put_u8(self.flags & flags::KNOWN);
         b.put_slice(&self.message_id.0);
         b.put_slice(&self.source.0);
         match self.destination {
@@ -504,6 +647,12 @@ impl EnvelopeBuilder {
         }
         b.put_u8(self.schema.len() as u8);
         b.put_slice(self.schema.as_bytes());
+        b.put_u16(self.extensions_len() as u16);
+        for (ty, v) in &self.extensions {
+            b.put_u16(*ty);
+            b.put_u16(v.len() as u16);
+            b.put_slice(v);
+        }
         b.put_u32(payload.len() as u32);
         b.put_slice(payload);
         let immutable = b.freeze();

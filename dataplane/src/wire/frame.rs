@@ -3,7 +3,7 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::reader::Reader;
-use super::{AgentId, Envelope, MessageId, Reason, RelayId, WireError};
+use super::{AgentId, Envelope, MessageId, Reason, RelayId, Role, WireError, PROTOCOL_VERSION_MIN};
 
 /// Bytes before a frame's body: the `u32` length and the type byte.
 pub const FRAME_HEADER_LEN: usize = 5;
@@ -25,6 +25,7 @@ pub enum FrameType {
     Pong = 0x07,
     GoingAway = 0x08,
     Close = 0x09,
+    Receipt = 0x0a,
 }
 
 impl FrameType {
@@ -39,16 +40,25 @@ impl FrameType {
             0x07 => Self::Pong,
             0x08 => Self::GoingAway,
             0x09 => Self::Close,
+            0x0a => Self::Receipt,
             other => return Err(WireError::UnknownFrameType(other)),
         })
     }
 }
 
 /// HELLO: the agent's capability descriptor.
-#[derive(Clone, Debug, PartialEq, Eq)]
+///
+/// Every protocol version starts HELLO with `min_version` and `max_version`. A HELLO whose range
+/// ends below [`PROTOCOL_VERSION_MIN`] is decoded only that far (the rest is another version's
+/// layout): the other fields hold their defaults, and the relay answers `no_common_version`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Hello {
     pub min_version: u16,
     pub max_version: u16,
+    /// What the peer is: an agent, or a relay opening a link.
+    pub role: Role,
+    /// Feature bits the peer supports ([`crate::wire::features`]).
+    pub features: u32,
     /// Bit set of transports the agent can use: bit 0 TCP+TLS, bit 1 QUIC.
     pub transports: u8,
     /// Bit set of delivery classes the agent wants ([`crate::wire::DeliveryClass::bit`]).
@@ -62,9 +72,13 @@ pub struct Hello {
 }
 
 /// WELCOME: the session contract chosen by the relay.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Welcome {
     pub version: u16,
+    /// The role the relay accepted (the HELLO's).
+    pub role: Role,
+    /// Features both sides support: the HELLO's bits that the relay supports too.
+    pub features: u32,
     pub session_id: u64,
     pub relay_id: RelayId,
     /// The agent id the relay authenticated (the public key of the agent's certificate).
@@ -72,7 +86,7 @@ pub struct Welcome {
     pub heartbeat_ms: u32,
     pub max_frame: u32,
     /// Envelopes per second the relay reads from this session before it stops reading.
-    pub rate_envelopes: u32,
+    pub rate_frames: u32,
     /// Bytes per second the relay reads from this session before it stops reading.
     pub rate_bytes: u64,
     pub max_ttl_ms: u64,
@@ -80,6 +94,13 @@ pub struct Welcome {
     pub classes: u8,
     /// Seconds between TLS key updates (and end-to-end key rotations).
     pub key_rotation_s: u32,
+    /// Most envelopes the relay writes to the agent that the agent has not ACKed yet.
+    pub deliver_window: u32,
+    /// Most bytes of such envelopes (frame lengths).
+    pub deliver_window_bytes: u32,
+    /// Most envelopes the agent may have sent that the relay has not answered yet (ACK or
+    /// NACK); above it the relay stops reading the session until answers catch up.
+    pub send_window: u32,
 }
 
 /// ACK: one or more message ids whose custody the receiver took.
@@ -183,6 +204,42 @@ impl Close {
     }
 }
 
+/// What a RECEIPT reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum ReceiptStatus {
+    /// The destination agent ACKed the envelope.
+    Delivered = 0,
+    /// The envelope expired before it was delivered.
+    Expired = 1,
+}
+
+impl ReceiptStatus {
+    fn from_u8(v: u8) -> Result<Self, WireError> {
+        match v {
+            0 => Ok(Self::Delivered),
+            1 => Ok(Self::Expired),
+            _ => Err(WireError::Invalid("receipt status")),
+        }
+    }
+    /// The metrics label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Delivered => "delivered",
+            Self::Expired => "expired",
+        }
+    }
+}
+
+/// RECEIPT: what became of an envelope whose source asked to know (relay → source agent).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Receipt {
+    pub message_id: MessageId,
+    pub status: ReceiptStatus,
+    /// When it happened, Unix milliseconds.
+    pub at_ms: u64,
+}
+
 /// One decoded link frame.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Frame {
@@ -195,6 +252,7 @@ pub enum Frame {
     Pong(Pong),
     GoingAway(GoingAway),
     Close(Close),
+    Receipt(Receipt),
 }
 
 /// Splits frames off a receive buffer.
@@ -264,6 +322,16 @@ impl Frame {
                 if min_version > max_version {
                     return Err(WireError::Invalid("version range"));
                 }
+                if max_version < PROTOCOL_VERSION_MIN {
+                    // An older version's HELLO: only the range is ours to read.
+                    return Ok(Frame::Hello(Hello {
+                        min_version,
+                        max_version,
+                        ..Hello::default()
+                    }));
+                }
+                let role = Role::from_u8(r.u8("role")?)?;
+                let features = r.u32("features")?;
                 let transports = r.u8("transports")?;
                 let classes = r.u8("classes")?;
                 let max_frame = r.u32("max frame")?;
@@ -279,6 +347,8 @@ impl Frame {
                 Frame::Hello(Hello {
                     min_version,
                     max_version,
+                    role,
+                    features,
                     transports,
                     classes,
                     max_frame,
@@ -288,16 +358,21 @@ impl Frame {
             }
             FrameType::Welcome => Frame::Welcome(Welcome {
                 version: r.u16("version")?,
+                role: Role::from_u8(r.u8("role")?)?,
+                features: r.u32("features")?,
                 session_id: r.u64("session id")?,
                 relay_id: RelayId(r.array("relay id")?),
                 agent_id: AgentId(r.array("agent id")?),
                 heartbeat_ms: r.u32("heartbeat")?,
                 max_frame: r.u32("max frame")?,
-                rate_envelopes: r.u32("envelope rate")?,
+                rate_frames: r.u32("frame rate")?,
                 rate_bytes: r.u64("byte rate")?,
                 max_ttl_ms: r.u64("max ttl")?,
                 classes: r.u8("classes")?,
                 key_rotation_s: r.u32("key rotation")?,
+                deliver_window: r.u32("deliver window")?,
+                deliver_window_bytes: r.u32("deliver window bytes")?,
+                send_window: r.u32("send window")?,
             }),
             FrameType::Ack => {
                 let n = r.u16("ack count")? as usize;
@@ -331,6 +406,11 @@ impl Frame {
                 code: r.u16("reason")?,
                 text: r.short_str("reason text")?.to_string(),
             }),
+            FrameType::Receipt => Frame::Receipt(Receipt {
+                message_id: MessageId(r.array("message id")?),
+                status: ReceiptStatus::from_u8(r.u8("receipt status")?)?,
+                at_ms: r.u64("receipt time")?,
+            }),
             FrameType::Envelope => unreachable!("handled above"),
         };
         r.finish()?;
@@ -350,6 +430,14 @@ impl Frame {
                 dst.put_u8(FrameType::Hello as u8);
                 dst.put_u16(h.min_version);
                 dst.put_u16(h.max_version);
+                if h.max_version < PROTOCOL_VERSION_MIN {
+                    // An older version's HELLO is not ours to write beyond the range.
+                    let len = (dst.len() - start - 4) as u32;
+                    dst[start..start + 4].copy_from_slice(&len.to_be_bytes());
+                    return;
+                }
+                dst.put_u8(h.role as u8);
+                dst.put_u32(h.features);
                 dst.put_u8(h.transports);
                 dst.put_u8(h.classes);
                 dst.put_u32(h.max_frame);
@@ -363,16 +451,21 @@ impl Frame {
             Frame::Welcome(w) => {
                 dst.put_u8(FrameType::Welcome as u8);
                 dst.put_u16(w.version);
+                dst.put_u8(w.role as u8);
+                dst.put_u32(w.features);
                 dst.put_u64(w.session_id);
                 dst.put_slice(&w.relay_id.0);
                 dst.put_slice(&w.agent_id.0);
                 dst.put_u32(w.heartbeat_ms);
                 dst.put_u32(w.max_frame);
-                dst.put_u32(w.rate_envelopes);
+                dst.put_u32(w.rate_frames);
                 dst.put_u64(w.rate_bytes);
                 dst.put_u64(w.max_ttl_ms);
                 dst.put_u8(w.classes);
                 dst.put_u32(w.key_rotation_s);
+                dst.put_u32(w.deliver_window);
+                dst.put_u32(w.deliver_window_bytes);
+                dst.put_u32(w.send_window);
             }
             Frame::Ack(a) => {
                 dst.put_u8(FrameType::Ack as u8);
@@ -404,6 +497,12 @@ impl Frame {
                 dst.put_u8(FrameType::Close as u8);
                 dst.put_u16(c.code);
                 put_short_str(dst, &c.text);
+            }
+            Frame::Receipt(r) => {
+                dst.put_u8(FrameType::Receipt as u8);
+                dst.put_slice(&r.message_id.0);
+                dst.put_u8(r.status as u8);
+                dst.put_u64(r.at_ms);
             }
             Frame::Envelope(_) => unreachable!("handled above"),
         }

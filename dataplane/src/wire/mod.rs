@@ -15,21 +15,53 @@ mod frame;
 mod reader;
 
 pub use envelope::{
-    Constraints, Destination, Envelope, EnvelopeBuilder, Jurisdiction, RoutingPart, MAX_PATH_LEN,
+    flags, Constraints, Destination, Envelope, EnvelopeBuilder, Extension, Jurisdiction,
+    RoutingPart, EXTENSION_CRITICAL, MAX_CONSTRAINT_LIST, MAX_EXTENSIONS_LEN, MAX_MULTIPATH,
+    MAX_PATH_LEN,
 };
 pub use frame::{
-    AckBatch, Close, Frame, FrameDecoder, FrameType, GoingAway, Hello, Nack, Ping, Pong, Welcome,
-    FRAME_HEADER_LEN, MAX_ACK_BATCH, MAX_HELLO_SCHEMAS,
+    AckBatch, Close, Frame, FrameDecoder, FrameType, GoingAway, Hello, Nack, Ping, Pong, Receipt,
+    ReceiptStatus, Welcome, FRAME_HEADER_LEN, MAX_ACK_BATCH, MAX_HELLO_SCHEMAS,
 };
 
 use std::fmt;
 
-/// Protocol versions this build speaks, lowest and highest.
-pub const PROTOCOL_VERSION_MIN: u16 = 1;
+/// Lowest protocol version this build speaks.
+pub const PROTOCOL_VERSION_MIN: u16 = 2;
 /// Highest protocol version this build speaks.
-pub const PROTOCOL_VERSION_MAX: u16 = 1;
+pub const PROTOCOL_VERSION_MAX: u16 = 2;
 /// Envelope format version written in the immutable part.
-pub const ENVELOPE_VERSION: u8 = 1;
+pub const ENVELOPE_VERSION: u8 = 2;
+
+/// Feature bits of HELLO and WELCOME (`docs/PROTOCOL.md` §2, HELLO).
+pub mod features {
+    /// The peer understands RECEIPT frames.
+    pub const RECEIPTS: u32 = 1 << 0;
+    /// Every bit this version defines; the others are sent as 0 and ignored.
+    pub const KNOWN: u32 = RECEIPTS;
+}
+
+/// What the peer on a link is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Role {
+    /// An agent (the agent port).
+    #[default]
+    Agent = 0,
+    /// Another relay opening a relay-to-relay link (the link port).
+    RelayLink = 1,
+}
+
+impl Role {
+    /// Decodes the wire byte.
+    pub fn from_u8(v: u8) -> Result<Self, WireError> {
+        match v {
+            0 => Ok(Self::Agent),
+            1 => Ok(Self::RelayLink),
+            _ => Err(WireError::Invalid("role")),
+        }
+    }
+}
 
 /// Errors from decoding bytes received from a peer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -244,6 +276,18 @@ pub enum Reason {
     IdleTimeout = 22,
     /// The agent stopped reading: one socket write did not complete within the write timeout.
     WriteTimeout = 23,
+    /// The envelope is larger than the destination agent's negotiated `max_frame`.
+    TooLargeForDestination = 24,
+    /// The relay is over its memory budget; retry later or elsewhere.
+    Overloaded = 25,
+    /// The source already has as much held undelivered on this relay as it may; retry later.
+    QuotaExceeded = 26,
+    /// More PINGs than a few per heartbeat interval.
+    PingFlood = 27,
+    /// The envelope carries a critical extension the relay does not know.
+    UnknownCriticalExtension = 28,
+    /// The routing part breaks its rules (an agent filled in what only relays write).
+    InvalidRouting = 29,
 }
 
 impl Reason {
@@ -275,6 +319,12 @@ impl Reason {
             21 => Duplicate,
             22 => IdleTimeout,
             23 => WriteTimeout,
+            24 => TooLargeForDestination,
+            25 => Overloaded,
+            26 => QuotaExceeded,
+            27 => PingFlood,
+            28 => UnknownCriticalExtension,
+            29 => InvalidRouting,
             _ => return None,
         })
     }
@@ -307,6 +357,12 @@ impl Reason {
             Duplicate => "duplicate",
             IdleTimeout => "idle_timeout",
             WriteTimeout => "write_timeout",
+            TooLargeForDestination => "too_large_for_destination",
+            Overloaded => "overloaded",
+            QuotaExceeded => "quota_exceeded",
+            PingFlood => "ping_flood",
+            UnknownCriticalExtension => "unknown_critical_extension",
+            InvalidRouting => "invalid_routing",
         }
     }
 
@@ -318,11 +374,13 @@ impl Reason {
                 | Reason::QueueFull
                 | Reason::ShuttingDown
                 | Reason::RateLimited
+                | Reason::Overloaded
+                | Reason::QuotaExceeded
         )
     }
 
     /// Every reason, for documentation and metric pre-registration.
-    pub const ALL: [Reason; 24] = [
+    pub const ALL: [Reason; 30] = [
         Reason::Normal,
         Reason::ProtocolError,
         Reason::FrameTooLarge,
@@ -347,6 +405,12 @@ impl Reason {
         Reason::Duplicate,
         Reason::IdleTimeout,
         Reason::WriteTimeout,
+        Reason::TooLargeForDestination,
+        Reason::Overloaded,
+        Reason::QuotaExceeded,
+        Reason::PingFlood,
+        Reason::UnknownCriticalExtension,
+        Reason::InvalidRouting,
     ];
 }
 

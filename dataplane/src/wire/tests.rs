@@ -72,15 +72,78 @@ fn golden_control_frames() {
     );
     golden(
         Frame::Hello(Hello {
-            min_version: 1,
-            max_version: 1,
+            min_version: 2,
+            max_version: 2,
+            role: Role::Agent,
+            features: features::RECEIPTS,
             transports: 1,
             classes: 3,
             max_frame: 0x10000,
             heartbeat_ms: 1000,
             schemas: vec!["a/b@1".into()],
         }),
-        "00000016 01 0001 0001 01 03 00010000 000003e8 01 05 612f624031",
+        "0000001b 01 0002 0002 00 00000001 01 03 00010000 000003e8 01 05 612f624031",
+    );
+    golden(
+        Frame::Welcome(Welcome {
+            version: 2,
+            role: Role::Agent,
+            features: 1,
+            session_id: 7,
+            relay_id: RelayId([0xaa; 32]),
+            agent_id: AgentId([0xbb; 32]),
+            heartbeat_ms: 10_000,
+            max_frame: 0x10_0000,
+            rate_frames: 100,
+            rate_bytes: 200,
+            max_ttl_ms: 60_000,
+            classes: 3,
+            key_rotation_s: 300,
+            deliver_window: 4096,
+            deliver_window_bytes: 0x40_0000,
+            send_window: 1024,
+        }),
+        &format!(
+            "0000007d 02 0002 00 00000001 0000000000000007 {} {} 00002710 00100000 00000064 00000000000000c8 000000000000ea60 03 0000012c 00001000 00400000 00000400",
+            "aa".repeat(32),
+            "bb".repeat(32)
+        ),
+    );
+    golden(
+        Frame::Receipt(Receipt {
+            message_id: MessageId::from_u128(3),
+            status: ReceiptStatus::Expired,
+            at_ms: 0x0102,
+        }),
+        "0000001a 0a 00000000000000000000000000000003 01 0000000000000102",
+    );
+}
+
+#[test]
+fn an_older_versions_hello_is_read_only_up_to_its_range() {
+    // A version-1 HELLO: the range, then fields in version 1's layout.
+    let v1 = unhex("00000016 01 0001 0001 01 03 00010000 000003e8 01 05 612f624031");
+    let Some(Frame::Hello(h)) = decode_one(&v1).unwrap() else {
+        panic!("a HELLO")
+    };
+    assert_eq!((h.min_version, h.max_version), (1, 1));
+    assert_eq!(
+        h,
+        Hello {
+            min_version: 1,
+            max_version: 1,
+            ..Hello::default()
+        }
+    );
+    // And it re-encodes as just the range.
+    assert_eq!(
+        Frame::Hello(h).to_bytes().as_ref(),
+        &unhex("00000005 01 0001 0001")[..]
+    );
+    // A range reaching this version must be a whole v2 HELLO.
+    assert_eq!(
+        decode_one(&unhex("00000005 01 0001 0002")),
+        Err(WireError::Truncated("role"))
     );
 }
 
@@ -94,10 +157,14 @@ fn golden_envelope() {
         900,
     );
     b.constraints.jurisdictions = vec![Jurisdiction::parse("EU").unwrap()];
+    b.constraints.multipath_k = 2;
     b.schema = "a/b@1".into();
-    let env = b.build(b"hi").unwrap();
+    b.flags = flags::RECEIPT_DELIVERED;
+    b.extensions = vec![(0x8001, vec![0xcc])];
+    let mut env = b.build(b"hi").unwrap();
+    env.routing.copy_index = 1;
     let hex = format!(
-        "00000081 03 08 00 00000000 00 01 {} {} 00 {} 0000000000000064 00000000000003e8 01 00 00 00 00 01 4555 00 00 00 05 612f624031 00000002 6869",
+        "0000008a 03 08 00 01 00000000 00 02 01 {} {} 00 {} 0000000000000064 00000000000003e8 01 00 00 02 00 01 4555 00 00 00 05 612f624031 0005 8001 0001 cc 00000002 6869",
         "00000000000000000000000000000001",
         "11".repeat(32),
         "22".repeat(32)
@@ -109,7 +176,70 @@ fn golden_envelope() {
         env.jurisdictions().collect::<Vec<_>>(),
         vec![Jurisdiction(*b"EU")]
     );
+    assert!(env.wants_delivery_receipt() && !env.wants_expiry_notice());
+    assert_eq!(
+        env.extensions().collect::<Vec<_>>(),
+        vec![Extension {
+            kind: 1,
+            critical: true,
+            value: &[0xcc]
+        }]
+    );
+    assert_eq!(env.unknown_critical_extension(&[]), Some(1));
+    assert_eq!(env.unknown_critical_extension(&[1]), None);
     assert_eq!(env.associated_data().len(), env.immutable.len() - 2);
+}
+
+#[test]
+fn routing_part_bounds_are_checked() {
+    let mut b = EnvelopeBuilder::new(
+        MessageId::from_u128(1),
+        AgentId([1; 32]),
+        Destination::Agent(AgentId([2; 32])),
+        0,
+        10,
+    );
+    let env = b.build(b"x").unwrap();
+    let wire = Frame::Envelope(env).to_bytes().to_vec();
+    // Offsets in the frame: 5 header, then hop_limit, hop_index, copy_index.
+    let mut hop = wire.clone();
+    hop[6] = 1;
+    assert_eq!(decode_one(&hop), Err(WireError::Invalid("hop index")));
+    let mut copy = wire.clone();
+    copy[7] = 1;
+    assert_eq!(decode_one(&copy), Err(WireError::Invalid("copy index")));
+    b.constraints.multipath_k = MAX_MULTIPATH + 1;
+    assert_eq!(b.build(b"x"), Err(WireError::Invalid("multipath k")));
+    b.constraints.multipath_k = 3;
+    let mut env = b.build(b"x").unwrap();
+    env.routing.copy_index = 2;
+    env.routing.path = Bytes::from(vec![7u8; 64]);
+    env.routing.hop_index = 1;
+    let bytes = Frame::Envelope(env.clone()).to_bytes();
+    assert_eq!(decode_one(&bytes).unwrap(), Some(Frame::Envelope(env)));
+}
+
+#[test]
+fn extension_areas_must_be_whole_tlvs() {
+    let mut b = EnvelopeBuilder::new(
+        MessageId::from_u128(1),
+        AgentId([1; 32]),
+        Destination::Agent(AgentId([2; 32])),
+        0,
+        10,
+    );
+    b.extensions = vec![(0x0001, vec![1, 2, 3])];
+    let wire = Frame::Envelope(b.build(b"").unwrap()).to_bytes().to_vec();
+    // The TLV's own length is the u16 before its value: claim one byte more than there is.
+    let at = wire.len() - 4 - 3 - 2;
+    let mut bad = wire.clone();
+    bad[at + 1] = 4;
+    assert_eq!(
+        decode_one(&bad),
+        Err(WireError::Truncated("extension value"))
+    );
+    b.extensions = vec![(1, vec![0; MAX_EXTENSIONS_LEN])];
+    assert_eq!(b.build(b""), Err(WireError::Invalid("extension length")));
 }
 
 #[test]
@@ -155,6 +285,18 @@ fn bad_bodies_are_typed_errors() {
         decode_one(&unhex("0000000f 01 0002 0001 01 03 00010000 000003e8 00")),
         Err(WireError::Invalid("version range"))
     );
+    assert_eq!(
+        decode_one(&unhex(
+            "00000014 01 0002 0002 07 00000000 01 03 00010000 000003e8 00"
+        )),
+        Err(WireError::Invalid("role"))
+    );
+    assert_eq!(
+        decode_one(&unhex(
+            "0000001a 0a 00000000000000000000000000000003 02 0000000000000102"
+        )),
+        Err(WireError::Invalid("receipt status"))
+    );
 }
 
 #[test]
@@ -174,14 +316,13 @@ fn forwarding_rewrites_only_the_routing_part_and_shares_the_immutable_bytes() {
         panic!("not an envelope")
     };
     got.routing.hop_limit -= 1;
-    got.routing.hop_index += 1;
     let mut head = BytesMut::new();
     got.encode_head(&mut head);
     let mut out = head.to_vec();
     out.extend_from_slice(&got.immutable);
     assert_eq!(out.len(), wire.len());
     assert_eq!(out[5], 7, "hop limit rewritten");
-    assert_eq!(&out[12..], &wire[12..], "immutable part unchanged");
+    assert_eq!(&out[13..], &wire[13..], "immutable part unchanged");
     assert_eq!(got.payload(), env.payload());
 }
 
@@ -203,18 +344,25 @@ fn arb_builder() -> impl Strategy<Value = (EnvelopeBuilder, Vec<u8>)> {
         ),
         (
             0u8..3,
-            (0u8..8, 0u8..=100),
+            (0u8..=MAX_MULTIPATH, 0u8..=100),
             prop::collection::vec("[A-Z]{2}", 0..4),
             prop::collection::vec(arb_id(), 0..3),
             prop::collection::vec(0u8..3, 0..3),
             "[a-z/@.0-9]{0,40}",
             prop::collection::vec(any::<u8>(), 0..600),
+            (
+                0u8..4,
+                prop::collection::vec(
+                    (any::<u16>(), prop::collection::vec(any::<u8>(), 0..40)),
+                    0..4,
+                ),
+            ),
         ),
     )
         .prop_map(
             |(
                 (id, src, dst, group, created, ttl, class, prio),
-                (pc, (k, trust), jur, avoid, fb, schema, payload),
+                (pc, (k, trust), jur, avoid, fb, schema, payload, (fl, ext)),
             )| {
                 let dest = if group {
                     Destination::Group(dst)
@@ -246,6 +394,8 @@ fn arb_builder() -> impl Strategy<Value = (EnvelopeBuilder, Vec<u8>)> {
                     multipath_k: k,
                 };
                 b.schema = schema;
+                b.flags = fl;
+                b.extensions = ext;
                 (b, payload)
             },
         )
@@ -260,41 +410,66 @@ fn arb_control() -> impl Strategy<Value = Frame> {
             any::<u8>(),
             any::<u32>(),
             any::<u32>(),
-            prop::collection::vec("[ -~]{0,30}", 0..5)
+            prop::collection::vec("[ -~]{0,30}", 0..5),
+            (any::<bool>(), any::<u32>()),
         )
-            .prop_filter_map("ordered range", |(a, b, t, c, f, h, s)| (a <= b).then(
-                || Frame::Hello(Hello {
-                    min_version: a,
-                    max_version: b,
-                    transports: t,
-                    classes: c,
-                    max_frame: f,
-                    heartbeat_ms: h,
-                    schemas: s,
-                })
-            )),
+            .prop_filter_map(
+                "ordered range reaching v2",
+                |(a, b, t, c, f, h, s, (relay, feat))| (a <= b && b >= PROTOCOL_VERSION_MIN).then(
+                    || Frame::Hello(Hello {
+                        min_version: a,
+                        max_version: b,
+                        role: if relay { Role::RelayLink } else { Role::Agent },
+                        features: feat,
+                        transports: t,
+                        classes: c,
+                        max_frame: f,
+                        heartbeat_ms: h,
+                        schemas: s,
+                    })
+                )
+            ),
         (
             any::<u16>(),
             any::<u64>(),
             arb_id(),
             arb_id(),
-            any::<(u32, u32, u32, u64, u64, u8, u32)>()
+            any::<(u32, u32, u32, u64, u64, u8, u32)>(),
+            any::<(u32, u32, u32, u32)>(),
         )
             .prop_map(
-                |(v, sid, r, a, (hb, mf, re, rb, ttl, cl, rot))| Frame::Welcome(Welcome {
-                    version: v,
-                    session_id: sid,
-                    relay_id: RelayId(r),
-                    agent_id: AgentId(a),
-                    heartbeat_ms: hb,
-                    max_frame: mf,
-                    rate_envelopes: re,
-                    rate_bytes: rb,
-                    max_ttl_ms: ttl,
-                    classes: cl,
-                    key_rotation_s: rot,
-                })
+                |(v, sid, r, a, (hb, mf, re, rb, ttl, cl, rot), (feat, dw, dwb, sw))| {
+                    Frame::Welcome(Welcome {
+                        version: v,
+                        role: Role::Agent,
+                        features: feat,
+                        session_id: sid,
+                        relay_id: RelayId(r),
+                        agent_id: AgentId(a),
+                        heartbeat_ms: hb,
+                        max_frame: mf,
+                        rate_frames: re,
+                        rate_bytes: rb,
+                        max_ttl_ms: ttl,
+                        classes: cl,
+                        key_rotation_s: rot,
+                        deliver_window: dw,
+                        deliver_window_bytes: dwb,
+                        send_window: sw,
+                    })
+                }
             ),
+        (any::<u128>(), any::<bool>(), any::<u64>()).prop_map(|(id, exp, at)| Frame::Receipt(
+            Receipt {
+                message_id: MessageId::from_u128(id),
+                status: if exp {
+                    ReceiptStatus::Expired
+                } else {
+                    ReceiptStatus::Delivered
+                },
+                at_ms: at,
+            }
+        )),
         prop::collection::vec(any::<u128>(), 1..50)
             .prop_map(|ids| Frame::Ack(AckBatch::new(ids.into_iter().map(MessageId::from_u128)))),
         (any::<u128>(), any::<u16>(), "[ -~]{0,60}").prop_map(|(id, code, text)| Frame::Nack(
@@ -332,6 +507,12 @@ proptest! {
         prop_assert_eq!(&env.payload()[..], &payload[..]);
         prop_assert_eq!(env.avoid().count(), b.constraints.avoid.len());
         prop_assert_eq!(env.fallback().collect::<Vec<_>>(), b.constraints.fallback.clone());
+        prop_assert_eq!(env.flags(), b.flags & flags::KNOWN);
+        let ext: Vec<(u16, Vec<u8>)> = env
+            .extensions()
+            .map(|e| (e.kind | if e.critical { EXTENSION_CRITICAL } else { 0 }, e.value.to_vec()))
+            .collect();
+        prop_assert_eq!(ext, b.extensions.clone());
     }
 
     #[test]
@@ -376,6 +557,7 @@ proptest! {
         if let Ok(Some(Frame::Envelope(e))) = decode_one(&bytes) {
             // Whatever decoded must be internally consistent.
             let _ = (e.payload(), e.schema(), e.jurisdictions().count(), e.avoid().count(), e.prefer().count());
+            let _ = (e.extensions().count(), e.flags(), e.unknown_critical_extension(&[]));
         }
     }
 }

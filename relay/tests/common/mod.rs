@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use openmesh_dataplane::client::{Agent, ClientConfig};
+use openmesh_dataplane::client::{Agent, ClientConfig, Event};
 use openmesh_dataplane::pki::{load_certs, DevPkiPaths, Identity};
 use rustls::pki_types::CertificateDer;
 
@@ -290,4 +290,52 @@ impl Relay {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// A pair exchanging `n` envelopes, sent while the test misbehaves elsewhere.
+pub fn well_behaved_pair(relay: &Relay, n: u64) -> tokio::task::JoinHandle<u64> {
+    let cfg_a = relay.config("good-a");
+    let cfg_b = relay.config("good-b");
+    tokio::spawn(async move {
+        let mut a = Agent::connect(cfg_a).await.unwrap();
+        let mut b = Agent::connect(cfg_b).await.unwrap();
+        let to = b.id();
+        let recv = tokio::spawn(async move {
+            let mut next = 0u64;
+            while next < n {
+                match tokio::time::timeout(Duration::from_secs(20), b.next_event()).await {
+                    Ok(Some(Event::Envelope(e))) => {
+                        assert_eq!(
+                            u64::from_be_bytes(e.payload()[..8].try_into().unwrap()),
+                            next
+                        );
+                        next += 1;
+                        b.ack(e.message_id()).await.unwrap();
+                    }
+                    other => panic!("good receiver got {other:?}"),
+                }
+            }
+            next
+        });
+        let mut acked = 0u64;
+        let mut sent = 0u64;
+        while acked < n {
+            while sent < n && sent - acked < 256 {
+                a.send(
+                    &a.envelope_to(to, 30_000)
+                        .build(&sent.to_be_bytes())
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+                sent += 1;
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+            match tokio::time::timeout(Duration::from_secs(20), a.next_event()).await {
+                Ok(Some(Event::Acked(ids))) => acked += ids.len() as u64,
+                other => panic!("good sender got {other:?}"),
+            }
+        }
+        recv.await.unwrap()
+    })
 }

@@ -1,0 +1,203 @@
+//! Hostile peers against the real binary on its defaults: each attack is paced, refused or closed
+//! with its documented reason, the relay's memory stays bounded, and a well-behaved pair on the
+//! same relay loses nothing.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{hello_bytes, well_behaved_pair, RawLink, Relay};
+use openmesh_dataplane::client::{Agent, Event};
+use openmesh_dataplane::wire::{AckBatch, Frame, MessageId, Nack, Ping, Reason};
+
+async fn welcomed(relay: &Relay, name: &str) -> RawLink {
+    let mut l = RawLink::open(relay, name).await;
+    l.send(&hello_bytes(relay)).await;
+    match l.next().await {
+        Some(Frame::Welcome(_)) => l,
+        other => panic!("expected WELCOME, got {other:?}"),
+    }
+}
+
+/// A receiver that reads everything but never ACKs holds at most its deliver window in flight;
+/// beyond the window and the destination queue the sender is refused `queue_full`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_that_never_acks_holds_one_window_not_everything_sent() {
+    const N: u64 = 8192; // 128 MiB of 16 KiB envelopes
+    let relay = Relay::start(&["--cores", "2"], None);
+    let good = well_behaved_pair(&relay, 2_000);
+    let rss_before = relay.rss();
+    let mut sink = relay.agent("never-acks").await;
+    let sink_id = sink.id();
+    let reader = tokio::spawn(async move {
+        let mut got = 0u64;
+        // Reads (so TCP never pushes back) and never ACKs.
+        while let Ok(Some(ev)) =
+            tokio::time::timeout(Duration::from_secs(3), sink.next_event()).await
+        {
+            if let Event::Envelope(_) = ev {
+                got += 1;
+            }
+        }
+        (got, sink)
+    });
+    let mut sender = relay.agent("sender").await;
+    let payload = vec![3u8; 16 << 10];
+    let frame_len = sender
+        .envelope_to(sink_id, 60_000)
+        .build(&payload)
+        .unwrap()
+        .frame_len() as u64;
+    let (mut acked, mut full, mut sent) = (0u64, 0u64, 0u64);
+    while acked + full < N {
+        while sent < N && sent - acked - full < 512 {
+            let env = sender.envelope_to(sink_id, 60_000).build(&payload).unwrap();
+            sender.send(&env).await.unwrap();
+            sent += 1;
+        }
+        match tokio::time::timeout(Duration::from_secs(20), sender.next_event()).await {
+            Ok(Some(Event::Acked(ids))) => acked += ids.len() as u64,
+            Ok(Some(Event::Nacked(n))) => {
+                assert_eq!(n.reason(), Some(Reason::QueueFull));
+                full += 1;
+            }
+            other => panic!("sender got {other:?}"),
+        }
+    }
+    let rss_after = relay.rss();
+    let (got, _sink) = reader.await.unwrap();
+    // The deliver window (4 MiB by default) over 16 KiB frames.
+    let window = (4u64 << 20) / frame_len;
+    assert!(
+        got <= window,
+        "{got} envelopes written to a receiver that never ACKed (window {window})"
+    );
+    assert!(full > N / 2, "most of the flood was refused: {full} of {N}");
+    assert_eq!(
+        good.await.unwrap(),
+        2_000,
+        "the well-behaved pair lost nothing"
+    );
+    let inflight = relay.metric("openmesh_inflight_envelopes", &[]);
+    assert!(inflight <= window as f64 + 1.0, "in flight {inflight}");
+    // Held: one deliver window (4 MiB) in flight plus the destination's queue (16 MiB), with the
+    // read blocks they pin; everything sent (128 MiB) would be far above this.
+    assert!(
+        rss_after < rss_before + (96 << 20),
+        "RSS grew from {rss_before} to {rss_after} for 128 MiB sent"
+    );
+}
+
+/// A peer that floods PINGs (and never reads the PONGs) is closed with `ping_flood`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ping_flood_is_closed_with_its_reason() {
+    let relay = Relay::start(&["--cores", "2"], None);
+    let good = well_behaved_pair(&relay, 1_000);
+    let mut l = welcomed(&relay, "pinger").await;
+    let mut burst = Vec::new();
+    for i in 0..64u64 {
+        burst.extend_from_slice(&Frame::Ping(Ping { timestamp_us: i }).to_bytes());
+    }
+    l.send(&burst).await;
+    assert_eq!(l.expect_close().await, Reason::PingFlood as u16);
+    assert_eq!(
+        relay.settled_metric(
+            "openmesh_sessions_closed_total",
+            &["reason=\"ping_flood\""],
+            1.0
+        ),
+        1.0
+    );
+    assert_eq!(good.await.unwrap(), 1_000);
+}
+
+/// An envelope longer than the destination's negotiated `max_frame` is refused at ingress and
+/// never reaches the destination, which stays connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envelope_above_the_destinations_max_frame_is_refused_not_forwarded() {
+    let relay = Relay::start(&["--cores", "2"], None);
+    let mut small = relay.config("small-frames");
+    small.hello.max_frame = 4096;
+    let mut small = Agent::connect(small).await.unwrap();
+    assert_eq!(small.welcome().max_frame, 4096);
+    let mut sender = relay.agent("big-sender").await;
+    let big = sender
+        .envelope_to(small.id(), 10_000)
+        .build(&[1u8; 8192])
+        .unwrap();
+    let fits = sender
+        .envelope_to(small.id(), 10_000)
+        .build(&[2u8; 1000])
+        .unwrap();
+    sender.send(&big).await.unwrap();
+    sender.send(&fits).await.unwrap();
+    let mut outcome = Vec::new();
+    while outcome.len() < 2 {
+        match tokio::time::timeout(Duration::from_secs(10), sender.next_event()).await {
+            Ok(Some(Event::Nacked(n))) => outcome.push((n.message_id, n.reason())),
+            Ok(Some(Event::Acked(ids))) => outcome.extend(ids.ids().map(|i| (i, None))),
+            other => panic!("sender got {other:?}"),
+        }
+    }
+    assert!(outcome.contains(&(big.message_id(), Some(Reason::TooLargeForDestination))));
+    assert!(outcome.contains(&(fits.message_id(), None)));
+    match tokio::time::timeout(Duration::from_secs(10), small.next_event()).await {
+        Ok(Some(Event::Envelope(e))) => assert_eq!(e.message_id(), fits.message_id()),
+        other => panic!("receiver got {other:?}"),
+    }
+    small.ack(fits.message_id()).await.unwrap();
+    assert!(small.try_event().is_none(), "nothing else arrived");
+}
+
+/// ACKs and NACKs for ids the relay never wrote are counted and change nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_ack_and_nack_ids_are_counted_and_change_nothing() {
+    let relay = Relay::start(&["--cores", "1"], None);
+    let mut liar = welcomed(&relay, "liar").await;
+    // Something really in flight to the liar, which it never ACKs.
+    let sender = relay.agent("sender").await;
+    let real = sender.envelope_to(liar.id, 60_000).build(b"real").unwrap();
+    sender.send(&real).await.unwrap();
+    loop {
+        match liar.next().await {
+            Some(Frame::Envelope(e)) => {
+                assert_eq!(e.message_id(), real.message_id());
+                break;
+            }
+            Some(_) => continue,
+            None => panic!("liar's link ended"),
+        }
+    }
+    let mut bogus = Vec::new();
+    for i in 0..1000u128 {
+        bogus.extend_from_slice(
+            &Frame::Nack(Nack::new(MessageId::from_u128(i), Reason::QueueFull)).to_bytes(),
+        );
+    }
+    bogus.extend_from_slice(
+        &Frame::Ack(AckBatch::new((5000..6000u128).map(MessageId::from_u128))).to_bytes(),
+    );
+    liar.send(&bogus).await;
+    assert_eq!(
+        relay.settled_metric("openmesh_unknown_ids_total", &["frame=\"nack\""], 1000.0),
+        1000.0
+    );
+    assert_eq!(
+        relay.settled_metric("openmesh_unknown_ids_total", &["frame=\"ack\""], 1000.0),
+        1000.0
+    );
+    assert_eq!(relay.metric("openmesh_envelopes_dropped_total", &[]), 0.0);
+    assert_eq!(
+        relay.settled_metric("openmesh_inflight_envelopes", &[], 1.0),
+        1.0,
+        "the real envelope is still in flight"
+    );
+    // The real ACK still settles it.
+    liar.send(&Frame::Ack(AckBatch::new([real.message_id()])).to_bytes())
+        .await;
+    assert_eq!(
+        relay.settled_metric("openmesh_inflight_envelopes", &[], 0.0),
+        0.0
+    );
+    assert_eq!(relay.metric("openmesh_acks_received_total", &[]), 1.0);
+}
