@@ -7,6 +7,11 @@
 //! once the handshake signature proves possession of the key; in CA-only admission it must chain
 //! to the fleet CA.
 
+pub mod handshake;
+pub mod record;
+#[cfg(test)]
+mod tests;
+
 use std::sync::Arc;
 
 use rustls::client::danger::HandshakeSignatureValid;
