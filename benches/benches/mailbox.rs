@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use openmesh_dataplane::engine::mailbox::{CoreMsg, Mailbox, Outbox};
+use openmesh_dataplane::engine::mailbox::{flush, CoreMsg, Mailbox, Outbox};
 use openmesh_dataplane::wire::{AgentId, Destination, EnvelopeBuilder, MessageId};
 
 fn handoff(c: &mut Criterion) {
@@ -51,8 +51,8 @@ fn handoff(c: &mut Criterion) {
                         },
                     );
                 }
-                while out.pending(0) > 0 {
-                    out.flush(&boxes);
+                while out.max_pending() > 0 {
+                    flush(&mut out, &boxes);
                 }
             }
             consumer.join().unwrap();

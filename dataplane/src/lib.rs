@@ -7,11 +7,14 @@
 //! - [`signaling`]: HELLO meets the relay's policy and yields the session contract (WELCOME);
 //! - [`session`]: the session state machine (handshake, heartbeats, drain, close);
 //! - [`policy`]: agent admission, per-envelope ingress checks, token buckets;
-//! - [`routing`]: which core (and later which relay) an envelope goes to.
+//! - [`routing`]: which core (and later which relay) an envelope goes to;
+//! - [`shard`]: one core's relay as a state machine (connections, sessions, custody,
+//!   forwarding), driven by events and `now`, answering with actions;
+//! - [`tls`]: TLS configurations, and the record layer the shard runs after the handshake.
 //!
 //! The I/O shell:
 //!
-//! - [`engine`]: the thread-per-core io_uring relay engine (TLS, connections, mailboxes);
+//! - [`engine`]: the thread-per-core io_uring engine (threads, ring, sockets, tasks, clock);
 //! - [`client`]: the agent client library (tokio);
 //! - [`pki`]: identities, the development CA, certificates;
 //! - [`metrics`]: every metric name and description.
@@ -23,6 +26,7 @@ pub mod pki;
 pub mod policy;
 pub mod routing;
 pub mod session;
+pub mod shard;
 pub mod signaling;
 pub mod tls;
 pub mod wire;

@@ -1,34 +1,30 @@
 //! The relay engine: one pinned thread per core, each running its own io_uring runtime, its own
-//! SO_REUSEPORT listener, its own connections, queues and directory copy.
+//! SO_REUSEPORT listener, its sockets and tasks, around that core's [`crate::shard::Shard`].
 //!
-//! How an envelope flows (see `docs/ARCHITECTURE.md`):
+//! The engine owns only threads, the ring, sockets, tasks, mailboxes and the clock; every
+//! decision is the shard's (see `docs/ARCHITECTURE.md`):
 //!
 //! ```text
-//! socket --read--> TLS (rustls) --plaintext--> FrameDecoder --Envelope--> policy::check_ingress
-//!   --> routing::Directory::route --Local--> destination connection's send queue --writer--> socket
-//!                                 --Core(k)--> outbox --mailbox k--> core k --> send queue ...
-//!                                 <-- Verdict (ACK or NACK for the source) --
+//! socket --read--> Shard::on_read --> (actions: wake writer / reader, shut down; outbox)
+//! mailbox ------> Shard::on_message     timer --> Shard::on_tick
+//! Shard::poll_write --> write(2) --> Shard::on_write_done
 //! ```
 //!
 //! Every agent's session has exactly one owning core (the one that accepted it). Cores exchange
 //! only messages ([`mailbox::CoreMsg`]); nothing on the per-envelope path takes a lock.
 
-mod conn;
 mod core;
-mod inflight;
 pub mod mailbox;
 pub mod uring;
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use crate::policy::Admission;
-use crate::session::SessionTimeouts;
-use crate::signaling::ContractPolicy;
+use crate::shard::SeqSource;
 use crate::wire::RelayId;
 use mailbox::{CoreMsg, Mailbox};
 
@@ -44,48 +40,7 @@ pub enum EngineError {
     Thread(io::Error),
 }
 
-/// Bounds on what one core holds. Also the relay's `[limits]` configuration section.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Limits {
-    /// Connections one core serves at once; more are closed right after accept.
-    pub max_connections_per_core: usize,
-    /// Envelopes queued towards one agent before at-least-once envelopes are refused.
-    pub send_queue_envelopes: usize,
-    /// Bytes queued towards one agent before at-least-once envelopes are refused.
-    pub send_queue_bytes: usize,
-    /// Messages one core's mailbox holds.
-    pub mailbox_capacity: usize,
-    /// Unacknowledged envelopes held for one disconnected agent, for redelivery on reconnect.
-    pub custody_per_agent: usize,
-    /// Largest read buffer of one connection: it starts at 4 KiB and doubles whenever a read
-    /// fills it, so idle agents stay cheap.
-    pub read_buffer: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_connections_per_core: 100_000,
-            send_queue_envelopes: 8192,
-            send_queue_bytes: 16 << 20,
-            mailbox_capacity: 65_536,
-            custody_per_agent: 65_536,
-            read_buffer: 64 << 10,
-        }
-    }
-}
-
-/// What can change while the relay runs ([`Engine::reconfigure`], on SIGHUP): the contract offered
-/// to new sessions, timeouts, admission lists (applied to established sessions too) and limits
-/// (`mailbox_capacity` only takes effect on restart).
-#[derive(Clone, Debug)]
-pub struct Settings {
-    pub contract: ContractPolicy,
-    pub timeouts: SessionTimeouts,
-    pub admission: Admission,
-    pub limits: Limits,
-}
+pub use crate::shard::{Limits, Settings};
 
 /// Everything the engine needs to run.
 #[derive(Clone)]
@@ -104,8 +59,7 @@ pub struct EngineConfig {
 /// State shared by all cores: their mailboxes and a few relay-wide counters.
 pub(crate) struct Shared {
     pub(crate) mailboxes: Vec<Mailbox>,
-    pub(crate) attach_seq: AtomicU64,
-    pub(crate) session_seq: AtomicU64,
+    pub(crate) seq: Arc<SeqSource>,
     pub(crate) drained: AtomicUsize,
     pub(crate) draining: AtomicBool,
 }
@@ -140,13 +94,18 @@ impl Engine {
             mailboxes: (0..cores)
                 .map(|_| Mailbox::new(cfg.settings.limits.mailbox_capacity))
                 .collect(),
-            attach_seq: AtomicU64::new(1),
-            session_seq: AtomicU64::new(1),
+            seq: Arc::new(SeqSource::default()),
             drained: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
         });
         let cpus = core_affinity::get_core_ids().unwrap_or_default();
-        let cfg = Arc::new(cfg);
+        // The shards run the record layer themselves once rustls finished the handshake.
+        let mut tls = (*cfg.tls).clone();
+        tls.enable_secret_extraction = true;
+        let cfg = Arc::new(EngineConfig {
+            tls: Arc::new(tls),
+            ..cfg
+        });
         let mut threads = Vec::with_capacity(cores);
         for (i, listener) in listeners.into_iter().enumerate() {
             let cfg = cfg.clone();

@@ -14,7 +14,9 @@ use std::io;
 use std::net::{Shutdown, SocketAddr};
 use std::os::fd::AsRawFd;
 
+use bytes::BytesMut;
 use socket2::{Domain, Protocol, Socket, Type};
+use tokio_uring::buf::BoundedBuf;
 
 /// Runs `fut` to completion on a new io_uring runtime on the current thread.
 pub fn run<F: Future>(ring_entries: u32, fut: F) -> F::Output {
@@ -77,15 +79,19 @@ pub struct Stream {
 }
 
 impl Stream {
-    /// Reads into the spare capacity of `buf` (its length is reset to 0 first).
-    pub async fn read(&self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
-        buf.clear();
-        self.inner.read(buf).await
+    /// Reads into the spare capacity of `buf`: the bytes read are appended to it. (A plain
+    /// tokio-uring read fills the buffer from its start; reading into the slice past the
+    /// initialised bytes appends.)
+    pub async fn read(&self, buf: BytesMut) -> (io::Result<usize>, BytesMut) {
+        let (len, cap) = (buf.len(), buf.capacity());
+        let (res, slice) = self.inner.read(buf.slice(len..cap)).await;
+        (res, slice.into_inner())
     }
 
-    /// Writes all of `buf`.
-    pub async fn write_all(&self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
-        self.inner.write_all(buf).await
+    /// Writes the first `n` bytes of `buf`, all of them.
+    pub async fn write_all(&self, buf: Vec<u8>, n: usize) -> (io::Result<()>, Vec<u8>) {
+        let (res, slice) = self.inner.write_all(buf.slice(..n)).await;
+        (res, slice.into_inner())
     }
 
     /// Shuts the socket down; pending operations on it complete.

@@ -1,4 +1,10 @@
-//! Envelopes written to an agent and waiting for its ACK (custody not yet transferred).
+//! Custody: what a shard holds for destination agents until they ACK.
+//!
+//! - [`Inflight`]: envelopes written to an agent, waiting for its ACK;
+//! - [`SendQueue`]: envelopes queued towards a connected agent, not yet written;
+//! - [`Held`]: envelopes kept for agents whose session ended, for their next session.
+//!
+//! ## In flight
 //!
 //! Kept in send order, with the set of ids still unacknowledged beside it. Agents ACK in the order
 //! they received, so the common case pops the front; an ACK for an id further back only removes
@@ -9,9 +15,9 @@
 //! queue holds `deliver_window` envelopes or `deliver_window_bytes` bytes, so a receiver that
 //! never ACKs holds at most one window.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
-use crate::wire::{Envelope, MessageId};
+use crate::wire::{AgentId, DeliveryClass, Envelope, MessageId, Reason};
 
 #[derive(Default)]
 pub(crate) struct Inflight {
@@ -75,6 +81,103 @@ impl Inflight {
             .drain(..)
             .filter(|e| unacked.contains(&e.message_id()))
             .collect()
+    }
+}
+
+/// Envelopes queued towards one connected agent, bounded in count and bytes.
+#[derive(Default)]
+pub(crate) struct SendQueue {
+    q: VecDeque<Envelope>,
+    bytes: usize,
+}
+
+impl SendQueue {
+    /// Queues `env` within the bounds. `Ok(true)`: past half of either bound (senders slow down).
+    // The refused envelope travels back by value: no allocation on the refusal path.
+    #[allow(clippy::result_large_err)]
+    pub(crate) fn push(
+        &mut self,
+        env: Envelope,
+        max_envelopes: usize,
+        max_bytes: usize,
+    ) -> Result<bool, (Reason, Envelope)> {
+        let len = env.frame_len();
+        if self.q.len() >= max_envelopes || self.bytes + len > max_bytes {
+            return Err((Reason::QueueFull, env));
+        }
+        self.bytes += len;
+        self.q.push_back(env);
+        Ok(self.q.len() > max_envelopes / 2 || self.bytes > max_bytes / 2)
+    }
+
+    pub(crate) fn pop(&mut self) -> Option<Envelope> {
+        let e = self.q.pop_front()?;
+        self.bytes -= e.frame_len();
+        Some(e)
+    }
+
+    pub(crate) fn front(&self) -> Option<&Envelope> {
+        self.q.front()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.q.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.q.is_empty()
+    }
+
+    /// Takes every queued envelope, in order.
+    pub(crate) fn drain(&mut self) -> impl Iterator<Item = Envelope> + '_ {
+        self.bytes = 0;
+        self.q.drain(..)
+    }
+}
+
+/// Envelopes kept for agents whose session ended, until their next session or expiry.
+#[derive(Default)]
+pub(crate) struct Held {
+    by_agent: HashMap<AgentId, VecDeque<Envelope>, foldhash::fast::RandomState>,
+}
+
+/// What [`Held::keep`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kept {
+    Kept,
+    /// Not kept: best-effort (nothing is kept for it) or over the bound; counted with this reason.
+    Dropped(Reason),
+}
+
+impl Held {
+    /// Keeps `env` for `agent`, at most `max_per_agent` envelopes.
+    pub(crate) fn keep(&mut self, agent: AgentId, env: Envelope, max_per_agent: usize) -> Kept {
+        if env.class() == DeliveryClass::BestEffort {
+            return Kept::Dropped(Reason::DestinationUnavailable);
+        }
+        let q = self.by_agent.entry(agent).or_default();
+        if q.len() >= max_per_agent {
+            return Kept::Dropped(Reason::QueueFull);
+        }
+        q.push_back(env);
+        Kept::Kept
+    }
+
+    /// Takes what is kept for `agent`.
+    pub(crate) fn take(&mut self, agent: &AgentId) -> Option<VecDeque<Envelope>> {
+        self.by_agent.remove(agent)
+    }
+
+    /// Drops expired envelopes; returns how many.
+    pub(crate) fn expire(&mut self, now_ms: u64) -> u64 {
+        let mut expired = 0u64;
+        self.by_agent.retain(|_, q| {
+            let before = q.len();
+            q.retain(|e| e.expires_ms() > now_ms);
+            expired += (before - q.len()) as u64;
+            !q.is_empty()
+        });
+        expired
     }
 }
 

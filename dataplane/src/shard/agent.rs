@@ -1,0 +1,285 @@
+//! The agent role: what the frames an agent sends do, and how its connection ends.
+//!
+//! Input flows transport → frames → session rules (`crate::session`) → this room: HELLO is
+//! negotiated and attached (`attach`), ENVELOPEs pass the ingress checks (`crate::policy`) and go
+//! to `forward` once the connection's borrow ends (an agent may send to itself), ACK and NACK
+//! settle in-flight custody, PING is answered, CLOSE ends the session. Every frame and every byte
+//! is charged to the session's rate buckets.
+
+use super::transport::TransportError;
+use super::{Action, ConnId, Now, Shard};
+use crate::pki::ed25519_key_of;
+use crate::policy::check_ingress;
+use crate::session::{Admit, SessionState};
+use crate::wire::{AgentId, Close, Envelope, Frame, Nack, Pong, Reason};
+
+use super::custody::Settled;
+
+impl Shard {
+    /// Runs the handshake and the frames on what a connection read.
+    pub(super) fn process_input(&mut self, conn: ConnId, now: Now) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if c.closing {
+            c.transport.discard_input();
+            return;
+        }
+        if !c.transport.is_open() {
+            match c.transport.advance_handshake() {
+                Err(e) => {
+                    tracing::info!(conn, error = %e, "TLS failure");
+                    c.closing = true;
+                    c.closing_since_us = now.mono_us;
+                    c.session.close(Reason::ProtocolError);
+                    self.m.handshake_failed(Reason::ProtocolError);
+                    self.actions.push_back(Action::Shutdown(conn));
+                    return;
+                }
+                Ok(open) => {
+                    if c.transport.has_handshake_output() {
+                        self.actions.push_back(Action::WakeWriter(conn));
+                    }
+                    if !open {
+                        return;
+                    }
+                    let key = c.transport.peer_certificates.first().map(ed25519_key_of);
+                    match key {
+                        Some(Ok(k)) => c.a.agent = Some(AgentId(k)),
+                        _ => {
+                            self.close(conn, Reason::NotAdmitted, now);
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+        let mut accepted: Vec<Envelope> = Vec::new();
+        let (mut n_env, mut n_bytes) = ([0u64; 3], [0u64; 3]);
+        let mut frames = 0u64;
+        let mut close: Option<Reason> = None;
+        let mut wake = false;
+        let mut hello = None;
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        loop {
+            let frame = match c.transport.next_frame() {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(TransportError::Wire(e)) => {
+                    tracing::info!(conn, error = %e, "undecodable frame");
+                    close = Some(Reason::from(&e));
+                    break;
+                }
+                Err(TransportError::Tls(e)) => {
+                    tracing::info!(conn, error = %e, "TLS failure");
+                    close = Some(Reason::ProtocolError);
+                    break;
+                }
+            };
+            frames += 1;
+            match c.session.on_frame(&frame, now.mono_us) {
+                Admit::Close(r) => {
+                    close = Some(r);
+                    break;
+                }
+                Admit::Nack(r) => {
+                    if let Frame::Envelope(e) = &frame {
+                        nack(&mut c.a.ctrl, &self.m, c.a.agent, e, r);
+                        wake = true;
+                    }
+                    continue;
+                }
+                Admit::Accept => {}
+            }
+            match frame {
+                Frame::Hello(h) => {
+                    // Negotiated below, once the borrow of this connection ends.
+                    hello = Some(h);
+                    break;
+                }
+                Frame::Envelope(env) => {
+                    let Some(contract) = c.a.contract.as_ref() else {
+                        continue;
+                    };
+                    if let Err(r) = check_ingress(&env, contract, now.unix_ms) {
+                        nack(&mut c.a.ctrl, &self.m, c.a.agent, &env, r);
+                        wake = true;
+                        continue;
+                    }
+                    let k = env.class() as usize;
+                    n_env[k] += 1;
+                    n_bytes[k] += env.immutable.len() as u64;
+                    accepted.push(env);
+                }
+                Frame::Ack(a) => {
+                    let was_full = c.window_full();
+                    let (mut known, mut unknown) = (0u64, 0u64);
+                    for id in a.ids() {
+                        match c.a.inflight.settle(id) {
+                            Settled::Known => known += 1,
+                            Settled::Unknown => unknown += 1,
+                        }
+                    }
+                    self.m.acks_in.increment(known);
+                    if unknown > 0 {
+                        self.m.unknown_acks.increment(unknown);
+                    }
+                    if was_full && !c.a.outq.is_empty() {
+                        wake = true;
+                    }
+                }
+                Frame::Nack(n) => match c.a.inflight.settle(n.message_id) {
+                    // The agent refused a delivered envelope: it leaves custody, counted.
+                    Settled::Known => self
+                        .m
+                        .dropped(n.reason().unwrap_or(Reason::PolicyViolation), 1),
+                    Settled::Unknown => self.m.unknown_nacks.increment(1),
+                },
+                Frame::Ping(p) => {
+                    Frame::Pong(Pong {
+                        echo_us: p.timestamp_us,
+                        responder_us: now.mono_us,
+                    })
+                    .encode(&mut c.a.ctrl);
+                    wake = true;
+                }
+                Frame::Pong(p) => {
+                    if let Some(rtt) = c.session.on_pong(&p, now.mono_us) {
+                        self.m.rtt.record(rtt as f64 / 1e6);
+                    }
+                }
+                Frame::Close(_) => {
+                    close = Some(Reason::Normal);
+                    break;
+                }
+                Frame::Welcome(_) | Frame::GoingAway(_) | Frame::Receipt(_) => {}
+            }
+        }
+        for k in 0..3 {
+            if n_env[k] > 0 {
+                self.m.envelopes_in[k].increment(n_env[k]);
+                self.m.bytes_in[k].increment(n_bytes[k]);
+            }
+        }
+        let frame_bytes = c.transport.take_frame_bytes();
+        if frames > 0 {
+            if let Some(b) = c.a.bucket_frames.as_mut() {
+                b.spend(frames, now.mono_us);
+            }
+            if let Some(b) = c.a.bucket_bytes.as_mut() {
+                b.spend(frame_bytes, now.mono_us);
+            }
+        }
+        if wake {
+            self.wake_writer(conn);
+        }
+        if let Some(r) = close {
+            self.close(conn, r, now);
+        }
+        if let Some(h) = hello {
+            self.on_hello(conn, &h, now);
+            // Frames pipelined behind HELLO are read once the session is up.
+            if self.conns.get(&conn).is_some_and(|c| !c.closing) {
+                self.process_input(conn, now);
+            }
+        }
+        for env in accepted {
+            self.route_from(conn, env, now);
+        }
+    }
+
+    /// Ends the session with `reason`: CLOSE is queued (when TLS is up; ACKs owed go first and
+    /// nothing follows it but close_notify) and the writer shuts the socket down once flushed.
+    /// Counts the close and logs one line.
+    pub(super) fn close(&mut self, conn: ConnId, reason: Reason, now: Now) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if c.closing {
+            return;
+        }
+        let was = c.session.state();
+        c.session.close(reason);
+        c.closing = true;
+        c.closing_since_us = now.mono_us;
+        if was == SessionState::Handshake {
+            self.m.handshake_failed(reason);
+        } else {
+            self.m.closed(reason);
+        }
+        if reason == Reason::Normal {
+            tracing::debug!(conn, agent = ?c.a.agent, "session closed");
+        } else {
+            tracing::info!(conn, agent = ?c.a.agent, reason = reason.label(), "session closed");
+        }
+        if !c.transport.is_open() || reason == Reason::WriteTimeout {
+            // Nothing can be said to this peer: no TLS yet, or it does not read.
+            self.actions.push_back(Action::Shutdown(conn));
+            return;
+        }
+        c.encode_acks(&self.m);
+        Frame::Close(Close::new(reason, reason.label())).encode(&mut c.a.ctrl);
+        self.wake_writer(conn);
+    }
+
+    /// Forgets a connection whose reader ended; what it held custody of is kept for the agent's
+    /// next session.
+    pub(super) fn teardown(&mut self, conn: ConnId, _now: Now) {
+        let Some(mut c) = self.conns.remove(&conn) else {
+            return;
+        };
+        self.actions.push_back(Action::Shutdown(conn));
+        if !c.closing {
+            let r = if c.transport.has_partial_frame() {
+                Reason::TruncatedFrame
+            } else {
+                Reason::Normal
+            };
+            if c.session.state() == SessionState::Handshake {
+                self.m.handshake_failed(r);
+            } else {
+                self.m.closed(r);
+            }
+            c.session.close(r);
+        }
+        let Some(agent) = c.a.agent else { return };
+        if c.a.seq == 0 {
+            return;
+        }
+        self.m.sessions_active.decrement(1.0);
+        if self.by_agent.get(&agent) == Some(&conn) {
+            self.by_agent.remove(&agent);
+        }
+        if self.directory.detach(&agent, c.a.seq) {
+            for k in (0..self.ncores).filter(|k| *k != self.id) {
+                self.outbox.push(
+                    k,
+                    super::msg::CoreMsg::Detach {
+                        agent,
+                        seq: c.a.seq,
+                    },
+                );
+            }
+        }
+        if !c.a.handed_over {
+            for env in c.take_custody(&self.m) {
+                self.keep(agent, env);
+            }
+        }
+    }
+}
+
+/// Queues a NACK for `env` and counts the refusal.
+pub(super) fn nack(
+    ctrl: &mut bytes::BytesMut,
+    m: &crate::metrics::CoreMetrics,
+    agent: Option<AgentId>,
+    env: &Envelope,
+    reason: Reason,
+) {
+    m.refused(reason);
+    tracing::debug!(agent = ?agent, msg = %env.message_id(), reason = reason.label(), "envelope refused");
+    Frame::Nack(Nack::new(env.message_id(), reason)).encode(ctrl);
+}

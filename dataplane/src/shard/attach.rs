@@ -1,0 +1,204 @@
+//! Attach and ownership: which core owns which agent's session.
+//!
+//! When a session completes HELLO its core takes a relay-wide attach sequence number, records
+//! itself in its directory and sends `Attach` to every other core; WELCOME goes out only after
+//! every core answered (`AttachAck`), so no sender can be told `destination_unavailable` by a
+//! core that has not heard of the agent yet. For one agent id the highest sequence wins: a core
+//! that learns of a newer attachment closes its older session (`session_replaced`) and sends
+//! that session's custody to the new owner. Envelopes held for an absent agent follow it the
+//! same way.
+
+use super::custody::Kept;
+use super::msg::CoreMsg;
+use super::{dest_agent, Conn, ConnId, Now, Shard};
+use crate::policy::TokenBucket;
+use crate::routing::{Attach, Location};
+use crate::signaling::negotiate;
+use crate::wire::{AgentId, Envelope, Frame, Hello, Reason};
+
+impl Shard {
+    /// HELLO from an agent whose TLS identity is known: negotiate the contract and attach.
+    pub(super) fn on_hello(&mut self, conn: ConnId, hello: &Hello, now: Now) {
+        let Some(agent) = self.conns.get(&conn).and_then(|c| c.a.agent) else {
+            return;
+        };
+        if let Err(r) = self.settings.admission.admit(&agent) {
+            self.close(conn, r, now);
+            return;
+        }
+        let sid = self.seq.next_session();
+        let welcome = match negotiate(
+            hello,
+            &self.settings.contract,
+            sid,
+            self.cfg.relay_id,
+            agent,
+        ) {
+            Ok(w) => w,
+            Err(r) => {
+                self.close(conn, r, now);
+                return;
+            }
+        };
+        let seq = self.seq.next_attach();
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        c.session.established(&welcome, now.mono_us);
+        c.transport.set_max_frame(welcome.max_frame as usize);
+        let t = now.mono_us;
+        let burst_frames = (welcome.rate_frames as u64 / 10).max(64);
+        let burst_bytes = (welcome.rate_bytes / 10).max(welcome.max_frame as u64 * 4);
+        c.a.bucket_frames = Some(TokenBucket::new(
+            welcome.rate_frames as u64,
+            burst_frames,
+            t,
+        ));
+        c.a.bucket_bytes = Some(TokenBucket::new(welcome.rate_bytes, burst_bytes, t));
+        c.a.contract = Some(welcome);
+        c.a.seq = seq;
+        let loc = Location { core: self.id, seq };
+        if let Attach::Replaced(old) = self.directory.attach(agent, loc) {
+            if old.core == self.id {
+                for env in self.retire_local(&agent, old.seq, now) {
+                    self.enqueue_or_keep(conn, agent, env);
+                }
+            }
+        }
+        self.by_agent.insert(agent, conn);
+        if let Some(kept) = self.held.take(&agent) {
+            self.m.redelivered.increment(kept.len() as u64);
+            for env in kept {
+                self.enqueue_or_keep(conn, agent, env);
+            }
+        }
+        for k in (0..self.ncores).filter(|k| *k != self.id) {
+            self.outbox.push(k, CoreMsg::Attach { agent, loc, conn });
+        }
+        self.m.sessions_opened.increment(1);
+        self.m.sessions_active.increment(1.0);
+        let role = self.conns.get(&conn).map(|c| c.role);
+        tracing::debug!(conn, agent = %agent, ?role, session = sid, "session established");
+        let pending = self.ncores as usize - 1;
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.a.attach_acks_pending = pending;
+        }
+        if pending == 0 {
+            self.send_welcome(conn);
+        }
+    }
+
+    fn send_welcome(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if let Some(w) = c.a.contract.clone() {
+            Frame::Welcome(w).encode(&mut c.a.ctrl);
+            c.a.welcomed = true;
+            self.wake_writer(conn);
+        }
+    }
+
+    pub(super) fn on_attach(&mut self, agent: AgentId, loc: Location, conn: ConnId, now: Now) {
+        if let Attach::Replaced(old) = self.directory.attach(agent, loc) {
+            if old.core == self.id {
+                for env in self.retire_local(&agent, old.seq, now) {
+                    self.outbox
+                        .push(loc.core, CoreMsg::Deliver { env, src: None });
+                }
+            }
+        }
+        if let Some(kept) = self.held.take(&agent) {
+            self.m.redelivered.increment(kept.len() as u64);
+            for env in kept {
+                self.outbox
+                    .push(loc.core, CoreMsg::Deliver { env, src: None });
+            }
+        }
+        self.outbox.push(loc.core, CoreMsg::AttachAck { conn });
+    }
+
+    pub(super) fn on_attach_ack(&mut self, conn: ConnId, _now: Now) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        c.a.attach_acks_pending = c.a.attach_acks_pending.saturating_sub(1);
+        if c.a.attach_acks_pending == 0 && !c.a.welcomed && !c.closing {
+            self.send_welcome(conn);
+        }
+    }
+
+    /// Closes the local session of `agent` with attach sequence `seq` (a newer one replaced it)
+    /// and returns the envelopes it held custody of.
+    fn retire_local(&mut self, agent: &AgentId, seq: u64, now: Now) -> Vec<Envelope> {
+        let Some(&cid) = self.by_agent.get(agent) else {
+            return Vec::new();
+        };
+        if self.conns.get(&cid).is_none_or(|c| c.a.seq != seq) {
+            return Vec::new();
+        }
+        self.by_agent.remove(agent);
+        self.close(cid, Reason::SessionReplaced, now);
+        let Some(c) = self.conns.get_mut(&cid) else {
+            return Vec::new();
+        };
+        c.a.handed_over = true;
+        let envs = c.take_custody(&self.m);
+        self.m.redelivered.increment(envs.len() as u64);
+        envs
+    }
+
+    /// Queues a custody envelope on `conn`, or keeps it for the agent when the queue refuses.
+    fn enqueue_or_keep(&mut self, conn: ConnId, agent: AgentId, env: Envelope) {
+        let bytes = self.settings.limits.send_queue_bytes.saturating_mul(4);
+        let refused = match self.conns.get_mut(&conn) {
+            Some(c) => c.enqueue(env, usize::MAX, bytes).err().map(|(_, e)| e),
+            None => Some(env),
+        };
+        if let Some(env) = refused {
+            self.keep(agent, env);
+        }
+    }
+
+    /// Holds an envelope for a disconnected agent, within the per-agent bound.
+    pub(super) fn keep(&mut self, agent: AgentId, env: Envelope) {
+        let max = self.settings.limits.custody_per_agent;
+        if let Kept::Dropped(r) = self.held.keep(agent, env, max) {
+            self.m.dropped(r, 1);
+        }
+    }
+
+    /// Keeps an envelope that could not be delivered to its agent, or drops it counted.
+    pub(super) fn keep_for_destination(&mut self, env: Envelope) {
+        match dest_agent(&env) {
+            Some(a) => self.keep(a, env),
+            None => self.m.dropped(Reason::DestinationUnavailable, 1),
+        }
+    }
+}
+
+impl Conn {
+    /// Puts an envelope on this agent's send queue, within the queue's bounds. `Ok(true)`: the
+    /// queue is past half its bounds, and senders should slow down.
+    // The refused envelope travels back by value: no allocation on the refusal path.
+    #[allow(clippy::result_large_err)]
+    pub(super) fn enqueue(
+        &mut self,
+        env: Envelope,
+        max_envelopes: usize,
+        max_bytes: usize,
+    ) -> Result<bool, (Reason, Envelope)> {
+        if !self.session.is_open() || self.closing {
+            return Err((Reason::DestinationUnavailable, env));
+        }
+        if self
+            .a
+            .contract
+            .as_ref()
+            .is_some_and(|c| env.frame_len() > c.max_frame as usize)
+        {
+            return Err((Reason::TooLargeForDestination, env));
+        }
+        self.a.outq.push(env, max_envelopes, max_bytes)
+    }
+}

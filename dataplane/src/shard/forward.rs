@@ -1,0 +1,211 @@
+//! Forwarding and verdicts: where an accepted envelope goes, and what its source hears back.
+//!
+//! ```text
+//! accepted envelope --route--> Local:   destination's send queue on this core  --verdict now
+//!                          \-> Core(k): Deliver to core k --> send queue there  --Verdict back
+//!                          \-> Refuse:  verdict now (NACK, or a counted drop for best-effort)
+//! ```
+//!
+//! A verdict ACKs an at-least-once envelope (custody taken; ACKs are batched), or refuses it:
+//! a NACK, except that a best-effort envelope that cannot be delivered is dropped and counted
+//! (`docs/PROTOCOL.md` §2, NACK). A congested destination makes its senders back off.
+
+use super::msg::CoreMsg;
+use super::{dest_agent, ConnId, Now, Shard};
+use crate::routing::Route;
+use crate::wire::{DeliveryClass, Envelope, MessageId, Reason};
+
+/// Reasons that are about the envelope itself; best-effort envelopes are NACKed only for these.
+fn about_the_envelope(r: Reason) -> bool {
+    matches!(r, Reason::TooLargeForDestination)
+}
+
+impl Shard {
+    /// Routes an envelope accepted from connection `src`.
+    pub(super) fn route_from(&mut self, src: ConnId, env: Envelope, now: Now) {
+        let id = env.message_id();
+        let class = env.class();
+        match self.directory.route(&env, self.id) {
+            Route::Local => {
+                let result = self.deliver_local(env).map_err(|(r, _)| r);
+                self.settle(src, id, class, result, false, now);
+            }
+            Route::Core(k) => {
+                if let Some(c) = self.conns.get_mut(&src) {
+                    c.a.awaiting += 1;
+                }
+                self.outbox.push(
+                    k,
+                    CoreMsg::Deliver {
+                        env,
+                        src: Some((self.id, src)),
+                    },
+                );
+                self.handed_off += 1;
+            }
+            Route::Refuse(r) => self.settle(src, id, class, Err(r), false, now),
+        }
+    }
+
+    /// Puts an envelope on the send queue of its destination, attached to this core.
+    // The refused envelope travels back by value: no allocation on the refusal path.
+    #[allow(clippy::result_large_err)]
+    fn deliver_local(&mut self, env: Envelope) -> Result<bool, (Reason, Envelope)> {
+        let Some(dst) = dest_agent(&env) else {
+            return Err((Reason::DestinationUnavailable, env));
+        };
+        let Some(&cid) = self.by_agent.get(&dst) else {
+            return Err((Reason::DestinationUnavailable, env));
+        };
+        let l = &self.settings.limits;
+        let (max_n, max_b) = (l.send_queue_envelopes, l.send_queue_bytes);
+        let Some(c) = self.conns.get_mut(&cid) else {
+            return Err((Reason::DestinationUnavailable, env));
+        };
+        let r = c.enqueue(env, max_n, max_b);
+        if r.is_ok() {
+            self.wake_writer(cid);
+        }
+        r
+    }
+
+    /// An envelope from another core (a source's, or custody following its agent).
+    pub(super) fn on_deliver(&mut self, env: Envelope, src: Option<(u16, ConnId)>, now: Now) {
+        let id = env.message_id();
+        let class = env.class();
+        let moved = dest_agent(&env)
+            .and_then(|a| self.directory.locate(&a))
+            .filter(|l| l.core != self.id);
+        if let Some(loc) = moved {
+            // The agent moved to another core since the sender looked: follow it.
+            self.outbox.push(loc.core, CoreMsg::Deliver { env, src });
+            return;
+        }
+        let result = self.deliver_local(env);
+        match (result, src) {
+            (Ok(congested), Some((core, conn))) => {
+                self.verdict_to(core, conn, id, class, Ok(congested), now)
+            }
+            (Err((r, _)), Some((core, conn))) => {
+                self.verdict_to(core, conn, id, class, Err(r), now)
+            }
+            (Err((_, env)), None) => self.keep_for_destination(env),
+            (Ok(_), None) => {}
+        }
+    }
+
+    fn verdict_to(
+        &mut self,
+        core: u16,
+        conn: ConnId,
+        id: MessageId,
+        class: DeliveryClass,
+        result: Result<bool, Reason>,
+        now: Now,
+    ) {
+        if core == self.id {
+            self.on_verdict(conn, id, class != DeliveryClass::BestEffort, result, now);
+        } else {
+            self.outbox.push(
+                core,
+                CoreMsg::Verdict {
+                    conn,
+                    id,
+                    class_acked: class != DeliveryClass::BestEffort,
+                    result,
+                },
+            );
+        }
+    }
+
+    /// A verdict from another core for one of this core's sources.
+    pub(super) fn on_verdict(
+        &mut self,
+        conn: ConnId,
+        id: MessageId,
+        acked: bool,
+        result: Result<bool, Reason>,
+        now: Now,
+    ) {
+        let class = if acked {
+            DeliveryClass::AtLeastOnce
+        } else {
+            DeliveryClass::BestEffort
+        };
+        self.settle(conn, id, class, result, true, now);
+    }
+
+    /// Applies a verdict to its source connection: ACK (batched), NACK or counted drop, and
+    /// congestion.
+    fn settle(
+        &mut self,
+        conn: ConnId,
+        id: MessageId,
+        class: DeliveryClass,
+        result: Result<bool, Reason>,
+        remote: bool,
+        now: Now,
+    ) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            if let Err(r) = result {
+                if class == DeliveryClass::BestEffort {
+                    self.m.dropped(r, 1);
+                }
+            }
+            return;
+        };
+        let mut wake_reader = false;
+        if remote {
+            if c.a
+                .contract
+                .as_ref()
+                .is_some_and(|w| c.a.awaiting >= w.send_window)
+            {
+                wake_reader = true;
+            }
+            c.a.awaiting = c.a.awaiting.saturating_sub(1);
+        }
+        let mut wake = false;
+        match result {
+            Ok(congested) => {
+                if congested || c.a.backoff_us > 0 {
+                    c.congestion(congested, now.mono_us);
+                }
+                if class != DeliveryClass::BestEffort {
+                    c.a.acks_to_send.push(id);
+                    wake = true;
+                }
+            }
+            Err(r) if class == DeliveryClass::BestEffort && !about_the_envelope(r) => {
+                self.m.dropped(r, 1);
+            }
+            Err(r) => {
+                if !c.closing {
+                    self.m.refused(r);
+                    tracing::debug!(agent = ?c.a.agent, msg = %id, reason = r.label(), "envelope refused");
+                    crate::wire::Frame::Nack(crate::wire::Nack::new(id, r)).encode(&mut c.a.ctrl);
+                    wake = true;
+                }
+            }
+        }
+        if wake {
+            self.wake_writer(conn);
+        }
+        if wake_reader {
+            self.wake_reader(conn);
+        }
+    }
+}
+
+impl super::Conn {
+    /// Records whether a destination this session sent to reported congestion: the reader
+    /// backs off (doubling up to 20 ms) while it does, so TCP pushes back on the sender.
+    pub(super) fn congestion(&mut self, congested: bool, now_us: u64) {
+        if congested {
+            self.a.backoff_us = (self.a.backoff_us * 2).clamp(200, 20_000);
+            self.a.paused_until_us = now_us + self.a.backoff_us;
+        } else {
+            self.a.backoff_us = 0;
+        }
+    }
+}

@@ -1,0 +1,516 @@
+//! One core's relay, as a state machine: the shard.
+//!
+//! A shard owns the connections that core accepted, their sessions, the custody it holds for
+//! destination agents, its copy of the directory and its outbox to other cores. It does no I/O,
+//! reads no clock and spawns nothing: the engine (`crate::engine`) feeds it events, each with the
+//! time ([`Now`]), and carries out what it asks for ([`Action`]s, and the [`msg::Outbox`]).
+//!
+//! How the engine drives it, per core:
+//!
+//! ```text
+//! accept          -> Shard::open(now) -> ConnId; the engine starts a reader and a writer task
+//! reader          -> Shard::read_gate(conn, now): Go | Wait(us) | Park
+//!                    Shard::take_read_buf(conn) -> read(2) into it -> Shard::on_read(conn, buf, now)
+//!                    end of stream or error -> Shard::on_read_end(conn, now)
+//! writer          -> on a WakeWriter action: Shard::poll_write(conn, now) -> (buffer, len)
+//!                    write(2) -> Shard::on_write_done(conn, buffer, ok, now); repeat until None
+//! mailbox         -> Shard::on_message(msg, now)
+//! timer           -> Shard::on_tick(now)
+//! after each call -> Shard::poll_action() until None; flush Shard::outbox() to the mailboxes
+//! ```
+//!
+//! The rooms: [`transport`] (TLS records, framing, write buffer), `agent` (what an agent's frames
+//! do: HELLO, ENVELOPE, ACK, NACK, PING, CLOSE), `attach` (which core owns which agent),
+//! `forward` (routing an accepted envelope and the verdict back to its source), `custody` (send
+//! queues, in-flight, held for absent agents), `write` (one writer pass), `timers` (heartbeats,
+//! deadlines, drain).
+
+mod agent;
+mod attach;
+mod custody;
+mod forward;
+pub mod msg;
+mod timers;
+mod transport;
+mod write;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use bytes::BytesMut;
+
+use crate::metrics::CoreMetrics;
+use crate::policy::{Admission, TokenBucket};
+use crate::routing::Directory;
+use crate::session::{Session, SessionTimeouts};
+use crate::signaling::ContractPolicy;
+use crate::wire::{AgentId, Envelope, MessageId, RelayId, Role, Welcome};
+use custody::{Held, Inflight, SendQueue};
+use msg::{ConnId, CoreMsg, Outbox};
+use transport::Transport;
+
+/// Bounds on what one core holds. Also the relay's `[limits]` configuration section.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Connections one core serves at once; more are closed right after accept.
+    pub max_connections_per_core: usize,
+    /// Envelopes queued towards one agent before at-least-once envelopes are refused.
+    pub send_queue_envelopes: usize,
+    /// Bytes queued towards one agent before at-least-once envelopes are refused.
+    pub send_queue_bytes: usize,
+    /// Messages one core's mailbox holds.
+    pub mailbox_capacity: usize,
+    /// Unacknowledged envelopes held for one disconnected agent, for redelivery on reconnect.
+    pub custody_per_agent: usize,
+    /// Largest read buffer of one connection: it starts at 4 KiB and doubles when a read fills
+    /// it (a frame being reassembled may need up to `max_frame` plus one record more).
+    pub read_buffer: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections_per_core: 100_000,
+            send_queue_envelopes: 8192,
+            send_queue_bytes: 16 << 20,
+            mailbox_capacity: 65_536,
+            custody_per_agent: 65_536,
+            read_buffer: 64 << 10,
+        }
+    }
+}
+
+/// What can change while the relay runs (on SIGHUP): the contract offered to new sessions,
+/// timeouts, admission lists (applied to established sessions too) and limits
+/// (`mailbox_capacity` only takes effect on restart).
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub contract: ContractPolicy,
+    pub timeouts: SessionTimeouts,
+    pub admission: Admission,
+    pub limits: Limits,
+}
+
+/// What a shard needs that does not change while it runs.
+#[derive(Clone)]
+pub struct ShardConfig {
+    /// Server TLS configuration (secret extraction enabled).
+    pub tls: Arc<rustls::ServerConfig>,
+    pub relay_id: RelayId,
+}
+
+/// The time, as the engine read it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Now {
+    /// Monotonic microseconds (deadlines, rates).
+    pub mono_us: u64,
+    /// Unix milliseconds (envelope expiry is absolute).
+    pub unix_ms: u64,
+}
+
+/// Something the engine must do for the shard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// The connection has something to write: run its writer.
+    WakeWriter(ConnId),
+    /// The connection's reader was parked ([`ReadGate::Park`]) and may read again.
+    WakeReader(ConnId),
+    /// Shut the socket down: pending operations complete, both tasks end.
+    Shutdown(ConnId),
+}
+
+/// Whether a reader may read now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadGate {
+    Go,
+    /// Wait this many microseconds, then ask again (rate limits, congestion).
+    Wait(u64),
+    /// Wait for a [`Action::WakeReader`] (send window or outbox full).
+    Park,
+    /// The connection is finished: stop reading.
+    Stop,
+}
+
+/// Outbox backlog towards one core above which readers park.
+const OUTBOX_HIGH: usize = 16_384;
+/// Largest frame accepted before HELLO: a HELLO is at most about 8 KiB.
+const PRE_HELLO_MAX_FRAME: usize = 16 << 10;
+
+/// An agent's session on this core: what the agent role keeps beside the transport.
+pub(crate) struct AgentSession {
+    pub(crate) agent: Option<AgentId>,
+    /// Attach sequence of this session (0 before HELLO).
+    pub(crate) seq: u64,
+    pub(crate) contract: Option<Welcome>,
+    pub(crate) attach_acks_pending: usize,
+    /// WELCOME went out: envelopes may be written.
+    pub(crate) welcomed: bool,
+    pub(crate) acks_to_send: Vec<MessageId>,
+    /// Encoded control frames waiting for the writer.
+    pub(crate) ctrl: BytesMut,
+    pub(crate) outq: SendQueue,
+    pub(crate) inflight: Inflight,
+    /// Envelopes sent to other cores that wait for a verdict.
+    pub(crate) awaiting: u32,
+    pub(crate) bucket_frames: Option<TokenBucket>,
+    pub(crate) bucket_bytes: Option<TokenBucket>,
+    /// The reader pauses until then: a destination this session sends to is congested.
+    pub(crate) paused_until_us: u64,
+    pub(crate) backoff_us: u64,
+    /// Envelopes were handed to a newer session; nothing is left to keep in custody.
+    pub(crate) handed_over: bool,
+}
+
+/// One connection: transport, session, and the role's state.
+pub(crate) struct Conn {
+    pub(crate) id: ConnId,
+    pub(crate) transport: Transport,
+    pub(crate) session: Session,
+    /// What the peer is; only agents are served on this listener.
+    pub(crate) role: Role,
+    pub(crate) a: AgentSession,
+    /// CLOSE queued (or TLS failed); the writer sends close_notify and shuts down once flushed.
+    pub(crate) closing: bool,
+    pub(crate) closing_since_us: u64,
+    /// The close_notify went into a write buffer.
+    pub(crate) close_notify_sent: bool,
+    /// When the socket write in progress started (0: not writing).
+    pub(crate) write_since_us: u64,
+    /// A write buffer is with the engine.
+    pub(crate) writing: bool,
+    /// The reader waits for a wake-up.
+    pub(crate) reader_parked: bool,
+    /// Due a KeyUpdate (the session's rotation interval).
+    pub(crate) key_update_due: bool,
+}
+
+/// One core's relay state machine. See the module docs for how to drive it.
+pub struct Shard {
+    id: u16,
+    ncores: u16,
+    cfg: ShardConfig,
+    settings: Arc<Settings>,
+    m: CoreMetrics,
+    conns: HashMap<ConnId, Conn, foldhash::fast::RandomState>,
+    by_agent: HashMap<AgentId, ConnId, foldhash::fast::RandomState>,
+    directory: Directory,
+    held: Held,
+    outbox: Outbox,
+    actions: VecDeque<Action>,
+    /// Attach sequence numbers and session ids come from relay-wide counters the engine owns.
+    seq: Arc<SeqSource>,
+    draining: bool,
+    custody_swept_us: u64,
+    next_conn: ConnId,
+    /// Write buffers not in use, reused across connections.
+    spare_buffers: Vec<Vec<u8>>,
+    /// Envelopes handed to other cores since the metric was last counted.
+    handed_off: u64,
+    /// Readers parked on the outbox high-water mark.
+    parked_on_outbox: Vec<ConnId>,
+}
+
+/// Relay-wide counters shared by every shard (attach sequence, session ids).
+#[derive(Debug, Default)]
+pub struct SeqSource {
+    attach: std::sync::atomic::AtomicU64,
+    session: std::sync::atomic::AtomicU64,
+}
+
+impl SeqSource {
+    fn next_attach(&self) -> u64 {
+        self.attach
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1
+    }
+    fn next_session(&self) -> u64 {
+        self.session
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1
+    }
+}
+
+impl Shard {
+    /// Shard `id` of `ncores`.
+    pub fn new(
+        id: u16,
+        ncores: u16,
+        cfg: ShardConfig,
+        settings: Settings,
+        seq: Arc<SeqSource>,
+    ) -> Self {
+        Shard {
+            id,
+            ncores,
+            cfg,
+            settings: Arc::new(settings),
+            m: CoreMetrics::new(id),
+            conns: HashMap::default(),
+            by_agent: HashMap::default(),
+            directory: Directory::new(),
+            held: Held::default(),
+            outbox: Outbox::new(ncores as usize),
+            actions: VecDeque::new(),
+            seq,
+            draining: false,
+            custody_swept_us: 0,
+            next_conn: 1,
+            spare_buffers: Vec::new(),
+            handed_off: 0,
+            parked_on_outbox: Vec::new(),
+        }
+    }
+
+    /// The next thing the engine must do.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// Messages for other cores; the engine moves them into the mailboxes.
+    pub fn outbox(&mut self) -> &mut Outbox {
+        let handed = std::mem::take(&mut self.handed_off);
+        if handed > 0 {
+            self.m.mailbox_sent.increment(handed);
+        }
+        &mut self.outbox
+    }
+
+    /// The engine found a mailbox full this many times while flushing.
+    pub fn mailbox_full(&mut self, times: u64) {
+        self.m.mailbox_full.increment(times);
+    }
+
+    /// The outbox drained below its high-water mark: parked readers may go on.
+    pub fn outbox_flushed(&mut self) {
+        if self.outbox.max_pending() <= OUTBOX_HIGH {
+            for c in std::mem::take(&mut self.parked_on_outbox) {
+                self.wake_reader(c);
+            }
+        }
+    }
+
+    /// Whether the shard is draining.
+    pub fn is_draining(&self) -> bool {
+        self.draining
+    }
+
+    /// Connections open on this shard.
+    pub fn connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// A connection was accepted. `None`: refused (connection limit or draining); the engine
+    /// closes the socket.
+    pub fn open(&mut self, now: Now) -> Option<ConnId> {
+        self.m.connections_accepted.increment(1);
+        if self.draining {
+            return None;
+        }
+        if self.conns.len() >= self.settings.limits.max_connections_per_core {
+            self.m
+                .handshake_failed(crate::wire::Reason::TooManyConnections);
+            tracing::info!(core = self.id, "connection refused: too many connections");
+            return None;
+        }
+        let transport = match Transport::new(
+            self.cfg.tls.clone(),
+            PRE_HELLO_MAX_FRAME.min(self.settings.contract.max_frame as usize),
+            self.settings.limits.read_buffer,
+        ) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot create TLS session");
+                return None;
+            }
+        };
+        let id = self.next_conn;
+        self.next_conn += 1;
+        self.conns.insert(
+            id,
+            Conn {
+                id,
+                transport,
+                session: Session::new(now.mono_us, self.settings.timeouts),
+                role: Role::Agent,
+                a: AgentSession {
+                    agent: None,
+                    seq: 0,
+                    contract: None,
+                    attach_acks_pending: 0,
+                    welcomed: false,
+                    acks_to_send: Vec::new(),
+                    ctrl: BytesMut::new(),
+                    outq: SendQueue::default(),
+                    inflight: Inflight::default(),
+                    awaiting: 0,
+                    bucket_frames: None,
+                    bucket_bytes: None,
+                    paused_until_us: 0,
+                    backoff_us: 0,
+                    handed_over: false,
+                },
+                closing: false,
+                closing_since_us: 0,
+                close_notify_sent: false,
+                write_since_us: 0,
+                writing: false,
+                reader_parked: false,
+                key_update_due: false,
+            },
+        );
+        Some(id)
+    }
+
+    /// Whether the connection's reader may read now.
+    pub fn read_gate(&mut self, conn: ConnId, now: Now) -> ReadGate {
+        let outbox_full = self.outbox.max_pending() > OUTBOX_HIGH;
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return ReadGate::Stop;
+        };
+        if c.closing || c.transport.peer_closed {
+            // Keep reading until the peer hangs up (so its close_notify and FIN are seen), but
+            // what it sends is ignored.
+            return ReadGate::Go;
+        }
+        if outbox_full {
+            c.reader_parked = true;
+            self.parked_on_outbox.push(conn);
+            return ReadGate::Park;
+        }
+        if c.a
+            .contract
+            .as_ref()
+            .is_some_and(|w| c.a.awaiting >= w.send_window)
+        {
+            self.m.throttled_send_window.increment(1);
+            c.reader_parked = true;
+            return ReadGate::Park;
+        }
+        let t = now.mono_us;
+        let f = c.a.bucket_frames.as_mut().map_or(0, |b| b.wait_us(t));
+        let b = c.a.bucket_bytes.as_mut().map_or(0, |b| b.wait_us(t));
+        let p = c.a.paused_until_us.saturating_sub(t);
+        if f > 0 {
+            self.m.throttled_frames.increment(1);
+        }
+        if b > 0 {
+            self.m.throttled_bytes.increment(1);
+        }
+        if p > 0 {
+            self.m.throttled_destination.increment(1);
+        }
+        match f.max(b).max(p) {
+            0 => ReadGate::Go,
+            w => ReadGate::Wait(w),
+        }
+    }
+
+    /// The read buffer for the connection's next socket read (bytes are appended to it).
+    pub fn take_read_buf(&mut self, conn: ConnId) -> Option<BytesMut> {
+        self.conns
+            .get_mut(&conn)
+            .map(|c| c.transport.take_read_buf())
+    }
+
+    /// The read into `buf` (from [`Shard::take_read_buf`]) completed with new bytes.
+    pub fn on_read(&mut self, conn: ConnId, buf: BytesMut, now: Now) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        c.transport.put_read_buf(buf);
+        self.process_input(conn, now);
+    }
+
+    /// The connection's reader ended (EOF, error, or shut down): the connection is forgotten.
+    pub fn on_read_end(&mut self, conn: ConnId, now: Now) {
+        self.teardown(conn, now);
+    }
+
+    /// Wakes a connection's writer.
+    fn wake_writer(&mut self, conn: ConnId) {
+        self.actions.push_back(Action::WakeWriter(conn));
+    }
+
+    fn wake_reader(&mut self, conn: ConnId) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            if c.reader_parked {
+                c.reader_parked = false;
+                self.actions.push_back(Action::WakeReader(conn));
+            }
+        }
+    }
+
+    /// Handles a message from another core.
+    pub fn on_message(&mut self, msg: CoreMsg, now: Now) {
+        match msg {
+            CoreMsg::Attach { agent, loc, conn } => self.on_attach(agent, loc, conn, now),
+            CoreMsg::AttachAck { conn } => self.on_attach_ack(conn, now),
+            CoreMsg::Detach { agent, seq } => {
+                self.directory.detach(&agent, seq);
+            }
+            CoreMsg::Deliver { env, src } => self.on_deliver(env, src, now),
+            CoreMsg::Verdict {
+                conn,
+                id,
+                class_acked,
+                result,
+            } => self.on_verdict(conn, id, class_acked, result, now),
+            CoreMsg::Reconfigure(s) => self.reconfigure(s, now),
+            CoreMsg::Drain => self.start_drain(now),
+            CoreMsg::Exit => self.exit(),
+        }
+    }
+
+    /// Stops: every socket is shut down so that pending operations complete.
+    fn exit(&mut self) {
+        let ids: Vec<ConnId> = self.conns.keys().copied().collect();
+        for id in ids {
+            self.actions.push_back(Action::Shutdown(id));
+        }
+    }
+
+    /// Takes new live settings and closes established sessions the new admission lists refuse.
+    fn reconfigure(&mut self, s: Arc<Settings>, now: Now) {
+        self.settings = s.clone();
+        let refused: Vec<ConnId> = self
+            .conns
+            .values()
+            .filter(|c| c.a.agent.is_some_and(|a| s.admission.admit(&a).is_err()))
+            .map(|c| c.id)
+            .collect();
+        for id in &refused {
+            self.close(*id, crate::wire::Reason::NotAdmitted, now);
+        }
+        tracing::info!(core = self.id, closed = refused.len(), "settings reloaded");
+    }
+
+    /// A write buffer from the pool.
+    fn buffer(&mut self) -> Vec<u8> {
+        self.spare_buffers
+            .pop()
+            .unwrap_or_else(|| vec![0u8; transport::WRITE_BUFFER])
+    }
+
+    /// Returns a write buffer to the pool (at most a few are kept).
+    fn recycle(&mut self, buf: Vec<u8>) {
+        if buf.len() == transport::WRITE_BUFFER && self.spare_buffers.len() < 16 {
+            self.spare_buffers.push(buf);
+        }
+    }
+
+    /// Envelopes an agent connected here holds custody of, for the gauges.
+    fn custody_counts(&self) -> (usize, usize) {
+        self.conns.values().fold((0, 0), |(q, f), c| {
+            (q + c.a.outq.len(), f + c.a.inflight.len())
+        })
+    }
+}
+
+/// Helper for the rooms: an envelope's destination agent, if it is one.
+pub(crate) fn dest_agent(env: &Envelope) -> Option<AgentId> {
+    match env.destination() {
+        crate::wire::Destination::Agent(a) => Some(a),
+        crate::wire::Destination::Group(_) => None,
+    }
+}

@@ -1,0 +1,81 @@
+//! Messages between shards (one per core), and the outbox a shard collects them in.
+//!
+//! A shard never touches another core's state: everything that crosses cores is one of these
+//! messages. The shard queues them per destination core in its [`Outbox`]; the engine moves them
+//! into the bounded mailboxes in batches (one wake-up per flush, not per message) and keeps what
+//! did not fit for the next flush.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use super::Settings;
+use crate::routing::Location;
+use crate::wire::{AgentId, Envelope, MessageId, Reason};
+
+/// Identifies a connection on its core.
+pub type ConnId = u64;
+
+/// A message between cores.
+#[derive(Debug)]
+pub enum CoreMsg {
+    /// `agent` attached at `loc`; every other core answers with `AttachAck`.
+    Attach {
+        agent: AgentId,
+        loc: Location,
+        conn: ConnId,
+    },
+    /// Answer to `Attach`, for the connection that is waiting to send WELCOME.
+    AttachAck { conn: ConnId },
+    /// `agent`'s attachment with sequence `seq` ended.
+    Detach { agent: AgentId, seq: u64 },
+    /// Deliver an envelope to an agent attached on the receiving core. `src` (core, connection)
+    /// wants a `Verdict`; `None` is a custody hand-over that needs none.
+    Deliver {
+        env: Envelope,
+        src: Option<(u16, ConnId)>,
+    },
+    /// Outcome of a `Deliver` for the source connection; `Ok(true)`: the destination's queue is
+    /// congested and the source should slow down.
+    Verdict {
+        conn: ConnId,
+        id: MessageId,
+        class_acked: bool,
+        result: Result<bool, Reason>,
+    },
+    /// New live settings.
+    Reconfigure(Arc<Settings>),
+    /// Begin a graceful drain.
+    Drain,
+    /// Stop the core.
+    Exit,
+}
+
+/// One shard's pending messages to every core.
+#[derive(Debug)]
+pub struct Outbox {
+    pub(crate) per_core: Vec<VecDeque<CoreMsg>>,
+}
+
+impl Outbox {
+    /// An outbox for `cores` cores.
+    pub fn new(cores: usize) -> Self {
+        Outbox {
+            per_core: (0..cores).map(|_| VecDeque::new()).collect(),
+        }
+    }
+
+    /// Queues `msg` for `core`.
+    pub fn push(&mut self, core: u16, msg: CoreMsg) {
+        self.per_core[core as usize].push_back(msg);
+    }
+
+    /// Largest backlog towards any core.
+    pub fn max_pending(&self) -> usize {
+        self.per_core.iter().map(VecDeque::len).max().unwrap_or(0)
+    }
+
+    /// The queues, per destination core (the engine drains them into the mailboxes).
+    pub fn queues_mut(&mut self) -> impl Iterator<Item = (usize, &mut VecDeque<CoreMsg>)> {
+        self.per_core.iter_mut().enumerate()
+    }
+}

@@ -1,0 +1,534 @@
+//! The transport half of a connection: TLS (handshake, then the relay's own record layer),
+//! the read buffer and the frames cut from it, and the write buffer records are sealed into.
+//!
+//! Read side. The engine reads ciphertext straight into [`Transport::take_read_buf`]'s buffer.
+//! Records are decrypted in place there; a frame that lies inside one record's plaintext is split
+//! off as a `Bytes` slice of that buffer (no copy). A frame that straddles two records is joined
+//! by moving the smaller side over the 5 to 21+ bytes (tag, padding, next header) between them:
+//! that move is the only copy a payload byte can see besides the AEAD open. The buffer holds
+//!
+//! ```text
+//! [ carried plaintext: 0..carried ][ skip: consumed bytes ][ ciphertext not yet opened ... ]
+//! ```
+//!
+//! where the carried plaintext is the start of a frame not yet complete.
+//!
+//! Write side. [`RecordWriter`] seals records into the write buffer: an envelope's immutable
+//! bytes are encrypted from where they lie (no copy); frame heads, control frames and small
+//! envelopes are copied into a small tail that follows them in the same record. Counting the
+//! passes: see `docs/ARCHITECTURE.md`.
+
+use std::sync::Arc;
+
+use bytes::{Buf, Bytes, BytesMut};
+use rustls::server::ServerConnectionData;
+
+use crate::tls::handshake::ServerHandshake;
+use crate::tls::record::{Opened, RecordError, RecordLayer, MAX_PLAINTEXT, OVERHEAD};
+use crate::wire::{Frame, WireError};
+
+/// First size of a connection's read buffer; it doubles (up to the configured maximum) whenever
+/// a read fills it, so idle agents stay cheap.
+pub(crate) const INITIAL_READ_BUFFER: usize = 4096;
+/// Bytes from which an envelope's immutable part is sealed where it lies instead of copied into
+/// the record's tail.
+pub(crate) const SEAL_IN_PLACE_FROM: usize = 1024;
+/// Room in a write buffer: records for one writer pass.
+pub(crate) const WRITE_BUFFER: usize = 256 << 10;
+/// Largest record on the wire, header included.
+const MAX_RECORD: usize = 5 + crate::tls::record::MAX_CIPHERTEXT;
+
+/// Why a transport failed. Every one ends the connection.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum TransportError {
+    #[error("tls: {0}")]
+    Tls(#[from] RecordError),
+    #[error("wire: {0}")]
+    Wire(#[from] WireError),
+}
+
+enum Tls {
+    Handshaking(Box<ServerHandshake>),
+    Open(Box<RecordLayer<ServerConnectionData>>),
+    Failed,
+}
+
+/// TLS, read buffer, framing and write buffer of one connection.
+pub(crate) struct Transport {
+    tls: Tls,
+    rx: BytesMut,
+    /// Plaintext at the front of `rx` that starts a frame not yet complete.
+    carried: usize,
+    /// Consumed bytes after the carried plaintext, before the next record.
+    skip: usize,
+    /// Largest read buffer allowed.
+    max_read: usize,
+    /// Largest frame accepted.
+    max_frame: usize,
+    /// Handshake records to send.
+    hs_out: Vec<u8>,
+    /// Scratch for the copied tail of a record.
+    tail: Vec<u8>,
+    /// Plaintext bytes of frames read since the counter was last taken.
+    frame_bytes: u64,
+    pub(crate) peer_closed: bool,
+    /// The peer's certificate chain (set once the handshake completes).
+    pub(crate) peer_certificates: Vec<rustls::pki_types::CertificateDer<'static>>,
+}
+
+impl Transport {
+    pub(crate) fn new(
+        tls: Arc<rustls::ServerConfig>,
+        max_frame: usize,
+        max_read: usize,
+    ) -> Result<Self, TransportError> {
+        Ok(Transport {
+            tls: Tls::Handshaking(Box::new(ServerHandshake::new(tls)?)),
+            rx: BytesMut::new(),
+            carried: 0,
+            skip: 0,
+            max_read: max_read.max(INITIAL_READ_BUFFER),
+            max_frame,
+            hs_out: Vec::new(),
+            tail: Vec::new(),
+            frame_bytes: 0,
+            peer_closed: false,
+            peer_certificates: Vec::new(),
+        })
+    }
+
+    /// Whether the TLS handshake is over.
+    pub(crate) fn is_open(&self) -> bool {
+        matches!(self.tls, Tls::Open(_))
+    }
+
+    /// Changes the largest frame accepted (after the session contract).
+    pub(crate) fn set_max_frame(&mut self, max: usize) {
+        self.max_frame = max;
+    }
+
+    /// The read buffer for the next socket read, with spare room. Give it back with
+    /// [`Transport::put_read_buf`].
+    pub(crate) fn take_read_buf(&mut self) -> BytesMut {
+        let mut rx = std::mem::take(&mut self.rx);
+        let used = rx.len();
+        if rx.capacity() - used < INITIAL_READ_BUFFER / 2 {
+            // Double, within the configured maximum, but always room for a whole record behind
+            // what is buffered (a frame up to max_frame may be carried).
+            let ceiling = self.max_read.max(used + MAX_RECORD);
+            let want = (rx.capacity() * 2).clamp(INITIAL_READ_BUFFER, ceiling);
+            rx.reserve(want.saturating_sub(used).max(INITIAL_READ_BUFFER / 2));
+        }
+        rx
+    }
+
+    /// Takes back the read buffer after a read appended bytes to it.
+    pub(crate) fn put_read_buf(&mut self, rx: BytesMut) {
+        self.rx = rx;
+    }
+
+    /// Runs the handshake on what was read. Returns true once it completed (this call or before).
+    pub(crate) fn advance_handshake(&mut self) -> Result<bool, TransportError> {
+        let Tls::Handshaking(hs) = &mut self.tls else {
+            return Ok(self.is_open());
+        };
+        let n = hs.advance(&mut self.rx, &mut self.hs_out)?;
+        self.rx.advance(n);
+        if !hs.is_done() {
+            return Ok(false);
+        }
+        let Tls::Handshaking(hs) = std::mem::replace(&mut self.tls, Tls::Failed) else {
+            return Ok(false);
+        };
+        let est = hs.finish()?;
+        self.peer_certificates = est.peer_certificates;
+        self.tls = Tls::Open(Box::new(est.records));
+        if !est.early_plaintext.is_empty() {
+            // A client's first frames right behind its Finished: put them in front (one copy,
+            // once per connection).
+            let mut rx = BytesMut::with_capacity(est.early_plaintext.len() + self.rx.len());
+            rx.extend_from_slice(&est.early_plaintext);
+            rx.extend_from_slice(&self.rx);
+            self.carried = est.early_plaintext.len();
+            self.rx = rx;
+        }
+        Ok(true)
+    }
+
+    /// Drops what was read and not yet handled (a closing connection ignores its peer).
+    pub(crate) fn discard_input(&mut self) {
+        self.rx.clear();
+        self.carried = 0;
+        self.skip = 0;
+    }
+
+    /// Whether the peer stopped in the middle of a frame (or a record).
+    pub(crate) fn has_partial_frame(&self) -> bool {
+        self.carried > 0 || self.rx.len() > self.carried + self.skip
+    }
+
+    /// Handshake records waiting to be written, if any.
+    pub(crate) fn take_handshake_output(&mut self) -> Option<Vec<u8>> {
+        (!self.hs_out.is_empty()).then(|| std::mem::take(&mut self.hs_out))
+    }
+
+    /// Whether handshake records wait to be written.
+    pub(crate) fn has_handshake_output(&self) -> bool {
+        !self.hs_out.is_empty()
+    }
+
+    /// A writer sealing records into `out` (a full-length buffer), or `None` before the
+    /// handshake completed.
+    pub(crate) fn writer<'a>(&'a mut self, out: &'a mut [u8]) -> Option<RecordWriter<'a>> {
+        let Tls::Open(records) = &mut self.tls else {
+            return None;
+        };
+        if self.tail.capacity() == 0 {
+            self.tail.reserve_exact(MAX_PLAINTEXT + 1);
+        }
+        Some(RecordWriter {
+            records,
+            out,
+            used: 0,
+            tail: &mut self.tail,
+            big: Bytes::new(),
+        })
+    }
+
+    /// Takes the count of frame bytes read since the last call.
+    pub(crate) fn take_frame_bytes(&mut self) -> u64 {
+        std::mem::take(&mut self.frame_bytes)
+    }
+
+    /// The next complete frame read, if any: records are opened as needed.
+    pub(crate) fn next_frame(&mut self) -> Result<Option<Frame>, TransportError> {
+        loop {
+            if let Some(len) = self.carried_frame_len()? {
+                if self.carried >= len {
+                    let f = self.rx.split_to(len).freeze();
+                    self.carried -= len;
+                    return self.decode(f).map(Some);
+                }
+            }
+            match self.open_next_record()? {
+                Step::Nothing => return Ok(None),
+                Step::Progress => {}
+                Step::Joined(f) => return self.decode(f.freeze()).map(Some),
+            }
+        }
+    }
+
+    fn decode(&mut self, frame: Bytes) -> Result<Frame, TransportError> {
+        self.frame_bytes += frame.len() as u64;
+        Ok(Frame::decode(frame.slice(4..))?)
+    }
+
+    /// Length (prefix included) of the frame starting the carried plaintext, once known.
+    fn carried_frame_len(&self) -> Result<Option<usize>, WireError> {
+        if self.carried < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([self.rx[0], self.rx[1], self.rx[2], self.rx[3]]) as usize;
+        if len > self.max_frame {
+            return Err(WireError::FrameTooLarge {
+                len,
+                max: self.max_frame,
+            });
+        }
+        if len == 0 {
+            return Err(WireError::EmptyFrame);
+        }
+        Ok(Some(len + 4))
+    }
+
+    /// Opens the next complete record and joins its plaintext to the carried plaintext.
+    fn open_next_record(&mut self) -> Result<Step, TransportError> {
+        let Tls::Open(records) = &mut self.tls else {
+            return Ok(Step::Nothing);
+        };
+        if self.peer_closed {
+            return Ok(Step::Nothing);
+        }
+        let start = self.carried + self.skip;
+        let Some(n) = RecordLayer::<ServerConnectionData>::record_len(&self.rx[start..])? else {
+            return Ok(Step::Nothing);
+        };
+        let range = match records.open(&mut self.rx[start..start + n])? {
+            Opened::Data(r) => r,
+            Opened::Control => {
+                self.skip += n;
+                return Ok(Step::Progress);
+            }
+            Opened::PeerClosed => {
+                self.peer_closed = true;
+                self.skip += n;
+                return Ok(Step::Nothing);
+            }
+        };
+        let c = self.carried;
+        let p0 = start + range.start;
+        let plen = range.len();
+        let trailer = n - range.end;
+        let gap = p0 - c;
+        if c == 0 {
+            self.rx.advance(p0);
+            self.carried = plen;
+            self.skip = trailer;
+            return Ok(Step::Progress);
+        }
+        // A frame started in an earlier record: join by moving the smaller side.
+        let need = self.carried_frame_len()?.map(|l| l - c);
+        match need {
+            Some(need) if need <= plen && need < c => {
+                // The frame ends in this record: move its end left, behind the carried start.
+                self.rx.copy_within(p0..p0 + need, c);
+                let frame = self.rx.split_to(c + need);
+                // The rest of this record's plaintext starts `gap` bytes further on.
+                self.rx.advance(gap);
+                self.carried = plen - need;
+                self.skip = trailer;
+                Ok(Step::Joined(frame))
+            }
+            _ if c <= plen => {
+                // Move the carried start right, in front of this record's plaintext.
+                self.rx.copy_within(0..c, gap);
+                self.rx.advance(gap);
+                self.carried = c + plen;
+                self.skip = trailer;
+                Ok(Step::Progress)
+            }
+            _ => {
+                // Move this record's plaintext left, behind the carried start.
+                self.rx.copy_within(p0..p0 + plen, c);
+                self.carried = c + plen;
+                self.skip = gap + trailer;
+                Ok(Step::Progress)
+            }
+        }
+    }
+}
+
+/// What opening a record achieved.
+enum Step {
+    /// No complete record is buffered.
+    Nothing,
+    /// A record was opened.
+    Progress,
+    /// A record completed the carried frame, which was cut off here.
+    Joined(BytesMut),
+}
+
+/// Seals frames into a write buffer, record by record (see the module docs).
+pub(crate) struct RecordWriter<'a> {
+    records: &'a mut RecordLayer<ServerConnectionData>,
+    out: &'a mut [u8],
+    used: usize,
+    tail: &'a mut Vec<u8>,
+    /// Sealed where it lies, ahead of the tail, in the next record.
+    big: Bytes,
+}
+
+impl RecordWriter<'_> {
+    /// Whether a frame of `len` bytes still fits, with the records it may need.
+    pub(crate) fn fits(&self, len: usize) -> bool {
+        let records = len / MAX_PLAINTEXT + 3;
+        self.used + self.big.len() + self.tail.len() + len + records * OVERHEAD + OVERHEAD + 5
+            <= self.out.len()
+    }
+
+    /// Copies `bytes` into the records (control frames, heads, small envelopes).
+    pub(crate) fn copy(&mut self, mut bytes: &[u8]) -> Result<(), RecordError> {
+        while !bytes.is_empty() {
+            let space = MAX_PLAINTEXT - self.big.len() - self.tail.len();
+            if space == 0 {
+                self.flush()?;
+                continue;
+            }
+            let take = space.min(bytes.len());
+            self.tail.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+        }
+        Ok(())
+    }
+
+    /// An envelope: its head copied, its immutable part sealed where it lies when large.
+    pub(crate) fn envelope(&mut self, head: &[u8], immutable: &Bytes) -> Result<(), RecordError> {
+        if immutable.len() < SEAL_IN_PLACE_FROM {
+            self.copy(head)?;
+            return self.copy(immutable);
+        }
+        self.copy(head)?;
+        self.flush()?;
+        let mut rest = immutable.clone();
+        while rest.len() > MAX_PLAINTEXT {
+            let chunk = rest.split_to(MAX_PLAINTEXT);
+            self.seal(&chunk)?;
+        }
+        // The last piece waits: what follows rides in the same record.
+        self.big = rest;
+        Ok(())
+    }
+
+    fn seal(&mut self, big: &[u8]) -> Result<(), RecordError> {
+        let n = self
+            .records
+            .seal(&mut self.out[self.used..], big, self.tail)?;
+        self.used += n;
+        self.tail.clear();
+        Ok(())
+    }
+
+    /// Seals what is pending.
+    pub(crate) fn flush(&mut self) -> Result<(), RecordError> {
+        if self.big.is_empty() && self.tail.is_empty() {
+            return Ok(());
+        }
+        let big = std::mem::take(&mut self.big);
+        self.seal(&big)
+    }
+
+    /// Seals what is pending, then a close_notify.
+    pub(crate) fn close_notify(&mut self) -> Result<(), RecordError> {
+        self.flush()?;
+        let n = self.records.close_notify(&mut self.out[self.used..])?;
+        self.used += n;
+        Ok(())
+    }
+
+    /// Sends a KeyUpdate (sending keys rotate).
+    pub(crate) fn key_update(&mut self) -> Result<(), RecordError> {
+        self.flush()?;
+        let n = self.records.key_update(&mut self.out[self.used..])?;
+        self.used += n;
+        Ok(())
+    }
+
+    /// Seals what is pending and returns the bytes to write.
+    pub(crate) fn finish(mut self) -> Result<usize, RecordError> {
+        self.flush()?;
+        Ok(self.used)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use rustls::pki_types::ServerName;
+    use rustls::ClientConnection;
+
+    use super::*;
+    use crate::pki::{CertAuthority, Identity};
+    use crate::policy::AdmissionMode;
+    use crate::wire::{AgentId, Destination, EnvelopeBuilder, MessageId};
+
+    fn pair() -> (ClientConnection, Transport) {
+        let ca = CertAuthority::generate("test ca").unwrap();
+        let relay = ca.issue_relay("relay", &["localhost".into()]).unwrap();
+        let mut scfg =
+            (*crate::tls::server_config(&relay, AdmissionMode::Open, &[]).unwrap()).clone();
+        scfg.enable_secret_extraction = true;
+        let agent = Identity::generate_self_signed("agent").unwrap();
+        let ccfg = crate::tls::client_config(&agent, std::slice::from_ref(&ca.cert)).unwrap();
+        let client =
+            ClientConnection::new(ccfg, ServerName::try_from("localhost").unwrap()).unwrap();
+        (
+            client,
+            Transport::new(Arc::new(scfg), 1 << 20, 64 << 10).unwrap(),
+        )
+    }
+
+    fn out_of(c: &mut ClientConnection) -> Vec<u8> {
+        let mut v = Vec::new();
+        while c.wants_write() {
+            c.write_tls(&mut v).unwrap();
+        }
+        v
+    }
+
+    /// Feeds `bytes` to the transport in reads of at most `chunk` bytes; returns the frames.
+    fn feed(t: &mut Transport, bytes: &[u8], chunk: usize) -> Vec<Frame> {
+        let mut frames = Vec::new();
+        for piece in bytes.chunks(chunk) {
+            let mut rx = t.take_read_buf();
+            rx.extend_from_slice(piece);
+            t.put_read_buf(rx);
+            if !t.is_open() && !t.advance_handshake().unwrap() {
+                continue;
+            }
+            while let Some(f) = t.next_frame().unwrap() {
+                frames.push(f);
+            }
+        }
+        frames
+    }
+
+    fn envelopes(n: usize, size: usize) -> Vec<Frame> {
+        (0..n)
+            .map(|i| {
+                Frame::Envelope(
+                    EnvelopeBuilder::new(
+                        MessageId::from_u128(i as u128),
+                        AgentId([1; 32]),
+                        Destination::Agent(AgentId([2; 32])),
+                        0,
+                        10,
+                    )
+                    .build(&vec![i as u8; size + i % 7])
+                    .unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn frames_come_out_whole_whatever_the_records_and_reads() {
+        for (size, chunk) in [
+            (200, 1 << 20),
+            (200, 1000),
+            (16 << 10, 7000),
+            (40_000, 3),
+            (5000, 17),
+        ] {
+            let (mut client, mut t) = pair();
+            let mut to_server = out_of(&mut client);
+            let (mut sent, mut got) = (Vec::new(), Vec::new());
+            // Handshake, with the client's first frames pipelined behind its Finished.
+            for _ in 0..10 {
+                got.extend(feed(&mut t, &to_server, chunk));
+                to_server.clear();
+                if let Some(hs) = t.take_handshake_output() {
+                    let mut s = &hs[..];
+                    while !s.is_empty() {
+                        client.read_tls(&mut s).unwrap();
+                        client.process_new_packets().unwrap();
+                    }
+                }
+                if !client.is_handshaking() && sent.is_empty() {
+                    sent = envelopes(3, 100);
+                    for f in &sent {
+                        client.writer().write_all(&f.to_bytes()).unwrap();
+                    }
+                }
+                to_server.extend(out_of(&mut client));
+                if t.is_open() {
+                    break;
+                }
+            }
+            got.extend(feed(&mut t, &to_server, chunk));
+            let more = envelopes(20, size);
+            let mut wire = Vec::new();
+            for f in &more {
+                for piece in f.to_bytes().chunks(8000) {
+                    client.writer().write_all(piece).unwrap();
+                    wire.extend(out_of(&mut client));
+                }
+            }
+            got.extend(feed(&mut t, &wire, chunk));
+            sent.extend(more);
+            assert_eq!(got.len(), sent.len(), "size {size}, reads of {chunk}");
+            assert!(got == sent, "size {size}, reads of {chunk}: frames differ");
+            assert!(!t.has_partial_frame());
+        }
+    }
+}

@@ -1,0 +1,241 @@
+//! One writer pass: what goes into the next write buffer, in order.
+//!
+//! Handshake records while TLS is coming up. Then, per pass: a KeyUpdate when due, ACK batches,
+//! control frames (WELCOME, NACK, PONG, PING, GOING_AWAY, CLOSE), and, once WELCOME is out and
+//! unless the session is closing, queued envelopes within the deliver window and the pass's
+//! budget. After CLOSE only close_notify follows. At-least-once envelopes move to in-flight
+//! custody as they are written; best-effort ones are forgotten.
+
+use bytes::BytesMut;
+
+use super::{Action, Conn, ConnId, Now, Shard};
+use crate::metrics::CoreMetrics;
+use crate::wire::{AckBatch, DeliveryClass, Envelope, Frame, Reason, MAX_ACK_BATCH};
+
+/// Most envelopes moved into one write buffer.
+const WRITE_BATCH: usize = 256;
+
+impl Shard {
+    /// The next buffer to write for `conn` and how many of its bytes, or `None` when there is
+    /// nothing to write (or the connection is gone). Give the buffer back with
+    /// [`Shard::on_write_done`].
+    pub fn poll_write(&mut self, conn: ConnId, now: Now) -> Option<(Vec<u8>, usize)> {
+        let c = self.conns.get_mut(&conn)?;
+        if c.writing {
+            return None;
+        }
+        if let Some(hs) = c.transport.take_handshake_output() {
+            let n = hs.len();
+            c.writing = true;
+            c.write_since_us = now.mono_us;
+            return Some((hs, n));
+        }
+        if !c.transport.is_open() || c.close_notify_sent {
+            return None;
+        }
+        let mut buf = self.buffer();
+        let c = self.conns.get_mut(&conn)?;
+        let used = c.fill(&mut buf, &self.m, now).unwrap_or_else(|e| {
+            tracing::info!(conn, error = %e, "TLS failure while writing");
+            c.closing = true;
+            0
+        });
+        if used == 0 {
+            let done = c.closing && (c.close_notify_sent || !c.transport.is_open());
+            self.recycle(buf);
+            if done {
+                self.actions.push_back(Action::Shutdown(conn));
+            }
+            return None;
+        }
+        c.writing = true;
+        c.write_since_us = now.mono_us;
+        Some((buf, used))
+    }
+
+    /// The write of a buffer from [`Shard::poll_write`] finished (`ok`: every byte written).
+    pub fn on_write_done(&mut self, conn: ConnId, buf: Vec<u8>, ok: bool, _now: Now) {
+        self.recycle(buf);
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        c.writing = false;
+        c.write_since_us = 0;
+        if !ok {
+            self.actions.push_back(Action::Shutdown(conn));
+        } else if c.closing && c.close_notify_sent {
+            // Everything up to close_notify is out.
+            self.actions.push_back(Action::Shutdown(conn));
+        }
+    }
+}
+
+impl Conn {
+    /// Whether the next queued envelope waits for the agent's ACKs (deliver window full).
+    pub(super) fn window_full(&self) -> bool {
+        let (n, b) = self.window();
+        let next = self.a.outq.front().map_or(0, Envelope::frame_len);
+        !self.a.inflight.has_room(n, b, next)
+    }
+
+    fn window(&self) -> (usize, usize) {
+        self.a
+            .contract
+            .as_ref()
+            .map_or((usize::MAX, usize::MAX), |c| {
+                (c.deliver_window as usize, c.deliver_window_bytes as usize)
+            })
+    }
+
+    /// Moves the ACKs waiting to be sent into the control buffer.
+    pub(super) fn encode_acks(&mut self, m: &CoreMetrics) {
+        while !self.a.acks_to_send.is_empty() {
+            let n = self.a.acks_to_send.len().min(MAX_ACK_BATCH);
+            let batch = AckBatch::new(self.a.acks_to_send.drain(..n));
+            m.acks_out.increment(batch.len() as u64);
+            Frame::Ack(batch).encode(&mut self.a.ctrl);
+        }
+    }
+
+    /// Takes every envelope this session holds custody of (unacknowledged, then queued), in
+    /// order where order is known. Best-effort envelopes are left out and counted as dropped.
+    pub(super) fn take_custody(&mut self, m: &CoreMetrics) -> Vec<Envelope> {
+        let mut out = self.a.inflight.take();
+        for e in self.a.outq.drain() {
+            if e.class() == DeliveryClass::BestEffort {
+                m.dropped(Reason::DestinationUnavailable, 1);
+            } else {
+                out.push(e);
+            }
+        }
+        out
+    }
+
+    /// Whether a draining session has nothing left to settle.
+    pub(super) fn settled(&self) -> bool {
+        self.a.outq.is_empty()
+            && self.a.inflight.is_empty()
+            && self.a.awaiting == 0
+            && self.a.acks_to_send.is_empty()
+    }
+
+    /// Seals this pass's output into `buf`; returns the bytes to write.
+    fn fill(
+        &mut self,
+        buf: &mut [u8],
+        m: &CoreMetrics,
+        now: Now,
+    ) -> Result<usize, crate::tls::record::RecordError> {
+        if !self.closing {
+            self.encode_acks(m);
+        }
+        let key_update = std::mem::take(&mut self.key_update_due);
+        let closing = self.closing;
+        let welcomed = self.a.welcomed;
+        let (window, window_bytes) = self.window();
+        let Some(mut w) = self.transport.writer(buf) else {
+            return Ok(0);
+        };
+        if key_update {
+            w.key_update()?;
+            m.key_updates.increment(1);
+        }
+        // Control frames: as much as fits; the rest waits for the next pass.
+        if !self.a.ctrl.is_empty() {
+            let room = self.a.ctrl.len().min(super::transport::WRITE_BUFFER / 2);
+            let part: BytesMut = self.a.ctrl.split_to(room);
+            w.copy(&part)?;
+        }
+        if closing {
+            if self.a.ctrl.is_empty() {
+                w.close_notify()?;
+                self.close_notify_sent = true;
+            }
+            return w.finish();
+        }
+        if !welcomed {
+            return w.finish();
+        }
+        let (mut n, mut b) = ([0u64; 3], [0u64; 3]);
+        let mut heads = [0u8; 5 + 8 + 32 * crate::wire::MAX_PATH_LEN];
+        let mut written = 0;
+        while written < WRITE_BATCH {
+            let Some(env) = self.a.outq.front() else {
+                break;
+            };
+            if env.expires_ms() <= now.unix_ms {
+                self.a.outq.pop();
+                m.dropped(Reason::Expired, 1);
+                continue;
+            }
+            let len = env.frame_len();
+            let acked = env.class() != DeliveryClass::BestEffort;
+            if acked && !self.a.inflight.has_room(window, window_bytes, len) {
+                break;
+            }
+            if !w.fits(len) {
+                break;
+            }
+            let Some(env) = self.a.outq.pop() else {
+                break;
+            };
+            let h = head(&env, &mut heads);
+            w.envelope(&heads[..h], &env.immutable)?;
+            let k = env.class() as usize;
+            n[k] += 1;
+            b[k] += env.immutable.len() as u64;
+            written += 1;
+            if acked {
+                self.a.inflight.push(env);
+            }
+        }
+        for k in 0..3 {
+            if n[k] > 0 {
+                m.envelopes_out[k].increment(n[k]);
+                m.bytes_out[k].increment(b[k]);
+            }
+        }
+        w.finish()
+    }
+}
+
+/// Writes the frame header and routing part of `env` into `out`; returns its length.
+fn head(env: &Envelope, out: &mut [u8]) -> usize {
+    let r = &env.routing;
+    let len = 1 + r.encoded_len() + env.immutable.len();
+    out[..4].copy_from_slice(&(len as u32).to_be_bytes());
+    out[4] = crate::wire::FrameType::Envelope as u8;
+    out[5] = r.hop_limit;
+    out[6] = r.hop_index;
+    out[7] = r.copy_index;
+    out[8..12].copy_from_slice(&r.route_generation.to_be_bytes());
+    out[12] = (r.path.len() / 32) as u8;
+    out[13..13 + r.path.len()].copy_from_slice(&r.path);
+    13 + r.path.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{AgentId, Destination, EnvelopeBuilder, MessageId};
+
+    #[test]
+    fn the_head_written_in_place_is_the_codecs() {
+        let mut env = EnvelopeBuilder::new(
+            MessageId::from_u128(3),
+            AgentId([1; 32]),
+            Destination::Agent(AgentId([2; 32])),
+            0,
+            10,
+        )
+        .build(b"payload")
+        .unwrap();
+        env.routing.route_generation = 0x01020304;
+        env.routing.path = bytes::Bytes::from(vec![9u8; 64]);
+        let mut want = BytesMut::new();
+        env.encode_head(&mut want);
+        let mut got = [0u8; 5 + 8 + 32 * 8];
+        let n = head(&env, &mut got);
+        assert_eq!(&got[..n], &want[..]);
+    }
+}
