@@ -32,6 +32,10 @@ pub const THROTTLED: &str = "openmesh_reads_throttled_total";
 pub const RTT: &str = "openmesh_session_rtt_seconds";
 pub const KEY_UPDATES: &str = "openmesh_tls_key_updates_total";
 pub const CORES: &str = "openmesh_engine_cores";
+pub const MEMORY_USED: &str = "openmesh_memory_used_bytes";
+pub const MEMORY_BUDGET: &str = "openmesh_memory_budget_bytes";
+pub const OVERLOAD_STATE: &str = "openmesh_overload_state";
+pub const UNSHARED: &str = "openmesh_envelopes_unshared_total";
 
 /// Registers the descriptions of every metric with the installed recorder.
 pub fn describe() {
@@ -134,6 +138,26 @@ pub fn describe() {
         "TLS 1.3 KeyUpdates sent on the session's rotation interval."
     );
     describe_gauge!(CORES, Unit::Count, "Dataplane cores running.");
+    describe_gauge!(
+        MEMORY_USED,
+        Unit::Bytes,
+        "Bytes a core holds on peers' behalf (custody, buffers, a share per connection), at its last tick."
+    );
+    describe_gauge!(
+        MEMORY_BUDGET,
+        Unit::Bytes,
+        "The relay's memory budget (limits.memory_budget)."
+    );
+    describe_gauge!(
+        OVERLOAD_STATE,
+        Unit::Count,
+        "Overload state seen by a core: 0 normal, 1 shedding best-effort and new sessions, 2 refusing new work."
+    );
+    describe_counter!(
+        UNSHARED,
+        Unit::Count,
+        "Envelopes held past a tick and moved off the read buffers they pinned."
+    );
 }
 
 /// Handles one core increments.
@@ -165,6 +189,9 @@ pub struct CoreMetrics {
     pub throttled_send_window: Counter,
     pub rtt: Histogram,
     pub key_updates: Counter,
+    pub memory_used: Gauge,
+    pub overload_state: Gauge,
+    pub unshared: Counter,
 }
 
 impl CoreMetrics {
@@ -206,6 +233,9 @@ impl CoreMetrics {
             throttled_send_window: counter!(THROTTLED, "limit" => "send_window"),
             rtt: histogram!(RTT),
             key_updates: counter!(KEY_UPDATES),
+            memory_used: gauge!(MEMORY_USED, "core" => core.clone()),
+            overload_state: gauge!(OVERLOAD_STATE, "core" => core.clone()),
+            unshared: counter!(UNSHARED, "core" => core.clone()),
         }
     }
 

@@ -176,7 +176,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), String> {
         let s = &self.session;
         let l = &self.limits;
-        let checks: [(bool, &str); 13] = [
+        let checks: [(bool, &str); 14] = [
             (matches!(self.relay.log_format.as_str(), "plain" | "json"), "relay.log_format must be \"plain\" or \"json\""),
             (self.relay.tick_ms >= 1 && self.relay.tick_ms <= 10_000, "relay.tick_ms must be 1..=10000"),
             (matches!(self.tls.admission.as_str(), "open" | "ca-only"), "tls.admission must be \"open\" or \"ca-only\""),
@@ -186,10 +186,11 @@ impl Config {
             (s.rate_frames > 0, "session.rate_frames must be > 0"),
             (s.rate_bytes >= s.max_frame as u64, "session.rate_bytes must be >= session.max_frame"),
             (s.max_ttl_ms > 0, "session.max_ttl_ms must be > 0"),
+            (l.memory_budget >= 16 << 20, "limits.memory_budget must be at least 16 MiB"),
             (s.deliver_window > 0 && s.send_window > 0 && s.deliver_window_bytes >= s.max_frame, "session.deliver_window and send_window must be > 0, deliver_window_bytes >= session.max_frame"),
             (s.handshake_timeout_ms > 0 && s.drain_timeout_ms > 0 && s.write_timeout_ms > 0, "session.handshake_timeout_ms, drain_timeout_ms and write_timeout_ms must be > 0"),
             (l.max_connections_per_core > 0 && l.send_queue_envelopes > 0 && l.mailbox_capacity >= 16, "limits.max_connections_per_core and send_queue_envelopes must be > 0, mailbox_capacity >= 16"),
-            (l.send_queue_bytes >= s.max_frame as usize && l.read_buffer >= 4096, "limits.send_queue_bytes must be >= session.max_frame and read_buffer >= 4096"),
+            (l.send_queue_bytes() >= s.max_frame as usize && l.read_buffer >= 4096, "limits.send_queue_bytes (default memory_budget / 64) must be >= session.max_frame and read_buffer >= 4096"),
         ];
         for (ok, msg) in checks {
             if !ok {

@@ -201,3 +201,200 @@ async fn unknown_ack_and_nack_ids_are_counted_and_change_nothing() {
     );
     assert_eq!(relay.metric("openmesh_acks_received_total", &[]), 1.0);
 }
+
+/// Identities are free: one source sends to 1,000 fresh identities that connect, are sent
+/// envelopes without ACKing them, and leave. What the relay holds for them is bounded by the
+/// source's quota (`limits.memory_budget / 16` across the cores); beyond it the source is refused
+/// `quota_exceeded`, the relay's memory stays within its budget, and a well-behaved pair keeps
+/// flowing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_fresh_identities_cannot_grow_custody_past_the_source_quota() {
+    const VICTIMS: usize = 1000;
+    const PER_VICTIM: usize = 4;
+    const BUDGET: u64 = 64 << 20;
+    let relay = Relay::start(
+        &["--cores", "2"],
+        Some(&format!("[limits]\nmemory_budget = {BUDGET}\n")),
+    );
+    let good = well_behaved_pair(&relay, 2_000);
+    let rss_before = relay.rss();
+    let mut attacker = relay.agent("attacker").await;
+    let payload = vec![9u8; 16 << 10];
+    let (mut acked, mut over_quota) = (0usize, 0usize);
+    let mut frame_len = 0;
+    for wave in 0..VICTIMS / 10 {
+        // Ten fresh identities at a time: connect, receive, leave without ACKing.
+        let mut victims = Vec::new();
+        for i in 0..10 {
+            let mut cfg = relay.config(&format!("victim-{wave}-{i}"));
+            cfg.answer_pings = true;
+            victims.push(Agent::connect(cfg));
+        }
+        let victims: Vec<Agent> = futures_join(victims).await;
+        for v in &victims {
+            for _ in 0..PER_VICTIM {
+                let env = attacker
+                    .envelope_to(v.id(), 60_000)
+                    .build(&payload)
+                    .unwrap();
+                frame_len = env.frame_len();
+                attacker.send(&env).await.unwrap();
+            }
+        }
+        let mut answered = 0;
+        while answered < 10 * PER_VICTIM {
+            match tokio::time::timeout(Duration::from_secs(20), attacker.next_event()).await {
+                Ok(Some(Event::Acked(ids))) => {
+                    acked += ids.len();
+                    answered += ids.len();
+                }
+                Ok(Some(Event::Nacked(n))) => {
+                    assert_eq!(n.reason(), Some(Reason::QuotaExceeded), "{n:?}");
+                    over_quota += 1;
+                    answered += 1;
+                }
+                other => panic!("attacker got {other:?}"),
+            }
+        }
+        drop(victims);
+    }
+    let quota = (BUDGET / 16) as usize;
+    assert!(
+        acked * frame_len <= quota,
+        "{acked} envelopes of {frame_len} bytes held past the quota of {quota}"
+    );
+    assert!(
+        acked > 0 && over_quota > VICTIMS * PER_VICTIM / 2,
+        "acked {acked}, refused {over_quota}"
+    );
+    assert_eq!(
+        good.await.unwrap(),
+        2_000,
+        "the well-behaved pair lost nothing"
+    );
+    assert!(
+        relay.metric(
+            "openmesh_envelopes_refused_total",
+            &["reason=\"quota_exceeded\""]
+        ) > 0.0
+    );
+    let rss_after = relay.rss();
+    assert!(
+        rss_after < rss_before + BUDGET,
+        "RSS grew from {rss_before} to {rss_after}, budget {BUDGET}"
+    );
+}
+
+async fn futures_join(
+    v: Vec<
+        impl std::future::Future<Output = Result<Agent, openmesh_dataplane::client::ClientError>>,
+    >,
+) -> Vec<Agent> {
+    let mut out = Vec::new();
+    for f in v {
+        out.push(f.await.expect("victim connects"));
+    }
+    out
+}
+
+/// A frame announced before HELLO may be at most 16 KiB: a peer that announces a large one is
+/// closed at once instead of holding a megabyte per connection until the handshake timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_partial_frame_before_hello_is_refused_at_once() {
+    let relay = Relay::start(&["--cores", "2"], None);
+    let rss_before = relay.rss();
+    let mut links = Vec::new();
+    for i in 0..100 {
+        let mut l = RawLink::open(&relay, &format!("slow-{i}")).await;
+        let mut partial = (1u32 << 20).to_be_bytes().to_vec();
+        partial.extend_from_slice(&[1u8; 8000]);
+        l.send(&partial).await;
+        links.push(l);
+    }
+    for l in &mut links {
+        assert_eq!(l.expect_close().await, Reason::FrameTooLarge as u16);
+    }
+    assert_eq!(
+        relay.settled_metric(
+            "openmesh_handshake_failures_total",
+            &["reason=\"frame_too_large\""],
+            100.0
+        ),
+        100.0
+    );
+    assert!(relay.rss() < rss_before + (32 << 20));
+}
+
+/// Envelopes held for a receiver that does not ACK stop pinning the read buffers they came in:
+/// after a tick they are moved to allocations of their own, so 3,000 small held envelopes cost
+/// about their own size, not a read buffer each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_envelopes_do_not_pin_their_read_buffers() {
+    const HELD: usize = 3_000;
+    let relay = Relay::start(&["--cores", "1"], None);
+    let mut stuck = relay.agent("stuck").await;
+    let stuck_id = stuck.id();
+    let holder = tokio::spawn(async move {
+        let mut got = 0;
+        while got < HELD {
+            match tokio::time::timeout(Duration::from_secs(20), stuck.next_event()).await {
+                Ok(Some(Event::Envelope(_))) => got += 1,
+                Ok(Some(_)) => {}
+                other => panic!("stuck receiver got {other:?}"),
+            }
+        }
+        stuck
+    });
+    let mut fast = relay.config("fast");
+    fast.auto_ack = true;
+    let mut fast = Agent::connect(fast).await.unwrap();
+    let fast_id = fast.id();
+    let drain = tokio::spawn(async move {
+        let mut got = 0usize;
+        while got < HELD * 60 {
+            match tokio::time::timeout(Duration::from_secs(20), fast.next_event()).await {
+                Ok(Some(Event::Envelope(_))) => got += 1,
+                Ok(Some(_)) => {}
+                other => panic!("fast receiver got {other:?} after {got}"),
+            }
+        }
+    });
+    let rss_before = relay.rss();
+    let mut sender = relay.agent("sender").await;
+    let mut outstanding = 0usize;
+    // Each batch: one envelope for the receiver that holds on, then 60 for the one that ACKs, so
+    // most read buffers carry one envelope that stays.
+    for _ in 0..HELD {
+        let env = sender
+            .envelope_to(stuck_id, 60_000)
+            .build(&[1u8; 200])
+            .unwrap();
+        sender.send(&env).await.unwrap();
+        for _ in 0..60 {
+            let env = sender
+                .envelope_to(fast_id, 60_000)
+                .build(&[2u8; 1000])
+                .unwrap();
+            sender.send(&env).await.unwrap();
+        }
+        outstanding += 61;
+        while outstanding > 4000 {
+            match tokio::time::timeout(Duration::from_secs(20), sender.next_event()).await {
+                Ok(Some(Event::Acked(ids))) => outstanding -= ids.len(),
+                other => panic!("sender got {other:?}"),
+            }
+        }
+    }
+    let _stuck = holder.await.unwrap();
+    drain.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_after = relay.rss();
+    assert!(
+        rss_after < rss_before + (48 << 20),
+        "RSS grew from {rss_before} to {rss_after} for {HELD} held envelopes of 200 bytes"
+    );
+    assert!(
+        relay.metric("openmesh_envelopes_unshared_total", &[]) >= HELD as f64,
+        "held envelopes were moved off their buffers"
+    );
+}

@@ -63,6 +63,7 @@ pub(crate) fn run(
             },
             cfg.settings.clone(),
             shared.seq.clone(),
+            shared.budget.clone(),
         );
         let core = Rc::new(Core {
             id,

@@ -24,6 +24,7 @@ use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use crate::shard::budget::RelayBudget;
 use crate::shard::SeqSource;
 use crate::wire::RelayId;
 use mailbox::{CoreMsg, Mailbox};
@@ -60,6 +61,7 @@ pub struct EngineConfig {
 pub(crate) struct Shared {
     pub(crate) mailboxes: Vec<Mailbox>,
     pub(crate) seq: Arc<SeqSource>,
+    pub(crate) budget: Arc<RelayBudget>,
     pub(crate) drained: AtomicUsize,
     pub(crate) draining: AtomicBool,
 }
@@ -95,6 +97,7 @@ impl Engine {
                 .map(|_| Mailbox::new(cfg.settings.limits.mailbox_capacity))
                 .collect(),
             seq: Arc::new(SeqSource::default()),
+            budget: RelayBudget::new(cfg.settings.limits.memory_budget as u64, cores),
             drained: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
         });
@@ -123,6 +126,8 @@ impl Engine {
             threads.push(t);
         }
         metrics::gauge!(crate::metrics::CORES).set(cores as f64);
+        metrics::gauge!(crate::metrics::MEMORY_BUDGET)
+            .set(cfg.settings.limits.memory_budget as f64);
         Ok(Engine {
             threads,
             shared,
@@ -147,6 +152,9 @@ impl Engine {
     /// Replaces the live settings on every core. Sessions already established keep their
     /// contract; the new admission lists also close established sessions they no longer admit.
     pub fn reconfigure(&self, settings: Settings) {
+        let budget = settings.limits.memory_budget as u64;
+        self.shared.budget.set_limit(budget);
+        metrics::gauge!(crate::metrics::MEMORY_BUDGET).set(budget as f64);
         let s = Arc::new(settings);
         for mb in &self.shared.mailboxes {
             mb.push_blocking(CoreMsg::Reconfigure(s.clone()));

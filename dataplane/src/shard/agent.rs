@@ -117,7 +117,7 @@ impl Shard {
                     let was_full = c.window_full();
                     let (mut known, mut unknown) = (0u64, 0u64);
                     for id in a.ids() {
-                        match c.a.inflight.settle(id) {
+                        match c.a.inflight.settle(id, &mut self.released) {
                             Settled::Known => known += 1,
                             Settled::Unknown => unknown += 1,
                         }
@@ -130,7 +130,7 @@ impl Shard {
                         wake = true;
                     }
                 }
-                Frame::Nack(n) => match c.a.inflight.settle(n.message_id) {
+                Frame::Nack(n) => match c.a.inflight.settle(n.message_id, &mut self.released) {
                     // The agent refused a delivered envelope: it leaves custody, counted.
                     Settled::Known => self
                         .m
@@ -264,7 +264,7 @@ impl Shard {
             }
         }
         if !c.a.handed_over {
-            for env in c.take_custody(&self.m) {
+            for env in c.take_custody(&self.m, &mut self.released) {
                 self.keep(agent, env);
             }
         }

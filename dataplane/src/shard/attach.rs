@@ -8,7 +8,6 @@
 //! that session's custody to the new owner. Envelopes held for an absent agent follow it the
 //! same way.
 
-use super::custody::Kept;
 use super::msg::CoreMsg;
 use super::{dest_agent, Conn, ConnId, Now, Shard};
 use crate::policy::TokenBucket;
@@ -24,6 +23,10 @@ impl Shard {
         };
         if let Err(r) = self.settings.admission.admit(&agent) {
             self.close(conn, r, now);
+            return;
+        }
+        if self.budget.state >= super::budget::Overload::Shed {
+            self.close(conn, Reason::Overloaded, now);
             return;
         }
         let sid = self.seq.next_session();
@@ -100,9 +103,11 @@ impl Shard {
     }
 
     pub(super) fn on_attach(&mut self, agent: AgentId, loc: Location, conn: ConnId, now: Now) {
+        // Custody for the agent follows it to its new core (and leaves this core's quota).
         if let Attach::Replaced(old) = self.directory.attach(agent, loc) {
             if old.core == self.id {
                 for env in self.retire_local(&agent, old.seq, now) {
+                    self.released.note(&env);
                     self.outbox
                         .push(loc.core, CoreMsg::Deliver { env, src: None });
                 }
@@ -111,6 +116,7 @@ impl Shard {
         if let Some(kept) = self.held.take(&agent) {
             self.m.redelivered.increment(kept.len() as u64);
             for env in kept {
+                self.released.note(&env);
                 self.outbox
                     .push(loc.core, CoreMsg::Deliver { env, src: None });
             }
@@ -143,14 +149,14 @@ impl Shard {
             return Vec::new();
         };
         c.a.handed_over = true;
-        let envs = c.take_custody(&self.m);
+        let envs = c.take_custody(&self.m, &mut self.released);
         self.m.redelivered.increment(envs.len() as u64);
         envs
     }
 
     /// Queues a custody envelope on `conn`, or keeps it for the agent when the queue refuses.
     fn enqueue_or_keep(&mut self, conn: ConnId, agent: AgentId, env: Envelope) {
-        let bytes = self.settings.limits.send_queue_bytes.saturating_mul(4);
+        let bytes = self.settings.limits.send_queue_bytes().saturating_mul(4);
         let refused = match self.conns.get_mut(&conn) {
             Some(c) => c.enqueue(env, usize::MAX, bytes).err().map(|(_, e)| e),
             None => Some(env),
@@ -160,18 +166,21 @@ impl Shard {
         }
     }
 
-    /// Holds an envelope for a disconnected agent, within the per-agent bound.
+    /// Holds an envelope for a disconnected agent (best-effort ones are dropped, counted).
     pub(super) fn keep(&mut self, agent: AgentId, env: Envelope) {
-        let max = self.settings.limits.custody_per_agent;
-        if let Kept::Dropped(r) = self.held.keep(agent, env, max) {
-            self.m.dropped(r, 1);
+        if !self.held.keep(agent, env) {
+            self.m.dropped(Reason::DestinationUnavailable, 1);
         }
     }
 
-    /// Keeps an envelope that could not be delivered to its agent, or drops it counted.
+    /// Keeps custody handed over from another core that could not be queued, or drops it
+    /// counted (it joins this core's quota).
     pub(super) fn keep_for_destination(&mut self, env: Envelope) {
         match dest_agent(&env) {
-            Some(a) => self.keep(a, env),
+            Some(a) => {
+                self.sources.hold(env.source(), env.frame_len());
+                self.keep(a, env)
+            }
             None => self.m.dropped(Reason::DestinationUnavailable, 1),
         }
     }

@@ -25,6 +25,8 @@ pub(crate) struct Inflight {
     /// Frame bytes of the envelopes in `order`.
     bytes: usize,
     unacked: HashSet<MessageId, foldhash::fast::RandomState>,
+    /// Envelopes at the front of `order` already moved off their read buffers.
+    unshared: usize,
 }
 
 /// What an ACK or NACK from the agent did.
@@ -50,7 +52,8 @@ impl Inflight {
     }
 
     /// Applies an ACK (or the agent's NACK) for `id`.
-    pub(crate) fn settle(&mut self, id: MessageId) -> Settled {
+    /// Envelopes that leave custody are noted in `released`.
+    pub(crate) fn settle(&mut self, id: MessageId, released: &mut Released) -> Settled {
         if !self.unacked.remove(&id) {
             return Settled::Unknown;
         }
@@ -59,14 +62,34 @@ impl Inflight {
                 break;
             }
             self.bytes -= front.frame_len();
+            released.note(front);
             self.order.pop_front();
+            self.unshared = self.unshared.saturating_sub(1);
         }
         Settled::Known
+    }
+
+    /// Moves every envelope not yet moved off its read buffer into its own allocation (see
+    /// [`Envelope::unshare`]); returns how many. Run once per tick: only envelopes that stay in
+    /// flight that long pay the copy.
+    pub(crate) fn unshare(&mut self) -> usize {
+        let n = self.order.len() - self.unshared;
+        for e in self.order.iter_mut().skip(self.unshared) {
+            e.unshare();
+        }
+        self.unshared = self.order.len();
+        n
     }
 
     /// Envelopes still unacknowledged.
     pub(crate) fn len(&self) -> usize {
         self.unacked.len()
+    }
+
+    /// Bytes (frame lengths) of the envelopes kept, acknowledged ones behind an older one
+    /// included.
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -77,6 +100,7 @@ impl Inflight {
     pub(crate) fn take(&mut self) -> Vec<Envelope> {
         let unacked = std::mem::take(&mut self.unacked);
         self.bytes = 0;
+        self.unshared = 0;
         self.order
             .drain(..)
             .filter(|e| unacked.contains(&e.message_id()))
@@ -89,6 +113,8 @@ impl Inflight {
 pub(crate) struct SendQueue {
     q: VecDeque<Envelope>,
     bytes: usize,
+    /// Envelopes at the front already moved off their read buffers.
+    unshared: usize,
 }
 
 impl SendQueue {
@@ -113,7 +139,28 @@ impl SendQueue {
     pub(crate) fn pop(&mut self) -> Option<Envelope> {
         let e = self.q.pop_front()?;
         self.bytes -= e.frame_len();
+        self.unshared = self.unshared.saturating_sub(1);
         Some(e)
+    }
+
+    /// Bytes queued (frame lengths).
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The queued envelopes, in order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Envelope> + '_ {
+        self.q.iter()
+    }
+
+    /// As [`Inflight::unshare`].
+    pub(crate) fn unshare(&mut self) -> usize {
+        let n = self.q.len() - self.unshared;
+        for e in self.q.iter_mut().skip(self.unshared) {
+            e.unshare();
+        }
+        self.unshared = self.q.len();
+        n
     }
 
     pub(crate) fn front(&self) -> Option<&Envelope> {
@@ -131,53 +178,111 @@ impl SendQueue {
     /// Takes every queued envelope, in order.
     pub(crate) fn drain(&mut self) -> impl Iterator<Item = Envelope> + '_ {
         self.bytes = 0;
+        self.unshared = 0;
         self.q.drain(..)
     }
 }
 
-/// Envelopes kept for agents whose session ended, until their next session or expiry.
+/// Envelopes kept for agents whose session ended, until their next session or expiry. Nothing
+/// acknowledged is dropped here: what an agent can be sent is bounded when it is accepted (its
+/// send queue and deliver window), and the relay's budget refuses new work before it is full.
 #[derive(Default)]
 pub(crate) struct Held {
     by_agent: HashMap<AgentId, VecDeque<Envelope>, foldhash::fast::RandomState>,
-}
-
-/// What [`Held::keep`] did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Kept {
-    Kept,
-    /// Not kept: best-effort (nothing is kept for it) or over the bound; counted with this reason.
-    Dropped(Reason),
+    bytes: usize,
+    count: usize,
 }
 
 impl Held {
-    /// Keeps `env` for `agent`, at most `max_per_agent` envelopes.
-    pub(crate) fn keep(&mut self, agent: AgentId, env: Envelope, max_per_agent: usize) -> Kept {
+    /// Keeps `env` for `agent`, moved off the buffer it was read from. Best-effort envelopes are
+    /// not kept: `false`.
+    pub(crate) fn keep(&mut self, agent: AgentId, mut env: Envelope) -> bool {
         if env.class() == DeliveryClass::BestEffort {
-            return Kept::Dropped(Reason::DestinationUnavailable);
+            return false;
         }
-        let q = self.by_agent.entry(agent).or_default();
-        if q.len() >= max_per_agent {
-            return Kept::Dropped(Reason::QueueFull);
-        }
-        q.push_back(env);
-        Kept::Kept
+        env.unshare();
+        self.bytes += env.frame_len();
+        self.count += 1;
+        self.by_agent.entry(agent).or_default().push_back(env);
+        true
     }
 
     /// Takes what is kept for `agent`.
     pub(crate) fn take(&mut self, agent: &AgentId) -> Option<VecDeque<Envelope>> {
-        self.by_agent.remove(agent)
+        let q = self.by_agent.remove(agent)?;
+        self.bytes -= q.iter().map(Envelope::frame_len).sum::<usize>();
+        self.count -= q.len();
+        Some(q)
     }
 
-    /// Drops expired envelopes; returns how many.
-    pub(crate) fn expire(&mut self, now_ms: u64) -> u64 {
-        let mut expired = 0u64;
+    /// Drops expired envelopes (noted in `released`); returns how many.
+    pub(crate) fn expire(&mut self, now_ms: u64, released: &mut Released) -> u64 {
+        let (mut expired, mut freed) = (0usize, 0usize);
         self.by_agent.retain(|_, q| {
-            let before = q.len();
-            q.retain(|e| e.expires_ms() > now_ms);
-            expired += (before - q.len()) as u64;
+            q.retain(|e| {
+                let live = e.expires_ms() > now_ms;
+                if !live {
+                    expired += 1;
+                    freed += e.frame_len();
+                    released.note(e);
+                }
+                live
+            });
             !q.is_empty()
         });
-        expired
+        self.bytes -= freed;
+        self.count -= expired;
+        expired as u64
+    }
+
+    /// Bytes (frame lengths) kept.
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Envelopes kept.
+    pub(crate) fn len(&self) -> usize {
+        self.count
+    }
+}
+
+/// Envelopes that left a shard's custody since the list was last settled: their sources and
+/// sizes, for the per-source quota.
+#[derive(Default)]
+pub(crate) struct Released(pub(crate) Vec<(AgentId, u32)>);
+
+impl Released {
+    pub(crate) fn note(&mut self, env: &Envelope) {
+        self.0.push((env.source(), env.frame_len() as u32));
+    }
+}
+
+/// What each source has in this shard's custody (queued, in flight, held), in frame bytes.
+#[derive(Default)]
+pub(crate) struct SourceQuota {
+    by_source: HashMap<AgentId, u64, foldhash::fast::RandomState>,
+}
+
+impl SourceQuota {
+    /// Whether `source` may have `len` more bytes held, within `quota`.
+    pub(crate) fn allows(&self, source: &AgentId, len: usize, quota: u64) -> bool {
+        self.by_source.get(source).copied().unwrap_or(0) + len as u64 <= quota
+    }
+
+    pub(crate) fn hold(&mut self, source: AgentId, len: usize) {
+        *self.by_source.entry(source).or_default() += len as u64;
+    }
+
+    /// Takes the released list into account (and empties it).
+    pub(crate) fn release(&mut self, released: &mut Released) {
+        for (src, len) in released.0.drain(..) {
+            if let Some(b) = self.by_source.get_mut(&src) {
+                *b = b.saturating_sub(len as u64);
+                if *b == 0 {
+                    self.by_source.remove(&src);
+                }
+            }
+        }
     }
 }
 
@@ -205,9 +310,11 @@ mod tests {
             f.push(env(i));
         }
         let one = env(0).frame_len();
-        assert_eq!(f.settle(MessageId::from_u128(0)), Settled::Known);
-        assert_eq!(f.settle(MessageId::from_u128(2)), Settled::Known);
-        assert_eq!(f.settle(MessageId::from_u128(3)), Settled::Known);
+        let mut r = Released::default();
+        assert_eq!(f.settle(MessageId::from_u128(0), &mut r), Settled::Known);
+        assert_eq!(f.settle(MessageId::from_u128(2), &mut r), Settled::Known);
+        assert_eq!(f.settle(MessageId::from_u128(3), &mut r), Settled::Known);
+        assert_eq!(r.0.len(), 1, "0 left; 2 and 3 wait behind 1");
         assert_eq!(f.len(), 2);
         assert_eq!(f.bytes, 4 * one, "2 and 3 stay behind the unACKed 1");
         assert!(
@@ -219,15 +326,24 @@ mod tests {
             !f.has_room(5, 5 * one - 1, one),
             "a window in bytes is a hard bound"
         );
-        assert_eq!(f.settle(MessageId::from_u128(1)), Settled::Known);
+        assert_eq!(f.settle(MessageId::from_u128(1), &mut r), Settled::Known);
         assert_eq!((f.len(), f.bytes), (1, one));
+        assert_eq!(r.0.len(), 4);
         for bogus in 100..110 {
-            assert_eq!(f.settle(MessageId::from_u128(bogus)), Settled::Unknown);
+            assert_eq!(
+                f.settle(MessageId::from_u128(bogus), &mut r),
+                Settled::Unknown
+            );
         }
-        assert_eq!(f.settle(MessageId::from_u128(2)), Settled::Unknown, "twice");
+        assert_eq!(
+            f.settle(MessageId::from_u128(2), &mut r),
+            Settled::Unknown,
+            "twice"
+        );
         assert_eq!(f.len(), 1, "bogus ids change nothing");
+        assert_eq!(r.0.len(), 4);
         f.push(env(5));
-        f.settle(MessageId::from_u128(5));
+        f.settle(MessageId::from_u128(5), &mut r);
         let left: Vec<_> = f.take().iter().map(|e| e.message_id().as_u128()).collect();
         assert_eq!(left, vec![4]);
         assert!(f.is_empty());

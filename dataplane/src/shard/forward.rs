@@ -10,6 +10,7 @@
 //! a NACK, except that a best-effort envelope that cannot be delivered is dropped and counted
 //! (`docs/PROTOCOL.md` §2, NACK). A congested destination makes its senders back off.
 
+use super::budget::Overload;
 use super::msg::CoreMsg;
 use super::{dest_agent, ConnId, Now, Shard};
 use crate::routing::Route;
@@ -25,9 +26,17 @@ impl Shard {
     pub(super) fn route_from(&mut self, src: ConnId, env: Envelope, now: Now) {
         let id = env.message_id();
         let class = env.class();
+        // Over the memory budget: shed best-effort first, then refuse new at-least-once.
+        let state = self.budget.state;
+        if state >= Overload::Shed && class == DeliveryClass::BestEffort
+            || state == Overload::Refuse
+        {
+            self.settle(src, id, class, Err(Reason::Overloaded), false, now);
+            return;
+        }
         match self.directory.route(&env, self.id) {
             Route::Local => {
-                let result = self.deliver_local(env).map_err(|(r, _)| r);
+                let result = self.deliver_local(env, true).map_err(|(r, _)| r);
                 self.settle(src, id, class, result, false, now);
             }
             Route::Core(k) => {
@@ -50,7 +59,24 @@ impl Shard {
     /// Puts an envelope on the send queue of its destination, attached to this core.
     // The refused envelope travels back by value: no allocation on the refusal path.
     #[allow(clippy::result_large_err)]
-    fn deliver_local(&mut self, env: Envelope) -> Result<bool, (Reason, Envelope)> {
+    /// `new_work`: an envelope from a source (checked against its quota), not custody handed
+    /// over from another core.
+    fn deliver_local(&mut self, env: Envelope, new_work: bool) -> Result<bool, (Reason, Envelope)> {
+        let (source, len) = (env.source(), env.frame_len());
+        if new_work && !self.sources.allows(&source, len, self.source_quota()) {
+            return Err((Reason::QuotaExceeded, env));
+        }
+        let r = self.enqueue_local(env);
+        if r.is_ok() {
+            self.sources.hold(source, len);
+            self.charge(len as u64);
+        }
+        r
+    }
+
+    // The refused envelope travels back by value: no allocation on the refusal path.
+    #[allow(clippy::result_large_err)]
+    fn enqueue_local(&mut self, env: Envelope) -> Result<bool, (Reason, Envelope)> {
         let Some(dst) = dest_agent(&env) else {
             return Err((Reason::DestinationUnavailable, env));
         };
@@ -58,7 +84,7 @@ impl Shard {
             return Err((Reason::DestinationUnavailable, env));
         };
         let l = &self.settings.limits;
-        let (max_n, max_b) = (l.send_queue_envelopes, l.send_queue_bytes);
+        let (max_n, max_b) = (l.send_queue_envelopes, l.send_queue_bytes());
         let Some(c) = self.conns.get_mut(&cid) else {
             return Err((Reason::DestinationUnavailable, env));
         };
@@ -81,7 +107,13 @@ impl Shard {
             self.outbox.push(loc.core, CoreMsg::Deliver { env, src });
             return;
         }
-        let result = self.deliver_local(env);
+        // New work from another core meets this core's budget too; custody hand-overs always
+        // pass (they are already counted).
+        let result = if src.is_some() && self.budget.state == Overload::Refuse {
+            Err((Reason::Overloaded, env))
+        } else {
+            self.deliver_local(env, src.is_some())
+        };
         match (result, src) {
             (Ok(congested), Some((core, conn))) => {
                 self.verdict_to(core, conn, id, class, Ok(congested), now)

@@ -27,6 +27,7 @@
 
 mod agent;
 mod attach;
+pub mod budget;
 mod custody;
 mod forward;
 pub mod msg;
@@ -45,7 +46,8 @@ use crate::routing::Directory;
 use crate::session::{Session, SessionTimeouts};
 use crate::signaling::ContractPolicy;
 use crate::wire::{AgentId, Envelope, MessageId, RelayId, Role, Welcome};
-use custody::{Held, Inflight, SendQueue};
+use budget::{Overload, RelayBudget, ShardBudget};
+use custody::{Held, Inflight, Released, SendQueue, SourceQuota};
 use msg::{ConnId, CoreMsg, Outbox};
 use transport::Transport;
 
@@ -57,15 +59,32 @@ pub struct Limits {
     pub max_connections_per_core: usize,
     /// Envelopes queued towards one agent before at-least-once envelopes are refused.
     pub send_queue_envelopes: usize,
-    /// Bytes queued towards one agent before at-least-once envelopes are refused.
-    pub send_queue_bytes: usize,
+    /// Bytes queued towards one agent before at-least-once envelopes are refused; unset:
+    /// `memory_budget / 64`.
+    pub send_queue_bytes: Option<usize>,
     /// Messages one core's mailbox holds.
     pub mailbox_capacity: usize,
-    /// Unacknowledged envelopes held for one disconnected agent, for redelivery on reconnect.
-    pub custody_per_agent: usize,
+    /// Bytes the relay may hold on peers' behalf, all cores together (custody, buffers, a fixed
+    /// share per connection); the overload states start at 70 % of it (`shard::budget`).
+    pub memory_budget: usize,
+    /// Bytes one source agent may have held undelivered on this relay, across all destinations;
+    /// beyond it its envelopes are NACKed `quota_exceeded`. Unset: `memory_budget / 16`.
+    pub source_quota: Option<usize>,
     /// Largest read buffer of one connection: it starts at 4 KiB and doubles when a read fills
     /// it (a frame being reassembled may need up to `max_frame` plus one record more).
     pub read_buffer: usize,
+}
+
+impl Limits {
+    /// The per-destination queue bound in bytes (its own setting, or `memory_budget / 64`).
+    pub fn send_queue_bytes(&self) -> usize {
+        self.send_queue_bytes.unwrap_or(self.memory_budget / 64)
+    }
+
+    /// The per-source quota in bytes (its own setting, or `memory_budget / 16`).
+    pub fn source_quota(&self) -> usize {
+        self.source_quota.unwrap_or(self.memory_budget / 16)
+    }
 }
 
 impl Default for Limits {
@@ -73,9 +92,10 @@ impl Default for Limits {
         Limits {
             max_connections_per_core: 100_000,
             send_queue_envelopes: 8192,
-            send_queue_bytes: 16 << 20,
+            send_queue_bytes: None,
             mailbox_capacity: 65_536,
-            custody_per_agent: 65_536,
+            memory_budget: 1 << 30,
+            source_quota: None,
             read_buffer: 64 << 10,
         }
     }
@@ -209,6 +229,11 @@ pub struct Shard {
     handed_off: u64,
     /// Readers parked on the outbox high-water mark.
     parked_on_outbox: Vec<ConnId>,
+    budget: ShardBudget,
+    /// What each source has in this shard's custody.
+    sources: SourceQuota,
+    /// Envelopes that left custody since `sources` was last updated.
+    released: Released,
 }
 
 /// Relay-wide counters shared by every shard (attach sequence, session ids).
@@ -239,8 +264,12 @@ impl Shard {
         cfg: ShardConfig,
         settings: Settings,
         seq: Arc<SeqSource>,
+        budget: Arc<RelayBudget>,
     ) -> Self {
         Shard {
+            budget: ShardBudget::new(budget, id),
+            sources: SourceQuota::default(),
+            released: Released::default(),
             id,
             ncores,
             cfg,
@@ -264,7 +293,15 @@ impl Shard {
 
     /// The next thing the engine must do.
     pub fn poll_action(&mut self) -> Option<Action> {
+        if !self.released.0.is_empty() {
+            self.sources.release(&mut self.released);
+        }
         self.actions.pop_front()
+    }
+
+    /// This shard's share of the per-source quota.
+    fn source_quota(&self) -> u64 {
+        (self.settings.limits.source_quota() / self.ncores.max(1) as usize) as u64
     }
 
     /// Messages for other cores; the engine moves them into the mailboxes.
@@ -313,6 +350,11 @@ impl Shard {
             tracing::info!(core = self.id, "connection refused: too many connections");
             return None;
         }
+        if self.budget.state == Overload::Refuse {
+            self.m.handshake_failed(crate::wire::Reason::Overloaded);
+            return None;
+        }
+        self.charge(budget::CONNECTION_OVERHEAD);
         let transport = match Transport::new(
             self.cfg.tls.clone(),
             PRE_HELLO_MAX_FRAME.min(self.settings.contract.max_frame as usize),
@@ -462,8 +504,31 @@ impl Shard {
         }
     }
 
-    /// Stops: every socket is shut down so that pending operations complete.
+    /// Stops: every socket is shut down so that pending operations complete. Custody still held
+    /// (memory only until the store exists) is lost with the process: counted and logged.
     fn exit(&mut self) {
+        let held = self.held.len() as u64;
+        let connected: u64 = self
+            .conns
+            .values()
+            .map(|c| {
+                (c.a.inflight.len()
+                    + c.a
+                        .outq
+                        .iter()
+                        .filter(|e| e.class() != crate::wire::DeliveryClass::BestEffort)
+                        .count()) as u64
+            })
+            .sum();
+        if held + connected > 0 {
+            self.m
+                .dropped(crate::wire::Reason::ShuttingDown, held + connected);
+            tracing::warn!(
+                core = self.id,
+                envelopes = held + connected,
+                "custody lost at exit (memory only)"
+            );
+        }
         let ids: Vec<ConnId> = self.conns.keys().copied().collect();
         for id in ids {
             self.actions.push_back(Action::Shutdown(id));
@@ -499,11 +564,57 @@ impl Shard {
         }
     }
 
-    /// Envelopes an agent connected here holds custody of, for the gauges.
+    /// Envelopes agents connected here hold custody of, for the gauges.
     fn custody_counts(&self) -> (usize, usize) {
         self.conns.values().fold((0, 0), |(q, f), c| {
             (q + c.a.outq.len(), f + c.a.inflight.len())
         })
+    }
+
+    /// What this shard retains on peers' behalf, counted exactly (see `budget`).
+    fn usage(&self) -> u64 {
+        let buffers = self.spare_buffers.len() * transport::WRITE_BUFFER;
+        let conns: usize = self
+            .conns
+            .values()
+            .map(|c| {
+                budget::CONNECTION_OVERHEAD as usize
+                    + c.transport.retained()
+                    + c.a.ctrl.capacity()
+                    + c.a.outq.bytes()
+                    + c.a.inflight.bytes()
+                    + if c.writing {
+                        transport::WRITE_BUFFER
+                    } else {
+                        0
+                    }
+            })
+            .sum();
+        (self.held.bytes() + buffers + conns) as u64
+    }
+
+    /// Charges bytes accepted since the last tick against the budget.
+    fn charge(&mut self, bytes: u64) {
+        if let Some(state) = self.budget.charge(bytes) {
+            self.overload_changed(state);
+        }
+    }
+
+    fn overload_changed(&mut self, state: Overload) {
+        self.m.overload_state.set(state as u8 as f64);
+        let used = self.budget.used();
+        let limit = self.budget.limit();
+        if state == Overload::Normal {
+            tracing::info!(core = self.id, used, limit, "memory budget: back to normal");
+        } else {
+            tracing::warn!(
+                core = self.id,
+                used,
+                limit,
+                state = state.label(),
+                "memory budget: overload"
+            );
+        }
     }
 }
 

@@ -23,7 +23,7 @@ impl Shard {
     pub fn on_tick(&mut self, now: Now) {
         if now.mono_us.saturating_sub(self.custody_swept_us) >= CUSTODY_SWEEP_US {
             self.custody_swept_us = now.mono_us;
-            let expired = self.held.expire(now.unix_ms);
+            let expired = self.held.expire(now.unix_ms, &mut self.released);
             if expired > 0 {
                 self.m.dropped(Reason::Expired, expired);
             }
@@ -83,9 +83,22 @@ impl Shard {
                 self.close(id, *r, now);
             }
         }
+        // Envelopes still held after a tick stop pinning the buffers they were read from.
+        let mut unshared = 0;
+        for c in self.conns.values_mut() {
+            unshared += c.a.outq.unshare() + c.a.inflight.unshare();
+        }
+        if unshared > 0 {
+            self.m.unshared.increment(unshared as u64);
+        }
         let (queued, inflight) = self.custody_counts();
         self.m.queue_depth.set(queued as f64);
         self.m.inflight.set(inflight as f64);
+        let used = self.usage();
+        self.m.memory_used.set(used as f64);
+        if let Some(state) = self.budget.tick(used) {
+            self.overload_changed(state);
+        }
     }
 
     /// Whether this shard finished draining (no connection left).

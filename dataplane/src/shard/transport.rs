@@ -155,6 +155,11 @@ impl Transport {
         Ok(true)
     }
 
+    /// Bytes this connection's buffers retain (capacities).
+    pub(crate) fn retained(&self) -> usize {
+        self.rx.capacity() + self.hs_out.capacity() + self.tail.capacity()
+    }
+
     /// Drops what was read and not yet handled (a closing connection ignores its peer).
     pub(crate) fn discard_input(&mut self) {
         self.rx.clear();

@@ -8,6 +8,7 @@
 
 use bytes::BytesMut;
 
+use super::custody::Released;
 use super::{Action, Conn, ConnId, Now, Shard};
 use crate::metrics::CoreMetrics;
 use crate::wire::{AckBatch, DeliveryClass, Envelope, Frame, Reason, MAX_ACK_BATCH};
@@ -35,11 +36,13 @@ impl Shard {
         }
         let mut buf = self.buffer();
         let c = self.conns.get_mut(&conn)?;
-        let used = c.fill(&mut buf, &self.m, now).unwrap_or_else(|e| {
-            tracing::info!(conn, error = %e, "TLS failure while writing");
-            c.closing = true;
-            0
-        });
+        let used = c
+            .fill(&mut buf, &self.m, &mut self.released, now)
+            .unwrap_or_else(|e| {
+                tracing::info!(conn, error = %e, "TLS failure while writing");
+                c.closing = true;
+                0
+            });
         if used == 0 {
             let done = c.closing && (c.close_notify_sent || !c.transport.is_open());
             self.recycle(buf);
@@ -99,11 +102,16 @@ impl Conn {
 
     /// Takes every envelope this session holds custody of (unacknowledged, then queued), in
     /// order where order is known. Best-effort envelopes are left out and counted as dropped.
-    pub(super) fn take_custody(&mut self, m: &CoreMetrics) -> Vec<Envelope> {
+    pub(super) fn take_custody(
+        &mut self,
+        m: &CoreMetrics,
+        released: &mut Released,
+    ) -> Vec<Envelope> {
         let mut out = self.a.inflight.take();
         for e in self.a.outq.drain() {
             if e.class() == DeliveryClass::BestEffort {
                 m.dropped(Reason::DestinationUnavailable, 1);
+                released.note(&e);
             } else {
                 out.push(e);
             }
@@ -124,6 +132,7 @@ impl Conn {
         &mut self,
         buf: &mut [u8],
         m: &CoreMetrics,
+        released: &mut Released,
         now: Now,
     ) -> Result<usize, crate::tls::record::RecordError> {
         if !self.closing {
@@ -164,6 +173,7 @@ impl Conn {
                 break;
             };
             if env.expires_ms() <= now.unix_ms {
+                released.note(env);
                 self.a.outq.pop();
                 m.dropped(Reason::Expired, 1);
                 continue;
@@ -187,6 +197,8 @@ impl Conn {
             written += 1;
             if acked {
                 self.a.inflight.push(env);
+            } else {
+                released.note(&env);
             }
         }
         for k in 0..3 {

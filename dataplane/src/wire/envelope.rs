@@ -320,6 +320,16 @@ impl Envelope {
         dst.extend_from_slice(&self.immutable);
     }
 
+    /// Moves the envelope's bytes (immutable part and path) into allocations of their own, so
+    /// that it stops pinning the larger buffer it was read from. For envelopes that are held a
+    /// while; forwarding never needs it.
+    pub fn unshare(&mut self) {
+        self.immutable = Bytes::copy_from_slice(&self.immutable);
+        if !self.routing.path.is_empty() {
+            self.routing.path = Bytes::copy_from_slice(&self.routing.path);
+        }
+    }
+
     /// The opaque (end-to-end encrypted) payload, shared with the envelope.
     pub fn payload(&self) -> Bytes {
         self.immutable.slice(self.sections.payload as usize + 4..)

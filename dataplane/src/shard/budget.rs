@@ -1,0 +1,189 @@
+//! The relay's memory budget: what each shard holds, the relay-wide sum, and the overload states.
+//!
+//! Every shard counts what it retains on peers' behalf (`Usage`): custody (frame bytes queued,
+//! in flight and held for absent agents), read buffers (their capacity: what they really
+//! retain), write buffers, control output, and a fixed share per connection for its TLS and
+//! session state. The count is exact at each tick and only grows in between (everything accepted
+//! since the tick is added, nothing released is subtracted), so the budget is never
+//! underestimated. Each shard publishes its figure in a relay-wide slot; the sum decides the
+//! state:
+//!
+//! | state | from | what the relay does |
+//! |---|---|---|
+//! | `normal` | below 70 % | everything |
+//! | `shed` | 70 % | best-effort envelopes dropped at ingress (counted `overloaded`), new sessions refused (CLOSE `overloaded`) |
+//! | `refuse` | 90 % | also: new at-least-once envelopes NACKed `overloaded` (retryable), new connections closed at accept |
+//!
+//! Nothing already ACKed is ever dropped to get back under the budget: the states only refuse
+//! new work, and custody leaves by delivery or expiry.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Bytes charged per connection for what it holds besides its buffers (TLS state, session,
+/// tasks).
+pub const CONNECTION_OVERHEAD: u64 = 16 << 10;
+
+/// Fraction of the budget (in percent) at which best-effort is shed and sessions refused.
+const SHED_AT: u64 = 70;
+/// Fraction of the budget (in percent) at which new at-least-once envelopes are refused.
+const REFUSE_AT: u64 = 90;
+
+/// Overload states, in increasing order of severity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Overload {
+    Normal = 0,
+    /// Best-effort shed, new sessions refused.
+    Shed = 1,
+    /// Also new at-least-once envelopes and connections refused.
+    Refuse = 2,
+}
+
+impl Overload {
+    /// The label in logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            Overload::Normal => "normal",
+            Overload::Shed => "shed",
+            Overload::Refuse => "refuse",
+        }
+    }
+}
+
+/// The relay-wide budget: one usage slot per shard.
+#[derive(Debug)]
+pub struct RelayBudget {
+    /// Bytes the relay may hold on peers' behalf (changes on reload).
+    limit: AtomicU64,
+    slots: Vec<AtomicU64>,
+}
+
+impl RelayBudget {
+    /// A budget of `limit` bytes shared by `shards` shards.
+    pub fn new(limit: u64, shards: usize) -> Arc<Self> {
+        Arc::new(RelayBudget {
+            limit: AtomicU64::new(limit),
+            slots: (0..shards).map(|_| AtomicU64::new(0)).collect(),
+        })
+    }
+
+    /// The limit in bytes.
+    pub fn limit(&self) -> u64 {
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    /// Changes the limit (configuration reload).
+    pub fn set_limit(&self, limit: u64) {
+        self.limit.store(limit, Ordering::Relaxed);
+    }
+
+    /// Records shard `shard`'s usage.
+    pub fn publish(&self, shard: u16, bytes: u64) {
+        self.slots[shard as usize].store(bytes, Ordering::Relaxed);
+    }
+
+    /// The relay's usage: the sum of every shard's last figure.
+    pub fn used(&self) -> u64 {
+        self.slots.iter().map(|s| s.load(Ordering::Relaxed)).sum()
+    }
+
+    /// The state for a usage of `used` bytes.
+    pub fn state_for(&self, used: u64) -> Overload {
+        let pct = used.saturating_mul(100) / self.limit().max(1);
+        if pct >= REFUSE_AT {
+            Overload::Refuse
+        } else if pct >= SHED_AT {
+            Overload::Shed
+        } else {
+            Overload::Normal
+        }
+    }
+}
+
+/// One shard's view: its exact usage at the last tick, what it accepted since, and the state.
+#[derive(Debug)]
+pub(crate) struct ShardBudget {
+    relay: Arc<RelayBudget>,
+    shard: u16,
+    /// Exact at the last tick.
+    at_tick: u64,
+    /// Added since the last tick (never subtracted until the next one).
+    since: u64,
+    /// Since-tick growth at which the shard re-publishes and re-reads the relay's state.
+    republish_every: u64,
+    published_since: u64,
+    pub(crate) state: Overload,
+}
+
+impl ShardBudget {
+    pub(crate) fn new(relay: Arc<RelayBudget>, shard: u16) -> Self {
+        let republish_every = (relay.limit() / 64).max(1);
+        ShardBudget {
+            relay,
+            shard,
+            at_tick: 0,
+            since: 0,
+            republish_every,
+            published_since: 0,
+            state: Overload::Normal,
+        }
+    }
+
+    /// The shard's exact usage, counted at a tick. Returns the new state if it changed.
+    pub(crate) fn tick(&mut self, exact: u64) -> Option<Overload> {
+        self.at_tick = exact;
+        self.since = 0;
+        self.published_since = 0;
+        self.refresh()
+    }
+
+    /// Charges `bytes` accepted since the last tick. Returns the new state if it changed.
+    pub(crate) fn charge(&mut self, bytes: u64) -> Option<Overload> {
+        self.since += bytes;
+        if self.since - self.published_since >= self.republish_every {
+            self.published_since = self.since;
+            return self.refresh();
+        }
+        None
+    }
+
+    /// This shard's current figure.
+    pub(crate) fn used(&self) -> u64 {
+        self.at_tick + self.since
+    }
+
+    /// The relay's limit.
+    pub(crate) fn limit(&self) -> u64 {
+        self.relay.limit()
+    }
+
+    fn refresh(&mut self) -> Option<Overload> {
+        self.relay.publish(self.shard, self.used());
+        let state = self.relay.state_for(self.relay.used());
+        (state != std::mem::replace(&mut self.state, state)).then_some(state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_follow_the_relay_wide_sum_and_growth_is_seen_between_ticks() {
+        let relay = RelayBudget::new(1000, 2);
+        let mut a = ShardBudget::new(relay.clone(), 0);
+        let mut b = ShardBudget::new(relay.clone(), 1);
+        assert_eq!(a.tick(300), None);
+        assert_eq!(b.tick(300), None, "600 of 1000: normal");
+        assert_eq!(b.charge(100), Some(Overload::Shed), "700: shed");
+        // Shard a learns at its next publication.
+        assert_eq!(a.charge(150), Some(Overload::Shed), "450 + 400");
+        assert_eq!(relay.used(), 850);
+        assert_eq!(a.charge(50), Some(Overload::Refuse), "500 + 400");
+        assert_eq!(a.charge(5), None, "below the re-publication step");
+        // Releases count only at the next tick.
+        assert_eq!(a.tick(100), Some(Overload::Normal), "100 + 400");
+        assert_eq!(relay.state_for(899), Overload::Shed);
+        assert_eq!(relay.state_for(900), Overload::Refuse);
+    }
+}
