@@ -37,11 +37,24 @@ struct Core {
     drain_reported: Cell<bool>,
 }
 
+thread_local! {
+    /// Unix milliseconds minus monotonic milliseconds, re-read from the wall clock every tick,
+    /// so that [`now`] reads one clock (the monotonic one) per event.
+    static UNIX_OFFSET_MS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Re-reads the wall clock's offset from the monotonic clock.
+fn sync_unix_offset() {
+    let offset = unix_ms().saturating_sub(now_us() / 1000);
+    UNIX_OFFSET_MS.with(|o| o.set(offset));
+}
+
 /// The time now, for the shard.
 fn now() -> Now {
+    let mono_us = now_us();
     Now {
-        mono_us: now_us(),
-        unix_ms: unix_ms(),
+        mono_us,
+        unix_ms: mono_us / 1000 + UNIX_OFFSET_MS.with(Cell::get),
     }
 }
 
@@ -54,6 +67,7 @@ pub(crate) fn run(
     listener: std::net::TcpListener,
 ) {
     uring::run(4096, async move {
+        sync_unix_offset();
         let shard = Shard::new(
             id,
             ncores,
@@ -114,6 +128,7 @@ async fn tick_loop(core: Rc<Core>) {
     let tick = Duration::from_millis(core.cfg.tick_ms.max(1));
     loop {
         tokio::time::sleep(tick).await;
+        sync_unix_offset();
         core.shard.borrow_mut().on_tick(now());
         core.drive();
         if core.shard.borrow().drained() && !core.drain_reported.replace(true) {
@@ -220,17 +235,24 @@ impl Core {
         let mb = &self.shared.mailboxes[self.id as usize];
         loop {
             mb.wait().await;
+            // A batch of messages, then one drive: one wake-up per core per batch, not per
+            // message.
+            let t = now();
+            let mut exit = false;
             while let Some(msg) = mb.pop() {
-                let exit = matches!(msg, CoreMsg::Exit);
+                exit |= matches!(msg, CoreMsg::Exit);
                 if matches!(msg, CoreMsg::Drain | CoreMsg::Exit) {
                     // Complete the pending accept; the kernel stops queueing connections here.
                     self.listener.stop();
                 }
-                self.shard.borrow_mut().on_message(msg, now());
-                self.drive();
+                self.shard.borrow_mut().on_message(msg, t);
                 if exit {
-                    return;
+                    break;
                 }
+            }
+            self.drive();
+            if exit {
+                return;
             }
         }
     }

@@ -123,6 +123,9 @@ impl Shard {
                         }
                     }
                     self.m.acks_in.increment(known);
+                    if known > 0 {
+                        c.a.last_ack_us = now.mono_us;
+                    }
                     if unknown > 0 {
                         self.m.unknown_acks.increment(unknown);
                     }

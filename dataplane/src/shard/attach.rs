@@ -158,7 +158,10 @@ impl Shard {
     fn enqueue_or_keep(&mut self, conn: ConnId, agent: AgentId, env: Envelope) {
         let bytes = self.settings.limits.send_queue_bytes().saturating_mul(4);
         let refused = match self.conns.get_mut(&conn) {
-            Some(c) => c.enqueue(env, usize::MAX, bytes).err().map(|(_, e)| e),
+            Some(c) => c
+                .enqueue(env, usize::MAX, bytes, true)
+                .err()
+                .map(|(_, e)| e),
             None => Some(env),
         };
         if let Some(env) = refused {
@@ -187,8 +190,9 @@ impl Shard {
 }
 
 impl Conn {
-    /// Puts an envelope on this agent's send queue, within the queue's bounds. `Ok(true)`: the
-    /// queue is past half its bounds, and senders should slow down.
+    /// Puts an envelope on this agent's send queue, within the queue's bounds (and the source's
+    /// quota, as the caller found it). `Ok(true)`: the queue is past half its bounds, and senders
+    /// should slow down. Reasons in the order of `docs/PROTOCOL.md` §4.
     // The refused envelope travels back by value: no allocation on the refusal path.
     #[allow(clippy::result_large_err)]
     pub(super) fn enqueue(
@@ -196,6 +200,7 @@ impl Conn {
         env: Envelope,
         max_envelopes: usize,
         max_bytes: usize,
+        within_quota: bool,
     ) -> Result<bool, (Reason, Envelope)> {
         if !self.session.is_open() || self.closing {
             return Err((Reason::DestinationUnavailable, env));
@@ -207,6 +212,9 @@ impl Conn {
             .is_some_and(|c| env.frame_len() > c.max_frame as usize)
         {
             return Err((Reason::TooLargeForDestination, env));
+        }
+        if !within_quota {
+            return Err((Reason::QuotaExceeded, env));
         }
         self.a.outq.push(env, max_envelopes, max_bytes)
     }

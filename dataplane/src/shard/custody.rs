@@ -15,18 +15,30 @@
 //! queue holds `deliver_window` envelopes or `deliver_window_bytes` bytes, so a receiver that
 //! never ACKs holds at most one window.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 
 use crate::wire::{AgentId, DeliveryClass, Envelope, MessageId, Reason};
 
 #[derive(Default)]
 pub(crate) struct Inflight {
-    order: VecDeque<Envelope>,
+    order: VecDeque<Slot>,
+    /// Sequence number of `order[0]` (every pushed envelope gets the next one).
+    front_seq: u64,
     /// Frame bytes of the envelopes in `order`.
     bytes: usize,
-    unacked: HashSet<MessageId, foldhash::fast::RandomState>,
+    /// Envelopes in `order` not ACKed yet.
+    unacked: usize,
+    /// Id → sequence number of the envelopes not ACKed yet. Built on the first ACK that is not
+    /// for the oldest envelope (an agent that ACKs in order never pays for it) and kept until
+    /// nothing is in flight.
+    index: Option<HashMap<MessageId, u64, foldhash::fast::RandomState>>,
     /// Envelopes at the front of `order` already moved off their read buffers.
     unshared: usize,
+}
+
+struct Slot {
+    env: Envelope,
+    acked: bool,
 }
 
 /// What an ACK or NACK from the agent did.
@@ -42,8 +54,11 @@ impl Inflight {
     /// Records an envelope just written to the agent.
     pub(crate) fn push(&mut self, env: Envelope) {
         self.bytes += env.frame_len();
-        self.unacked.insert(env.message_id());
-        self.order.push_back(env);
+        self.unacked += 1;
+        if let Some(ix) = &mut self.index {
+            ix.insert(env.message_id(), self.front_seq + self.order.len() as u64);
+        }
+        self.order.push_back(Slot { env, acked: false });
     }
 
     /// Whether the deliver window has room for one more envelope of `frame_len` bytes.
@@ -54,17 +69,42 @@ impl Inflight {
     /// Applies an ACK (or the agent's NACK) for `id`.
     /// Envelopes that leave custody are noted in `released`.
     pub(crate) fn settle(&mut self, id: MessageId, released: &mut Released) -> Settled {
-        if !self.unacked.remove(&id) {
-            return Settled::Unknown;
-        }
-        while let Some(front) = self.order.front() {
-            if self.unacked.contains(&front.message_id()) {
-                break;
+        let front_matches = self
+            .order
+            .front()
+            .is_some_and(|f| !f.acked && f.env.message_id() == id);
+        if front_matches {
+            self.order[0].acked = true;
+            if let Some(ix) = &mut self.index {
+                ix.remove(&id);
             }
-            self.bytes -= front.frame_len();
-            released.note(front);
-            self.order.pop_front();
-            self.unshared = self.unshared.saturating_sub(1);
+        } else {
+            let front_seq = self.front_seq;
+            let order = &self.order;
+            let ix = self.index.get_or_insert_with(|| {
+                order
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| !s.acked)
+                    .map(|(i, s)| (s.env.message_id(), front_seq + i as u64))
+                    .collect()
+            });
+            let Some(seq) = ix.remove(&id) else {
+                return Settled::Unknown;
+            };
+            self.order[(seq - front_seq) as usize].acked = true;
+        }
+        self.unacked -= 1;
+        while self.order.front().is_some_and(|f| f.acked) {
+            if let Some(slot) = self.order.pop_front() {
+                self.bytes -= slot.env.frame_len();
+                released.note(&slot.env);
+                self.front_seq += 1;
+                self.unshared = self.unshared.saturating_sub(1);
+            }
+        }
+        if self.order.is_empty() {
+            self.index = None;
         }
         Settled::Known
     }
@@ -74,8 +114,8 @@ impl Inflight {
     /// flight that long pay the copy.
     pub(crate) fn unshare(&mut self) -> usize {
         let n = self.order.len() - self.unshared;
-        for e in self.order.iter_mut().skip(self.unshared) {
-            e.unshare();
+        for s in self.order.iter_mut().skip(self.unshared) {
+            s.env.unshare();
         }
         self.unshared = self.order.len();
         n
@@ -83,7 +123,7 @@ impl Inflight {
 
     /// Envelopes still unacknowledged.
     pub(crate) fn len(&self) -> usize {
-        self.unacked.len()
+        self.unacked
     }
 
     /// Bytes (frame lengths) of the envelopes kept, acknowledged ones behind an older one
@@ -93,17 +133,20 @@ impl Inflight {
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.unacked.is_empty()
+        self.unacked == 0
     }
 
     /// Takes every envelope still unacknowledged, in send order.
     pub(crate) fn take(&mut self) -> Vec<Envelope> {
-        let unacked = std::mem::take(&mut self.unacked);
         self.bytes = 0;
         self.unshared = 0;
+        self.unacked = 0;
+        self.index = None;
+        self.front_seq += self.order.len() as u64;
         self.order
             .drain(..)
-            .filter(|e| unacked.contains(&e.message_id()))
+            .filter(|s| !s.acked)
+            .map(|s| s.env)
             .collect()
     }
 }

@@ -63,10 +63,8 @@ impl Shard {
     /// over from another core.
     fn deliver_local(&mut self, env: Envelope, new_work: bool) -> Result<bool, (Reason, Envelope)> {
         let (source, len) = (env.source(), env.frame_len());
-        if new_work && !self.sources.allows(&source, len, self.source_quota()) {
-            return Err((Reason::QuotaExceeded, env));
-        }
-        let r = self.enqueue_local(env);
+        let within_quota = !new_work || self.sources.allows(&source, len, self.source_quota());
+        let r = self.enqueue_local(env, within_quota);
         if r.is_ok() {
             self.sources.hold(source, len);
             self.charge(len as u64);
@@ -76,7 +74,11 @@ impl Shard {
 
     // The refused envelope travels back by value: no allocation on the refusal path.
     #[allow(clippy::result_large_err)]
-    fn enqueue_local(&mut self, env: Envelope) -> Result<bool, (Reason, Envelope)> {
+    fn enqueue_local(
+        &mut self,
+        env: Envelope,
+        within_quota: bool,
+    ) -> Result<bool, (Reason, Envelope)> {
         let Some(dst) = dest_agent(&env) else {
             return Err((Reason::DestinationUnavailable, env));
         };
@@ -88,7 +90,7 @@ impl Shard {
         let Some(c) = self.conns.get_mut(&cid) else {
             return Err((Reason::DestinationUnavailable, env));
         };
-        let r = c.enqueue(env, max_n, max_b);
+        let r = c.enqueue(env, max_n, max_b, within_quota);
         if r.is_ok() {
             self.wake_writer(cid);
         }

@@ -180,6 +180,8 @@ pub(crate) struct AgentSession {
     pub(crate) backoff_us: u64,
     /// Envelopes were handed to a newer session; nothing is left to keep in custody.
     pub(crate) handed_over: bool,
+    /// When the agent last ACKed something in flight (or the session began).
+    pub(crate) last_ack_us: u64,
 }
 
 /// One connection: transport, session, and the role's state.
@@ -203,6 +205,8 @@ pub(crate) struct Conn {
     pub(crate) reader_parked: bool,
     /// Due a KeyUpdate (the session's rotation interval).
     pub(crate) key_update_due: bool,
+    /// A WakeWriter went out and the writer has not found the connection idle since.
+    pub(crate) writer_awake: bool,
 }
 
 /// One core's relay state machine. See the module docs for how to drive it.
@@ -391,6 +395,7 @@ impl Shard {
                     paused_until_us: 0,
                     backoff_us: 0,
                     handed_over: false,
+                    last_ack_us: now.mono_us,
                 },
                 closing: false,
                 closing_since_us: 0,
@@ -399,6 +404,7 @@ impl Shard {
                 writing: false,
                 reader_parked: false,
                 key_update_due: false,
+                writer_awake: false,
             },
         );
         Some(id)
@@ -470,8 +476,15 @@ impl Shard {
     }
 
     /// Wakes a connection's writer.
+    /// Wakes a connection's writer unless it is already awake (it polls again after every
+    /// write, and goes idle only when [`Shard::poll_write`] found nothing).
     fn wake_writer(&mut self, conn: ConnId) {
-        self.actions.push_back(Action::WakeWriter(conn));
+        if let Some(c) = self.conns.get_mut(&conn) {
+            if !c.writer_awake {
+                c.writer_awake = true;
+                self.actions.push_back(Action::WakeWriter(conn));
+            }
+        }
     }
 
     fn wake_reader(&mut self, conn: ConnId) {

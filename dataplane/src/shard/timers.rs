@@ -1,8 +1,8 @@
 //! The timer sweep (every `relay.tick_ms`) and the graceful drain.
 //!
 //! Per connection: a closing connection that did not finish flushing within the linger is shut
-//! down; a write that has not completed within the write timeout closes the session
-//! (`write_timeout`); the session's own deadlines (`crate::session`: handshake, heartbeat PINGs,
+//! down; a write that has not completed within the write timeout, or a full deliver window with
+//! more queued and no ACK for that long, closes the session (`write_timeout`); the session's own deadlines (`crate::session`: handshake, heartbeat PINGs,
 //! dead peer, idle, key rotation, drain deadline) are applied; a draining session that has
 //! settled and been quiet long enough is closed. Per shard: custody held for absent agents is
 //! swept for expired envelopes once a second, and the gauges are set.
@@ -42,7 +42,15 @@ impl Shard {
                 }
                 continue;
             }
-            if c.write_since_us > 0 && now.mono_us.saturating_sub(c.write_since_us) >= write_us {
+            // Not reading: a socket write pending for the write timeout; or a deliver window that
+            // stayed full, with more queued, and no ACK for that long (the peer's kernel buffers
+            // can hold a whole window, so its writes need not block).
+            let write_stuck =
+                c.write_since_us > 0 && now.mono_us.saturating_sub(c.write_since_us) >= write_us;
+            let window_stuck = !c.a.outq.is_empty()
+                && c.window_full()
+                && now.mono_us.saturating_sub(c.a.last_ack_us) >= write_us;
+            if write_stuck || window_stuck {
                 self.close(id, Reason::WriteTimeout, now);
                 continue;
             }

@@ -21,6 +21,16 @@ impl Shard {
     /// nothing to write (or the connection is gone). Give the buffer back with
     /// [`Shard::on_write_done`].
     pub fn poll_write(&mut self, conn: ConnId, now: Now) -> Option<(Vec<u8>, usize)> {
+        let next = self.next_write(conn, now);
+        if next.is_none() {
+            if let Some(c) = self.conns.get_mut(&conn) {
+                c.writer_awake = false;
+            }
+        }
+        next
+    }
+
+    fn next_write(&mut self, conn: ConnId, now: Now) -> Option<(Vec<u8>, usize)> {
         let c = self.conns.get_mut(&conn)?;
         if c.writing {
             return None;

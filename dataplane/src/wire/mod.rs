@@ -88,8 +88,18 @@ pub enum WireError {
 }
 
 /// A 32-byte Ed25519 public key naming an agent.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub struct AgentId(pub [u8; 32]);
+
+impl std::hash::Hash for AgentId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // Two 128-bit writes instead of a length-prefixed byte slice (the per-core maps are
+        // keyed by agent id on the per-envelope path).
+        let (a, b) = self.0.split_at(16);
+        state.write_u128(u128::from_ne_bytes(a.try_into().unwrap_or_default()));
+        state.write_u128(u128::from_ne_bytes(b.try_into().unwrap_or_default()));
+    }
+}
 
 /// A 32-byte Ed25519 public key naming a relay.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
