@@ -331,6 +331,29 @@ impl Shard {
         }
     }
 
+    /// One line about a connection's state, for test failure reports.
+    pub fn describe(&self, conn: ConnId) -> String {
+        match self.conns.get(&conn) {
+            None => "gone".into(),
+            Some(c) => format!(
+                "queued {} in flight {} (window full {}) awaiting {} writing {} writer awake {} closing {} welcomed {}",
+                c.a.outq.len(),
+                c.a.inflight.len(),
+                c.window_full(),
+                c.a.awaiting,
+                c.writing,
+                c.writer_awake,
+                c.closing,
+                c.a.welcomed
+            ),
+        }
+    }
+
+    /// What this shard holds on peers' behalf, counted now (see [`budget`]).
+    pub fn memory_used(&self) -> u64 {
+        self.usage()
+    }
+
     /// Whether the shard is draining.
     pub fn is_draining(&self) -> bool {
         self.draining
