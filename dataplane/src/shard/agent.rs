@@ -54,7 +54,8 @@ impl Shard {
                 }
             }
         }
-        let mut accepted: Vec<Envelope> = Vec::new();
+        // A scratch vector kept by the shard: no allocation per read once it has grown.
+        let mut accepted: Vec<Envelope> = std::mem::take(&mut self.accepted);
         let (mut n_env, mut n_bytes) = ([0u64; 3], [0u64; 3]);
         let mut frames = 0u64;
         let mut close: Option<Reason> = None;
@@ -188,8 +189,11 @@ impl Shard {
                 self.process_input(conn, now);
             }
         }
-        for env in accepted {
+        for env in accepted.drain(..) {
             self.route_from(conn, env, now);
+        }
+        if accepted.capacity() > self.accepted.capacity() {
+            self.accepted = accepted;
         }
     }
 

@@ -238,6 +238,8 @@ pub struct Shard {
     sources: SourceQuota,
     /// Envelopes that left custody since `sources` was last updated.
     released: Released,
+    /// Scratch for the envelopes one read accepted.
+    accepted: Vec<Envelope>,
 }
 
 /// Relay-wide counters shared by every shard (attach sequence, session ids).
@@ -274,6 +276,7 @@ impl Shard {
             budget: ShardBudget::new(budget, id),
             sources: SourceQuota::default(),
             released: Released::default(),
+            accepted: Vec::new(),
             id,
             ncores,
             cfg,

@@ -112,8 +112,10 @@ pub struct AckBatch {
 impl AckBatch {
     /// Builds a batch; at most [`MAX_ACK_BATCH`] ids are taken.
     pub fn new(ids: impl IntoIterator<Item = MessageId>) -> Self {
-        let mut b = BytesMut::new();
-        for id in ids.into_iter().take(MAX_ACK_BATCH) {
+        let ids = ids.into_iter().take(MAX_ACK_BATCH);
+        // One allocation of the right size when the iterator knows its length.
+        let mut b = BytesMut::with_capacity(ids.size_hint().0 * 16);
+        for id in ids {
             b.put_slice(&id.0);
         }
         AckBatch { ids: b.freeze() }
