@@ -398,3 +398,41 @@ async fn held_envelopes_do_not_pin_their_read_buffers() {
         "held envelopes were moved off their buffers"
     );
 }
+
+/// Every frame costs: envelopes the relay refuses are charged to the rate buckets like accepted
+/// ones, so a peer cannot make the relay answer refusals as fast as it sends them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_envelopes_are_charged_to_the_rate_limit() {
+    const N: usize = 600;
+    let relay = Relay::start(
+        &["--cores", "1"],
+        Some("[session]\nrate_frames = 1000\n"),
+    );
+    let mut a = relay.agent("refused").await;
+    let peer = relay.agent("peer").await;
+    // Hop limit 0: each one is refused at ingress.
+    let t0 = std::time::Instant::now();
+    for _ in 0..N {
+        let mut b = a.envelope_to(peer.id(), 10_000);
+        b.hop_limit = 0;
+        a.send(&b.build(b"x").unwrap()).await.unwrap();
+    }
+    let mut nacked = 0;
+    while nacked < N {
+        match tokio::time::timeout(Duration::from_secs(20), a.next_event()).await {
+            Ok(Some(Event::Nacked(n))) => {
+                assert_eq!(n.reason(), Some(Reason::HopLimitExceeded));
+                nacked += 1;
+            }
+            other => panic!("got {other:?}"),
+        }
+    }
+    // 600 frames at 1,000/s with a burst of 100 need about half a second (the bucket may go
+    // into debt for the last read); unpaced, the refusals come back within a few milliseconds.
+    assert!(
+        t0.elapsed() >= Duration::from_millis(300),
+        "600 refusals answered in {:?}",
+        t0.elapsed()
+    );
+    assert!(relay.metric("openmesh_reads_throttled_total", &["limit=\"frames\""]) > 0.0);
+}
