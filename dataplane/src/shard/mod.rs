@@ -96,7 +96,7 @@ impl Default for Limits {
             mailbox_capacity: 65_536,
             memory_budget: 1 << 30,
             source_quota: None,
-            read_buffer: 64 << 10,
+            read_buffer: 256 << 10,
         }
     }
 }

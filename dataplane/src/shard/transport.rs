@@ -63,6 +63,8 @@ pub(crate) struct Transport {
     skip: usize,
     /// Largest read buffer allowed.
     max_read: usize,
+    /// Room each new read buffer gets: starts small, doubles when a read fills it.
+    block: usize,
     /// Largest frame accepted.
     max_frame: usize,
     /// Handshake records to send.
@@ -88,6 +90,7 @@ impl Transport {
             carried: 0,
             skip: 0,
             max_read: max_read.max(INITIAL_READ_BUFFER),
+            block: INITIAL_READ_BUFFER,
             max_frame,
             hs_out: Vec::new(),
             tail: Vec::new(),
@@ -113,11 +116,11 @@ impl Transport {
         let mut rx = std::mem::take(&mut self.rx);
         let used = rx.len();
         if rx.capacity() - used < INITIAL_READ_BUFFER / 2 {
-            // Double, within the configured maximum, but always room for a whole record behind
-            // what is buffered (a frame up to max_frame may be carried).
-            let ceiling = self.max_read.max(used + MAX_RECORD);
-            let want = (rx.capacity() * 2).clamp(INITIAL_READ_BUFFER, ceiling);
-            rx.reserve(want.saturating_sub(used).max(INITIAL_READ_BUFFER / 2));
+            // A read filled the buffer: the next block is twice as large, within the configured
+            // maximum. Moving to a new block copies only what is not yet handled (a partial
+            // record and the start of a frame), so large blocks make that copy rare.
+            self.block = (self.block * 2).min(self.max_read);
+            rx.reserve(self.block.max(MAX_RECORD.min(self.max_frame + MAX_RECORD)));
         }
         rx
     }

@@ -1,0 +1,184 @@
+//! A fixed workload for instruction counting under callgrind: the relay's whole per-envelope
+//! path, in memory, on one shard. A sender's TLS records carrying N 256-byte envelopes (in rounds
+//! of 100) are read by the shard (records opened in place, frames decoded, checked, routed and
+//! queued), the destination's writer seals them, the destination's ACK records are read, custody
+//! is settled and the sender's ACKs are sealed. Every client record is prepared before the
+//! measured part, so only the relay's work is counted:
+//!
+//! ```text
+//! valgrind --tool=callgrind --toggle-collect='*relay_instructions::measured*' \
+//!     --callgrind-out-file=/tmp/cg.N target/release/relay-instructions N
+//! ```
+//! Run it with N and 2N; the difference divided by N is the relay's instructions per envelope.
+//! `SIZE=16384` changes the payload size.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use openmesh_dataplane::pki::{CertAuthority, Identity};
+use openmesh_dataplane::policy::{Admission, AdmissionMode};
+use openmesh_dataplane::session::SessionTimeouts;
+use openmesh_dataplane::shard::budget::RelayBudget;
+use openmesh_dataplane::shard::msg::ConnId;
+use openmesh_dataplane::shard::{Limits, Now, SeqSource, Settings, Shard, ShardConfig};
+use openmesh_dataplane::signaling::ContractPolicy;
+use openmesh_dataplane::wire::{AckBatch, Destination, EnvelopeBuilder, Frame, Hello, MessageId};
+use rustls::pki_types::ServerName;
+use rustls::ClientConnection;
+
+const NOW: Now = Now {
+    mono_us: 1_000_000,
+    unix_ms: 1_800_000_000_000,
+};
+const ROUND: usize = 100;
+
+fn feed(shard: &mut Shard, conn: ConnId, mut wire: &[u8]) {
+    while !wire.is_empty() {
+        let mut buf = shard.take_read_buf(conn).expect("connection open");
+        let n = (buf.capacity() - buf.len()).min(wire.len());
+        buf.extend_from_slice(&wire[..n]);
+        wire = &wire[n..];
+        shard.on_read(conn, buf, NOW);
+    }
+}
+
+/// Runs the shard's writer for `conn`; returns the bytes it wrote.
+fn drain(shard: &mut Shard, conn: ConnId) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some((buf, n)) = shard.poll_write(conn, NOW) {
+        out.extend_from_slice(&buf[..n]);
+        shard.on_write_done(conn, buf, true, NOW);
+    }
+    while shard.poll_action().is_some() {}
+    out
+}
+
+fn records(c: &mut ClientConnection) -> Vec<u8> {
+    let mut v = Vec::new();
+    while c.wants_write() {
+        c.write_tls(&mut v).expect("client records");
+    }
+    v
+}
+
+#[inline(never)]
+fn measured(shard: &mut Shard, rounds: &[(Vec<u8>, Vec<u8>)], s: ConnId, r: ConnId) -> usize {
+    let mut bytes = 0;
+    for (envelopes, acks) in rounds {
+        feed(shard, s, envelopes);
+        bytes += drain(shard, r).len();
+        feed(shard, r, acks);
+        bytes += drain(shard, s).len();
+    }
+    bytes
+}
+
+fn main() {
+    let n: usize = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20_000);
+    let size: usize = std::env::var("SIZE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(256);
+    let ca = CertAuthority::generate("ca").expect("ca");
+    let relay = ca
+        .issue_relay("relay", &["localhost".into()])
+        .expect("relay");
+    let mut tls = (*openmesh_dataplane::tls::server_config(&relay, AdmissionMode::Open, &[])
+        .expect("tls"))
+    .clone();
+    tls.enable_secret_extraction = true;
+    let settings = Settings {
+        contract: ContractPolicy::default(),
+        timeouts: SessionTimeouts::default(),
+        admission: Admission {
+            mode: AdmissionMode::Open,
+            allow: Default::default(),
+            deny: Default::default(),
+        },
+        limits: Limits::default(),
+    };
+    let mut shard = Shard::new(
+        0,
+        1,
+        ShardConfig {
+            tls: Arc::new(tls),
+            relay_id: relay.relay_id(),
+        },
+        settings,
+        Arc::new(SeqSource::default()),
+        RelayBudget::new(1 << 30, 1),
+    );
+    // Two agents: handshake, HELLO, WELCOME.
+    let mut agents = Vec::new();
+    for i in 0..2 {
+        let id = Identity::generate_self_signed(&format!("agent-{i}")).expect("identity");
+        let cfg = openmesh_dataplane::tls::client_config(&id, std::slice::from_ref(&ca.cert))
+            .expect("client config");
+        let mut c = ClientConnection::new(cfg, ServerName::try_from("localhost").expect("name"))
+            .expect("client");
+        let conn = shard.open(NOW).expect("accepted");
+        let hello = Frame::Hello(Hello {
+            min_version: 2,
+            max_version: 2,
+            transports: 1,
+            max_frame: 1 << 20,
+            ..Hello::default()
+        });
+        let mut sent_hello = false;
+        for _ in 0..6 {
+            if !c.is_handshaking() && !sent_hello {
+                sent_hello = true;
+                c.writer().write_all(&hello.to_bytes()).expect("hello");
+            }
+            let out = records(&mut c);
+            feed(&mut shard, conn, &out);
+            let back = drain(&mut shard, conn);
+            let mut b = &back[..];
+            while !b.is_empty() {
+                c.read_tls(&mut b).expect("read");
+                c.process_new_packets().expect("process");
+            }
+        }
+        agents.push((c, conn, id.agent_id()));
+    }
+    let (src, dst) = (agents[0].2, agents[1].2);
+    // Every client record, prepared in advance.
+    let mut rounds = Vec::new();
+    let mut next = 1u128;
+    for _ in 0..n.div_ceil(ROUND) {
+        let mut out = BytesMut::with_capacity(ROUND * (size + 200));
+        let mut ids = Vec::with_capacity(ROUND);
+        for _ in 0..ROUND {
+            let e = EnvelopeBuilder::new(
+                MessageId::from_u128(next),
+                src,
+                Destination::Agent(dst),
+                NOW.unix_ms,
+                60_000,
+            )
+            .build(&vec![0x5a; size])
+            .expect("envelope");
+            ids.push(e.message_id());
+            e.encode(&mut out);
+            next += 1;
+        }
+        let mut envelopes = Vec::new();
+        for chunk in out.chunks(32 << 10) {
+            agents[0].0.writer().write_all(chunk).expect("write");
+            envelopes.extend(records(&mut agents[0].0));
+        }
+        agents[1]
+            .0
+            .writer()
+            .write_all(&Frame::Ack(AckBatch::new(ids)).to_bytes())
+            .expect("ack");
+        let acks = records(&mut agents[1].0);
+        rounds.push((envelopes, acks));
+    }
+    let bytes = measured(&mut shard, &rounds, agents[0].1, agents[1].1);
+    println!("{n} envelopes of {size} bytes forwarded, {bytes} bytes written by the relay");
+}
