@@ -4,6 +4,7 @@
 #
 #   benches/compare.sh [DURATION]      # default 5s per scenario; finishes in a few minutes
 #   PINNED=1 benches/compare.sh 5s     # server on CPU 0 (relay --cores 1), generator on CPU 1
+#   RELAY=path/to/openmesh-relay benches/compare.sh 5s   # another relay build (A/B)
 #
 # OpenMesh runs TLS 1.3 on every link with at-least-once delivery (ACKed custody); NATS runs in
 # plaintext core mode (no acknowledgements).
@@ -29,7 +30,7 @@ if [ "${PINNED:-0}" = 1 ]; then
 else
   RELAY_ARGS=(); SERVER_CPU=(); GEN_CPU=()
 fi
-target/release/openmesh-relay --listen 127.0.0.1:$RP --metrics 127.0.0.1:$MP --data-dir "$OUT/relay" \
+"${RELAY:-target/release/openmesh-relay}" --listen 127.0.0.1:$RP --metrics 127.0.0.1:$MP --data-dir "$OUT/relay" \
   "${RELAY_ARGS[@]}" >"$OUT/relay.out" 2>"$OUT/relay.log" &
 RPID=$!
 "${SERVER_CPU[@]}" nats-server -a 127.0.0.1 -p $NP >"$OUT/nats.log" 2>&1 &

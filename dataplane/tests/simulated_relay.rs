@@ -250,9 +250,10 @@ impl Sim {
             }
             for (i, s) in self.shards.iter().enumerate() {
                 eprintln!(
-                    "shard {i}: {} connections, {} bytes held",
+                    "shard {i}: {} connections, {} bytes held, {}",
                     s.connections(),
-                    s.memory_used()
+                    s.memory_used(),
+                    s.describe_held()
                 );
             }
         }

@@ -155,7 +155,7 @@ impl Shard {
     }
 
     /// Queues a custody envelope on `conn`, or keeps it for the agent when the queue refuses.
-    fn enqueue_or_keep(&mut self, conn: ConnId, agent: AgentId, env: Envelope) {
+    pub(super) fn enqueue_or_keep(&mut self, conn: ConnId, agent: AgentId, env: Envelope) {
         let bytes = self.settings.limits.send_queue_bytes().saturating_mul(4);
         let refused = match self.conns.get_mut(&conn) {
             Some(c) => c
@@ -176,15 +176,34 @@ impl Shard {
         }
     }
 
-    /// Keeps custody handed over from another core that could not be queued, or drops it
-    /// counted (it joins this core's quota).
+    /// Keeps custody for its absent destination agent, or drops it counted (no agent).
     pub(super) fn keep_for_destination(&mut self, env: Envelope) {
         match dest_agent(&env) {
-            Some(a) => {
-                self.sources.hold(env.source(), env.frame_len());
-                self.keep(a, env)
-            }
+            Some(a) => self.keep(a, env),
             None => self.m.dropped(Reason::DestinationUnavailable, 1),
+        }
+    }
+
+    /// Custody held for agents that are attached here after all (it arrived while their
+    /// session was closing, or between two of their sessions) goes to their queues. Run from
+    /// the custody sweep.
+    pub(super) fn requeue_held(&mut self) {
+        let here: Vec<(AgentId, ConnId)> = self
+            .held
+            .agents()
+            .filter_map(|a| self.by_agent.get(&a).map(|c| (a, *c)))
+            .filter(|(_, c)| {
+                self.conns
+                    .get(c)
+                    .is_some_and(|c| c.session.is_open() && !c.closing)
+            })
+            .collect();
+        for (agent, cid) in here {
+            if let Some(kept) = self.held.take(&agent) {
+                for env in kept {
+                    self.enqueue_or_keep(cid, agent, env);
+                }
+            }
         }
     }
 }

@@ -250,6 +250,11 @@ impl Held {
         true
     }
 
+    /// Agents something is kept for.
+    pub(crate) fn agents(&self) -> impl Iterator<Item = AgentId> + '_ {
+        self.by_agent.keys().copied()
+    }
+
     /// Takes what is kept for `agent`.
     pub(crate) fn take(&mut self, agent: &AgentId) -> Option<VecDeque<Envelope>> {
         let q = self.by_agent.remove(agent)?;

@@ -109,23 +109,25 @@ impl Shard {
             self.outbox.push(loc.core, CoreMsg::Deliver { env, src });
             return;
         }
-        // New work from another core meets this core's budget too; custody hand-overs always
-        // pass (they are already counted).
-        let result = if src.is_some() && self.budget.state == Overload::Refuse {
+        let Some((core, conn)) = src else {
+            // Custody handed over from another core: already ACKed, so never refused for room.
+            // It joins this core's quota, and the agent's queue if the agent is here (else it is
+            // held for it).
+            self.sources.hold(env.source(), env.frame_len());
+            match dest_agent(&env).and_then(|a| self.by_agent.get(&a).map(|c| (a, *c))) {
+                Some((agent, cid)) => self.enqueue_or_keep(cid, agent, env),
+                None => self.keep_for_destination(env),
+            }
+            return;
+        };
+        // New work from another core meets this core's budget too.
+        let result = if self.budget.state == Overload::Refuse {
             Err((Reason::Overloaded, env))
         } else {
-            self.deliver_local(env, src.is_some())
+            self.deliver_local(env, true)
         };
-        match (result, src) {
-            (Ok(congested), Some((core, conn))) => {
-                self.verdict_to(core, conn, id, class, Ok(congested), now)
-            }
-            (Err((r, _)), Some((core, conn))) => {
-                self.verdict_to(core, conn, id, class, Err(r), now)
-            }
-            (Err((_, env)), None) => self.keep_for_destination(env),
-            (Ok(_), None) => {}
-        }
+        let result = result.map_err(|(r, _)| r);
+        self.verdict_to(core, conn, id, class, result, now);
     }
 
     fn verdict_to(

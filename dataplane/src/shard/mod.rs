@@ -240,6 +240,8 @@ pub struct Shard {
     released: Released,
     /// Scratch for the envelopes one read accepted.
     accepted: Vec<Envelope>,
+    /// Scratch for the copied part of the record being sealed, lent to each writer pass.
+    tail: Vec<u8>,
 }
 
 /// Relay-wide counters shared by every shard (attach sequence, session ids).
@@ -277,6 +279,7 @@ impl Shard {
             sources: SourceQuota::default(),
             released: Released::default(),
             accepted: Vec::new(),
+            tail: Vec::new(),
             id,
             ncores,
             cfg,
@@ -350,6 +353,16 @@ impl Shard {
                 c.a.welcomed
             ),
         }
+    }
+
+    /// One line about what this shard holds for absent agents, for test failure reports.
+    pub fn describe_held(&self) -> String {
+        format!(
+            "held {} envelopes, {} bytes; directory {:?}",
+            self.held.len(),
+            self.held.bytes(),
+            self.directory
+        )
     }
 
     /// What this shard holds on peers' behalf, counted now (see [`budget`]).

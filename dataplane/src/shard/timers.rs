@@ -27,6 +27,7 @@ impl Shard {
             if expired > 0 {
                 self.m.dropped(Reason::Expired, expired);
             }
+            self.requeue_held();
         }
         let write_us = self.settings.timeouts.write_us;
         let ids: Vec<ConnId> = self.conns.keys().copied().collect();

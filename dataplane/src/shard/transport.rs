@@ -35,8 +35,6 @@ pub(crate) const INITIAL_READ_BUFFER: usize = 4096;
 pub(crate) const SEAL_IN_PLACE_FROM: usize = 1024;
 /// Room in a write buffer: records for one writer pass.
 pub(crate) const WRITE_BUFFER: usize = 256 << 10;
-/// Largest record on the wire, header included.
-const MAX_RECORD: usize = 5 + crate::tls::record::MAX_CIPHERTEXT;
 
 /// Why a transport failed. Every one ends the connection.
 #[derive(Debug, thiserror::Error)]
@@ -69,8 +67,6 @@ pub(crate) struct Transport {
     max_frame: usize,
     /// Handshake records to send.
     hs_out: Vec<u8>,
-    /// Scratch for the copied tail of a record.
-    tail: Vec<u8>,
     /// Plaintext bytes of frames read since the counter was last taken.
     frame_bytes: u64,
     pub(crate) peer_closed: bool,
@@ -93,7 +89,6 @@ impl Transport {
             block: INITIAL_READ_BUFFER,
             max_frame,
             hs_out: Vec::new(),
-            tail: Vec::new(),
             frame_bytes: 0,
             peer_closed: false,
             peer_certificates: Vec::new(),
@@ -115,12 +110,23 @@ impl Transport {
     pub(crate) fn take_read_buf(&mut self) -> BytesMut {
         let mut rx = std::mem::take(&mut self.rx);
         let used = rx.len();
-        if rx.capacity() - used < INITIAL_READ_BUFFER / 2 {
+        // A record whose header is buffered must fit whole.
+        let start = self.carried + self.skip;
+        let pending = match rx.get(start..start + 5) {
+            Some(h) if self.is_open() => 5 + u16::from_be_bytes([h[3], h[4]]) as usize,
+            _ => 0,
+        };
+        let need = (start + pending).saturating_sub(used);
+        let spare = rx.capacity() - used;
+        if spare < INITIAL_READ_BUFFER / 2 || spare < need {
             // A read filled the buffer: the next block is twice as large, within the configured
             // maximum. Moving to a new block copies only what is not yet handled (a partial
-            // record and the start of a frame), so large blocks make that copy rare.
-            self.block = (self.block * 2).min(self.max_read);
-            rx.reserve(self.block.max(MAX_RECORD.min(self.max_frame + MAX_RECORD)));
+            // record and the start of a frame), so large blocks make that copy rare; idle
+            // connections stay at the first, small block.
+            if spare < INITIAL_READ_BUFFER / 2 {
+                self.block = (self.block * 2).min(self.max_read);
+            }
+            rx.reserve(self.block.max(need));
         }
         rx
     }
@@ -160,7 +166,7 @@ impl Transport {
 
     /// Bytes this connection's buffers retain (capacities).
     pub(crate) fn retained(&self) -> usize {
-        self.rx.capacity() + self.hs_out.capacity() + self.tail.capacity()
+        self.rx.capacity() + self.hs_out.capacity()
     }
 
     /// Drops what was read and not yet handled (a closing connection ignores its peer).
@@ -185,20 +191,26 @@ impl Transport {
         !self.hs_out.is_empty()
     }
 
-    /// A writer sealing records into `out` (a full-length buffer), or `None` before the
-    /// handshake completed.
-    pub(crate) fn writer<'a>(&'a mut self, out: &'a mut [u8]) -> Option<RecordWriter<'a>> {
+    /// A writer sealing records into `out` (a full-length buffer), with `tail` as scratch for
+    /// the copied part of a record (the shard lends one to every writer pass, so idle
+    /// connections keep none), or `None` before the handshake completed.
+    pub(crate) fn writer<'a>(
+        &'a mut self,
+        out: &'a mut [u8],
+        tail: &'a mut Vec<u8>,
+    ) -> Option<RecordWriter<'a>> {
         let Tls::Open(records) = &mut self.tls else {
             return None;
         };
-        if self.tail.capacity() == 0 {
-            self.tail.reserve_exact(MAX_PLAINTEXT + 1);
+        tail.clear();
+        if tail.capacity() < MAX_PLAINTEXT + 1 {
+            tail.reserve_exact(MAX_PLAINTEXT + 1);
         }
         Some(RecordWriter {
             records,
             out,
             used: 0,
-            tail: &mut self.tail,
+            tail,
             big: Bytes::new(),
         })
     }

@@ -47,7 +47,7 @@ impl Shard {
         let mut buf = self.buffer();
         let c = self.conns.get_mut(&conn)?;
         let used = c
-            .fill(&mut buf, &self.m, &mut self.released, now)
+            .fill(&mut buf, &mut self.tail, &self.m, &mut self.released, now)
             .unwrap_or_else(|e| {
                 tracing::info!(conn, error = %e, "TLS failure while writing");
                 c.closing = true;
@@ -141,6 +141,7 @@ impl Conn {
     fn fill(
         &mut self,
         buf: &mut [u8],
+        tail: &mut Vec<u8>,
         m: &CoreMetrics,
         released: &mut Released,
         now: Now,
@@ -152,7 +153,7 @@ impl Conn {
         let closing = self.closing;
         let welcomed = self.a.welcomed;
         let (window, window_bytes) = self.window();
-        let Some(mut w) = self.transport.writer(buf) else {
+        let Some(mut w) = self.transport.writer(buf, tail) else {
             return Ok(0);
         };
         if key_update {
