@@ -123,7 +123,7 @@ impl Transport {
             // maximum. Moving to a new block copies only what is not yet handled (a partial
             // record and the start of a frame), so large blocks make that copy rare; idle
             // connections stay at the first, small block.
-            if spare < INITIAL_READ_BUFFER / 2 {
+            if spare < INITIAL_READ_BUFFER / 2 && rx.capacity() > 0 {
                 self.block = (self.block * 2).min(self.max_read);
             }
             rx.reserve(self.block.max(need));
