@@ -235,10 +235,10 @@ impl Shard {
 
 impl super::Conn {
     /// Records whether a destination this session sent to reported congestion: the reader
-    /// backs off (doubling up to 20 ms) while it does, so TCP pushes back on the sender.
+    /// backs off (doubling up to 2 ms) while it does, so TCP pushes back on the sender.
     pub(super) fn congestion(&mut self, congested: bool, now_us: u64) {
         if congested {
-            self.a.backoff_us = (self.a.backoff_us * 2).clamp(200, 20_000);
+            self.a.backoff_us = (self.a.backoff_us * 2).clamp(200, 2_000);
             self.a.paused_until_us = now_us + self.a.backoff_us;
         } else {
             self.a.backoff_us = 0;
