@@ -164,6 +164,54 @@ impl ShardBudget {
     }
 }
 
+impl super::Shard {
+    /// What this shard retains on peers' behalf, counted exactly (see `budget`).
+    pub(super) fn usage(&self) -> u64 {
+        let buffers = self.spare_buffers.len() * super::transport::WRITE_BUFFER;
+        let conns: usize = self
+            .conns
+            .values()
+            .map(|c| {
+                CONNECTION_OVERHEAD as usize
+                    + c.transport.retained()
+                    + c.a.ctrl.capacity()
+                    + c.a.outq.bytes()
+                    + c.a.inflight.bytes()
+                    + if c.writing {
+                        super::transport::WRITE_BUFFER
+                    } else {
+                        0
+                    }
+            })
+            .sum();
+        (self.held.bytes() + buffers + conns) as u64
+    }
+
+    /// Charges bytes accepted since the last tick against the budget.
+    pub(super) fn charge(&mut self, bytes: u64) {
+        if let Some(state) = self.budget.charge(bytes) {
+            self.overload_changed(state);
+        }
+    }
+
+    pub(super) fn overload_changed(&mut self, state: Overload) {
+        self.m.overload_state.set(state as u8 as f64);
+        let used = self.budget.used();
+        let limit = self.budget.limit();
+        if state == Overload::Normal {
+            tracing::info!(core = self.id, used, limit, "memory budget: back to normal");
+        } else {
+            tracing::warn!(
+                core = self.id,
+                used,
+                limit,
+                state = state.label(),
+                "memory budget: overload"
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,222 @@
+//! A connection on its shard: the transport, the session, and the agent role's state; and the
+//! events that open it, gate and feed its reader, and wake its tasks.
+
+use bytes::BytesMut;
+
+use super::budget::{self, Overload};
+use super::custody::{Inflight, SendQueue};
+use super::msg::ConnId;
+use super::transport::Transport;
+use super::{Action, Now, ReadGate, Shard, OUTBOX_HIGH, PRE_HELLO_MAX_FRAME};
+use crate::policy::TokenBucket;
+use crate::session::Session;
+use crate::wire::{AgentId, MessageId, Role, Welcome};
+
+/// An agent's session on this core: what the agent role keeps beside the transport.
+pub(crate) struct AgentSession {
+    pub(crate) agent: Option<AgentId>,
+    /// Attach sequence of this session (0 before HELLO).
+    pub(crate) seq: u64,
+    pub(crate) contract: Option<Welcome>,
+    pub(crate) attach_acks_pending: usize,
+    /// WELCOME went out: envelopes may be written.
+    pub(crate) welcomed: bool,
+    pub(crate) acks_to_send: Vec<MessageId>,
+    /// Encoded control frames waiting for the writer.
+    pub(crate) ctrl: BytesMut,
+    pub(crate) outq: SendQueue,
+    pub(crate) inflight: Inflight,
+    /// Envelopes sent to other cores that wait for a verdict.
+    pub(crate) awaiting: u32,
+    pub(crate) bucket_frames: Option<TokenBucket>,
+    pub(crate) bucket_bytes: Option<TokenBucket>,
+    /// The reader pauses until then: a destination this session sends to is congested.
+    pub(crate) paused_until_us: u64,
+    pub(crate) backoff_us: u64,
+    /// Envelopes were handed to a newer session; nothing is left to keep in custody.
+    pub(crate) handed_over: bool,
+    /// When the agent last ACKed something in flight (or the session began).
+    pub(crate) last_ack_us: u64,
+}
+
+/// One connection: transport, session, and the role's state.
+pub(crate) struct Conn {
+    pub(crate) id: ConnId,
+    pub(crate) transport: Transport,
+    pub(crate) session: Session,
+    /// What the peer is; only agents are served on this listener.
+    pub(crate) role: Role,
+    pub(crate) a: AgentSession,
+    /// CLOSE queued (or TLS failed); the writer sends close_notify and shuts down once flushed.
+    pub(crate) closing: bool,
+    pub(crate) closing_since_us: u64,
+    /// The close_notify went into a write buffer.
+    pub(crate) close_notify_sent: bool,
+    /// When the socket write in progress started (0: not writing).
+    pub(crate) write_since_us: u64,
+    /// A write buffer is with the engine.
+    pub(crate) writing: bool,
+    /// The reader waits for a wake-up.
+    pub(crate) reader_parked: bool,
+    /// Due a KeyUpdate (the session's rotation interval).
+    pub(crate) key_update_due: bool,
+    /// A WakeWriter went out and the writer has not found the connection idle since.
+    pub(crate) writer_awake: bool,
+}
+
+impl Shard {
+    /// A connection was accepted. `None`: refused (connection limit or draining); the engine
+    /// closes the socket.
+    pub fn open(&mut self, now: Now) -> Option<ConnId> {
+        self.m.connections_accepted.increment(1);
+        if self.draining {
+            return None;
+        }
+        if self.conns.len() >= self.settings.limits.max_connections_per_core {
+            self.m
+                .handshake_failed(crate::wire::Reason::TooManyConnections);
+            tracing::info!(core = self.id, "connection refused: too many connections");
+            return None;
+        }
+        if self.budget.state == Overload::Refuse {
+            self.m.handshake_failed(crate::wire::Reason::Overloaded);
+            return None;
+        }
+        self.charge(budget::CONNECTION_OVERHEAD);
+        let transport = match Transport::new(
+            self.cfg.tls.clone(),
+            PRE_HELLO_MAX_FRAME.min(self.settings.contract.max_frame as usize),
+            self.settings.limits.read_buffer,
+        ) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot create TLS session");
+                return None;
+            }
+        };
+        let id = self.next_conn;
+        self.next_conn += 1;
+        self.conns.insert(
+            id,
+            Conn {
+                id,
+                transport,
+                session: Session::new(now.mono_us, self.settings.timeouts),
+                role: Role::Agent,
+                a: AgentSession {
+                    agent: None,
+                    seq: 0,
+                    contract: None,
+                    attach_acks_pending: 0,
+                    welcomed: false,
+                    acks_to_send: Vec::new(),
+                    ctrl: BytesMut::new(),
+                    outq: SendQueue::default(),
+                    inflight: Inflight::default(),
+                    awaiting: 0,
+                    bucket_frames: None,
+                    bucket_bytes: None,
+                    paused_until_us: 0,
+                    backoff_us: 0,
+                    handed_over: false,
+                    last_ack_us: now.mono_us,
+                },
+                closing: false,
+                closing_since_us: 0,
+                close_notify_sent: false,
+                write_since_us: 0,
+                writing: false,
+                reader_parked: false,
+                key_update_due: false,
+                writer_awake: false,
+            },
+        );
+        Some(id)
+    }
+
+    /// Whether the connection's reader may read now.
+    pub fn read_gate(&mut self, conn: ConnId, now: Now) -> ReadGate {
+        let outbox_full = self.outbox.max_pending() > OUTBOX_HIGH;
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return ReadGate::Stop;
+        };
+        if c.closing || c.transport.peer_closed {
+            // Keep reading until the peer hangs up (so its close_notify and FIN are seen), but
+            // what it sends is ignored.
+            return ReadGate::Go;
+        }
+        if outbox_full {
+            c.reader_parked = true;
+            self.parked_on_outbox.push(conn);
+            return ReadGate::Park;
+        }
+        if c.a
+            .contract
+            .as_ref()
+            .is_some_and(|w| c.a.awaiting >= w.send_window)
+        {
+            self.m.throttled_send_window.increment(1);
+            c.reader_parked = true;
+            return ReadGate::Park;
+        }
+        let t = now.mono_us;
+        let f = c.a.bucket_frames.as_mut().map_or(0, |b| b.wait_us(t));
+        let b = c.a.bucket_bytes.as_mut().map_or(0, |b| b.wait_us(t));
+        let p = c.a.paused_until_us.saturating_sub(t);
+        if f > 0 {
+            self.m.throttled_frames.increment(1);
+        }
+        if b > 0 {
+            self.m.throttled_bytes.increment(1);
+        }
+        if p > 0 {
+            self.m.throttled_destination.increment(1);
+        }
+        match f.max(b).max(p) {
+            0 => ReadGate::Go,
+            w => ReadGate::Wait(w),
+        }
+    }
+
+    /// The read buffer for the connection's next socket read (bytes are appended to it).
+    pub fn take_read_buf(&mut self, conn: ConnId) -> Option<BytesMut> {
+        self.conns
+            .get_mut(&conn)
+            .map(|c| c.transport.take_read_buf())
+    }
+
+    /// The read into `buf` (from [`Shard::take_read_buf`]) completed with new bytes.
+    pub fn on_read(&mut self, conn: ConnId, buf: BytesMut, now: Now) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        c.transport.put_read_buf(buf);
+        self.process_input(conn, now);
+    }
+
+    /// The connection's reader ended (EOF, error, or shut down): the connection is forgotten.
+    pub fn on_read_end(&mut self, conn: ConnId, now: Now) {
+        self.teardown(conn, now);
+    }
+
+    /// Wakes a connection's writer.
+    /// Wakes a connection's writer unless it is already awake (it polls again after every
+    /// write, and goes idle only when [`Shard::poll_write`] found nothing).
+    pub(super) fn wake_writer(&mut self, conn: ConnId) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            if !c.writer_awake {
+                c.writer_awake = true;
+                self.actions.push_back(Action::WakeWriter(conn));
+            }
+        }
+    }
+
+    pub(super) fn wake_reader(&mut self, conn: ConnId) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            if c.reader_parked {
+                c.reader_parked = false;
+                self.actions.push_back(Action::WakeReader(conn));
+            }
+        }
+    }
+}
