@@ -241,3 +241,30 @@ async fn many_agents_on_two_cores_exchange_across_cores_without_loss() {
     let s0 = common::metric_in(&text, "openmesh_sessions_active", &[]);
     assert_eq!(s0, AGENTS as f64);
 }
+
+/// Envelopes up to the negotiated max_frame (1 MiB by default) are forwarded whole, also those
+/// larger than one write buffer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envelopes_near_the_maximum_frame_are_forwarded() {
+    let relay = Relay::start(&["--cores", "2"], None);
+    let a = relay.agent("big-a").await;
+    let mut b = relay.agent("big-b").await;
+    let sizes = [300_000usize, (1 << 20) - 4096, 17, 70_000];
+    for (i, size) in sizes.iter().enumerate() {
+        let payload: Vec<u8> = (0..*size).map(|j| (i + j) as u8).collect();
+        a.send(&a.envelope_to(b.id(), 30_000).build(&payload).unwrap())
+            .await
+            .unwrap();
+    }
+    for (i, size) in sizes.iter().enumerate() {
+        match tokio::time::timeout(Duration::from_secs(20), b.next_event()).await {
+            Ok(Some(Event::Envelope(e))) => {
+                let p = e.payload();
+                assert_eq!(p.len(), *size, "envelope {i}");
+                assert!(p.iter().enumerate().all(|(j, v)| *v == (i + j) as u8));
+                b.ack(e.message_id()).await.unwrap();
+            }
+            other => panic!("receiver got {other:?}"),
+        }
+    }
+}

@@ -134,13 +134,20 @@ impl Shard {
                         wake = true;
                     }
                 }
-                Frame::Nack(n) => match c.a.inflight.settle(n.message_id, &mut self.released) {
-                    // The agent refused a delivered envelope: it leaves custody, counted.
-                    Settled::Known => self
-                        .m
-                        .dropped(n.reason().unwrap_or(Reason::PolicyViolation), 1),
-                    Settled::Unknown => self.m.unknown_nacks.increment(1),
-                },
+                Frame::Nack(n) => {
+                    let was_full = c.window_full();
+                    match c.a.inflight.settle(n.message_id, &mut self.released) {
+                        // The agent refused a delivered envelope: it leaves custody, counted.
+                        Settled::Known => {
+                            self.m
+                                .dropped(n.reason().unwrap_or(Reason::PolicyViolation), 1);
+                            if was_full && !c.a.outq.is_empty() {
+                                wake = true;
+                            }
+                        }
+                        Settled::Unknown => self.m.unknown_nacks.increment(1),
+                    }
+                }
                 Frame::Ping(p) => {
                     Frame::Pong(Pong {
                         echo_us: p.timestamp_us,
@@ -168,6 +175,16 @@ impl Shard {
             }
         }
         let frame_bytes = c.transport.take_frame_bytes();
+        // Records that carried no frame (KeyUpdates, empty records) cost like frames.
+        frames += c.transport.take_control_records();
+        // After the peer's close_notify nothing more is read: the session ends.
+        if c.transport.peer_closed && close.is_none() && !c.closing {
+            close = Some(if c.transport.has_partial_frame() {
+                Reason::TruncatedFrame
+            } else {
+                Reason::Normal
+            });
+        }
         if frames > 0 {
             if let Some(b) = c.a.bucket_frames.as_mut() {
                 b.spend(frames, now.mono_us);
@@ -179,6 +196,11 @@ impl Shard {
         if wake {
             self.wake_writer(conn);
         }
+        // Envelopes read before a CLOSE or a bad frame are routed, and their ACKs queued, before
+        // the session's CLOSE (nothing is written after it).
+        for env in accepted.drain(..) {
+            self.route_from(conn, env, now);
+        }
         if let Some(r) = close {
             self.close(conn, r, now);
         }
@@ -188,9 +210,6 @@ impl Shard {
             if self.conns.get(&conn).is_some_and(|c| !c.closing) {
                 self.process_input(conn, now);
             }
-        }
-        for env in accepted.drain(..) {
-            self.route_from(conn, env, now);
         }
         if accepted.capacity() > self.accepted.capacity() {
             self.accepted = accepted;

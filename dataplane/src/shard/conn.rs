@@ -12,6 +12,9 @@ use crate::policy::TokenBucket;
 use crate::session::Session;
 use crate::wire::{AgentId, MessageId, Role, Welcome};
 
+/// Control output (ACK, NACK, PONG bytes) a connection may owe before its reader stops.
+const CONTROL_OUTPUT_MAX: usize = 1 << 20;
+
 /// An agent's session on this core: what the agent role keeps beside the transport.
 pub(crate) struct AgentSession {
     pub(crate) agent: Option<AgentId>,
@@ -148,6 +151,11 @@ impl Shard {
         if outbox_full {
             c.reader_parked = true;
             self.parked_on_outbox.push(conn);
+            return ReadGate::Park;
+        }
+        // Output owed to a peer that does not read (NACKs, ACKs, PONGs) stops its reading.
+        if c.a.ctrl.len() + 16 * c.a.acks_to_send.len() > CONTROL_OUTPUT_MAX {
+            c.reader_parked = true;
             return ReadGate::Park;
         }
         if c.a

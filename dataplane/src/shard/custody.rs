@@ -137,17 +137,23 @@ impl Inflight {
     }
 
     /// Takes every envelope still unacknowledged, in send order.
-    pub(crate) fn take(&mut self) -> Vec<Envelope> {
+    /// Envelopes already ACKed behind an unacknowledged one leave custody here (noted in
+    /// `released`).
+    pub(crate) fn take(&mut self, released: &mut Released) -> Vec<Envelope> {
         self.bytes = 0;
         self.unshared = 0;
         self.unacked = 0;
         self.index = None;
         self.front_seq += self.order.len() as u64;
-        self.order
-            .drain(..)
-            .filter(|s| !s.acked)
-            .map(|s| s.env)
-            .collect()
+        let mut out = Vec::with_capacity(self.order.len());
+        for s in self.order.drain(..) {
+            if s.acked {
+                released.note(&s.env);
+            } else {
+                out.push(s.env);
+            }
+        }
+        out
     }
 }
 
@@ -392,7 +398,11 @@ mod tests {
         assert_eq!(r.0.len(), 4);
         f.push(env(5));
         f.settle(MessageId::from_u128(5), &mut r);
-        let left: Vec<_> = f.take().iter().map(|e| e.message_id().as_u128()).collect();
+        let left: Vec<_> = f
+            .take(&mut r)
+            .iter()
+            .map(|e| e.message_id().as_u128())
+            .collect();
         assert_eq!(left, vec![4]);
         assert!(f.is_empty());
     }

@@ -69,6 +69,8 @@ pub(crate) struct Transport {
     hs_out: Vec<u8>,
     /// Plaintext bytes of frames read since the counter was last taken.
     frame_bytes: u64,
+    /// Records opened that held no frame bytes, since the counter was last taken.
+    control_records: u64,
     pub(crate) peer_closed: bool,
     /// The peer's certificate chain (set once the handshake completes).
     pub(crate) peer_certificates: Vec<rustls::pki_types::CertificateDer<'static>>,
@@ -90,6 +92,7 @@ impl Transport {
             max_frame,
             hs_out: Vec::new(),
             frame_bytes: 0,
+            control_records: 0,
             peer_closed: false,
             peer_certificates: Vec::new(),
         })
@@ -274,14 +277,19 @@ impl Transport {
             return Ok(Step::Nothing);
         };
         let range = match records.open(&mut self.rx[start..start + n])? {
-            Opened::Data(r) => r,
-            Opened::Control => {
+            Opened::Data(r) if !r.is_empty() => r,
+            Opened::Data(_) | Opened::Control => {
+                // Nothing for the frames (an empty record, a KeyUpdate): drop it from the buffer
+                // without moving what is carried, unless the skipped bytes pile up.
+                self.control_records += 1;
                 self.skip += n;
+                self.compact_skip();
                 return Ok(Step::Progress);
             }
             Opened::PeerClosed => {
                 self.peer_closed = true;
                 self.skip += n;
+                self.compact_skip();
                 return Ok(Step::Nothing);
             }
         };
@@ -328,6 +336,28 @@ impl Transport {
     }
 }
 
+impl Transport {
+    /// Drops skipped bytes from the buffer: at once when nothing is carried, else once they
+    /// outweigh what a move of the carried bytes costs.
+    fn compact_skip(&mut self) {
+        let c = self.carried;
+        if c == 0 {
+            self.rx.advance(self.skip);
+            self.skip = 0;
+        } else if self.skip > c.max(crate::tls::record::MAX_CIPHERTEXT) {
+            self.rx.copy_within(0..c, self.skip);
+            self.rx.advance(self.skip);
+            self.skip = 0;
+        }
+    }
+
+    /// Records that carried no frame bytes (KeyUpdates, empty records) since the last call:
+    /// charged like frames.
+    pub(crate) fn take_control_records(&mut self) -> u64 {
+        std::mem::take(&mut self.control_records)
+    }
+}
+
 /// What opening a record achieved.
 enum Step {
     /// No complete record is buffered.
@@ -336,6 +366,12 @@ enum Step {
     Progress,
     /// A record completed the carried frame, which was cut off here.
     Joined(BytesMut),
+}
+
+/// Bytes a write buffer needs to seal one frame of `len` bytes on its own, with a KeyUpdate and
+/// a flushed tail before it.
+pub(crate) fn sealed_size(len: usize) -> usize {
+    len + (len / MAX_PLAINTEXT + 4) * OVERHEAD + 64
 }
 
 /// Seals frames into a write buffer, record by record (see the module docs).
@@ -351,9 +387,7 @@ pub(crate) struct RecordWriter<'a> {
 impl RecordWriter<'_> {
     /// Whether a frame of `len` bytes still fits, with the records it may need.
     pub(crate) fn fits(&self, len: usize) -> bool {
-        let records = len / MAX_PLAINTEXT + 3;
-        self.used + self.big.len() + self.tail.len() + len + records * OVERHEAD + OVERHEAD + 5
-            <= self.out.len()
+        self.used + self.big.len() + self.tail.len() + sealed_size(len) <= self.out.len()
     }
 
     /// Copies `bytes` into the records (control frames, heads, small envelopes).

@@ -44,7 +44,17 @@ impl Shard {
         if !c.transport.is_open() || c.close_notify_sent {
             return None;
         }
-        let mut buf = self.buffer();
+        // The pooled buffer, or one large enough for an envelope above its size (frames may be
+        // up to max_frame; such a buffer is not kept).
+        let need =
+            c.a.outq
+                .front()
+                .map_or(0, |e| super::transport::sealed_size(e.frame_len()));
+        let mut buf = if need > super::transport::WRITE_BUFFER {
+            vec![0u8; need]
+        } else {
+            self.buffer()
+        };
         let c = self.conns.get_mut(&conn)?;
         let used = c
             .fill(&mut buf, &mut self.tail, &self.m, &mut self.released, now)
@@ -74,6 +84,13 @@ impl Shard {
         };
         c.writing = false;
         c.write_since_us = 0;
+        // A reader parked on owed control output may go on.
+        if c.reader_parked {
+            self.wake_reader(conn);
+        }
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
         if !ok {
             self.actions.push_back(Action::Shutdown(conn));
         } else if c.closing && c.close_notify_sent {
@@ -117,7 +134,7 @@ impl Conn {
         m: &CoreMetrics,
         released: &mut Released,
     ) -> Vec<Envelope> {
-        let mut out = self.a.inflight.take();
+        let mut out = self.a.inflight.take(released);
         for e in self.a.outq.drain() {
             if e.class() == DeliveryClass::BestEffort {
                 m.dropped(Reason::DestinationUnavailable, 1);
@@ -197,11 +214,13 @@ impl Conn {
             if !w.fits(len) {
                 break;
             }
+            // Sealed from the front of the queue, popped only once sealed: an error leaves it
+            // in custody.
+            let h = head(env, &mut heads);
+            w.envelope(&heads[..h], &env.immutable)?;
             let Some(env) = self.a.outq.pop() else {
                 break;
             };
-            let h = head(&env, &mut heads);
-            w.envelope(&heads[..h], &env.immutable)?;
             let k = env.class() as usize;
             n[k] += 1;
             b[k] += env.immutable.len() as u64;
