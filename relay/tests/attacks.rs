@@ -390,8 +390,11 @@ async fn held_envelopes_do_not_pin_their_read_buffers() {
     drain.await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_after = relay.rss();
+    // Moved off their buffers, the held envelopes cost about their own size; what remains is
+    // transient (read blocks of up to 256 KiB and the write buffer pool while 180,000 others
+    // flow). Pinning a read block each, they grew it by over 100 MB.
     assert!(
-        rss_after < rss_before + (48 << 20),
+        rss_after < rss_before + (64 << 20),
         "RSS grew from {rss_before} to {rss_after} for {HELD} held envelopes of 200 bytes"
     );
     assert!(

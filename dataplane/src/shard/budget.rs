@@ -109,21 +109,17 @@ pub(crate) struct ShardBudget {
     at_tick: u64,
     /// Added since the last tick (never subtracted until the next one).
     since: u64,
-    /// Since-tick growth at which the shard re-publishes and re-reads the relay's state.
-    republish_every: u64,
     published_since: u64,
     pub(crate) state: Overload,
 }
 
 impl ShardBudget {
     pub(crate) fn new(relay: Arc<RelayBudget>, shard: u16) -> Self {
-        let republish_every = (relay.limit() / 64).max(1);
         ShardBudget {
             relay,
             shard,
             at_tick: 0,
             since: 0,
-            republish_every,
             published_since: 0,
             state: Overload::Normal,
         }
@@ -140,7 +136,10 @@ impl ShardBudget {
     /// Charges `bytes` accepted since the last tick. Returns the new state if it changed.
     pub(crate) fn charge(&mut self, bytes: u64) -> Option<Overload> {
         self.since += bytes;
-        if self.since - self.published_since >= self.republish_every {
+        // Re-publish (and re-read the relay's state) every 1/64 of the budget of growth; the
+        // limit may change on reload.
+        let step = (self.relay.limit() / 64).max(1);
+        if self.since - self.published_since >= step {
             self.published_since = self.since;
             return self.refresh();
         }

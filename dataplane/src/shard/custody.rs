@@ -28,10 +28,11 @@ pub(crate) struct Inflight {
     bytes: usize,
     /// Envelopes in `order` not ACKed yet.
     unacked: usize,
-    /// Id → sequence number of the envelopes not ACKed yet. Built on the first ACK that is not
-    /// for the oldest envelope (an agent that ACKs in order never pays for it) and kept until
-    /// nothing is in flight.
-    index: Option<HashMap<MessageId, u64, foldhash::fast::RandomState>>,
+    /// Id → sequence numbers of the envelopes not ACKed yet, oldest first (ids are unique per
+    /// source only, so two sources may share one). Built on the first ACK that is not for the
+    /// oldest envelope (an agent that ACKs in order never pays for it) and kept until nothing is
+    /// in flight.
+    index: Option<HashMap<MessageId, VecDeque<u64>, foldhash::fast::RandomState>>,
     /// Envelopes at the front of `order` already moved off their read buffers.
     unshared: usize,
 }
@@ -56,7 +57,8 @@ impl Inflight {
         self.bytes += env.frame_len();
         self.unacked += 1;
         if let Some(ix) = &mut self.index {
-            ix.insert(env.message_id(), self.front_seq + self.order.len() as u64);
+            let seq = self.front_seq + self.order.len() as u64;
+            ix.entry(env.message_id()).or_default().push_back(seq);
         }
         self.order.push_back(Slot { env, acked: false });
     }
@@ -73,25 +75,39 @@ impl Inflight {
             .order
             .front()
             .is_some_and(|f| !f.acked && f.env.message_id() == id);
+        let front_seq = self.front_seq;
         if front_matches {
             self.order[0].acked = true;
             if let Some(ix) = &mut self.index {
-                ix.remove(&id);
+                // The front is the oldest unACKed envelope with this id.
+                if let Some(seqs) = ix.get_mut(&id) {
+                    seqs.retain(|s| *s != front_seq);
+                    if seqs.is_empty() {
+                        ix.remove(&id);
+                    }
+                }
             }
         } else {
-            let front_seq = self.front_seq;
             let order = &self.order;
             let ix = self.index.get_or_insert_with(|| {
-                order
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, s)| !s.acked)
-                    .map(|(i, s)| (s.env.message_id(), front_seq + i as u64))
-                    .collect()
+                let mut ix: HashMap<MessageId, VecDeque<u64>, foldhash::fast::RandomState> =
+                    HashMap::default();
+                for (i, s) in order.iter().enumerate().filter(|(_, s)| !s.acked) {
+                    ix.entry(s.env.message_id())
+                        .or_default()
+                        .push_back(front_seq + i as u64);
+                }
+                ix
             });
-            let Some(seq) = ix.remove(&id) else {
+            let Some(seqs) = ix.get_mut(&id) else {
                 return Settled::Unknown;
             };
+            let Some(seq) = seqs.pop_front() else {
+                return Settled::Unknown;
+            };
+            if seqs.is_empty() {
+                ix.remove(&id);
+            }
             self.order[(seq - front_seq) as usize].acked = true;
         }
         self.unacked -= 1;
@@ -398,6 +414,18 @@ mod tests {
         assert_eq!(r.0.len(), 4);
         f.push(env(5));
         f.settle(MessageId::from_u128(5), &mut r);
+        // Two envelopes with one id (two sources may pick the same): each ACK settles the oldest.
+        let mut g = Inflight::default();
+        for i in [7u128, 8, 7, 9] {
+            g.push(env(i));
+        }
+        assert_eq!(g.settle(MessageId::from_u128(8), &mut r), Settled::Known);
+        assert_eq!(g.settle(MessageId::from_u128(7), &mut r), Settled::Known);
+        assert_eq!(g.settle(MessageId::from_u128(7), &mut r), Settled::Known);
+        assert_eq!(g.settle(MessageId::from_u128(7), &mut r), Settled::Unknown);
+        assert_eq!(g.len(), 1);
+        assert_eq!(g.settle(MessageId::from_u128(9), &mut r), Settled::Known);
+        assert!(g.is_empty());
         let left: Vec<_> = f
             .take(&mut r)
             .iter()
