@@ -6,18 +6,9 @@ mod common;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use common::{hello_bytes, well_behaved_pair, RawLink, Relay};
+use common::{welcomed, well_behaved_pair, RawLink, Relay};
 use openmesh_dataplane::client::{unix_ms, Event};
 use openmesh_dataplane::wire::{Frame, MessageId, Reason};
-
-async fn welcomed(relay: &Relay, name: &str) -> RawLink {
-    let mut l = RawLink::open(relay, name).await;
-    l.send(&hello_bytes(relay)).await;
-    match l.next().await {
-        Some(Frame::Welcome(_)) => l,
-        other => panic!("expected WELCOME, got {other:?}"),
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_input_gets_its_reason_and_others_lose_nothing() {

@@ -6,18 +6,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{hello_bytes, well_behaved_pair, RawLink, Relay};
+use common::{welcomed, well_behaved_pair, RawLink, Relay};
 use openmesh_dataplane::client::{Agent, Event};
 use openmesh_dataplane::wire::{AckBatch, Frame, MessageId, Nack, Ping, Reason};
-
-async fn welcomed(relay: &Relay, name: &str) -> RawLink {
-    let mut l = RawLink::open(relay, name).await;
-    l.send(&hello_bytes(relay)).await;
-    match l.next().await {
-        Some(Frame::Welcome(_)) => l,
-        other => panic!("expected WELCOME, got {other:?}"),
-    }
-}
 
 /// A receiver that reads everything but never ACKs holds at most its deliver window in flight;
 /// beyond the window and the destination queue the sender is refused `queue_full`.

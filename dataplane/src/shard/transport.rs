@@ -25,7 +25,7 @@ use rustls::server::ServerConnectionData;
 
 use crate::tls::handshake::ServerHandshake;
 use crate::tls::record::{Opened, RecordError, RecordLayer, MAX_PLAINTEXT, OVERHEAD};
-use crate::wire::{Frame, WireError};
+use crate::wire::{Frame, FrameDecoder, WireError};
 
 /// First size of a connection's read buffer; it doubles (up to the configured maximum) whenever
 /// a read fills it, so idle agents stay cheap.
@@ -63,8 +63,8 @@ pub(crate) struct Transport {
     max_read: usize,
     /// Room each new read buffer gets: starts small, doubles when a read fills it.
     block: usize,
-    /// Largest frame accepted.
-    max_frame: usize,
+    /// Frame length checks (the largest frame accepted).
+    framing: FrameDecoder,
     /// Handshake records to send.
     hs_out: Vec<u8>,
     /// Plaintext bytes of frames read since the counter was last taken.
@@ -89,7 +89,7 @@ impl Transport {
             skip: 0,
             max_read: max_read.max(INITIAL_READ_BUFFER),
             block: INITIAL_READ_BUFFER,
-            max_frame,
+            framing: FrameDecoder::new(max_frame),
             hs_out: Vec::new(),
             frame_bytes: 0,
             control_records: 0,
@@ -105,7 +105,7 @@ impl Transport {
 
     /// Changes the largest frame accepted (after the session contract).
     pub(crate) fn set_max_frame(&mut self, max: usize) {
-        self.max_frame = max;
+        self.framing.set_max_frame(max);
     }
 
     /// The read buffer for the next socket read, with spare room. Give it back with
@@ -248,20 +248,7 @@ impl Transport {
 
     /// Length (prefix included) of the frame starting the carried plaintext, once known.
     fn carried_frame_len(&self) -> Result<Option<usize>, WireError> {
-        if self.carried < 4 {
-            return Ok(None);
-        }
-        let len = u32::from_be_bytes([self.rx[0], self.rx[1], self.rx[2], self.rx[3]]) as usize;
-        if len > self.max_frame {
-            return Err(WireError::FrameTooLarge {
-                len,
-                max: self.max_frame,
-            });
-        }
-        if len == 0 {
-            return Err(WireError::EmptyFrame);
-        }
-        Ok(Some(len + 4))
+        self.framing.frame_len(&self.rx[..self.carried])
     }
 
     /// Opens the next complete record and joins its plaintext to the carried plaintext.

@@ -283,10 +283,24 @@ impl FrameDecoder {
     /// The length prefix is checked against the maximum before anything else, so a hostile
     /// length never makes the caller buffer or allocate more than `max_frame + 5` bytes.
     pub fn decode(&self, buf: &mut BytesMut) -> Result<Option<Frame>, WireError> {
-        if buf.len() < 4 {
+        let Some(total) = self.frame_len(buf)? else {
+            return Ok(None);
+        };
+        if buf.len() < total {
             return Ok(None);
         }
-        let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+        buf.advance(4);
+        let frame = buf.split_to(total - 4).freeze();
+        Frame::decode(frame).map(Some)
+    }
+
+    /// The length, prefix included, of the frame starting `buf`, once its 4-byte prefix is
+    /// there (`Ok(None)` before). The prefix is checked against the maximum and zero.
+    pub fn frame_len(&self, buf: &[u8]) -> Result<Option<usize>, WireError> {
+        let Some(prefix) = buf.get(..4) else {
+            return Ok(None);
+        };
+        let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
         if len > self.max_frame {
             return Err(WireError::FrameTooLarge {
                 len,
@@ -296,12 +310,7 @@ impl FrameDecoder {
         if len == 0 {
             return Err(WireError::EmptyFrame);
         }
-        if buf.len() < 4 + len {
-            return Ok(None);
-        }
-        buf.advance(4);
-        let frame = buf.split_to(len).freeze();
-        Frame::decode(frame).map(Some)
+        Ok(Some(len + 4))
     }
 }
 

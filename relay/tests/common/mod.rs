@@ -339,3 +339,13 @@ pub fn well_behaved_pair(relay: &Relay, n: u64) -> tokio::task::JoinHandle<u64> 
         recv.await.unwrap()
     })
 }
+
+/// A raw link that completed HELLO/WELCOME.
+pub async fn welcomed(relay: &Relay, name: &str) -> RawLink {
+    let mut l = RawLink::open(relay, name).await;
+    l.send(&hello_bytes(relay)).await;
+    match l.next().await {
+        Some(openmesh_dataplane::wire::Frame::Welcome(_)) => l,
+        other => panic!("expected WELCOME, got {other:?}"),
+    }
+}
