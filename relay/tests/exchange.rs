@@ -268,3 +268,51 @@ async fn envelopes_near_the_maximum_frame_are_forwarded() {
         }
     }
 }
+
+/// A receiver slower than its sender paces the sender (its reader pauses until the queue
+/// drains) instead of getting its envelopes refused `queue_full`: nothing is resent, and
+/// everything arrives once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_receiver_paces_its_sender_instead_of_refusing_it() {
+    const N: u64 = 30_000;
+    let relay = Relay::start(&["--cores", "2"], None);
+    let mut a = relay.agent("fast-sender").await;
+    let mut b = relay.agent("slow-receiver").await;
+    let (a_id, b_id) = (a.id(), b.id());
+    let recv = tokio::spawn(async move {
+        let mut got = Vec::with_capacity(N as usize);
+        while (got.len() as u64) < N {
+            match tokio::time::timeout(Duration::from_secs(20), b.next_event()).await {
+                Ok(Some(Event::Envelope(e))) => {
+                    assert_eq!(e.source(), a_id);
+                    got.push(u64::from_be_bytes(e.payload()[..8].try_into().unwrap()));
+                    b.ack(e.message_id()).await.unwrap();
+                    // At most about 50,000 envelopes a second.
+                    if got.len() % 50 == 0 {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+                Ok(other) => panic!("receiver got {other:?}"),
+                Err(_) => panic!("receiver stalled after {}", got.len()),
+            }
+        }
+        (got, b)
+    });
+    // The relay ACKs an envelope once it is queued, so this window does not slow the sender;
+    // it bounds what the sender adds in one pause (256) below the queue's free half (4,096).
+    let (acked, _, resent_total) = send_all(&mut a, b_id, N, 256).await;
+    let (got, _b) = recv.await.unwrap();
+    assert_eq!(acked.len() as u64, N);
+    assert_eq!(got, (0..N).collect::<Vec<_>>(), "all, once, in order");
+    let text = relay.scrape();
+    let paused = common::metric_in(
+        &text,
+        "openmesh_reads_throttled_total",
+        &["limit=\"destination_queue\""],
+    );
+    assert!(paused > 0.0, "the sender was paused");
+    assert_eq!(
+        resent_total, 0,
+        "no envelope refused queue_full ({paused} pauses)"
+    );
+}

@@ -144,7 +144,11 @@ async fn reader(core: Rc<Core>, id: ConnId, io: Rc<ConnIo>) {
         match gate {
             ReadGate::Go => {}
             ReadGate::Wait(us) => {
-                tokio::time::sleep(Duration::from_micros(us)).await;
+                // A timer and a wake-up, no ring operation: nothing to cancel.
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_micros(us)) => {}
+                    _ = io.wake_reader.notified() => {}
+                }
                 continue;
             }
             ReadGate::Park => {

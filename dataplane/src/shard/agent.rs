@@ -257,6 +257,8 @@ impl Shard {
             return;
         };
         self.actions.push_back(Action::Shutdown(conn));
+        let paced = std::mem::take(&mut c.a.paced_sources);
+        self.resume_all(&paced);
         if !c.closing {
             let r = if c.transport.has_partial_frame() {
                 Reason::TruncatedFrame

@@ -150,6 +150,7 @@ impl Shard {
         };
         c.a.handed_over = true;
         let envs = c.take_custody(&self.m, &mut self.released);
+        self.resume_paced_sources(cid, true);
         self.m.redelivered.increment(envs.len() as u64);
         envs
     }

@@ -15,6 +15,12 @@ use crate::wire::{AgentId, MessageId, Role, Welcome};
 /// Control output (ACK, NACK, PONG bytes) a connection may owe before its reader stops.
 const CONTROL_OUTPUT_MAX: usize = 1 << 20;
 
+/// Sources one send queue remembers to resume when it drains (16 bytes each).
+pub(crate) const PACED_SOURCES_MAX: usize = 64;
+
+/// Longest pause of a source whose destination is congested, when no `Resume` comes first.
+pub(crate) const PACE_MAX_US: u64 = 100_000;
+
 /// An agent's session on this core: what the agent role keeps beside the transport.
 pub(crate) struct AgentSession {
     pub(crate) agent: Option<AgentId>,
@@ -33,9 +39,12 @@ pub(crate) struct AgentSession {
     pub(crate) awaiting: u32,
     pub(crate) bucket_frames: Option<TokenBucket>,
     pub(crate) bucket_bytes: Option<TokenBucket>,
-    /// The reader pauses until then: a destination this session sends to is congested.
-    pub(crate) paused_until_us: u64,
-    pub(crate) backoff_us: u64,
+    /// The reader pauses until then, or until a `Resume`: a destination this session sent to
+    /// is congested (0: not paused).
+    pub(crate) paced_until_us: u64,
+    /// Sources (core, connection) paused on this session's send queue, resumed when it drains
+    /// below a quarter of its bounds (at most [`PACED_SOURCES_MAX`]; others wait out their pause).
+    pub(crate) paced_sources: Vec<(u16, ConnId)>,
     /// Envelopes were handed to a newer session; nothing is left to keep in custody.
     pub(crate) handed_over: bool,
     /// When the agent last ACKed something in flight (or the session began).
@@ -119,8 +128,8 @@ impl Shard {
                     awaiting: 0,
                     bucket_frames: None,
                     bucket_bytes: None,
-                    paused_until_us: 0,
-                    backoff_us: 0,
+                    paced_until_us: 0,
+                    paced_sources: Vec::new(),
                     handed_over: false,
                     last_ack_us: now.mono_us,
                 },
@@ -170,7 +179,7 @@ impl Shard {
         let t = now.mono_us;
         let f = c.a.bucket_frames.as_mut().map_or(0, |b| b.wait_us(t));
         let b = c.a.bucket_bytes.as_mut().map_or(0, |b| b.wait_us(t));
-        let p = c.a.paused_until_us.saturating_sub(t);
+        let p = c.a.paced_until_us.saturating_sub(t);
         if f > 0 {
             self.m.throttled_frames.increment(1);
         }
@@ -178,7 +187,9 @@ impl Shard {
             self.m.throttled_bytes.increment(1);
         }
         if p > 0 {
+            // A `Resume` cuts the wait short.
             self.m.throttled_destination.increment(1);
+            c.reader_parked = true;
         }
         match f.max(b).max(p) {
             0 => ReadGate::Go,

@@ -8,9 +8,12 @@
 //!
 //! A verdict ACKs an at-least-once envelope (custody taken; ACKs are batched), or refuses it:
 //! a NACK, except that a best-effort envelope that cannot be delivered is dropped and counted
-//! (`docs/PROTOCOL.md` §2, NACK). A congested destination makes its senders back off.
+//! (`docs/PROTOCOL.md` §2, NACK). A congested destination (send queue past half its bounds) pauses
+//! its senders' readers until it drains below a quarter (`Resume`), so TCP pushes back on them;
+//! the pause runs out after [`PACE_MAX_US`] if no `Resume` comes.
 
 use super::budget::Overload;
+use super::conn::{PACED_SOURCES_MAX, PACE_MAX_US};
 use super::msg::CoreMsg;
 use super::{dest_agent, ConnId, Now, Shard};
 use crate::routing::Route;
@@ -36,7 +39,7 @@ impl Shard {
         }
         match self.directory.route(&env, self.id) {
             Route::Local => {
-                let result = self.deliver_local(env, true).map_err(|(r, _)| r);
+                let result = self.deliver_local(env, (self.id, src)).map_err(|(r, _)| r);
                 self.settle(src, id, class, result, false, now);
             }
             Route::Core(k) => {
@@ -56,15 +59,18 @@ impl Shard {
         }
     }
 
-    /// Puts an envelope on the send queue of its destination, attached to this core.
+    /// Puts new work from the source connection `src` (core, connection) on the send queue of
+    /// its destination, attached to this core, within the source's quota.
     // The refused envelope travels back by value: no allocation on the refusal path.
     #[allow(clippy::result_large_err)]
-    /// `new_work`: an envelope from a source (checked against its quota), not custody handed
-    /// over from another core.
-    fn deliver_local(&mut self, env: Envelope, new_work: bool) -> Result<bool, (Reason, Envelope)> {
+    fn deliver_local(
+        &mut self,
+        env: Envelope,
+        src: (u16, ConnId),
+    ) -> Result<bool, (Reason, Envelope)> {
         let (source, len) = (env.source(), env.frame_len());
-        let within_quota = !new_work || self.sources.allows(&source, len, self.source_quota());
-        let r = self.enqueue_local(env, within_quota);
+        let within_quota = self.sources.allows(&source, len, self.source_quota());
+        let r = self.enqueue_local(env, within_quota, src);
         if r.is_ok() {
             self.sources.hold(source, len);
             self.charge(len as u64);
@@ -78,6 +84,7 @@ impl Shard {
         &mut self,
         env: Envelope,
         within_quota: bool,
+        src: (u16, ConnId),
     ) -> Result<bool, (Reason, Envelope)> {
         let Some(dst) = dest_agent(&env) else {
             return Err((Reason::DestinationUnavailable, env));
@@ -91,10 +98,55 @@ impl Shard {
             return Err((Reason::DestinationUnavailable, env));
         };
         let r = c.enqueue(env, max_n, max_b, within_quota);
+        if let Ok(true) = r {
+            // Remembered so that the source resumes when this queue drains.
+            let paced = &mut c.a.paced_sources;
+            if paced.len() < PACED_SOURCES_MAX && !paced.contains(&src) {
+                paced.push(src);
+            }
+        }
         if r.is_ok() {
             self.wake_writer(cid);
         }
         r
+    }
+
+    /// Resumes the sources paused on `conn`'s send queue once it is below a quarter of its
+    /// bounds (or at once with `now_anyway`: the session ended or handed its queue over).
+    pub(super) fn resume_paced_sources(&mut self, conn: ConnId, now_anyway: bool) {
+        let l = &self.settings.limits;
+        let (max_n, max_b) = (l.send_queue_envelopes, l.send_queue_bytes());
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if c.a.paced_sources.is_empty()
+            || !now_anyway && (c.a.outq.len() > max_n / 4 || c.a.outq.bytes() > max_b / 4)
+        {
+            return;
+        }
+        let paced = std::mem::take(&mut c.a.paced_sources);
+        self.resume_all(&paced);
+    }
+
+    /// Resumes each paused source (core, connection).
+    pub(super) fn resume_all(&mut self, sources: &[(u16, ConnId)]) {
+        for &(core, conn) in sources {
+            if core == self.id {
+                self.on_resume(conn);
+            } else {
+                self.outbox.push(core, CoreMsg::Resume { conn });
+            }
+        }
+    }
+
+    /// A destination this connection's source was paused on drained.
+    pub(super) fn on_resume(&mut self, conn: ConnId) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            if c.a.paced_until_us != 0 {
+                c.a.paced_until_us = 0;
+                self.wake_reader(conn);
+            }
+        }
     }
 
     /// An envelope from another core (a source's, or custody following its agent).
@@ -124,7 +176,7 @@ impl Shard {
         let result = if self.budget.state == Overload::Refuse {
             Err((Reason::Overloaded, env))
         } else {
-            self.deliver_local(env, true)
+            self.deliver_local(env, (core, conn))
         };
         let result = result.map_err(|(r, _)| r);
         self.verdict_to(core, conn, id, class, result, now);
@@ -204,8 +256,8 @@ impl Shard {
         let mut wake = false;
         match result {
             Ok(congested) => {
-                if congested || c.a.backoff_us > 0 {
-                    c.congestion(congested, now.mono_us);
+                if congested {
+                    c.a.paced_until_us = now.mono_us + PACE_MAX_US;
                 }
                 if class != DeliveryClass::BestEffort {
                     c.a.acks_to_send.push(id);
@@ -229,19 +281,6 @@ impl Shard {
         }
         if wake_reader {
             self.wake_reader(conn);
-        }
-    }
-}
-
-impl super::Conn {
-    /// Records whether a destination this session sent to reported congestion: the reader
-    /// backs off (doubling up to 2 ms) while it does, so TCP pushes back on the sender.
-    pub(super) fn congestion(&mut self, congested: bool, now_us: u64) {
-        if congested {
-            self.a.backoff_us = (self.a.backoff_us * 2).clamp(200, 2_000);
-            self.a.paused_until_us = now_us + self.a.backoff_us;
-        } else {
-            self.a.backoff_us = 0;
         }
     }
 }

@@ -146,7 +146,8 @@ pub enum Action {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReadGate {
     Go,
-    /// Wait this many microseconds, then ask again (rate limits, congestion).
+    /// Wait this many microseconds, or until a [`Action::WakeReader`], then ask again (rate
+    /// limits; a congested destination, whose `Resume` wakes the reader early).
     Wait(u64),
     /// Wait for a [`Action::WakeReader`] (send window or outbox full).
     Park,
@@ -345,6 +346,7 @@ impl Shard {
                 class_acked,
                 result,
             } => self.on_verdict(conn, id, class_acked, result, now),
+            CoreMsg::Resume { conn } => self.on_resume(conn),
             CoreMsg::Reconfigure(s) => self.reconfigure(s, now),
             CoreMsg::Drain => self.start_drain(now),
             CoreMsg::Exit => self.exit(),

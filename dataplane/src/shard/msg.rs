@@ -35,13 +35,16 @@ pub enum CoreMsg {
         src: Option<(u16, ConnId)>,
     },
     /// Outcome of a `Deliver` for the source connection; `Ok(true)`: the destination's queue is
-    /// congested and the source should slow down.
+    /// congested and the source's reader pauses until `Resume` (or its pause runs out).
     Verdict {
         conn: ConnId,
         id: MessageId,
         class_acked: bool,
         result: Result<bool, Reason>,
     },
+    /// A destination the connection's source sent to while congested has drained: its reader
+    /// may go on.
+    Resume { conn: ConnId },
     /// New live settings.
     Reconfigure(Arc<Settings>),
     /// Begin a graceful drain.

@@ -73,6 +73,7 @@ impl Shard {
         }
         c.writing = true;
         c.write_since_us = now.mono_us;
+        self.resume_paced_sources(conn, false);
         Some((buf, used))
     }
 
