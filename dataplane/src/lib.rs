@@ -10,6 +10,7 @@
 //! - [`routing`]: which core (and later which relay) an envelope goes to;
 //! - [`shard`]: one core's relay as a state machine (connections, sessions, custody,
 //!   forwarding), driven by events and `now`, answering with actions;
+//! - [`store`]: the durable store's record format, per-core append log and recovery;
 //! - [`tls`]: TLS configurations, and the record layer the shard runs after the handshake.
 //!
 //! The I/O shell:
@@ -28,5 +29,6 @@ pub mod routing;
 pub mod session;
 pub mod shard;
 pub mod signaling;
+pub mod store;
 pub mod tls;
 pub mod wire;

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 const PURE: &[&str] = &[
     "src/shard",
     "src/wire",
+    "src/store",
     "src/tls",
     "src/session.rs",
     "src/signaling.rs",

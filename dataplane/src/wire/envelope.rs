@@ -145,7 +145,7 @@ impl RoutingPart {
         })
     }
 
-    fn encode(&self, dst: &mut BytesMut) {
+    pub(crate) fn encode(&self, dst: &mut BytesMut) {
         dst.put_u8(self.hop_limit);
         dst.put_u8(self.hop_index);
         dst.put_u8(self.copy_index);

@@ -1,0 +1,415 @@
+//! One core's append log, as a state machine: records in, file operations out, durability
+//! back. Pure: the engine carries out each [`LogAction`] on the core's ring and reports the
+//! result; nothing here opens a file or reads a clock.
+//!
+//! Group commit: records appended while a write and its fdatasync are in flight wait in the
+//! next batch, which is written and synced as one when the previous sync completes. A ticket
+//! given with a record comes back from [`Log::take_durable`] once the record is on disk.
+//!
+//! ```text
+//! append --> pending batch --Write--> on_written --Sync--> on_synced --> tickets durable
+//!                           ^ Create first when the batch's segment does not exist yet
+//! release --> live count 0 on a full segment --Remove--> on_removed
+//! ```
+//!
+//! One operation is in flight at a time. A failed operation fails the log: the tickets of
+//! every batch not yet durable come back from [`Log::take_failed`], appends are refused, and
+//! [`Log::retry`] starts over in a new segment (the failed one keeps what was synced; recovery
+//! cuts it where its good records end).
+
+use std::collections::{BTreeMap, VecDeque};
+
+use bytes::{Bytes, BytesMut};
+
+use super::record::{self, SegmentHeader, StoredEnvelope, SEGMENT_HEADER_LEN};
+
+/// Identifies what the caller waits for (for example the source connection's ACK).
+pub type Ticket = u64;
+
+/// A file operation for the engine.
+#[derive(Debug, PartialEq, Eq)]
+pub enum LogAction {
+    /// Create segment `number` (it must not exist), preallocate `size` bytes of zeros, write
+    /// `header` at offset 0, sync the file and then the directory. Answer: [`Log::on_done`].
+    Create {
+        number: u64,
+        header: [u8; SEGMENT_HEADER_LEN],
+        size: u64,
+    },
+    /// Write all of `buf` at `offset` of segment `number`. Answer: [`Log::on_done`].
+    Write {
+        number: u64,
+        offset: u64,
+        buf: Bytes,
+    },
+    /// fdatasync segment `number`. Answer: [`Log::on_done`].
+    Sync { number: u64 },
+    /// Remove segment `number`, then sync the directory. Answer: [`Log::on_done`].
+    Remove { number: u64 },
+}
+
+/// Why an append was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AppendError {
+    #[error("the store failed and has not recovered")]
+    Failed,
+}
+
+struct Batch {
+    number: u64,
+    offset: u64,
+    buf: BytesMut,
+    tickets: Vec<Ticket>,
+    /// Envelope records in it.
+    envelopes: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Create,
+    Write,
+    Sync,
+    Remove(u64),
+}
+
+/// One of this log's segments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    /// Envelope records in it not yet released.
+    pub live: usize,
+    /// Where the next record goes (records appended, durable or not).
+    pub end: u64,
+    /// Preallocated size.
+    pub size: u64,
+    /// Exists on disk.
+    pub created: bool,
+    /// Takes no more records.
+    pub full: bool,
+    /// When it was started (Unix milliseconds; goes into its header).
+    pub created_ms: u64,
+}
+
+/// Counters for metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct LogStats {
+    /// Syncs completed (each one a group).
+    pub groups: u64,
+    /// Tickets made durable.
+    pub durable: u64,
+    /// Bytes written.
+    pub bytes: u64,
+    pub segments_created: u64,
+    pub segments_removed: u64,
+    pub failures: u64,
+}
+
+/// One core's append log.
+pub struct Log {
+    core: u16,
+    segment_bytes: u64,
+    next_number: u64,
+    segments: BTreeMap<u64, Segment>,
+    /// The segment appends go to.
+    tail: Option<u64>,
+    pending: VecDeque<Batch>,
+    in_flight: Option<Batch>,
+    step: Option<Step>,
+    /// When the operation in flight began (the caller's clock, microseconds).
+    since_us: u64,
+    /// Set when an action is due that `poll_action` has not handed out yet.
+    due: Option<LogAction>,
+    durable: Vec<Ticket>,
+    failed_tickets: Vec<Ticket>,
+    failed: bool,
+    /// Stats since the log began.
+    pub stats: LogStats,
+}
+
+impl Log {
+    /// A log for `core` whose new segments are numbered from `next_number` and preallocated to
+    /// `segment_bytes`. `existing`: this core's segments found at recovery, with their live
+    /// envelope counts; they take no more records.
+    pub fn new(
+        core: u16,
+        segment_bytes: u64,
+        next_number: u64,
+        existing: impl IntoIterator<Item = (u64, usize)>,
+    ) -> Self {
+        let segments = existing
+            .into_iter()
+            .map(|(n, live)| {
+                let s = Segment {
+                    live,
+                    end: 0,
+                    size: 0,
+                    created: true,
+                    full: true,
+                    created_ms: 0,
+                };
+                (n, s)
+            })
+            .collect();
+        Log {
+            core,
+            segment_bytes: segment_bytes.max(SEGMENT_HEADER_LEN as u64 + 4096),
+            next_number,
+            segments,
+            tail: None,
+            pending: VecDeque::new(),
+            in_flight: None,
+            step: None,
+            since_us: 0,
+            due: None,
+            durable: Vec::new(),
+            failed_tickets: Vec::new(),
+            failed: false,
+            stats: LogStats::default(),
+        }
+    }
+
+    /// Appends an envelope record; `ticket` comes back from [`Log::take_durable`] once it is
+    /// synced (or from [`Log::take_failed`]). Returns the segment that holds it (for
+    /// [`Log::release`]).
+    pub fn append(
+        &mut self,
+        e: &StoredEnvelope,
+        ticket: Ticket,
+        now_ms: u64,
+    ) -> Result<u64, AppendError> {
+        if self.failed {
+            return Err(AppendError::Failed);
+        }
+        let b = self.batch_for(e.record_len() as u64, now_ms);
+        record::encode_envelope(e, &mut b.buf);
+        b.tickets.push(ticket);
+        b.envelopes += 1;
+        let n = b.number;
+        if let Some(s) = self.segments.get_mut(&n) {
+            s.live += 1;
+        }
+        Ok(n)
+    }
+
+    /// Envelopes left the store (delivered and ACKed, or expired): `seqs`, whose records are in
+    /// `segments` (one entry per envelope). A released record is appended (it needs no ticket:
+    /// losing it redelivers those envelopes after a crash).
+    pub fn release(&mut self, seqs: &[u64], segments: impl IntoIterator<Item = u64>, now_ms: u64) {
+        for n in segments {
+            if let Some(s) = self.segments.get_mut(&n) {
+                s.live = s.live.saturating_sub(1);
+            }
+        }
+        if !self.failed && !seqs.is_empty() {
+            let b = self.batch_for((record::RECORD_HEADER_LEN + 8 * seqs.len()) as u64, now_ms);
+            record::encode_released(seqs, &mut b.buf);
+        }
+    }
+
+    /// The pending batch that takes a record of `len` bytes (in the tail segment, or a new one).
+    fn batch_for(&mut self, len: u64, now_ms: u64) -> &mut Batch {
+        let room = self
+            .tail
+            .and_then(|n| self.segments.get(&n))
+            .is_some_and(|s| s.end + len <= s.size);
+        if !room {
+            self.new_segment(len, now_ms);
+        }
+        let n = self.tail.expect("a tail segment");
+        let s = self.segments.get_mut(&n).expect("the tail exists");
+        let offset = s.end;
+        s.end += len;
+        if self.pending.back().is_none_or(|b| b.number != n) {
+            self.pending.push_back(Batch {
+                number: n,
+                offset,
+                buf: BytesMut::new(),
+                tickets: Vec::new(),
+                envelopes: 0,
+            });
+        }
+        self.pending.back_mut().expect("a pending batch")
+    }
+
+    /// Starts a new tail segment, big enough for a record of `len`; the old tail is full.
+    fn new_segment(&mut self, len: u64, now_ms: u64) {
+        if let Some(s) = self.tail.and_then(|n| self.segments.get_mut(&n)) {
+            s.full = true;
+        }
+        let n = self.next_number;
+        self.next_number += 1;
+        let header = SEGMENT_HEADER_LEN as u64;
+        self.segments.insert(
+            n,
+            Segment {
+                live: 0,
+                end: header,
+                size: self.segment_bytes.max(header + len),
+                created: false,
+                full: false,
+                created_ms: now_ms,
+            },
+        );
+        self.tail = Some(n);
+    }
+
+    /// The next file operation to carry out, if one is due; `now_us` starts its clock for
+    /// [`Log::busy_for`].
+    pub fn poll_action(&mut self, now_us: u64) -> Option<LogAction> {
+        if self.step.is_none() {
+            self.start_next();
+        }
+        let a = self.due.take()?;
+        self.since_us = now_us;
+        Some(a)
+    }
+
+    /// Picks the next step: the next batch's segment creation or write, else a removal.
+    fn start_next(&mut self) {
+        if self.failed {
+            return;
+        }
+        if self.in_flight.is_none() {
+            self.in_flight = self.pending.pop_front();
+        }
+        if let Some(b) = &self.in_flight {
+            let s = self.segments[&b.number];
+            if !s.created {
+                let header = SegmentHeader {
+                    core: self.core,
+                    number: b.number,
+                    created_ms: s.created_ms,
+                };
+                self.step = Some(Step::Create);
+                self.due = Some(LogAction::Create {
+                    number: b.number,
+                    header: header.encode(),
+                    size: s.size,
+                });
+            } else {
+                self.write_in_flight();
+            }
+            return;
+        }
+        // Nothing to write: remove a full segment with nothing live in it.
+        let empty = self
+            .segments
+            .iter()
+            .find(|(n, s)| s.full && s.live == 0 && s.created && Some(**n) != self.tail)
+            .map(|(n, _)| *n);
+        if let Some(n) = empty {
+            self.step = Some(Step::Remove(n));
+            self.due = Some(LogAction::Remove { number: n });
+        }
+    }
+
+    fn write_in_flight(&mut self) {
+        let b = self.in_flight.as_mut().expect("a batch in flight");
+        let buf = std::mem::take(&mut b.buf).freeze();
+        self.stats.bytes += buf.len() as u64;
+        self.step = Some(Step::Write);
+        self.due = Some(LogAction::Write {
+            number: b.number,
+            offset: b.offset,
+            buf,
+        });
+    }
+
+    /// The action last handed out completed (`ok`) or failed.
+    pub fn on_done(&mut self, ok: bool) {
+        let Some(step) = self.step.take() else {
+            return;
+        };
+        if !ok {
+            self.fail(step);
+            return;
+        }
+        match step {
+            Step::Create => {
+                let n = self.in_flight.as_ref().expect("a batch in flight").number;
+                if let Some(s) = self.segments.get_mut(&n) {
+                    s.created = true;
+                }
+                self.stats.segments_created += 1;
+                self.write_in_flight();
+            }
+            Step::Write => {
+                let n = self.in_flight.as_ref().expect("a batch in flight").number;
+                self.step = Some(Step::Sync);
+                self.due = Some(LogAction::Sync { number: n });
+            }
+            Step::Sync => {
+                let b = self.in_flight.take().expect("a batch in flight");
+                self.stats.groups += 1;
+                self.stats.durable += b.tickets.len() as u64;
+                self.durable.extend(b.tickets);
+            }
+            Step::Remove(n) => {
+                self.segments.remove(&n);
+                self.stats.segments_removed += 1;
+            }
+        }
+    }
+
+    /// An operation failed: every ticket not yet durable fails, the segment takes no more.
+    fn fail(&mut self, step: Step) {
+        self.stats.failures += 1;
+        if let Step::Remove(_) = step {
+            // The segment stays; removing it is tried again later.
+            return;
+        }
+        self.failed = true;
+        for b in self
+            .in_flight
+            .take()
+            .into_iter()
+            .chain(self.pending.drain(..))
+        {
+            if let Some(s) = self.segments.get_mut(&b.number) {
+                s.live = s.live.saturating_sub(b.envelopes);
+            }
+            self.failed_tickets.extend(b.tickets);
+        }
+        if let Some(s) = self.tail.and_then(|n| self.segments.get_mut(&n)) {
+            s.full = true;
+        }
+        self.tail = None;
+    }
+
+    /// Starts over after a failure, in a new segment. Segments that were never created are
+    /// forgotten.
+    pub fn retry(&mut self) {
+        self.segments.retain(|_, s| s.created);
+        self.failed = false;
+    }
+
+    /// Whether the log failed and waits for [`Log::retry`].
+    pub fn is_failed(&self) -> bool {
+        self.failed
+    }
+
+    /// How long the operation in flight has run, if one is.
+    pub fn busy_for(&self, now_us: u64) -> Option<u64> {
+        self.step.map(|_| now_us.saturating_sub(self.since_us))
+    }
+
+    /// Tickets whose records are on disk, since the last call.
+    pub fn take_durable(&mut self) -> Vec<Ticket> {
+        std::mem::take(&mut self.durable)
+    }
+
+    /// Tickets whose records failed, since the last call.
+    pub fn take_failed(&mut self) -> Vec<Ticket> {
+        std::mem::take(&mut self.failed_tickets)
+    }
+
+    /// This log's segments.
+    pub fn segments(&self) -> &BTreeMap<u64, Segment> {
+        &self.segments
+    }
+
+    /// Bytes appended but not yet durable.
+    pub fn pending_bytes(&self) -> usize {
+        self.pending.iter().map(|b| b.buf.len()).sum::<usize>()
+            + self.in_flight.as_ref().map_or(0, |b| b.buf.len())
+    }
+}

@@ -1,0 +1,318 @@
+//! The store's on-disk format: segment headers and records, byte for byte as
+//! `docs/STORE.md` says. Pure: bytes in, records out.
+//!
+//! ```text
+//! segment  := header(32) record* zero-fill
+//! header   := magic "OMSTORE1"(8) format u32 core u16 reserved u16 number u64 created_ms u64
+//! record   := len u32 | crc32c u32 | kind u8 | body[len]      crc over kind and body
+//! kind 1   := seq u64 | expires_ms u64 | destination [32] | source [32] | message_id [16]
+//!             | envelope (the ENVELOPE frame body: routing part and immutable part)
+//! kind 2   := seq u64 *                                       envelopes released
+//! ```
+//!
+//! Integers are big-endian. Segments are preallocated with zeros, so a record header of nine
+//! zero bytes is the clean end of the written part.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use crate::wire::{AgentId, Envelope, MessageId};
+
+/// First bytes of every segment file.
+pub const MAGIC: [u8; 8] = *b"OMSTORE1";
+/// Version of the record layout.
+pub const FORMAT: u32 = 1;
+/// Length of a segment header.
+pub const SEGMENT_HEADER_LEN: usize = 32;
+/// Length of a record header (length, checksum, kind).
+pub const RECORD_HEADER_LEN: usize = 9;
+/// Fixed part of an envelope record's body, before the envelope.
+pub const ENVELOPE_FIXED_LEN: usize = 8 + 8 + 32 + 32 + 16;
+/// Longest record body: the fixed part and a frame body of up to 16 MiB (the relay's frames
+/// are at most 1 MiB; the rest is room, not a promise).
+pub const MAX_BODY: usize = ENVELOPE_FIXED_LEN + (16 << 20);
+
+const KIND_ENVELOPE: u8 = 1;
+const KIND_RELEASED: u8 = 2;
+
+/// A segment's header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SegmentHeader {
+    /// The core that wrote the segment.
+    pub core: u16,
+    /// The segment's number, increasing per core.
+    pub number: u64,
+    /// When the segment was created (Unix milliseconds).
+    pub created_ms: u64,
+}
+
+impl SegmentHeader {
+    /// The header's bytes.
+    pub fn encode(&self) -> [u8; SEGMENT_HEADER_LEN] {
+        let mut b = [0u8; SEGMENT_HEADER_LEN];
+        b[..8].copy_from_slice(&MAGIC);
+        b[8..12].copy_from_slice(&FORMAT.to_be_bytes());
+        b[12..14].copy_from_slice(&self.core.to_be_bytes());
+        b[16..24].copy_from_slice(&self.number.to_be_bytes());
+        b[24..32].copy_from_slice(&self.created_ms.to_be_bytes());
+        b
+    }
+
+    /// Reads a header; `None` if the bytes are not a segment of this format.
+    pub fn decode(b: &[u8]) -> Option<Self> {
+        if b.len() < SEGMENT_HEADER_LEN || b[..8] != MAGIC {
+            return None;
+        }
+        let mut r = &b[8..SEGMENT_HEADER_LEN];
+        if r.get_u32() != FORMAT {
+            return None;
+        }
+        let core = r.get_u16();
+        r.advance(2);
+        Some(SegmentHeader {
+            core,
+            number: r.get_u64(),
+            created_ms: r.get_u64(),
+        })
+    }
+}
+
+/// An envelope as the store keeps it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredEnvelope {
+    /// The store's sequence number of the record, unique in the store.
+    pub seq: u64,
+    pub expires_ms: u64,
+    pub destination: AgentId,
+    pub source: AgentId,
+    pub message_id: MessageId,
+    /// The ENVELOPE frame body (routing part and immutable part), as forwarded.
+    pub body: Bytes,
+}
+
+impl StoredEnvelope {
+    /// The stored form of `env` under `seq`; `None` if it has no single destination agent.
+    pub fn of(seq: u64, env: &Envelope) -> Option<Self> {
+        let crate::wire::Destination::Agent(destination) = env.destination() else {
+            return None;
+        };
+        let mut body = BytesMut::with_capacity(env.routing.encoded_len() + env.immutable.len());
+        env.routing.encode(&mut body);
+        body.extend_from_slice(&env.immutable);
+        Some(StoredEnvelope {
+            seq,
+            expires_ms: env.expires_ms(),
+            destination,
+            source: env.source(),
+            message_id: env.message_id(),
+            body: body.freeze(),
+        })
+    }
+
+    /// The envelope again (validated as on the wire).
+    pub fn envelope(&self) -> Result<Envelope, crate::wire::WireError> {
+        Envelope::decode(self.body.clone())
+    }
+
+    /// Bytes of the encoded record, header included.
+    pub fn record_len(&self) -> usize {
+        RECORD_HEADER_LEN + ENVELOPE_FIXED_LEN + self.body.len()
+    }
+}
+
+/// One record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Record {
+    /// An envelope taken into the store.
+    Envelope(StoredEnvelope),
+    /// Envelopes that left the store (delivered and ACKed, or expired), by sequence number.
+    Released(Vec<u64>),
+}
+
+impl Record {
+    /// Bytes of the encoded record, header included.
+    pub fn encoded_len(&self) -> usize {
+        match self {
+            Record::Envelope(e) => e.record_len(),
+            Record::Released(seqs) => RECORD_HEADER_LEN + 8 * seqs.len(),
+        }
+    }
+
+    /// Appends the encoded record to `dst`.
+    pub fn encode(&self, dst: &mut BytesMut) {
+        match self {
+            Record::Envelope(e) => encode_envelope(e, dst),
+            Record::Released(seqs) => encode_released(seqs, dst),
+        }
+    }
+}
+
+/// Appends an envelope record to `dst`.
+pub fn encode_envelope(e: &StoredEnvelope, dst: &mut BytesMut) {
+    let len = ENVELOPE_FIXED_LEN + e.body.len();
+    let mut fixed = [0u8; ENVELOPE_FIXED_LEN];
+    fixed[..8].copy_from_slice(&e.seq.to_be_bytes());
+    fixed[8..16].copy_from_slice(&e.expires_ms.to_be_bytes());
+    fixed[16..48].copy_from_slice(&e.destination.0);
+    fixed[48..80].copy_from_slice(&e.source.0);
+    fixed[80..96].copy_from_slice(&e.message_id.0);
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&[KIND_ENVELOPE]), &fixed);
+    let crc = crc32c::crc32c_append(crc, &e.body);
+    dst.reserve(RECORD_HEADER_LEN + len);
+    dst.put_u32(len as u32);
+    dst.put_u32(crc);
+    dst.put_u8(KIND_ENVELOPE);
+    dst.extend_from_slice(&fixed);
+    dst.extend_from_slice(&e.body);
+}
+
+/// Appends a released record to `dst`.
+pub fn encode_released(seqs: &[u64], dst: &mut BytesMut) {
+    let len = seqs.len() * 8;
+    dst.reserve(RECORD_HEADER_LEN + len);
+    let at = dst.len();
+    dst.put_u32(len as u32);
+    dst.put_u32(0);
+    dst.put_u8(KIND_RELEASED);
+    for s in seqs {
+        dst.put_u64(*s);
+    }
+    let crc = crc32c::crc32c(&dst[at + 8..]);
+    dst[at + 4..at + 8].copy_from_slice(&crc.to_be_bytes());
+}
+
+/// Why a scan stopped before the end of a segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CutReason {
+    /// The record runs past the end of the file (a torn write).
+    Truncated,
+    /// The checksum does not match (a torn or corrupted write).
+    Checksum,
+    /// A length or kind no writer produces.
+    Malformed,
+}
+
+impl CutReason {
+    /// Label for logs and metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            CutReason::Truncated => "truncated",
+            CutReason::Checksum => "checksum",
+            CutReason::Malformed => "malformed",
+        }
+    }
+}
+
+/// Where and why a scan stopped early.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cut {
+    /// Offset of the first record not kept.
+    pub offset: usize,
+    pub reason: CutReason,
+    /// Bytes after the cut that are not zero (what was lost, at most).
+    pub bytes_lost: usize,
+}
+
+/// What a segment holds.
+#[derive(Debug)]
+pub struct Scan {
+    pub header: SegmentHeader,
+    /// Records in file order, each with its offset.
+    pub records: Vec<(usize, Record)>,
+    /// Offset just past the last good record: where appending would go on.
+    pub end: usize,
+    /// Set when the scan stopped at a bad record instead of the zero fill or the file's end.
+    pub cut: Option<Cut>,
+}
+
+/// Reads every record of a segment file's bytes, stopping at the first bad one. `None`: not a
+/// segment (bad magic or format).
+pub fn scan(data: Bytes) -> Option<Scan> {
+    let header = SegmentHeader::decode(&data)?;
+    let mut at = SEGMENT_HEADER_LEN;
+    let mut records = Vec::new();
+    let mut cut = None;
+    while at < data.len() {
+        match read_record(&data, at) {
+            Ok(Some((rec, next))) => {
+                records.push((at, rec));
+                at = next;
+            }
+            Ok(None) => break,
+            Err(reason) => {
+                let bytes_lost = data[at..].iter().filter(|b| **b != 0).count();
+                cut = Some(Cut {
+                    offset: at,
+                    reason,
+                    bytes_lost,
+                });
+                break;
+            }
+        }
+    }
+    Some(Scan {
+        header,
+        records,
+        end: at,
+        cut,
+    })
+}
+
+/// The record at `at`: `Ok(None)` at the zero fill (or the end), else the record and the
+/// offset after it.
+fn read_record(data: &Bytes, at: usize) -> Result<Option<(Record, usize)>, CutReason> {
+    let rest = &data[at..];
+    if rest.len() < RECORD_HEADER_LEN {
+        return if rest.iter().all(|b| *b == 0) {
+            Ok(None)
+        } else {
+            Err(CutReason::Truncated)
+        };
+    }
+    if rest[..RECORD_HEADER_LEN].iter().all(|b| *b == 0) {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes(rest[..4].try_into().expect("4 bytes")) as usize;
+    let crc = u32::from_be_bytes(rest[4..8].try_into().expect("4 bytes"));
+    let kind = rest[8];
+    let min = match kind {
+        KIND_ENVELOPE => ENVELOPE_FIXED_LEN,
+        KIND_RELEASED => 0,
+        _ => return Err(CutReason::Malformed),
+    };
+    if len > MAX_BODY || len < min || (kind == KIND_RELEASED && len % 8 != 0) {
+        return Err(CutReason::Malformed);
+    }
+    if rest.len() < RECORD_HEADER_LEN + len {
+        return Err(CutReason::Truncated);
+    }
+    if crc32c::crc32c(&rest[8..RECORD_HEADER_LEN + len]) != crc {
+        return Err(CutReason::Checksum);
+    }
+    let body_at = at + RECORD_HEADER_LEN;
+    let mut b = &data[body_at..body_at + len];
+    let rec = match kind {
+        KIND_ENVELOPE => {
+            let seq = b.get_u64();
+            let expires_ms = b.get_u64();
+            let mut id32 = || {
+                let mut v = [0u8; 32];
+                b.copy_to_slice(&mut v);
+                v
+            };
+            let destination = AgentId(id32());
+            let source = AgentId(id32());
+            let mut id = [0u8; 16];
+            b.copy_to_slice(&mut id);
+            Record::Envelope(StoredEnvelope {
+                seq,
+                expires_ms,
+                destination,
+                source,
+                message_id: MessageId(id),
+                body: data.slice(body_at + ENVELOPE_FIXED_LEN..body_at + len),
+            })
+        }
+        _ => Record::Released((0..len / 8).map(|_| b.get_u64()).collect()),
+    };
+    Ok(Some((rec, body_at + len)))
+}

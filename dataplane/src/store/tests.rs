@@ -1,0 +1,331 @@
+//! The store's pure parts: records round-trip, scans cut at the first bad record, recovery
+//! rebuilds what is live, and the log groups appends into one sync per batch.
+
+use bytes::{Bytes, BytesMut};
+use proptest::prelude::*;
+
+use super::log::{Log, LogAction};
+use super::record::{self, CutReason, Record, SegmentHeader, StoredEnvelope, SEGMENT_HEADER_LEN};
+use super::recovery::{recover, SegmentId};
+use crate::wire::{AgentId, Destination, EnvelopeBuilder, MessageId};
+
+fn stored(seq: u64, dest: u8, payload_len: usize, expires_ms: u64) -> StoredEnvelope {
+    let env = EnvelopeBuilder::new(
+        MessageId::from_u128(seq as u128),
+        AgentId([1; 32]),
+        Destination::Agent(AgentId([dest; 32])),
+        1_000,
+        expires_ms - 1_000,
+    )
+    .build(&vec![seq as u8; payload_len])
+    .unwrap();
+    StoredEnvelope::of(seq, &env).unwrap()
+}
+
+fn segment(core: u16, number: u64, records: &[Record], fill: usize) -> BytesMut {
+    let mut b = BytesMut::new();
+    b.extend_from_slice(
+        &SegmentHeader {
+            core,
+            number,
+            created_ms: 5,
+        }
+        .encode(),
+    );
+    for r in records {
+        r.encode(&mut b);
+    }
+    b.resize(b.len() + fill, 0);
+    b
+}
+
+#[test]
+fn records_round_trip_and_the_envelope_decodes_again() {
+    let e = stored(7, 2, 300, 60_000);
+    let recs = vec![Record::Envelope(e.clone()), Record::Released(vec![1, 2, 3])];
+    let data = segment(3, 9, &recs, 4096).freeze();
+    let scan = record::scan(data).unwrap();
+    assert_eq!(
+        scan.header,
+        SegmentHeader {
+            core: 3,
+            number: 9,
+            created_ms: 5
+        }
+    );
+    assert_eq!(scan.cut, None);
+    let got: Vec<Record> = scan.records.into_iter().map(|(_, r)| r).collect();
+    assert_eq!(got, recs);
+    let env = e.envelope().unwrap();
+    assert_eq!(env.message_id(), MessageId::from_u128(7));
+    assert_eq!(env.payload().len(), 300);
+    assert_eq!(
+        scan.end,
+        SEGMENT_HEADER_LEN + e.record_len() + record::RECORD_HEADER_LEN + 24
+    );
+}
+
+#[test]
+fn not_a_segment_is_refused() {
+    assert!(record::scan(Bytes::from_static(b"OMSTORE2 and more bytes than a header")).is_none());
+    assert!(record::scan(Bytes::new()).is_none());
+}
+
+#[test]
+fn a_torn_final_record_is_cut_and_everything_before_it_kept() {
+    let recs: Vec<Record> = (1..=5)
+        .map(|i| Record::Envelope(stored(i, 2, 100, 60_000)))
+        .collect();
+    let full = segment(0, 1, &recs, 0);
+    // Cut the last record in the middle, then the preallocated zeros follow.
+    let mut torn = BytesMut::from(&full[..full.len() - 40]);
+    torn.resize(torn.len() + 1000, 0);
+    let scan = record::scan(torn.freeze()).unwrap();
+    assert_eq!(scan.records.len(), 4);
+    let cut = scan.cut.unwrap();
+    assert_eq!(cut.reason, CutReason::Checksum);
+    assert_eq!(cut.offset, scan.end);
+    // The file's own end in the middle of a record.
+    let scan = record::scan(full.freeze().slice(..SEGMENT_HEADER_LEN + 500)).unwrap();
+    assert_eq!(scan.cut.unwrap().reason, CutReason::Truncated);
+}
+
+#[test]
+fn a_corrupt_record_in_the_middle_keeps_what_precedes_it() {
+    let recs: Vec<Record> = (1..=5)
+        .map(|i| Record::Envelope(stored(i, 2, 100, 60_000)))
+        .collect();
+    let mut data = segment(0, 1, &recs, 64);
+    let second = SEGMENT_HEADER_LEN + recs[0].clone().encoded_len();
+    data[second + 60] ^= 0x40;
+    let scan = record::scan(data.freeze()).unwrap();
+    assert_eq!(scan.records.len(), 1);
+    let cut = scan.cut.unwrap();
+    assert_eq!((cut.offset, cut.reason), (second, CutReason::Checksum));
+    assert!(cut.bytes_lost > 3 * 100);
+}
+
+#[test]
+fn recovery_keeps_live_envelopes_in_order_across_segments_and_cores() {
+    let a = segment(
+        0,
+        1,
+        &[
+            Record::Envelope(stored(1, 2, 10, 60_000)),
+            Record::Envelope(stored(3, 2, 10, 60_000)),
+            Record::Envelope(stored(4, 2, 10, 2_000)),
+        ],
+        0,
+    );
+    let b = segment(
+        1,
+        1,
+        &[
+            Record::Envelope(stored(2, 3, 10, 60_000)),
+            Record::Released(vec![3]),
+            // A copy of seq 1 made by compaction into a newer segment.
+        ],
+        0,
+    );
+    let c = segment(1, 2, &[Record::Envelope(stored(1, 2, 10, 60_000))], 0);
+    let scans = [((0, 1), a), ((1, 1), b), ((1, 2), c)].map(|((core, number), d)| {
+        (
+            SegmentId { core, number },
+            record::scan(d.freeze()).unwrap(),
+        )
+    });
+    let r = recover(scans, 10_000);
+    let live: Vec<(u64, u16, u64)> = r
+        .live
+        .iter()
+        .map(|(id, e)| (e.seq, id.core, id.number))
+        .collect();
+    assert_eq!(live, vec![(1, 1, 2), (2, 1, 1)]);
+    assert_eq!(r.max_seq, 4);
+    assert_eq!(r.stats.released, 1);
+    assert_eq!(r.stats.expired, 1);
+    assert_eq!(r.segments[&SegmentId { core: 0, number: 1 }].envelopes, 0);
+}
+
+/// Carries out the log's actions on in-memory files.
+#[derive(Default)]
+struct Disk {
+    files: std::collections::BTreeMap<u64, Vec<u8>>,
+    synced: std::collections::BTreeMap<u64, Vec<u8>>,
+    ops: Vec<&'static str>,
+}
+
+impl Disk {
+    /// Runs the next action; `false` if there was none.
+    fn step(&mut self, log: &mut Log, ok: bool) -> bool {
+        let Some(a) = log.poll_action(0) else {
+            return false;
+        };
+        match a {
+            LogAction::Create {
+                number,
+                header,
+                size,
+            } => {
+                self.ops.push("create");
+                let mut f = vec![0u8; size as usize];
+                f[..header.len()].copy_from_slice(&header);
+                self.files.insert(number, f.clone());
+                self.synced.insert(number, f);
+            }
+            LogAction::Write {
+                number,
+                offset,
+                buf,
+            } => {
+                self.ops.push("write");
+                let f = self.files.get_mut(&number).unwrap();
+                f[offset as usize..offset as usize + buf.len()].copy_from_slice(&buf);
+            }
+            LogAction::Sync { number } => {
+                self.ops.push("sync");
+                if ok {
+                    self.synced.insert(number, self.files[&number].clone());
+                }
+            }
+            LogAction::Remove { number } => {
+                self.ops.push("remove");
+                self.files.remove(&number);
+                self.synced.remove(&number);
+            }
+        }
+        log.on_done(ok);
+        true
+    }
+
+    fn recover(&self) -> super::recovery::Recovered {
+        recover(
+            self.synced.iter().map(|(n, f)| {
+                (
+                    SegmentId {
+                        core: 0,
+                        number: *n,
+                    },
+                    record::scan(Bytes::from(f.clone())).unwrap(),
+                )
+            }),
+            0,
+        )
+    }
+}
+
+#[test]
+fn appends_during_a_sync_are_committed_together_by_the_next_one() {
+    let mut log = Log::new(0, 1 << 20, 1, []);
+    let mut disk = Disk::default();
+    log.append(&stored(1, 2, 100, 60_000), 1, 0).unwrap();
+    // Create, then the first write goes out with one record.
+    assert!(disk.step(&mut log, true));
+    assert!(disk.step(&mut log, true));
+    // While its sync is due, ten more arrive.
+    for i in 2..=11 {
+        log.append(&stored(i, 2, 100, 60_000), i, 0).unwrap();
+    }
+    assert!(disk.step(&mut log, true));
+    assert_eq!(log.take_durable(), vec![1]);
+    while disk.step(&mut log, true) {}
+    assert_eq!(log.take_durable(), (2..=11).collect::<Vec<_>>());
+    assert_eq!(log.stats.groups, 2);
+    assert_eq!(
+        disk.ops,
+        ["create", "write", "sync", "write", "sync"],
+        "one write and one sync per group"
+    );
+    let r = disk.recover();
+    assert_eq!(r.live.len(), 11);
+}
+
+#[test]
+fn full_segments_roll_over_and_are_removed_when_nothing_in_them_is_live() {
+    let mut log = Log::new(0, 8192, 1, []);
+    let mut disk = Disk::default();
+    let mut placed = Vec::new();
+    for i in 1..=40 {
+        placed.push(log.append(&stored(i, 2, 1000, 60_000), i, 0).unwrap());
+        while disk.step(&mut log, true) {}
+    }
+    assert_eq!(log.take_durable().len(), 40);
+    let first = placed[0];
+    assert!(placed.iter().any(|n| *n != first), "rolled over");
+    assert!(disk.synced.len() > 3);
+    // Release everything in the first segment: it goes.
+    let in_first: Vec<u64> = (1..=40)
+        .filter(|i| placed[*i as usize - 1] == first)
+        .collect();
+    log.release(&in_first, in_first.iter().map(|_| first), 0);
+    while disk.step(&mut log, true) {}
+    assert!(!disk.synced.contains_key(&first));
+    assert!(disk.ops.contains(&"remove"));
+    let r = disk.recover();
+    assert_eq!(r.live.len(), 40 - in_first.len());
+    assert!(r.stats.cuts.is_empty());
+}
+
+#[test]
+fn a_failed_sync_fails_its_tickets_refuses_appends_and_recovers_in_a_new_segment() {
+    let mut log = Log::new(0, 1 << 20, 1, []);
+    let mut disk = Disk::default();
+    log.append(&stored(1, 2, 100, 60_000), 1, 0).unwrap();
+    while disk.step(&mut log, true) {}
+    log.append(&stored(2, 2, 100, 60_000), 2, 0).unwrap();
+    assert!(disk.step(&mut log, true)); // write
+    log.append(&stored(3, 2, 100, 60_000), 3, 0).unwrap();
+    assert!(disk.step(&mut log, false)); // the sync fails
+    assert_eq!(log.take_durable(), vec![1]);
+    assert_eq!(log.take_failed(), vec![2, 3]);
+    assert!(log.is_failed());
+    assert!(log.append(&stored(4, 2, 100, 60_000), 4, 0).is_err());
+    log.retry();
+    let n = log.append(&stored(5, 2, 100, 60_000), 5, 0).unwrap();
+    assert_eq!(n, 2, "a new segment");
+    while disk.step(&mut log, true) {}
+    assert_eq!(log.take_durable(), vec![5]);
+    let live: Vec<u64> = disk.recover().live.iter().map(|(_, e)| e.seq).collect();
+    assert_eq!(live, vec![1, 5], "what failed is not claimed");
+}
+
+proptest! {
+    /// Any prefix of a segment's bytes (a crash at any point of a write) scans to the records
+    /// wholly inside it, in order, and cuts nothing that was complete.
+    #[test]
+    fn any_prefix_keeps_exactly_the_complete_records(
+        sizes in proptest::collection::vec(0usize..600, 1..12),
+        cut_at in 0usize..10_000,
+    ) {
+        let recs: Vec<Record> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                if i % 4 == 3 {
+                    Record::Released((0..*n as u64 % 9).collect())
+                } else {
+                    Record::Envelope(stored(i as u64 + 1, 2, *n, 60_000))
+                }
+            })
+            .collect();
+        let full = segment(0, 1, &recs, 0);
+        let at = SEGMENT_HEADER_LEN + cut_at % (full.len() - SEGMENT_HEADER_LEN + 1);
+        let mut data = BytesMut::from(&full[..at]);
+        data.resize(full.len() + 64, 0);
+        let scan = record::scan(data.freeze()).unwrap();
+        let mut end = SEGMENT_HEADER_LEN;
+        let mut complete = 0;
+        for r in &recs {
+            if end + r.encoded_len() > at {
+                break;
+            }
+            end += r.encoded_len();
+            complete += 1;
+        }
+        prop_assert_eq!(scan.records.len(), complete);
+        prop_assert_eq!(scan.end, end);
+        for (got, want) in scan.records.iter().zip(&recs) {
+            prop_assert_eq!(&got.1, want);
+        }
+    }
+}
