@@ -45,7 +45,7 @@ pub enum Attach {
 #[derive(Clone, Debug, Default)]
 pub struct Directory {
     // foldhash with a per-process random seed: fast, and agent ids cannot be chosen to collide.
-    agents: HashMap<AgentId, Location, foldhash::fast::RandomState>,
+    agents: HashMap<AgentId, Location, crate::shard::hasher::MapHasher>,
 }
 
 impl Directory {

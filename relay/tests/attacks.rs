@@ -429,3 +429,91 @@ async fn refused_envelopes_are_charged_to_the_rate_limit() {
     );
     assert!(relay.metric("openmesh_reads_throttled_total", &["limit=\"frames\""]) > 0.0);
 }
+
+/// Sends `n` envelopes from `a` to `to`, resending those refused with a retryable reason, until
+/// each is ACKed; returns the ACKed ids.
+async fn send_until_acked(
+    a: &mut Agent,
+    to: openmesh_dataplane::wire::AgentId,
+    n: u64,
+) -> std::collections::HashSet<MessageId> {
+    let mut pending = std::collections::HashMap::new();
+    let mut acked = std::collections::HashSet::new();
+    let mut next = 0u64;
+    while (acked.len() as u64) < n {
+        while pending.len() < 1024 && next < n {
+            let env = a.envelope_to(to, 60_000).build(&next.to_be_bytes()).unwrap();
+            pending.insert(env.message_id(), env.clone());
+            a.send(&env).await.unwrap();
+            next += 1;
+        }
+        match tokio::time::timeout(Duration::from_secs(20), a.next_event()).await {
+            Ok(Some(Event::Acked(ids))) => {
+                for id in ids.ids() {
+                    if pending.remove(&id).is_some() {
+                        acked.insert(id);
+                    }
+                }
+            }
+            Ok(Some(Event::Nacked(nk))) => {
+                assert!(nk.reason().is_some_and(Reason::retryable), "{nk:?}");
+                let env = pending[&nk.message_id].clone();
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                a.send(&env).await.unwrap();
+            }
+            other => panic!("sender got {other:?} with {} acked", acked.len()),
+        }
+    }
+    acked
+}
+
+/// Attack 7: ACK then drop. A receiver takes 10,000 envelopes without ACKing any and leaves; its
+/// next session gets every envelope that was ACKed to the sender, once. What the relay still
+/// holds for an absent agent when it exits is counted in its log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custody_acked_to_its_sender_is_never_dropped_and_exit_counts_what_it_loses() {
+    const N: u64 = 10_000;
+    const LEFT_AT_EXIT: u64 = 300;
+    let mut relay = Relay::start(&["--cores", "2"], None);
+    let pair = well_behaved_pair(&relay, 2_000);
+    let cfg = relay.config("absent-receiver");
+    let b_id = cfg.identity.agent_id();
+    let b = Agent::connect(cfg.clone()).await.unwrap();
+    let mut a = relay.agent("custody-sender").await;
+    let acked = send_until_acked(&mut a, b_id, N).await;
+    drop(b);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut b = Agent::connect(cfg.clone()).await.unwrap();
+    let mut got = std::collections::HashSet::new();
+    while got.len() < acked.len() {
+        match tokio::time::timeout(Duration::from_secs(20), b.next_event()).await {
+            Ok(Some(Event::Envelope(e))) => {
+                assert!(got.insert(e.message_id()), "delivered twice in one session");
+                b.ack(e.message_id()).await.unwrap();
+            }
+            other => panic!("receiver got {other:?} after {}", got.len()),
+        }
+    }
+    assert_eq!(got, acked, "every envelope ACKed to the sender, none other");
+    // Now some the receiver never ACKs, and it leaves: the relay holds them when it exits.
+    let left = send_until_acked(&mut a, b_id, LEFT_AT_EXIT).await;
+    let mut seen = 0;
+    while seen < left.len() {
+        match tokio::time::timeout(Duration::from_secs(20), b.next_event()).await {
+            Ok(Some(Event::Envelope(_))) => seen += 1,
+            other => panic!("receiver got {other:?}"),
+        }
+    }
+    drop(b);
+    assert_eq!(pair.await.unwrap(), 2_000, "the well-behaved pair lost nothing");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(relay.terminate().success());
+    let lost: u64 = relay
+        .log()
+        .lines()
+        .filter(|l| l.contains("custody lost at exit"))
+        .filter_map(|l| l.split("envelopes=").nth(1))
+        .filter_map(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(lost, LEFT_AT_EXIT, "exit counts what it loses:\n{}", relay.log());
+}

@@ -32,7 +32,7 @@ pub(crate) struct Inflight {
     /// source only, so two sources may share one). Built on the first ACK that is not for the
     /// oldest envelope (an agent that ACKs in order never pays for it) and kept until nothing is
     /// in flight.
-    index: Option<HashMap<MessageId, VecDeque<u64>, foldhash::fast::RandomState>>,
+    index: Option<HashMap<MessageId, VecDeque<u64>, crate::shard::hasher::MapHasher>>,
     /// Envelopes at the front of `order` already moved off their read buffers.
     unshared: usize,
 }
@@ -90,7 +90,7 @@ impl Inflight {
         } else {
             let order = &self.order;
             let ix = self.index.get_or_insert_with(|| {
-                let mut ix: HashMap<MessageId, VecDeque<u64>, foldhash::fast::RandomState> =
+                let mut ix: HashMap<MessageId, VecDeque<u64>, crate::shard::hasher::MapHasher> =
                     HashMap::default();
                 for (i, s) in order.iter().enumerate().filter(|(_, s)| !s.acked) {
                     ix.entry(s.env.message_id())
@@ -253,7 +253,7 @@ impl SendQueue {
 /// send queue and deliver window), and the relay's budget refuses new work before it is full.
 #[derive(Default)]
 pub(crate) struct Held {
-    by_agent: HashMap<AgentId, VecDeque<Envelope>, foldhash::fast::RandomState>,
+    by_agent: HashMap<AgentId, VecDeque<Envelope>, crate::shard::hasher::MapHasher>,
     bytes: usize,
     count: usize,
 }
@@ -330,7 +330,7 @@ impl Released {
 /// What each source has in this shard's custody (queued, in flight, held), in frame bytes.
 #[derive(Default)]
 pub(crate) struct SourceQuota {
-    by_source: HashMap<AgentId, u64, foldhash::fast::RandomState>,
+    by_source: HashMap<AgentId, u64, crate::shard::hasher::MapHasher>,
 }
 
 impl SourceQuota {

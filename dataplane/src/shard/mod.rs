@@ -33,6 +33,7 @@ pub mod budget;
 mod conn;
 mod custody;
 mod forward;
+pub mod hasher;
 pub mod msg;
 mod timers;
 mod transport;
@@ -167,8 +168,8 @@ pub struct Shard {
     cfg: ShardConfig,
     settings: Arc<Settings>,
     m: CoreMetrics,
-    conns: HashMap<ConnId, Conn, foldhash::fast::RandomState>,
-    by_agent: HashMap<AgentId, ConnId, foldhash::fast::RandomState>,
+    conns: HashMap<ConnId, Conn, crate::shard::hasher::MapHasher>,
+    by_agent: HashMap<AgentId, ConnId, crate::shard::hasher::MapHasher>,
     directory: Directory,
     held: Held,
     outbox: Outbox,
