@@ -26,6 +26,7 @@ pub const CONNECTIONS_ACCEPTED: &str = "openmesh_connections_accepted_total";
 pub const HANDSHAKE_FAILURES: &str = "openmesh_handshake_failures_total";
 pub const QUEUE_DEPTH: &str = "openmesh_queue_depth";
 pub const INFLIGHT: &str = "openmesh_inflight_envelopes";
+pub const HELD: &str = "openmesh_custody_held_envelopes";
 pub const MAILBOX_SENT: &str = "openmesh_mailbox_messages_total";
 pub const MAILBOX_FULL: &str = "openmesh_mailbox_full_total";
 pub const THROTTLED: &str = "openmesh_reads_throttled_total";
@@ -116,6 +117,11 @@ pub fn describe() {
         Unit::Count,
         "At-least-once envelopes written to agents and not yet acknowledged."
     );
+    describe_gauge!(
+        HELD,
+        Unit::Count,
+        "Envelopes kept for agents that are not connected (memory only; lost at exit, counted)."
+    );
     describe_counter!(
         MAILBOX_SENT,
         Unit::Count,
@@ -181,6 +187,7 @@ pub struct CoreMetrics {
     pub connections_accepted: Counter,
     pub queue_depth: Gauge,
     pub inflight: Gauge,
+    pub held: Gauge,
     pub mailbox_sent: Counter,
     pub mailbox_full: Counter,
     pub throttled_frames: Counter,
@@ -225,6 +232,7 @@ impl CoreMetrics {
             connections_accepted: counter!(CONNECTIONS_ACCEPTED),
             queue_depth: gauge!(QUEUE_DEPTH, "core" => core.clone()),
             inflight: gauge!(INFLIGHT, "core" => core.clone()),
+            held: gauge!(HELD, "core" => core.clone()),
             mailbox_sent: counter!(MAILBOX_SENT, "from_core" => core.clone()),
             mailbox_full: counter!(MAILBOX_FULL, "from_core" => core.clone()),
             throttled_frames: counter!(THROTTLED, "limit" => "frames"),

@@ -103,6 +103,7 @@ impl Shard {
         let (queued, inflight) = self.custody_counts();
         self.m.queue_depth.set(queued as f64);
         self.m.inflight.set(inflight as f64);
+        self.m.held.set(self.held.len() as f64);
         let used = self.usage();
         self.m.memory_used.set(used as f64);
         if let Some(state) = self.budget.tick(used) {
