@@ -176,6 +176,7 @@ impl super::Shard {
                     + c.a.ctrl.capacity()
                     + c.a.outq.bytes()
                     + c.a.inflight.bytes()
+                    + c.a.awaiting_bytes
                     + if c.writing {
                         super::transport::WRITE_BUFFER
                     } else {

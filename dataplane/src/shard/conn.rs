@@ -35,8 +35,9 @@ pub(crate) struct AgentSession {
     pub(crate) ctrl: BytesMut,
     pub(crate) outq: SendQueue,
     pub(crate) inflight: Inflight,
-    /// Envelopes sent to other cores that wait for a verdict.
+    /// Envelopes sent to other cores that wait for a verdict, and their bytes.
     pub(crate) awaiting: u32,
+    pub(crate) awaiting_bytes: usize,
     pub(crate) bucket_frames: Option<TokenBucket>,
     pub(crate) bucket_bytes: Option<TokenBucket>,
     /// The reader pauses until then, or until a `Resume`: a destination this session sent to
@@ -126,6 +127,7 @@ impl Shard {
                     outq: SendQueue::default(),
                     inflight: Inflight::default(),
                     awaiting: 0,
+                    awaiting_bytes: 0,
                     bucket_frames: None,
                     bucket_bytes: None,
                     paced_until_us: 0,
@@ -171,6 +173,7 @@ impl Shard {
             .contract
             .as_ref()
             .is_some_and(|w| c.a.awaiting >= w.send_window)
+            || c.a.awaiting_bytes >= self.settings.limits.send_queue_bytes()
         {
             self.m.throttled_send_window.increment(1);
             c.reader_parked = true;

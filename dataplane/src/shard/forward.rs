@@ -34,17 +34,18 @@ impl Shard {
         if state >= Overload::Shed && class == DeliveryClass::BestEffort
             || state == Overload::Refuse
         {
-            self.settle(src, id, class, Err(Reason::Overloaded), false, now);
+            self.settle(src, id, class, Err(Reason::Overloaded), None, now);
             return;
         }
         match self.directory.route(&env, self.id) {
             Route::Local => {
                 let result = self.deliver_local(env, (self.id, src)).map_err(|(r, _)| r);
-                self.settle(src, id, class, result, false, now);
+                self.settle(src, id, class, result, None, now);
             }
             Route::Core(k) => {
                 if let Some(c) = self.conns.get_mut(&src) {
                     c.a.awaiting += 1;
+                    c.a.awaiting_bytes += env.frame_len();
                 }
                 self.outbox.push(
                     k,
@@ -55,7 +56,7 @@ impl Shard {
                 );
                 self.handed_off += 1;
             }
-            Route::Refuse(r) => self.settle(src, id, class, Err(r), false, now),
+            Route::Refuse(r) => self.settle(src, id, class, Err(r), None, now),
         }
     }
 
@@ -153,6 +154,7 @@ impl Shard {
     pub(super) fn on_deliver(&mut self, env: Envelope, src: Option<(u16, ConnId)>, now: Now) {
         let id = env.message_id();
         let class = env.class();
+        let len = env.frame_len() as u32;
         let moved = dest_agent(&env)
             .and_then(|a| self.directory.locate(&a))
             .filter(|l| l.core != self.id);
@@ -179,27 +181,30 @@ impl Shard {
             self.deliver_local(env, (core, conn))
         };
         let result = result.map_err(|(r, _)| r);
-        self.verdict_to(core, conn, id, class, result, now);
+        self.verdict_to(core, conn, (id, len), class, result, now);
     }
 
+    /// Sends the verdict on envelope `id` of `len` bytes to its source connection.
     fn verdict_to(
         &mut self,
         core: u16,
         conn: ConnId,
-        id: MessageId,
+        (id, len): (MessageId, u32),
         class: DeliveryClass,
         result: Result<bool, Reason>,
         now: Now,
     ) {
+        let class_acked = class != DeliveryClass::BestEffort;
         if core == self.id {
-            self.on_verdict(conn, id, class != DeliveryClass::BestEffort, result, now);
+            self.on_verdict(conn, id, len, class_acked, result, now);
         } else {
             self.outbox.push(
                 core,
                 CoreMsg::Verdict {
                     conn,
                     id,
-                    class_acked: class != DeliveryClass::BestEffort,
+                    len,
+                    class_acked,
                     result,
                 },
             );
@@ -211,6 +216,7 @@ impl Shard {
         &mut self,
         conn: ConnId,
         id: MessageId,
+        len: u32,
         acked: bool,
         result: Result<bool, Reason>,
         now: Now,
@@ -220,20 +226,21 @@ impl Shard {
         } else {
             DeliveryClass::BestEffort
         };
-        self.settle(conn, id, class, result, true, now);
+        self.settle(conn, id, class, result, Some(len as usize), now);
     }
 
     /// Applies a verdict to its source connection: ACK (batched), NACK or counted drop, and
-    /// congestion.
+    /// congestion. `remote`: the envelope's length, when it went to another core.
     fn settle(
         &mut self,
         conn: ConnId,
         id: MessageId,
         class: DeliveryClass,
         result: Result<bool, Reason>,
-        remote: bool,
+        remote: Option<usize>,
         now: Now,
     ) {
+        let awaiting_cap = self.settings.limits.send_queue_bytes();
         let Some(c) = self.conns.get_mut(&conn) else {
             if let Err(r) = result {
                 if class == DeliveryClass::BestEffort {
@@ -243,15 +250,17 @@ impl Shard {
             return;
         };
         let mut wake_reader = false;
-        if remote {
+        if let Some(len) = remote {
             if c.a
                 .contract
                 .as_ref()
                 .is_some_and(|w| c.a.awaiting >= w.send_window)
+                || c.a.awaiting_bytes >= awaiting_cap
             {
                 wake_reader = true;
             }
             c.a.awaiting = c.a.awaiting.saturating_sub(1);
+            c.a.awaiting_bytes = c.a.awaiting_bytes.saturating_sub(len);
         }
         let mut wake = false;
         match result {

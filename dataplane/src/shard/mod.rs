@@ -344,9 +344,10 @@ impl Shard {
             CoreMsg::Verdict {
                 conn,
                 id,
+                len,
                 class_acked,
                 result,
-            } => self.on_verdict(conn, id, class_acked, result, now),
+            } => self.on_verdict(conn, id, len, class_acked, result, now),
             CoreMsg::Resume { conn } => self.on_resume(conn),
             CoreMsg::Reconfigure(s) => self.reconfigure(s, now),
             CoreMsg::Drain => self.start_drain(now),

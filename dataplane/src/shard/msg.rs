@@ -39,6 +39,8 @@ pub enum CoreMsg {
     Verdict {
         conn: ConnId,
         id: MessageId,
+        /// The envelope's frame length (what the source's core stops counting as sent).
+        len: u32,
         class_acked: bool,
         result: Result<bool, Reason>,
     },
