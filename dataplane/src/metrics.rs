@@ -27,6 +27,7 @@ pub const HANDSHAKE_FAILURES: &str = "openmesh_handshake_failures_total";
 pub const QUEUE_DEPTH: &str = "openmesh_queue_depth";
 pub const INFLIGHT: &str = "openmesh_inflight_envelopes";
 pub const HELD: &str = "openmesh_custody_held_envelopes";
+pub const SESSIONS_MOVED: &str = "openmesh_sessions_moved_total";
 pub const MAILBOX_SENT: &str = "openmesh_mailbox_messages_total";
 pub const MAILBOX_FULL: &str = "openmesh_mailbox_full_total";
 pub const THROTTLED: &str = "openmesh_reads_throttled_total";
@@ -117,6 +118,11 @@ pub fn describe() {
         Unit::Count,
         "At-least-once envelopes written to agents and not yet acknowledged."
     );
+    describe_counter!(
+        SESSIONS_MOVED,
+        Unit::Count,
+        "Sessions handed to their agent's home core after HELLO."
+    );
     describe_gauge!(
         HELD,
         Unit::Count,
@@ -188,6 +194,7 @@ pub struct CoreMetrics {
     pub queue_depth: Gauge,
     pub inflight: Gauge,
     pub held: Gauge,
+    pub sessions_moved: Counter,
     pub mailbox_sent: Counter,
     pub mailbox_full: Counter,
     pub throttled_frames: Counter,
@@ -233,6 +240,7 @@ impl CoreMetrics {
             queue_depth: gauge!(QUEUE_DEPTH, "core" => core.clone()),
             inflight: gauge!(INFLIGHT, "core" => core.clone()),
             held: gauge!(HELD, "core" => core.clone()),
+            sessions_moved: counter!(SESSIONS_MOVED, "core" => core.clone()),
             mailbox_sent: counter!(MAILBOX_SENT, "from_core" => core.clone()),
             mailbox_full: counter!(MAILBOX_FULL, "from_core" => core.clone()),
             throttled_frames: counter!(THROTTLED, "limit" => "frames"),

@@ -83,6 +83,25 @@ impl Identity {
         Ok(Self::from_parts(vec![cert.der().clone()], &key))
     }
 
+    /// A self-signed agent identity whose Ed25519 key is derived from `seed`: the same seed
+    /// gives the same agent id. For tests that replay schedules; a real agent's key must come
+    /// from [`Identity::generate_self_signed`].
+    pub fn self_signed_from_seed(common_name: &str, seed: [u8; 32]) -> Result<Self, PkiError> {
+        // PKCS#8 v1 wrapping of an Ed25519 private key (RFC 8410): a fixed prefix, the seed.
+        let mut der = vec![
+            0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22,
+            0x04, 0x20,
+        ];
+        der.extend_from_slice(&seed);
+        let der = rustls::pki_types::PrivatePkcs8KeyDer::from(der);
+        let key = KeyPair::from_pkcs8_der_and_sign_algo(&der, &PKCS_ED25519)?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name = dn(common_name);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.self_signed(&key)?;
+        Ok(Self::from_parts(vec![cert.der().clone()], &key))
+    }
+
     fn from_parts(chain: Vec<CertificateDer<'static>>, key: &KeyPair) -> Self {
         let mut public = [0u8; 32];
         public.copy_from_slice(key.public_key_raw());

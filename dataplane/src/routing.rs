@@ -12,6 +12,15 @@ use std::collections::HashMap;
 
 use crate::wire::{AgentId, Destination, Envelope, Reason};
 
+/// The home core of `agent` among `cores`: where its sessions live, its queue, its custody and
+/// (with the store) its durable records. A fixed function of the id (its first eight bytes,
+/// big-endian, modulo the number of cores), so it needs no directory.
+pub fn home_core(agent: &AgentId, cores: u16) -> u16 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&agent.0[..8]);
+    (u64::from_be_bytes(b) % cores.max(1) as u64) as u16
+}
+
 /// The core owning an attached agent, and the sequence number of that attachment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Location {

@@ -358,13 +358,19 @@ impl Sim {
     /// The relay reads what the agent wrote (a random part of it).
     fn relay_reads(&mut self, l: usize) {
         let link = &self.links[l];
-        if !link.open || link.to_relay.is_empty() {
+        if !link.open {
             return;
         }
         let (core, conn) = (link.core, link.conn);
-        if self.shards[core].read_gate(conn, self.now) != ReadGate::Go {
-            return;
+        match self.shards[core].read_gate(conn, self.now) {
+            ReadGate::Move(home) => {
+                self.move_link(core, conn, home);
+                return;
+            }
+            ReadGate::Go if !self.links[l].to_relay.is_empty() => {}
+            _ => return,
         }
+        let link = &self.links[l];
         let n = 1 + self.rng.below(link.to_relay.len() as u64) as usize;
         let Some(mut buf) = self.shards[core].take_read_buf(conn) else {
             return;
@@ -373,6 +379,16 @@ impl Sim {
         let bytes: Vec<u8> = self.links[l].to_relay.drain(..n).collect();
         buf.extend_from_slice(&bytes);
         self.shards[core].on_read(conn, buf, self.now);
+    }
+
+    /// The shard hands a session to its agent's home core: it travels as mail.
+    fn move_link(&mut self, core: usize, conn: ConnId, home: u16) {
+        if let Some(m) = self.shards[core].take_moving(conn) {
+            self.mail[home as usize].push_back(CoreMsg::Adopt {
+                conn: m,
+                socket: None,
+            });
+        }
     }
 
     /// The relay's writer runs, and the agent reads what it wrote (if it reads).
@@ -584,7 +600,32 @@ impl Sim {
             let Some(m) = self.mail[core].pop_front() else {
                 break;
             };
-            self.shards[core].on_message(m, self.now);
+            self.deliver(core, m);
+        }
+    }
+
+    /// One message to a shard; a moving session is adopted and its link follows it.
+    fn deliver(&mut self, core: usize, m: CoreMsg) {
+        {
+            match m {
+                CoreMsg::Adopt { conn: moving, .. } => {
+                    let (from, old) = moving.origin();
+                    let id = self.shards[core].adopt(moving, self.now);
+                    match self
+                        .links
+                        .iter()
+                        .position(|l| l.open && l.core == from as usize && l.conn == old)
+                    {
+                        Some(l) => {
+                            self.links[l].core = core;
+                            self.links[l].conn = id;
+                        }
+                        // The agent's connection ended while the session moved.
+                        None => self.shards[core].on_read_end(id, self.now),
+                    }
+                }
+                m => self.shards[core].on_message(m, self.now),
+            }
         }
     }
 
@@ -666,7 +707,7 @@ impl Sim {
             while self.mail.iter().any(|m| !m.is_empty()) {
                 for core in 0..self.mail.len() {
                     while let Some(m) = self.mail[core].pop_front() {
-                        self.shards[core].on_message(m, self.now);
+                        self.deliver(core, m);
                     }
                 }
                 self.drive();
@@ -678,6 +719,8 @@ impl Sim {
     }
 
     fn relay_reads_all(&mut self, l: usize) {
+        // Once even with nothing to read: the gate may move the session to its home core.
+        self.relay_reads(l);
         while self.links[l].open && !self.links[l].to_relay.is_empty() {
             let before = self.links[l].to_relay.len();
             self.relay_reads(l);
@@ -727,8 +770,9 @@ fn world() -> World {
     .clone();
     tls.enable_secret_extraction = true;
     World {
-        agents: (0..4)
-            .map(|i| Identity::generate_self_signed(&format!("agent-{i}")).unwrap())
+        // Fixed keys: a seed replays the same agent ids, so the same home cores and map orders.
+        agents: (0..4u8)
+            .map(|i| Identity::self_signed_from_seed(&format!("agent-{i}"), [i + 1; 32]).unwrap())
             .collect(),
         relay,
         server_tls: Arc::new(tls),

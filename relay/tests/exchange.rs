@@ -240,6 +240,10 @@ async fn many_agents_on_two_cores_exchange_across_cores_without_loss() {
     );
     let s0 = common::metric_in(&text, "openmesh_sessions_active", &[]);
     assert_eq!(s0, AGENTS as f64);
+    // Connections land on either core; each session moved to its agent's home core when the
+    // two differed (about half of them).
+    let moved = common::metric_in(&text, "openmesh_sessions_moved_total", &[]);
+    assert!(moved > 0.0 && moved < AGENTS as f64, "moved {moved}");
 }
 
 /// Envelopes up to the negotiated max_frame (1 MiB by default) are forwarded whole, also those

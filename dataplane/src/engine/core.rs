@@ -7,6 +7,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -91,7 +92,7 @@ pub(crate) fn run(
         uring::spawn(accept_loop(core.clone()));
         uring::spawn(tick_loop(core.clone()));
         tracing::debug!(core = id, "core running");
-        core.mailbox_loop().await;
+        core.clone().mailbox_loop().await;
     });
 }
 
@@ -157,6 +158,10 @@ async fn reader(core: Rc<Core>, id: ConnId, io: Rc<ConnIo>) {
                 continue;
             }
             ReadGate::Stop => break,
+            ReadGate::Move(home) => {
+                core.hand_over(id, &io, home);
+                return;
+            }
         }
         let Some(buf) = core.shard.borrow_mut().take_read_buf(id) else {
             break;
@@ -198,6 +203,45 @@ async fn writer(core: Rc<Core>, id: ConnId, io: Rc<ConnIo>) {
 }
 
 impl Core {
+    /// Hands connection `id` and its socket to core `home` (its agent's home core). Its reader
+    /// (the caller) and writer end here without ending the session.
+    fn hand_over(&self, id: ConnId, io: &ConnIo, home: u16) {
+        self.io.borrow_mut().remove(&id);
+        io.wake_writer.notify_one();
+        let moving = self.shard.borrow_mut().take_moving(id);
+        let Some(moving) = moving else {
+            return;
+        };
+        match io.stream.duplicate() {
+            Ok(fd) => {
+                self.shard.borrow_mut().outbox().push(
+                    home,
+                    CoreMsg::Adopt {
+                        conn: moving,
+                        socket: Some(fd),
+                    },
+                );
+            }
+            Err(e) => tracing::warn!(core = self.id, error = %e, "cannot hand a session over"),
+        }
+        // This core's descriptor closes when the tasks drop their handles; the socket lives on
+        // in the duplicate (no shutdown: that would end the connection itself).
+        self.drive();
+    }
+
+    /// Takes in a session handed over by another core: its socket gets tasks here.
+    fn adopt(self: &Rc<Self>, moving: crate::shard::MovingConn, fd: OwnedFd, t: Now) {
+        let io = Rc::new(ConnIo {
+            stream: Stream::from_socket(fd),
+            wake_writer: Notify::new(),
+            wake_reader: Notify::new(),
+        });
+        let id = self.shard.borrow_mut().adopt(moving, t);
+        self.io.borrow_mut().insert(id, io.clone());
+        uring::spawn(writer(self.clone(), id, io.clone()));
+        uring::spawn(reader(self.clone(), id, io));
+    }
+
     /// Carries out the shard's actions and flushes its outbox.
     fn drive(&self) {
         loop {
@@ -235,7 +279,7 @@ impl Core {
         }
     }
 
-    async fn mailbox_loop(&self) {
+    async fn mailbox_loop(self: Rc<Self>) {
         let mb = &self.shared.mailboxes[self.id as usize];
         loop {
             mb.wait().await;
@@ -249,7 +293,13 @@ impl Core {
                     // Complete the pending accept; the kernel stops queueing connections here.
                     self.listener.stop();
                 }
-                self.shard.borrow_mut().on_message(msg, t);
+                match msg {
+                    CoreMsg::Adopt {
+                        conn,
+                        socket: Some(fd),
+                    } => self.adopt(conn, fd, t),
+                    msg => self.shard.borrow_mut().on_message(msg, t),
+                }
                 if exit {
                     break;
                 }

@@ -12,7 +12,7 @@
 use std::future::Future;
 use std::io;
 use std::net::{Shutdown, SocketAddr};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 
 use bytes::BytesMut;
 use socket2::{Domain, Protocol, Socket, Type};
@@ -97,6 +97,22 @@ impl Stream {
     /// Shuts the socket down; pending operations on it complete.
     pub fn shutdown(&self) {
         let _ = self.inner.shutdown(Shutdown::Both);
+    }
+
+    /// A second descriptor for the socket, to hand it to another core's ring; this stream
+    /// closes its own when dropped. Only with no operation in flight on it.
+    pub fn duplicate(&self) -> io::Result<OwnedFd> {
+        #[allow(unsafe_code)]
+        // SAFETY: the descriptor belongs to `self.inner`, which is alive for this call.
+        let fd = unsafe { BorrowedFd::borrow_raw(self.inner.as_raw_fd()) };
+        fd.try_clone_to_owned()
+    }
+
+    /// Adopts a socket handed over from another core. Must run inside the core's runtime.
+    pub fn from_socket(fd: OwnedFd) -> Self {
+        Stream {
+            inner: tokio_uring::net::TcpStream::from_std(std::net::TcpStream::from(fd)),
+        }
     }
 }
 

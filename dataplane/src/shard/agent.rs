@@ -21,6 +21,10 @@ impl Shard {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
+        if c.moving_to.is_some() {
+            // Read on its home core, after the move.
+            return;
+        }
         if c.closing {
             c.transport.discard_input();
             return;

@@ -7,6 +7,10 @@
 //! that learns of a newer attachment closes its older session (`session_replaced`) and sends
 //! that session's custody to the new owner. Envelopes held for an absent agent follow it the
 //! same way.
+//!
+//! A session lives on its agent's home core ([`crate::routing::home_core`]): one that completes
+//! HELLO elsewhere moves there first (`ReadGate::Move`, `CoreMsg::Adopt`), so an agent's queue,
+//! custody and order have one owner wherever its connection landed.
 
 use super::msg::CoreMsg;
 use super::{dest_agent, Conn, ConnId, Now, Shard};
@@ -60,6 +64,27 @@ impl Shard {
         c.a.bucket_bytes = Some(TokenBucket::new(welcome.rate_bytes, burst_bytes, t));
         c.a.contract = Some(welcome);
         c.a.seq = seq;
+        let home = crate::routing::home_core(&agent, self.ncores);
+        if home != self.id {
+            // The session lives on its agent's home core: the reader's gate hands it over, and
+            // that core attaches it and sends WELCOME.
+            c.moving_to = Some(home);
+            return;
+        }
+        self.attach_here(conn, now);
+    }
+
+    /// Attaches an established session on this core (its agent's home): it becomes the
+    /// agent's session, inherits what was kept for the agent, and gets WELCOME once every core
+    /// knows.
+    pub(super) fn attach_here(&mut self, conn: ConnId, now: Now) {
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
+        let (Some(agent), seq) = (c.a.agent, c.a.seq) else {
+            return;
+        };
+        let sid = c.a.contract.as_ref().map_or(0, |w| w.session_id);
         let loc = Location { core: self.id, seq };
         if let Attach::Replaced(old) = self.directory.attach(agent, loc) {
             if old.core == self.id {

@@ -75,6 +75,29 @@ pub(crate) struct Conn {
     pub(crate) key_update_due: bool,
     /// A WakeWriter went out and the writer has not found the connection idle since.
     pub(crate) writer_awake: bool,
+    /// The session completed HELLO on a core that is not its agent's home: it moves there.
+    pub(crate) moving_to: Option<u16>,
+}
+
+/// A connection on its way to another core (its agent's home), with everything the relay knows
+/// of it: TLS state, unread input, the negotiated session. Opaque outside the shard.
+pub struct MovingConn(pub(crate) Box<Conn>, u16);
+
+impl std::fmt::Debug for MovingConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "MovingConn({}:{}, {:?})",
+            self.1, self.0.id, self.0.a.agent
+        )
+    }
+}
+
+impl MovingConn {
+    /// The core it leaves and its id there.
+    pub fn origin(&self) -> (u16, ConnId) {
+        (self.1, self.0.id)
+    }
 }
 
 impl Shard {
@@ -143,6 +166,7 @@ impl Shard {
                 reader_parked: false,
                 key_update_due: false,
                 writer_awake: false,
+                moving_to: None,
             },
         );
         Some(id)
@@ -154,6 +178,14 @@ impl Shard {
         let Some(c) = self.conns.get_mut(&conn) else {
             return ReadGate::Stop;
         };
+        if let Some(home) = c.moving_to {
+            if c.writing {
+                // Its socket is not handed over with a write in progress.
+                c.reader_parked = true;
+                return ReadGate::Park;
+            }
+            return ReadGate::Move(home);
+        }
         if c.closing || c.transport.peer_closed {
             // Keep reading until the peer hangs up (so its close_notify and FIN are seen), but
             // what it sends is ignored.
@@ -214,6 +246,34 @@ impl Shard {
         };
         c.transport.put_read_buf(buf);
         self.process_input(conn, now);
+    }
+
+    /// Takes a connection that [`Shard::read_gate`] said moves ([`ReadGate::Move`]) out of this
+    /// shard, for [`Shard::adopt`] on its home core. Its reader and writer end without
+    /// [`Shard::on_read_end`].
+    pub fn take_moving(&mut self, conn: ConnId) -> Option<MovingConn> {
+        self.conns.get(&conn)?.moving_to?;
+        let c = self.conns.remove(&conn)?;
+        self.m.sessions_moved.increment(1);
+        Some(MovingConn(Box::new(c), self.id))
+    }
+
+    /// Takes in a connection moved from another core: it gets an id here, attaches, and reads
+    /// what it had already received. The engine gives it its socket and tasks.
+    pub fn adopt(&mut self, moving: MovingConn, now: Now) -> ConnId {
+        let mut c = moving.0;
+        let id = self.next_conn;
+        self.next_conn += 1;
+        c.id = id;
+        c.moving_to = None;
+        c.reader_parked = false;
+        c.writer_awake = false;
+        self.conns.insert(id, *c);
+        self.attach_here(id, now);
+        if self.conns.get(&id).is_some_and(|c| !c.closing) {
+            self.process_input(id, now);
+        }
+        id
     }
 
     /// The connection's reader ended (EOF, error, or shut down): the connection is forgotten.

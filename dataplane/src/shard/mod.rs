@@ -31,6 +31,7 @@ mod agent;
 mod attach;
 pub mod budget;
 mod conn;
+pub use conn::MovingConn;
 mod custody;
 mod forward;
 pub mod hasher;
@@ -154,6 +155,9 @@ pub enum ReadGate {
     Park,
     /// The connection is finished: stop reading.
     Stop,
+    /// The session belongs on core `k` (its agent's home core): take it with
+    /// [`Shard::take_moving`] and hand it and its socket to core `k` (`CoreMsg::Adopt`).
+    Move(u16),
 }
 
 /// Outbox backlog towards one core above which readers park.
@@ -349,6 +353,11 @@ impl Shard {
                 result,
             } => self.on_verdict(conn, id, len, class_acked, result, now),
             CoreMsg::Resume { conn } => self.on_resume(conn),
+            CoreMsg::Adopt { conn, .. } => {
+                // The engine adopts moving sessions itself (it owns the socket); without one
+                // the session is still taken in.
+                self.adopt(conn, now);
+            }
             CoreMsg::Reconfigure(s) => self.reconfigure(s, now),
             CoreMsg::Drain => self.start_drain(now),
             CoreMsg::Exit => self.exit(),

@@ -47,6 +47,13 @@ pub enum CoreMsg {
     /// A destination the connection's source sent to while congested has drained: its reader
     /// may go on.
     Resume { conn: ConnId },
+    /// A session moving to its agent's home core, with its socket (none in the simulated
+    /// relay). The engine adopts it ([`super::Shard::adopt`]) before the shard sees messages
+    /// after it.
+    Adopt {
+        conn: super::conn::MovingConn,
+        socket: Option<std::os::fd::OwnedFd>,
+    },
     /// New live settings.
     Reconfigure(Arc<Settings>),
     /// Begin a graceful drain.
