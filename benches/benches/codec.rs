@@ -87,7 +87,7 @@ fn forwarding(c: &mut Criterion) {
     c.bench_function("forwarding_decision_100k_agents", |b| {
         b.iter(|| {
             check_ingress(&env, &contract, 2_000).unwrap();
-            dir.route(&env, 0)
+            dir.route(&env, 0, 2)
         })
     });
 }

@@ -28,6 +28,7 @@ pub const QUEUE_DEPTH: &str = "openmesh_queue_depth";
 pub const INFLIGHT: &str = "openmesh_inflight_envelopes";
 pub const HELD: &str = "openmesh_custody_held_envelopes";
 pub const SESSIONS_MOVED: &str = "openmesh_sessions_moved_total";
+pub const HELD_FOR_ABSENT: &str = "openmesh_envelopes_held_for_absent_total";
 pub const MAILBOX_SENT: &str = "openmesh_mailbox_messages_total";
 pub const MAILBOX_FULL: &str = "openmesh_mailbox_full_total";
 pub const THROTTLED: &str = "openmesh_reads_throttled_total";
@@ -123,6 +124,11 @@ pub fn describe() {
         Unit::Count,
         "Sessions handed to their agent's home core after HELLO."
     );
+    describe_counter!(
+        HELD_FOR_ABSENT,
+        Unit::Count,
+        "Envelopes accepted for an agent that was not connected, kept until it connects or they expire."
+    );
     describe_gauge!(
         HELD,
         Unit::Count,
@@ -195,6 +201,7 @@ pub struct CoreMetrics {
     pub inflight: Gauge,
     pub held: Gauge,
     pub sessions_moved: Counter,
+    pub held_for_absent: Counter,
     pub mailbox_sent: Counter,
     pub mailbox_full: Counter,
     pub throttled_frames: Counter,
@@ -241,6 +248,7 @@ impl CoreMetrics {
             inflight: gauge!(INFLIGHT, "core" => core.clone()),
             held: gauge!(HELD, "core" => core.clone()),
             sessions_moved: counter!(SESSIONS_MOVED, "core" => core.clone()),
+            held_for_absent: counter!(HELD_FOR_ABSENT, "core" => core.clone()),
             mailbox_sent: counter!(MAILBOX_SENT, "from_core" => core.clone()),
             mailbox_full: counter!(MAILBOX_FULL, "from_core" => core.clone()),
             throttled_frames: counter!(THROTTLED, "limit" => "frames"),

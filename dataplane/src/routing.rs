@@ -105,13 +105,13 @@ impl Directory {
         self.agents.is_empty()
     }
 
-    /// The forwarding decision for an envelope at `my_core`.
-    pub fn route(&self, env: &Envelope, my_core: u16) -> Route {
+    /// The forwarding decision for an envelope at `my_core` of `cores`: the destination
+    /// agent's home core, which queues it whether the agent is connected or not.
+    pub fn route(&self, env: &Envelope, my_core: u16, cores: u16) -> Route {
         match env.destination() {
-            Destination::Agent(a) => match self.agents.get(&a) {
-                Some(loc) if loc.core == my_core => Route::Local,
-                Some(loc) => Route::Core(loc.core),
-                None => Route::Refuse(Reason::DestinationUnavailable),
+            Destination::Agent(a) => match home_core(&a, cores) {
+                home if home == my_core => Route::Local,
+                home => Route::Core(home),
             },
             Destination::Group(_) => Route::Refuse(Reason::DestinationUnavailable),
         }
@@ -140,12 +140,21 @@ mod tests {
         );
         assert_eq!(d.attach(a, Location { core: 0, seq: 6 }), Attach::Stale);
         assert!(!d.detach(&a, 5));
-        assert_eq!(d.route(&env_to(a), 1), Route::Local);
-        assert_eq!(d.route(&env_to(a), 0), Route::Core(1));
         assert!(d.detach(&a, 7));
-        assert_eq!(
-            d.route(&env_to(a), 0),
-            Route::Refuse(Reason::DestinationUnavailable)
-        );
+        assert_eq!(d.locate(&a), None);
+    }
+
+    #[test]
+    fn envelopes_go_to_the_destinations_home_core_attached_or_not() {
+        let mut id = [0u8; 32];
+        id[7] = 5;
+        let a = AgentId(id);
+        assert_eq!(home_core(&a, 1), 0);
+        assert_eq!(home_core(&a, 2), 1);
+        assert_eq!(home_core(&a, 3), 2);
+        let d = Directory::new();
+        assert_eq!(d.route(&env_to(a), 1, 2), Route::Local);
+        assert_eq!(d.route(&env_to(a), 0, 2), Route::Core(1));
+        assert_eq!(d.route(&env_to(a), 0, 1), Route::Local);
     }
 }

@@ -253,9 +253,16 @@ impl SendQueue {
 /// send queue and deliver window), and the relay's budget refuses new work before it is full.
 #[derive(Default)]
 pub(crate) struct Held {
-    by_agent: HashMap<AgentId, VecDeque<Envelope>, crate::shard::hasher::MapHasher>,
+    by_agent: HashMap<AgentId, Kept, crate::shard::hasher::MapHasher>,
     bytes: usize,
     count: usize,
+}
+
+/// What is kept for one agent, in order, and its frame bytes.
+#[derive(Default)]
+struct Kept {
+    q: VecDeque<Envelope>,
+    bytes: usize,
 }
 
 impl Held {
@@ -266,10 +273,20 @@ impl Held {
             return false;
         }
         env.unshare();
-        self.bytes += env.frame_len();
+        let len = env.frame_len();
+        self.bytes += len;
         self.count += 1;
-        self.by_agent.entry(agent).or_default().push_back(env);
+        let k = self.by_agent.entry(agent).or_default();
+        k.bytes += len;
+        k.q.push_back(env);
         true
+    }
+
+    /// Whether one more envelope of `len` bytes fits what may be kept for `agent`.
+    pub(crate) fn admits(&self, agent: &AgentId, len: usize, max_n: usize, max_b: usize) -> bool {
+        self.by_agent
+            .get(agent)
+            .is_none_or(|k| k.q.len() < max_n && k.bytes + len <= max_b)
     }
 
     /// Agents something is kept for.
@@ -279,26 +296,27 @@ impl Held {
 
     /// Takes what is kept for `agent`.
     pub(crate) fn take(&mut self, agent: &AgentId) -> Option<VecDeque<Envelope>> {
-        let q = self.by_agent.remove(agent)?;
-        self.bytes -= q.iter().map(Envelope::frame_len).sum::<usize>();
-        self.count -= q.len();
-        Some(q)
+        let k = self.by_agent.remove(agent)?;
+        self.bytes -= k.bytes;
+        self.count -= k.q.len();
+        Some(k.q)
     }
 
     /// Drops expired envelopes (noted in `released`); returns how many.
     pub(crate) fn expire(&mut self, now_ms: u64, released: &mut Released) -> u64 {
         let (mut expired, mut freed) = (0usize, 0usize);
-        self.by_agent.retain(|_, q| {
-            q.retain(|e| {
+        self.by_agent.retain(|_, k| {
+            k.q.retain(|e| {
                 let live = e.expires_ms() > now_ms;
                 if !live {
                     expired += 1;
                     freed += e.frame_len();
+                    k.bytes -= e.frame_len();
                     released.note(e);
                 }
                 live
             });
-            !q.is_empty()
+            !k.q.is_empty()
         });
         self.bytes -= freed;
         self.count -= expired;

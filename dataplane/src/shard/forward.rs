@@ -37,7 +37,7 @@ impl Shard {
             self.settle(src, id, class, Err(Reason::Overloaded), None, now);
             return;
         }
-        match self.directory.route(&env, self.id) {
+        match self.directory.route(&env, self.id, self.ncores) {
             Route::Local => {
                 let result = self.deliver_local(env, (self.id, src)).map_err(|(r, _)| r);
                 self.settle(src, id, class, result, None, now);
@@ -90,11 +90,16 @@ impl Shard {
         let Some(dst) = dest_agent(&env) else {
             return Err((Reason::DestinationUnavailable, env));
         };
-        let Some(&cid) = self.by_agent.get(&dst) else {
-            return Err((Reason::DestinationUnavailable, env));
-        };
         let l = &self.settings.limits;
         let (max_n, max_b) = (l.send_queue_envelopes, l.send_queue_bytes());
+        let present = self.by_agent.get(&dst).copied().filter(|cid| {
+            self.conns
+                .get(cid)
+                .is_some_and(|c| c.session.is_open() && !c.closing)
+        });
+        let Some(cid) = present else {
+            return self.hold_for_absent(dst, env, within_quota, (max_n, max_b));
+        };
         let Some(c) = self.conns.get_mut(&cid) else {
             return Err((Reason::DestinationUnavailable, env));
         };
@@ -110,6 +115,32 @@ impl Shard {
             self.wake_writer(cid);
         }
         r
+    }
+
+    /// Keeps new work for a destination agent that is not connected here (its home core), within
+    /// the same bounds as its send queue and the source's quota; best-effort envelopes are not
+    /// kept (dropped, counted `destination_unavailable`).
+    // The refused envelope travels back by value: no allocation on the refusal path.
+    #[allow(clippy::result_large_err)]
+    fn hold_for_absent(
+        &mut self,
+        dst: crate::wire::AgentId,
+        env: Envelope,
+        within_quota: bool,
+        (max_n, max_b): (usize, usize),
+    ) -> Result<bool, (Reason, Envelope)> {
+        if env.class() == DeliveryClass::BestEffort {
+            return Err((Reason::DestinationUnavailable, env));
+        }
+        if !within_quota {
+            return Err((Reason::QuotaExceeded, env));
+        }
+        if !self.held.admits(&dst, env.frame_len(), max_n, max_b) {
+            return Err((Reason::QueueFull, env));
+        }
+        self.held.keep(dst, env);
+        self.m.held_for_absent.increment(1);
+        Ok(false)
     }
 
     /// Resumes the sources paused on `conn`'s send queue once it is below a quarter of its
