@@ -5,6 +5,8 @@
 #   benches/compare.sh [DURATION]      # default 5s per scenario; finishes in a few minutes
 #   PINNED=1 benches/compare.sh 5s     # server on CPU 0 (relay --cores 1), generator on CPU 1
 #   RELAY=path/to/openmesh-relay benches/compare.sh 5s   # another relay build (A/B)
+#   NO_BUILD=1 benches/compare.sh 5s   # use the binaries as built (a series of runs while the
+#                                      # tree changes measures the same binaries)
 #
 # OpenMesh runs TLS 1.3 on every link with at-least-once delivery (ACKed custody); NATS runs in
 # plaintext core mode (no acknowledgements).
@@ -19,7 +21,9 @@ if ! command -v nats-server >/dev/null 2>&1; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nats-server >/dev/null
 fi
-cargo build --release -p openmesh-relay -p openmesh-loadtest >/dev/null 2>&1 || cargo build --release -p openmesh-relay -p openmesh-loadtest
+if [ "${NO_BUILD:-0}" != 1 ]; then
+  cargo build --release -p openmesh-relay -p openmesh-loadtest >/dev/null 2>&1 || cargo build --release -p openmesh-relay -p openmesh-loadtest
+fi
 
 free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }

@@ -29,6 +29,7 @@ pub const INFLIGHT: &str = "openmesh_inflight_envelopes";
 pub const HELD: &str = "openmesh_custody_held_envelopes";
 pub const SESSIONS_MOVED: &str = "openmesh_sessions_moved_total";
 pub const HELD_FOR_ABSENT: &str = "openmesh_envelopes_held_for_absent_total";
+pub const HELD_AGE_LIMIT: &str = "openmesh_held_age_limit_total";
 pub const MAILBOX_SENT: &str = "openmesh_mailbox_messages_total";
 pub const MAILBOX_FULL: &str = "openmesh_mailbox_full_total";
 pub const THROTTLED: &str = "openmesh_reads_throttled_total";
@@ -129,6 +130,11 @@ pub fn describe() {
         Unit::Count,
         "Envelopes accepted for an agent that was not connected, kept until it connects or they expire."
     );
+    describe_counter!(
+        HELD_AGE_LIMIT,
+        Unit::Count,
+        "Envelopes kept for an absent agent longer than limits.absent_max_age_s, dropped."
+    );
     describe_gauge!(
         HELD,
         Unit::Count,
@@ -202,6 +208,7 @@ pub struct CoreMetrics {
     pub held: Gauge,
     pub sessions_moved: Counter,
     pub held_for_absent: Counter,
+    pub held_age_limit: Counter,
     pub mailbox_sent: Counter,
     pub mailbox_full: Counter,
     pub throttled_frames: Counter,
@@ -249,6 +256,7 @@ impl CoreMetrics {
             held: gauge!(HELD, "core" => core.clone()),
             sessions_moved: counter!(SESSIONS_MOVED, "core" => core.clone()),
             held_for_absent: counter!(HELD_FOR_ABSENT, "core" => core.clone()),
+            held_age_limit: counter!(HELD_AGE_LIMIT, "core" => core.clone()),
             mailbox_sent: counter!(MAILBOX_SENT, "from_core" => core.clone()),
             mailbox_full: counter!(MAILBOX_FULL, "from_core" => core.clone()),
             throttled_frames: counter!(THROTTLED, "limit" => "frames"),

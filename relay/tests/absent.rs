@@ -144,3 +144,39 @@ async fn order_per_source_holds_across_a_reconnect() {
         "nothing missing"
     );
 }
+
+/// The age limit for absent agents bites before a long TTL: what was kept longer is dropped and
+/// counted, and the agent does not get it when it comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envelopes_kept_past_the_age_limit_are_dropped_and_counted() {
+    let relay = Relay::start(&["--cores", "1"], Some("[limits]\nabsent_max_age_s = 1\n"));
+    let cfg = relay.config("away-too-long");
+    let b_id = cfg.identity.agent_id();
+    let mut a = relay.agent("patient-sender").await;
+    assert_eq!(
+        send(&mut a, b_id, (0, 10), DeliveryClass::AtLeastOnce)
+            .await
+            .0,
+        10
+    );
+    let aged = relay.settled_metric("openmesh_held_age_limit_total", &[], 10.0);
+    assert_eq!(aged, 10.0);
+    // A newer one is still kept and delivered; the aged ones are not.
+    assert_eq!(
+        send(&mut a, b_id, (10, 1), DeliveryClass::AtLeastOnce)
+            .await
+            .0,
+        1
+    );
+    let mut b = Agent::connect(cfg).await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(5), b.next_event()).await {
+        Ok(Some(Event::Envelope(e))) => assert_eq!(e.payload()[..8], 10u64.to_be_bytes()),
+        other => panic!("receiver got {other:?}"),
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), b.next_event())
+            .await
+            .is_err(),
+        "nothing else"
+    );
+}

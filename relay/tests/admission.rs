@@ -268,3 +268,38 @@ async fn sighup_reloads_the_deny_list_live_and_keeps_a_bad_file_out() {
         other => panic!("{other:?}"),
     }
 }
+
+/// Agents choose their identities, so they choose their home core: sessions moved to a home
+/// core that is at its connection limit are closed `too_many_connections`, whichever core
+/// accepted them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_limit_holds_for_sessions_moved_to_their_home_core() {
+    let relay = Relay::start(
+        &["--cores", "2"],
+        Some("[limits]\nmax_connections_per_core = 2\n"),
+    );
+    // Identities whose home is core 0 of 2 (the id's first eight bytes are even).
+    let homed: Vec<_> = (1..=255u8)
+        .filter_map(|i| {
+            let id =
+                openmesh_dataplane::pki::Identity::self_signed_from_seed("homed", [i; 32]).unwrap();
+            (id.agent_id().0[7] % 2 == 0).then_some(id)
+        })
+        .take(6)
+        .collect();
+    let mut admitted = Vec::new();
+    let mut refused = 0;
+    for id in homed {
+        let mut cfg = relay.config("homed");
+        cfg.identity = id;
+        match Agent::connect(cfg).await {
+            Ok(a) => admitted.push(a),
+            Err(_) => refused += 1,
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let active = relay.metric("openmesh_sessions_active", &[]);
+    assert!(active <= 2.0, "sessions on core 0: {active}");
+    assert!(refused >= 4, "refused {refused}");
+    drop(admitted);
+}

@@ -268,7 +268,17 @@ impl Shard {
         c.moving_to = None;
         c.reader_parked = false;
         c.writer_awake = false;
+        let full = self.conns.len() >= self.settings.limits.max_connections_per_core;
         self.conns.insert(id, *c);
+        if full {
+            // Identities choose their home core: the limit holds for moved sessions too.
+            tracing::info!(
+                core = self.id,
+                "moved session refused: too many connections"
+            );
+            self.close(id, crate::wire::Reason::TooManyConnections, now);
+            return id;
+        }
         self.attach_here(id, now);
         if self.conns.get(&id).is_some_and(|c| !c.closing) {
             self.process_input(id, now);

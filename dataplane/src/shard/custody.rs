@@ -256,12 +256,14 @@ pub(crate) struct Held {
     by_agent: HashMap<AgentId, Kept, crate::shard::hasher::MapHasher>,
     bytes: usize,
     count: usize,
+    /// Unix milliseconds at the shard's last tick: when what is kept now was kept.
+    now_ms: u64,
 }
 
-/// What is kept for one agent, in order, and its frame bytes.
+/// What is kept for one agent, in order, each with when it was kept, and its frame bytes.
 #[derive(Default)]
 struct Kept {
-    q: VecDeque<Envelope>,
+    q: VecDeque<(Envelope, u64)>,
     bytes: usize,
 }
 
@@ -278,8 +280,13 @@ impl Held {
         self.count += 1;
         let k = self.by_agent.entry(agent).or_default();
         k.bytes += len;
-        k.q.push_back(env);
+        k.q.push_back((env, self.now_ms));
         true
+    }
+
+    /// The time (Unix milliseconds) that envelopes kept from now on are kept at.
+    pub(crate) fn set_now(&mut self, now_ms: u64) {
+        self.now_ms = now_ms;
     }
 
     /// Whether one more envelope of `len` bytes fits what may be kept for `agent`.
@@ -299,17 +306,32 @@ impl Held {
         let k = self.by_agent.remove(agent)?;
         self.bytes -= k.bytes;
         self.count -= k.q.len();
-        Some(k.q)
+        Some(k.q.into_iter().map(|(e, _)| e).collect())
     }
 
-    /// Drops expired envelopes (noted in `released`); returns how many.
-    pub(crate) fn expire(&mut self, now_ms: u64, released: &mut Released) -> u64 {
-        let (mut expired, mut freed) = (0usize, 0usize);
+    /// Drops envelopes that expired, and those kept longer than `max_age_ms` (noted in
+    /// `released`); returns how many of each.
+    pub(crate) fn expire(
+        &mut self,
+        now_ms: u64,
+        max_age_ms: u64,
+        released: &mut Released,
+    ) -> (u64, u64) {
+        let (mut expired, mut aged, mut freed) = (0u64, 0u64, 0usize);
         self.by_agent.retain(|_, k| {
-            k.q.retain(|e| {
-                let live = e.expires_ms() > now_ms;
+            k.q.retain_mut(|(e, kept_ms)| {
+                if *kept_ms == 0 {
+                    // Kept before the shard's first tick: its age counts from now.
+                    *kept_ms = now_ms;
+                }
+                let too_old = kept_ms.saturating_add(max_age_ms) <= now_ms;
+                let live = e.expires_ms() > now_ms && !too_old;
                 if !live {
-                    expired += 1;
+                    if e.expires_ms() > now_ms {
+                        aged += 1;
+                    } else {
+                        expired += 1;
+                    }
                     freed += e.frame_len();
                     k.bytes -= e.frame_len();
                     released.note(e);
@@ -319,8 +341,8 @@ impl Held {
             !k.q.is_empty()
         });
         self.bytes -= freed;
-        self.count -= expired;
-        expired as u64
+        self.count -= (expired + aged) as usize;
+        (expired, aged)
     }
 
     /// Bytes (frame lengths) kept.

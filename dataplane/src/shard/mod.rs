@@ -77,6 +77,9 @@ pub struct Limits {
     /// Largest read buffer of one connection: it starts at 4 KiB and doubles when a read fills
     /// it (a frame being reassembled may need up to `max_frame` plus one record more).
     pub read_buffer: usize,
+    /// Longest an envelope is kept for an agent that is not connected, in seconds, even if its
+    /// TTL is longer; past it the envelope is dropped and counted.
+    pub absent_max_age_s: u64,
 }
 
 impl Limits {
@@ -101,6 +104,7 @@ impl Default for Limits {
             memory_budget: 1 << 30,
             source_quota: None,
             read_buffer: 256 << 10,
+            absent_max_age_s: 24 * 3600,
         }
     }
 }

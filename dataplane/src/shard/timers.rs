@@ -21,11 +21,23 @@ const CUSTODY_SWEEP_US: u64 = 1_000_000;
 impl Shard {
     /// The periodic sweep.
     pub fn on_tick(&mut self, now: Now) {
+        self.held.set_now(now.unix_ms);
         if now.mono_us.saturating_sub(self.custody_swept_us) >= CUSTODY_SWEEP_US {
             self.custody_swept_us = now.mono_us;
-            let expired = self.held.expire(now.unix_ms, &mut self.released);
+            let max_age_ms = self.settings.limits.absent_max_age_s.saturating_mul(1000);
+            let (expired, aged) = self
+                .held
+                .expire(now.unix_ms, max_age_ms, &mut self.released);
             if expired > 0 {
                 self.m.dropped(Reason::Expired, expired);
+            }
+            if aged > 0 {
+                self.m.held_age_limit.increment(aged);
+                tracing::info!(
+                    core = self.id,
+                    envelopes = aged,
+                    "kept past the age limit for absent agents: dropped"
+                );
             }
             self.requeue_held();
         }
