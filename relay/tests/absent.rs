@@ -180,3 +180,24 @@ async fn envelopes_kept_past_the_age_limit_are_dropped_and_counted() {
         "nothing else"
     );
 }
+
+/// What is kept for absent agents has its own bound below the overload states: identities
+/// minted for free cannot fill the relay with offline queues; past the bound new envelopes for
+/// absent agents are refused (retryable) and live traffic keeps flowing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_queues_have_their_own_bound_and_live_traffic_keeps_flowing() {
+    let relay = Relay::start(&["--cores", "1"], Some("[limits]\nabsent_bytes = 200000\n"));
+    let mut a = relay.agent("many-absent-sender").await;
+    let (mut acked, mut full) = (0u64, 0usize);
+    for i in 0..50u8 {
+        let nobody = relay.config(&format!("nobody-{i}")).identity.agent_id();
+        let (k, nacks) = send(&mut a, nobody, (0, 20), DeliveryClass::AtLeastOnce).await;
+        acked += k;
+        full += nacks.iter().filter(|r| **r == Reason::QueueFull).count();
+    }
+    assert!(acked > 100 && full > 100, "kept {acked}, refused {full}");
+    assert_eq!(acked + full as u64, 1_000);
+    let pair = common::well_behaved_pair(&relay, 1_000);
+    assert_eq!(pair.await.unwrap(), 1_000);
+    assert_eq!(relay.metric("openmesh_overload_state", &[]), 0.0);
+}

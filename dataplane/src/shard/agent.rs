@@ -233,6 +233,8 @@ impl Shard {
         let was = c.session.state();
         c.session.close(reason);
         c.closing = true;
+        // A closing session ends where it is.
+        c.moving_to = None;
         c.closing_since_us = now.mono_us;
         if was == SessionState::Handshake {
             self.m.handshake_failed(reason);
@@ -277,7 +279,7 @@ impl Shard {
             c.session.close(r);
         }
         let Some(agent) = c.a.agent else { return };
-        if c.a.seq == 0 {
+        if !c.a.attached {
             return;
         }
         self.m.sessions_active.decrement(1.0);
@@ -296,9 +298,10 @@ impl Shard {
             }
         }
         if !c.a.handed_over {
-            for env in c.take_custody(&self.m, &mut self.released) {
-                self.keep(agent, env);
-            }
+            // Ahead of anything kept for the agent while this session was closing: order per
+            // source holds.
+            let custody = c.take_custody(&self.m, &mut self.released);
+            self.keep_first(agent, custody);
         }
     }
 }

@@ -86,12 +86,21 @@ impl Shard {
         };
         let sid = c.a.contract.as_ref().map_or(0, |w| w.session_id);
         let loc = Location { core: self.id, seq };
-        if let Attach::Replaced(old) = self.directory.attach(agent, loc) {
-            if old.core == self.id {
+        match self.directory.attach(agent, loc) {
+            Attach::Replaced(old) if old.core == self.id => {
                 for env in self.retire_local(&agent, old.seq, now) {
                     self.enqueue_or_keep(conn, agent, env);
                 }
             }
+            Attach::Stale => {
+                // A newer session of the agent attached while this one moved here.
+                self.close(conn, Reason::SessionReplaced, now);
+                return;
+            }
+            _ => {}
+        }
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.a.attached = true;
         }
         self.by_agent.insert(agent, conn);
         if let Some(kept) = self.held.take(&agent) {
@@ -191,6 +200,14 @@ impl Shard {
             None => Some(env),
         };
         if let Some(env) = refused {
+            self.keep(agent, env);
+        }
+    }
+
+    /// Holds a session's custody for its agent ahead of what is already kept for it.
+    pub(super) fn keep_first(&mut self, agent: AgentId, custody: Vec<Envelope>) {
+        let later = self.held.take(&agent);
+        for env in custody.into_iter().chain(later.into_iter().flatten()) {
             self.keep(agent, env);
         }
     }

@@ -184,7 +184,7 @@ impl super::Shard {
                     }
             })
             .sum();
-        (self.held.bytes() + buffers + conns) as u64
+        (self.held.retained() + buffers + conns) as u64
     }
 
     /// Charges bytes accepted since the last tick against the budget.

@@ -26,6 +26,8 @@ pub(crate) struct AgentSession {
     pub(crate) agent: Option<AgentId>,
     /// Attach sequence of this session (0 before HELLO).
     pub(crate) seq: u64,
+    /// The session became its agent's session on this core (counted in `sessions_active`).
+    pub(crate) attached: bool,
     pub(crate) contract: Option<Welcome>,
     pub(crate) attach_acks_pending: usize,
     /// WELCOME went out: envelopes may be written.
@@ -142,6 +144,7 @@ impl Shard {
                 a: AgentSession {
                     agent: None,
                     seq: 0,
+                    attached: false,
                     contract: None,
                     attach_acks_pending: 0,
                     welcomed: false,
@@ -269,14 +272,27 @@ impl Shard {
         c.reader_parked = false;
         c.writer_awake = false;
         let full = self.conns.len() >= self.settings.limits.max_connections_per_core;
+        let admitted = c.a.agent.map(|a| self.settings.admission.admit(&a));
+        let closing = c.closing;
         self.conns.insert(id, *c);
-        if full {
-            // Identities choose their home core: the limit holds for moved sessions too.
-            tracing::info!(
-                core = self.id,
-                "moved session refused: too many connections"
-            );
-            self.close(id, crate::wire::Reason::TooManyConnections, now);
+        // Identities choose their home core: the limit holds for moved sessions too. Admission
+        // is checked again (the lists may have been reloaded while it moved), and a draining
+        // core takes no new session.
+        let refused = if full {
+            Some(crate::wire::Reason::TooManyConnections)
+        } else if let Some(Err(r)) = admitted {
+            Some(r)
+        } else if self.draining {
+            Some(crate::wire::Reason::ShuttingDown)
+        } else {
+            None
+        };
+        if let Some(r) = refused {
+            tracing::info!(core = self.id, reason = r.label(), "moved session refused");
+            self.close(id, r, now);
+            return id;
+        }
+        if closing {
             return id;
         }
         self.attach_here(id, now);

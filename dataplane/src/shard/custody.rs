@@ -248,9 +248,16 @@ impl SendQueue {
     }
 }
 
-/// Envelopes kept for agents whose session ended, until their next session or expiry. Nothing
-/// acknowledged is dropped here: what an agent can be sent is bounded when it is accepted (its
-/// send queue and deliver window), and the relay's budget refuses new work before it is full.
+/// Memory one kept envelope costs besides its frame bytes (the decoded envelope, its
+/// timestamp, its queue slot).
+pub(crate) const HELD_ENVELOPE_OVERHEAD: usize = 160;
+/// Memory one agent with something kept costs (map entry, queue header).
+pub(crate) const HELD_AGENT_OVERHEAD: usize = 128;
+
+/// Envelopes kept for agents that are not connected (custody of a session that ended, and new
+/// work accepted for an absent agent), until their next session, expiry or the age limit.
+/// Nothing acknowledged is dropped otherwise: what is kept is bounded when it is accepted (the
+/// destination's queue bounds, the source's quota, `limits.absent_bytes`).
 #[derive(Default)]
 pub(crate) struct Held {
     by_agent: HashMap<AgentId, Kept, crate::shard::hasher::MapHasher>,
@@ -348,6 +355,12 @@ impl Held {
     /// Bytes (frame lengths) kept.
     pub(crate) fn bytes(&self) -> usize {
         self.bytes
+    }
+
+    /// What keeping costs in memory: frame bytes, plus each envelope's own record and queue
+    /// slot and each agent's map entry.
+    pub(crate) fn retained(&self) -> usize {
+        self.bytes + self.count * HELD_ENVELOPE_OVERHEAD + self.by_agent.len() * HELD_AGENT_OVERHEAD
     }
 
     /// Envelopes kept.

@@ -135,7 +135,11 @@ impl Shard {
         if !within_quota {
             return Err((Reason::QuotaExceeded, env));
         }
-        if !self.held.admits(&dst, env.frame_len(), max_n, max_b) {
+        let cap = self.settings.limits.absent_bytes() / self.ncores.max(1) as usize;
+        let cost = env.frame_len() + crate::shard::custody::HELD_ENVELOPE_OVERHEAD;
+        if !self.held.admits(&dst, env.frame_len(), max_n, max_b)
+            || self.held.retained() + cost > cap
+        {
             return Err((Reason::QueueFull, env));
         }
         self.held.keep(dst, env);

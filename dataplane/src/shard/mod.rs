@@ -80,6 +80,11 @@ pub struct Limits {
     /// Longest an envelope is kept for an agent that is not connected, in seconds, even if its
     /// TTL is longer; past it the envelope is dropped and counted.
     pub absent_max_age_s: u64,
+    /// Bytes (frames plus a per-envelope overhead) the relay keeps for agents that are not
+    /// connected, all of them together (each core its share); beyond it new envelopes for absent
+    /// agents are NACKed `queue_full`. Unset: `memory_budget / 2`, below the overload states,
+    /// so offline queues cannot push the relay into refusing sessions.
+    pub absent_bytes: Option<usize>,
 }
 
 impl Limits {
@@ -91,6 +96,11 @@ impl Limits {
     /// The per-source quota in bytes (its own setting, or `memory_budget / 16`).
     pub fn source_quota(&self) -> usize {
         self.source_quota.unwrap_or(self.memory_budget / 16)
+    }
+
+    /// What may be kept for absent agents, in bytes (its own setting, or `memory_budget / 2`).
+    pub fn absent_bytes(&self) -> usize {
+        self.absent_bytes.unwrap_or(self.memory_budget / 2)
     }
 }
 
@@ -105,6 +115,7 @@ impl Default for Limits {
             source_quota: None,
             read_buffer: 256 << 10,
             absent_max_age_s: 24 * 3600,
+            absent_bytes: None,
         }
     }
 }
