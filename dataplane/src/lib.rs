@@ -18,7 +18,8 @@
 //! - [`engine`]: the thread-per-core io_uring engine (threads, ring, sockets, tasks, clock);
 //! - [`client`]: the agent client library (tokio);
 //! - [`pki`]: identities, the development CA, certificates;
-//! - [`metrics`]: every metric name and description.
+//! - [`metrics`]: every metric name and description;
+//! - [`testing`]: a relay in memory for tests and benchmarks that drive shards directly.
 
 pub mod client;
 pub mod engine;
@@ -30,5 +31,6 @@ pub mod session;
 pub mod shard;
 pub mod signaling;
 pub mod store;
+pub mod testing;
 pub mod tls;
 pub mod wire;

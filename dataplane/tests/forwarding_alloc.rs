@@ -11,20 +11,15 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::io::{Read, Write};
-use std::sync::Arc;
 
 use bytes::BytesMut;
-use openmesh_dataplane::pki::{CertAuthority, Identity};
-use openmesh_dataplane::policy::{Admission, AdmissionMode};
-use openmesh_dataplane::session::SessionTimeouts;
-use openmesh_dataplane::shard::budget::RelayBudget;
+use openmesh_dataplane::pki::Identity;
 use openmesh_dataplane::shard::msg::ConnId;
-use openmesh_dataplane::shard::{Limits, Now, SeqSource, Settings, Shard, ShardConfig};
-use openmesh_dataplane::signaling::ContractPolicy;
+use openmesh_dataplane::shard::{Limits, Now, Shard};
+use openmesh_dataplane::testing::{open_settings, InMemoryRelay};
 use openmesh_dataplane::wire::{
-    AckBatch, AgentId, Destination, EnvelopeBuilder, Frame, FrameDecoder, Hello, MessageId,
+    AckBatch, AgentId, Destination, EnvelopeBuilder, Frame, FrameDecoder, MessageId,
 };
-use rustls::pki_types::ServerName;
 use rustls::ClientConnection;
 
 struct Counting;
@@ -131,43 +126,15 @@ impl Client {
 
 #[test]
 fn forwarding_an_envelope_allocates_nothing_per_envelope_in_steady_state() {
-    let ca = CertAuthority::generate("ca").unwrap();
-    let relay = ca.issue_relay("relay", &["localhost".into()]).unwrap();
-    let mut tls = (*openmesh_dataplane::tls::server_config(&relay, AdmissionMode::Open, &[])
-        .unwrap())
-    .clone();
-    tls.enable_secret_extraction = true;
-    let settings = Settings {
-        contract: ContractPolicy::default(),
-        timeouts: SessionTimeouts::default(),
-        admission: Admission {
-            mode: AdmissionMode::Open,
-            allow: Default::default(),
-            deny: Default::default(),
-        },
-        limits: Limits::default(),
-    };
-    let mut shard = Shard::new(
-        0,
-        1,
-        ShardConfig {
-            tls: Arc::new(tls),
-            relay_id: relay.relay_id(),
-        },
-        settings,
-        Arc::new(SeqSource::default()),
-        RelayBudget::new(1 << 30, 1),
-    );
+    let relay = InMemoryRelay::new();
+    let mut shard = relay.shard(open_settings(Limits::default()));
     let mut wire = Vec::with_capacity(1 << 20);
     let mut frames = Vec::with_capacity(4096);
     let mut clients: Vec<(Client, AgentId)> = (0..2)
         .map(|i| {
             let id = Identity::generate_self_signed(&format!("agent-{i}")).unwrap();
             let agent = id.agent_id();
-            let cfg = openmesh_dataplane::tls::client_config(&id, std::slice::from_ref(&ca.cert))
-                .unwrap();
-            let tls =
-                ClientConnection::new(cfg, ServerName::try_from("localhost").unwrap()).unwrap();
+            let tls = relay.client(&id);
             let conn = shard.open(NOW).unwrap();
             (
                 Client {
@@ -182,13 +149,7 @@ fn forwarding_an_envelope_allocates_nothing_per_envelope_in_steady_state() {
         })
         .collect();
     // Handshakes and HELLO/WELCOME.
-    let hello = Frame::Hello(Hello {
-        min_version: 2,
-        max_version: 2,
-        transports: 1,
-        max_frame: 1 << 20,
-        ..Hello::default()
-    });
+    let hello = openmesh_dataplane::testing::hello();
     for _ in 0..6 {
         for (c, _) in &mut clients {
             if !c.tls.is_handshaking() && !c.hello_sent {

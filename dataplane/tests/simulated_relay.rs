@@ -27,15 +27,13 @@ use std::io::{Read, Write};
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use openmesh_dataplane::pki::{CertAuthority, Identity};
-use openmesh_dataplane::policy::{Admission, AdmissionMode};
+use openmesh_dataplane::pki::Identity;
 use openmesh_dataplane::session::SessionTimeouts;
 use openmesh_dataplane::shard::budget::RelayBudget;
 use openmesh_dataplane::shard::msg::{ConnId, CoreMsg};
-use openmesh_dataplane::shard::{
-    Action, Limits, Now, ReadGate, SeqSource, Settings, Shard, ShardConfig,
-};
+use openmesh_dataplane::shard::{Action, Limits, Now, ReadGate, SeqSource, Settings, Shard};
 use openmesh_dataplane::signaling::ContractPolicy;
+use openmesh_dataplane::testing::{open_settings, InMemoryRelay};
 use openmesh_dataplane::wire::{
     AckBatch, AgentId, DeliveryClass, Destination, EnvelopeBuilder, Frame, FrameDecoder, Hello,
     MessageId, Reason, Role, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
@@ -159,16 +157,11 @@ fn settings(budget: u64) -> Settings {
             write_us: 3_600_000_000,
             ..SessionTimeouts::default()
         },
-        admission: Admission {
-            mode: AdmissionMode::Open,
-            allow: Default::default(),
-            deny: Default::default(),
-        },
-        limits: Limits {
+        ..open_settings(Limits {
             send_queue_envelopes: 64,
             memory_budget: budget as usize,
             ..Limits::default()
-        },
+        })
     }
 }
 
@@ -184,10 +177,7 @@ impl Sim {
                 Shard::new(
                     i as u16,
                     cores as u16,
-                    ShardConfig {
-                        tls: world.server_tls.clone(),
-                        relay_id: world.relay.relay_id(),
-                    },
+                    world.relay.shard_config(),
                     settings(budget),
                     seq.clone(),
                     relay_budget.clone(),
@@ -234,7 +224,7 @@ impl Sim {
             agents,
             links: Vec::new(),
             client_tls: HashMap::default(),
-            ca_cert: world.ca_cert.clone(),
+            ca_cert: world.relay.ca.cert.clone(),
             budget,
             steps: 0,
             sent_by: HashMap::default(),
@@ -606,26 +596,23 @@ impl Sim {
 
     /// One message to a shard; a moving session is adopted and its link follows it.
     fn deliver(&mut self, core: usize, m: CoreMsg) {
-        {
-            match m {
-                CoreMsg::Adopt { conn: moving, .. } => {
-                    let (from, old) = moving.origin();
-                    let id = self.shards[core].adopt(moving, self.now);
-                    match self
-                        .links
-                        .iter()
-                        .position(|l| l.open && l.core == from as usize && l.conn == old)
-                    {
-                        Some(l) => {
-                            self.links[l].core = core;
-                            self.links[l].conn = id;
-                        }
-                        // The agent's connection ended while the session moved.
-                        None => self.shards[core].on_read_end(id, self.now),
-                    }
-                }
-                m => self.shards[core].on_message(m, self.now),
+        let CoreMsg::Adopt { conn: moving, .. } = m else {
+            self.shards[core].on_message(m, self.now);
+            return;
+        };
+        let (from, old) = moving.origin();
+        let id = self.shards[core].adopt(moving, self.now);
+        let link = self
+            .links
+            .iter()
+            .position(|l| l.open && l.core == from as usize && l.conn == old);
+        match link {
+            Some(l) => {
+                self.links[l].core = core;
+                self.links[l].conn = id;
             }
+            // The agent's connection ended while the session moved.
+            None => self.shards[core].on_read_end(id, self.now),
         }
     }
 
@@ -756,27 +743,17 @@ impl Sim {
 
 /// Identities and TLS configurations shared by every schedule (generating them is slow).
 struct World {
-    ca_cert: rustls::pki_types::CertificateDer<'static>,
-    relay: Identity,
+    relay: InMemoryRelay,
     agents: Vec<Identity>,
-    server_tls: Arc<rustls::ServerConfig>,
 }
 
 fn world() -> World {
-    let ca = CertAuthority::generate("sim ca").unwrap();
-    let relay = ca.issue_relay("relay", &["localhost".into()]).unwrap();
-    let mut tls = (*openmesh_dataplane::tls::server_config(&relay, AdmissionMode::Open, &[])
-        .unwrap())
-    .clone();
-    tls.enable_secret_extraction = true;
     World {
+        relay: InMemoryRelay::new(),
         // Fixed keys: a seed replays the same agent ids, so the same home cores and map orders.
         agents: (0..4u8)
             .map(|i| Identity::self_signed_from_seed(&format!("agent-{i}"), [i + 1; 32]).unwrap())
             .collect(),
-        relay,
-        server_tls: Arc::new(tls),
-        ca_cert: ca.cert.clone(),
     }
 }
 

@@ -430,46 +430,6 @@ async fn refused_envelopes_are_charged_to_the_rate_limit() {
     assert!(relay.metric("openmesh_reads_throttled_total", &["limit=\"frames\""]) > 0.0);
 }
 
-/// Sends `n` envelopes from `a` to `to`, resending those refused with a retryable reason, until
-/// each is ACKed; returns the ACKed ids.
-async fn send_until_acked(
-    a: &mut Agent,
-    to: openmesh_dataplane::wire::AgentId,
-    n: u64,
-) -> std::collections::HashSet<MessageId> {
-    let mut pending = std::collections::HashMap::new();
-    let mut acked = std::collections::HashSet::new();
-    let mut next = 0u64;
-    while (acked.len() as u64) < n {
-        while pending.len() < 1024 && next < n {
-            let env = a
-                .envelope_to(to, 60_000)
-                .build(&next.to_be_bytes())
-                .unwrap();
-            pending.insert(env.message_id(), env.clone());
-            a.send(&env).await.unwrap();
-            next += 1;
-        }
-        match tokio::time::timeout(Duration::from_secs(20), a.next_event()).await {
-            Ok(Some(Event::Acked(ids))) => {
-                for id in ids.ids() {
-                    if pending.remove(&id).is_some() {
-                        acked.insert(id);
-                    }
-                }
-            }
-            Ok(Some(Event::Nacked(nk))) => {
-                assert!(nk.reason().is_some_and(Reason::retryable), "{nk:?}");
-                let env = pending[&nk.message_id].clone();
-                tokio::time::sleep(Duration::from_millis(1)).await;
-                a.send(&env).await.unwrap();
-            }
-            other => panic!("sender got {other:?} with {} acked", acked.len()),
-        }
-    }
-    acked
-}
-
 /// Attack 7: ACK then drop. A receiver takes 10,000 envelopes without ACKing any and leaves; its
 /// next session gets every envelope that was ACKed to the sender, once. What the relay still
 /// holds for an absent agent when it exits is counted in its log.
@@ -483,7 +443,11 @@ async fn custody_acked_to_its_sender_is_never_dropped_and_exit_counts_what_it_lo
     let b_id = cfg.identity.agent_id();
     let b = Agent::connect(cfg.clone()).await.unwrap();
     let mut a = relay.agent("custody-sender").await;
-    let acked = send_until_acked(&mut a, b_id, N).await;
+    let acked: std::collections::HashSet<MessageId> = common::send_all(&mut a, b_id, (0, N), 1024)
+        .await
+        .0
+        .into_iter()
+        .collect();
     drop(b);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut b = Agent::connect(cfg.clone()).await.unwrap();
@@ -499,7 +463,9 @@ async fn custody_acked_to_its_sender_is_never_dropped_and_exit_counts_what_it_lo
     }
     assert_eq!(got, acked, "every envelope ACKed to the sender, none other");
     // Now some the receiver never ACKs, and it leaves: the relay holds them when it exits.
-    let left = send_until_acked(&mut a, b_id, LEFT_AT_EXIT).await;
+    let left = common::send_all(&mut a, b_id, (N, LEFT_AT_EXIT), 1024)
+        .await
+        .0;
     let mut seen = 0;
     while seen < left.len() {
         match tokio::time::timeout(Duration::from_secs(20), b.next_event()).await {

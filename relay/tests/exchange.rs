@@ -7,68 +7,7 @@ use std::time::Duration;
 
 use common::Relay;
 use openmesh_dataplane::client::{Agent, Event};
-use openmesh_dataplane::wire::{AgentId, MessageId, Reason};
-
-/// Sends `n` at-least-once envelopes from `a` to `to` with at most `window` unacknowledged,
-/// resending those refused as retryable. Returns the ids the relay acknowledged.
-/// Sends `n` envelopes with at most `window` unanswered, resending those refused with a
-/// retryable reason; returns the ACKed ids, the sequence numbers that were resent, and how many
-/// resends there were.
-async fn send_all(
-    a: &mut Agent,
-    to: AgentId,
-    n: u64,
-    window: u64,
-) -> (Vec<MessageId>, HashSet<u64>, u64) {
-    let mut resent = HashSet::new();
-    let mut resent_total = 0u64;
-    let mut acked = Vec::with_capacity(n as usize);
-    let mut pending: HashMap<MessageId, u64> = HashMap::new();
-    let mut next = 0u64;
-    let mut retry: Vec<u64> = Vec::new();
-    while (acked.len() as u64) < n {
-        while (pending.len() as u64) < window && (next < n || !retry.is_empty()) {
-            let seq = retry.pop().unwrap_or_else(|| {
-                next += 1;
-                next - 1
-            });
-            let mut b = a.envelope_to(to, 60_000);
-            b.message_id = MessageId::from_u128(seq as u128 | (1u128 << 100));
-            let env = b.build(&seq.to_be_bytes()).unwrap();
-            pending.insert(env.message_id(), seq);
-            a.send(&env).await.unwrap();
-        }
-        match tokio::time::timeout(Duration::from_secs(20), a.next_event()).await {
-            Ok(Some(Event::Acked(ids))) => {
-                for id in ids.ids() {
-                    if pending.remove(&id).is_some() {
-                        acked.push(id);
-                    }
-                }
-            }
-            Ok(Some(Event::Nacked(nk))) => {
-                let seq = pending
-                    .remove(&nk.message_id)
-                    .expect("nack for a pending id");
-                assert!(
-                    nk.reason().is_some_and(Reason::retryable),
-                    "unexpected refusal {nk:?}"
-                );
-                tokio::time::sleep(Duration::from_millis(1)).await;
-                resent.insert(seq);
-                resent_total += 1;
-                retry.push(seq);
-            }
-            Ok(other) => panic!("sender got {other:?}"),
-            Err(_) => panic!(
-                "sender stalled with {} acked, {} pending",
-                acked.len(),
-                pending.len()
-            ),
-        }
-    }
-    (acked, resent, resent_total)
-}
+use openmesh_dataplane::wire::AgentId;
 
 /// Receives `n` envelopes, ACKing each; returns the payload sequence numbers per source in
 /// arrival order.
@@ -102,7 +41,7 @@ async fn hundred_thousand_at_least_once_envelopes_arrive_once_in_order_and_are_a
         let got = receive(&mut b, N).await;
         (got, b)
     });
-    let (acked, resent, resent_total) = send_all(&mut a, b_id, N, 2048).await;
+    let (acked, resent, resent_total) = common::send_all(&mut a, b_id, (0, N), 2048).await;
     let (got, b) = recv.await.unwrap();
     assert_eq!(acked.len() as u64, N);
     let seqs = &got[&a_id];
@@ -304,7 +243,7 @@ async fn a_slow_receiver_paces_its_sender_instead_of_refusing_it() {
     });
     // The relay ACKs an envelope once it is queued, so this window does not slow the sender;
     // it bounds what the sender adds in one pause (256) below the queue's free half (4,096).
-    let (acked, _, resent_total) = send_all(&mut a, b_id, N, 256).await;
+    let (acked, _, resent_total) = common::send_all(&mut a, b_id, (0, N), 256).await;
     let (got, _b) = recv.await.unwrap();
     assert_eq!(acked.len() as u64, N);
     assert_eq!(got, (0..N).collect::<Vec<_>>(), "all, once, in order");

@@ -13,18 +13,13 @@
 //! `SIZE=16384` changes the payload size.
 
 use std::io::Write;
-use std::sync::Arc;
 
 use bytes::BytesMut;
-use openmesh_dataplane::pki::{CertAuthority, Identity};
-use openmesh_dataplane::policy::{Admission, AdmissionMode};
-use openmesh_dataplane::session::SessionTimeouts;
-use openmesh_dataplane::shard::budget::RelayBudget;
+use openmesh_dataplane::pki::Identity;
 use openmesh_dataplane::shard::msg::ConnId;
-use openmesh_dataplane::shard::{Limits, Now, SeqSource, Settings, Shard, ShardConfig};
-use openmesh_dataplane::signaling::ContractPolicy;
-use openmesh_dataplane::wire::{AckBatch, Destination, EnvelopeBuilder, Frame, Hello, MessageId};
-use rustls::pki_types::ServerName;
+use openmesh_dataplane::shard::{Limits, Now, Shard};
+use openmesh_dataplane::testing::{open_settings, InMemoryRelay};
+use openmesh_dataplane::wire::{AckBatch, Destination, EnvelopeBuilder, Frame, MessageId};
 use rustls::ClientConnection;
 
 const NOW: Now = Now {
@@ -83,51 +78,15 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(256);
-    let ca = CertAuthority::generate("ca").expect("ca");
-    let relay = ca
-        .issue_relay("relay", &["localhost".into()])
-        .expect("relay");
-    let mut tls = (*openmesh_dataplane::tls::server_config(&relay, AdmissionMode::Open, &[])
-        .expect("tls"))
-    .clone();
-    tls.enable_secret_extraction = true;
-    let settings = Settings {
-        contract: ContractPolicy::default(),
-        timeouts: SessionTimeouts::default(),
-        admission: Admission {
-            mode: AdmissionMode::Open,
-            allow: Default::default(),
-            deny: Default::default(),
-        },
-        limits: Limits::default(),
-    };
-    let mut shard = Shard::new(
-        0,
-        1,
-        ShardConfig {
-            tls: Arc::new(tls),
-            relay_id: relay.relay_id(),
-        },
-        settings,
-        Arc::new(SeqSource::default()),
-        RelayBudget::new(1 << 30, 1),
-    );
+    let relay = InMemoryRelay::new();
+    let mut shard = relay.shard(open_settings(Limits::default()));
     // Two agents: handshake, HELLO, WELCOME.
     let mut agents = Vec::new();
     for i in 0..2 {
         let id = Identity::generate_self_signed(&format!("agent-{i}")).expect("identity");
-        let cfg = openmesh_dataplane::tls::client_config(&id, std::slice::from_ref(&ca.cert))
-            .expect("client config");
-        let mut c = ClientConnection::new(cfg, ServerName::try_from("localhost").expect("name"))
-            .expect("client");
+        let mut c = relay.client(&id);
         let conn = shard.open(NOW).expect("accepted");
-        let hello = Frame::Hello(Hello {
-            min_version: 2,
-            max_version: 2,
-            transports: 1,
-            max_frame: 1 << 20,
-            ..Hello::default()
-        });
+        let hello = openmesh_dataplane::testing::hello();
         let mut sent_hello = false;
         for _ in 0..6 {
             if !c.is_handshaking() && !sent_hello {

@@ -301,7 +301,10 @@ impl Shard {
             // Ahead of anything kept for the agent while this session was closing: order per
             // source holds.
             let custody = c.take_custody(&self.m, &mut self.released);
-            self.keep_first(agent, custody);
+            let left_out = self.held.keep_first(agent, custody);
+            if left_out > 0 {
+                self.m.dropped(Reason::DestinationUnavailable, left_out);
+            }
         }
     }
 }

@@ -204,14 +204,6 @@ impl Shard {
         }
     }
 
-    /// Holds a session's custody for its agent ahead of what is already kept for it.
-    pub(super) fn keep_first(&mut self, agent: AgentId, custody: Vec<Envelope>) {
-        let later = self.held.take(&agent);
-        for env in custody.into_iter().chain(later.into_iter().flatten()) {
-            self.keep(agent, env);
-        }
-    }
-
     /// Holds an envelope for a disconnected agent (best-effort ones are dropped, counted).
     pub(super) fn keep(&mut self, agent: AgentId, env: Envelope) {
         if !self.held.keep(agent, env) {

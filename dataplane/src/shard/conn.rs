@@ -273,7 +273,6 @@ impl Shard {
         c.writer_awake = false;
         let full = self.conns.len() >= self.settings.limits.max_connections_per_core;
         let admitted = c.a.agent.map(|a| self.settings.admission.admit(&a));
-        let closing = c.closing;
         self.conns.insert(id, *c);
         // Identities choose their home core: the limit holds for moved sessions too. Admission
         // is checked again (the lists may have been reloaded while it moved), and a draining
@@ -290,9 +289,6 @@ impl Shard {
         if let Some(r) = refused {
             tracing::info!(core = self.id, reason = r.label(), "moved session refused");
             self.close(id, r, now);
-            return id;
-        }
-        if closing {
             return id;
         }
         self.attach_here(id, now);

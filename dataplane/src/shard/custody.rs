@@ -296,6 +296,35 @@ impl Held {
         self.now_ms = now_ms;
     }
 
+    /// Keeps a session's custody for `agent` ahead of what is already kept for it (kept while
+    /// the session was closing), so that order per source holds. Returns how many best-effort
+    /// envelopes were left out.
+    pub(crate) fn keep_first(&mut self, agent: AgentId, custody: Vec<Envelope>) -> u64 {
+        let now_ms = self.now_ms;
+        let (mut added, mut bytes, mut left_out) = (0usize, 0usize, 0u64);
+        let k = self.by_agent.entry(agent).or_default();
+        let mut q = VecDeque::with_capacity(custody.len() + k.q.len());
+        for mut env in custody {
+            if env.class() == DeliveryClass::BestEffort {
+                left_out += 1;
+                continue;
+            }
+            env.unshare();
+            bytes += env.frame_len();
+            added += 1;
+            q.push_back((env, now_ms));
+        }
+        q.append(&mut k.q);
+        k.q = q;
+        k.bytes += bytes;
+        if k.q.is_empty() {
+            self.by_agent.remove(&agent);
+        }
+        self.bytes += bytes;
+        self.count += added;
+        left_out
+    }
+
     /// Whether one more envelope of `len` bytes fits what may be kept for `agent`.
     pub(crate) fn admits(&self, agent: &AgentId, len: usize, max_n: usize, max_b: usize) -> bool {
         self.by_agent

@@ -92,17 +92,16 @@ impl Shard {
         };
         let l = &self.settings.limits;
         let (max_n, max_b) = (l.send_queue_envelopes, l.send_queue_bytes());
-        let present = self.by_agent.get(&dst).copied().filter(|cid| {
+        let cid = self.by_agent.get(&dst).copied();
+        let present = cid.and_then(|cid| {
             self.conns
-                .get(cid)
-                .is_some_and(|c| c.session.is_open() && !c.closing)
+                .get_mut(&cid)
+                .filter(|c| c.session.is_open() && !c.closing)
         });
-        let Some(cid) = present else {
+        let Some(c) = present else {
             return self.hold_for_absent(dst, env, within_quota, (max_n, max_b));
         };
-        let Some(c) = self.conns.get_mut(&cid) else {
-            return Err((Reason::DestinationUnavailable, env));
-        };
+        let cid = c.id;
         let r = c.enqueue(env, max_n, max_b, within_quota);
         if let Ok(true) = r {
             // Remembered so that the source resumes when this queue drains.

@@ -369,9 +369,9 @@ impl Shard {
             } => self.on_verdict(conn, id, len, class_acked, result, now),
             CoreMsg::Resume { conn } => self.on_resume(conn),
             CoreMsg::Adopt { conn, .. } => {
-                // The engine adopts moving sessions itself (it owns the socket); without one
-                // the session is still taken in.
-                self.adopt(conn, now);
+                // The engine adopts moving sessions itself, with their sockets: a session
+                // without one has no reader or writer here and is dropped.
+                tracing::warn!(core = self.id, conn = ?conn, "moved session without its socket dropped");
             }
             CoreMsg::Reconfigure(s) => self.reconfigure(s, now),
             CoreMsg::Drain => self.start_drain(now),

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use openmesh_dataplane::client::{Agent, ClientConfig, Event};
 use openmesh_dataplane::pki::{load_certs, DevPkiPaths, Identity};
+use openmesh_dataplane::wire::{AgentId, MessageId, Reason};
 use rustls::pki_types::CertificateDer;
 
 pub fn free_port() -> u16 {
@@ -348,4 +350,64 @@ pub async fn welcomed(relay: &Relay, name: &str) -> RawLink {
         Some(openmesh_dataplane::wire::Frame::Welcome(_)) => l,
         other => panic!("expected WELCOME, got {other:?}"),
     }
+}
+
+/// Sends `n` at-least-once envelopes from `a` to `to`, numbered `first..first + n` (in the
+/// payload and the message id), with at most `window` unanswered, resending those refused with
+/// a retryable reason until each is ACKed; returns the ACKed ids, the numbers that were resent,
+/// and how many resends there were.
+pub async fn send_all(
+    a: &mut Agent,
+    to: AgentId,
+    (first, n): (u64, u64),
+    window: u64,
+) -> (Vec<MessageId>, HashSet<u64>, u64) {
+    let mut resent = HashSet::new();
+    let mut resent_total = 0u64;
+    let mut acked = Vec::with_capacity(n as usize);
+    let mut pending: HashMap<MessageId, u64> = HashMap::new();
+    let mut next = first;
+    let mut retry: Vec<u64> = Vec::new();
+    while (acked.len() as u64) < n {
+        while (pending.len() as u64) < window && (next < first + n || !retry.is_empty()) {
+            let seq = retry.pop().unwrap_or_else(|| {
+                next += 1;
+                next - 1
+            });
+            let mut b = a.envelope_to(to, 60_000);
+            b.message_id = MessageId::from_u128(seq as u128 | (1u128 << 100));
+            let env = b.build(&seq.to_be_bytes()).unwrap();
+            pending.insert(env.message_id(), seq);
+            a.send(&env).await.unwrap();
+        }
+        match tokio::time::timeout(Duration::from_secs(20), a.next_event()).await {
+            Ok(Some(Event::Acked(ids))) => {
+                for id in ids.ids() {
+                    if pending.remove(&id).is_some() {
+                        acked.push(id);
+                    }
+                }
+            }
+            Ok(Some(Event::Nacked(nk))) => {
+                let seq = pending
+                    .remove(&nk.message_id)
+                    .expect("nack for a pending id");
+                assert!(
+                    nk.reason().is_some_and(Reason::retryable),
+                    "unexpected refusal {nk:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                resent.insert(seq);
+                resent_total += 1;
+                retry.push(seq);
+            }
+            Ok(other) => panic!("sender got {other:?}"),
+            Err(_) => panic!(
+                "sender stalled with {} acked, {} pending",
+                acked.len(),
+                pending.len()
+            ),
+        }
+    }
+    (acked, resent, resent_total)
 }

@@ -1,0 +1,102 @@
+//! A relay in memory, for tests and benchmarks that drive shards without sockets: a development
+//! CA, a relay identity and its server TLS configuration (with the secret extraction the
+//! shard's record layer needs after the handshake), TLS clients for agents, open-admission
+//! settings, and a single-core shard. Nothing here is used by the relay itself.
+
+use std::sync::Arc;
+
+use rustls::pki_types::ServerName;
+use rustls::ClientConnection;
+
+use crate::pki::{CertAuthority, Identity};
+use crate::policy::{Admission, AdmissionMode};
+use crate::session::SessionTimeouts;
+use crate::shard::budget::RelayBudget;
+use crate::shard::{Limits, SeqSource, Settings, Shard, ShardConfig};
+use crate::signaling::ContractPolicy;
+use crate::wire::{Frame, Hello};
+
+/// The relay's side of TLS in memory, and clients that trust it.
+pub struct InMemoryRelay {
+    pub ca: CertAuthority,
+    pub relay: Identity,
+    pub server_tls: Arc<rustls::ServerConfig>,
+}
+
+impl InMemoryRelay {
+    /// A new CA and relay certificate for `localhost`.
+    pub fn new() -> Self {
+        let ca = CertAuthority::generate("in-memory ca").expect("CA");
+        let relay = ca
+            .issue_relay("relay", &["localhost".into()])
+            .expect("relay certificate");
+        let mut tls = (*crate::tls::server_config(&relay, AdmissionMode::Open, &[])
+            .expect("server TLS configuration"))
+        .clone();
+        tls.enable_secret_extraction = true;
+        InMemoryRelay {
+            ca,
+            relay,
+            server_tls: Arc::new(tls),
+        }
+    }
+
+    /// The shard configuration of this relay.
+    pub fn shard_config(&self) -> ShardConfig {
+        ShardConfig {
+            tls: self.server_tls.clone(),
+            relay_id: self.relay.relay_id(),
+        }
+    }
+
+    /// One shard (core 0 of 1) with `settings` and a 1 GiB budget.
+    pub fn shard(&self, settings: Settings) -> Shard {
+        Shard::new(
+            0,
+            1,
+            self.shard_config(),
+            settings,
+            Arc::new(SeqSource::default()),
+            RelayBudget::new(1 << 30, 1),
+        )
+    }
+
+    /// A TLS client for agent `id` that trusts this relay.
+    pub fn client(&self, id: &Identity) -> ClientConnection {
+        let cfg = crate::tls::client_config(id, std::slice::from_ref(&self.ca.cert))
+            .expect("client TLS configuration");
+        ClientConnection::new(cfg, ServerName::try_from("localhost").expect("name"))
+            .expect("client")
+    }
+}
+
+impl Default for InMemoryRelay {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Open admission, default contract and timeouts, and `limits`.
+pub fn open_settings(limits: Limits) -> Settings {
+    Settings {
+        contract: ContractPolicy::default(),
+        timeouts: SessionTimeouts::default(),
+        admission: Admission {
+            mode: AdmissionMode::Open,
+            allow: Default::default(),
+            deny: Default::default(),
+        },
+        limits,
+    }
+}
+
+/// The HELLO an in-memory agent sends: protocol version 2, frames up to 1 MiB.
+pub fn hello() -> Frame {
+    Frame::Hello(Hello {
+        min_version: 2,
+        max_version: 2,
+        transports: 1,
+        max_frame: 1 << 20,
+        ..Hello::default()
+    })
+}
