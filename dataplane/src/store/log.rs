@@ -21,7 +21,8 @@ use std::collections::{BTreeMap, VecDeque};
 
 use bytes::{Bytes, BytesMut};
 
-use super::record::{self, SegmentHeader, StoredEnvelope, SEGMENT_HEADER_LEN};
+use super::record::{self, SegmentHeader, SEGMENT_HEADER_LEN};
+use crate::wire::Envelope;
 
 /// Identifies what the caller waits for (for example the source connection's ACK).
 pub type Ticket = u64;
@@ -53,6 +54,8 @@ pub enum LogAction {
 pub enum AppendError {
     #[error("the store failed and has not recovered")]
     Failed,
+    #[error("only envelopes for one agent are stored")]
+    NoAgent,
 }
 
 struct Batch {
@@ -167,20 +170,24 @@ impl Log {
         }
     }
 
-    /// Appends an envelope record; `ticket` comes back from [`Log::take_durable`] once it is
-    /// synced (or from [`Log::take_failed`]). Returns the segment that holds it (for
-    /// [`Log::release`]).
+    /// Appends the record of `env` under store sequence number `seq`; `ticket` comes back from
+    /// [`Log::take_durable`] once it is synced (or from [`Log::take_failed`]). Returns the
+    /// segment that holds it (for [`Log::release`]).
     pub fn append(
         &mut self,
-        e: &StoredEnvelope,
+        seq: u64,
+        env: &Envelope,
         ticket: Ticket,
         now_ms: u64,
     ) -> Result<u64, AppendError> {
         if self.failed {
             return Err(AppendError::Failed);
         }
-        let b = self.batch_for(e.record_len() as u64, now_ms);
-        record::encode_envelope(e, &mut b.buf);
+        if !matches!(env.destination(), crate::wire::Destination::Agent(_)) {
+            return Err(AppendError::NoAgent);
+        }
+        let b = self.batch_for(record::envelope_record_len(env) as u64, now_ms);
+        record::encode_envelope_of(seq, env, &mut b.buf);
         b.tickets.push(ticket);
         b.envelopes += 1;
         let n = b.number;

@@ -90,22 +90,19 @@ pub struct StoredEnvelope {
 }
 
 impl StoredEnvelope {
-    /// The stored form of `env` under `seq`; `None` if it has no single destination agent.
+    /// The stored form of `env` under `seq` (a copy of its bytes, as recovery reads it back);
+    /// `None` if it has no single destination agent. The log appends envelopes without it
+    /// ([`encode_envelope_of`]).
     pub fn of(seq: u64, env: &Envelope) -> Option<Self> {
-        let crate::wire::Destination::Agent(destination) = env.destination() else {
+        let mut rec = BytesMut::with_capacity(envelope_record_len(env));
+        if !encode_envelope_of(seq, env, &mut rec) {
+            return None;
+        }
+        let Some(Record::Envelope(e)) = read_record(&rec.freeze(), 0).ok().flatten().map(|r| r.0)
+        else {
             return None;
         };
-        let mut body = BytesMut::with_capacity(env.routing.encoded_len() + env.immutable.len());
-        env.routing.encode(&mut body);
-        body.extend_from_slice(&env.immutable);
-        Some(StoredEnvelope {
-            seq,
-            expires_ms: env.expires_ms(),
-            destination,
-            source: env.source(),
-            message_id: env.message_id(),
-            body: body.freeze(),
-        })
+        Some(e)
     }
 
     /// The envelope again (validated as on the wire).
@@ -148,21 +145,60 @@ impl Record {
 
 /// Appends an envelope record to `dst`.
 pub fn encode_envelope(e: &StoredEnvelope, dst: &mut BytesMut) {
-    let len = ENVELOPE_FIXED_LEN + e.body.len();
-    let mut fixed = [0u8; ENVELOPE_FIXED_LEN];
-    fixed[..8].copy_from_slice(&e.seq.to_be_bytes());
-    fixed[8..16].copy_from_slice(&e.expires_ms.to_be_bytes());
-    fixed[16..48].copy_from_slice(&e.destination.0);
-    fixed[48..80].copy_from_slice(&e.source.0);
-    fixed[80..96].copy_from_slice(&e.message_id.0);
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&[KIND_ENVELOPE]), &fixed);
-    let crc = crc32c::crc32c_append(crc, &e.body);
+    let fixed = (e.seq, e.expires_ms, e.destination, e.source, e.message_id);
+    put_envelope(dst, fixed, e.body.len(), |d| d.extend_from_slice(&e.body));
+}
+
+/// Appends the record of `env` under `seq` to `dst`, writing its routing and immutable parts
+/// straight into `dst` (the one copy of the payload on the way to disk). `false`, and nothing
+/// written, if it has no single destination agent.
+pub fn encode_envelope_of(seq: u64, env: &Envelope, dst: &mut BytesMut) -> bool {
+    let crate::wire::Destination::Agent(destination) = env.destination() else {
+        return false;
+    };
+    let fixed = (
+        seq,
+        env.expires_ms(),
+        destination,
+        env.source(),
+        env.message_id(),
+    );
+    let body = env.routing.encoded_len() + env.immutable.len();
+    put_envelope(dst, fixed, body, |d| {
+        env.routing.encode(d);
+        d.extend_from_slice(&env.immutable);
+    });
+    true
+}
+
+/// Bytes of the record of `env`, header included.
+pub fn envelope_record_len(env: &Envelope) -> usize {
+    RECORD_HEADER_LEN + ENVELOPE_FIXED_LEN + env.routing.encoded_len() + env.immutable.len()
+}
+
+/// Writes an envelope record: header, fixed fields, then `body_len` bytes from `body`; the
+/// checksum is computed over what was written.
+fn put_envelope(
+    dst: &mut BytesMut,
+    (seq, expires_ms, destination, source, message_id): (u64, u64, AgentId, AgentId, MessageId),
+    body_len: usize,
+    body: impl FnOnce(&mut BytesMut),
+) {
+    let len = ENVELOPE_FIXED_LEN + body_len;
     dst.reserve(RECORD_HEADER_LEN + len);
+    let at = dst.len();
     dst.put_u32(len as u32);
-    dst.put_u32(crc);
+    dst.put_u32(0);
     dst.put_u8(KIND_ENVELOPE);
-    dst.extend_from_slice(&fixed);
-    dst.extend_from_slice(&e.body);
+    dst.put_u64(seq);
+    dst.put_u64(expires_ms);
+    dst.extend_from_slice(&destination.0);
+    dst.extend_from_slice(&source.0);
+    dst.extend_from_slice(&message_id.0);
+    body(dst);
+    debug_assert_eq!(dst.len() - at, RECORD_HEADER_LEN + len);
+    let crc = crc32c::crc32c(&dst[at + 8..]);
+    dst[at + 4..at + 8].copy_from_slice(&crc.to_be_bytes());
 }
 
 /// Appends a released record to `dst`.

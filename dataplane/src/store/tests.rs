@@ -7,10 +7,14 @@ use proptest::prelude::*;
 use super::log::{Log, LogAction};
 use super::record::{self, CutReason, Record, SegmentHeader, StoredEnvelope, SEGMENT_HEADER_LEN};
 use super::recovery::{recover, SegmentId};
-use crate::wire::{AgentId, Destination, EnvelopeBuilder, MessageId};
+use crate::wire::{AgentId, Destination, Envelope, EnvelopeBuilder, MessageId};
 
 fn stored(seq: u64, dest: u8, payload_len: usize, expires_ms: u64) -> StoredEnvelope {
-    let env = EnvelopeBuilder::new(
+    StoredEnvelope::of(seq, &envelope(seq, dest, payload_len, expires_ms)).unwrap()
+}
+
+fn envelope(seq: u64, dest: u8, payload_len: usize, expires_ms: u64) -> Envelope {
+    EnvelopeBuilder::new(
         MessageId::from_u128(seq as u128),
         AgentId([1; 32]),
         Destination::Agent(AgentId([dest; 32])),
@@ -18,8 +22,7 @@ fn stored(seq: u64, dest: u8, payload_len: usize, expires_ms: u64) -> StoredEnve
         expires_ms - 1_000,
     )
     .build(&vec![seq as u8; payload_len])
-    .unwrap();
-    StoredEnvelope::of(seq, &env).unwrap()
+    .unwrap()
 }
 
 fn segment(core: u16, number: u64, records: &[Record], fill: usize) -> BytesMut {
@@ -218,13 +221,13 @@ impl Disk {
 fn appends_during_a_sync_are_committed_together_by_the_next_one() {
     let mut log = Log::new(0, 1 << 20, 1, []);
     let mut disk = Disk::default();
-    log.append(&stored(1, 2, 100, 60_000), 1, 0).unwrap();
+    log.append(1, &envelope(1, 2, 100, 60_000), 1, 0).unwrap();
     // Create, then the first write goes out with one record.
     assert!(disk.step(&mut log, true));
     assert!(disk.step(&mut log, true));
     // While its sync is due, ten more arrive.
     for i in 2..=11 {
-        log.append(&stored(i, 2, 100, 60_000), i, 0).unwrap();
+        log.append(i, &envelope(i, 2, 100, 60_000), i, 0).unwrap();
     }
     assert!(disk.step(&mut log, true));
     assert_eq!(log.take_durable(), vec![1]);
@@ -246,7 +249,7 @@ fn full_segments_roll_over_and_are_removed_when_nothing_in_them_is_live() {
     let mut disk = Disk::default();
     let mut placed = Vec::new();
     for i in 1..=40 {
-        placed.push(log.append(&stored(i, 2, 1000, 60_000), i, 0).unwrap());
+        placed.push(log.append(i, &envelope(i, 2, 1000, 60_000), i, 0).unwrap());
         while disk.step(&mut log, true) {}
     }
     assert_eq!(log.take_durable().len(), 40);
@@ -270,18 +273,18 @@ fn full_segments_roll_over_and_are_removed_when_nothing_in_them_is_live() {
 fn a_failed_sync_fails_its_tickets_refuses_appends_and_recovers_in_a_new_segment() {
     let mut log = Log::new(0, 1 << 20, 1, []);
     let mut disk = Disk::default();
-    log.append(&stored(1, 2, 100, 60_000), 1, 0).unwrap();
+    log.append(1, &envelope(1, 2, 100, 60_000), 1, 0).unwrap();
     while disk.step(&mut log, true) {}
-    log.append(&stored(2, 2, 100, 60_000), 2, 0).unwrap();
+    log.append(2, &envelope(2, 2, 100, 60_000), 2, 0).unwrap();
     assert!(disk.step(&mut log, true)); // write
-    log.append(&stored(3, 2, 100, 60_000), 3, 0).unwrap();
+    log.append(3, &envelope(3, 2, 100, 60_000), 3, 0).unwrap();
     assert!(disk.step(&mut log, false)); // the sync fails
     assert_eq!(log.take_durable(), vec![1]);
     assert_eq!(log.take_failed(), vec![2, 3]);
     assert!(log.is_failed());
-    assert!(log.append(&stored(4, 2, 100, 60_000), 4, 0).is_err());
+    assert!(log.append(4, &envelope(4, 2, 100, 60_000), 4, 0).is_err());
     log.retry();
-    let n = log.append(&stored(5, 2, 100, 60_000), 5, 0).unwrap();
+    let n = log.append(5, &envelope(5, 2, 100, 60_000), 5, 0).unwrap();
     assert_eq!(n, 2, "a new segment");
     while disk.step(&mut log, true) {}
     assert_eq!(log.take_durable(), vec![5]);
