@@ -96,7 +96,8 @@ impl ClientConfig {
                 role: Role::Agent,
                 features: crate::wire::features::KNOWN,
                 transports: 1,
-                classes: DeliveryClass::BestEffort.bit() | DeliveryClass::AtLeastOnce.bit(),
+                // Whatever the relay serves.
+                classes: 0,
                 max_frame: 1 << 20,
                 heartbeat_ms: 0,
                 schemas: Vec::new(),

@@ -40,6 +40,17 @@ pub const MEMORY_USED: &str = "openmesh_memory_used_bytes";
 pub const MEMORY_BUDGET: &str = "openmesh_memory_budget_bytes";
 pub const OVERLOAD_STATE: &str = "openmesh_overload_state";
 pub const UNSHARED: &str = "openmesh_envelopes_unshared_total";
+pub const STORE_STATE: &str = "openmesh_store_state";
+pub const STORE_SYNC: &str = "openmesh_store_sync_seconds";
+pub const STORE_GROUP: &str = "openmesh_store_group_envelopes";
+pub const STORE_ENVELOPES: &str = "openmesh_store_envelopes_written_total";
+pub const STORE_FAILURES: &str = "openmesh_store_failures_total";
+pub const STORE_STALLS: &str = "openmesh_store_stalls_total";
+pub const STORE_SEGMENTS: &str = "openmesh_store_segments";
+pub const STORE_DISK_BYTES: &str = "openmesh_store_disk_bytes";
+pub const STORE_LIVE: &str = "openmesh_store_live_envelopes";
+pub const STORE_RECOVERED: &str = "openmesh_store_recovered_envelopes";
+pub const STORE_CUTS: &str = "openmesh_store_recovery_cuts_total";
 
 /// Registers the descriptions of every metric with the installed recorder.
 pub fn describe() {
@@ -182,6 +193,93 @@ pub fn describe() {
         Unit::Count,
         "Envelopes held past a tick and moved off the read buffers they pinned."
     );
+    describe_gauge!(
+        STORE_STATE,
+        Unit::Count,
+        "A core's store: 0 takes durable envelopes, 1 an operation stalled, 2 an operation failed (durable envelopes refused store_unavailable)."
+    );
+    describe_histogram!(
+        STORE_SYNC,
+        Unit::Seconds,
+        "fdatasync latency of the store's group commits."
+    );
+    describe_histogram!(
+        STORE_GROUP,
+        Unit::Count,
+        "Durable envelopes made durable by one fdatasync (group commit size)."
+    );
+    describe_counter!(
+        STORE_ENVELOPES,
+        Unit::Count,
+        "Durable envelopes written and synced to the store."
+    );
+    describe_counter!(
+        STORE_FAILURES,
+        Unit::Count,
+        "Store file operations that failed (disk full, I/O error)."
+    );
+    describe_counter!(
+        STORE_STALLS,
+        Unit::Count,
+        "Store file operations that ran longer than store.stall_ms."
+    );
+    describe_gauge!(
+        STORE_SEGMENTS,
+        Unit::Count,
+        "Segment files a core's store holds."
+    );
+    describe_gauge!(
+        STORE_DISK_BYTES,
+        Unit::Bytes,
+        "Disk space a core's segment files take (preallocated)."
+    );
+    describe_gauge!(
+        STORE_LIVE,
+        Unit::Count,
+        "Envelopes in a core's store not yet delivered or expired."
+    );
+    describe_gauge!(
+        STORE_RECOVERED,
+        Unit::Count,
+        "Live envelopes recovered from the store at start."
+    );
+    describe_counter!(
+        STORE_CUTS,
+        Unit::Count,
+        "Segments whose recovery stopped at a bad record (torn write or corruption)."
+    );
+}
+
+/// Handles of one core's store.
+#[derive(Clone)]
+pub struct StoreMetrics {
+    pub state: Gauge,
+    pub sync_seconds: Histogram,
+    pub group_envelopes: Histogram,
+    pub envelopes: Counter,
+    pub failures: Counter,
+    pub stalls: Counter,
+    pub segments: Gauge,
+    pub disk_bytes: Gauge,
+    pub live: Gauge,
+}
+
+impl StoreMetrics {
+    /// Resolves every handle for core `core`.
+    pub fn new(core: u16) -> Self {
+        let core = core.to_string();
+        StoreMetrics {
+            state: gauge!(STORE_STATE, "core" => core.clone()),
+            sync_seconds: histogram!(STORE_SYNC),
+            group_envelopes: histogram!(STORE_GROUP),
+            envelopes: counter!(STORE_ENVELOPES, "core" => core.clone()),
+            failures: counter!(STORE_FAILURES, "core" => core.clone()),
+            stalls: counter!(STORE_STALLS, "core" => core.clone()),
+            segments: gauge!(STORE_SEGMENTS, "core" => core.clone()),
+            disk_bytes: gauge!(STORE_DISK_BYTES, "core" => core.clone()),
+            live: gauge!(STORE_LIVE, "core" => core),
+        }
+    }
 }
 
 /// Handles one core increments.

@@ -309,7 +309,8 @@ impl Sim {
                             self.links[l].writer_woken = true;
                         }
                     }
-                    Action::WakeReader(_) => {}
+                    // The simulated relays have no store: they serve no durable class.
+                    Action::WakeReader(_) | Action::WakeStore => {}
                     Action::Shutdown(c) => {
                         if let Some(l) = self.link_of(core, c) {
                             self.end_link(l);

@@ -22,6 +22,29 @@ pub struct Config {
     pub session: SessionSection,
     /// The `[limits]` section is the engine's [`Limits`] itself (same names, same defaults).
     pub limits: Limits,
+    pub store: StoreSection,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreSection {
+    /// Keep durable envelopes on disk under `<relay.data_dir>/store` and offer the durable class.
+    pub enabled: bool,
+    /// Size each segment file is preallocated to, bytes.
+    pub segment_bytes: u64,
+    /// A write or sync running longer than this refuses durable envelopes until it completes,
+    /// milliseconds.
+    pub stall_ms: u64,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        StoreSection {
+            enabled: true,
+            segment_bytes: 16 << 20,
+            stall_ms: 2000,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -150,7 +173,13 @@ impl Config {
                 rate_frames: s.rate_frames,
                 rate_bytes: s.rate_bytes,
                 max_ttl_ms: s.max_ttl_ms,
-                classes: DeliveryClass::BestEffort.bit() | DeliveryClass::AtLeastOnce.bit(),
+                classes: DeliveryClass::BestEffort.bit()
+                    | DeliveryClass::AtLeastOnce.bit()
+                    | if self.store.enabled {
+                        DeliveryClass::Durable.bit()
+                    } else {
+                        0
+                    },
                 key_rotation_s: s.key_rotation_s,
                 deliver_window: s.deliver_window,
                 deliver_window_bytes: s.deliver_window_bytes,
@@ -172,11 +201,23 @@ impl Config {
         }
     }
 
+    /// Where and how durable envelopes are stored, if they are.
+    pub fn store(&self) -> Option<openmesh_dataplane::engine::store::StoreConfig> {
+        self.store
+            .enabled
+            .then(|| openmesh_dataplane::engine::store::StoreConfig {
+                dir: self.relay.data_dir.join("store"),
+                segment_bytes: self.store.segment_bytes,
+                stall_ms: self.store.stall_ms,
+            })
+    }
+
     /// Checks value ranges; the error names the field.
     pub fn validate(&self) -> Result<(), String> {
         let s = &self.session;
         let l = &self.limits;
-        let checks: [(bool, &str); 14] = [
+        let checks: [(bool, &str); 15] = [
+            (self.store.segment_bytes >= 1 << 16 && self.store.segment_bytes <= 1 << 34 && self.store.stall_ms > 0, "store.segment_bytes must be 64 KiB..=16 GiB and store.stall_ms > 0"),
             (matches!(self.relay.log_format.as_str(), "plain" | "json"), "relay.log_format must be \"plain\" or \"json\""),
             (self.relay.tick_ms >= 1 && self.relay.tick_ms <= 10_000, "relay.tick_ms must be 1..=10000"),
             (matches!(self.tls.admission.as_str(), "open" | "ca-only"), "tls.admission must be \"open\" or \"ca-only\""),

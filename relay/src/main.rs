@@ -162,12 +162,22 @@ fn run() -> anyhow::Result<()> {
         relay_id: identity.relay_id(),
         settings: cfg.settings(mode),
         tick_ms: cfg.relay.tick_ms,
+        store: cfg.store(),
     })?;
+    let store = match cfg.store() {
+        Some(s) => format!(
+            "store {} ({} envelopes recovered)",
+            s.dir.display(),
+            engine.recovered()
+        ),
+        None => "no store (durable class off)".into(),
+    };
     println!(
-        "openmesh-relay ready: agents on {} (TLS 1.3), metrics on http://{}/metrics, {} cores, relay id {}",
+        "openmesh-relay ready: agents on {} (TLS 1.3), metrics on http://{}/metrics, {} cores, {}, relay id {}",
         engine.local_addr(),
         cfg.relay.metrics,
         cores,
+        store,
         AgentId(identity.public_key()).to_hex()
     );
 

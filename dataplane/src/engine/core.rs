@@ -28,6 +28,9 @@ struct ConnIo {
     wake_reader: Notify,
 }
 
+/// Longest an exiting core waits for its store to finish.
+const STORE_EXIT_US: u64 = 5_000_000;
+
 struct Core {
     id: u16,
     shard: RefCell<Shard>,
@@ -36,6 +39,8 @@ struct Core {
     shared: Arc<Shared>,
     cfg: Arc<EngineConfig>,
     drain_reported: Cell<bool>,
+    /// Wakes the store task.
+    store_wake: Notify,
 }
 
 thread_local! {
@@ -66,10 +71,11 @@ pub(crate) fn run(
     cfg: Arc<EngineConfig>,
     shared: Arc<Shared>,
     listener: std::net::TcpListener,
+    store: Option<crate::shard::ShardStore>,
 ) {
     uring::run(4096, async move {
         sync_unix_offset();
-        let shard = Shard::new(
+        let mut shard = Shard::new(
             id,
             ncores,
             ShardConfig {
@@ -80,6 +86,10 @@ pub(crate) fn run(
             shared.seq.clone(),
             shared.budget.clone(),
         );
+        let has_store = store.is_some();
+        if let Some(s) = store {
+            shard.attach_store(s);
+        }
         let core = Rc::new(Core {
             id,
             shard: RefCell::new(shard),
@@ -88,7 +98,12 @@ pub(crate) fn run(
             shared,
             cfg,
             drain_reported: Cell::new(false),
+            store_wake: Notify::new(),
         });
+        if let (true, Some(sc)) = (has_store, core.cfg.store.as_ref()) {
+            let files = uring::StoreFiles::new(sc.dir.clone(), id);
+            uring::spawn(store_loop(core.clone(), files));
+        }
         uring::spawn(accept_loop(core.clone()));
         uring::spawn(tick_loop(core.clone()));
         tracing::debug!(core = id, "core running");
@@ -136,6 +151,22 @@ async fn tick_loop(core: Rc<Core>) {
             core.shared.drained.fetch_add(1, Ordering::SeqCst);
             tracing::info!(core = core.id, "drained");
         }
+    }
+}
+
+/// Carries out the store's file operations, one at a time, as the shard hands them out.
+async fn store_loop(core: Rc<Core>, files: uring::StoreFiles) {
+    loop {
+        let next = core.shard.borrow_mut().poll_store(now());
+        let Some(op) = next else {
+            core.store_wake.notified().await;
+            continue;
+        };
+        let res = files.run(&op).await;
+        core.shard
+            .borrow_mut()
+            .on_store_done(&op, res.as_ref().err(), now());
+        core.drive();
     }
 }
 
@@ -249,7 +280,13 @@ impl Core {
             let Some(action) = action else {
                 break;
             };
-            let (Action::WakeWriter(c) | Action::WakeReader(c) | Action::Shutdown(c)) = action;
+            let c = match action {
+                Action::WakeWriter(c) | Action::WakeReader(c) | Action::Shutdown(c) => c,
+                Action::WakeStore => {
+                    self.store_wake.notify_one();
+                    continue;
+                }
+            };
             let Some(io) = self.io.borrow().get(&c).cloned() else {
                 continue;
             };
@@ -261,6 +298,7 @@ impl Core {
                     io.wake_reader.notify_one();
                     io.wake_writer.notify_one();
                 }
+                Action::WakeStore => {}
             }
         }
         let mut shard = self.shard.borrow_mut();
@@ -276,6 +314,18 @@ impl Core {
                 io.wake_reader.notify_one();
             }
             self.drive();
+        }
+    }
+
+    /// At exit: lets the store write and sync what is pending (released records, envelopes
+    /// not yet ACKed), for at most a few seconds.
+    async fn finish_store(&self) {
+        let deadline = now_us() + STORE_EXIT_US;
+        while !self.shard.borrow().store_idle() && now_us() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        if !self.shard.borrow().store_idle() {
+            tracing::warn!(core = self.id, "store still busy at exit");
         }
     }
 
@@ -306,6 +356,7 @@ impl Core {
             }
             self.drive();
             if exit {
+                self.finish_store().await;
                 return;
             }
         }

@@ -15,6 +15,7 @@
 
 mod core;
 pub mod mailbox;
+pub mod store;
 pub mod uring;
 
 use std::io;
@@ -33,6 +34,9 @@ use mailbox::{CoreMsg, Mailbox};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum EngineError {
+    /// The store could not be opened or recovered.
+    #[error("cannot open the store in {dir}: {source}")]
+    Store { dir: String, source: io::Error },
     /// The agent listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: io::Error },
@@ -55,6 +59,8 @@ pub struct EngineConfig {
     /// Period of each core's timer sweep (heartbeats, deadlines, drain), milliseconds.
     pub tick_ms: u64,
     pub settings: Settings,
+    /// Where durable envelopes are stored; `None`: the relay does not offer the durable class.
+    pub store: Option<crate::engine::store::StoreConfig>,
 }
 
 /// State shared by all cores: their mailboxes and a few relay-wide counters.
@@ -71,12 +77,41 @@ pub struct Engine {
     threads: Vec<JoinHandle<()>>,
     shared: Arc<Shared>,
     local_addr: SocketAddr,
+    recovered: usize,
 }
 
 impl Engine {
     /// Binds one listener per core and starts the core threads.
     pub fn start(cfg: EngineConfig) -> Result<Engine, EngineError> {
         let cores = cfg.cores.max(1);
+        let mut stores: Vec<Option<crate::shard::ShardStore>> = match &cfg.store {
+            None => (0..cores).map(|_| None).collect(),
+            Some(sc) => {
+                let opened =
+                    crate::engine::store::open(sc, cores as u16, unix_ms()).map_err(|source| {
+                        EngineError::Store {
+                            dir: sc.dir.display().to_string(),
+                            source,
+                        }
+                    })?;
+                let st = &opened.stats;
+                tracing::info!(
+                    dir = %sc.dir.display(),
+                    segments = st.segments,
+                    records = st.records,
+                    live = opened.recovered,
+                    released = st.released,
+                    expired = st.expired,
+                    cuts = st.cuts.len(),
+                    undecodable = opened.undecodable,
+                    "store recovered"
+                );
+                metrics::gauge!(crate::metrics::STORE_RECOVERED).set(opened.recovered as f64);
+                metrics::counter!(crate::metrics::STORE_CUTS).increment(st.cuts.len() as u64);
+                opened.cores.into_iter().map(Some).collect()
+            }
+        };
+        let recovered = stores.iter().flatten().map(|s| s.recovered.len()).sum();
         let first =
             uring::bind_reuseport(cfg.listen, 4096).map_err(|source| EngineError::Bind {
                 addr: cfg.listen,
@@ -113,6 +148,7 @@ impl Engine {
         for (i, listener) in listeners.into_iter().enumerate() {
             let cfg = cfg.clone();
             let shared = shared.clone();
+            let store = stores[i].take();
             let cpu = (cfg.pin && !cpus.is_empty()).then(|| cpus[i % cpus.len()]);
             let t = std::thread::Builder::new()
                 .name(format!("om-core-{i}"))
@@ -120,7 +156,7 @@ impl Engine {
                     if let Some(cpu) = cpu {
                         core_affinity::set_for_current(cpu);
                     }
-                    core::run(i as u16, cores as u16, cfg, shared, listener);
+                    core::run(i as u16, cores as u16, cfg, shared, listener, store);
                 })
                 .map_err(EngineError::Thread)?;
             threads.push(t);
@@ -132,7 +168,13 @@ impl Engine {
             threads,
             shared,
             local_addr,
+            recovered,
         })
+    }
+
+    /// Live envelopes recovered from the store at start.
+    pub fn recovered(&self) -> usize {
+        self.recovered
     }
 
     /// The address agents connect to (with the real port when 0 was configured).

@@ -9,10 +9,14 @@
 //! - listeners are built with socket2 (SO_REUSEPORT, backlog) and handed over with `from_std`,
 //!   because `TcpListener::bind` forces its own options.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::{Shutdown, SocketAddr};
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
+use std::rc::Rc;
 
 use bytes::BytesMut;
 use socket2::{Domain, Protocol, Socket, Type};
@@ -129,4 +133,106 @@ pub fn raise_fd_limit() -> u64 {
         }
     }
     rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0)
+}
+
+/// One core's store files, written through its ring: carries out the log's
+/// [`LogAction`](crate::store::log::LogAction)s. One operation at a time (the log hands out
+/// one), never raced against a timer: a stalled one is seen by the shard's sweep.
+pub struct StoreFiles {
+    dir: PathBuf,
+    core: u16,
+    open: RefCell<HashMap<u64, Rc<tokio_uring::fs::File>>>,
+}
+
+impl StoreFiles {
+    pub fn new(dir: PathBuf, core: u16) -> Self {
+        StoreFiles {
+            dir,
+            core,
+            open: RefCell::new(HashMap::new()),
+        }
+    }
+
+    async fn file(&self, number: u64) -> io::Result<Rc<tokio_uring::fs::File>> {
+        if let Some(f) = self.open.borrow().get(&number) {
+            return Ok(f.clone());
+        }
+        let path = crate::engine::store::segment_path(&self.dir, self.core, number);
+        let f = Rc::new(
+            tokio_uring::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .await?,
+        );
+        self.open.borrow_mut().insert(number, f.clone());
+        Ok(f)
+    }
+
+    async fn sync_dir(&self) -> io::Result<()> {
+        let d = tokio_uring::fs::File::open(&self.dir).await?;
+        let r = d.sync_all().await;
+        let _ = d.close().await;
+        r
+    }
+
+    /// Carries out one operation.
+    pub async fn run(&self, action: &crate::store::log::LogAction) -> io::Result<()> {
+        use crate::store::log::LogAction;
+        match action {
+            LogAction::Create {
+                number,
+                header,
+                size,
+            } => {
+                let path = crate::engine::store::segment_path(&self.dir, self.core, *number);
+                let f = tokio_uring::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(&path)
+                    .await?;
+                let done = async {
+                    f.fallocate(0, *size, 0).await?;
+                    let (r, _) = f.write_all_at(header.to_vec(), 0).await;
+                    r?;
+                    f.sync_all().await
+                }
+                .await;
+                if let Err(e) = done {
+                    // Nothing in it was promised: it goes, so that a retry starts clean.
+                    let _ = f.close().await;
+                    let _ = tokio_uring::fs::remove_file(&path).await;
+                    return Err(e);
+                }
+                self.open.borrow_mut().insert(*number, Rc::new(f));
+                self.sync_dir().await
+            }
+            LogAction::Write {
+                number,
+                offset,
+                buf,
+            } => {
+                let f = self.file(*number).await?;
+                let (r, _) = f.write_all_at(buf.clone(), *offset).await;
+                r
+            }
+            LogAction::Sync { number } => self.file(*number).await?.sync_data().await,
+            LogAction::Remove { number } => {
+                let f = self.open.borrow_mut().remove(number);
+                if let Some(f) = f {
+                    if let Ok(f) = Rc::try_unwrap(f) {
+                        let _ = f.close().await;
+                    }
+                }
+                let path = crate::engine::store::segment_path(&self.dir, self.core, *number);
+                match tokio_uring::fs::remove_file(&path).await {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+                self.sync_dir().await
+            }
+        }
+    }
 }

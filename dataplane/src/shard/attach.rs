@@ -141,7 +141,7 @@ impl Shard {
         if let Attach::Replaced(old) = self.directory.attach(agent, loc) {
             if old.core == self.id {
                 for env in self.retire_local(&agent, old.seq, now) {
-                    self.released.note(&env);
+                    self.released.note_moved(&env);
                     self.outbox
                         .push(loc.core, CoreMsg::Deliver { env, src: None });
                 }
@@ -150,7 +150,7 @@ impl Shard {
         if let Some(kept) = self.held.take(&agent) {
             self.m.redelivered.increment(kept.len() as u64);
             for env in kept {
-                self.released.note(&env);
+                self.released.note_moved(&env);
                 self.outbox
                     .push(loc.core, CoreMsg::Deliver { env, src: None });
             }

@@ -184,7 +184,8 @@ impl super::Shard {
                     }
             })
             .sum();
-        (self.held.retained() + buffers + conns) as u64
+        let stored = self.durable.as_ref().map_or(0, |d| d.pending_bytes());
+        (self.held.retained() + buffers + conns + stored) as u64
     }
 
     /// Charges bytes accepted since the last tick against the budget.

@@ -142,6 +142,14 @@ impl Inflight {
         self.unacked
     }
 
+    /// Envelopes still unacknowledged and not in the store (lost if the process ends).
+    pub(crate) fn unstored(&self) -> usize {
+        self.order
+            .iter()
+            .filter(|s| !s.acked && s.env.store_seq() == 0)
+            .count()
+    }
+
     /// Bytes (frame lengths) of the envelopes kept, acknowledged ones behind an older one
     /// included.
     pub(crate) fn bytes(&self) -> usize {
@@ -332,6 +340,13 @@ impl Held {
             .is_none_or(|k| k.q.len() < max_n && k.bytes + len <= max_b)
     }
 
+    /// Envelopes and frame bytes kept for `agent`.
+    pub(crate) fn queued(&self, agent: &AgentId) -> (usize, usize) {
+        self.by_agent
+            .get(agent)
+            .map_or((0, 0), |k| (k.q.len(), k.bytes))
+    }
+
     /// Agents something is kept for.
     pub(crate) fn agents(&self) -> impl Iterator<Item = AgentId> + '_ {
         self.by_agent.keys().copied()
@@ -396,15 +411,34 @@ impl Held {
     pub(crate) fn len(&self) -> usize {
         self.count
     }
+
+    /// Envelopes kept and not in the store (lost if the process ends).
+    pub(crate) fn unstored(&self) -> usize {
+        self.by_agent
+            .values()
+            .flat_map(|k| k.q.iter())
+            .filter(|(e, _)| e.store_seq() == 0)
+            .count()
+    }
 }
 
 /// Envelopes that left a shard's custody since the list was last settled: their sources and
-/// sizes, for the per-source quota.
+/// sizes, for the per-source quota, and the store sequence numbers of stored ones, for the
+/// store's released records.
 #[derive(Default)]
-pub(crate) struct Released(pub(crate) Vec<(AgentId, u32)>);
+pub(crate) struct Released(pub(crate) Vec<(AgentId, u32)>, pub(crate) Vec<u64>);
 
 impl Released {
+    /// `env` left custody for good (ACKed by its destination, expired, dropped).
     pub(crate) fn note(&mut self, env: &Envelope) {
+        self.0.push((env.source(), env.frame_len() as u32));
+        if env.store_seq() != 0 {
+            self.1.push(env.store_seq());
+        }
+    }
+
+    /// `env` left this core's quota but stays in custody (handed to another core).
+    pub(crate) fn note_moved(&mut self, env: &Envelope) {
         self.0.push((env.source(), env.frame_len() as u32));
     }
 }

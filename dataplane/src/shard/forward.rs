@@ -37,15 +37,32 @@ impl Shard {
             self.settle(src, id, class, Err(Reason::Overloaded), None, now);
             return;
         }
-        match self.directory.route(&env, self.id, self.ncores) {
+        let route = self.directory.route(&env, self.id, self.ncores);
+        if class == DeliveryClass::Durable && !matches!(route, Route::Refuse(_)) {
+            // Answered once the home core's store synced it: counted like an envelope handed
+            // to another core, so the source's reader stops at its send window.
+            if let Some(c) = self.conns.get_mut(&src) {
+                c.a.awaiting += 1;
+                c.a.awaiting_bytes += env.frame_len();
+            }
+        }
+        match route {
+            Route::Local if class == DeliveryClass::Durable => {
+                let len = env.frame_len();
+                if let Err(r) = self.store_durable(env, (self.id, src), now) {
+                    self.settle(src, id, class, Err(r), Some(len), now);
+                }
+            }
             Route::Local => {
                 let result = self.deliver_local(env, (self.id, src)).map_err(|(r, _)| r);
                 self.settle(src, id, class, result, None, now);
             }
             Route::Core(k) => {
-                if let Some(c) = self.conns.get_mut(&src) {
-                    c.a.awaiting += 1;
-                    c.a.awaiting_bytes += env.frame_len();
+                if class != DeliveryClass::Durable {
+                    if let Some(c) = self.conns.get_mut(&src) {
+                        c.a.awaiting += 1;
+                        c.a.awaiting_bytes += env.frame_len();
+                    }
                 }
                 self.outbox.push(
                     k,
@@ -208,6 +225,12 @@ impl Shard {
             }
             return;
         };
+        if class == DeliveryClass::Durable {
+            if let Err(r) = self.store_durable(env, (core, conn), now) {
+                self.verdict_to(core, conn, (id, len), class, Err(r), now);
+            }
+            return;
+        }
         // New work from another core meets this core's budget too.
         let result = if self.budget.state == Overload::Refuse {
             Err((Reason::Overloaded, env))
@@ -219,7 +242,7 @@ impl Shard {
     }
 
     /// Sends the verdict on envelope `id` of `len` bytes to its source connection.
-    fn verdict_to(
+    pub(super) fn verdict_to(
         &mut self,
         core: u16,
         conn: ConnId,

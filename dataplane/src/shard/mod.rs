@@ -33,6 +33,8 @@ pub mod budget;
 mod conn;
 pub use conn::MovingConn;
 mod custody;
+mod durable;
+pub use durable::{ShardStore, StoreState};
 mod forward;
 pub mod hasher;
 pub mod msg;
@@ -157,6 +159,8 @@ pub enum Action {
     WakeReader(ConnId),
     /// Shut the socket down: pending operations complete, both tasks end.
     Shutdown(ConnId),
+    /// The store has a file operation due: run the store task ([`Shard::poll_store`]).
+    WakeStore,
 }
 
 /// Whether a reader may read now.
@@ -213,6 +217,8 @@ pub struct Shard {
     accepted: Vec<Envelope>,
     /// Scratch for the copied part of the record being sealed, lent to each writer pass.
     tail: Vec<u8>,
+    /// The store, when the relay keeps durable envelopes.
+    durable: Option<durable::Durable>,
 }
 
 /// Relay-wide counters shared by every shard (attach sequence, session ids).
@@ -269,11 +275,23 @@ impl Shard {
             spare_buffers: Vec::new(),
             handed_off: 0,
             parked_on_outbox: Vec::new(),
+            durable: None,
         }
+    }
+
+    /// Gives the shard its store (before it serves anything): durable envelopes are written to
+    /// its log, and what recovery found for agents homed here is kept for them.
+    pub fn attach_store(&mut self, store: ShardStore) {
+        let (d, recovered) = durable::Durable::new(store, self.id);
+        self.durable = Some(d);
+        self.keep_recovered(recovered);
     }
 
     /// The next thing the engine must do.
     pub fn poll_action(&mut self) -> Option<Action> {
+        if !self.released.1.is_empty() {
+            self.release_stored();
+        }
         if !self.released.0.is_empty() {
             self.sources.release(&mut self.released);
         }
@@ -379,19 +397,23 @@ impl Shard {
         }
     }
 
-    /// Stops: every socket is shut down so that pending operations complete. Custody still held
-    /// (memory only until the store exists) is lost with the process: counted and logged.
+    /// Stops: every socket is shut down so that pending operations complete. Custody held in
+    /// memory only (at-least-once) is lost with the process: counted and logged. Stored
+    /// envelopes stay on disk for the next start (the engine lets the store finish first).
     fn exit(&mut self) {
-        let held = self.held.len() as u64;
+        let held = self.held.unstored() as u64;
         let connected: u64 = self
             .conns
             .values()
             .map(|c| {
-                (c.a.inflight.len()
+                (c.a.inflight.unstored()
                     + c.a
                         .outq
                         .iter()
-                        .filter(|e| e.class() != crate::wire::DeliveryClass::BestEffort)
+                        .filter(|e| {
+                            e.class() != crate::wire::DeliveryClass::BestEffort
+                                && e.store_seq() == 0
+                        })
                         .count()) as u64
             })
             .sum();

@@ -22,6 +22,7 @@ impl Shard {
     /// The periodic sweep.
     pub fn on_tick(&mut self, now: Now) {
         self.held.set_now(now.unix_ms);
+        self.sweep_store(now);
         if now.mono_us.saturating_sub(self.custody_swept_us) >= CUSTODY_SWEEP_US {
             self.custody_swept_us = now.mono_us;
             let max_age_ms = self.settings.limits.absent_max_age_s.saturating_mul(1000);

@@ -9,15 +9,19 @@
 //! ```text
 //! append --> pending batch --Write--> on_written --Sync--> on_synced --> tickets durable
 //!                           ^ Create first when the batch's segment does not exist yet
-//! release --> live count 0 on a full segment --Remove--> on_removed
+//! release --> live count 0 on the oldest, full segment --Remove--> on_removed
 //! ```
+//!
+//! Segments go oldest first: a released record may name envelopes in any older segment, so a
+//! segment is removed only when every older one is gone (else those envelopes would come back at
+//! recovery).
 //!
 //! One operation is in flight at a time. A failed operation fails the log: the tickets of
 //! every batch not yet durable come back from [`Log::take_failed`], appends are refused, and
 //! [`Log::retry`] starts over in a new segment (the failed one keeps what was synced; recovery
 //! cuts it where its good records end).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use bytes::{Bytes, BytesMut};
 
@@ -63,8 +67,8 @@ struct Batch {
     offset: u64,
     buf: BytesMut,
     tickets: Vec<Ticket>,
-    /// Envelope records in it.
-    envelopes: usize,
+    /// Sequence numbers of the envelope records in it.
+    seqs: Vec<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,6 +116,8 @@ pub struct Log {
     segment_bytes: u64,
     next_number: u64,
     segments: BTreeMap<u64, Segment>,
+    /// Live envelopes: sequence number -> the segment holding its record.
+    index: HashMap<u64, u64>,
     /// The segment appends go to.
     tail: Option<u64>,
     pending: VecDeque<Batch>,
@@ -136,27 +142,30 @@ impl Log {
         core: u16,
         segment_bytes: u64,
         next_number: u64,
-        existing: impl IntoIterator<Item = (u64, usize)>,
+        existing: impl IntoIterator<Item = (u64, Vec<u64>)>,
     ) -> Self {
-        let segments = existing
-            .into_iter()
-            .map(|(n, live)| {
-                let s = Segment {
-                    live,
-                    end: 0,
-                    size: 0,
-                    created: true,
-                    full: true,
-                    created_ms: 0,
-                };
-                (n, s)
-            })
-            .collect();
+        let mut index = HashMap::new();
+        let mut segments = BTreeMap::new();
+        for (n, seqs) in existing {
+            for s in &seqs {
+                index.insert(*s, n);
+            }
+            let s = Segment {
+                live: seqs.len(),
+                end: 0,
+                size: 0,
+                created: true,
+                full: true,
+                created_ms: 0,
+            };
+            segments.insert(n, s);
+        }
         Log {
             core,
             segment_bytes: segment_bytes.max(SEGMENT_HEADER_LEN as u64 + 4096),
             next_number,
             segments,
+            index,
             tail: None,
             pending: VecDeque::new(),
             in_flight: None,
@@ -189,21 +198,24 @@ impl Log {
         let b = self.batch_for(record::envelope_record_len(env) as u64, now_ms);
         record::encode_envelope_of(seq, env, &mut b.buf);
         b.tickets.push(ticket);
-        b.envelopes += 1;
+        b.seqs.push(seq);
         let n = b.number;
         if let Some(s) = self.segments.get_mut(&n) {
             s.live += 1;
         }
+        self.index.insert(seq, n);
         Ok(n)
     }
 
-    /// Envelopes left the store (delivered and ACKed, or expired): `seqs`, whose records are in
-    /// `segments` (one entry per envelope). A released record is appended (it needs no ticket:
-    /// losing it redelivers those envelopes after a crash).
-    pub fn release(&mut self, seqs: &[u64], segments: impl IntoIterator<Item = u64>, now_ms: u64) {
-        for n in segments {
-            if let Some(s) = self.segments.get_mut(&n) {
-                s.live = s.live.saturating_sub(1);
+    /// Envelopes left the store (delivered and ACKed, or expired): `seqs`. A released record is
+    /// appended (it needs no ticket: losing it redelivers those envelopes after a crash). A
+    /// sequence number this log does not hold is named in the record all the same.
+    pub fn release(&mut self, seqs: &[u64], now_ms: u64) {
+        for seq in seqs {
+            if let Some(n) = self.index.remove(seq) {
+                if let Some(s) = self.segments.get_mut(&n) {
+                    s.live = s.live.saturating_sub(1);
+                }
             }
         }
         if !self.failed && !seqs.is_empty() {
@@ -231,7 +243,7 @@ impl Log {
                 offset,
                 buf: BytesMut::new(),
                 tickets: Vec::new(),
-                envelopes: 0,
+                seqs: Vec::new(),
             });
         }
         self.pending.back_mut().expect("a pending batch")
@@ -297,11 +309,12 @@ impl Log {
             }
             return;
         }
-        // Nothing to write: remove a full segment with nothing live in it.
+        // Nothing to write: remove the oldest segment if it is full and nothing in it is live.
         let empty = self
             .segments
             .iter()
-            .find(|(n, s)| s.full && s.live == 0 && s.created && Some(**n) != self.tail)
+            .next()
+            .filter(|(n, s)| s.full && s.live == 0 && s.created && Some(**n) != self.tail)
             .map(|(n, _)| *n);
         if let Some(n) = empty {
             self.step = Some(Step::Remove(n));
@@ -311,6 +324,11 @@ impl Log {
 
     fn write_in_flight(&mut self) {
         let b = self.in_flight.as_mut().expect("a batch in flight");
+        if b.buf.is_empty() {
+            // A segment created with nothing to write yet (after a failure): done.
+            self.in_flight = None;
+            return;
+        }
         let buf = std::mem::take(&mut b.buf).freeze();
         self.stats.bytes += buf.len() as u64;
         self.step = Some(Step::Write);
@@ -372,7 +390,10 @@ impl Log {
             .chain(self.pending.drain(..))
         {
             if let Some(s) = self.segments.get_mut(&b.number) {
-                s.live = s.live.saturating_sub(b.envelopes);
+                s.live = s.live.saturating_sub(b.seqs.len());
+            }
+            for seq in &b.seqs {
+                self.index.remove(seq);
             }
             self.failed_tickets.extend(b.tickets);
         }
@@ -382,11 +403,25 @@ impl Log {
         self.tail = None;
     }
 
-    /// Starts over after a failure, in a new segment. Segments that were never created are
-    /// forgotten.
-    pub fn retry(&mut self) {
+    /// Starts over after a failure: a new segment is created at once (its creation is the
+    /// probe: [`Log::on_done`] tells whether the disk takes writes again). Segments that were
+    /// never created are forgotten.
+    pub fn retry(&mut self, now_ms: u64) {
         self.segments.retain(|_, s| s.created);
         self.failed = false;
+        // The failure left no tail: this starts a new segment, with an empty batch in it.
+        self.tail = None;
+        self.batch_for(0, now_ms);
+    }
+
+    /// Whether nothing is written, due or in flight (a clean exit waits for this).
+    pub fn is_idle(&self) -> bool {
+        self.step.is_none() && self.in_flight.is_none() && self.pending.is_empty()
+    }
+
+    /// Live envelopes this log holds.
+    pub fn live(&self) -> usize {
+        self.index.len()
     }
 
     /// Whether the log failed and waits for [`Log::retry`].

@@ -260,13 +260,43 @@ fn full_segments_roll_over_and_are_removed_when_nothing_in_them_is_live() {
     let in_first: Vec<u64> = (1..=40)
         .filter(|i| placed[*i as usize - 1] == first)
         .collect();
-    log.release(&in_first, in_first.iter().map(|_| first), 0);
+    log.release(&in_first, 0);
     while disk.step(&mut log, true) {}
     assert!(!disk.synced.contains_key(&first));
     assert!(disk.ops.contains(&"remove"));
     let r = disk.recover();
     assert_eq!(r.live.len(), 40 - in_first.len());
     assert!(r.stats.cuts.is_empty());
+}
+
+#[test]
+fn segments_go_oldest_first_so_a_released_record_never_outlives_what_it_names() {
+    let mut log = Log::new(0, 8192, 1, []);
+    let mut disk = Disk::default();
+    let mut placed = Vec::new();
+    for i in 1..=40 {
+        placed.push(log.append(i, &envelope(i, 2, 1000, 60_000), i, 0).unwrap());
+        while disk.step(&mut log, true) {}
+    }
+    let first = placed[0];
+    let second = *placed.iter().find(|n| **n != first).unwrap();
+    // Everything but envelope 1 goes, the release records land in later segments.
+    let rest: Vec<u64> = (2..=40).collect();
+    log.release(&rest, 0);
+    while disk.step(&mut log, true) {}
+    assert!(disk.synced.contains_key(&first), "envelope 1 is live");
+    assert!(
+        disk.synced.contains_key(&second),
+        "an empty segment behind a live one stays"
+    );
+    let r = disk.recover();
+    let live: Vec<u64> = r.live.iter().map(|(_, e)| e.seq).collect();
+    assert_eq!(live, vec![1], "nothing released comes back");
+    log.release(&[1], 0);
+    while disk.step(&mut log, true) {}
+    assert!(!disk.synced.contains_key(&first) && !disk.synced.contains_key(&second));
+    assert!(disk.recover().live.is_empty());
+    assert_eq!(log.live(), 0);
 }
 
 #[test]
@@ -283,10 +313,16 @@ fn a_failed_sync_fails_its_tickets_refuses_appends_and_recovers_in_a_new_segment
     assert_eq!(log.take_failed(), vec![2, 3]);
     assert!(log.is_failed());
     assert!(log.append(4, &envelope(4, 2, 100, 60_000), 4, 0).is_err());
-    log.retry();
+    log.retry(0);
+    assert!(
+        disk.step(&mut log, true),
+        "the retry creates a new segment at once"
+    );
+    assert_eq!(disk.ops.last(), Some(&"create"));
     let n = log.append(5, &envelope(5, 2, 100, 60_000), 5, 0).unwrap();
-    assert_eq!(n, 2, "a new segment");
+    assert_eq!(n, 2, "in the new segment");
     while disk.step(&mut log, true) {}
+    assert!(log.is_idle());
     assert_eq!(log.take_durable(), vec![5]);
     let live: Vec<u64> = disk.recover().live.iter().map(|(_, e)| e.seq).collect();
     assert_eq!(live, vec![1, 5], "what failed is not claimed");

@@ -195,9 +195,22 @@ pub struct Envelope {
     /// The immutable part exactly as the source wrote it (AEAD associated data plus payload).
     pub immutable: Bytes,
     sections: Sections,
+    /// The relay's store sequence number once the envelope is on disk (0: not stored). Not
+    /// on the wire.
+    store_seq: u64,
 }
 
 impl Envelope {
+    /// The store sequence number of a stored envelope (0: not stored; never on the wire).
+    pub fn store_seq(&self) -> u64 {
+        self.store_seq
+    }
+
+    /// Marks the envelope as stored under `seq`.
+    pub fn set_store_seq(&mut self, seq: u64) {
+        self.store_seq = seq;
+    }
+
     /// Decodes an ENVELOPE frame body. `body` is a slice of the received frame; the result shares it.
     pub fn decode(body: Bytes) -> Result<Self, WireError> {
         let mut r = Reader::new(&body);
@@ -211,6 +224,7 @@ impl Envelope {
             routing,
             immutable,
             sections,
+            store_seq: 0,
         })
     }
 
@@ -671,6 +685,7 @@ impl EnvelopeBuilder {
             routing: RoutingPart::origin(self.hop_limit),
             sections,
             immutable,
+            store_seq: 0,
         })
     }
 }

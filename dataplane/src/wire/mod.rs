@@ -298,6 +298,9 @@ pub enum Reason {
     UnknownCriticalExtension = 28,
     /// The routing part breaks its rules (an agent filled in what only relays write).
     InvalidRouting = 29,
+    /// The relay cannot store durable envelopes now (disk full, I/O error or a stalled disk);
+    /// retry later or elsewhere. Other classes are not affected.
+    StoreUnavailable = 30,
 }
 
 impl Reason {
@@ -335,6 +338,7 @@ impl Reason {
             27 => PingFlood,
             28 => UnknownCriticalExtension,
             29 => InvalidRouting,
+            30 => StoreUnavailable,
             _ => return None,
         })
     }
@@ -373,6 +377,7 @@ impl Reason {
             PingFlood => "ping_flood",
             UnknownCriticalExtension => "unknown_critical_extension",
             InvalidRouting => "invalid_routing",
+            StoreUnavailable => "store_unavailable",
         }
     }
 
@@ -386,11 +391,12 @@ impl Reason {
                 | Reason::RateLimited
                 | Reason::Overloaded
                 | Reason::QuotaExceeded
+                | Reason::StoreUnavailable
         )
     }
 
     /// Every reason, for documentation and metric pre-registration.
-    pub const ALL: [Reason; 30] = [
+    pub const ALL: [Reason; 31] = [
         Reason::Normal,
         Reason::ProtocolError,
         Reason::FrameTooLarge,
@@ -421,6 +427,7 @@ impl Reason {
         Reason::PingFlood,
         Reason::UnknownCriticalExtension,
         Reason::InvalidRouting,
+        Reason::StoreUnavailable,
     ];
 }
 

@@ -32,6 +32,8 @@ pub struct Relay {
     pub dir: PathBuf,
     pub ca: Vec<CertificateDer<'static>>,
     pub stdout: mpsc::Receiver<String>,
+    /// Leave the data directory when dropped (a later relay starts in it).
+    pub keep_dir: bool,
 }
 
 impl Relay {
@@ -89,6 +91,7 @@ impl Relay {
             dir,
             ca: Vec::new(),
             stdout: rx,
+            keep_dir: false,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -192,7 +195,9 @@ impl Drop for Relay {
             let _ = c.wait();
         }
         if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.dir);
+            if !self.keep_dir {
+                let _ = std::fs::remove_dir_all(&self.dir);
+            }
         } else {
             eprintln!("relay log kept in {}", self.dir.display());
         }
@@ -200,6 +205,17 @@ impl Drop for Relay {
 }
 
 impl Relay {
+    /// Kills the relay with SIGKILL (no chance to flush anything) and waits for it; returns its
+    /// data directory, which is kept for the next relay.
+    pub fn kill9(mut self) -> PathBuf {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.keep_dir = true;
+        self.dir.clone()
+    }
+
     /// Sends SIGTERM without waiting.
     pub fn sigterm(&self) {
         let _ = Command::new("kill")

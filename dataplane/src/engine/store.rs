@@ -1,0 +1,210 @@
+//! The store's files at start: find and read every segment, recover what is live, and hand
+//! each core its part. Blocking file I/O, run once before the cores start (and by
+//! `openmesh-relay store inspect`); while the relay runs, each core's log is written through
+//! its own ring (`crate::engine`).
+//!
+//! Opening rewrites the store: the live envelopes are copied into one new segment per core
+//! that is now their destination's home, synced, and only then are the old segments removed
+//! (the directory synced after each step). A crash in between leaves both copies, which
+//! recovery reads as one (same sequence numbers). This is what lets a restart with another
+//! number of cores lose nothing, and it drops whatever a long-lived envelope pinned.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use bytes::{Bytes, BytesMut};
+
+use crate::shard::ShardStore;
+use crate::store::log::Log;
+use crate::store::record::{self, Record, Scan, SegmentHeader};
+use crate::store::recovery::{self, RecoveryStats, SegmentId};
+use crate::wire::{Destination, Envelope};
+
+/// How the relay stores durable envelopes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreConfig {
+    /// The directory of the segment files (`<data_dir>/store`).
+    pub dir: PathBuf,
+    /// Size each new segment is preallocated to.
+    pub segment_bytes: u64,
+    /// A file operation running longer than this makes the core refuse durable envelopes
+    /// until it completes, milliseconds.
+    pub stall_ms: u64,
+}
+
+/// The file name of segment `number` of `core`.
+pub fn segment_name(core: u16, number: u64) -> String {
+    format!("seg-{core:03}-{number:016x}.log")
+}
+
+/// The path of segment `number` of `core` under `dir`.
+pub fn segment_path(dir: &Path, core: u16, number: u64) -> PathBuf {
+    dir.join(segment_name(core, number))
+}
+
+/// Core and number of a segment file name; `None` for any other file.
+pub fn parse_segment_name(name: &str) -> Option<(u16, u64)> {
+    let rest = name.strip_prefix("seg-")?.strip_suffix(".log")?;
+    let (core, number) = rest.split_once('-')?;
+    if core.len() != 3 || number.len() != 16 {
+        return None;
+    }
+    Some((core.parse().ok()?, u64::from_str_radix(number, 16).ok()?))
+}
+
+/// Fsyncs a directory (after a file in it was created or removed).
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    fs::File::open(dir)?.sync_all()
+}
+
+/// Reads and scans every segment file under `dir` (none if it does not exist). Envelope bodies
+/// are copied out of the file buffers, so memory follows the records written, not the
+/// preallocated size. Files that are not segments are left alone and named in the second list.
+#[allow(clippy::type_complexity)]
+pub fn read_segments(dir: &Path) -> io::Result<(Vec<(SegmentId, Scan)>, Vec<PathBuf>)> {
+    let mut out = Vec::new();
+    let mut strangers = Vec::new();
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((out, strangers)),
+        Err(e) => return Err(e),
+    };
+    let mut names: Vec<(u16, u64, PathBuf)> = Vec::new();
+    for e in entries {
+        let e = e?;
+        let name = e.file_name();
+        match name.to_str().and_then(parse_segment_name) {
+            Some((core, number)) => names.push((core, number, e.path())),
+            None => strangers.push(e.path()),
+        }
+    }
+    names.sort();
+    for (core, number, path) in names {
+        let data = Bytes::from(fs::read(&path)?);
+        let Some(mut scan) = record::scan(data) else {
+            strangers.push(path);
+            continue;
+        };
+        for (_, r) in &mut scan.records {
+            if let Record::Envelope(e) = r {
+                e.body = Bytes::copy_from_slice(&e.body);
+            }
+        }
+        out.push((SegmentId { core, number }, scan));
+    }
+    Ok((out, strangers))
+}
+
+/// What opening the store did.
+pub struct Opened {
+    /// One per core, in core order.
+    pub cores: Vec<ShardStore>,
+    pub stats: RecoveryStats,
+    /// Live envelopes served again.
+    pub recovered: usize,
+    /// Envelopes whose record did not decode as an envelope any more (counted, dropped).
+    pub undecodable: usize,
+}
+
+/// Opens the store under `cfg.dir` for `cores` cores at `now_ms`: recovers, rewrites the live
+/// envelopes per home core, removes the old segments.
+pub fn open(cfg: &StoreConfig, cores: u16, now_ms: u64) -> io::Result<Opened> {
+    let cores = cores.max(1);
+    fs::create_dir_all(&cfg.dir)?;
+    let (scans, strangers) = read_segments(&cfg.dir)?;
+    for p in &strangers {
+        tracing::warn!(path = %p.display(), "not a store segment: left alone");
+    }
+    let old: Vec<SegmentId> = scans.iter().map(|(id, _)| *id).collect();
+    let mut next_number = vec![1u64; cores as usize];
+    for id in &old {
+        if let Some(n) = next_number.get_mut(id.core as usize) {
+            *n = (*n).max(id.number + 1);
+        }
+    }
+    let rec = recovery::recover(scans, now_ms);
+    for (id, cut) in &rec.stats.cuts {
+        tracing::warn!(
+            segment = %segment_name(id.core, id.number),
+            offset = cut.offset,
+            reason = cut.reason.label(),
+            bytes_after = cut.bytes_lost,
+            "store segment cut at a bad record: every record before it kept"
+        );
+    }
+    // Live envelopes per new home core, in store order.
+    let mut per_core: Vec<Vec<(u64, Envelope, record::StoredEnvelope)>> =
+        (0..cores).map(|_| Vec::new()).collect();
+    let mut undecodable = 0;
+    for (_, stored) in rec.live {
+        let Ok(mut env) = stored.envelope() else {
+            undecodable += 1;
+            continue;
+        };
+        let Destination::Agent(dst) = env.destination() else {
+            undecodable += 1;
+            continue;
+        };
+        env.set_store_seq(stored.seq);
+        let home = crate::routing::home_core(&dst, cores) as usize;
+        per_core[home].push((stored.seq, env, stored));
+    }
+    let mut written: Vec<Option<(u64, Vec<u64>)>> = vec![None; cores as usize];
+    for (core, live) in per_core.iter().enumerate() {
+        if live.is_empty() {
+            continue;
+        }
+        let number = next_number[core];
+        next_number[core] += 1;
+        let header = SegmentHeader {
+            core: core as u16,
+            number,
+            created_ms: now_ms,
+        };
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&header.encode());
+        for (_, _, stored) in live {
+            record::encode_envelope(stored, &mut buf);
+        }
+        let path = segment_path(&cfg.dir, core as u16, number);
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        f.write_all(&buf)?;
+        f.sync_all()?;
+        written[core] = Some((number, live.iter().map(|(s, _, _)| *s).collect()));
+    }
+    sync_dir(&cfg.dir)?;
+    for id in &old {
+        fs::remove_file(segment_path(&cfg.dir, id.core, id.number))?;
+    }
+    if !old.is_empty() {
+        sync_dir(&cfg.dir)?;
+    }
+    let first_seq = rec.max_seq + 1;
+    let recovered = per_core.iter().map(Vec::len).sum();
+    let stores = per_core
+        .into_iter()
+        .enumerate()
+        .map(|(core, live)| ShardStore {
+            log: Log::new(
+                core as u16,
+                cfg.segment_bytes,
+                next_number[core],
+                written[core].take(),
+            ),
+            first_seq: first_seq + core as u64,
+            seq_step: cores as u64,
+            recovered: live.into_iter().map(|(_, e, _)| e).collect(),
+            stall_us: cfg.stall_ms.saturating_mul(1000),
+        })
+        .collect();
+    Ok(Opened {
+        cores: stores,
+        stats: rec.stats,
+        recovered,
+        undecodable,
+    })
+}

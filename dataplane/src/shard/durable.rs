@@ -1,0 +1,387 @@
+//! The durable class: envelopes written to this core's store log and synced before the relay
+//! ACKs them.
+//!
+//! ```text
+//! durable envelope at its home core --checks--> Log::append (pending, charged)
+//!     --LogAction Create/Write/Sync on the core's ring--> on_store_done
+//!     --durable--> destination's send queue, or kept for it --> ACK to the source (Verdict)
+//!     --failed---> NACK store_unavailable to the source
+//! destination ACKs it / it expires --Released--> Log::release (a released record)
+//! ```
+//!
+//! The home core writes: the envelope's queue, bounds and order live there, so the verdict
+//! needs no second hop. A durable envelope enters its destination's queue only once it is on
+//! disk (nothing is delivered that a crash could take back), so an at-least-once envelope sent
+//! after a durable one may overtake it.
+//!
+//! Faults: an operation that fails (a full disk, an I/O error) fails every envelope not yet
+//! synced and the store refuses durable envelopes (`store_unavailable`) until a retry creates a
+//! new segment; an operation that runs longer than `store.stall_ms` (seen by the sweep: file
+//! operations are never raced against a timer) refuses new durable envelopes until it completes.
+//! At-least-once and best-effort envelopes never wait for the store.
+
+use std::collections::HashMap;
+
+use super::budget::Overload;
+use super::msg::ConnId;
+use super::{dest_agent, Action, Now, Shard};
+use crate::store::log::{Log, LogAction};
+use crate::wire::{AgentId, DeliveryClass, Envelope, Reason};
+
+/// How often a failed store tries a new segment.
+const RETRY_US: u64 = 1_000_000;
+
+/// What one core's store starts with: its log (with the segments recovery gave it), the
+/// envelopes recovered for agents homed on it, and its sequence numbers.
+pub struct ShardStore {
+    pub log: Log,
+    /// The first sequence number this core gives out; then every `seq_step`-th.
+    pub first_seq: u64,
+    pub seq_step: u64,
+    /// Live envelopes recovered for agents whose home is this core, in store order.
+    pub recovered: Vec<Envelope>,
+    /// An operation running longer than this (microseconds) makes the store refuse durable
+    /// envelopes until it completes.
+    pub stall_us: u64,
+}
+
+/// Whether the store takes durable envelopes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreState {
+    Ok = 0,
+    /// An operation runs past `stall_us`.
+    Stalled = 1,
+    /// An operation failed; a retry is due.
+    Failed = 2,
+}
+
+struct Pending {
+    env: Envelope,
+    src: (u16, ConnId),
+}
+
+pub(crate) struct Durable {
+    log: Log,
+    next_seq: u64,
+    step: u64,
+    stall_us: u64,
+    pending: HashMap<u64, Pending, crate::shard::hasher::MapHasher>,
+    /// Per destination: envelopes and frame bytes waiting for their sync.
+    pending_dest: HashMap<AgentId, (usize, usize), crate::shard::hasher::MapHasher>,
+    pending_bytes: usize,
+    state: StoreState,
+    failed_at_us: u64,
+    /// Unix milliseconds of the last event (segment headers and retries).
+    now_ms: u64,
+    m: crate::metrics::StoreMetrics,
+}
+
+impl Durable {
+    pub(crate) fn new(s: ShardStore, core: u16) -> (Self, Vec<Envelope>) {
+        let d = Durable {
+            log: s.log,
+            next_seq: s.first_seq.max(1),
+            step: s.seq_step.max(1),
+            stall_us: s.stall_us.max(1),
+            pending: HashMap::default(),
+            pending_dest: HashMap::default(),
+            pending_bytes: 0,
+            state: StoreState::Ok,
+            failed_at_us: 0,
+            now_ms: 0,
+            m: crate::metrics::StoreMetrics::new(core),
+        };
+        (d, s.recovered)
+    }
+
+    /// Bytes of envelopes waiting for their sync (charged to the memory budget).
+    pub(crate) fn pending_bytes(&self) -> usize {
+        self.pending_bytes + self.log.pending_bytes()
+    }
+
+    fn pending_for(&self, a: &AgentId) -> (usize, usize) {
+        self.pending_dest.get(a).copied().unwrap_or((0, 0))
+    }
+}
+
+impl Shard {
+    /// Takes a durable envelope from `src` (core, connection) for its destination homed here:
+    /// checks it like any other, appends it to the log, and answers the source once it is
+    /// synced (or failed). `Err`: refused now.
+    pub(super) fn store_durable(
+        &mut self,
+        env: Envelope,
+        src: (u16, ConnId),
+        now: Now,
+    ) -> Result<(), Reason> {
+        if self.budget.state == Overload::Refuse {
+            return Err(Reason::Overloaded);
+        }
+        let Some(d) = self.durable.as_ref() else {
+            return Err(Reason::ClassNotAllowed);
+        };
+        let Some(dst) = dest_agent(&env) else {
+            return Err(Reason::DestinationUnavailable);
+        };
+        let l = &self.settings.limits;
+        let (max_n, max_b) = (l.send_queue_envelopes, l.send_queue_bytes());
+        let len = env.frame_len();
+        let (pn, pb) = d.pending_for(&dst);
+        let present = self
+            .by_agent
+            .get(&dst)
+            .and_then(|c| self.conns.get(c))
+            .filter(|c| c.session.is_open() && !c.closing);
+        match present {
+            Some(c) => {
+                if c.a
+                    .contract
+                    .as_ref()
+                    .is_some_and(|w| len > w.max_frame as usize)
+                {
+                    return Err(Reason::TooLargeForDestination);
+                }
+                if !self.sources.allows(&env.source(), len, self.source_quota()) {
+                    return Err(Reason::QuotaExceeded);
+                }
+                if c.a.outq.len() + pn >= max_n || c.a.outq.bytes() + pb + len > max_b {
+                    return Err(Reason::QueueFull);
+                }
+            }
+            None => {
+                if !self.sources.allows(&env.source(), len, self.source_quota()) {
+                    return Err(Reason::QuotaExceeded);
+                }
+                let cap = l.absent_bytes() / self.ncores.max(1) as usize;
+                let cost = len + crate::shard::custody::HELD_ENVELOPE_OVERHEAD;
+                let (hn, hb) = self.held.queued(&dst);
+                if hn + pn >= max_n
+                    || hb + pb + len > max_b
+                    || self.held.retained() + d.pending_bytes + cost > cap
+                {
+                    return Err(Reason::QueueFull);
+                }
+            }
+        }
+        let d = self.durable.as_mut().expect("checked above");
+        if d.state != StoreState::Ok {
+            return Err(Reason::StoreUnavailable);
+        }
+        let seq = d.next_seq;
+        if d.log.append(seq, &env, seq, now.unix_ms).is_err() {
+            return Err(Reason::StoreUnavailable);
+        }
+        d.next_seq += d.step;
+        d.now_ms = now.unix_ms;
+        d.pending_bytes += len;
+        let p = d.pending_dest.entry(dst).or_default();
+        p.0 += 1;
+        p.1 += len;
+        self.sources.hold(env.source(), len);
+        d.pending.insert(seq, Pending { env, src });
+        self.charge(len as u64);
+        self.actions.push_back(Action::WakeStore);
+        Ok(())
+    }
+
+    /// The store's next file operation, if one is due (the engine's store task asks).
+    pub fn poll_store(&mut self, now: Now) -> Option<LogAction> {
+        let d = self.durable.as_mut()?;
+        d.now_ms = now.unix_ms;
+        d.log.poll_action(now.mono_us)
+    }
+
+    /// Whether the store has nothing in flight or due (a clean exit waits for this).
+    pub fn store_idle(&self) -> bool {
+        self.durable.as_ref().is_none_or(|d| d.log.is_idle())
+    }
+
+    /// The store operation last handed out completed (`ok`) or failed (`error` says how).
+    pub fn on_store_done(&mut self, op: &LogAction, error: Option<&std::io::Error>, now: Now) {
+        let Some(d) = self.durable.as_mut() else {
+            return;
+        };
+        let took_us = d.log.busy_for(now.mono_us).unwrap_or(0);
+        if let LogAction::Sync { .. } = op {
+            d.m.sync_seconds.record(took_us as f64 / 1e6);
+        }
+        let groups = d.log.stats.groups;
+        d.log.on_done(error.is_none());
+        if let (Some(e), LogAction::Remove { number }) = (error, op) {
+            // The segment stays and its removal is tried again; nothing is refused.
+            d.m.failures.increment(1);
+            tracing::warn!(core = self.id, segment = number, error = %e, "store segment not removed");
+        } else if let Some(e) = error {
+            d.m.failures.increment(1);
+            tracing::error!(
+                core = self.id,
+                operation = op_label(op),
+                error = %e,
+                "store operation failed: durable envelopes refused (store_unavailable) until a new segment can be written"
+            );
+            d.state = StoreState::Failed;
+            d.failed_at_us = now.mono_us;
+        } else if d.state == StoreState::Stalled && !d.log.is_failed() {
+            tracing::warn!(
+                core = self.id,
+                took_us,
+                "store operation completed: durable envelopes accepted again"
+            );
+            d.state = StoreState::Ok;
+        } else if d.state == StoreState::Failed && !d.log.is_failed() {
+            if let LogAction::Create { .. } = op {
+                tracing::warn!(
+                    core = self.id,
+                    "store writes again: durable envelopes accepted"
+                );
+                d.state = StoreState::Ok;
+            }
+        }
+        let durable = d.log.take_durable();
+        if d.log.stats.groups > groups {
+            d.m.group_envelopes.record(durable.len() as f64);
+        }
+        for seq in durable {
+            self.on_durable(seq, now);
+        }
+        let failed = self.durable.as_mut().map(|d| d.log.take_failed());
+        for seq in failed.unwrap_or_default() {
+            self.on_store_failed(seq, now);
+        }
+        self.actions.push_back(Action::WakeStore);
+    }
+
+    fn take_pending(&mut self, seq: u64) -> Option<Pending> {
+        let d = self.durable.as_mut()?;
+        let p = d.pending.remove(&seq)?;
+        let len = p.env.frame_len();
+        d.pending_bytes -= len;
+        if let Some(a) = dest_agent(&p.env) {
+            if let Some(e) = d.pending_dest.get_mut(&a) {
+                e.0 -= 1;
+                e.1 -= len;
+                if e.0 == 0 {
+                    d.pending_dest.remove(&a);
+                }
+            }
+        }
+        Some(p)
+    }
+
+    /// Envelope `seq` is on disk: it joins its destination's queue and its source hears ACK.
+    fn on_durable(&mut self, seq: u64, now: Now) {
+        let Some(Pending { mut env, src }) = self.take_pending(seq) else {
+            return;
+        };
+        env.set_store_seq(seq);
+        let (id, len) = (env.message_id(), env.frame_len() as u32);
+        if let Some(d) = self.durable.as_ref() {
+            d.m.envelopes.increment(1);
+        }
+        let Some(agent) = dest_agent(&env) else {
+            return;
+        };
+        let cid = self.by_agent.get(&agent).copied();
+        match cid {
+            Some(cid) => {
+                self.enqueue_or_keep(cid, agent, env);
+                self.wake_writer(cid);
+            }
+            None => {
+                if self.held.keep(agent, env) {
+                    self.m.held_for_absent.increment(1);
+                }
+            }
+        }
+        self.verdict_to(
+            src.0,
+            src.1,
+            (id, len),
+            DeliveryClass::Durable,
+            Ok(false),
+            now,
+        );
+    }
+
+    /// Envelope `seq` could not be written: its source hears NACK `store_unavailable`.
+    fn on_store_failed(&mut self, seq: u64, now: Now) {
+        let Some(Pending { env, src }) = self.take_pending(seq) else {
+            return;
+        };
+        let (id, len) = (env.message_id(), env.frame_len() as u32);
+        self.released.note(&env);
+        self.verdict_to(
+            src.0,
+            src.1,
+            (id, len),
+            DeliveryClass::Durable,
+            Err(Reason::StoreUnavailable),
+            now,
+        );
+    }
+
+    /// Writes released records for stored envelopes that left custody.
+    pub(super) fn release_stored(&mut self) {
+        if self.released.1.is_empty() {
+            return;
+        }
+        let Some(d) = self.durable.as_mut() else {
+            self.released.1.clear();
+            return;
+        };
+        d.log.release(&self.released.1, d.now_ms);
+        self.released.1.clear();
+        self.actions.push_back(Action::WakeStore);
+    }
+
+    /// The store's part of the sweep: the watchdog, retries after a failure, the gauges.
+    pub(super) fn sweep_store(&mut self, now: Now) {
+        let Some(d) = self.durable.as_mut() else {
+            return;
+        };
+        d.now_ms = now.unix_ms;
+        let busy = d.log.busy_for(now.mono_us);
+        if d.state == StoreState::Ok && busy.is_some_and(|b| b >= d.stall_us) {
+            d.state = StoreState::Stalled;
+            d.m.stalls.increment(1);
+            tracing::error!(
+                core = self.id,
+                running_ms = busy.unwrap_or(0) / 1000,
+                "store operation stalled: durable envelopes refused (store_unavailable) until it completes"
+            );
+        }
+        if d.state == StoreState::Failed
+            && d.log.is_failed()
+            && now.mono_us.saturating_sub(d.failed_at_us) >= RETRY_US
+        {
+            d.failed_at_us = now.mono_us;
+            d.log.retry(now.unix_ms);
+            self.actions.push_back(Action::WakeStore);
+        }
+        d.m.state.set(d.state as u8 as f64);
+        let segs = d.log.segments();
+        d.m.segments.set(segs.len() as f64);
+        d.m.disk_bytes
+            .set(segs.values().map(|s| s.size.max(s.end)).sum::<u64>() as f64);
+        d.m.live.set(d.log.live() as f64);
+    }
+
+    /// Envelopes recovered from the store at start: kept for their agents (all are absent).
+    pub(super) fn keep_recovered(&mut self, recovered: Vec<Envelope>) {
+        for env in recovered {
+            if let Some(a) = dest_agent(&env) {
+                self.sources.hold(env.source(), env.frame_len());
+                self.held.keep(a, env);
+            }
+        }
+    }
+}
+
+fn op_label(op: &LogAction) -> &'static str {
+    match op {
+        LogAction::Create { .. } => "create",
+        LogAction::Write { .. } => "write",
+        LogAction::Sync { .. } => "sync",
+        LogAction::Remove { .. } => "remove",
+    }
+}
