@@ -40,6 +40,7 @@ pub const MEMORY_USED: &str = "openmesh_memory_used_bytes";
 pub const MEMORY_BUDGET: &str = "openmesh_memory_budget_bytes";
 pub const OVERLOAD_STATE: &str = "openmesh_overload_state";
 pub const UNSHARED: &str = "openmesh_envelopes_unshared_total";
+pub const DUPLICATES: &str = "openmesh_duplicates_suppressed_total";
 pub const STORE_STATE: &str = "openmesh_store_state";
 pub const STORE_SYNC: &str = "openmesh_store_sync_seconds";
 pub const STORE_GROUP: &str = "openmesh_store_group_envelopes";
@@ -193,6 +194,11 @@ pub fn describe() {
         Unit::Count,
         "Envelopes held past a tick and moved off the read buffers they pinned."
     );
+    describe_counter!(
+        DUPLICATES,
+        Unit::Count,
+        "Envelopes whose (source, message id) was accepted before: ACKed again (best-effort: dropped), not delivered twice."
+    );
     describe_gauge!(
         STORE_STATE,
         Unit::Count,
@@ -318,6 +324,7 @@ pub struct CoreMetrics {
     pub memory_used: Gauge,
     pub overload_state: Gauge,
     pub unshared: Counter,
+    pub duplicates: Counter,
 }
 
 impl CoreMetrics {
@@ -366,6 +373,7 @@ impl CoreMetrics {
             memory_used: gauge!(MEMORY_USED, "core" => core.clone()),
             overload_state: gauge!(OVERLOAD_STATE, "core" => core.clone()),
             unshared: counter!(UNSHARED, "core" => core.clone()),
+            duplicates: counter!(DUPLICATES, "core" => core.clone()),
         }
     }
 

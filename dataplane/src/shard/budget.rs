@@ -185,7 +185,7 @@ impl super::Shard {
             })
             .sum();
         let stored = self.durable.as_ref().map_or(0, |d| d.pending_bytes());
-        (self.held.retained() + buffers + conns + stored) as u64
+        (self.held.retained() + buffers + conns + stored + self.dedup.retained()) as u64
     }
 
     /// Charges bytes accepted since the last tick against the budget.

@@ -426,14 +426,19 @@ impl Held {
 /// sizes, for the per-source quota, and the store sequence numbers of stored ones, for the
 /// store's released records.
 #[derive(Default)]
-pub(crate) struct Released(pub(crate) Vec<(AgentId, u32)>, pub(crate) Vec<u64>);
+#[allow(clippy::type_complexity)]
+pub(crate) struct Released(
+    pub(crate) Vec<(AgentId, u32)>,
+    pub(crate) Vec<(u64, AgentId, MessageId)>,
+);
 
 impl Released {
     /// `env` left custody for good (ACKed by its destination, expired, dropped).
     pub(crate) fn note(&mut self, env: &Envelope) {
         self.0.push((env.source(), env.frame_len() as u32));
         if env.store_seq() != 0 {
-            self.1.push(env.store_seq());
+            self.1
+                .push((env.store_seq(), env.source(), env.message_id()));
         }
     }
 

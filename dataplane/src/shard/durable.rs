@@ -26,10 +26,13 @@ use super::budget::Overload;
 use super::msg::ConnId;
 use super::{dest_agent, Action, Now, Shard};
 use crate::store::log::{Log, LogAction};
-use crate::wire::{AgentId, DeliveryClass, Envelope, Reason};
+use crate::wire::{AgentId, DeliveryClass, Envelope, MessageId, Reason};
 
 /// How often a failed store tries a new segment.
 const RETRY_US: u64 = 1_000_000;
+
+/// Memory one stored envelope's entry in the id index costs.
+pub(crate) const STORED_ID_BYTES: usize = 96;
 
 /// What one core's store starts with: its log (with the segments recovery gave it), the
 /// envelopes recovered for agents homed on it, and its sequence numbers.
@@ -69,6 +72,11 @@ pub(crate) struct Durable {
     /// Per destination: envelopes and frame bytes waiting for their sync.
     pending_dest: HashMap<AgentId, (usize, usize), crate::shard::hasher::MapHasher>,
     pending_bytes: usize,
+    /// Every envelope in the store or on its way, by (source, message id): its sequence number
+    /// and whether it is synced. Catches resends of what is still stored, also after a restart.
+    ids: HashMap<(AgentId, MessageId), (u64, bool), crate::shard::hasher::MapHasher>,
+    /// Scratch for the sequence numbers of a released record.
+    seqs: Vec<u64>,
     state: StoreState,
     failed_at_us: u64,
     /// Unix milliseconds of the last event (segment headers and retries).
@@ -86,6 +94,8 @@ impl Durable {
             pending: HashMap::default(),
             pending_dest: HashMap::default(),
             pending_bytes: 0,
+            ids: HashMap::default(),
+            seqs: Vec::new(),
             state: StoreState::Ok,
             failed_at_us: 0,
             now_ms: 0,
@@ -94,9 +104,10 @@ impl Durable {
         (d, s.recovered)
     }
 
-    /// Bytes of envelopes waiting for their sync (charged to the memory budget).
+    /// Bytes of envelopes waiting for their sync and of the id index (charged to the memory
+    /// budget).
     pub(crate) fn pending_bytes(&self) -> usize {
-        self.pending_bytes + self.log.pending_bytes()
+        self.pending_bytes + self.log.pending_bytes() + self.ids.len() * STORED_ID_BYTES
     }
 
     fn pending_for(&self, a: &AgentId) -> (usize, usize) {
@@ -120,6 +131,37 @@ impl Shard {
         let Some(d) = self.durable.as_ref() else {
             return Err(Reason::ClassNotAllowed);
         };
+        // A resend of an envelope still stored: ACKed again once it is synced, never stored
+        // twice.
+        if let Some(&(_, synced)) = d.ids.get(&(env.source(), env.message_id())) {
+            self.m.duplicates.increment(1);
+            if !synced {
+                return Err(Reason::StoreUnavailable);
+            }
+            let (id, len) = (env.message_id(), env.frame_len() as u32);
+            self.verdict_to(
+                src.0,
+                src.1,
+                (id, len),
+                DeliveryClass::Durable,
+                Ok(false),
+                now,
+            );
+            return Ok(());
+        }
+        if self.dedup.seen(&env.source(), env.message_id()) == super::dedup::Seen::Duplicate {
+            self.m.duplicates.increment(1);
+            let (id, len) = (env.message_id(), env.frame_len() as u32);
+            self.verdict_to(
+                src.0,
+                src.1,
+                (id, len),
+                DeliveryClass::Durable,
+                Ok(false),
+                now,
+            );
+            return Ok(());
+        }
         let Some(dst) = dest_agent(&env) else {
             return Err(Reason::DestinationUnavailable);
         };
@@ -178,6 +220,7 @@ impl Shard {
         p.0 += 1;
         p.1 += len;
         self.sources.hold(env.source(), len);
+        d.ids.insert((env.source(), env.message_id()), (seq, false));
         d.pending.insert(seq, Pending { env, src });
         self.charge(len as u64);
         self.actions.push_back(Action::WakeStore);
@@ -275,9 +318,13 @@ impl Shard {
         };
         env.set_store_seq(seq);
         let (id, len) = (env.message_id(), env.frame_len() as u32);
-        if let Some(d) = self.durable.as_ref() {
+        if let Some(d) = self.durable.as_mut() {
             d.m.envelopes.increment(1);
+            if let Some(e) = d.ids.get_mut(&(env.source(), id)) {
+                e.1 = true;
+            }
         }
+        self.dedup.mark(env.source(), id);
         let Some(agent) = dest_agent(&env) else {
             return;
         };
@@ -309,6 +356,10 @@ impl Shard {
             return;
         };
         let (id, len) = (env.message_id(), env.frame_len() as u32);
+        if let Some(d) = self.durable.as_mut() {
+            d.ids.remove(&(env.source(), id));
+        }
+        // Not stored: it leaves the source's quota only.
         self.released.note(&env);
         self.verdict_to(
             src.0,
@@ -329,8 +380,14 @@ impl Shard {
             self.released.1.clear();
             return;
         };
-        d.log.release(&self.released.1, d.now_ms);
-        self.released.1.clear();
+        d.seqs.clear();
+        for (seq, source, id) in self.released.1.drain(..) {
+            d.seqs.push(seq);
+            if d.ids.get(&(source, id)).is_some_and(|e| e.0 == seq) {
+                d.ids.remove(&(source, id));
+            }
+        }
+        d.log.release(&d.seqs, d.now_ms);
         self.actions.push_back(Action::WakeStore);
     }
 
@@ -369,6 +426,11 @@ impl Shard {
     /// Envelopes recovered from the store at start: kept for their agents (all are absent).
     pub(super) fn keep_recovered(&mut self, recovered: Vec<Envelope>) {
         for env in recovered {
+            if let Some(d) = self.durable.as_mut() {
+                d.ids
+                    .insert((env.source(), env.message_id()), (env.store_seq(), true));
+            }
+            self.dedup.mark(env.source(), env.message_id());
             if let Some(a) = dest_agent(&env) {
                 self.sources.hold(env.source(), env.frame_len());
                 self.held.keep(a, env);

@@ -54,7 +54,10 @@ impl Shard {
                 }
             }
             Route::Local => {
-                let result = self.deliver_local(env, (self.id, src)).map_err(|(r, _)| r);
+                let result = match self.duplicate_verdict(&env) {
+                    Some(v) => v,
+                    None => self.deliver_local(env, (self.id, src)).map_err(|(r, _)| r),
+                };
                 self.settle(src, id, class, result, None, now);
             }
             Route::Core(k) => {
@@ -88,8 +91,10 @@ impl Shard {
     ) -> Result<bool, (Reason, Envelope)> {
         let (source, len) = (env.source(), env.frame_len());
         let within_quota = self.sources.allows(&source, len, self.source_quota());
+        let id = env.message_id();
         let r = self.enqueue_local(env, within_quota, src);
         if r.is_ok() {
+            self.dedup.mark(source, id);
             self.sources.hold(source, len);
             self.charge(len as u64);
         }
@@ -163,6 +168,21 @@ impl Shard {
         Ok(false)
     }
 
+    /// The verdict on a duplicate of an envelope accepted here before (`docs/PROTOCOL.md` §3):
+    /// ACKed again and not queued twice; a best-effort one is dropped, counted `duplicate`.
+    /// `None`: not a known duplicate.
+    fn duplicate_verdict(&mut self, env: &Envelope) -> Option<Result<bool, Reason>> {
+        if self.dedup.seen(&env.source(), env.message_id()) != super::dedup::Seen::Duplicate {
+            return None;
+        }
+        self.m.duplicates.increment(1);
+        Some(if env.class() == DeliveryClass::BestEffort {
+            Err(Reason::Duplicate)
+        } else {
+            Ok(false)
+        })
+    }
+
     /// Resumes the sources paused on `conn`'s send queue once it is below a quarter of its
     /// bounds (or at once with `now_anyway`: the session ended or handed its queue over).
     pub(super) fn resume_paced_sources(&mut self, conn: ConnId, now_anyway: bool) {
@@ -229,6 +249,10 @@ impl Shard {
             if let Err(r) = self.store_durable(env, (core, conn), now) {
                 self.verdict_to(core, conn, (id, len), class, Err(r), now);
             }
+            return;
+        }
+        if let Some(v) = self.duplicate_verdict(&env) {
+            self.verdict_to(core, conn, (id, len), class, v, now);
             return;
         }
         // New work from another core meets this core's budget too.

@@ -33,6 +33,7 @@ pub mod budget;
 mod conn;
 pub use conn::MovingConn;
 mod custody;
+mod dedup;
 mod durable;
 pub use durable::{ShardStore, StoreState};
 mod forward;
@@ -87,6 +88,9 @@ pub struct Limits {
     /// agents are NACKed `queue_full`. Unset: `memory_budget / 2`, below the overload states,
     /// so offline queues cannot push the relay into refusing sessions.
     pub absent_bytes: Option<usize>,
+    /// Source epochs (a source's session id prefix) each core remembers the recent message ids
+    /// of, to suppress duplicates; each takes about 600 bytes.
+    pub dedup_epochs: usize,
 }
 
 impl Limits {
@@ -118,6 +122,7 @@ impl Default for Limits {
             read_buffer: 256 << 10,
             absent_max_age_s: 24 * 3600,
             absent_bytes: None,
+            dedup_epochs: 16_384,
         }
     }
 }
@@ -219,6 +224,8 @@ pub struct Shard {
     tail: Vec<u8>,
     /// The store, when the relay keeps durable envelopes.
     durable: Option<durable::Durable>,
+    /// Recent message ids per source epoch, for duplicate suppression.
+    dedup: dedup::Dedup,
 }
 
 /// Relay-wide counters shared by every shard (attach sequence, session ids).
@@ -251,6 +258,7 @@ impl Shard {
         seq: Arc<SeqSource>,
         budget: Arc<RelayBudget>,
     ) -> Self {
+        let settings_dedup = settings.limits.dedup_epochs;
         Shard {
             budget: ShardBudget::new(budget, id),
             sources: SourceQuota::default(),
@@ -276,6 +284,7 @@ impl Shard {
             handed_off: 0,
             parked_on_outbox: Vec::new(),
             durable: None,
+            dedup: dedup::Dedup::new(settings_dedup),
         }
     }
 

@@ -1,0 +1,198 @@
+//! Duplicate suppression at the destination's home core, by (source, message id).
+//!
+//! Sources build ids as a random 64-bit epoch (drawn per session) and a 64-bit counter
+//! (`docs/PROTOCOL.md` §2). Per (source, epoch) the shard keeps the highest counter accepted
+//! and a window of [`WINDOW`] bits below it, one per counter: an id whose bit is set is a
+//! duplicate. Counters are counted per source across all its destinations, so the window spans
+//! the source's last [`WINDOW`] ids wherever they went (the default send window is 4,096: a
+//! reconnecting source resends at most that many).
+//!
+//! Bounded: at most `cap` epochs are remembered, in two generations (the current one fills to
+//! half the cap, then becomes the previous one and the one before is forgotten; a hit in the
+//! previous generation moves the epoch forward). Each costs [`EPOCH_BYTES`]. Identities minted
+//! to flood it push out old epochs and nothing else.
+//!
+//! What a receiver can still see twice (`docs/PROTOCOL.md` §3 says it normatively): an id older
+//! than the window of its epoch ([`Seen::Older`], unless it is a durable envelope still in the
+//! store, which the store's own index catches); an id whose epoch was pushed out; any id after
+//! the relay restarted (the windows are in memory), unless it is a durable envelope still stored.
+
+use std::collections::HashMap;
+
+use crate::wire::{AgentId, MessageId};
+
+/// Counters remembered below the highest one, per (source, epoch).
+pub(crate) const WINDOW: u64 = 4096;
+/// Memory one remembered epoch costs (window, key, map slot).
+pub(crate) const EPOCH_BYTES: usize = (WINDOW / 8) as usize + 96;
+
+/// What the window knows of an id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Seen {
+    /// Not accepted before (as far as the window reaches).
+    New,
+    /// Accepted before.
+    Duplicate,
+    /// Older than the window: unknown, treated as new.
+    Older,
+}
+
+struct Window {
+    max: u64,
+    bits: Box<[u64; (WINDOW / 64) as usize]>,
+}
+
+impl Window {
+    fn new() -> Self {
+        Window {
+            max: 0,
+            bits: Box::new([0; (WINDOW / 64) as usize]),
+        }
+    }
+
+    fn bit(c: u64) -> (usize, u64) {
+        let i = c % WINDOW;
+        ((i / 64) as usize, 1 << (i % 64))
+    }
+
+    fn seen(&self, c: u64) -> Seen {
+        if c > self.max {
+            return Seen::New;
+        }
+        if self.max - c >= WINDOW {
+            return Seen::Older;
+        }
+        let (w, b) = Self::bit(c);
+        if self.bits[w] & b != 0 {
+            Seen::Duplicate
+        } else {
+            Seen::New
+        }
+    }
+
+    fn mark(&mut self, c: u64) {
+        if c > self.max {
+            if c - self.max >= WINDOW {
+                self.bits.fill(0);
+            } else {
+                for k in self.max + 1..c {
+                    let (w, b) = Self::bit(k);
+                    self.bits[w] &= !b;
+                }
+            }
+            self.max = c;
+        } else if self.max - c >= WINDOW {
+            return;
+        }
+        let (w, b) = Self::bit(c);
+        self.bits[w] |= b;
+    }
+}
+
+type Key = (AgentId, u64);
+
+/// The windows of one shard.
+pub(crate) struct Dedup {
+    current: HashMap<Key, Window, crate::shard::hasher::MapHasher>,
+    previous: HashMap<Key, Window, crate::shard::hasher::MapHasher>,
+    cap: usize,
+}
+
+fn split(id: MessageId) -> (u64, u64) {
+    let v = id.as_u128();
+    ((v >> 64) as u64, v as u64)
+}
+
+impl Dedup {
+    pub(crate) fn new(cap: usize) -> Self {
+        Dedup {
+            current: HashMap::default(),
+            previous: HashMap::default(),
+            cap: cap.max(2),
+        }
+    }
+
+    /// Whether `id` from `source` was accepted before.
+    pub(crate) fn seen(&self, source: &AgentId, id: MessageId) -> Seen {
+        let (epoch, c) = split(id);
+        let key = (*source, epoch);
+        match self.current.get(&key).or_else(|| self.previous.get(&key)) {
+            Some(w) => w.seen(c),
+            None => Seen::New,
+        }
+    }
+
+    /// Notes `id` from `source` as accepted.
+    pub(crate) fn mark(&mut self, source: AgentId, id: MessageId) {
+        let (epoch, c) = split(id);
+        let key = (source, epoch);
+        if let Some(w) = self.current.get_mut(&key) {
+            w.mark(c);
+            return;
+        }
+        let mut w = self.previous.remove(&key).unwrap_or_else(Window::new);
+        w.mark(c);
+        if self.current.len() >= self.cap / 2 {
+            self.previous = std::mem::take(&mut self.current);
+        }
+        self.current.insert(key, w);
+    }
+
+    /// Memory the windows take.
+    pub(crate) fn retained(&self) -> usize {
+        (self.current.len() + self.previous.len()) * EPOCH_BYTES
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(epoch: u64, c: u64) -> MessageId {
+        MessageId::from_u128((epoch as u128) << 64 | c as u128)
+    }
+
+    #[test]
+    fn the_window_catches_resends_and_forgets_only_what_is_older() {
+        let s = AgentId([3; 32]);
+        let mut d = Dedup::new(100);
+        for c in 1..=10_000 {
+            // Every third id goes elsewhere (another core): gaps are fine.
+            if c % 3 != 0 {
+                assert_eq!(d.seen(&s, id(9, c)), Seen::New);
+                d.mark(s, id(9, c));
+            }
+        }
+        assert_eq!(d.seen(&s, id(9, 10_000)), Seen::Duplicate);
+        assert_eq!(d.seen(&s, id(9, 9_999)), Seen::New, "never accepted");
+        assert_eq!(d.seen(&s, id(9, 10_000 - WINDOW + 1)), Seen::Duplicate);
+        assert_eq!(d.seen(&s, id(9, 10_000 - WINDOW)), Seen::Older);
+        assert_eq!(d.seen(&s, id(8, 10_000)), Seen::New, "another epoch");
+        assert_eq!(d.seen(&AgentId([4; 32]), id(9, 10_000)), Seen::New);
+        // Out of order within the window.
+        d.mark(s, id(9, 9_999));
+        assert_eq!(d.seen(&s, id(9, 9_999)), Seen::Duplicate);
+        // A jump past the window clears it.
+        d.mark(s, id(9, 50_000));
+        assert_eq!(d.seen(&s, id(9, 10_000)), Seen::Older);
+        assert_eq!(d.seen(&s, id(9, 49_999)), Seen::New);
+    }
+
+    #[test]
+    fn epochs_are_bounded_and_recent_ones_survive_a_flood() {
+        let s = AgentId([3; 32]);
+        let mut d = Dedup::new(1000);
+        d.mark(s, id(1, 5));
+        for e in 0..10_000u64 {
+            let minted = AgentId([(e % 251) as u8; 32]);
+            d.mark(minted, id(e + 100, 1));
+            if e % 100 == 0 {
+                // The well-behaved source keeps sending: its epoch stays.
+                d.mark(s, id(1, 6 + e));
+            }
+            assert!(d.current.len() + d.previous.len() <= 1000);
+        }
+        assert_eq!(d.seen(&s, id(1, 6 + 9_900)), Seen::Duplicate);
+        assert!(d.retained() <= 1000 * EPOCH_BYTES);
+    }
+}
