@@ -2,6 +2,7 @@
 //! starts the dataplane cores, and drains them on SIGTERM.
 
 mod config;
+mod inspect;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -25,7 +26,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(version, about)]
 struct Cli {
     /// TOML configuration file (every field optional; see docs/OPERATIONS.md).
-    #[arg(long)]
+    #[arg(long, global = true)]
     config: Option<PathBuf>,
     /// Validate the configuration and exit.
     #[arg(long)]
@@ -40,11 +41,28 @@ struct Cli {
     #[arg(long)]
     metrics: Option<std::net::SocketAddr>,
     /// Data directory (overrides relay.data_dir).
-    #[arg(long)]
+    #[arg(long, global = true)]
     data_dir: Option<PathBuf>,
     /// Log format, plain or json (overrides relay.log_format).
     #[arg(long)]
     log_format: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// The durable store, read without starting the relay.
+    Store {
+        #[command(subcommand)]
+        what: StoreCommand,
+    },
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum StoreCommand {
+    /// Prints what is stored for whom (envelopes, bytes, oldest age), the segments and any cut.
+    Inspect,
 }
 
 fn main() -> ExitCode {
@@ -108,6 +126,12 @@ fn init_logging(cfg: &Config) {
 fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let cfg = load(&cli)?;
+    if let Some(Command::Store {
+        what: StoreCommand::Inspect,
+    }) = &cli.command
+    {
+        return inspect::run(&cfg.relay.data_dir.join("store"));
+    }
     if cli.check_config {
         println!("configuration ok");
         return Ok(());

@@ -33,6 +33,9 @@ pub struct StoreConfig {
     pub stall_ms: u64,
 }
 
+/// Where segments cut with data after the cut are moved at start (under the store directory).
+pub const DAMAGED: &str = "damaged";
+
 /// The file name of segment `number` of `core`.
 pub fn segment_name(core: u16, number: u64) -> String {
     format!("seg-{core:03}-{number:016x}.log")
@@ -73,6 +76,9 @@ pub fn read_segments(dir: &Path) -> io::Result<(Vec<(SegmentId, Scan)>, Vec<Path
     let mut names: Vec<(u16, u64, PathBuf)> = Vec::new();
     for e in entries {
         let e = e?;
+        if e.file_type()?.is_dir() {
+            continue;
+        }
         let name = e.file_name();
         match name.to_str().and_then(parse_segment_name) {
             Some((core, number)) => names.push((core, number, e.path())),
@@ -177,8 +183,27 @@ pub fn open(cfg: &StoreConfig, cores: u16, now_ms: u64) -> io::Result<Opened> {
         written[core] = Some((number, live.iter().map(|(s, _, _)| *s).collect()));
     }
     sync_dir(&cfg.dir)?;
+    let damaged: Vec<SegmentId> = rec
+        .stats
+        .cuts
+        .iter()
+        .filter(|(_, c)| c.bytes_lost > 0)
+        .map(|(id, _)| *id)
+        .collect();
+    if !damaged.is_empty() {
+        fs::create_dir_all(cfg.dir.join(DAMAGED))?;
+    }
     for id in &old {
-        fs::remove_file(segment_path(&cfg.dir, id.core, id.number))?;
+        let path = segment_path(&cfg.dir, id.core, id.number);
+        if damaged.contains(id) {
+            // Kept for inspection: what follows its cut is not served.
+            fs::rename(
+                &path,
+                cfg.dir.join(DAMAGED).join(segment_name(id.core, id.number)),
+            )?;
+        } else {
+            fs::remove_file(path)?;
+        }
     }
     if !old.is_empty() {
         sync_dir(&cfg.dir)?;
