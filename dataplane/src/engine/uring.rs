@@ -142,14 +142,24 @@ pub struct StoreFiles {
     dir: PathBuf,
     core: u16,
     open: RefCell<HashMap<u64, Rc<tokio_uring::fs::File>>>,
+    /// Fault injection for tests and drills (`OPENMESH_STORE_FAULTS=1` at start): while a file
+    /// named [`STALL_SYNC_FILE`] exists in the store directory, every sync waits before it runs.
+    stall_sync: Option<PathBuf>,
 }
+
+/// See [`StoreFiles`]: the file that stalls syncs when fault injection is on.
+pub const STALL_SYNC_FILE: &str = "fault-stall-sync";
 
 impl StoreFiles {
     pub fn new(dir: PathBuf, core: u16) -> Self {
+        let stall_sync = std::env::var_os("OPENMESH_STORE_FAULTS")
+            .is_some_and(|v| v == "1")
+            .then(|| dir.join(STALL_SYNC_FILE));
         StoreFiles {
             dir,
             core,
             open: RefCell::new(HashMap::new()),
+            stall_sync,
         }
     }
 
@@ -217,7 +227,14 @@ impl StoreFiles {
                 let (r, _) = f.write_all_at(buf.clone(), *offset).await;
                 r
             }
-            LogAction::Sync { number } => self.file(*number).await?.sync_data().await,
+            LogAction::Sync { number } => {
+                if let Some(p) = &self.stall_sync {
+                    while p.exists() {
+                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    }
+                }
+                self.file(*number).await?.sync_data().await
+            }
             LogAction::Remove { number } => {
                 let f = self.open.borrow_mut().remove(number);
                 if let Some(f) = f {

@@ -284,13 +284,12 @@ impl Log {
 
     /// Picks the next step: the next batch's segment creation or write, else a removal.
     fn start_next(&mut self) {
-        if self.failed {
-            return;
-        }
-        if self.in_flight.is_none() {
+        // A failed log writes nothing, but still removes segments nothing is live in: that is
+        // how a full disk gets its space back.
+        if !self.failed && self.in_flight.is_none() {
             self.in_flight = self.pending.pop_front();
         }
-        if let Some(b) = &self.in_flight {
+        if let Some(b) = self.in_flight.as_ref().filter(|_| !self.failed) {
             let s = self.segments[&b.number];
             if !s.created {
                 let header = SegmentHeader {

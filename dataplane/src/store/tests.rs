@@ -300,6 +300,29 @@ fn segments_go_oldest_first_so_a_released_record_never_outlives_what_it_names() 
 }
 
 #[test]
+fn a_failed_log_still_removes_what_was_released_so_a_full_disk_gets_space_back() {
+    let mut log = Log::new(0, 8192, 1, []);
+    let mut disk = Disk::default();
+    for i in 1..=20 {
+        log.append(i, &envelope(i, 2, 1000, 60_000), i, 0).unwrap();
+        while disk.step(&mut log, true) {}
+    }
+    let segments = disk.synced.len();
+    assert!(segments >= 3);
+    log.append(21, &envelope(21, 2, 1000, 60_000), 21, 0)
+        .unwrap();
+    while disk.step(&mut log, false) {}
+    assert!(log.is_failed());
+    log.release(&(1..=20).collect::<Vec<_>>(), 0);
+    while disk.step(&mut log, true) {}
+    assert_eq!(
+        disk.ops.iter().filter(|o| **o == "remove").count(),
+        segments
+    );
+    assert!(disk.synced.is_empty(), "every segment went");
+}
+
+#[test]
 fn a_failed_sync_fails_its_tickets_refuses_appends_and_recovers_in_a_new_segment() {
     let mut log = Log::new(0, 1 << 20, 1, []);
     let mut disk = Disk::default();
@@ -313,6 +336,7 @@ fn a_failed_sync_fails_its_tickets_refuses_appends_and_recovers_in_a_new_segment
     assert_eq!(log.take_failed(), vec![2, 3]);
     assert!(log.is_failed());
     assert!(log.append(4, &envelope(4, 2, 100, 60_000), 4, 0).is_err());
+    assert!(!disk.step(&mut log, true), "a failed log writes nothing");
     log.retry(0);
     assert!(
         disk.step(&mut log, true),

@@ -25,6 +25,18 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A new temporary data directory's path (not created).
+pub fn fresh_dir() -> PathBuf {
+    std::env::temp_dir().join(format!(
+        "om-test-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ))
+}
+
 pub struct Relay {
     pub child: Option<Child>,
     pub addr: SocketAddr,
@@ -39,19 +51,21 @@ pub struct Relay {
 impl Relay {
     /// Starts a relay with `extra` CLI flags and an optional TOML config body.
     pub fn start(extra: &[&str], config: Option<&str>) -> Relay {
-        let dir = std::env::temp_dir().join(format!(
-            "om-test-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        ));
-        Self::start_in(dir, extra, config)
+        Self::start_in(fresh_dir(), extra, config)
     }
 
     /// Starts a relay whose data directory is `dir`.
     pub fn start_in(dir: PathBuf, extra: &[&str], config: Option<&str>) -> Relay {
+        Self::start_with_env(dir, extra, config, &[])
+    }
+
+    /// Starts a relay whose data directory is `dir`, with environment variables `env` set.
+    pub fn start_with_env(
+        dir: PathBuf,
+        extra: &[&str],
+        config: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> Relay {
         std::fs::create_dir_all(&dir).unwrap();
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_openmesh-relay"));
@@ -65,6 +79,7 @@ impl Relay {
         .arg(&dir)
         .args(extra)
         .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(
             std::fs::File::create(dir.join("relay.log")).unwrap(),
