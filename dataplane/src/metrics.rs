@@ -40,6 +40,8 @@ pub const MEMORY_USED: &str = "openmesh_memory_used_bytes";
 pub const MEMORY_BUDGET: &str = "openmesh_memory_budget_bytes";
 pub const OVERLOAD_STATE: &str = "openmesh_overload_state";
 pub const UNSHARED: &str = "openmesh_envelopes_unshared_total";
+pub const RECEIPTS: &str = "openmesh_receipts_sent_total";
+pub const RECEIPTS_DROPPED: &str = "openmesh_receipts_dropped_total";
 pub const DUPLICATES: &str = "openmesh_duplicates_suppressed_total";
 pub const STORE_STATE: &str = "openmesh_store_state";
 pub const STORE_SYNC: &str = "openmesh_store_sync_seconds";
@@ -195,6 +197,16 @@ pub fn describe() {
         "Envelopes held past a tick and moved off the read buffers they pinned."
     );
     describe_counter!(
+        RECEIPTS,
+        Unit::Count,
+        "RECEIPT frames sent to source agents, by status (delivered, expired)."
+    );
+    describe_counter!(
+        RECEIPTS_DROPPED,
+        Unit::Count,
+        "Receipts due to a source that was not connected (or did not agree to receipts), dropped."
+    );
+    describe_counter!(
         DUPLICATES,
         Unit::Count,
         "Envelopes whose (source, message id) was accepted before: ACKed again (best-effort: dropped), not delivered twice."
@@ -325,6 +337,8 @@ pub struct CoreMetrics {
     pub overload_state: Gauge,
     pub unshared: Counter,
     pub duplicates: Counter,
+    receipts_sent: [Counter; 2],
+    pub receipts_dropped: Counter,
 }
 
 impl CoreMetrics {
@@ -374,6 +388,11 @@ impl CoreMetrics {
             overload_state: gauge!(OVERLOAD_STATE, "core" => core.clone()),
             unshared: counter!(UNSHARED, "core" => core.clone()),
             duplicates: counter!(DUPLICATES, "core" => core.clone()),
+            receipts_sent: [
+                counter!(RECEIPTS, "status" => "delivered"),
+                counter!(RECEIPTS, "status" => "expired"),
+            ],
+            receipts_dropped: counter!(RECEIPTS_DROPPED),
         }
     }
 
@@ -388,6 +407,10 @@ impl CoreMetrics {
     /// Counts envelopes dropped without a NACK.
     pub fn dropped(&self, r: Reason, n: u64) {
         self.dropped[Self::idx(r)].increment(n);
+    }
+    /// Counts one receipt sent.
+    pub fn receipts(&self, status: crate::wire::ReceiptStatus) {
+        self.receipts_sent[status as usize].increment(1);
     }
     /// Counts one closed session.
     pub fn closed(&self, r: Reason) {

@@ -48,8 +48,7 @@ impl Default for ContractPolicy {
             min_version: PROTOCOL_VERSION_MIN,
             max_version: PROTOCOL_VERSION_MAX,
             role: Role::Agent,
-            // RECEIPT frames are specified but this relay does not send them yet.
-            features: 0,
+            features: crate::wire::features::RECEIPTS,
             heartbeat_ms: 10_000,
             heartbeat_min_ms: 1_000,
             heartbeat_max_ms: 60_000,

@@ -122,7 +122,7 @@ impl Shard {
                     let was_full = c.window_full();
                     let (mut known, mut unknown) = (0u64, 0u64);
                     for id in a.ids() {
-                        match c.a.inflight.settle(id, &mut self.released) {
+                        match c.a.inflight.settle(id, true, &mut self.released) {
                             Settled::Known => known += 1,
                             Settled::Unknown => unknown += 1,
                         }
@@ -140,7 +140,7 @@ impl Shard {
                 }
                 Frame::Nack(n) => {
                     let was_full = c.window_full();
-                    match c.a.inflight.settle(n.message_id, &mut self.released) {
+                    match c.a.inflight.settle(n.message_id, false, &mut self.released) {
                         // The agent refused a delivered envelope: it leaves custody, counted.
                         Settled::Known => {
                             self.m

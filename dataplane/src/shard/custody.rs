@@ -17,7 +17,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use crate::wire::{AgentId, DeliveryClass, Envelope, MessageId, Reason};
+use crate::wire::{AgentId, DeliveryClass, Envelope, MessageId, Reason, ReceiptStatus};
 
 #[derive(Default)]
 pub(crate) struct Inflight {
@@ -40,6 +40,8 @@ pub(crate) struct Inflight {
 struct Slot {
     env: Envelope,
     acked: bool,
+    /// ACKed by the agent (not refused with a NACK): a delivery receipt is due if asked for.
+    delivered: bool,
 }
 
 /// What an ACK or NACK from the agent did.
@@ -60,7 +62,11 @@ impl Inflight {
             let seq = self.front_seq + self.order.len() as u64;
             ix.entry(env.message_id()).or_default().push_back(seq);
         }
-        self.order.push_back(Slot { env, acked: false });
+        self.order.push_back(Slot {
+            env,
+            acked: false,
+            delivered: false,
+        });
     }
 
     /// Whether the deliver window has room for one more envelope of `frame_len` bytes.
@@ -68,9 +74,14 @@ impl Inflight {
         self.order.len() < window && self.bytes + frame_len <= window_bytes
     }
 
-    /// Applies an ACK (or the agent's NACK) for `id`.
+    /// Applies an ACK (`delivered`) or the agent's NACK for `id`.
     /// Envelopes that leave custody are noted in `released`.
-    pub(crate) fn settle(&mut self, id: MessageId, released: &mut Released) -> Settled {
+    pub(crate) fn settle(
+        &mut self,
+        id: MessageId,
+        delivered: bool,
+        released: &mut Released,
+    ) -> Settled {
         let front_matches = self
             .order
             .front()
@@ -78,6 +89,7 @@ impl Inflight {
         let front_seq = self.front_seq;
         if front_matches {
             self.order[0].acked = true;
+            self.order[0].delivered = delivered;
             if let Some(ix) = &mut self.index {
                 // The front is the oldest unACKed envelope with this id.
                 if let Some(seqs) = ix.get_mut(&id) {
@@ -108,13 +120,18 @@ impl Inflight {
             if seqs.is_empty() {
                 ix.remove(&id);
             }
-            self.order[(seq - front_seq) as usize].acked = true;
+            let slot = &mut self.order[(seq - front_seq) as usize];
+            slot.acked = true;
+            slot.delivered = delivered;
         }
         self.unacked -= 1;
         while self.order.front().is_some_and(|f| f.acked) {
             if let Some(slot) = self.order.pop_front() {
                 self.bytes -= slot.env.frame_len();
                 released.note(&slot.env);
+                if slot.delivered {
+                    released.receipt(&slot.env, ReceiptStatus::Delivered);
+                }
                 self.front_seq += 1;
                 self.unshared = self.unshared.saturating_sub(1);
             }
@@ -173,6 +190,9 @@ impl Inflight {
         for s in self.order.drain(..) {
             if s.acked {
                 released.note(&s.env);
+                if s.delivered {
+                    released.receipt(&s.env, ReceiptStatus::Delivered);
+                }
             } else {
                 out.push(s.env);
             }
@@ -299,6 +319,11 @@ impl Held {
         true
     }
 
+    /// The time of the shard's last tick (Unix milliseconds).
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.now_ms
+    }
+
     /// The time (Unix milliseconds) that envelopes kept from now on are kept at.
     pub(crate) fn set_now(&mut self, now_ms: u64) {
         self.now_ms = now_ms;
@@ -386,6 +411,7 @@ impl Held {
                     freed += e.frame_len();
                     k.bytes -= e.frame_len();
                     released.note(e);
+                    released.receipt(e, ReceiptStatus::Expired);
                 }
                 live
             });
@@ -430,6 +456,8 @@ impl Held {
 pub(crate) struct Released(
     pub(crate) Vec<(AgentId, u32)>,
     pub(crate) Vec<(u64, AgentId, MessageId)>,
+    /// Receipts due to sources that asked: (source, message id, status).
+    pub(crate) Vec<(AgentId, MessageId, ReceiptStatus)>,
 );
 
 impl Released {
@@ -439,6 +467,17 @@ impl Released {
         if env.store_seq() != 0 {
             self.1
                 .push((env.store_seq(), env.source(), env.message_id()));
+        }
+    }
+
+    /// A receipt for `env`'s source, if its flags ask for one with this status.
+    pub(crate) fn receipt(&mut self, env: &Envelope, status: ReceiptStatus) {
+        let wanted = match status {
+            ReceiptStatus::Delivered => env.wants_delivery_receipt(),
+            ReceiptStatus::Expired => env.wants_expiry_notice(),
+        };
+        if wanted {
+            self.2.push((env.source(), env.message_id(), status));
         }
     }
 
@@ -502,9 +541,18 @@ mod tests {
         }
         let one = env(0).frame_len();
         let mut r = Released::default();
-        assert_eq!(f.settle(MessageId::from_u128(0), &mut r), Settled::Known);
-        assert_eq!(f.settle(MessageId::from_u128(2), &mut r), Settled::Known);
-        assert_eq!(f.settle(MessageId::from_u128(3), &mut r), Settled::Known);
+        assert_eq!(
+            f.settle(MessageId::from_u128(0), true, &mut r),
+            Settled::Known
+        );
+        assert_eq!(
+            f.settle(MessageId::from_u128(2), true, &mut r),
+            Settled::Known
+        );
+        assert_eq!(
+            f.settle(MessageId::from_u128(3), true, &mut r),
+            Settled::Known
+        );
         assert_eq!(r.0.len(), 1, "0 left; 2 and 3 wait behind 1");
         assert_eq!(f.len(), 2);
         assert_eq!(f.bytes, 4 * one, "2 and 3 stay behind the unACKed 1");
@@ -517,35 +565,53 @@ mod tests {
             !f.has_room(5, 5 * one - 1, one),
             "a window in bytes is a hard bound"
         );
-        assert_eq!(f.settle(MessageId::from_u128(1), &mut r), Settled::Known);
+        assert_eq!(
+            f.settle(MessageId::from_u128(1), true, &mut r),
+            Settled::Known
+        );
         assert_eq!((f.len(), f.bytes), (1, one));
         assert_eq!(r.0.len(), 4);
         for bogus in 100..110 {
             assert_eq!(
-                f.settle(MessageId::from_u128(bogus), &mut r),
+                f.settle(MessageId::from_u128(bogus), true, &mut r),
                 Settled::Unknown
             );
         }
         assert_eq!(
-            f.settle(MessageId::from_u128(2), &mut r),
+            f.settle(MessageId::from_u128(2), true, &mut r),
             Settled::Unknown,
             "twice"
         );
         assert_eq!(f.len(), 1, "bogus ids change nothing");
         assert_eq!(r.0.len(), 4);
         f.push(env(5));
-        f.settle(MessageId::from_u128(5), &mut r);
+        f.settle(MessageId::from_u128(5), true, &mut r);
         // Two envelopes with one id (two sources may pick the same): each ACK settles the oldest.
         let mut g = Inflight::default();
         for i in [7u128, 8, 7, 9] {
             g.push(env(i));
         }
-        assert_eq!(g.settle(MessageId::from_u128(8), &mut r), Settled::Known);
-        assert_eq!(g.settle(MessageId::from_u128(7), &mut r), Settled::Known);
-        assert_eq!(g.settle(MessageId::from_u128(7), &mut r), Settled::Known);
-        assert_eq!(g.settle(MessageId::from_u128(7), &mut r), Settled::Unknown);
+        assert_eq!(
+            g.settle(MessageId::from_u128(8), true, &mut r),
+            Settled::Known
+        );
+        assert_eq!(
+            g.settle(MessageId::from_u128(7), true, &mut r),
+            Settled::Known
+        );
+        assert_eq!(
+            g.settle(MessageId::from_u128(7), true, &mut r),
+            Settled::Known
+        );
+        assert_eq!(
+            g.settle(MessageId::from_u128(7), true, &mut r),
+            Settled::Unknown
+        );
         assert_eq!(g.len(), 1);
-        assert_eq!(g.settle(MessageId::from_u128(9), &mut r), Settled::Known);
+        assert_eq!(
+            g.settle(MessageId::from_u128(9), true, &mut r),
+            Settled::Known
+        );
         assert!(g.is_empty());
         let left: Vec<_> = f
             .take(&mut r)

@@ -301,6 +301,9 @@ impl Shard {
         if !self.released.1.is_empty() {
             self.release_stored();
         }
+        if !self.released.2.is_empty() {
+            self.send_receipts();
+        }
         if !self.released.0.is_empty() {
             self.sources.release(&mut self.released);
         }
@@ -395,6 +398,7 @@ impl Shard {
                 result,
             } => self.on_verdict(conn, id, len, class_acked, result, now),
             CoreMsg::Resume { conn } => self.on_resume(conn),
+            CoreMsg::Receipt { to, receipt } => self.deliver_receipt(to, receipt),
             CoreMsg::Adopt { conn, .. } => {
                 // The engine adopts moving sessions itself, with their sockets: a session
                 // without one has no reader or writer here and is dropped.
@@ -439,6 +443,46 @@ impl Shard {
         for id in ids {
             self.actions.push_back(Action::Shutdown(id));
         }
+    }
+
+    /// Sends the receipts due to sources (to their home cores, where their sessions are).
+    fn send_receipts(&mut self) {
+        let at_ms = self.held.now_ms();
+        let due = std::mem::take(&mut self.released.2);
+        for (to, message_id, status) in due {
+            let receipt = crate::wire::Receipt {
+                message_id,
+                status,
+                at_ms,
+            };
+            let home = crate::routing::home_core(&to, self.ncores);
+            if home == self.id {
+                self.deliver_receipt(to, receipt);
+            } else {
+                self.outbox.push(home, CoreMsg::Receipt { to, receipt });
+            }
+        }
+    }
+
+    /// Writes a receipt to its source's session, if it is connected here and agreed to
+    /// receipts; else it is dropped, counted (receipts are best effort).
+    fn deliver_receipt(&mut self, to: AgentId, receipt: crate::wire::Receipt) {
+        let conn = self.by_agent.get(&to).copied();
+        let c = conn.and_then(|c| self.conns.get_mut(&c)).filter(|c| {
+            !c.closing
+                && c.a
+                    .contract
+                    .as_ref()
+                    .is_some_and(|w| w.features & crate::wire::features::RECEIPTS != 0)
+        });
+        let Some(c) = c else {
+            self.m.receipts_dropped.increment(1);
+            return;
+        };
+        crate::wire::Frame::Receipt(receipt).encode(&mut c.a.ctrl);
+        let id = c.id;
+        self.m.receipts(receipt.status);
+        self.wake_writer(id);
     }
 
     /// Takes new live settings and closes established sessions the new admission lists refuse.

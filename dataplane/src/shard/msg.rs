@@ -47,6 +47,11 @@ pub enum CoreMsg {
     /// A destination the connection's source sent to while congested has drained: its reader
     /// may go on.
     Resume { conn: ConnId },
+    /// A receipt for source agent `to` (sent to its home core, where its session is).
+    Receipt {
+        to: AgentId,
+        receipt: crate::wire::Receipt,
+    },
     /// A session moving to its agent's home core, with its socket (none in the simulated
     /// relay). The engine adopts it ([`super::Shard::adopt`]) before the shard sees messages
     /// after it.

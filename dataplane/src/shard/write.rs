@@ -203,6 +203,7 @@ impl Conn {
             };
             if env.expires_ms() <= now.unix_ms {
                 released.note(env);
+                released.receipt(env, crate::wire::ReceiptStatus::Expired);
                 self.a.outq.pop();
                 m.dropped(Reason::Expired, 1);
                 continue;
