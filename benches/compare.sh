@@ -7,6 +7,8 @@
 #   RELAY=path/to/openmesh-relay benches/compare.sh 5s   # another relay build (A/B)
 #   NO_BUILD=1 benches/compare.sh 5s   # use the binaries as built (a series of runs while the
 #                                      # tree changes measures the same binaries)
+#   SUITE=durable benches/compare.sh 5s  # durable envelopes (each fsync'ed before its ACK) against
+#                                      # NATS JetStream with file storage (publishes acked)
 #
 # OpenMesh runs TLS 1.3 on every link with at-least-once delivery (ACKed custody); NATS runs in
 # plaintext core mode (no acknowledgements).
@@ -29,15 +31,29 @@ free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0)
 wait_port() { for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
 
 RP=$(free_port); MP=$(free_port); NP=$(free_port)
+SUITE=${SUITE:-live}
+if [ "$SUITE" = durable ]; then
+  # Backlogs as large as the run makes: the queue bounds are raised for the backlog scenario.
+  cat >"$OUT/relay.toml" <<'TOML'
+[limits]
+memory_budget = 8589934592
+send_queue_envelopes = 8000000
+send_queue_bytes = 4294967296
+absent_bytes = 4294967296
+TOML
+  CONFIG=(--config "$OUT/relay.toml"); NATS_JS=(-js -sd "$OUT/jetstream")
+else
+  CONFIG=(); NATS_JS=()
+fi
 if [ "${PINNED:-0}" = 1 ]; then
   RELAY_ARGS=(--cores 1); SERVER_CPU=(taskset -c 0); GEN_CPU=(taskset -c 1)
 else
   RELAY_ARGS=(); SERVER_CPU=(); GEN_CPU=()
 fi
 "${RELAY:-target/release/openmesh-relay}" --listen 127.0.0.1:$RP --metrics 127.0.0.1:$MP --data-dir "$OUT/relay" \
-  "${RELAY_ARGS[@]}" >"$OUT/relay.out" 2>"$OUT/relay.log" &
+  "${RELAY_ARGS[@]}" "${CONFIG[@]}" >"$OUT/relay.out" 2>"$OUT/relay.log" &
 RPID=$!
-"${SERVER_CPU[@]}" nats-server -a 127.0.0.1 -p $NP >"$OUT/nats.log" 2>&1 &
+"${SERVER_CPU[@]}" nats-server -a 127.0.0.1 -p $NP "${NATS_JS[@]}" >"$OUT/nats.log" 2>&1 &
 NPID=$!
 cleanup() { kill $RPID $NPID 2>/dev/null || true; wait $RPID $NPID 2>/dev/null || true; }
 trap cleanup EXIT
@@ -45,6 +61,83 @@ wait_port $RP || { cat "$OUT/relay.log"; echo "relay did not start"; exit 1; }
 wait_port $NP || { cat "$OUT/nats.log"; echo "nats-server did not start"; exit 1; }
 
 LT=("${GEN_CPU[@]}" target/release/openmesh-loadtest)
+if [ "$SUITE" = durable ]; then
+  CA="$OUT/relay/tls/dev-ca.pem"
+  om() { local name=$1; shift; echo "== $name: openmesh" >&2
+    "${LT[@]}" run "$@" --duration "$DUR" --relay 127.0.0.1:$RP --ca "$CA" --quiet \
+      --json "$OUT/om-$name.json" >"$OUT/om-$name.txt" || true; }
+  js() { local name=$1; shift; echo "== $name: jetstream" >&2
+    "${LT[@]}" run "$@" --duration "$DUR" --target nats://127.0.0.1:$NP --quiet \
+      --json "$OUT/js-$name.json" >"$OUT/js-$name.txt" || true; }
+  store() { curl -s "http://127.0.0.1:$MP/metrics" | python3 -c '
+import sys
+v = {}
+for l in sys.stdin:
+    if l.startswith("openmesh_store_") and " " in l and not l.startswith("#"):
+        k, x = l.rsplit(" ", 1); v[k] = float(x)
+g = lambda n: v.get(n, 0.0)
+print(g("openmesh_store_group_envelopes_sum"), g("openmesh_store_group_envelopes_count"),
+      g("openmesh_store_sync_seconds_sum"), g("openmesh_store_sync_seconds_count"))' >"$OUT/store-$1.txt"; }
+  store start
+  om small-1 --scenario small --class durable
+  store small-1
+  js small-1 --scenario small --class durable
+  om fan-32 --scenario fan --class durable
+  store fan-32
+  js fan-32 --scenario fan --class durable
+  HALF=$(python3 -c "import json;print(int(json.load(open('$OUT/om-small-1.json'))['envelopes_per_s']/2))" 2>/dev/null || echo 20000)
+  om latency-half --scenario latency --class durable --rate "$HALF"
+  om latency-20k --scenario latency --class durable --rate 20000
+  om latency-20k-alo --scenario latency --class at-least-once --rate 20000
+  om backlog --scenario backlog --class durable
+  om live-small --scenario small --class at-least-once
+  python3 - "$OUT" <<'PY'
+import json, os, sys
+out = sys.argv[1]
+def load(n):
+    p = os.path.join(out, n)
+    try:
+        return json.load(open(p))
+    except Exception:
+        return None
+def store(n):
+    try:
+        return [float(x) for x in open(os.path.join(out, f"store-{n}.txt")).read().split()]
+    except Exception:
+        return None
+def rate(r):
+    return f"{r['envelopes_per_s']:,.0f}" if r else "-"
+def lat(r):
+    l = r and r.get("latency")
+    return f"p50 {l['p50_us']:.0f} / p99 {l['p99_us']:.0f} us" if l else "-"
+rows = []
+for name, label in [("small-1", "durable 256 B, one destination, env/s"), ("fan-32", "durable 256 B, 32 destinations, env/s")]:
+    om, js = load(f"om-{name}.json"), load(f"js-{name}.json")
+    ratio = f"{om['envelopes_per_s'] / js['envelopes_per_s']:.2f}x" if om and js and js['envelopes_per_s'] else "-"
+    rows.append((label, rate(om), rate(js), ratio))
+s0, s1, s2 = store("start"), store("small-1"), store("fan-32")
+for label, a, b in [("one destination", s0, s1), ("32 destinations", s1, s2)]:
+    if a and b and b[1] > a[1]:
+        rows.append((f"  group size / fsync, {label}", f"{(b[0]-a[0])/(b[1]-a[1]):.0f} env, {(b[2]-a[2])/(b[3]-a[3])*1e6:.0f} us", "", ""))
+for name, label in [("latency-half", "durable at half that rate"), ("latency-20k", "durable at 20k/s"), ("latency-20k-alo", "at-least-once at 20k/s")]:
+    r = load(f"om-{name}.json")
+    rows.append((f"latency {label}", lat(r) + (f" ({r['rate']:,.0f}/s)" if r and r.get("rate") else ""), "", ""))
+bl, live = load("om-backlog.json"), load("om-live-small.json")
+ratio = f"{bl['envelopes_per_s'] / live['envelopes_per_s']:.2f}x live" if bl and live and live['envelopes_per_s'] else "-"
+rows.append(("backlog drain env/s (durable)", rate(bl) + (f" ({bl['delivered']:,} queued)" if bl else ""), "", ratio))
+rows.append(("live small env/s (at-least-once)", rate(live), "", ""))
+for n in ["om-small-1", "om-fan-32", "om-backlog", "js-small-1", "js-fan-32"]:
+    r = load(n + ".json")
+    if r and (r.get("lost") or r.get("duplicates") or not r.get("ok")):
+        rows.append((f"  {n}: {r['verdict']}", "", "", ""))
+w = max(len(r[0]) for r in rows)
+print(f"{'metric':<{w}}  {'openmesh (TLS, fsync per ACK)':>38}  {'JetStream (file)':>16}  {'ratio':>10}")
+for r in rows:
+    print(f"{r[0]:<{w}}  {r[1]:>38}  {r[2]:>16}  {r[3]:>10}")
+print(f"\nreports: {out}")
+PY
+  exit 0
+fi
 for s in small bulk latency fan; do
   echo "== $s: openmesh" >&2
   "${LT[@]}" run --scenario $s --duration "$DUR" --relay 127.0.0.1:$RP --ca "$OUT/relay/tls/dev-ca.pem" \

@@ -193,12 +193,18 @@ async fn run(a: RunArgs) -> anyhow::Result<Report> {
             window: a.window.unwrap_or(a.scenario.default_window()),
             duration: a.duration,
             drain,
+            backlog: a.scenario == Scenario::Backlog,
         };
         let mut tasks = tokio::task::JoinSet::new();
         for idx in 0..agents {
             let (p, lv) = (params.clone(), live.clone());
             match (&relays, &a.target) {
                 (Some(r), _) => tasks.spawn(openmesh::pair(r.clone(), idx, p, lv)),
+                (None, Some(_)) if p.backlog => {
+                    bail!(
+                        "the backlog scenario needs a target that keeps messages: OpenMesh relays"
+                    )
+                }
                 (None, Some(url)) => tasks.spawn(nats::pair(Arc::new(url.clone()), idx, p, lv)),
                 (None, None) => unreachable!("either relays or a target"),
             };
@@ -268,6 +274,7 @@ async fn run(a: RunArgs) -> anyhow::Result<Report> {
         target,
         endpoints,
         class: match (a.target.is_some(), a.class) {
+            (true, DeliveryClass::Durable) => "JetStream (file storage, publish acked)".into(),
             (true, _) => "best-effort (core NATS)".into(),
             (false, DeliveryClass::BestEffort) => "best-effort".into(),
             (false, DeliveryClass::AtLeastOnce) => "at-least-once".into(),
@@ -284,7 +291,10 @@ async fn run(a: RunArgs) -> anyhow::Result<Report> {
         delivered,
         duplicates: dups,
         lost,
-        envelopes_per_s: delivered as f64 / send_s.max(1e-9),
+        envelopes_per_s: match (a.scenario, live.drain_s()) {
+            (Scenario::Backlog, Some(d)) => delivered as f64 / d.max(1e-9),
+            _ => delivered as f64 / send_s.max(1e-9),
+        },
         mb_per_s: bytes as f64 / 1e6 / send_s.max(1e-9),
         gbit_per_s: bytes as f64 * 8.0 / 1e9 / send_s.max(1e-9),
         latency: lat.percentiles,

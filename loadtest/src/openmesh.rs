@@ -53,17 +53,36 @@ pub async fn pair(
 ) -> anyhow::Result<Histogram<u64>> {
     let mut rcfg = relays.config(idx, &format!("loadtest-recv-{idx}"), None)?;
     rcfg.auto_ack = true;
-    let mut recv = Agent::connect(rcfg).await.context("receiver connects")?;
+    let recv_id = rcfg.identity.agent_id();
+    let mut recv = if p.backlog {
+        None
+    } else {
+        Some(
+            Agent::connect(rcfg.clone())
+                .await
+                .context("receiver connects")?,
+        )
+    };
     let sender = Agent::connect(relays.config(idx, &format!("loadtest-send-{idx}"), None)?)
         .await
         .context("sender connects")?;
-    let mut b = sender.envelope_to(recv.id(), 60_000);
+    let mut b = sender.envelope_to(recv_id, 600_000);
     b.class = p.class;
     let tmpl = Template::new(&b, p.size, idx as u64)?;
     let expect = Expect::new();
+    let filled = Arc::new(tokio::sync::Notify::new());
 
-    let (exp, lv, drain) = (expect.clone(), live.clone(), p.drain);
+    let (exp, lv, drain, fill) = (expect.clone(), live.clone(), p.drain, filled.clone());
     let receiver = tokio::spawn(async move {
+        let mut recv = match recv.take() {
+            Some(r) => r,
+            None => {
+                // Backlog: connect once the sender has filled the queue.
+                fill.notified().await;
+                lv.drain_from_ns.fetch_min(lv.now_ns(), Ordering::Relaxed);
+                Agent::connect(rcfg).await.context("receiver connects")?
+            }
+        };
         let mut rec = Recorder::new(lv.clone());
         let mut done_at: Option<Instant> = None;
         let mut evs = Vec::new();
@@ -92,7 +111,8 @@ pub async fn pair(
                 break;
             }
         }
-        rec.hist
+        lv.drain_to_ns.fetch_max(lv.now_ns(), Ordering::Relaxed);
+        anyhow::Ok(rec.hist)
     });
 
     let sent = match p.rate {
@@ -106,7 +126,8 @@ pub async fn pair(
         }
     };
     expect.set(sent);
-    Ok(receiver.await?)
+    filled.notify_one();
+    receiver.await?
 }
 
 /// Sends as fast as the window allows for the duration; returns how many deliveries to expect.
@@ -120,11 +141,12 @@ async fn closed_loop(
     let end = Instant::now() + p.duration;
     let (mut seq, mut inflight, mut acked) = (0u64, 0u64, 0u64);
     let mut batch = BytesMut::with_capacity(t.len() * 256);
+    let nacked0 = live.nacked.load(Ordering::Relaxed);
     loop {
         while let Some(ev) = s.try_event() {
             settle(ev, &mut inflight, &mut acked, live)?;
         }
-        if Instant::now() >= end {
+        if Instant::now() >= end || p.backlog && live.nacked.load(Ordering::Relaxed) > nacked0 {
             break;
         }
         let room = if acked_class {

@@ -23,6 +23,10 @@ pub struct Live {
     pub errors: AtomicU64,
     /// Delivered envelopes per [`SLOT_MS`] slot since `start` (connected agents, for `connections`).
     pub timeline: Vec<AtomicU64>,
+    /// Backlog: when the first receiver connected and when the last one had everything
+    /// (run-clock nanoseconds; `u64::MAX` / 0 until then).
+    pub drain_from_ns: AtomicU64,
+    pub drain_to_ns: AtomicU64,
 }
 
 impl Live {
@@ -37,7 +41,19 @@ impl Live {
             bytes: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             timeline: (0..slots).map(|_| AtomicU64::new(0)).collect(),
+            drain_from_ns: AtomicU64::new(u64::MAX),
+            drain_to_ns: AtomicU64::new(0),
         }
+    }
+
+    /// Seconds the backlog took to drain, if a backlog was drained.
+    pub fn drain_s(&self) -> Option<f64> {
+        let (from, to) = (
+            self.drain_from_ns
+                .load(std::sync::atomic::Ordering::Relaxed),
+            self.drain_to_ns.load(std::sync::atomic::Ordering::Relaxed),
+        );
+        (from != u64::MAX && to > from).then(|| (to - from) as f64 / 1e9)
     }
 
     /// Nanoseconds since the run started (the clock every payload timestamp uses).

@@ -24,6 +24,10 @@ pub enum Scenario {
     Fan,
     /// Ramp to M idle agents, hold, then churn.
     Connections,
+    /// Senders fill the queues of receivers that are offline (for the duration, or until the
+    /// relay refuses: the queue is full), then the receivers connect and take their backlog;
+    /// the rate reported is the drain rate.
+    Backlog,
 }
 
 impl Scenario {
@@ -34,6 +38,7 @@ impl Scenario {
             Scenario::Latency => "latency",
             Scenario::Fan => "fan",
             Scenario::Connections => "connections",
+            Scenario::Backlog => "backlog",
         }
     }
     pub fn default_size(self) -> usize {
@@ -51,7 +56,7 @@ impl Scenario {
     }
     pub fn default_window(self) -> u64 {
         match self {
-            Scenario::Small => 2048,
+            Scenario::Small | Scenario::Backlog => 2048,
             Scenario::Latency => 4096,
             _ => 256,
         }
@@ -70,6 +75,9 @@ pub struct PairParams {
     pub duration: Duration,
     /// How long to wait for stragglers after sending stops.
     pub drain: Duration,
+    /// The receiver connects only after the sender finished ([`Scenario::Backlog`]); the
+    /// sender stops at its first refusal.
+    pub backlog: bool,
 }
 
 /// Shared between a pair's sender and receiver: how many deliveries the receiver should wait for

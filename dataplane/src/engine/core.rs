@@ -39,8 +39,9 @@ struct Core {
     shared: Arc<Shared>,
     cfg: Arc<EngineConfig>,
     drain_reported: Cell<bool>,
-    /// Wakes the store task.
+    /// Wake the store tasks (main: writes and syncs; side: segments created ahead, removed).
     store_wake: Notify,
+    store_side_wake: Notify,
 }
 
 thread_local! {
@@ -99,10 +100,12 @@ pub(crate) fn run(
             cfg,
             drain_reported: Cell::new(false),
             store_wake: Notify::new(),
+            store_side_wake: Notify::new(),
         });
         if let (true, Some(sc)) = (has_store, core.cfg.store.as_ref()) {
-            let files = uring::StoreFiles::new(sc.dir.clone(), id);
-            uring::spawn(store_loop(core.clone(), files));
+            let files = Rc::new(uring::StoreFiles::new(sc.dir.clone(), id));
+            uring::spawn(store_loop(core.clone(), files.clone()));
+            uring::spawn(store_side_loop(core.clone(), files));
         }
         uring::spawn(accept_loop(core.clone()));
         uring::spawn(tick_loop(core.clone()));
@@ -155,7 +158,7 @@ async fn tick_loop(core: Rc<Core>) {
 }
 
 /// Carries out the store's file operations, one at a time, as the shard hands them out.
-async fn store_loop(core: Rc<Core>, files: uring::StoreFiles) {
+async fn store_loop(core: Rc<Core>, files: Rc<uring::StoreFiles>) {
     loop {
         let next = core.shard.borrow_mut().poll_store(now());
         let Some(op) = next else {
@@ -166,6 +169,22 @@ async fn store_loop(core: Rc<Core>, files: uring::StoreFiles) {
         core.shard
             .borrow_mut()
             .on_store_done(&op, res.as_ref().err(), now());
+        core.drive();
+    }
+}
+
+/// Carries out the store's side operations (segments created ahead of need, removed).
+async fn store_side_loop(core: Rc<Core>, files: Rc<uring::StoreFiles>) {
+    loop {
+        let next = core.shard.borrow_mut().poll_store_side(now());
+        let Some(op) = next else {
+            core.store_side_wake.notified().await;
+            continue;
+        };
+        let res = files.run(&op).await;
+        core.shard
+            .borrow_mut()
+            .on_store_side_done(&op, res.as_ref().err(), now());
         core.drive();
     }
 }
@@ -284,6 +303,7 @@ impl Core {
                 Action::WakeWriter(c) | Action::WakeReader(c) | Action::Shutdown(c) => c,
                 Action::WakeStore => {
                     self.store_wake.notify_one();
+                    self.store_side_wake.notify_one();
                     continue;
                 }
             };

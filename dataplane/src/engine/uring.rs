@@ -147,6 +147,9 @@ pub struct StoreFiles {
     stall_sync: Option<PathBuf>,
 }
 
+/// Bytes of zeros written per operation when a segment is created.
+const ZERO_CHUNK: usize = 1 << 20;
+
 /// See [`StoreFiles`]: the file that stalls syncs when fault injection is on.
 pub const STALL_SYNC_FILE: &str = "fault-stall-sync";
 
@@ -203,7 +206,20 @@ impl StoreFiles {
                     .open(&path)
                     .await?;
                 let done = async {
+                    // Reserve the space, then write it: appends overwrite blocks that already
+                    // exist, so their fdatasync flushes data only (on ext4 and XFS a write into a
+                    // fallocated but unwritten extent also converts the extent, a journal
+                    // commit on every sync).
                     f.fallocate(0, *size, 0).await?;
+                    let mut zeros = vec![0u8; ZERO_CHUNK];
+                    let mut at = 0u64;
+                    while at < *size {
+                        let n = (*size - at).min(ZERO_CHUNK as u64) as usize;
+                        let (r, z) = f.write_all_at(zeros.slice(..n), at).await;
+                        zeros = z.into_inner();
+                        r?;
+                        at += n as u64;
+                    }
                     let (r, _) = f.write_all_at(header.to_vec(), 0).await;
                     r?;
                     f.sync_all().await

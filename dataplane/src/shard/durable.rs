@@ -234,6 +234,26 @@ impl Shard {
         d.log.poll_action(now.mono_us)
     }
 
+    /// The store's next side operation (a segment created ahead, or removed), if one is due
+    /// (the engine's second store task asks).
+    pub fn poll_store_side(&mut self, now: Now) -> Option<LogAction> {
+        let d = self.durable.as_mut()?;
+        d.log.poll_side(now.mono_us, now.unix_ms)
+    }
+
+    /// The side operation last handed out completed or failed.
+    pub fn on_store_side_done(&mut self, op: &LogAction, error: Option<&std::io::Error>, now: Now) {
+        let Some(d) = self.durable.as_mut() else {
+            return;
+        };
+        d.log.on_side_done(error.is_none(), now.mono_us);
+        if let Some(e) = error {
+            d.m.failures.increment(1);
+            tracing::warn!(core = self.id, operation = op_label(op), error = %e, "store segment not created ahead or not removed (tried again)");
+        }
+        self.actions.push_back(Action::WakeStore);
+    }
+
     /// Whether the store has nothing in flight or due (a clean exit waits for this).
     pub fn store_idle(&self) -> bool {
         self.durable.as_ref().is_none_or(|d| d.log.is_idle())
@@ -250,11 +270,7 @@ impl Shard {
         }
         let groups = d.log.stats.groups;
         d.log.on_done(error.is_none());
-        if let (Some(e), LogAction::Remove { number }) = (error, op) {
-            // The segment stays and its removal is tried again; nothing is refused.
-            d.m.failures.increment(1);
-            tracing::warn!(core = self.id, segment = number, error = %e, "store segment not removed");
-        } else if let Some(e) = error {
+        if let Some(e) = error {
             d.m.failures.increment(1);
             tracing::error!(
                 core = self.id,
@@ -397,7 +413,10 @@ impl Shard {
             return;
         };
         d.now_ms = now.unix_ms;
-        let busy = d.log.busy_for(now.mono_us);
+        let busy = d
+            .log
+            .busy_for(now.mono_us)
+            .max(d.log.side_busy_for(now.mono_us));
         if d.state == StoreState::Ok && busy.is_some_and(|b| b >= d.stall_us) {
             d.state = StoreState::Stalled;
             d.m.stalls.increment(1);

@@ -9,8 +9,13 @@
 //! ```text
 //! append --> pending batch --Write--> on_written --Sync--> on_synced --> tickets durable
 //!                           ^ Create first when the batch's segment does not exist yet
-//! release --> live count 0 on the oldest, full segment --Remove--> on_removed
+//! release --> live count 0 on the oldest, full segment --Remove (side)--> on_side_done
+//! tail half full --Create of the next segment ahead (side)--> taken when the tail is full
 //! ```
+//!
+//! Two operations may run at once: the main one (create a segment on demand, write, sync) and a
+//! side one ([`Log::poll_side`]: create the next segment before it is needed, remove segments),
+//! so that neither preallocating a segment nor removing one holds up a group commit.
 //!
 //! Segments go oldest first: a released record may name envelopes in any older segment, so a
 //! segment is removed only when every older one is gone (else those envelopes would come back at
@@ -76,7 +81,20 @@ enum Step {
     Create,
     Write,
     Sync,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Spare,
     Remove(u64),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Spare {
+    number: u64,
+    size: u64,
+    created_ms: u64,
+    ready: bool,
 }
 
 /// One of this log's segments.
@@ -127,6 +145,13 @@ pub struct Log {
     since_us: u64,
     /// Set when an action is due that `poll_action` has not handed out yet.
     due: Option<LogAction>,
+    /// The side operation in flight, and when it began.
+    side: Option<Side>,
+    side_since_us: u64,
+    /// The next segment, created ahead.
+    spare: Option<Spare>,
+    /// A removal failed at this time (microseconds): the next is tried a second later.
+    remove_failed_us: Option<u64>,
     durable: Vec<Ticket>,
     failed_tickets: Vec<Ticket>,
     failed: bool,
@@ -172,6 +197,10 @@ impl Log {
             step: None,
             since_us: 0,
             due: None,
+            side: None,
+            side_since_us: 0,
+            spare: None,
+            remove_failed_us: None,
             durable: Vec::new(),
             failed_tickets: Vec::new(),
             failed: false,
@@ -254,9 +283,26 @@ impl Log {
         if let Some(s) = self.tail.and_then(|n| self.segments.get_mut(&n)) {
             s.full = true;
         }
+        let header = SEGMENT_HEADER_LEN as u64;
+        if let Some(sp) = self.spare.filter(|sp| sp.ready && sp.size >= header + len) {
+            // Created ahead: no Create on the way of this batch.
+            self.spare = None;
+            self.segments.insert(
+                sp.number,
+                Segment {
+                    live: 0,
+                    end: header,
+                    size: sp.size,
+                    created: true,
+                    full: false,
+                    created_ms: sp.created_ms,
+                },
+            );
+            self.tail = Some(sp.number);
+            return;
+        }
         let n = self.next_number;
         self.next_number += 1;
-        let header = SEGMENT_HEADER_LEN as u64;
         self.segments.insert(
             n,
             Segment {
@@ -306,19 +352,97 @@ impl Log {
             } else {
                 self.write_in_flight();
             }
-            return;
         }
-        // Nothing to write: remove the oldest segment if it is full and nothing in it is live.
+    }
+
+    /// The next side operation (create the next segment ahead, remove one), if one is due;
+    /// answer with [`Log::on_side_done`]. At most one runs at a time, beside the main one.
+    pub fn poll_side(&mut self, now_us: u64, now_ms: u64) -> Option<LogAction> {
+        if self.side.is_some() {
+            return None;
+        }
+        // Remove the oldest segment if it is full, nothing in it is live and nothing is still
+        // to be written to it.
+        let retry_ok = self
+            .remove_failed_us
+            .is_none_or(|t| now_us.saturating_sub(t) >= 1_000_000);
+        let writing = |n: u64| {
+            self.in_flight.as_ref().is_some_and(|b| b.number == n)
+                || self.pending.iter().any(|b| b.number == n)
+        };
         let empty = self
             .segments
             .iter()
             .next()
-            .filter(|(n, s)| s.full && s.live == 0 && s.created && Some(**n) != self.tail)
+            .filter(|(n, s)| {
+                s.full && s.live == 0 && s.created && Some(**n) != self.tail && !writing(**n)
+            })
             .map(|(n, _)| *n);
-        if let Some(n) = empty {
-            self.step = Some(Step::Remove(n));
-            self.due = Some(LogAction::Remove { number: n });
+        if let (Some(n), true) = (empty, retry_ok) {
+            self.side = Some(Side::Remove(n));
+            self.side_since_us = now_us;
+            return Some(LogAction::Remove { number: n });
         }
+        // Create the next segment once the tail is half full.
+        let tail_half = self
+            .tail
+            .and_then(|n| self.segments.get(&n))
+            .is_some_and(|s| s.created && (s.end - SEGMENT_HEADER_LEN as u64) * 2 >= s.size);
+        if self.spare.is_none() && !self.failed && tail_half {
+            let number = self.next_number;
+            self.next_number += 1;
+            let sp = Spare {
+                number,
+                size: self.segment_bytes,
+                created_ms: now_ms,
+                ready: false,
+            };
+            self.spare = Some(sp);
+            self.side = Some(Side::Spare);
+            self.side_since_us = now_us;
+            let header = SegmentHeader {
+                core: self.core,
+                number,
+                created_ms: now_ms,
+            };
+            return Some(LogAction::Create {
+                number,
+                header: header.encode(),
+                size: sp.size,
+            });
+        }
+        None
+    }
+
+    /// The side operation last handed out completed (`ok`) or failed. A failed one fails
+    /// nothing else: a segment that could not be created ahead is created when needed (and
+    /// that failure is the log's); a removal is tried again a second later.
+    pub fn on_side_done(&mut self, ok: bool, now_us: u64) {
+        match self.side.take() {
+            Some(Side::Spare) => match (ok, self.spare.as_mut()) {
+                (true, Some(sp)) => sp.ready = true,
+                _ => {
+                    self.stats.failures += u64::from(!ok);
+                    self.spare = None;
+                }
+            },
+            Some(Side::Remove(n)) => {
+                if ok {
+                    self.segments.remove(&n);
+                    self.stats.segments_removed += 1;
+                    self.remove_failed_us = None;
+                } else {
+                    self.stats.failures += 1;
+                    self.remove_failed_us = Some(now_us);
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// How long the side operation in flight has run, if one is.
+    pub fn side_busy_for(&self, now_us: u64) -> Option<u64> {
+        self.side.map(|_| now_us.saturating_sub(self.side_since_us))
     }
 
     fn write_in_flight(&mut self) {
@@ -344,7 +468,7 @@ impl Log {
             return;
         };
         if !ok {
-            self.fail(step);
+            self.fail();
             return;
         }
         match step {
@@ -367,20 +491,12 @@ impl Log {
                 self.stats.durable += b.tickets.len() as u64;
                 self.durable.extend(b.tickets);
             }
-            Step::Remove(n) => {
-                self.segments.remove(&n);
-                self.stats.segments_removed += 1;
-            }
         }
     }
 
     /// An operation failed: every ticket not yet durable fails, the segment takes no more.
-    fn fail(&mut self, step: Step) {
+    fn fail(&mut self) {
         self.stats.failures += 1;
-        if let Step::Remove(_) = step {
-            // The segment stays; removing it is tried again later.
-            return;
-        }
         self.failed = true;
         for b in self
             .in_flight
@@ -408,6 +524,10 @@ impl Log {
     pub fn retry(&mut self, now_ms: u64) {
         self.segments.retain(|_, s| s.created);
         self.failed = false;
+        // A segment created ahead would hide whether the disk takes a new one.
+        if self.side != Some(Side::Spare) {
+            self.spare = None;
+        }
         // The failure left no tail: this starts a new segment, with an empty batch in it.
         self.tail = None;
         self.batch_for(0, now_ms);
@@ -415,7 +535,10 @@ impl Log {
 
     /// Whether nothing is written, due or in flight (a clean exit waits for this).
     pub fn is_idle(&self) -> bool {
-        self.step.is_none() && self.in_flight.is_none() && self.pending.is_empty()
+        self.step.is_none()
+            && self.in_flight.is_none()
+            && self.pending.is_empty()
+            && self.side.is_none()
     }
 
     /// Live envelopes this log holds.

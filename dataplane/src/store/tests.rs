@@ -159,11 +159,32 @@ struct Disk {
 }
 
 impl Disk {
-    /// Runs the next action; `false` if there was none.
+    /// Runs the next main action; `false` if there was none.
     fn step(&mut self, log: &mut Log, ok: bool) -> bool {
         let Some(a) = log.poll_action(0) else {
             return false;
         };
+        self.apply(a, ok);
+        log.on_done(ok);
+        true
+    }
+
+    /// Runs the next side action (a segment created ahead, or removed); `false` if none.
+    fn side(&mut self, log: &mut Log) -> bool {
+        let Some(a) = log.poll_side(0, 0) else {
+            return false;
+        };
+        self.apply(a, true);
+        log.on_side_done(true, 0);
+        true
+    }
+
+    /// Runs main and side actions until neither has any.
+    fn settle(&mut self, log: &mut Log, ok: bool) {
+        while self.step(log, ok) || self.side(log) {}
+    }
+
+    fn apply(&mut self, a: LogAction, ok: bool) {
         match a {
             LogAction::Create {
                 number,
@@ -197,8 +218,6 @@ impl Disk {
                 self.synced.remove(&number);
             }
         }
-        log.on_done(ok);
-        true
     }
 
     fn recover(&self) -> super::recovery::Recovered {
@@ -250,7 +269,7 @@ fn full_segments_roll_over_and_are_removed_when_nothing_in_them_is_live() {
     let mut placed = Vec::new();
     for i in 1..=40 {
         placed.push(log.append(i, &envelope(i, 2, 1000, 60_000), i, 0).unwrap());
-        while disk.step(&mut log, true) {}
+        disk.settle(&mut log, true);
     }
     assert_eq!(log.take_durable().len(), 40);
     let first = placed[0];
@@ -261,7 +280,7 @@ fn full_segments_roll_over_and_are_removed_when_nothing_in_them_is_live() {
         .filter(|i| placed[*i as usize - 1] == first)
         .collect();
     log.release(&in_first, 0);
-    while disk.step(&mut log, true) {}
+    disk.settle(&mut log, true);
     assert!(!disk.synced.contains_key(&first));
     assert!(disk.ops.contains(&"remove"));
     let r = disk.recover();
@@ -276,14 +295,14 @@ fn segments_go_oldest_first_so_a_released_record_never_outlives_what_it_names() 
     let mut placed = Vec::new();
     for i in 1..=40 {
         placed.push(log.append(i, &envelope(i, 2, 1000, 60_000), i, 0).unwrap());
-        while disk.step(&mut log, true) {}
+        disk.settle(&mut log, true);
     }
     let first = placed[0];
     let second = *placed.iter().find(|n| **n != first).unwrap();
     // Everything but envelope 1 goes, the release records land in later segments.
     let rest: Vec<u64> = (2..=40).collect();
     log.release(&rest, 0);
-    while disk.step(&mut log, true) {}
+    disk.settle(&mut log, true);
     assert!(disk.synced.contains_key(&first), "envelope 1 is live");
     assert!(
         disk.synced.contains_key(&second),
@@ -293,7 +312,7 @@ fn segments_go_oldest_first_so_a_released_record_never_outlives_what_it_names() 
     let live: Vec<u64> = r.live.iter().map(|(_, e)| e.seq).collect();
     assert_eq!(live, vec![1], "nothing released comes back");
     log.release(&[1], 0);
-    while disk.step(&mut log, true) {}
+    disk.settle(&mut log, true);
     assert!(!disk.synced.contains_key(&first) && !disk.synced.contains_key(&second));
     assert!(disk.recover().live.is_empty());
     assert_eq!(log.live(), 0);
@@ -305,7 +324,7 @@ fn a_failed_log_still_removes_what_was_released_so_a_full_disk_gets_space_back()
     let mut disk = Disk::default();
     for i in 1..=20 {
         log.append(i, &envelope(i, 2, 1000, 60_000), i, 0).unwrap();
-        while disk.step(&mut log, true) {}
+        disk.settle(&mut log, true);
     }
     let segments = disk.synced.len();
     assert!(segments >= 3);
@@ -314,12 +333,12 @@ fn a_failed_log_still_removes_what_was_released_so_a_full_disk_gets_space_back()
     while disk.step(&mut log, false) {}
     assert!(log.is_failed());
     log.release(&(1..=20).collect::<Vec<_>>(), 0);
-    while disk.step(&mut log, true) {}
-    assert_eq!(
-        disk.ops.iter().filter(|o| **o == "remove").count(),
-        segments
-    );
-    assert!(disk.synced.is_empty(), "every segment went");
+    disk.settle(&mut log, true);
+    let removed = disk.ops.iter().filter(|o| **o == "remove").count();
+    assert!(removed + 1 >= segments, "{removed} of {segments} removed");
+    // What is left is at most the segment created ahead, which holds nothing.
+    assert!(disk.synced.len() <= 1, "{} left", disk.synced.len());
+    assert!(disk.recover().live.is_empty());
 }
 
 #[test]
