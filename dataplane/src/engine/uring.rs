@@ -218,6 +218,10 @@ impl StoreFiles {
                         let (r, z) = f.write_all_at(zeros.slice(..n), at).await;
                         zeros = z.into_inner();
                         r?;
+                        // A chunk at a time to disk: a sync of the segment being appended to
+                        // commits the file system's journal, which would first write out every
+                        // dirty page of this one.
+                        f.sync_data().await?;
                         at += n as u64;
                     }
                     let (r, _) = f.write_all_at(header.to_vec(), 0).await;

@@ -97,6 +97,19 @@ struct Spare {
     ready: bool,
 }
 
+impl Spare {
+    fn segment(&self, created: bool) -> Segment {
+        Segment {
+            live: 0,
+            end: SEGMENT_HEADER_LEN as u64,
+            size: self.size,
+            created,
+            full: false,
+            created_ms: self.created_ms,
+        }
+    }
+}
+
 /// One of this log's segments.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Segment {
@@ -284,20 +297,12 @@ impl Log {
             s.full = true;
         }
         let header = SEGMENT_HEADER_LEN as u64;
-        if let Some(sp) = self.spare.filter(|sp| sp.ready && sp.size >= header + len) {
-            // Created ahead: no Create on the way of this batch.
-            self.spare = None;
-            self.segments.insert(
-                sp.number,
-                Segment {
-                    live: 0,
-                    end: header,
-                    size: sp.size,
-                    created: true,
-                    full: false,
-                    created_ms: sp.created_ms,
-                },
-            );
+        if let Some(sp) = self.spare.filter(|sp| sp.size >= header + len) {
+            // Created ahead (or being created: the batch waits for it, see `start_next`).
+            if sp.ready {
+                self.spare = None;
+            }
+            self.segments.insert(sp.number, sp.segment(sp.ready));
             self.tail = Some(sp.number);
             return;
         }
@@ -337,6 +342,10 @@ impl Log {
         }
         if let Some(b) = self.in_flight.as_ref().filter(|_| !self.failed) {
             let s = self.segments[&b.number];
+            if !s.created && self.spare.is_some_and(|sp| sp.number == b.number) {
+                // The side task is creating it: wait for `on_side_done`.
+                return;
+            }
             if !s.created {
                 let header = SegmentHeader {
                     core: self.core,
@@ -384,10 +393,11 @@ impl Log {
             return Some(LogAction::Remove { number: n });
         }
         // Create the next segment once the tail is half full.
-        let tail_half = self
-            .tail
-            .and_then(|n| self.segments.get(&n))
-            .is_some_and(|s| s.created && (s.end - SEGMENT_HEADER_LEN as u64) * 2 >= s.size);
+        // (Also before the first append: the first segment is ready when it is needed.)
+        let tail_half = match self.tail.and_then(|n| self.segments.get(&n)) {
+            Some(s) => s.created && (s.end - SEGMENT_HEADER_LEN as u64) * 2 >= s.size,
+            None => true,
+        };
         if self.spare.is_none() && !self.failed && tail_half {
             let number = self.next_number;
             self.next_number += 1;
@@ -419,13 +429,25 @@ impl Log {
     /// that failure is the log's); a removal is tried again a second later.
     pub fn on_side_done(&mut self, ok: bool, now_us: u64) {
         match self.side.take() {
-            Some(Side::Spare) => match (ok, self.spare.as_mut()) {
-                (true, Some(sp)) => sp.ready = true,
-                _ => {
-                    self.stats.failures += u64::from(!ok);
-                    self.spare = None;
+            Some(Side::Spare) => {
+                let Some(sp) = self.spare.as_mut() else {
+                    return;
+                };
+                let taken = self.segments.get_mut(&sp.number);
+                match (ok, taken) {
+                    // Already the tail: a batch waits for it.
+                    (true, Some(seg)) => {
+                        seg.created = true;
+                        self.spare = None;
+                    }
+                    (true, None) => sp.ready = true,
+                    // The main path creates it when it needs it (and fails there if it must).
+                    (false, _) => {
+                        self.stats.failures += 1;
+                        self.spare = None;
+                    }
                 }
-            },
+            }
             Some(Side::Remove(n)) => {
                 if ok {
                     self.segments.remove(&n);
