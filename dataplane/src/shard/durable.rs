@@ -399,8 +399,11 @@ impl Shard {
         d.seqs.clear();
         for (seq, source, id) in self.released.1.drain(..) {
             d.seqs.push(seq);
-            if d.ids.get(&(source, id)).is_some_and(|e| e.0 == seq) {
-                d.ids.remove(&(source, id));
+            if let Some(e) = d.ids.remove(&(source, id)) {
+                if e.0 != seq {
+                    // Another envelope with this (source, id) is stored: it stays known.
+                    d.ids.insert((source, id), e);
+                }
             }
         }
         d.log.release(&d.seqs, d.now_ms);

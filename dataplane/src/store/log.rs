@@ -148,7 +148,7 @@ pub struct Log {
     next_number: u64,
     segments: BTreeMap<u64, Segment>,
     /// Live envelopes: sequence number -> the segment holding its record.
-    index: HashMap<u64, u64>,
+    index: HashMap<u64, u64, foldhash::fast::RandomState>,
     /// The segment appends go to.
     tail: Option<u64>,
     pending: VecDeque<Batch>,
@@ -182,7 +182,7 @@ impl Log {
         next_number: u64,
         existing: impl IntoIterator<Item = (u64, Vec<u64>)>,
     ) -> Self {
-        let mut index = HashMap::new();
+        let mut index = HashMap::default();
         let mut segments = BTreeMap::new();
         for (n, seqs) in existing {
             for s in &seqs {
