@@ -13,13 +13,11 @@ use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
 use crate::shard::ShardStore;
-use crate::store::log::Log;
-use crate::store::record::{self, Record, Scan, SegmentHeader};
+use crate::store::record::{self, Record, Scan};
 use crate::store::recovery::{self, RecoveryStats, SegmentId};
-use crate::wire::{Destination, Envelope};
 
 /// How the relay stores durable envelopes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -114,23 +112,15 @@ pub struct Opened {
 }
 
 /// Opens the store under `cfg.dir` for `cores` cores at `now_ms`: recovers, rewrites the live
-/// envelopes per home core, removes the old segments.
+/// envelopes per home core ([`crate::store::recovery::plan`]), removes the old segments.
 pub fn open(cfg: &StoreConfig, cores: u16, now_ms: u64) -> io::Result<Opened> {
-    let cores = cores.max(1);
     fs::create_dir_all(&cfg.dir)?;
     let (scans, strangers) = read_segments(&cfg.dir)?;
     for p in &strangers {
         tracing::warn!(path = %p.display(), "not a store segment: left alone");
     }
-    let old: Vec<SegmentId> = scans.iter().map(|(id, _)| *id).collect();
-    let mut next_number = vec![1u64; cores as usize];
-    for id in &old {
-        if let Some(n) = next_number.get_mut(id.core as usize) {
-            *n = (*n).max(id.number + 1);
-        }
-    }
-    let rec = recovery::recover(scans, now_ms);
-    for (id, cut) in &rec.stats.cuts {
+    let plan = recovery::plan(scans, cores, now_ms, cfg.segment_bytes, cfg.stall_ms * 1000);
+    for (id, cut) in &plan.stats.cuts {
         tracing::warn!(
             segment = %segment_name(id.core, id.number),
             offset = cut.offset,
@@ -139,63 +129,22 @@ pub fn open(cfg: &StoreConfig, cores: u16, now_ms: u64) -> io::Result<Opened> {
             "store segment cut at a bad record: every record before it kept"
         );
     }
-    // Live envelopes per new home core, in store order.
-    let mut per_core: Vec<Vec<(u64, Envelope, record::StoredEnvelope)>> =
-        (0..cores).map(|_| Vec::new()).collect();
-    let mut undecodable = 0;
-    for (_, stored) in rec.live {
-        let Ok(mut env) = stored.envelope() else {
-            undecodable += 1;
-            continue;
-        };
-        let Destination::Agent(dst) = env.destination() else {
-            undecodable += 1;
-            continue;
-        };
-        env.set_store_seq(stored.seq);
-        let home = crate::routing::home_core(&dst, cores) as usize;
-        per_core[home].push((stored.seq, env, stored));
-    }
-    let mut written: Vec<Option<(u64, Vec<u64>)>> = vec![None; cores as usize];
-    for (core, live) in per_core.iter().enumerate() {
-        if live.is_empty() {
-            continue;
-        }
-        let number = next_number[core];
-        next_number[core] += 1;
-        let header = SegmentHeader {
-            core: core as u16,
-            number,
-            created_ms: now_ms,
-        };
-        let mut buf = BytesMut::new();
-        buf.extend_from_slice(&header.encode());
-        for (_, _, stored) in live {
-            record::encode_envelope(stored, &mut buf);
-        }
-        let path = segment_path(&cfg.dir, core as u16, number);
+    for (id, bytes) in &plan.write {
+        let path = segment_path(&cfg.dir, id.core, id.number);
         let mut f = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&path)?;
-        f.write_all(&buf)?;
+        f.write_all(bytes)?;
         f.sync_all()?;
-        written[core] = Some((number, live.iter().map(|(s, _, _)| *s).collect()));
     }
     sync_dir(&cfg.dir)?;
-    let damaged: Vec<SegmentId> = rec
-        .stats
-        .cuts
-        .iter()
-        .filter(|(_, c)| c.bytes_lost > 0)
-        .map(|(id, _)| *id)
-        .collect();
-    if !damaged.is_empty() {
+    if !plan.damaged.is_empty() {
         fs::create_dir_all(cfg.dir.join(DAMAGED))?;
     }
-    for id in &old {
+    for id in &plan.remove {
         let path = segment_path(&cfg.dir, id.core, id.number);
-        if damaged.contains(id) {
+        if plan.damaged.contains(id) {
             // Kept for inspection: what follows its cut is not served.
             fs::rename(
                 &path,
@@ -205,31 +154,14 @@ pub fn open(cfg: &StoreConfig, cores: u16, now_ms: u64) -> io::Result<Opened> {
             fs::remove_file(path)?;
         }
     }
-    if !old.is_empty() {
+    if !plan.remove.is_empty() {
         sync_dir(&cfg.dir)?;
     }
-    let first_seq = rec.max_seq + 1;
-    let recovered = per_core.iter().map(Vec::len).sum();
-    let stores = per_core
-        .into_iter()
-        .enumerate()
-        .map(|(core, live)| ShardStore {
-            log: Log::new(
-                core as u16,
-                cfg.segment_bytes,
-                next_number[core],
-                written[core].take(),
-            ),
-            first_seq: first_seq + core as u64,
-            seq_step: cores as u64,
-            recovered: live.into_iter().map(|(_, e, _)| e).collect(),
-            stall_us: cfg.stall_ms.saturating_mul(1000),
-        })
-        .collect();
+    let recovered = plan.cores.iter().map(|c| c.recovered.len()).sum();
     Ok(Opened {
-        cores: stores,
-        stats: rec.stats,
+        cores: plan.cores,
+        stats: plan.stats,
         recovered,
-        undecodable,
+        undecodable: plan.undecodable,
     })
 }

@@ -393,11 +393,12 @@ impl Log {
             return Some(LogAction::Remove { number: n });
         }
         // Create the next segment once the tail is half full.
-        // (Also before the first append: the first segment is ready when it is needed.)
-        let tail_half = match self.tail.and_then(|n| self.segments.get(&n)) {
-            Some(s) => s.created && (s.end - SEGMENT_HEADER_LEN as u64) * 2 >= s.size,
-            None => true,
-        };
+        // (Not before the first append: a store that never takes a durable envelope takes no
+        // disk.)
+        let tail_half = self
+            .tail
+            .and_then(|n| self.segments.get(&n))
+            .is_some_and(|s| s.created && (s.end - SEGMENT_HEADER_LEN as u64) * 2 >= s.size);
         if self.spare.is_none() && !self.failed && tail_half {
             let number = self.next_number;
             self.next_number += 1;

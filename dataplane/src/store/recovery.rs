@@ -8,7 +8,12 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use super::record::{Cut, Record, Scan, StoredEnvelope};
+use bytes::BytesMut;
+
+use super::log::Log;
+use super::record::{self, Cut, Record, Scan, SegmentHeader, StoredEnvelope};
+use crate::shard::ShardStore;
+use crate::wire::{Destination, Envelope};
 
 /// Names a segment file: the core that wrote it and its number.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -109,4 +114,115 @@ pub fn recover(scans: impl IntoIterator<Item = (SegmentId, Scan)>, now_ms: u64) 
         out.live.push((id, e));
     }
     out
+}
+
+/// What a relay starting on `cores` cores does with the store it found (`docs/STORE.md`,
+/// "Sequence numbers and start"): the segments to write (synced before anything else), the
+/// old segments to remove after that, and what each core starts with.
+pub struct Plan {
+    /// New segments and their bytes (header and records), one per core with live envelopes.
+    pub write: Vec<(SegmentId, Vec<u8>)>,
+    /// Every segment found; removed once `write` is on disk.
+    pub remove: Vec<SegmentId>,
+    /// Of `remove`: cut with non-zero bytes after the cut (kept aside, not deleted).
+    pub damaged: Vec<SegmentId>,
+    /// One per core, in core order.
+    pub cores: Vec<ShardStore>,
+    pub stats: RecoveryStats,
+    /// Live records that no longer decode as an envelope for one agent (dropped, counted).
+    pub undecodable: usize,
+}
+
+/// Plans a start on `cores` cores from every segment's scan, at `now_ms`: live envelopes go to
+/// their destination's home core, each core's log continues above the numbers found, and new
+/// sequence numbers start above every one seen.
+pub fn plan(
+    scans: Vec<(SegmentId, Scan)>,
+    cores: u16,
+    now_ms: u64,
+    segment_bytes: u64,
+    stall_us: u64,
+) -> Plan {
+    let cores = cores.max(1);
+    let remove: Vec<SegmentId> = scans.iter().map(|(id, _)| *id).collect();
+    let mut next_number = vec![1u64; cores as usize];
+    for id in &remove {
+        if let Some(n) = next_number.get_mut(id.core as usize) {
+            *n = (*n).max(id.number + 1);
+        }
+    }
+    let rec = recover(scans, now_ms);
+    let mut per_core: Vec<Vec<(Envelope, StoredEnvelope)>> =
+        (0..cores).map(|_| Vec::new()).collect();
+    let mut undecodable = 0;
+    for (_, stored) in rec.live {
+        let Ok(mut env) = stored.envelope() else {
+            undecodable += 1;
+            continue;
+        };
+        let Destination::Agent(dst) = env.destination() else {
+            undecodable += 1;
+            continue;
+        };
+        env.set_store_seq(stored.seq);
+        let home = crate::routing::home_core(&dst, cores) as usize;
+        per_core[home].push((env, stored));
+    }
+    let mut write = Vec::new();
+    let mut existing: Vec<Option<(u64, Vec<u64>)>> = vec![None; cores as usize];
+    for (core, live) in per_core.iter().enumerate() {
+        if live.is_empty() {
+            continue;
+        }
+        let number = next_number[core];
+        next_number[core] += 1;
+        let header = SegmentHeader {
+            core: core as u16,
+            number,
+            created_ms: now_ms,
+        };
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&header.encode());
+        for (_, stored) in live {
+            record::encode_envelope(stored, &mut buf);
+        }
+        let id = SegmentId {
+            core: core as u16,
+            number,
+        };
+        write.push((id, buf.to_vec()));
+        existing[core] = Some((number, live.iter().map(|(_, s)| s.seq).collect()));
+    }
+    let damaged = rec
+        .stats
+        .cuts
+        .iter()
+        .filter(|(_, c)| c.bytes_lost > 0)
+        .map(|(id, _)| *id)
+        .collect();
+    let first_seq = rec.max_seq + 1;
+    let cores_out = per_core
+        .into_iter()
+        .enumerate()
+        .map(|(core, live)| ShardStore {
+            log: Log::new(
+                core as u16,
+                segment_bytes,
+                next_number[core],
+                existing[core].take(),
+            ),
+            first_seq: first_seq + core as u64,
+            seq_step: cores as u64,
+            recovered: live.into_iter().map(|(e, _)| e).collect(),
+            stall_us,
+        })
+        .collect();
+    Plan {
+        write,
+        remove,
+        damaged,
+        cores: cores_out,
+        stats: rec.stats,
+        undecodable,
+    }
 }
