@@ -9,9 +9,15 @@
 //! - an agent that does not ACK never holds more than its deliver window;
 //! - every shard's memory use stays within the relay's budget.
 //!
+//! Half the envelopes are durable: each shard has a store whose file operations complete (or
+//! fail, now and then) on a virtual disk at random moments, and now and then the whole relay is
+//! killed: what was synced (and a torn part of a write in flight) is all that survives, the store
+//! is recovered and planned as at a real start (`store::recovery::plan`) and new shards serve it.
+//!
 //! At the end every agent comes back, reads and ACKs until the relay is quiet, and then: every
 //! envelope the relay ACKed to its sender was delivered to its destination (nothing ACKed is
-//! lost; the envelopes' TTL is far longer than a schedule).
+//! lost; the envelopes' TTL is far longer than a schedule), except at-least-once envelopes held
+//! in memory when the relay was killed.
 //!
 //! `SIM_SCHEDULES=N` runs N schedules (default 1,000); `SIM_SEED=S` replays one. A failure
 //! prints the seed that replays it. The shard's maps and the harness's use fixed hash seeds, so
@@ -26,13 +32,17 @@ type HashSet<K> = std::collections::HashSet<K, BuildHasherDefault<std::hash::Def
 use std::io::{Read, Write};
 use std::sync::Arc;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use openmesh_dataplane::pki::Identity;
 use openmesh_dataplane::session::SessionTimeouts;
 use openmesh_dataplane::shard::budget::RelayBudget;
 use openmesh_dataplane::shard::msg::{ConnId, CoreMsg};
+use openmesh_dataplane::shard::ShardConfig;
 use openmesh_dataplane::shard::{Action, Limits, Now, ReadGate, SeqSource, Settings, Shard};
 use openmesh_dataplane::signaling::ContractPolicy;
+use openmesh_dataplane::store::log::LogAction;
+use openmesh_dataplane::store::record;
+use openmesh_dataplane::store::recovery::{self, SegmentId};
 use openmesh_dataplane::testing::{open_settings, InMemoryRelay};
 use openmesh_dataplane::wire::{
     AckBatch, AgentId, DeliveryClass, Destination, EnvelopeBuilder, Frame, FrameDecoder, Hello,
@@ -92,6 +102,8 @@ struct Agent {
     received: HashSet<MessageId>,
     /// Where each envelope it sent went.
     sent_to: HashMap<MessageId, usize>,
+    /// The durable ones among them.
+    durable: HashSet<MessageId>,
     /// The session it has now, if any.
     link: Option<usize>,
 }
@@ -115,8 +127,9 @@ struct Link {
     /// Received in this session, not yet ACKed by the agent.
     unacked: Vec<MessageId>,
     seen: HashSet<MessageId>,
-    /// Last message id received per source session (link), for order.
-    last_from: HashMap<usize, u128>,
+    /// Last message id received per source session (link) and class, for order (a durable
+    /// envelope joins its destination's queue when it is on disk, so classes may overtake).
+    last_from: HashMap<(usize, u8), u128>,
     /// The step at which WELCOME arrived.
     welcomed_at: u64,
     open: bool,
@@ -139,6 +152,65 @@ struct Sim {
     steps: u64,
     /// For every envelope sent: the sending link and the step.
     sent_by: HashMap<MessageId, (usize, u64)>,
+    shard_config: ShardConfig,
+    disk: VDisk,
+    crashes: usize,
+}
+
+/// Segment size of the simulated stores: small, so segments roll over and go.
+const SEGMENT: u64 = 16 << 10;
+
+/// The simulated disk: segment files as written, as synced, and each core's store operations
+/// in flight (main: create on demand, write, sync; side: create ahead, remove).
+#[derive(Default)]
+struct VDisk {
+    files: std::collections::BTreeMap<(usize, u64), Vec<u8>>,
+    synced: std::collections::BTreeMap<(usize, u64), Vec<u8>>,
+    main: Vec<Option<LogAction>>,
+    side: Vec<Option<LogAction>>,
+}
+
+impl VDisk {
+    fn apply(&mut self, core: usize, a: &LogAction) {
+        match a {
+            LogAction::Create {
+                number,
+                header,
+                size,
+            } => {
+                let mut f = vec![0u8; *size as usize];
+                f[..header.len()].copy_from_slice(header);
+                self.files.insert((core, *number), f.clone());
+                self.synced.insert((core, *number), f);
+            }
+            LogAction::Write {
+                number,
+                offset,
+                buf,
+            } => {
+                let f = self
+                    .files
+                    .get_mut(&(core, *number))
+                    .expect("written file exists");
+                let end = *offset as usize + buf.len();
+                assert!(
+                    end <= f.len(),
+                    "write of {} at {offset} into segment {core}/{number} of {} bytes",
+                    buf.len(),
+                    f.len()
+                );
+                f[*offset as usize..end].copy_from_slice(buf);
+            }
+            LogAction::Sync { number } => {
+                let f = self.files[&(core, *number)].clone();
+                self.synced.insert((core, *number), f);
+            }
+            LogAction::Remove { number } => {
+                self.files.remove(&(core, *number));
+                self.synced.remove(&(core, *number));
+            }
+        }
+    }
 }
 
 const TTL_MS: u64 = 3_600_000;
@@ -150,6 +222,7 @@ fn settings(budget: u64) -> Settings {
             deliver_window_bytes: 1 << 20,
             send_window: 64,
             heartbeat_ms: 10_000,
+            classes: DeliveryClass::AtLeastOnce.bit() | DeliveryClass::Durable.bit(),
             ..ContractPolicy::default()
         },
         timeouts: SessionTimeouts {
@@ -170,20 +243,13 @@ impl Sim {
         let mut rng = Rng::new(seed);
         let cores = 1 + rng.below(3) as usize;
         let budget = 64 << 20;
-        let relay_budget = RelayBudget::new(budget, cores);
-        let seq = Arc::new(SeqSource::default());
-        let shards = (0..cores)
-            .map(|i| {
-                Shard::new(
-                    i as u16,
-                    cores as u16,
-                    world.relay.shard_config(),
-                    settings(budget),
-                    seq.clone(),
-                    relay_budget.clone(),
-                )
-            })
-            .collect();
+        let shard_config = world.relay.shard_config();
+        let now = Now {
+            mono_us: 1_000_000,
+            unix_ms: 1_800_000_000_000,
+        };
+        let plan = recovery::plan(Vec::new(), cores as u16, now.unix_ms, SEGMENT, 1 << 40);
+        let shards = new_shards(&shard_config, cores, budget, plan);
         let behaviors = [
             Behavior::Honest,
             Behavior::Slow,
@@ -208,6 +274,7 @@ impl Sim {
                     outstanding: HashSet::default(),
                     received: HashSet::default(),
                     sent_to: HashMap::default(),
+                    durable: HashSet::default(),
                     link: None,
                 }
             })
@@ -215,10 +282,7 @@ impl Sim {
         Sim {
             rng,
             seed,
-            now: Now {
-                mono_us: 1_000_000,
-                unix_ms: 1_800_000_000_000,
-            },
+            now,
             shards,
             mail: (0..cores).map(|_| VecDeque::new()).collect(),
             agents,
@@ -228,6 +292,132 @@ impl Sim {
             budget,
             steps: 0,
             sent_by: HashMap::default(),
+            shard_config,
+            disk: VDisk {
+                main: (0..cores).map(|_| None).collect(),
+                side: (0..cores).map(|_| None).collect(),
+                ..VDisk::default()
+            },
+            crashes: 0,
+        }
+    }
+
+    /// Moves the stores along: on a random core, the main or the side operation in flight
+    /// completes (or fails, unless `reliable`), or the next one is taken.
+    fn store_progress(&mut self, reliable: bool) {
+        let core = self.rng.below(self.shards.len() as u64) as usize;
+        let side = self.rng.chance(30);
+        let slot = if side {
+            &mut self.disk.side[core]
+        } else {
+            &mut self.disk.main[core]
+        };
+        let Some(op) = slot.take() else {
+            let next = if side {
+                self.shards[core].poll_store_side(self.now)
+            } else {
+                self.shards[core].poll_store(self.now)
+            };
+            let slot = if side {
+                &mut self.disk.side[core]
+            } else {
+                &mut self.disk.main[core]
+            };
+            *slot = next;
+            return;
+        };
+        let ok = reliable || !self.rng.chance(3);
+        let err = (!ok).then(|| std::io::Error::other("simulated disk failure"));
+        if ok {
+            self.disk.apply(core, &op);
+        }
+        if side {
+            self.shards[core].on_store_side_done(&op, err.as_ref(), self.now);
+        } else {
+            self.shards[core].on_store_done(&op, err.as_ref(), self.now);
+        }
+    }
+
+    /// Runs every store operation until none is due (nothing fails).
+    fn store_settle(&mut self) {
+        for _ in 0..10_000 {
+            let busy = (0..self.shards.len()).any(|c| {
+                self.disk.main[c].is_some()
+                    || self.disk.side[c].is_some()
+                    || !self.shards[c].store_idle()
+            });
+            if !busy {
+                return;
+            }
+            self.store_progress(true);
+            self.drive();
+        }
+    }
+
+    /// `kill -9`: only what was synced survives (and, maybe, part of a write in flight); the
+    /// store is recovered as at a real start and new shards serve it; every agent loses its
+    /// session.
+    fn crash(&mut self) {
+        self.crashes += 1;
+        for core in 0..self.shards.len() {
+            if let Some(LogAction::Write {
+                number,
+                offset,
+                buf,
+            }) = &self.disk.main[core]
+            {
+                // A torn write: a prefix of it reached the disk.
+                let n = self.rng.below(buf.len() as u64 + 1) as usize;
+                if let Some(f) = self.disk.synced.get_mut(&(core, *number)) {
+                    f[*offset as usize..*offset as usize + n].copy_from_slice(&buf[..n]);
+                }
+            }
+        }
+        let scans = self
+            .disk
+            .synced
+            .iter()
+            .map(|((c, n), bytes)| {
+                let id = SegmentId {
+                    core: *c as u16,
+                    number: *n,
+                };
+                (
+                    id,
+                    record::scan(Bytes::from(bytes.clone())).expect("a segment"),
+                )
+            })
+            .collect();
+        let cores = self.shards.len();
+        let plan = recovery::plan(scans, cores as u16, self.now.unix_ms, SEGMENT, 1 << 40);
+        self.disk.files.clear();
+        self.disk.synced.clear();
+        for (id, bytes) in &plan.write {
+            self.disk
+                .files
+                .insert((id.core as usize, id.number), bytes.clone());
+            self.disk
+                .synced
+                .insert((id.core as usize, id.number), bytes.clone());
+        }
+        self.disk.main.iter_mut().for_each(|m| *m = None);
+        self.disk.side.iter_mut().for_each(|m| *m = None);
+        self.shards = new_shards(&self.shard_config, cores, self.budget, plan);
+        self.mail.iter_mut().for_each(VecDeque::clear);
+        for l in 0..self.links.len() {
+            self.links[l].open = false;
+        }
+        for a in 0..self.agents.len() {
+            self.agents[a].link = None;
+            self.agents[a].outstanding.clear();
+        }
+        // At-least-once envelopes the relay held in memory are gone; durable ones are not.
+        let received: Vec<HashSet<MessageId>> =
+            self.agents.iter().map(|a| a.received.clone()).collect();
+        for a in &mut self.agents {
+            let (sent_to, durable) = (&a.sent_to, &a.durable);
+            a.acked_by_relay
+                .retain(|id| durable.contains(id) || received[sent_to[id]].contains(id));
         }
     }
 
@@ -309,7 +499,7 @@ impl Sim {
                             self.links[l].writer_woken = true;
                         }
                     }
-                    // The simulated relays have no store: they serve no durable class.
+                    // Store operations are taken by `store_progress` at random moments.
                     Action::WakeReader(_) | Action::WakeStore => {}
                     Action::Shutdown(c) => {
                         if let Some(l) = self.link_of(core, c) {
@@ -444,7 +634,10 @@ impl Sim {
                     if let Some(&(src_link, at)) = self.sent_by.get(&id) {
                         let link = &mut self.links[l];
                         if at > link.welcomed_at {
-                            let last = link.last_from.entry(src_link).or_insert(0);
+                            let last = link
+                                .last_from
+                                .entry((src_link, e.class() as u8))
+                                .or_insert(0);
                             if id.as_u128() <= *last {
                                 self.fail(format!(
                                     "link {l}: {id} from link {src_link} after a later one"
@@ -519,7 +712,7 @@ impl Sim {
                 role: Role::Agent,
                 features: 0,
                 transports: 1,
-                classes: DeliveryClass::AtLeastOnce.bit(),
+                classes: DeliveryClass::AtLeastOnce.bit() | DeliveryClass::Durable.bit(),
                 max_frame: 1 << 20,
                 heartbeat_ms: 0,
                 schemas: vec![],
@@ -569,15 +762,20 @@ impl Sim {
             let id = MessageId::from_u128((agent as u128) << 64 | ag.next as u128);
             ag.next += 1;
             ag.sent_to.insert(id, to);
-            let env = EnvelopeBuilder::new(
+            let mut b = EnvelopeBuilder::new(
                 id,
                 ag.id,
                 Destination::Agent(self.agents[to].id),
                 self.now.unix_ms,
                 TTL_MS,
-            )
-            .build(&vec![id.as_u128() as u8; 1 + self.rng.below(3000) as usize])
-            .unwrap();
+            );
+            if self.rng.chance(50) {
+                b.class = DeliveryClass::Durable;
+                self.agents[agent].durable.insert(id);
+            }
+            let env = b
+                .build(&vec![id.as_u128() as u8; 1 + self.rng.below(3000) as usize])
+                .unwrap();
             self.agents[agent].outstanding.insert(id);
             self.sent_by.insert(id, (l, self.steps));
             self.agent_writes(l, &Frame::Envelope(env).to_bytes());
@@ -631,6 +829,15 @@ impl Sim {
 
     fn step(&mut self, ending: bool) {
         self.steps += 1;
+        if self.rng.chance(20) {
+            self.store_progress(ending);
+        }
+        if !ending && self.crashes < 1 && self.rng.below(1200) == 0 {
+            self.crash();
+            for a in 0..self.agents.len() {
+                self.connect(a);
+            }
+        }
         // Every schedule connects its agents first, so there is always a link to pick.
         let l = self.rng.below(self.links.len() as u64) as usize;
         match self.rng.below(100) {
@@ -700,6 +907,7 @@ impl Sim {
                 }
                 self.drive();
             }
+            self.store_settle();
             if self.quiet() {
                 return;
             }
@@ -726,6 +934,13 @@ impl Sim {
                 && l.unacked.is_empty()
                 && l.welcomed
         }) && self.mail.iter().all(VecDeque::is_empty)
+            && self.shards.iter().all(Shard::store_idle)
+            && self
+                .disk
+                .main
+                .iter()
+                .chain(&self.disk.side)
+                .all(Option::is_none)
     }
 
     fn check_nothing_acked_was_lost(&self) {
@@ -740,6 +955,28 @@ impl Sim {
             }
         }
     }
+}
+
+/// The shards of a relay starting on `cores` cores with what the store plan gives each.
+fn new_shards(cfg: &ShardConfig, cores: usize, budget: u64, plan: recovery::Plan) -> Vec<Shard> {
+    let relay_budget = RelayBudget::new(budget, cores);
+    let seq = Arc::new(SeqSource::default());
+    plan.cores
+        .into_iter()
+        .enumerate()
+        .map(|(i, store)| {
+            let mut s = Shard::new(
+                i as u16,
+                cores as u16,
+                cfg.clone(),
+                settings(budget),
+                seq.clone(),
+                relay_budget.clone(),
+            );
+            s.attach_store(store);
+            s
+        })
+        .collect()
 }
 
 /// Identities and TLS configurations shared by every schedule (generating them is slow).
@@ -765,6 +1002,8 @@ struct Tally {
     delivered: usize,
     reconnects: usize,
     cores_above_one: usize,
+    crashes: usize,
+    durable_acked: usize,
 }
 
 fn run(seed: u64, world: &World) -> Tally {
@@ -787,6 +1026,12 @@ fn run(seed: u64, world: &World) -> Tally {
         delivered: sim.agents.iter().map(|a| a.received.len()).sum(),
         reconnects: sim.links.len() - sim.agents.len(),
         cores_above_one: usize::from(sim.shards.len() > 1),
+        crashes: sim.crashes,
+        durable_acked: sim
+            .agents
+            .iter()
+            .map(|a| a.acked_by_relay.intersection(&a.durable).count())
+            .sum(),
     }
 }
 
@@ -809,6 +1054,8 @@ fn random_schedules_keep_every_invariant() {
         total.delivered += t.delivered;
         total.reconnects += t.reconnects;
         total.cores_above_one += t.cores_above_one;
+        total.crashes += t.crashes;
+        total.durable_acked += t.durable_acked;
     }
     eprintln!("{n} schedules: {total:?}");
     // The schedules did something: envelopes flowed, agents came back, cores talked.
@@ -817,4 +1064,6 @@ fn random_schedules_keep_every_invariant() {
     assert!(total.delivered >= 5 * n, "{total:?}");
     assert!(total.reconnects >= n / 4, "{total:?}");
     assert!(total.cores_above_one >= n / 3, "{total:?}");
+    assert!(total.crashes >= n / 5, "{total:?}");
+    assert!(total.durable_acked >= n, "{total:?}");
 }

@@ -95,6 +95,8 @@ struct Spare {
     size: u64,
     created_ms: u64,
     ready: bool,
+    /// Already the tail (while still being created).
+    adopted: bool,
 }
 
 impl Spare {
@@ -297,8 +299,14 @@ impl Log {
             s.full = true;
         }
         let header = SEGMENT_HEADER_LEN as u64;
-        if let Some(sp) = self.spare.filter(|sp| sp.size >= header + len) {
+        if let Some(sp) = self
+            .spare
+            .as_mut()
+            .filter(|sp| !sp.adopted && sp.size >= header + len)
+        {
             // Created ahead (or being created: the batch waits for it, see `start_next`).
+            sp.adopted = true;
+            let sp = *sp;
             if sp.ready {
                 self.spare = None;
             }
@@ -407,6 +415,7 @@ impl Log {
                 size: self.segment_bytes,
                 created_ms: now_ms,
                 ready: false,
+                adopted: false,
             };
             self.spare = Some(sp);
             self.side = Some(Side::Spare);
