@@ -383,6 +383,32 @@ fn the_next_segment_is_created_ahead_and_a_batch_waits_for_it_rather_than_creati
 }
 
 #[test]
+fn a_segment_being_created_ahead_is_taken_as_the_tail_only_once() {
+    let mut log = Log::new(0, 8192, 1, []);
+    let mut disk = Disk::default();
+    for i in 1..=4 {
+        log.append(i, &envelope(i, 2, 1000, 60_000), i, 0).unwrap();
+        while disk.step(&mut log, true) {}
+    }
+    let Some(LogAction::Create { number, .. }) = log.poll_side(0, 0) else {
+        panic!("the next segment created ahead");
+    };
+    // While it is being created, enough arrives to fill it and more: the records past it go
+    // to a third segment, never past the end of the second.
+    let mut placed = Vec::new();
+    for i in 5..=20 {
+        placed.push(log.append(i, &envelope(i, 2, 1000, 60_000), i, 0).unwrap());
+    }
+    assert!(placed.contains(&number), "{placed:?}");
+    assert!(
+        placed.iter().any(|n| *n > number),
+        "a third segment after the second filled: {placed:?}"
+    );
+    let seg = log.segments()[&number];
+    assert!(seg.end <= seg.size, "{seg:?}");
+}
+
+#[test]
 fn a_failed_sync_fails_its_tickets_refuses_appends_and_recovers_in_a_new_segment() {
     let mut log = Log::new(0, 1 << 20, 1, []);
     let mut disk = Disk::default();
