@@ -52,6 +52,8 @@ pub const STORE_STALLS: &str = "openmesh_store_stalls_total";
 pub const STORE_SEGMENTS: &str = "openmesh_store_segments";
 pub const STORE_DISK_BYTES: &str = "openmesh_store_disk_bytes";
 pub const STORE_LIVE: &str = "openmesh_store_live_envelopes";
+pub const STORE_COPIED: &str = "openmesh_store_compacted_records_total";
+pub const STORE_REMOVED: &str = "openmesh_store_segments_removed_total";
 pub const STORE_RECOVERED: &str = "openmesh_store_recovered_envelopes";
 pub const STORE_CUTS: &str = "openmesh_store_recovery_cuts_total";
 
@@ -256,6 +258,16 @@ pub fn describe() {
         Unit::Count,
         "Envelopes in a core's store not yet delivered or expired."
     );
+    describe_counter!(
+        STORE_COPIED,
+        Unit::Count,
+        "Live records copied forward out of a mostly delivered segment so that it can go (compaction)."
+    );
+    describe_counter!(
+        STORE_REMOVED,
+        Unit::Count,
+        "Segments removed once nothing in them was live."
+    );
     describe_gauge!(
         STORE_RECOVERED,
         Unit::Count,
@@ -280,6 +292,8 @@ pub struct StoreMetrics {
     pub segments: Gauge,
     pub disk_bytes: Gauge,
     pub live: Gauge,
+    pub copied: Counter,
+    pub removed: Counter,
 }
 
 impl StoreMetrics {
@@ -295,7 +309,9 @@ impl StoreMetrics {
             stalls: counter!(STORE_STALLS, "core" => core.clone()),
             segments: gauge!(STORE_SEGMENTS, "core" => core.clone()),
             disk_bytes: gauge!(STORE_DISK_BYTES, "core" => core.clone()),
-            live: gauge!(STORE_LIVE, "core" => core),
+            live: gauge!(STORE_LIVE, "core" => core.clone()),
+            copied: counter!(STORE_COPIED, "core" => core.clone()),
+            removed: counter!(STORE_REMOVED, "core" => core),
         }
     }
 }

@@ -209,7 +209,24 @@ impl VDisk {
                 self.files.remove(&(core, *number));
                 self.synced.remove(&(core, *number));
             }
+            LogAction::Read { .. } => {}
         }
+    }
+
+    /// What a `Read` reads (the file as written: the page cache).
+    fn read(&self, core: usize, a: &LogAction) -> Option<Bytes> {
+        let LogAction::Read {
+            number,
+            offset,
+            len,
+        } = a
+        else {
+            return None;
+        };
+        let f = self.files.get(&(core, *number))?;
+        Some(Bytes::copy_from_slice(
+            &f[*offset as usize..*offset as usize + *len as usize],
+        ))
     }
 }
 
@@ -332,7 +349,11 @@ impl Sim {
             self.disk.apply(core, &op);
         }
         if side {
-            self.shards[core].on_store_side_done(&op, err.as_ref(), self.now);
+            let result = match &err {
+                Some(e) => Err(e),
+                None => Ok(self.disk.read(core, &op)),
+            };
+            self.shards[core].on_store_side_done(&op, result, self.now);
         } else {
             self.shards[core].on_store_done(&op, err.as_ref(), self.now);
         }

@@ -533,3 +533,51 @@ async fn a_clean_stop_right_after_delivery_serves_nothing_twice() {
         "everything ACKed before the exit stays released"
     );
 }
+
+/// Disk use follows the backlog: one envelope kept for an agent that stays away, then thousands
+/// delivered at once through small segments. The long-lived one is copied forward, old segments
+/// go, and it is still delivered when its agent comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_lived_envelope_does_not_keep_the_history_on_disk() {
+    const SEGMENT: u64 = 1 << 16;
+    let relay = Relay::start(
+        &["--cores", "1"],
+        Some(&format!("[store]\nsegment_bytes = {SEGMENT}\n")),
+    );
+    let cfg_away = relay.config("away");
+    let away = cfg_away.identity.agent_id();
+    let mut a = relay.agent("history-a").await;
+    let (acked, _) = send_durable(&mut a, away, &[1_000_000], 1).await;
+    assert_eq!(acked.len(), 1);
+    let mut b = relay.agent("history-b").await;
+    let b_id = b.id();
+    let numbers: Vec<u64> = (0..20_000).collect();
+    let sender = tokio::spawn(async move {
+        let r = send_durable(&mut a, b_id, &numbers, 256).await;
+        (a, r)
+    });
+    let got = receive(&mut b, &mut HashSet::new(), 20_000, Duration::from_secs(20)).await;
+    assert_eq!(got.len(), 20_000);
+    let (_a, (acked, _)) = sender.await.unwrap();
+    assert_eq!(acked.len(), 20_000);
+    // 20,000 records of about 170 bytes went through 64 KiB segments: about 50 of them.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let segments = relay.metric("openmesh_store_segments", &[]);
+        if segments <= 4.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{segments} segments left for one live envelope"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(relay.metric("openmesh_store_compacted_records_total", &[]) >= 1.0);
+    assert!(relay.metric("openmesh_store_segments_removed_total", &[]) >= 20.0);
+    let mut cfg_away = cfg_away;
+    cfg_away.relay = relay.addr;
+    let mut x = Agent::connect(cfg_away).await.unwrap();
+    let got = receive(&mut x, &mut HashSet::new(), 1, Duration::from_secs(10)).await;
+    assert_eq!(got, vec![1_000_000]);
+}

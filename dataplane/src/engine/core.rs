@@ -184,7 +184,7 @@ async fn store_side_loop(core: Rc<Core>, files: Rc<uring::StoreFiles>) {
         let res = files.run(&op).await;
         core.shard
             .borrow_mut()
-            .on_store_side_done(&op, res.as_ref().err(), now());
+            .on_store_side_done(&op, res.as_ref().map(Option::clone), now());
         core.drive();
     }
 }

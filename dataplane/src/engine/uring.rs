@@ -189,10 +189,30 @@ impl StoreFiles {
         r
     }
 
-    /// Carries out one operation.
-    pub async fn run(&self, action: &crate::store::log::LogAction) -> io::Result<()> {
+    /// Carries out one operation; a `Read` returns what it read.
+    pub async fn run(
+        &self,
+        action: &crate::store::log::LogAction,
+    ) -> io::Result<Option<bytes::Bytes>> {
+        use crate::store::log::LogAction;
+        if let LogAction::Read {
+            number,
+            offset,
+            len,
+        } = action
+        {
+            let f = self.file(*number).await?;
+            let (r, buf) = f.read_exact_at(vec![0u8; *len as usize], *offset).await;
+            r?;
+            return Ok(Some(bytes::Bytes::from(buf)));
+        }
+        self.run_write(action).await.map(|()| None)
+    }
+
+    async fn run_write(&self, action: &crate::store::log::LogAction) -> io::Result<()> {
         use crate::store::log::LogAction;
         match action {
+            LogAction::Read { .. } => unreachable!("reads return data: `run`"),
             LogAction::Create {
                 number,
                 header,

@@ -78,6 +78,8 @@ pub(crate) struct Durable {
     /// Scratch for the sequence numbers of a released record.
     seqs: Vec<u64>,
     state: StoreState,
+    /// Log counters already added to the metrics (copied, removed).
+    counted: (u64, u64),
     failed_at_us: u64,
     /// Unix milliseconds of the last event (segment headers and retries).
     now_ms: u64,
@@ -97,6 +99,7 @@ impl Durable {
             ids: HashMap::default(),
             seqs: Vec::new(),
             state: StoreState::Ok,
+            counted: (0, 0),
             failed_at_us: 0,
             now_ms: 0,
             m: crate::metrics::StoreMetrics::new(core),
@@ -242,14 +245,24 @@ impl Shard {
     }
 
     /// The side operation last handed out completed or failed.
-    pub fn on_store_side_done(&mut self, op: &LogAction, error: Option<&std::io::Error>, now: Now) {
+    /// With the bytes a `Read` read, if it was one.
+    pub fn on_store_side_done(
+        &mut self,
+        op: &LogAction,
+        result: Result<Option<bytes::Bytes>, &std::io::Error>,
+        now: Now,
+    ) {
         let Some(d) = self.durable.as_mut() else {
             return;
         };
-        d.log.on_side_done(error.is_none(), now.mono_us);
+        let error = result.as_ref().err().copied();
+        match result {
+            Ok(Some(data)) => d.log.on_side_read(data, now.unix_ms),
+            _ => d.log.on_side_done(error.is_none(), now.mono_us),
+        }
         if let Some(e) = error {
             d.m.failures.increment(1);
-            tracing::warn!(core = self.id, operation = op_label(op), error = %e, "store segment not created ahead or not removed (tried again)");
+            tracing::warn!(core = self.id, operation = op_label(op), error = %e, "store segment not created ahead, not removed or not compacted (tried again)");
         }
         self.actions.push_back(Action::WakeStore);
     }
@@ -443,6 +456,10 @@ impl Shard {
         d.m.disk_bytes
             .set(segs.values().map(|s| s.size.max(s.end)).sum::<u64>() as f64);
         d.m.live.set(d.log.live() as f64);
+        let (copied, removed) = (d.log.stats.copied, d.log.stats.segments_removed);
+        d.m.copied.increment(copied - d.counted.0);
+        d.m.removed.increment(removed - d.counted.1);
+        d.counted = (copied, removed);
     }
 
     /// Envelopes recovered from the store at start: kept for their agents (all are absent).
@@ -467,5 +484,6 @@ fn op_label(op: &LogAction) -> &'static str {
         LogAction::Write { .. } => "write",
         LogAction::Sync { .. } => "sync",
         LogAction::Remove { .. } => "remove",
+        LogAction::Read { .. } => "read",
     }
 }

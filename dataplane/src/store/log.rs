@@ -54,8 +54,11 @@ pub enum LogAction {
     },
     /// fdatasync segment `number`. Answer: [`Log::on_done`].
     Sync { number: u64 },
-    /// Remove segment `number`, then sync the directory. Answer: [`Log::on_done`].
+    /// Remove segment `number`, then sync the directory. Answer: [`Log::on_side_done`].
     Remove { number: u64 },
+    /// Read `len` bytes at `offset` of segment `number` (a live record to copy forward).
+    /// Answer: [`Log::on_side_read`], or [`Log::on_side_done`] with `false`.
+    Read { number: u64, offset: u64, len: u32 },
 }
 
 /// Why an append was refused.
@@ -74,6 +77,9 @@ struct Batch {
     tickets: Vec<Ticket>,
     /// Sequence numbers of the envelope records in it.
     seqs: Vec<u64>,
+    /// Records copied forward into it: (sequence number, where it was, where it goes). They
+    /// move once the batch is synced.
+    copies: Vec<(u64, Loc, Loc)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +93,16 @@ enum Step {
 enum Side {
     Spare,
     Remove(u64),
+    /// Reading record `seq` to copy it forward.
+    Read(u64),
+}
+
+/// Where a live record is: segment, offset, length (header included).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Loc {
+    segment: u64,
+    offset: u64,
+    len: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +119,7 @@ impl Spare {
     fn segment(&self, created: bool) -> Segment {
         Segment {
             live: 0,
+            live_bytes: 0,
             end: SEGMENT_HEADER_LEN as u64,
             size: self.size,
             created,
@@ -117,6 +134,8 @@ impl Spare {
 pub struct Segment {
     /// Envelope records in it not yet released.
     pub live: usize,
+    /// Their bytes.
+    pub live_bytes: u64,
     /// Where the next record goes (records appended, durable or not).
     pub end: u64,
     /// Preallocated size.
@@ -141,6 +160,8 @@ pub struct LogStats {
     pub segments_created: u64,
     pub segments_removed: u64,
     pub failures: u64,
+    /// Live records copied forward by compaction.
+    pub copied: u64,
 }
 
 /// One core's append log.
@@ -149,8 +170,10 @@ pub struct Log {
     segment_bytes: u64,
     next_number: u64,
     segments: BTreeMap<u64, Segment>,
-    /// Live envelopes: sequence number -> the segment holding its record.
-    index: HashMap<u64, u64, foldhash::fast::RandomState>,
+    /// Live envelopes: sequence number -> where its record is.
+    index: HashMap<u64, Loc, foldhash::fast::RandomState>,
+    /// The segment being compacted: its live records still to copy forward.
+    compacting: Option<(u64, Vec<u64>)>,
     /// The segment appends go to.
     tail: Option<u64>,
     pending: VecDeque<Batch>,
@@ -182,16 +205,26 @@ impl Log {
         core: u16,
         segment_bytes: u64,
         next_number: u64,
-        existing: impl IntoIterator<Item = (u64, Vec<u64>)>,
+        existing: impl IntoIterator<Item = (u64, Vec<(u64, u64, u32)>)>,
     ) -> Self {
         let mut index = HashMap::default();
         let mut segments = BTreeMap::new();
-        for (n, seqs) in existing {
-            for s in &seqs {
-                index.insert(*s, n);
+        for (n, recs) in existing {
+            let mut live_bytes = 0;
+            for &(seq, offset, len) in &recs {
+                index.insert(
+                    seq,
+                    Loc {
+                        segment: n,
+                        offset,
+                        len,
+                    },
+                );
+                live_bytes += u64::from(len);
             }
             let s = Segment {
-                live: seqs.len(),
+                live: recs.len(),
+                live_bytes,
                 end: 0,
                 size: 0,
                 created: true,
@@ -206,6 +239,7 @@ impl Log {
             next_number,
             segments,
             index,
+            compacting: None,
             tail: None,
             pending: VecDeque::new(),
             in_flight: None,
@@ -239,16 +273,22 @@ impl Log {
         if !matches!(env.destination(), crate::wire::Destination::Agent(_)) {
             return Err(AppendError::NoAgent);
         }
-        let b = self.batch_for(record::envelope_record_len(env) as u64, now_ms);
+        let len = record::envelope_record_len(env);
+        let b = self.batch_for(len as u64, now_ms);
+        let loc = Loc {
+            segment: b.number,
+            offset: b.offset + b.buf.len() as u64,
+            len: len as u32,
+        };
         record::encode_envelope_of(seq, env, &mut b.buf);
         b.tickets.push(ticket);
         b.seqs.push(seq);
-        let n = b.number;
-        if let Some(s) = self.segments.get_mut(&n) {
+        if let Some(s) = self.segments.get_mut(&loc.segment) {
             s.live += 1;
+            s.live_bytes += len as u64;
         }
-        self.index.insert(seq, n);
-        Ok(n)
+        self.index.insert(seq, loc);
+        Ok(loc.segment)
     }
 
     /// Envelopes left the store (delivered and ACKed, or expired): `seqs`. A released record is
@@ -256,9 +296,10 @@ impl Log {
     /// sequence number this log does not hold is named in the record all the same.
     pub fn release(&mut self, seqs: &[u64], now_ms: u64) {
         for seq in seqs {
-            if let Some(n) = self.index.remove(seq) {
-                if let Some(s) = self.segments.get_mut(&n) {
+            if let Some(loc) = self.index.remove(seq) {
+                if let Some(s) = self.segments.get_mut(&loc.segment) {
                     s.live = s.live.saturating_sub(1);
+                    s.live_bytes = s.live_bytes.saturating_sub(u64::from(loc.len));
                 }
             }
         }
@@ -288,6 +329,7 @@ impl Log {
                 buf: BytesMut::new(),
                 tickets: Vec::new(),
                 seqs: Vec::new(),
+                copies: Vec::new(),
             });
         }
         self.pending.back_mut().expect("a pending batch")
@@ -320,6 +362,7 @@ impl Log {
             n,
             Segment {
                 live: 0,
+                live_bytes: 0,
                 end: header,
                 size: self.segment_bytes.max(header + len),
                 created: false,
@@ -400,6 +443,12 @@ impl Log {
             self.side_since_us = now_us;
             return Some(LogAction::Remove { number: n });
         }
+        // Copy the live records of the oldest segment forward once little of it is live and
+        // newer segments exist, so that one long-lived envelope does not keep the segment, and
+        // every one after it, on disk.
+        if let Some(a) = self.next_copy(now_us) {
+            return Some(a);
+        }
         // Create the next segment once the tail is half full.
         // (Not before the first append: a store that never takes a durable envelope takes no
         // disk.)
@@ -434,6 +483,67 @@ impl Log {
         None
     }
 
+    /// The next record to read for compaction, starting a compaction when one is due.
+    fn next_copy(&mut self, now_us: u64) -> Option<LogAction> {
+        if self.failed || self.tail.is_none() {
+            return None;
+        }
+        if self.compacting.is_none() {
+            let (&n, s) = self.segments.iter().next()?;
+            let newer = self.segments.len() > 2;
+            let sparse = s.live_bytes * 4 < s.end.max(s.size);
+            if !(s.full && s.created && s.live > 0 && newer && sparse && Some(n) != self.tail) {
+                return None;
+            }
+            let seqs: Vec<u64> = self
+                .index
+                .iter()
+                .filter(|(_, l)| l.segment == n)
+                .map(|(seq, _)| *seq)
+                .collect();
+            self.compacting = Some((n, seqs));
+        }
+        let (n, seqs) = self.compacting.as_mut()?;
+        let n = *n;
+        while let Some(seq) = seqs.pop() {
+            let Some(loc) = self.index.get(&seq).filter(|l| l.segment == n) else {
+                continue;
+            };
+            self.side = Some(Side::Read(seq));
+            self.side_since_us = now_us;
+            return Some(LogAction::Read {
+                number: n,
+                offset: loc.offset,
+                len: loc.len,
+            });
+        }
+        self.compacting = None;
+        None
+    }
+
+    /// A record read for compaction: appended as it is (same sequence number) to the batch
+    /// being gathered; it moves when that batch is synced.
+    pub fn on_side_read(&mut self, data: Bytes, now_ms: u64) {
+        let Some(Side::Read(seq)) = self.side.take() else {
+            return;
+        };
+        let Some(from) = self.index.get(&seq).copied() else {
+            return; // Released while it was read.
+        };
+        if self.failed || data.len() != from.len as usize {
+            return;
+        }
+        let b = self.batch_for(u64::from(from.len), now_ms);
+        let to = Loc {
+            segment: b.number,
+            offset: b.offset + b.buf.len() as u64,
+            len: from.len,
+        };
+        b.buf.extend_from_slice(&data);
+        b.copies.push((seq, from, to));
+        self.stats.copied += 1;
+    }
+
     /// The side operation last handed out completed (`ok`) or failed. A failed one fails
     /// nothing else: a segment that could not be created ahead is created when needed (and
     /// that failure is the log's); a removal is tried again a second later.
@@ -457,6 +567,11 @@ impl Log {
                         self.spare = None;
                     }
                 }
+            }
+            Some(Side::Read(_)) => {
+                // A read that failed: compaction stops; it starts over later.
+                self.stats.failures += u64::from(!ok);
+                self.compacting = None;
             }
             Some(Side::Remove(n)) => {
                 if ok {
@@ -519,6 +634,24 @@ impl Log {
             }
             Step::Sync => {
                 let b = self.in_flight.take().expect("a batch in flight");
+                // Copies are on disk: the records live in their new place from now on (unless
+                // they were released meanwhile).
+                for (seq, from, to) in &b.copies {
+                    if self.index.get(seq) == Some(from) {
+                        self.index.insert(*seq, *to);
+                        for (n, add) in [(from.segment, false), (to.segment, true)] {
+                            if let Some(s) = self.segments.get_mut(&n) {
+                                if add {
+                                    s.live += 1;
+                                    s.live_bytes += u64::from(to.len);
+                                } else {
+                                    s.live = s.live.saturating_sub(1);
+                                    s.live_bytes = s.live_bytes.saturating_sub(u64::from(to.len));
+                                }
+                            }
+                        }
+                    }
+                }
                 self.stats.groups += 1;
                 self.stats.durable += b.tickets.len() as u64;
                 self.durable.extend(b.tickets);
@@ -536,11 +669,13 @@ impl Log {
             .into_iter()
             .chain(self.pending.drain(..))
         {
-            if let Some(s) = self.segments.get_mut(&b.number) {
-                s.live = s.live.saturating_sub(b.seqs.len());
-            }
             for seq in &b.seqs {
-                self.index.remove(seq);
+                if let Some(loc) = self.index.remove(seq) {
+                    if let Some(s) = self.segments.get_mut(&loc.segment) {
+                        s.live = s.live.saturating_sub(1);
+                        s.live_bytes = s.live_bytes.saturating_sub(u64::from(loc.len));
+                    }
+                }
             }
             self.failed_tickets.extend(b.tickets);
         }

@@ -169,7 +169,8 @@ pub fn plan(
         per_core[home].push((env, stored));
     }
     let mut write = Vec::new();
-    let mut existing: Vec<Option<(u64, Vec<u64>)>> = vec![None; cores as usize];
+    #[allow(clippy::type_complexity)]
+    let mut existing: Vec<Option<(u64, Vec<(u64, u64, u32)>)>> = vec![None; cores as usize];
     for (core, live) in per_core.iter().enumerate() {
         if live.is_empty() {
             continue;
@@ -183,7 +184,9 @@ pub fn plan(
         };
         let mut buf = BytesMut::new();
         buf.extend_from_slice(&header.encode());
+        let mut locs = Vec::with_capacity(live.len());
         for (_, stored) in live {
+            locs.push((stored.seq, buf.len() as u64, stored.record_len() as u32));
             record::encode_envelope(stored, &mut buf);
         }
         let id = SegmentId {
@@ -191,7 +194,7 @@ pub fn plan(
             number,
         };
         write.push((id, buf.to_vec()));
-        existing[core] = Some((number, live.iter().map(|(_, s)| s.seq).collect()));
+        existing[core] = Some((number, locs));
     }
     let damaged = rec
         .stats
