@@ -113,6 +113,31 @@ impl Durable {
         self.pending_bytes + self.log.pending_bytes() + self.ids.len() * STORED_ID_BYTES
     }
 
+    /// Back to taking durable envelopes once the fault is gone: a stall when no operation runs
+    /// past `stall_us` any more, a failure when the segment appends go to exists again.
+    fn recover_state(&mut self, core: u16, now_us: u64) {
+        let busy = self
+            .log
+            .busy_for(now_us)
+            .max(self.log.side_busy_for(now_us));
+        match self.state {
+            StoreState::Stalled
+                if busy.is_none_or(|b| b < self.stall_us) && !self.log.is_failed() =>
+            {
+                tracing::warn!(
+                    core,
+                    "store operation completed: durable envelopes accepted again"
+                );
+                self.state = StoreState::Ok;
+            }
+            StoreState::Failed if self.log.healthy() => {
+                tracing::warn!(core, "store writes again: durable envelopes accepted");
+                self.state = StoreState::Ok;
+            }
+            _ => {}
+        }
+    }
+
     fn pending_for(&self, a: &AgentId) -> (usize, usize) {
         self.pending_dest.get(a).copied().unwrap_or((0, 0))
     }
@@ -260,6 +285,9 @@ impl Shard {
             Ok(Some(data)) => d.log.on_side_read(data, now.unix_ms),
             _ => d.log.on_side_done(error.is_none(), now.mono_us),
         }
+        if error.is_none() {
+            d.recover_state(self.id, now.mono_us);
+        }
         if let Some(e) = error {
             d.m.failures.increment(1);
             tracing::warn!(core = self.id, operation = op_label(op), error = %e, "store segment not created ahead, not removed or not compacted (tried again)");
@@ -293,21 +321,8 @@ impl Shard {
             );
             d.state = StoreState::Failed;
             d.failed_at_us = now.mono_us;
-        } else if d.state == StoreState::Stalled && !d.log.is_failed() {
-            tracing::warn!(
-                core = self.id,
-                took_us,
-                "store operation completed: durable envelopes accepted again"
-            );
-            d.state = StoreState::Ok;
-        } else if d.state == StoreState::Failed && !d.log.is_failed() {
-            if let LogAction::Create { .. } = op {
-                tracing::warn!(
-                    core = self.id,
-                    "store writes again: durable envelopes accepted"
-                );
-                d.state = StoreState::Ok;
-            }
+        } else {
+            d.recover_state(self.id, now.mono_us);
         }
         let durable = d.log.take_durable();
         if d.log.stats.groups > groups {
@@ -442,6 +457,7 @@ impl Shard {
                 "store operation stalled: durable envelopes refused (store_unavailable) until it completes"
             );
         }
+        d.recover_state(self.id, now.mono_us);
         if d.state == StoreState::Failed
             && d.log.is_failed()
             && now.mono_us.saturating_sub(d.failed_at_us) >= RETRY_US

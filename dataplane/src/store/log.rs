@@ -174,6 +174,8 @@ pub struct Log {
     index: HashMap<u64, Loc, foldhash::fast::RandomState>,
     /// The segment being compacted: its live records still to copy forward.
     compacting: Option<(u64, Vec<u64>)>,
+    /// A segment with a damaged live record: never compacted.
+    no_compaction: Option<u64>,
     /// The segment appends go to.
     tail: Option<u64>,
     pending: VecDeque<Batch>,
@@ -222,11 +224,16 @@ impl Log {
                 );
                 live_bytes += u64::from(len);
             }
+            let end = recs
+                .iter()
+                .map(|&(_, offset, len)| offset + u64::from(len))
+                .max()
+                .unwrap_or(SEGMENT_HEADER_LEN as u64);
             let s = Segment {
                 live: recs.len(),
                 live_bytes,
-                end: 0,
-                size: 0,
+                end,
+                size: end,
                 created: true,
                 full: true,
                 created_ms: 0,
@@ -240,6 +247,7 @@ impl Log {
             segments,
             index,
             compacting: None,
+            no_compaction: None,
             tail: None,
             pending: VecDeque::new(),
             in_flight: None,
@@ -492,7 +500,9 @@ impl Log {
             let (&n, s) = self.segments.iter().next()?;
             let newer = self.segments.len() > 2;
             let sparse = s.live_bytes * 4 < s.end.max(s.size);
-            if !(s.full && s.created && s.live > 0 && newer && sparse && Some(n) != self.tail) {
+            if !(s.full && s.created && s.live > 0 && newer && sparse && Some(n) != self.tail)
+                || self.no_compaction == Some(n)
+            {
                 return None;
             }
             let seqs: Vec<u64> = self
@@ -530,7 +540,15 @@ impl Log {
         let Some(from) = self.index.get(&seq).copied() else {
             return; // Released while it was read.
         };
-        if self.failed || data.len() != from.len as usize {
+        if self.failed {
+            return;
+        }
+        if !record::is_envelope_record(&data, seq) {
+            // The record on disk is damaged: copying it would cut the segment it lands in at
+            // recovery. The segment is left as it is (not compacted again).
+            self.stats.failures += 1;
+            self.no_compaction = Some(from.segment);
+            self.compacting = None;
             return;
         }
         let b = self.batch_for(u64::from(from.len), now_ms);
@@ -691,8 +709,9 @@ impl Log {
     pub fn retry(&mut self, now_ms: u64) {
         self.segments.retain(|_, s| s.created);
         self.failed = false;
-        // A segment created ahead would hide whether the disk takes a new one.
-        if self.side != Some(Side::Spare) {
+        // A segment created ahead would hide whether the disk takes a new one; one already
+        // taken as the tail was forgotten with the segments that were never created.
+        if self.side != Some(Side::Spare) || self.spare.is_some_and(|sp| sp.adopted) {
             self.spare = None;
         }
         // The failure left no tail: this starts a new segment, with an empty batch in it.
@@ -711,6 +730,15 @@ impl Log {
     /// Live envelopes this log holds.
     pub fn live(&self) -> usize {
         self.index.len()
+    }
+
+    /// Whether appends are written again: not failed, and the segment they go to exists.
+    pub fn healthy(&self) -> bool {
+        !self.failed
+            && self
+                .tail
+                .and_then(|n| self.segments.get(&n))
+                .is_some_and(|s| s.created)
     }
 
     /// Whether the log failed and waits for [`Log::retry`].

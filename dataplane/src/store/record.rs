@@ -295,6 +295,15 @@ pub fn scan(data: Bytes) -> Option<Scan> {
 
 /// The record at `at`: `Ok(None)` at the zero fill (or the end), else the record and the
 /// offset after it.
+/// Whether `data` is exactly one good envelope record with sequence number `seq` (a record
+/// read back for compaction is checked before it is copied).
+pub fn is_envelope_record(data: &Bytes, seq: u64) -> bool {
+    matches!(
+        read_record(data, 0),
+        Ok(Some((Record::Envelope(e), end))) if end == data.len() && e.seq == seq
+    )
+}
+
 fn read_record(data: &Bytes, at: usize) -> Result<Option<(Record, usize)>, CutReason> {
     let rest = &data[at..];
     if rest.len() < RECORD_HEADER_LEN {

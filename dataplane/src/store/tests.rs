@@ -477,6 +477,47 @@ fn a_long_lived_envelope_is_copied_forward_so_its_old_segments_go() {
 }
 
 #[test]
+fn after_a_failure_a_segment_created_ahead_makes_the_log_healthy_again() {
+    let mut log = Log::new(0, 8192, 1, []);
+    let mut disk = Disk::default();
+    for i in 1..=4 {
+        log.append(i, &envelope(i, 2, 1000, 60_000), i, 0).unwrap();
+        while disk.step(&mut log, true) {}
+    }
+    let Some(LogAction::Create { number, .. }) = log.poll_side(0, 0) else {
+        panic!("the next segment created ahead");
+    };
+    // While it is being created, a write fails; the retry takes the segment being created.
+    log.append(5, &envelope(5, 2, 1000, 60_000), 5, 0).unwrap();
+    while disk.step(&mut log, false) {}
+    assert!(log.is_failed() && !log.healthy());
+    log.retry(0);
+    assert!(!log.healthy(), "not before the new segment exists");
+    disk.files.insert(number, vec![0; 8192]);
+    log.on_side_done(true, 0);
+    while disk.step(&mut log, true) {}
+    assert!(log.healthy(), "the segment created ahead is the probe");
+    log.append(6, &envelope(6, 2, 1000, 60_000), 6, 0).unwrap();
+    while disk.step(&mut log, true) {}
+    assert_eq!(log.take_durable(), vec![1, 2, 3, 4, 6]);
+}
+
+#[test]
+fn a_segment_rewritten_at_start_can_be_compacted() {
+    // What a start hands a core: one segment with five live records of 400 bytes.
+    let recs: Vec<(u64, u64, u32)> = (0..5).map(|i| (i + 1, 32 + i * 400, 400)).collect();
+    let mut log = Log::new(0, 8192, 5, [(4, recs)]);
+    let s = log.segments()[&4];
+    assert_eq!((s.end, s.size, s.live_bytes), (2032, 2032, 2000));
+    log.release(&[1, 2, 3, 4], 0);
+    let s = log.segments()[&4];
+    assert!(
+        s.live_bytes * 4 < s.end,
+        "less than a quarter live: compaction may take it ({s:?})"
+    );
+}
+
+#[test]
 fn a_failed_sync_fails_its_tickets_refuses_appends_and_recovers_in_a_new_segment() {
     let mut log = Log::new(0, 1 << 20, 1, []);
     let mut disk = Disk::default();
