@@ -33,6 +33,10 @@ use bytes::{Bytes, BytesMut};
 use super::record::{self, SegmentHeader, SEGMENT_HEADER_LEN};
 use crate::wire::Envelope;
 
+/// Sequence numbers in one released record written on retry (a record stays far below the
+/// format's size limit).
+const MAX_RELEASED_PER_RECORD: usize = 65_536;
+
 /// Identifies what the caller waits for (for example the source connection's ACK).
 pub type Ticket = u64;
 
@@ -80,6 +84,8 @@ struct Batch {
     /// Records copied forward into it: (sequence number, where it was, where it goes). They
     /// move once the batch is synced.
     copies: Vec<(u64, Loc, Loc)>,
+    /// Sequence numbers its released records name (written again after a failure).
+    released: Vec<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,6 +182,8 @@ pub struct Log {
     compacting: Option<(u64, Vec<u64>)>,
     /// A segment with a damaged live record: never compacted.
     no_compaction: Option<u64>,
+    /// Released while the log was failed, or in a batch that failed: to write on retry.
+    unwritten_releases: Vec<u64>,
     /// The segment appends go to.
     tail: Option<u64>,
     pending: VecDeque<Batch>,
@@ -248,6 +256,7 @@ impl Log {
             index,
             compacting: None,
             no_compaction: None,
+            unwritten_releases: Vec::new(),
             tail: None,
             pending: VecDeque::new(),
             in_flight: None,
@@ -311,10 +320,19 @@ impl Log {
                 }
             }
         }
-        if !self.failed && !seqs.is_empty() {
-            let b = self.batch_for((record::RECORD_HEADER_LEN + 8 * seqs.len()) as u64, now_ms);
-            record::encode_released(seqs, &mut b.buf);
+        if self.failed {
+            // Written once the log writes again (`retry`): else these envelopes would come
+            // back after a crash from segments that still hold something live.
+            self.unwritten_releases.extend_from_slice(seqs);
+        } else if !seqs.is_empty() {
+            self.write_released(seqs, now_ms);
         }
+    }
+
+    fn write_released(&mut self, seqs: &[u64], now_ms: u64) {
+        let b = self.batch_for((record::RECORD_HEADER_LEN + 8 * seqs.len()) as u64, now_ms);
+        record::encode_released(seqs, &mut b.buf);
+        b.released.extend_from_slice(seqs);
     }
 
     /// The pending batch that takes a record of `len` bytes (in the tail segment, or a new one).
@@ -338,6 +356,7 @@ impl Log {
                 tickets: Vec::new(),
                 seqs: Vec::new(),
                 copies: Vec::new(),
+                released: Vec::new(),
             });
         }
         self.pending.back_mut().expect("a pending batch")
@@ -687,6 +706,7 @@ impl Log {
             .into_iter()
             .chain(self.pending.drain(..))
         {
+            self.unwritten_releases.extend_from_slice(&b.released);
             for seq in &b.seqs {
                 if let Some(loc) = self.index.remove(seq) {
                     if let Some(s) = self.segments.get_mut(&loc.segment) {
@@ -714,9 +734,14 @@ impl Log {
         if self.side != Some(Side::Spare) || self.spare.is_some_and(|sp| sp.adopted) {
             self.spare = None;
         }
-        // The failure left no tail: this starts a new segment, with an empty batch in it.
+        // The failure left no tail: this starts a new segment, with an empty batch in it (or
+        // the released records that could not be written).
         self.tail = None;
         self.batch_for(0, now_ms);
+        let unwritten = std::mem::take(&mut self.unwritten_releases);
+        for chunk in unwritten.chunks(MAX_RELEASED_PER_RECORD) {
+            self.write_released(chunk, now_ms);
+        }
     }
 
     /// Whether nothing is written, due or in flight (a clean exit waits for this).

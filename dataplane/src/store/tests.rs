@@ -518,6 +518,30 @@ fn a_segment_rewritten_at_start_can_be_compacted() {
 }
 
 #[test]
+fn releases_that_could_not_be_written_are_written_after_the_retry() {
+    let mut log = Log::new(0, 1 << 20, 1, []);
+    let mut disk = Disk::default();
+    for i in 1..=3 {
+        log.append(i, &envelope(i, 2, 100, 60_000), i, 0).unwrap();
+    }
+    while disk.step(&mut log, true) {}
+    // Envelope 1 is delivered; the batch with its released record fails.
+    log.release(&[1], 0);
+    while disk.step(&mut log, false) {}
+    assert!(log.is_failed());
+    // Envelope 2 is delivered while the log is failed.
+    log.release(&[2], 0);
+    log.retry(0);
+    disk.settle(&mut log, true);
+    let live: Vec<u64> = disk.recover().live.iter().map(|(_, e)| e.seq).collect();
+    assert_eq!(
+        live,
+        vec![3],
+        "neither delivered envelope comes back after a crash"
+    );
+}
+
+#[test]
 fn a_failed_sync_fails_its_tickets_refuses_appends_and_recovers_in_a_new_segment() {
     let mut log = Log::new(0, 1 << 20, 1, []);
     let mut disk = Disk::default();
