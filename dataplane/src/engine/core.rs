@@ -104,8 +104,8 @@ pub(crate) fn run(
         });
         if let (true, Some(sc)) = (has_store, core.cfg.store.as_ref()) {
             let files = Rc::new(uring::StoreFiles::new(sc.dir.clone(), id));
-            uring::spawn(store_loop(core.clone(), files.clone()));
-            uring::spawn(store_side_loop(core.clone(), files));
+            uring::spawn(store_loop(core.clone(), files.clone(), false));
+            uring::spawn(store_loop(core.clone(), files, true));
         }
         uring::spawn(accept_loop(core.clone()));
         uring::spawn(tick_loop(core.clone()));
@@ -157,34 +157,33 @@ async fn tick_loop(core: Rc<Core>) {
     }
 }
 
-/// Carries out the store's file operations, one at a time, as the shard hands them out.
-async fn store_loop(core: Rc<Core>, files: Rc<uring::StoreFiles>) {
+/// Carries out the store's operations, one at a time, as the shard hands them out: the main
+/// ones (create on demand, write, sync) or, with `side`, the side ones (segments created
+/// ahead, removed, records read back for compaction).
+async fn store_loop(core: Rc<Core>, files: Rc<uring::StoreFiles>, side: bool) {
     loop {
-        let next = core.shard.borrow_mut().poll_store(now());
+        let next = if side {
+            core.shard.borrow_mut().poll_store_side(now())
+        } else {
+            core.shard.borrow_mut().poll_store(now())
+        };
         let Some(op) = next else {
-            core.store_wake.notified().await;
+            let wake = if side {
+                &core.store_side_wake
+            } else {
+                &core.store_wake
+            };
+            wake.notified().await;
             continue;
         };
         let res = files.run(&op).await;
-        core.shard
-            .borrow_mut()
-            .on_store_done(&op, res.as_ref().err(), now());
-        core.drive();
-    }
-}
-
-/// Carries out the store's side operations (segments created ahead of need, removed).
-async fn store_side_loop(core: Rc<Core>, files: Rc<uring::StoreFiles>) {
-    loop {
-        let next = core.shard.borrow_mut().poll_store_side(now());
-        let Some(op) = next else {
-            core.store_side_wake.notified().await;
-            continue;
-        };
-        let res = files.run(&op).await;
-        core.shard
-            .borrow_mut()
-            .on_store_side_done(&op, res.as_ref().map(Option::clone), now());
+        let mut shard = core.shard.borrow_mut();
+        if side {
+            shard.on_store_side_done(&op, res.as_ref().map(Option::clone), now());
+        } else {
+            shard.on_store_done(&op, res.as_ref().err(), now());
+        }
+        drop(shard);
         core.drive();
     }
 }

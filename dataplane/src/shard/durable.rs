@@ -159,31 +159,20 @@ impl Shard {
         let Some(d) = self.durable.as_ref() else {
             return Err(Reason::ClassNotAllowed);
         };
-        // A resend of an envelope still stored: ACKed again once it is synced, never stored
-        // twice.
-        if let Some(&(_, synced)) = d.ids.get(&(env.source(), env.message_id())) {
+        // A resend of an envelope still stored (ACKed again once it is synced, never stored
+        // twice), or of one the window remembers: ACKed again.
+        let key = (env.source(), env.message_id());
+        let stored = d.ids.get(&key).map(|&(_, synced)| synced);
+        if stored.is_some() || self.dedup.seen(&key.0, key.1) == super::dedup::Seen::Duplicate {
             self.m.duplicates.increment(1);
-            if !synced {
+            if stored == Some(false) {
                 return Err(Reason::StoreUnavailable);
             }
-            let (id, len) = (env.message_id(), env.frame_len() as u32);
+            let len = env.frame_len() as u32;
             self.verdict_to(
                 src.0,
                 src.1,
-                (id, len),
-                DeliveryClass::Durable,
-                Ok(false),
-                now,
-            );
-            return Ok(());
-        }
-        if self.dedup.seen(&env.source(), env.message_id()) == super::dedup::Seen::Duplicate {
-            self.m.duplicates.increment(1);
-            let (id, len) = (env.message_id(), env.frame_len() as u32);
-            self.verdict_to(
-                src.0,
-                src.1,
-                (id, len),
+                (key.1, len),
                 DeliveryClass::Durable,
                 Ok(false),
                 now,

@@ -366,13 +366,12 @@ fn a_failed_log_still_removes_what_was_released_so_a_full_disk_gets_space_back()
     assert!(disk.recover().live.is_empty());
 }
 
-#[test]
-fn the_next_segment_is_created_ahead_and_a_batch_waits_for_it_rather_than_creating_another() {
+/// A log of 8 KiB segments whose first segment is past half full (envelopes 1 to 4, durable),
+/// with the side task's creation of the next segment handed out and not yet done; returns that
+/// segment's number.
+fn half_full_with_the_next_segment_being_created() -> (Log, Disk, u64) {
     let mut log = Log::new(0, 8192, 1, []);
     let mut disk = Disk::default();
-    assert_eq!(log.poll_side(0, 0), None, "no disk before the first append");
-    // The first segment is created on the write path; past half of it the next is created
-    // ahead. A batch that needs it while it is being created waits for it.
     for i in 1..=4 {
         log.append(i, &envelope(i, 2, 1000, 60_000), i, 0).unwrap();
         while disk.step(&mut log, true) {}
@@ -380,6 +379,19 @@ fn the_next_segment_is_created_ahead_and_a_batch_waits_for_it_rather_than_creati
     let Some(LogAction::Create { number, .. }) = log.poll_side(0, 0) else {
         panic!("the next segment created ahead");
     };
+    (log, disk, number)
+}
+
+#[test]
+fn the_next_segment_is_created_ahead_and_a_batch_waits_for_it_rather_than_creating_another() {
+    assert_eq!(
+        Log::new(0, 8192, 1, []).poll_side(0, 0),
+        None,
+        "no disk before the first append"
+    );
+    // The first segment is created on the write path; past half of it the next is created
+    // ahead. A batch that needs it while it is being created waits for it.
+    let (mut log, mut disk, number) = half_full_with_the_next_segment_being_created();
     disk.files.insert(number, vec![0; 8192]);
     for i in 5..=8 {
         log.append(i, &envelope(i, 2, 1000, 60_000), i, 0).unwrap();
@@ -409,15 +421,7 @@ fn the_next_segment_is_created_ahead_and_a_batch_waits_for_it_rather_than_creati
 
 #[test]
 fn a_segment_being_created_ahead_is_taken_as_the_tail_only_once() {
-    let mut log = Log::new(0, 8192, 1, []);
-    let mut disk = Disk::default();
-    for i in 1..=4 {
-        log.append(i, &envelope(i, 2, 1000, 60_000), i, 0).unwrap();
-        while disk.step(&mut log, true) {}
-    }
-    let Some(LogAction::Create { number, .. }) = log.poll_side(0, 0) else {
-        panic!("the next segment created ahead");
-    };
+    let (mut log, _, number) = half_full_with_the_next_segment_being_created();
     // While it is being created, enough arrives to fill it and more: the records past it go
     // to a third segment, never past the end of the second.
     let mut placed = Vec::new();
@@ -478,15 +482,7 @@ fn a_long_lived_envelope_is_copied_forward_so_its_old_segments_go() {
 
 #[test]
 fn after_a_failure_a_segment_created_ahead_makes_the_log_healthy_again() {
-    let mut log = Log::new(0, 8192, 1, []);
-    let mut disk = Disk::default();
-    for i in 1..=4 {
-        log.append(i, &envelope(i, 2, 1000, 60_000), i, 0).unwrap();
-        while disk.step(&mut log, true) {}
-    }
-    let Some(LogAction::Create { number, .. }) = log.poll_side(0, 0) else {
-        panic!("the next segment created ahead");
-    };
+    let (mut log, mut disk, number) = half_full_with_the_next_segment_being_created();
     // While it is being created, a write fails; the retry takes the segment being created.
     log.append(5, &envelope(5, 2, 1000, 60_000), 5, 0).unwrap();
     while disk.step(&mut log, false) {}
