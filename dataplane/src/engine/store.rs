@@ -17,7 +17,7 @@ use bytes::Bytes;
 
 use crate::shard::ShardStore;
 use crate::store::record::{self, Record, Scan};
-use crate::store::recovery::{self, RecoveryStats, SegmentId};
+use crate::store::recovery::{self, RecoveryStats, SegmentId, Unfinished};
 
 /// How the relay stores durable envelopes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,16 +59,25 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     fs::File::open(dir)?.sync_all()
 }
 
+/// The files found in a store directory.
+#[derive(Default)]
+pub struct Found {
+    /// Every segment with a header, scanned, in (core, number) order.
+    pub scans: Vec<(SegmentId, Scan)>,
+    /// Segment files without a header.
+    pub unfinished: Vec<Unfinished>,
+    /// Files that are not segments (left alone).
+    pub strangers: Vec<PathBuf>,
+}
+
 /// Reads and scans every segment file under `dir` (none if it does not exist). Envelope bodies
 /// are copied out of the file buffers, so memory follows the records written, not the
-/// preallocated size. Files that are not segments are left alone and named in the second list.
-#[allow(clippy::type_complexity)]
-pub fn read_segments(dir: &Path) -> io::Result<(Vec<(SegmentId, Scan)>, Vec<PathBuf>)> {
-    let mut out = Vec::new();
-    let mut strangers = Vec::new();
+/// preallocated size.
+pub fn read_segments(dir: &Path) -> io::Result<Found> {
+    let mut found = Found::default();
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((out, strangers)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(found),
         Err(e) => return Err(e),
     };
     let mut names: Vec<(u16, u64, PathBuf)> = Vec::new();
@@ -80,14 +89,16 @@ pub fn read_segments(dir: &Path) -> io::Result<(Vec<(SegmentId, Scan)>, Vec<Path
         let name = e.file_name();
         match name.to_str().and_then(parse_segment_name) {
             Some((core, number)) => names.push((core, number, e.path())),
-            None => strangers.push(e.path()),
+            None => found.strangers.push(e.path()),
         }
     }
     names.sort();
     for (core, number, path) in names {
+        let id = SegmentId { core, number };
         let data = Bytes::from(fs::read(&path)?);
+        let non_zero = data.iter().any(|b| *b != 0);
         let Some(mut scan) = record::scan(data) else {
-            strangers.push(path);
+            found.unfinished.push(Unfinished { id, non_zero });
             continue;
         };
         for (_, r) in &mut scan.records {
@@ -95,9 +106,9 @@ pub fn read_segments(dir: &Path) -> io::Result<(Vec<(SegmentId, Scan)>, Vec<Path
                 e.body = Bytes::copy_from_slice(&e.body);
             }
         }
-        out.push((SegmentId { core, number }, scan));
+        found.scans.push((id, scan));
     }
-    Ok((out, strangers))
+    Ok(found)
 }
 
 /// What opening the store did.
@@ -115,11 +126,25 @@ pub struct Opened {
 /// envelopes per home core ([`crate::store::recovery::plan`]), removes the old segments.
 pub fn open(cfg: &StoreConfig, cores: u16, now_ms: u64) -> io::Result<Opened> {
     fs::create_dir_all(&cfg.dir)?;
-    let (scans, strangers) = read_segments(&cfg.dir)?;
-    for p in &strangers {
+    let found = read_segments(&cfg.dir)?;
+    for p in &found.strangers {
         tracing::warn!(path = %p.display(), "not a store segment: left alone");
     }
-    let plan = recovery::plan(scans, cores, now_ms, cfg.segment_bytes, cfg.stall_ms * 1000);
+    for u in &found.unfinished {
+        tracing::warn!(
+            segment = %segment_name(u.id.core, u.id.number),
+            kept_aside = u.non_zero,
+            "store segment without a header (its creation did not finish): removed"
+        );
+    }
+    let plan = recovery::plan(
+        found.scans,
+        found.unfinished,
+        cores,
+        now_ms,
+        cfg.segment_bytes,
+        cfg.stall_ms * 1000,
+    );
     for (id, cut) in &plan.stats.cuts {
         tracing::warn!(
             segment = %segment_name(id.core, id.number),

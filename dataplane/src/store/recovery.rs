@@ -22,6 +22,15 @@ pub struct SegmentId {
     pub number: u64,
 }
 
+/// A segment file without a header: its creation (fill first, header last) did not finish, so
+/// nothing was ever appended to it. Its number is taken; the file goes at start, kept aside in
+/// the damaged directory if it holds anything but zeros.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Unfinished {
+    pub id: SegmentId,
+    pub non_zero: bool,
+}
+
 /// What recovery found, for logs, metrics and `store inspect`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RecoveryStats {
@@ -35,6 +44,8 @@ pub struct RecoveryStats {
     pub expired: usize,
     /// Segments whose scan stopped at a bad record.
     pub cuts: Vec<(SegmentId, Cut)>,
+    /// Segment files without a header (their creation did not finish).
+    pub unfinished: Vec<Unfinished>,
 }
 
 /// The store after recovery.
@@ -124,7 +135,8 @@ pub struct Plan {
     pub write: Vec<(SegmentId, Vec<u8>)>,
     /// Every segment found; removed once `write` is on disk.
     pub remove: Vec<SegmentId>,
-    /// Of `remove`: cut with non-zero bytes after the cut (kept aside, not deleted).
+    /// Of `remove`: cut with non-zero bytes after the cut, or without a header but not all
+    /// zeros (kept aside, not deleted).
     pub damaged: Vec<SegmentId>,
     /// One per core, in core order.
     pub cores: Vec<ShardStore>,
@@ -133,25 +145,31 @@ pub struct Plan {
     pub undecodable: usize,
 }
 
-/// Plans a start on `cores` cores from every segment's scan, at `now_ms`: live envelopes go to
-/// their destination's home core, each core's log continues above the numbers found, and new
-/// sequence numbers start above every one seen.
+/// Plans a start on `cores` cores from every segment's scan (and the segment files without a
+/// header), at `now_ms`: live envelopes go to their destination's home core, each core's log
+/// continues above the numbers found, and new sequence numbers start above every one seen.
 pub fn plan(
     scans: Vec<(SegmentId, Scan)>,
+    unfinished: Vec<Unfinished>,
     cores: u16,
     now_ms: u64,
     segment_bytes: u64,
     stall_us: u64,
 ) -> Plan {
     let cores = cores.max(1);
-    let remove: Vec<SegmentId> = scans.iter().map(|(id, _)| *id).collect();
+    let remove: Vec<SegmentId> = scans
+        .iter()
+        .map(|(id, _)| *id)
+        .chain(unfinished.iter().map(|u| u.id))
+        .collect();
     let mut next_number = vec![1u64; cores as usize];
     for id in &remove {
         if let Some(n) = next_number.get_mut(id.core as usize) {
             *n = (*n).max(id.number + 1);
         }
     }
-    let rec = recover(scans, now_ms);
+    let mut rec = recover(scans, now_ms);
+    rec.stats.unfinished = unfinished;
     let mut per_core: Vec<Vec<(Envelope, StoredEnvelope)>> =
         (0..cores).map(|_| Vec::new()).collect();
     let mut undecodable = 0;
@@ -202,6 +220,13 @@ pub fn plan(
         .iter()
         .filter(|(_, c)| c.bytes_lost > 0)
         .map(|(id, _)| *id)
+        .chain(
+            rec.stats
+                .unfinished
+                .iter()
+                .filter(|u| u.non_zero)
+                .map(|u| u.id),
+        )
         .collect();
     let first_seq = rec.max_seq + 1;
     let cores_out = per_core
