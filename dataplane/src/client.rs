@@ -130,6 +130,8 @@ enum Out {
     Frame(Bytes),
     Ack(MessageId),
     Acks(Vec<MessageId>),
+    /// Write everything before it, shut the link down, then answer.
+    Finish(tokio::sync::oneshot::Sender<()>),
 }
 
 /// A connected agent.
@@ -319,10 +321,21 @@ impl Agent {
         true
     }
 
-    /// Sends CLOSE and ends the session.
+    /// Sends what is queued (ACKs included), then CLOSE, and ends the session once they are
+    /// written (waiting at most 10 seconds). Dropping an agent instead ends it at once: ACKs
+    /// not yet written are lost, and the relay delivers those envelopes again.
     pub async fn close(self) -> Result<(), ClientError> {
         self.send_raw(Frame::Close(Close::new(Reason::Normal, "bye")).to_bytes())
+            .await?;
+        let (done, written) = tokio::sync::oneshot::channel();
+        self.out
+            .send(Out::Finish(done))
             .await
+            .map_err(|_| ClientError::Gone)?;
+        tokio::time::timeout(Duration::from_secs(10), written)
+            .await
+            .map_err(|_| ClientError::Timeout)?
+            .map_err(|_| ClientError::Gone)
     }
 }
 
@@ -360,6 +373,7 @@ async fn write_loop(
 ) {
     let mut buf = BytesMut::with_capacity(256 << 10);
     let mut acks: Vec<MessageId> = Vec::new();
+    let mut finished = None;
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         let mut n = 0;
@@ -371,6 +385,10 @@ async fn write_loop(
                 }
                 Out::Ack(id) => acks.push(id),
                 Out::Acks(ids) => acks.extend(ids),
+                Out::Finish(done) => {
+                    finished = Some(done);
+                    break;
+                }
             }
             n += 1;
             if buf.len() > (256 << 10) || n > 4096 {
@@ -383,8 +401,14 @@ async fn write_loop(
             return;
         }
         buf.clear();
+        if finished.is_some() {
+            break;
+        }
     }
     let _ = wr.shutdown().await;
+    if let Some(done) = finished {
+        let _ = done.send(());
+    }
 }
 
 fn flush_acks(acks: &mut Vec<MessageId>, buf: &mut BytesMut) {

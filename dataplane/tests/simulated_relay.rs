@@ -160,6 +160,16 @@ struct Sim {
 /// Segment size of the simulated stores: small, so segments roll over and go.
 const SEGMENT: u64 = 16 << 10;
 
+fn plan_config(cores: usize, now_ms: u64) -> recovery::PlanConfig {
+    recovery::PlanConfig {
+        cores: cores as u16,
+        now_ms,
+        segment_bytes: SEGMENT,
+        stall_us: 1 << 40,
+        windows: 1024,
+    }
+}
+
 /// The simulated disk: segment files as written, as synced, and each core's store operations
 /// in flight (main: create on demand, write, sync; side: create ahead, remove).
 #[derive(Default)]
@@ -269,14 +279,7 @@ impl Sim {
             mono_us: 1_000_000,
             unix_ms: 1_800_000_000_000,
         };
-        let plan = recovery::plan(
-            Vec::new(),
-            Vec::new(),
-            cores as u16,
-            now.unix_ms,
-            SEGMENT,
-            1 << 40,
-        );
+        let plan = recovery::plan(Vec::new(), Vec::new(), plan_config(cores, now.unix_ms));
         let shards = new_shards(&shard_config, cores, budget, plan);
         let behaviors = [
             Behavior::Honest,
@@ -433,14 +436,7 @@ impl Sim {
             }
         }
         let cores = self.shards.len();
-        let plan = recovery::plan(
-            scans,
-            unfinished,
-            cores as u16,
-            self.now.unix_ms,
-            SEGMENT,
-            1 << 40,
-        );
+        let plan = recovery::plan(scans, unfinished, plan_config(cores, self.now.unix_ms));
         for id in &plan.write {
             assert!(
                 !self

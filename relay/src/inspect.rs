@@ -40,6 +40,10 @@ pub fn run(dir: &Path) -> anyhow::Result<()> {
         st.released,
         st.expired
     );
+    println!(
+        "duplicate windows: {} (sources and epochs whose ids a start remembers)",
+        st.windows
+    );
     for (id, cut) in &st.cuts {
         println!(
             "cut: {} at offset {} ({}), {} non-zero bytes after it",

@@ -81,6 +81,13 @@ async fn send_durable_killing(
     (acked, nacked)
 }
 
+/// Receives `n` envelopes (failing otherwise), ACKing each; returns their numbers in order.
+async fn receive_all(b: &mut Agent, n: u64) -> Vec<u64> {
+    let got = receive(b, &mut HashSet::new(), n as usize, Duration::from_secs(10)).await;
+    assert_eq!(got.len() as u64, n, "received");
+    got
+}
+
 /// Receives until `want` distinct numbers arrived in all (`distinct` holds those received
 /// before), ACKing each, or nothing came for `quiet`; returns every number received now, in
 /// order, duplicates included.
@@ -411,6 +418,68 @@ async fn a_torn_last_record_and_a_corrupt_one_are_cut_and_everything_before_them
     assert_eq!(got, want, "in store order, nothing after the cut");
 }
 
+/// A sender whose ACKs were lost resends after the relay restarted: envelopes already
+/// delivered (their released records on disk, their records not yet compacted away) are ACKed
+/// again but not delivered again, also after a second restart with another number of cores
+/// (the start carries the duplicate windows forward in a segment of their own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resends_of_delivered_durable_envelopes_after_a_restart_are_not_delivered_again() {
+    const N: u64 = 2_000;
+    let relay = Relay::start(&["--cores", "2"], None);
+    let cfg_a = relay.config("resend-a");
+    let cfg_b = relay.config("resend-b");
+    let b_id = cfg_b.identity.agent_id();
+    let mut b = Agent::connect(cfg_b.clone()).await.unwrap();
+    let mut a = Agent::connect(cfg_a.clone()).await.unwrap();
+    let ids: Vec<u64> = (0..N).collect();
+    let (acked, _) = send_durable(&mut a, b_id, &ids, 256).await;
+    assert_eq!(acked.len() as u64, N);
+    receive_all(&mut b, N).await;
+    drop(a);
+    b.close().await.unwrap();
+    let dir = relay.dir.clone();
+    // The receiver's ACKs become released records on disk.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !inspect(&dir).contains(&format!("0 envelopes live, {N} released")) {
+        assert!(std::time::Instant::now() < deadline, "{}", inspect(&dir));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut dir = relay.kill9();
+    for (round, cores) in ["2", "1"].into_iter().enumerate() {
+        let relay = Relay::start_in(dir, &["--cores", cores], None);
+        let new = N + round as u64;
+        assert!(
+            inspect(&relay.dir).contains("duplicate windows: 1 "),
+            "{}",
+            inspect(&relay.dir)
+        );
+        let mut cfg = cfg_a.clone();
+        cfg.relay = relay.addr;
+        let mut a = Agent::connect(cfg).await.unwrap();
+        // Round 1 also resends the new envelope of round 0.
+        let resent: Vec<u64> = (0..new).collect();
+        let (acked, nacked) = send_durable(&mut a, b_id, &resent, 256).await;
+        assert_eq!(acked.len(), resent.len(), "every resend ACKed: {nacked:?}");
+        // A new envelope of the same epoch still goes through.
+        let (acked, _) = send_durable(&mut a, b_id, &[new], 1).await;
+        assert_eq!(acked, vec![new]);
+        drop(a);
+        let resent = resent.len();
+        assert_eq!(
+            relay.metric("openmesh_duplicates_suppressed_total", &[]),
+            resent as f64
+        );
+        let mut cfg = cfg_b.clone();
+        cfg.relay = relay.addr;
+        let mut b = Agent::connect(cfg).await.unwrap();
+        let got = receive(&mut b, &mut HashSet::new(), 2, Duration::from_millis(1_500)).await;
+        assert_eq!(got, vec![new], "only the new one ({cores} cores)");
+        b.close().await.unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        dir = relay.kill9();
+    }
+}
+
 /// A crash while a segment was being created (filled first, header last) leaves a file with
 /// a segment's name and no header. The next start removes it (keeps it aside if it holds
 /// anything but zeros), does not reuse its number, and serves everything else.
@@ -593,14 +662,7 @@ async fn a_clean_stop_right_after_delivery_serves_nothing_twice() {
     assert_eq!(acked.len() as u64, N);
     drop(a);
     let mut b = Agent::connect(cfg_b).await.unwrap();
-    let got = receive(
-        &mut b,
-        &mut HashSet::new(),
-        N as usize,
-        Duration::from_secs(10),
-    )
-    .await;
-    assert_eq!(got.len() as u64, N);
+    receive_all(&mut b, N).await;
     // At once: the ACKs just sent are settled during the drain and their released records
     // appended.
     relay.sigterm();

@@ -87,12 +87,12 @@ impl Engine {
         let mut stores: Vec<Option<crate::shard::ShardStore>> = match &cfg.store {
             None => (0..cores).map(|_| None).collect(),
             Some(sc) => {
-                let opened =
-                    crate::engine::store::open(sc, cores as u16, unix_ms()).map_err(|source| {
-                        EngineError::Store {
-                            dir: sc.dir.display().to_string(),
-                            source,
-                        }
+                // A shard's current generation of duplicate windows holds half the cap.
+                let windows = cfg.settings.limits.dedup_epochs / 2;
+                let opened = crate::engine::store::open(sc, cores as u16, unix_ms(), windows)
+                    .map_err(|source| EngineError::Store {
+                        dir: sc.dir.display().to_string(),
+                        source,
                     })?;
                 let st = &opened.stats;
                 tracing::info!(
@@ -104,6 +104,7 @@ impl Engine {
                     expired = st.expired,
                     cuts = st.cuts.len(),
                     undecodable = opened.undecodable,
+                    duplicate_windows = st.windows,
                     "store recovered"
                 );
                 metrics::gauge!(crate::metrics::STORE_RECOVERED).set(opened.recovered as f64);

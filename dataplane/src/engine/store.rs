@@ -123,8 +123,9 @@ pub struct Opened {
 }
 
 /// Opens the store under `cfg.dir` for `cores` cores at `now_ms`: recovers, rewrites the live
-/// envelopes per home core ([`crate::store::recovery::plan`]), removes the old segments.
-pub fn open(cfg: &StoreConfig, cores: u16, now_ms: u64) -> io::Result<Opened> {
+/// envelopes per home core and at most `windows` duplicate windows
+/// ([`crate::store::recovery::plan`]), removes the old segments.
+pub fn open(cfg: &StoreConfig, cores: u16, now_ms: u64, windows: usize) -> io::Result<Opened> {
     fs::create_dir_all(&cfg.dir)?;
     let found = read_segments(&cfg.dir)?;
     for p in &found.strangers {
@@ -140,10 +141,13 @@ pub fn open(cfg: &StoreConfig, cores: u16, now_ms: u64) -> io::Result<Opened> {
     let plan = recovery::plan(
         found.scans,
         found.unfinished,
-        cores,
-        now_ms,
-        cfg.segment_bytes,
-        cfg.stall_ms * 1000,
+        recovery::PlanConfig {
+            cores,
+            now_ms,
+            segment_bytes: cfg.segment_bytes,
+            stall_us: cfg.stall_ms * 1000,
+            windows,
+        },
     );
     for (id, cut) in &plan.stats.cuts {
         tracing::warn!(

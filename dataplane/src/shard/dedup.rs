@@ -14,11 +14,14 @@
 //!
 //! What a receiver can still see twice (`docs/PROTOCOL.md` §3 says it normatively): an id older
 //! than the window of its epoch ([`Seen::Older`], unless it is a durable envelope still in the
-//! store, which the store's own index catches); an id whose epoch was pushed out; any id after
-//! the relay restarted (the windows are in memory), unless it is a durable envelope still stored.
+//! store, which the store's own index catches); an id whose epoch was pushed out; after the
+//! relay restarted, any id but those of durable envelopes whose records were still on disk
+//! (stored, or delivered and not yet compacted away) or in the windows the previous start
+//! carried forward: recovery rebuilds those windows and [`Dedup::seed`] takes them.
 
 use std::collections::HashMap;
 
+use crate::store::record::{WindowRecord, WINDOW_WORDS};
 use crate::wire::{AgentId, MessageId};
 
 /// Counters remembered below the highest one, per (source, epoch).
@@ -37,16 +40,48 @@ pub(crate) enum Seen {
     Older,
 }
 
-struct Window {
+/// The window of one (source, epoch).
+#[derive(Clone)]
+pub(crate) struct Window {
     max: u64,
-    bits: Box<[u64; (WINDOW / 64) as usize]>,
+    bits: Box<[u64; WINDOW_WORDS]>,
 }
 
+const _: () = assert!(WINDOW_WORDS as u64 * 64 == WINDOW);
+
 impl Window {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Window {
             max: 0,
-            bits: Box::new([0; (WINDOW / 64) as usize]),
+            bits: Box::new([0; WINDOW_WORDS]),
+        }
+    }
+
+    /// The window a record carries.
+    pub(crate) fn of_record(r: &WindowRecord) -> Self {
+        Window {
+            max: r.max,
+            bits: r.bits.clone(),
+        }
+    }
+
+    /// The record of this window for `source`'s `epoch`.
+    pub(crate) fn record(&self, source: AgentId, epoch: u64) -> WindowRecord {
+        WindowRecord {
+            source,
+            epoch,
+            max: self.max,
+            bits: self.bits.clone(),
+        }
+    }
+
+    /// Marks every counter `other` holds (as far as this window reaches).
+    pub(crate) fn merge(&mut self, other: &Window) {
+        for d in 0..WINDOW.min(other.max + 1) {
+            let c = other.max - d;
+            if other.seen(c) == Seen::Duplicate {
+                self.mark(c);
+            }
         }
     }
 
@@ -55,7 +90,7 @@ impl Window {
         ((i / 64) as usize, 1 << (i % 64))
     }
 
-    fn seen(&self, c: u64) -> Seen {
+    pub(crate) fn seen(&self, c: u64) -> Seen {
         if c > self.max {
             return Seen::New;
         }
@@ -70,7 +105,7 @@ impl Window {
         }
     }
 
-    fn mark(&mut self, c: u64) {
+    pub(crate) fn mark(&mut self, c: u64) {
         if c > self.max {
             if c - self.max >= WINDOW {
                 self.bits.fill(0);
@@ -98,7 +133,8 @@ pub(crate) struct Dedup {
     cap: usize,
 }
 
-fn split(id: MessageId) -> (u64, u64) {
+/// Epoch and counter of a message id.
+pub(crate) fn split(id: MessageId) -> (u64, u64) {
     let v = id.as_u128();
     ((v >> 64) as u64, v as u64)
 }
@@ -126,16 +162,30 @@ impl Dedup {
     pub(crate) fn mark(&mut self, source: AgentId, id: MessageId) {
         let (epoch, c) = split(id);
         let key = (source, epoch);
-        if let Some(w) = self.current.get_mut(&key) {
-            w.mark(c);
-            return;
+        match self.current.get_mut(&key) {
+            Some(w) => w.mark(c),
+            None => self.bring_forward(key).mark(c),
         }
-        let mut w = self.previous.remove(&key).unwrap_or_else(Window::new);
-        w.mark(c);
+    }
+
+    /// Takes a window recovered from the store (merged with what is already known).
+    pub(crate) fn seed(&mut self, r: &WindowRecord) {
+        let w = Window::of_record(r);
+        let key = (r.source, r.epoch);
+        match self.current.get_mut(&key) {
+            Some(have) => have.merge(&w),
+            None => self.bring_forward(key).merge(&w),
+        }
+    }
+
+    /// Puts the window of `key` (not in the current generation) there: moved from the previous
+    /// one, or new; a full current generation becomes the previous one first.
+    fn bring_forward(&mut self, key: Key) -> &mut Window {
+        let w = self.previous.remove(&key).unwrap_or_else(Window::new);
         if self.current.len() >= self.cap / 2 {
             self.previous = std::mem::take(&mut self.current);
         }
-        self.current.insert(key, w);
+        self.current.entry(key).or_insert(w)
     }
 
     /// Memory the windows take.
@@ -176,6 +226,43 @@ mod tests {
         d.mark(s, id(9, 50_000));
         assert_eq!(d.seen(&s, id(9, 10_000)), Seen::Older);
         assert_eq!(d.seen(&s, id(9, 49_999)), Seen::New);
+    }
+
+    #[test]
+    fn a_window_survives_its_record_and_merges_into_another() {
+        let mut a = Window::new();
+        for c in (5_000..12_000).filter(|c| c % 7 != 0) {
+            a.mark(c);
+        }
+        let r = a.record(AgentId([3; 32]), 9);
+        let mut buf = bytes::BytesMut::new();
+        crate::store::record::encode_window(&r, &mut buf);
+        assert_eq!(
+            buf.len(),
+            crate::store::record::RECORD_HEADER_LEN + crate::store::record::WINDOW_BODY_LEN
+        );
+        let back = Window::of_record(&r);
+        // Into an empty window: the same answers everywhere.
+        let mut b = Window::new();
+        b.merge(&back);
+        for c in 0..13_000 {
+            assert_eq!(b.seen(c), a.seen(c), "counter {c}");
+        }
+        // Into a window further on: what it already knows stays, the older part slides out.
+        let mut c = Window::new();
+        c.mark(14_000);
+        c.merge(&back);
+        assert_eq!(c.seen(14_000), Seen::Duplicate);
+        assert_eq!(c.seen(11_999), Seen::Duplicate);
+        assert_eq!(c.seen(11_998), Seen::New, "never marked (a multiple of 7)");
+        assert_eq!(c.seen(14_000 - WINDOW), Seen::Older);
+        // Through the shard's windows.
+        let mut d = Dedup::new(100);
+        d.mark(AgentId([3; 32]), id(9, 3));
+        d.seed(&r);
+        assert_eq!(d.seen(&AgentId([3; 32]), id(9, 11_999)), Seen::Duplicate);
+        assert_eq!(d.seen(&AgentId([3; 32]), id(9, 11_991)), Seen::New);
+        assert_eq!(d.seen(&AgentId([3; 32]), id(9, 3)), Seen::Older);
     }
 
     #[test]

@@ -43,6 +43,8 @@ pub struct ShardStore {
     pub seq_step: u64,
     /// Live envelopes recovered for agents whose home is this core, in store order.
     pub recovered: Vec<Envelope>,
+    /// Duplicate windows recovered (the same for every core).
+    pub windows: std::sync::Arc<[crate::store::record::WindowRecord]>,
     /// An operation running longer than this (microseconds) makes the store refuse durable
     /// envelopes until it completes.
     pub stall_us: u64,

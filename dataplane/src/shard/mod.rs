@@ -33,7 +33,7 @@ pub mod budget;
 mod conn;
 pub use conn::MovingConn;
 mod custody;
-mod dedup;
+pub(crate) mod dedup;
 mod durable;
 pub use durable::{ShardStore, StoreState};
 mod forward;
@@ -291,6 +291,9 @@ impl Shard {
     /// Gives the shard its store (before it serves anything): durable envelopes are written to
     /// its log, and what recovery found for agents homed here is kept for them.
     pub fn attach_store(&mut self, store: ShardStore) {
+        for w in store.windows.iter() {
+            self.dedup.seed(w);
+        }
         let (d, recovered) = durable::Durable::new(store, self.id);
         self.durable = Some(d);
         self.keep_recovered(recovered);

@@ -131,6 +131,7 @@ impl Spare {
             created,
             full: false,
             created_ms: self.created_ms,
+            keep_until_ms: 0,
         }
     }
 }
@@ -152,6 +153,22 @@ pub struct Segment {
     pub full: bool,
     /// When it was started (Unix milliseconds; goes into its header).
     pub created_ms: u64,
+    /// A segment of duplicate windows written at start (no envelopes in it): kept until then
+    /// (Unix milliseconds), out of the way of the other segments' removal and compaction. 0
+    /// for every other segment.
+    pub keep_until_ms: u64,
+}
+
+/// A segment a start wrote for this core (`crate::store::recovery::plan`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Existing {
+    pub number: u64,
+    /// Its length: appends never go there.
+    pub end: u64,
+    /// Sequence number, offset and length of each live envelope record in it.
+    pub records: Vec<(u64, u64, u32)>,
+    /// See [`Segment::keep_until_ms`].
+    pub keep_until_ms: u64,
 }
 
 /// Counters for metrics.
@@ -209,17 +226,23 @@ pub struct Log {
 
 impl Log {
     /// A log for `core` whose new segments are numbered from `next_number` and preallocated to
-    /// `segment_bytes`. `existing`: this core's segments found at recovery, with their live
-    /// envelope counts; they take no more records.
+    /// `segment_bytes`. `existing`: this core's segments written at start; they take no more
+    /// records.
     pub fn new(
         core: u16,
         segment_bytes: u64,
         next_number: u64,
-        existing: impl IntoIterator<Item = (u64, Vec<(u64, u64, u32)>)>,
+        existing: impl IntoIterator<Item = Existing>,
     ) -> Self {
         let mut index = HashMap::default();
         let mut segments = BTreeMap::new();
-        for (n, recs) in existing {
+        for Existing {
+            number: n,
+            end,
+            records: recs,
+            keep_until_ms,
+        } in existing
+        {
             let mut live_bytes = 0;
             for &(seq, offset, len) in &recs {
                 index.insert(
@@ -232,11 +255,6 @@ impl Log {
                 );
                 live_bytes += u64::from(len);
             }
-            let end = recs
-                .iter()
-                .map(|&(_, offset, len)| offset + u64::from(len))
-                .max()
-                .unwrap_or(SEGMENT_HEADER_LEN as u64);
             let s = Segment {
                 live: recs.len(),
                 live_bytes,
@@ -245,6 +263,7 @@ impl Log {
                 created: true,
                 full: true,
                 created_ms: 0,
+                keep_until_ms,
             };
             segments.insert(n, s);
         }
@@ -395,6 +414,7 @@ impl Log {
                 created: false,
                 full: false,
                 created_ms: now_ms,
+                keep_until_ms: 0,
             },
         );
         self.tail = Some(n);
@@ -458,9 +478,7 @@ impl Log {
                 || self.pending.iter().any(|b| b.number == n)
         };
         let empty = self
-            .segments
-            .iter()
-            .next()
+            .oldest(now_ms)
             .filter(|(n, s)| {
                 s.full && s.live == 0 && s.created && Some(**n) != self.tail && !writing(**n)
             })
@@ -473,7 +491,7 @@ impl Log {
         // Copy the live records of the oldest segment forward once little of it is live and
         // newer segments exist, so that one long-lived envelope does not keep the segment, and
         // every one after it, on disk.
-        if let Some(a) = self.next_copy(now_us) {
+        if let Some(a) = self.next_copy(now_us, now_ms) {
             return Some(a);
         }
         // Create the next segment once the tail is half full.
@@ -511,12 +529,20 @@ impl Log {
     }
 
     /// The next record to read for compaction, starting a compaction when one is due.
-    fn next_copy(&mut self, now_us: u64) -> Option<LogAction> {
+    /// The oldest segment, passing over segments of duplicate windows still kept (they hold no
+    /// envelopes: no released record names anything in them).
+    fn oldest(&self, now_ms: u64) -> Option<(&u64, &Segment)> {
+        self.segments
+            .iter()
+            .find(|(_, s)| s.keep_until_ms <= now_ms)
+    }
+
+    fn next_copy(&mut self, now_us: u64, now_ms: u64) -> Option<LogAction> {
         if self.failed || self.tail.is_none() {
             return None;
         }
         if self.compacting.is_none() {
-            let (&n, s) = self.segments.iter().next()?;
+            let (&n, s) = self.oldest(now_ms)?;
             let newer = self.segments.len() > 2;
             let sparse = s.live_bytes * 4 < s.end.max(s.size);
             if !(s.full && s.created && s.live > 0 && newer && sparse && Some(n) != self.tail)

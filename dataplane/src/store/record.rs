@@ -8,6 +8,7 @@
 //! kind 1   := seq u64 | expires_ms u64 | destination [32] | source [32] | message_id [16]
 //!             | envelope (the ENVELOPE frame body: routing part and immutable part)
 //! kind 2   := seq u64 *                                       envelopes released
+//! kind 3   := source [32] | epoch u64 | max u64 | bits u64[64]  a duplicate window
 //! ```
 //!
 //! Integers are big-endian. Segments are preallocated with zeros, so a record header of nine
@@ -33,6 +34,12 @@ pub const MAX_BODY: usize = ENVELOPE_FIXED_LEN + (16 << 20);
 
 const KIND_ENVELOPE: u8 = 1;
 const KIND_RELEASED: u8 = 2;
+const KIND_WINDOW: u8 = 3;
+
+/// Words of a duplicate window's bitmap (one bit per counter, 4,096 counters).
+pub const WINDOW_WORDS: usize = 64;
+/// Body length of a window record.
+pub const WINDOW_BODY_LEN: usize = 32 + 8 + 8 + 8 * WINDOW_WORDS;
 
 /// A segment's header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -116,6 +123,17 @@ impl StoredEnvelope {
     }
 }
 
+/// The duplicate window of one (source, epoch) (`docs/PROTOCOL.md`, duplicates): the highest
+/// counter accepted and, for the 4,096 counters up to it, whether each was accepted (bit
+/// `counter % 4096`). A start writes the windows it recovered so that the next one knows them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WindowRecord {
+    pub source: AgentId,
+    pub epoch: u64,
+    pub max: u64,
+    pub bits: Box<[u64; WINDOW_WORDS]>,
+}
+
 /// One record.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Record {
@@ -123,6 +141,8 @@ pub enum Record {
     Envelope(StoredEnvelope),
     /// Envelopes that left the store (delivered and ACKed, or expired), by sequence number.
     Released(Vec<u64>),
+    /// A duplicate window carried over a restart.
+    Window(WindowRecord),
 }
 
 impl Record {
@@ -131,6 +151,7 @@ impl Record {
         match self {
             Record::Envelope(e) => e.record_len(),
             Record::Released(seqs) => RECORD_HEADER_LEN + 8 * seqs.len(),
+            Record::Window(_) => RECORD_HEADER_LEN + WINDOW_BODY_LEN,
         }
     }
 
@@ -139,8 +160,26 @@ impl Record {
         match self {
             Record::Envelope(e) => encode_envelope(e, dst),
             Record::Released(seqs) => encode_released(seqs, dst),
+            Record::Window(w) => encode_window(w, dst),
         }
     }
+}
+
+/// Appends a window record to `dst`.
+pub fn encode_window(w: &WindowRecord, dst: &mut BytesMut) {
+    dst.reserve(RECORD_HEADER_LEN + WINDOW_BODY_LEN);
+    let at = dst.len();
+    dst.put_u32(WINDOW_BODY_LEN as u32);
+    dst.put_u32(0);
+    dst.put_u8(KIND_WINDOW);
+    dst.extend_from_slice(&w.source.0);
+    dst.put_u64(w.epoch);
+    dst.put_u64(w.max);
+    for word in w.bits.iter() {
+        dst.put_u64(*word);
+    }
+    let crc = crc32c::crc32c(&dst[at + 8..]);
+    dst[at + 4..at + 8].copy_from_slice(&crc.to_be_bytes());
 }
 
 /// Appends an envelope record to `dst`.
@@ -262,6 +301,8 @@ pub struct Scan {
 
 /// Reads every record of a segment file's bytes, stopping at the first bad one. `None`: not a
 /// segment (bad magic or format).
+/// Reads every record of a segment file's bytes, stopping at the first bad one. `None`: not a
+/// segment (bad magic or format).
 pub fn scan(data: Bytes) -> Option<Scan> {
     let header = SegmentHeader::decode(&data)?;
     let mut at = SEGMENT_HEADER_LEN;
@@ -304,6 +345,8 @@ pub fn is_envelope_record(data: &Bytes, seq: u64) -> bool {
     )
 }
 
+/// The record at `at`: `Ok(None)` at the zero fill (or the end), else the record and the
+/// offset after it.
 fn read_record(data: &Bytes, at: usize) -> Result<Option<(Record, usize)>, CutReason> {
     let rest = &data[at..];
     if rest.len() < RECORD_HEADER_LEN {
@@ -322,9 +365,14 @@ fn read_record(data: &Bytes, at: usize) -> Result<Option<(Record, usize)>, CutRe
     let min = match kind {
         KIND_ENVELOPE => ENVELOPE_FIXED_LEN,
         KIND_RELEASED => 0,
+        KIND_WINDOW => WINDOW_BODY_LEN,
         _ => return Err(CutReason::Malformed),
     };
-    if len > MAX_BODY || len < min || (kind == KIND_RELEASED && len % 8 != 0) {
+    if len > MAX_BODY
+        || len < min
+        || (kind == KIND_RELEASED && len % 8 != 0)
+        || (kind == KIND_WINDOW && len != WINDOW_BODY_LEN)
+    {
         return Err(CutReason::Malformed);
     }
     if rest.len() < RECORD_HEADER_LEN + len {
@@ -355,6 +403,22 @@ fn read_record(data: &Bytes, at: usize) -> Result<Option<(Record, usize)>, CutRe
                 source,
                 message_id: MessageId(id),
                 body: data.slice(body_at + ENVELOPE_FIXED_LEN..body_at + len),
+            })
+        }
+        KIND_WINDOW => {
+            let mut source = [0u8; 32];
+            b.copy_to_slice(&mut source);
+            let epoch = b.get_u64();
+            let max = b.get_u64();
+            let mut bits = Box::new([0u64; WINDOW_WORDS]);
+            for word in bits.iter_mut() {
+                *word = b.get_u64();
+            }
+            Record::Window(WindowRecord {
+                source: AgentId(source),
+                epoch,
+                max,
+                bits,
             })
         }
         _ => Record::Released((0..len / 8).map(|_| b.get_u64()).collect()),

@@ -6,14 +6,16 @@
 //! records may sit in another core's segment than their envelopes, so every segment is read
 //! before anything is decided.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use bytes::BytesMut;
 
-use super::log::Log;
-use super::record::{self, Cut, Record, Scan, SegmentHeader, StoredEnvelope};
+use super::log::{Existing, Log};
+use super::record::{self, Cut, Record, Scan, SegmentHeader, StoredEnvelope, WindowRecord};
+use crate::shard::dedup::{split, Window};
 use crate::shard::ShardStore;
-use crate::wire::{Destination, Envelope};
+use crate::wire::{AgentId, Destination, Envelope};
 
 /// Names a segment file: the core that wrote it and its number.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -46,6 +48,8 @@ pub struct RecoveryStats {
     pub cuts: Vec<(SegmentId, Cut)>,
     /// Segment files without a header (their creation did not finish).
     pub unfinished: Vec<Unfinished>,
+    /// Duplicate windows rebuilt (one per source and epoch).
+    pub windows: usize,
 }
 
 /// The store after recovery.
@@ -58,6 +62,9 @@ pub struct Recovered {
     pub max_seq: u64,
     /// Per segment: live envelopes and their record bytes (a segment at zero can go).
     pub segments: BTreeMap<SegmentId, SegmentLive>,
+    /// The duplicate windows of the envelopes on disk (stored or released) and of the window
+    /// records found, per source and epoch; the most recently used first.
+    pub windows: Vec<WindowRecord>,
     pub stats: RecoveryStats,
 }
 
@@ -75,6 +82,8 @@ pub fn recover(scans: impl IntoIterator<Item = (SegmentId, Scan)>, now_ms: u64) 
     let mut out = Recovered::default();
     let mut released: HashSet<u64> = HashSet::new();
     let mut envelopes: BTreeMap<u64, (SegmentId, StoredEnvelope)> = BTreeMap::new();
+    // Per (source, epoch): the window and the highest sequence number that marked it.
+    let mut windows: HashMap<(AgentId, u64), (Window, u64)> = HashMap::new();
     for (id, scan) in scans {
         out.stats.segments += 1;
         out.stats.records += scan.records.len();
@@ -93,6 +102,12 @@ pub fn recover(scans: impl IntoIterator<Item = (SegmentId, Scan)>, now_ms: u64) 
                 Record::Envelope(e) => {
                     out.stats.envelope_records += 1;
                     out.max_seq = out.max_seq.max(e.seq);
+                    let (epoch, counter) = split(e.message_id);
+                    let (w, rank) = windows
+                        .entry((e.source, epoch))
+                        .or_insert_with(|| (Window::new(), 0));
+                    w.mark(counter);
+                    *rank = (*rank).max(e.seq);
                     // A copy made by compaction: keep the one in the newer segment.
                     match envelopes.get(&e.seq) {
                         Some((have, _)) if *have > id => {}
@@ -106,6 +121,13 @@ pub fn recover(scans: impl IntoIterator<Item = (SegmentId, Scan)>, now_ms: u64) 
                         out.max_seq = out.max_seq.max(s);
                         released.insert(s);
                     }
+                }
+                Record::Window(r) => {
+                    windows
+                        .entry((r.source, r.epoch))
+                        .or_insert_with(|| (Window::new(), 0))
+                        .0
+                        .merge(&Window::of_record(&r));
                 }
             }
         }
@@ -124,6 +146,13 @@ pub fn recover(scans: impl IntoIterator<Item = (SegmentId, Scan)>, now_ms: u64) 
         s.bytes += e.record_len() as u64;
         out.live.push((id, e));
     }
+    let mut windows: Vec<_> = windows.into_iter().collect();
+    windows.sort_by(|a, b| b.1 .1.cmp(&a.1 .1).then(a.0.cmp(&b.0)));
+    out.stats.windows = windows.len();
+    out.windows = windows
+        .into_iter()
+        .map(|((source, epoch), (w, _))| w.record(source, epoch))
+        .collect();
     out
 }
 
@@ -145,17 +174,36 @@ pub struct Plan {
     pub undecodable: usize,
 }
 
-/// Plans a start on `cores` cores from every segment's scan (and the segment files without a
-/// header), at `now_ms`: live envelopes go to their destination's home core, each core's log
-/// continues above the numbers found, and new sequence numbers start above every one seen.
-pub fn plan(
-    scans: Vec<(SegmentId, Scan)>,
-    unfinished: Vec<Unfinished>,
-    cores: u16,
-    now_ms: u64,
-    segment_bytes: u64,
-    stall_us: u64,
-) -> Plan {
+/// How long the segment of duplicate windows a start writes is kept (Unix milliseconds): a
+/// sender that reconnects and resends within this time after a start meets the windows even
+/// if the relay restarts again in between.
+pub const WINDOWS_KEPT_MS: u64 = 10 * 60 * 1000;
+
+/// How a start plans, besides what it found.
+#[derive(Clone, Copy, Debug)]
+pub struct PlanConfig {
+    pub cores: u16,
+    /// Unix milliseconds (what has expired).
+    pub now_ms: u64,
+    pub segment_bytes: u64,
+    pub stall_us: u64,
+    /// Most duplicate windows carried over (the most recently used ones).
+    pub windows: usize,
+}
+
+/// Plans a start from every segment's scan (and the segment files without a header): live
+/// envelopes go to their destination's home core, each core's log continues above the numbers
+/// found, new sequence numbers start above every one seen, and the duplicate windows rebuilt
+/// go to every core (and into a segment of their own on core 0, for the start after this one,
+/// kept [`WINDOWS_KEPT_MS`]).
+pub fn plan(scans: Vec<(SegmentId, Scan)>, unfinished: Vec<Unfinished>, cfg: PlanConfig) -> Plan {
+    let PlanConfig {
+        cores,
+        now_ms,
+        segment_bytes,
+        stall_us,
+        windows: windows_cap,
+    } = cfg;
     let cores = cores.max(1);
     let remove: Vec<SegmentId> = scans
         .iter()
@@ -170,6 +218,8 @@ pub fn plan(
     }
     let mut rec = recover(scans, now_ms);
     rec.stats.unfinished = unfinished;
+    rec.windows.truncate(windows_cap);
+    let windows: Arc<[WindowRecord]> = std::mem::take(&mut rec.windows).into();
     let mut per_core: Vec<Vec<(Envelope, StoredEnvelope)>> =
         (0..cores).map(|_| Vec::new()).collect();
     let mut undecodable = 0;
@@ -188,7 +238,32 @@ pub fn plan(
     }
     let mut write = Vec::new();
     #[allow(clippy::type_complexity)]
-    let mut existing: Vec<Option<(u64, Vec<(u64, u64, u32)>)>> = vec![None; cores as usize];
+    let mut existing: Vec<Vec<Existing>> = vec![Vec::new(); cores as usize];
+    if !windows.is_empty() {
+        // The windows in a segment of their own on core 0, kept for a while whatever happens
+        // to the envelopes.
+        let number = next_number[0];
+        next_number[0] += 1;
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(
+            &SegmentHeader {
+                core: 0,
+                number,
+                created_ms: now_ms,
+            }
+            .encode(),
+        );
+        for w in windows.iter() {
+            record::encode_window(w, &mut buf);
+        }
+        existing[0].push(Existing {
+            number,
+            end: buf.len() as u64,
+            records: Vec::new(),
+            keep_until_ms: now_ms + WINDOWS_KEPT_MS,
+        });
+        write.push((SegmentId { core: 0, number }, buf.to_vec()));
+    }
     for (core, live) in per_core.iter().enumerate() {
         if live.is_empty() {
             continue;
@@ -211,8 +286,13 @@ pub fn plan(
             core: core as u16,
             number,
         };
+        existing[core].push(Existing {
+            number,
+            end: buf.len() as u64,
+            records: locs,
+            keep_until_ms: 0,
+        });
         write.push((id, buf.to_vec()));
-        existing[core] = Some((number, locs));
     }
     let damaged = rec
         .stats
@@ -237,11 +317,12 @@ pub fn plan(
                 core as u16,
                 segment_bytes,
                 next_number[core],
-                existing[core].take(),
+                std::mem::take(&mut existing[core]),
             ),
             first_seq: first_seq + core as u64,
             seq_step: cores as u64,
             recovered: live.into_iter().map(|(e, _)| e).collect(),
+            windows: windows.clone(),
             stall_us,
         })
         .collect();

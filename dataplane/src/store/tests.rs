@@ -6,7 +6,7 @@ use proptest::prelude::*;
 
 use super::log::{Log, LogAction};
 use super::record::{self, CutReason, Record, SegmentHeader, StoredEnvelope, SEGMENT_HEADER_LEN};
-use super::recovery::{recover, SegmentId};
+use super::recovery::{plan, recover, PlanConfig, SegmentId};
 use crate::wire::{AgentId, Destination, Envelope, EnvelopeBuilder, MessageId};
 
 fn stored(seq: u64, dest: u8, payload_len: usize, expires_ms: u64) -> StoredEnvelope {
@@ -303,6 +303,41 @@ fn full_segments_roll_over_and_are_removed_when_nothing_in_them_is_live() {
 }
 
 #[test]
+fn a_segment_of_windows_is_kept_its_time_without_holding_up_the_others() {
+    let windows = super::log::Existing {
+        number: 1,
+        end: 32 + 569,
+        records: Vec::new(),
+        keep_until_ms: 1_000,
+    };
+    let mut log = Log::new(0, 8192, 2, [windows]);
+    let mut disk = Disk::default();
+    let mut placed = Vec::new();
+    for i in 1..=40 {
+        placed.push(log.append(i, &envelope(i, 2, 1000, 60_000), i, 0).unwrap());
+        disk.settle(&mut log, true);
+    }
+    assert_eq!(log.take_durable().len(), 40);
+    let first = placed[0];
+    assert_eq!(first, 2);
+    let in_first: Vec<u64> = (1..=40)
+        .filter(|i| placed[*i as usize - 1] == first)
+        .collect();
+    log.release(&in_first, 0);
+    disk.settle(&mut log, true);
+    assert!(
+        !disk.synced.contains_key(&first),
+        "the windows' segment, older, does not hold it up"
+    );
+    assert!(log.segments().contains_key(&1), "kept until its time");
+    assert_eq!(log.poll_side(0, 999), None);
+    assert_eq!(
+        log.poll_side(0, 1_000),
+        Some(LogAction::Remove { number: 1 })
+    );
+}
+
+#[test]
 fn segments_go_oldest_first_so_a_released_record_never_outlives_what_it_names() {
     let mut log = Log::new(0, 8192, 1, []);
     let mut disk = Disk::default();
@@ -498,11 +533,142 @@ fn after_a_failure_a_segment_created_ahead_makes_the_log_healthy_again() {
     assert_eq!(log.take_durable(), vec![1, 2, 3, 4, 6]);
 }
 
+fn plan_cfg(cores: u16, windows: usize) -> PlanConfig {
+    PlanConfig {
+        cores,
+        now_ms: 10_000,
+        segment_bytes: 1 << 20,
+        stall_us: 1 << 30,
+        windows,
+    }
+}
+
+/// Whether `windows` mark message id `id` from source `[1; 32]` (the test envelopes' source).
+fn marked(windows: &[record::WindowRecord], id: u64) -> bool {
+    let mut d = crate::shard::dedup::Dedup::new(1 << 20);
+    for w in windows {
+        d.seed(w);
+    }
+    d.seen(&AgentId([1; 32]), MessageId::from_u128(id as u128))
+        == crate::shard::dedup::Seen::Duplicate
+}
+
+#[test]
+fn duplicate_windows_outlive_the_records_they_came_from() {
+    // Envelopes 1..=6 on two cores' segments; 1, 2 and 5 delivered (released).
+    let seg0 = segment(
+        0,
+        1,
+        &[
+            Record::Envelope(stored(1, 2, 50, 60_000)),
+            Record::Envelope(stored(2, 3, 50, 60_000)),
+            Record::Envelope(stored(3, 2, 50, 60_000)),
+            Record::Released(vec![1, 2]),
+        ],
+        0,
+    );
+    let seg1 = segment(
+        1,
+        1,
+        &[
+            Record::Envelope(stored(5, 2, 50, 60_000)),
+            Record::Envelope(stored(6, 3, 50, 60_000)),
+            Record::Released(vec![5]),
+        ],
+        0,
+    );
+    let scans = |segs: Vec<(SegmentId, BytesMut)>| -> Vec<_> {
+        segs.into_iter()
+            .map(|(id, b)| (id, record::scan(b.freeze()).unwrap()))
+            .collect()
+    };
+    let first = plan(
+        scans(vec![
+            (SegmentId { core: 0, number: 1 }, seg0),
+            (SegmentId { core: 1, number: 1 }, seg1),
+        ]),
+        Vec::new(),
+        plan_cfg(2, 16),
+    );
+    assert_eq!(first.stats.windows, 1, "one source, one epoch");
+    for core in &first.cores {
+        for id in [1, 2, 3, 5, 6] {
+            assert!(marked(&core.windows, id), "core seeded with id {id}");
+        }
+        assert!(!marked(&core.windows, 4), "never stored");
+        assert!(!marked(&core.windows, 7));
+    }
+    // The released envelopes are not rewritten, but their ids are: a start right after this
+    // one (its old segments gone) still knows them.
+    let written: Vec<_> = first
+        .write
+        .iter()
+        .map(|(id, b)| (*id, BytesMut::from(&b[..])))
+        .collect();
+    assert!(written.iter().any(|(id, _)| id.core == 0));
+    let second = plan(scans(written), Vec::new(), plan_cfg(1, 16));
+    assert_eq!(second.cores[0].recovered.len(), 2, "3 and 6 still live");
+    for id in [1, 2, 3, 5, 6] {
+        assert!(
+            marked(&second.cores[0].windows, id),
+            "id {id} after two starts"
+        );
+    }
+    assert!(!marked(&second.cores[0].windows, 4));
+    // The core's log goes on after the windows and the envelopes, not over them.
+    let seg = second.cores[0]
+        .log
+        .segments()
+        .values()
+        .next()
+        .copied()
+        .unwrap();
+    let (_, bytes) = &second.write[0];
+    assert_eq!(seg.end, bytes.len() as u64);
+}
+
+#[test]
+fn windows_carried_over_are_bounded_and_the_most_recent_kept() {
+    // Ten sources, one envelope each, in sequence order: a cap of four keeps the last four.
+    let recs: Vec<Record> = (1..=10u8)
+        .map(|i| {
+            let env = EnvelopeBuilder::new(
+                MessageId::from_u128(1),
+                AgentId([i; 32]),
+                Destination::Agent(AgentId([2; 32])),
+                1_000,
+                59_000,
+            )
+            .build(b"x")
+            .unwrap();
+            Record::Envelope(StoredEnvelope::of(u64::from(i), &env).unwrap())
+        })
+        .collect();
+    let seg = segment(0, 1, &recs, 0).freeze();
+    let p = plan(
+        vec![(SegmentId { core: 0, number: 1 }, record::scan(seg).unwrap())],
+        Vec::new(),
+        plan_cfg(1, 4),
+    );
+    let sources: Vec<u8> = p.cores[0].windows.iter().map(|w| w.source.0[0]).collect();
+    assert_eq!(sources, vec![10, 9, 8, 7]);
+}
+
 #[test]
 fn a_segment_rewritten_at_start_can_be_compacted() {
     // What a start hands a core: one segment with five live records of 400 bytes.
     let recs: Vec<(u64, u64, u32)> = (0..5).map(|i| (i + 1, 32 + i * 400, 400)).collect();
-    let mut log = Log::new(0, 8192, 5, [(4, recs)]);
+    let mut log = Log::new(
+        0,
+        8192,
+        5,
+        [super::log::Existing {
+            number: 4,
+            end: 2032,
+            records: recs,
+            keep_until_ms: 0,
+        }],
+    );
     let s = log.segments()[&4];
     assert_eq!((s.end, s.size, s.live_bytes), (2032, 2032, 2000));
     log.release(&[1, 2, 3, 4], 0);
