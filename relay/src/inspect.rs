@@ -28,7 +28,9 @@ pub fn run(dir: &Path) -> anyhow::Result<()> {
                 .unwrap_or(0)
         })
         .sum();
-    let rec = recovery::recover(found.scans, now_ms);
+    // As many duplicate windows as a start with the default limits carries over.
+    let windows = openmesh_dataplane::engine::Limits::default().dedup_epochs / 2;
+    let rec = recovery::recover(found.scans, now_ms, windows);
     let st = &rec.stats;
     println!("store {}", dir.display());
     println!(

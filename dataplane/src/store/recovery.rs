@@ -77,8 +77,13 @@ pub struct SegmentLive {
     pub end: usize,
 }
 
-/// Rebuilds the store from every segment's scan, at `now_ms` (Unix milliseconds).
-pub fn recover(scans: impl IntoIterator<Item = (SegmentId, Scan)>, now_ms: u64) -> Recovered {
+/// Rebuilds the store from every segment's scan, at `now_ms` (Unix milliseconds), with at most
+/// `max_windows` duplicate windows (the most recently used).
+pub fn recover(
+    scans: impl IntoIterator<Item = (SegmentId, Scan)>,
+    now_ms: u64,
+    max_windows: usize,
+) -> Recovered {
     let mut out = Recovered::default();
     let mut released: HashSet<u64> = HashSet::new();
     let mut envelopes: BTreeMap<u64, (SegmentId, StoredEnvelope)> = BTreeMap::new();
@@ -108,6 +113,11 @@ pub fn recover(scans: impl IntoIterator<Item = (SegmentId, Scan)>, now_ms: u64) 
                         .or_insert_with(|| (Window::new(), 0));
                     w.mark(counter);
                     *rank = (*rank).max(e.seq);
+                    if windows.len() > 2 * max_windows.max(1) {
+                        // One window per record at worst (a source per envelope): keep the
+                        // memory to twice the windows wanted.
+                        prune(&mut windows, max_windows);
+                    }
                     // A copy made by compaction: keep the one in the newer segment.
                     match envelopes.get(&e.seq) {
                         Some((have, _)) if *have > id => {}
@@ -146,14 +156,28 @@ pub fn recover(scans: impl IntoIterator<Item = (SegmentId, Scan)>, now_ms: u64) 
         s.bytes += e.record_len() as u64;
         out.live.push((id, e));
     }
+    prune(&mut windows, max_windows);
     let mut windows: Vec<_> = windows.into_iter().collect();
     windows.sort_by(|a, b| b.1 .1.cmp(&a.1 .1).then(a.0.cmp(&b.0)));
+    windows.truncate(max_windows);
     out.stats.windows = windows.len();
     out.windows = windows
         .into_iter()
         .map(|((source, epoch), (w, _))| w.record(source, epoch))
         .collect();
     out
+}
+
+/// Keeps the `keep` most recently used windows (highest sequence number).
+fn prune(windows: &mut HashMap<(AgentId, u64), (Window, u64)>, keep: usize) {
+    if windows.len() <= keep {
+        return;
+    }
+    let mut ranks: Vec<u64> = windows.values().map(|(_, r)| *r).collect();
+    let cut = ranks.len() - keep;
+    let (_, at, _) = ranks.select_nth_unstable(cut);
+    let floor = *at;
+    windows.retain(|_, (_, r)| *r >= floor);
 }
 
 /// What a relay starting on `cores` cores does with the store it found (`docs/STORE.md`,
@@ -216,9 +240,8 @@ pub fn plan(scans: Vec<(SegmentId, Scan)>, unfinished: Vec<Unfinished>, cfg: Pla
             *n = (*n).max(id.number + 1);
         }
     }
-    let mut rec = recover(scans, now_ms);
+    let mut rec = recover(scans, now_ms, windows_cap);
     rec.stats.unfinished = unfinished;
-    rec.windows.truncate(windows_cap);
     let windows: Arc<[WindowRecord]> = std::mem::take(&mut rec.windows).into();
     let mut per_core: Vec<Vec<(Envelope, StoredEnvelope)>> =
         (0..cores).map(|_| Vec::new()).collect();

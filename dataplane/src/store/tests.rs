@@ -137,7 +137,7 @@ fn recovery_keeps_live_envelopes_in_order_across_segments_and_cores() {
             record::scan(d.freeze()).unwrap(),
         )
     });
-    let r = recover(scans, 10_000);
+    let r = recover(scans, 10_000, 16);
     let live: Vec<(u64, u16, u64)> = r
         .live
         .iter()
@@ -246,6 +246,7 @@ impl Disk {
                 )
             }),
             0,
+            16,
         )
     }
 }
