@@ -455,7 +455,7 @@ impl Held {
 #[allow(clippy::type_complexity)]
 pub(crate) struct Released(
     pub(crate) Vec<(AgentId, u32)>,
-    pub(crate) Vec<(u64, AgentId, MessageId)>,
+    pub(crate) Vec<u64>,
     /// Receipts due to sources that asked: (source, message id, status).
     pub(crate) Vec<(AgentId, MessageId, ReceiptStatus)>,
 );
@@ -465,8 +465,7 @@ impl Released {
     pub(crate) fn note(&mut self, env: &Envelope) {
         self.0.push((env.source(), env.frame_len() as u32));
         if env.store_seq() != 0 {
-            self.1
-                .push((env.store_seq(), env.source(), env.message_id()));
+            self.1.push(env.store_seq());
         }
     }
 

@@ -90,10 +90,13 @@ pub(crate) struct Durable {
 
 impl Durable {
     pub(crate) fn new(s: ShardStore, core: u16) -> (Self, Vec<Envelope>) {
+        let (next_seq, step) = (s.first_seq.max(1), s.seq_step.max(1));
+        let mut log = s.log;
+        log.set_seqs(next_seq, step);
         let d = Durable {
-            log: s.log,
-            next_seq: s.first_seq.max(1),
-            step: s.seq_step.max(1),
+            log,
+            next_seq,
+            step,
             stall_us: s.stall_us.max(1),
             pending: HashMap::default(),
             pending_dest: HashMap::default(),
@@ -164,7 +167,11 @@ impl Shard {
         // A resend of an envelope still stored (ACKed again once it is synced, never stored
         // twice), or of one the window remembers: ACKed again.
         let key = (env.source(), env.message_id());
-        let stored = d.ids.get(&key).map(|&(_, synced)| synced);
+        let stored = d
+            .ids
+            .get(&key)
+            .filter(|(seq, _)| d.log.holds(*seq))
+            .map(|&(_, synced)| synced);
         if stored.is_some() || self.dedup.seen(&key.0, key.1) == super::dedup::Seen::Duplicate {
             self.m.duplicates.increment(1);
             if stored == Some(false) {
@@ -415,17 +422,16 @@ impl Shard {
             self.released.1.clear();
             return;
         };
-        d.seqs.clear();
-        for (seq, source, id) in self.released.1.drain(..) {
-            d.seqs.push(seq);
-            if let Some(e) = d.ids.remove(&(source, id)) {
-                if e.0 != seq {
-                    // Another envelope with this (source, id) is stored: it stays known.
-                    d.ids.insert((source, id), e);
-                }
-            }
-        }
+        std::mem::swap(&mut d.seqs, &mut self.released.1);
+        self.released.1.clear();
         d.log.release(&d.seqs, d.now_ms);
+        // Ids of released envelopes are not removed one by one (a lookup checks that the log
+        // still holds the envelope): every so often in one pass, so the map stays within
+        // twice what is stored.
+        if d.ids.len() > 2 * d.log.live() + 1024 {
+            let log = &d.log;
+            d.ids.retain(|_, (seq, _)| log.holds(*seq));
+        }
         self.actions.push_back(Action::WakeStore);
     }
 

@@ -26,7 +26,7 @@
 //! [`Log::retry`] starts over in a new segment (the failed one keeps what was synced; recovery
 //! cuts it where its good records end).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 use bytes::{Bytes, BytesMut};
 
@@ -194,7 +194,7 @@ pub struct Log {
     next_number: u64,
     segments: BTreeMap<u64, Segment>,
     /// Live envelopes: sequence number -> where its record is.
-    index: HashMap<u64, Loc, foldhash::fast::RandomState>,
+    index: super::index::SeqIndex<Loc>,
     /// The segment being compacted: its live records still to copy forward.
     compacting: Option<(u64, Vec<u64>)>,
     /// A segment with a damaged live record: never compacted.
@@ -234,7 +234,9 @@ impl Log {
         next_number: u64,
         existing: impl IntoIterator<Item = Existing>,
     ) -> Self {
-        let mut index = HashMap::default();
+        // Recovered numbers go to the index's map; the ring starts with this run's numbers
+        // (`Log::set_seqs`).
+        let mut index = super::index::SeqIndex::new(u64::MAX, 1);
         let mut segments = BTreeMap::new();
         for Existing {
             number: n,
@@ -554,7 +556,7 @@ impl Log {
                 .index
                 .iter()
                 .filter(|(_, l)| l.segment == n)
-                .map(|(seq, _)| *seq)
+                .map(|(seq, _)| seq)
                 .collect();
             self.compacting = Some((n, seqs));
         }
@@ -776,6 +778,21 @@ impl Log {
             && self.in_flight.is_none()
             && self.pending.is_empty()
             && self.side.is_none()
+    }
+
+    /// The sequence numbers this log's appends will use: `first`, `first + step`, … (set before
+    /// the first append; the index keeps them in a ring).
+    pub fn set_seqs(&mut self, first: u64, step: u64) {
+        let mut index = super::index::SeqIndex::new(first, step);
+        for (seq, loc) in self.index.iter() {
+            index.insert(seq, *loc);
+        }
+        self.index = index;
+    }
+
+    /// Whether envelope `seq` is in the log (appended, not released or failed).
+    pub fn holds(&self, seq: u64) -> bool {
+        self.index.contains_key(&seq)
     }
 
     /// Live envelopes this log holds.

@@ -3,6 +3,7 @@
 //! segment ([`recovery`]). The engine opens the files at start (`crate::engine::store`) and
 //! does the file operations of each core's log on that core's ring.
 
+mod index;
 pub mod log;
 pub mod record;
 pub mod recovery;
