@@ -46,6 +46,12 @@ pub fn run(dir: &Path) -> anyhow::Result<()> {
         "duplicate windows: {} (sources and epochs whose ids a start remembers)",
         st.windows
     );
+    if st.duplicates > 0 {
+        println!(
+            "{} live records repeat an envelope stored before them: not served again",
+            st.duplicates
+        );
+    }
     for (id, cut) in &st.cuts {
         println!(
             "cut: {} at offset {} ({}), {} non-zero bytes after it",

@@ -105,6 +105,7 @@ impl Engine {
                     cuts = st.cuts.len(),
                     undecodable = opened.undecodable,
                     duplicate_windows = st.windows,
+                    duplicates = st.duplicates,
                     "store recovered"
                 );
                 metrics::gauge!(crate::metrics::STORE_RECOVERED).set(opened.recovered as f64);

@@ -50,6 +50,10 @@ pub struct RecoveryStats {
     pub unfinished: Vec<Unfinished>,
     /// Duplicate windows rebuilt (one per source and epoch).
     pub windows: usize,
+    /// Live records of an envelope (source, message id) already live in an earlier record:
+    /// not served again (a write that reached the disk although its batch failed and was
+    /// refused, then the same envelope sent again and stored).
+    pub duplicates: usize,
 }
 
 /// The store after recovery.
@@ -142,6 +146,7 @@ pub fn recover(
             }
         }
     }
+    let mut live_ids: HashSet<(AgentId, crate::wire::MessageId)> = HashSet::new();
     for (seq, (id, e)) in envelopes {
         if released.contains(&seq) {
             out.stats.released += 1;
@@ -149,6 +154,10 @@ pub fn recover(
         }
         if e.expires_ms <= now_ms {
             out.stats.expired += 1;
+            continue;
+        }
+        if !live_ids.insert((e.source, e.message_id)) {
+            out.stats.duplicates += 1;
             continue;
         }
         let s = out.segments.entry(id).or_default();

@@ -555,6 +555,35 @@ fn marked(windows: &[record::WindowRecord], id: u64) -> bool {
 }
 
 #[test]
+fn an_envelope_stored_twice_is_served_once() {
+    // Seq 1's batch failed after its write reached the disk; the source sent it again: seq 2.
+    let first = stored(1, 2, 50, 60_000);
+    let mut again = first.clone();
+    again.seq = 2;
+    let seg = segment(
+        0,
+        1,
+        &[
+            Record::Envelope(first),
+            Record::Envelope(again),
+            Record::Envelope(stored(3, 2, 50, 60_000)),
+        ],
+        0,
+    );
+    let r = recover(
+        [(
+            SegmentId { core: 0, number: 1 },
+            record::scan(seg.freeze()).unwrap(),
+        )],
+        10_000,
+        16,
+    );
+    let seqs: Vec<u64> = r.live.iter().map(|(_, e)| e.seq).collect();
+    assert_eq!(seqs, vec![1, 3]);
+    assert_eq!(r.stats.duplicates, 1);
+}
+
+#[test]
 fn duplicate_windows_outlive_the_records_they_came_from() {
     // Envelopes 1..=6 on two cores' segments; 1, 2 and 5 delivered (released).
     let seg0 = segment(
