@@ -183,6 +183,10 @@ pub fn open(cfg: &StoreConfig, cores: u16, now_ms: u64, windows: usize) -> io::R
             fs::remove_file(path)?;
         }
     }
+    if !plan.damaged.is_empty() {
+        // The renamed segments' new names, durable before the old ones' removal is.
+        sync_dir(&cfg.dir.join(DAMAGED))?;
+    }
     if !plan.remove.is_empty() {
         sync_dir(&cfg.dir)?;
     }
