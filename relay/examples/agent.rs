@@ -16,7 +16,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use openmesh_dataplane::client::{Agent, ClientConfig, Event};
 use openmesh_dataplane::pki::{load_certs, Identity};
-use openmesh_dataplane::wire::AgentId;
+use openmesh_dataplane::wire::{AgentId, DeliveryClass};
 
 #[derive(Parser)]
 struct Cli {
@@ -60,7 +60,20 @@ enum Cmd {
         /// Schema id carried in the envelope.
         #[arg(long, default_value = "market/proposal@2.1")]
         schema: String,
+        /// Delivery class: best-effort, at-least-once, or durable (written to the relay's
+        /// store and synced before the relay ACKs it).
+        #[arg(long, default_value = "at-least-once", value_parser = class)]
+        class: DeliveryClass,
     },
+}
+
+fn class(s: &str) -> Result<DeliveryClass, String> {
+    match s {
+        "best-effort" => Ok(DeliveryClass::BestEffort),
+        "at-least-once" => Ok(DeliveryClass::AtLeastOnce),
+        "durable" => Ok(DeliveryClass::Durable),
+        _ => Err("one of best-effort, at-least-once, durable".into()),
+    }
 }
 
 fn identity(dir: &std::path::Path, name: &str) -> anyhow::Result<Identity> {
@@ -126,6 +139,8 @@ async fn main() -> anyhow::Result<()> {
                     _ => {}
                 }
             }
+            // Writes the last ACKs before the session ends (else they come again next time).
+            let _ = agent.close().await;
         }
         Cmd::Send {
             name,
@@ -134,6 +149,7 @@ async fn main() -> anyhow::Result<()> {
             count,
             ttl_ms,
             schema,
+            class,
         } => {
             let to = resolve(&cli.dir, &to)?;
             let mut agent =
@@ -142,6 +158,7 @@ async fn main() -> anyhow::Result<()> {
             for _ in 0..count {
                 let mut b = agent.envelope_to(to, ttl_ms);
                 b.schema = schema.clone();
+                b.class = class;
                 agent.send(&b.build(text.as_bytes())?).await?;
             }
             let (mut acked, mut refused) = (0, 0);
