@@ -23,6 +23,7 @@
 
 pub mod client;
 pub mod engine;
+pub mod fleet;
 pub mod metrics;
 pub mod pki;
 pub mod policy;

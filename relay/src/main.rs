@@ -2,6 +2,7 @@
 //! starts the dataplane cores, and drains them on SIGTERM.
 
 mod config;
+mod fleet;
 mod inspect;
 
 use std::path::PathBuf;
@@ -56,6 +57,21 @@ enum Command {
     Store {
         #[command(subcommand)]
         what: StoreCommand,
+    },
+    /// The relay fleet, read from a fleet file.
+    Fleet {
+        #[command(subcommand)]
+        what: FleetCommand,
+    },
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum FleetCommand {
+    /// Validates a fleet file (the first reason it is refused, or a summary and the
+    /// low-latency path between every two relays) without starting the relay.
+    Check {
+        /// The fleet file (docs/FLEET.md).
+        file: PathBuf,
     },
 }
 
@@ -125,6 +141,12 @@ fn init_logging(cfg: &Config) {
 
 fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(Command::Fleet {
+        what: FleetCommand::Check { file },
+    }) = &cli.command
+    {
+        return fleet::check(file);
+    }
     let cfg = load(&cli)?;
     if let Some(Command::Store {
         what: StoreCommand::Inspect,

@@ -58,7 +58,7 @@ pub enum Destination {
 }
 
 /// A two-letter jurisdiction code (ISO 3166 alpha-2, or a bloc such as `EU`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Jurisdiction(pub [u8; 2]);
 
 impl Jurisdiction {

@@ -140,6 +140,18 @@ hex_id!(AgentId, 8);
 hex_id!(RelayId, 8);
 hex_id!(MessageId, 16);
 
+impl RelayId {
+    /// Full lowercase hex form, as in fleet files.
+    pub fn to_hex(&self) -> String {
+        AgentId(self.0).to_hex()
+    }
+
+    /// Parses the 64-character hex form.
+    pub fn from_hex(s: &str) -> Option<Self> {
+        AgentId::from_hex(s).map(|a| RelayId(a.0))
+    }
+}
+
 impl AgentId {
     /// Full lowercase hex form, as used in configuration allow and deny lists.
     pub fn to_hex(&self) -> String {
