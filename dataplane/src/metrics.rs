@@ -39,6 +39,7 @@ pub const CORES: &str = "openmesh_engine_cores";
 pub const MEMORY_USED: &str = "openmesh_memory_used_bytes";
 pub const MEMORY_BUDGET: &str = "openmesh_memory_budget_bytes";
 pub const OVERLOAD_STATE: &str = "openmesh_overload_state";
+pub const FLEET_GENERATION: &str = "openmesh_fleet_generation";
 pub const UNSHARED: &str = "openmesh_envelopes_unshared_total";
 pub const RECEIPTS: &str = "openmesh_receipts_sent_total";
 pub const RECEIPTS_DROPPED: &str = "openmesh_receipts_dropped_total";
@@ -192,6 +193,11 @@ pub fn describe() {
         OVERLOAD_STATE,
         Unit::Count,
         "Overload state seen by a core: 0 normal, 1 shedding best-effort and new sessions, 2 refusing new work."
+    );
+    describe_gauge!(
+        FLEET_GENERATION,
+        Unit::Count,
+        "Generation of the fleet's route snapshot a core applied (0: none)."
     );
     describe_counter!(
         UNSHARED,
@@ -351,6 +357,7 @@ pub struct CoreMetrics {
     pub key_updates: Counter,
     pub memory_used: Gauge,
     pub overload_state: Gauge,
+    pub fleet_generation: Gauge,
     pub unshared: Counter,
     pub duplicates: Counter,
     receipts_sent: [Counter; 2],
@@ -402,6 +409,7 @@ impl CoreMetrics {
             key_updates: counter!(KEY_UPDATES),
             memory_used: gauge!(MEMORY_USED, "core" => core.clone()),
             overload_state: gauge!(OVERLOAD_STATE, "core" => core.clone()),
+            fleet_generation: gauge!(FLEET_GENERATION, "core" => core.clone()),
             unshared: counter!(UNSHARED, "core" => core.clone()),
             duplicates: counter!(DUPLICATES, "core" => core.clone()),
             receipts_sent: [

@@ -1,15 +1,89 @@
-//! `openmesh-relay fleet check FILE`: a fleet file validated the way a relay loads it, with
-//! what it describes.
+//! The fleet file: `--fleet FILE` at start and on SIGHUP (the last good snapshot kept under the
+//! data directory for a start whose file is bad), and `openmesh-relay fleet check FILE`.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Context;
+use openmesh_dataplane::fleet::snapshot::Snapshot;
 use openmesh_dataplane::fleet::{file, path};
 
-pub fn check(p: &Path) -> anyhow::Result<()> {
+/// A relay's fleet file and the copy of the last one it applied.
+pub struct FleetFile {
+    path: PathBuf,
+    last_good: PathBuf,
+    /// Generation applied.
+    pub generation: u64,
+}
+
+fn read(p: &Path) -> anyhow::Result<(String, Snapshot)> {
     let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
     let snap = file::parse(&text).with_context(|| format!("fleet file {} refused", p.display()))?;
+    Ok((text, snap))
+}
+
+impl FleetFile {
+    /// Loads `path` at start. A file that is refused falls back to the last good snapshot under
+    /// `data_dir` (logged); with none, the start fails with the file's reason.
+    pub fn open(path: &Path, data_dir: &Path) -> anyhow::Result<(FleetFile, Arc<Snapshot>)> {
+        let mut f = FleetFile {
+            path: path.to_path_buf(),
+            last_good: data_dir.join("fleet").join("last-good.toml"),
+            generation: 0,
+        };
+        let snap = match read(path) {
+            Ok((text, snap)) => {
+                f.keep(&text)?;
+                snap
+            }
+            Err(e) if f.last_good.exists() => {
+                let (_, snap) = read(&f.last_good)?;
+                tracing::error!(
+                    error = %format!("{e:#}"),
+                    generation = snap.generation,
+                    last_good = %f.last_good.display(),
+                    "fleet file refused: running on the last good snapshot"
+                );
+                snap
+            }
+            Err(e) => return Err(e),
+        };
+        f.generation = snap.generation;
+        Ok((f, Arc::new(snap)))
+    }
+
+    /// Reads the file again (SIGHUP): the new snapshot if it is valid and newer.
+    pub fn reload(&mut self) -> anyhow::Result<Arc<Snapshot>> {
+        let (text, snap) = read(&self.path)?;
+        anyhow::ensure!(
+            snap.generation > self.generation,
+            "fleet file {}: generation {} is not newer than the {} applied",
+            self.path.display(),
+            snap.generation,
+            self.generation
+        );
+        self.keep(&text)?;
+        self.generation = snap.generation;
+        Ok(Arc::new(snap))
+    }
+
+    /// Writes `text` as the last good snapshot (a whole file or the previous one).
+    fn keep(&self, text: &str) -> anyhow::Result<()> {
+        let dir = self.last_good.parent().expect("under the data directory");
+        std::fs::create_dir_all(dir)?;
+        let tmp = dir.join("last-good.toml.tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &self.last_good)?;
+        std::fs::File::open(dir)?.sync_all()?;
+        Ok(())
+    }
+}
+
+pub fn check(p: &Path) -> anyhow::Result<()> {
+    let (_, snap) = read(p)?;
     // Written with errors returned, not panics (a closed pipe ends the listing).
     let mut out = std::io::stdout().lock();
     writeln!(

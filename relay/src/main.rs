@@ -44,6 +44,9 @@ struct Cli {
     /// Data directory (overrides relay.data_dir).
     #[arg(long, global = true)]
     data_dir: Option<PathBuf>,
+    /// Fleet file (docs/FLEET.md): the relay fleet's route snapshot; SIGHUP reads it again.
+    #[arg(long)]
+    fleet: Option<PathBuf>,
     /// Log format, plain or json (overrides relay.log_format).
     #[arg(long)]
     log_format: Option<String>,
@@ -200,6 +203,13 @@ fn run() -> anyhow::Result<()> {
             .unwrap_or(1),
         n => n,
     };
+    let (mut fleet, first_snapshot) = match &cli.fleet {
+        Some(p) => {
+            let (f, snap) = fleet::FleetFile::open(p, &cfg.relay.data_dir)?;
+            (Some(f), Some(snap))
+        }
+        None => (None, None),
+    };
     let engine = Engine::start(EngineConfig {
         listen: cfg.relay.listen,
         cores,
@@ -227,6 +237,14 @@ fn run() -> anyhow::Result<()> {
         AgentId(identity.public_key()).to_hex()
     );
 
+    if let Some(snap) = first_snapshot {
+        tracing::info!(
+            generation = snap.generation,
+            relays = snap.relays.len(),
+            "fleet snapshot applied"
+        );
+        engine.apply_fleet(snap);
+    }
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     for sig in signals.forever() {
         if sig != SIGHUP {
@@ -242,6 +260,19 @@ fn run() -> anyhow::Result<()> {
                 tracing::info!("configuration reloaded");
             }
             Err(e) => tracing::error!(error = %format!("{e:#}"), "configuration not reloaded"),
+        }
+        if let Some(f) = &mut fleet {
+            match f.reload() {
+                Ok(snap) => {
+                    engine.apply_fleet(snap);
+                    tracing::info!(generation = f.generation, "fleet snapshot applied");
+                }
+                Err(e) => tracing::error!(
+                    error = %format!("{e:#}"),
+                    generation = f.generation,
+                    "fleet file not reloaded: the snapshot applied stays"
+                ),
+            }
         }
     }
     engine.drain();

@@ -205,6 +205,14 @@ impl Engine {
         }
     }
 
+    /// Hands every core a route snapshot of the fleet; each applies it if it is newer than the
+    /// one it has (the `openmesh_fleet_generation` gauge says which one each runs).
+    pub fn apply_fleet(&self, snapshot: Arc<crate::fleet::snapshot::Snapshot>) {
+        for mb in &self.shared.mailboxes {
+            mb.push_blocking(CoreMsg::Fleet(snapshot.clone()));
+        }
+    }
+
     /// Whether every core finished draining.
     pub fn drained(&self) -> bool {
         self.shared.drained.load(Ordering::SeqCst) >= self.threads.len()

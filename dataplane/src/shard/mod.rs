@@ -195,6 +195,8 @@ pub struct Shard {
     ncores: u16,
     cfg: ShardConfig,
     settings: Arc<Settings>,
+    /// The fleet's route snapshot this core applied, if the relay runs in a fleet.
+    fleet: Option<Arc<crate::fleet::snapshot::Snapshot>>,
     m: CoreMetrics,
     conns: HashMap<ConnId, Conn, crate::shard::hasher::MapHasher>,
     by_agent: HashMap<AgentId, ConnId, crate::shard::hasher::MapHasher>,
@@ -269,6 +271,7 @@ impl Shard {
             ncores,
             cfg,
             settings: Arc::new(settings),
+            fleet: None,
             m: CoreMetrics::new(id),
             conns: HashMap::default(),
             by_agent: HashMap::default(),
@@ -408,6 +411,7 @@ impl Shard {
                 tracing::warn!(core = self.id, conn = ?conn, "moved session without its socket dropped");
             }
             CoreMsg::Reconfigure(s) => self.reconfigure(s, now),
+            CoreMsg::Fleet(f) => self.apply_fleet(f),
             CoreMsg::Drain => self.start_drain(now),
             CoreMsg::Exit => self.exit(),
         }
@@ -501,6 +505,24 @@ impl Shard {
             self.close(*id, crate::wire::Reason::NotAdmitted, now);
         }
         tracing::info!(core = self.id, closed = refused.len(), "settings reloaded");
+    }
+
+    /// Takes a route snapshot if it is newer than the one applied.
+    fn apply_fleet(&mut self, f: Arc<crate::fleet::snapshot::Snapshot>) {
+        if self
+            .fleet
+            .as_ref()
+            .is_some_and(|have| have.generation >= f.generation)
+        {
+            return;
+        }
+        self.m.fleet_generation.set(f.generation as f64);
+        self.fleet = Some(f);
+    }
+
+    /// The generation of the route snapshot applied (0: none).
+    pub fn fleet_generation(&self) -> u64 {
+        self.fleet.as_ref().map_or(0, |f| f.generation)
     }
 
     /// A write buffer from the pool.

@@ -61,6 +61,8 @@ pub enum CoreMsg {
     },
     /// New live settings.
     Reconfigure(Arc<Settings>),
+    /// A newer route snapshot of the fleet.
+    Fleet(Arc<crate::fleet::snapshot::Snapshot>),
     /// Begin a graceful drain.
     Drain,
     /// Stop the core.
