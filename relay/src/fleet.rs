@@ -32,7 +32,19 @@ impl FleetFile {
             last_good: data_dir.join("fleet").join("last-good.toml"),
             generation: 0,
         };
+        let last_good = || read(&f.last_good).ok().map(|(_, s)| s);
         let snap = match read(path) {
+            Ok((_, snap)) if last_good().is_some_and(|g| g.generation > snap.generation) => {
+                // As on SIGHUP, an older snapshot does not replace a newer one.
+                let good = last_good().expect("just read");
+                tracing::error!(
+                    file_generation = snap.generation,
+                    generation = good.generation,
+                    last_good = %f.last_good.display(),
+                    "fleet file older than the last good snapshot: running on the last good one"
+                );
+                good
+            }
             Ok((text, snap)) => {
                 f.keep(&text)?;
                 snap
@@ -82,6 +94,9 @@ impl FleetFile {
     }
 }
 
+/// Largest fleet whose paths `fleet check` lists (one route per ordered pair).
+const LIST_PATHS_UP_TO: usize = 40;
+
 pub fn check(p: &Path) -> anyhow::Result<()> {
     let (_, snap) = read(p)?;
     // Written with errors returned, not panics (a closed pipe ends the listing).
@@ -111,6 +126,13 @@ pub fn check(p: &Path) -> anyhow::Result<()> {
                 ""
             }
         )?;
+    }
+    if snap.relays.len() > LIST_PATHS_UP_TO {
+        writeln!(
+            out,
+            "(paths between every two relays are listed for fleets of up to {LIST_PATHS_UP_TO} relays)"
+        )?;
+        return Ok(());
     }
     let g = path::Graph::new(&snap);
     let all = path::AllUp(&snap);

@@ -121,6 +121,12 @@ fn the_fleet_file_applies_on_every_core_reloads_and_falls_back_to_the_last_good_
     let relay = Relay::start_in(dir, &["--cores", "2", "--fleet", p], None);
     assert_eq!(gen(&relay, "0", 4.0), 4.0);
     assert!(relay.log().contains("running on the last good snapshot"));
+    // And one with an older valid file too (as SIGHUP would).
+    let dir = relay.kill9();
+    std::fs::write(&path, &example).unwrap();
+    let relay = Relay::start_in(dir, &["--cores", "2", "--fleet", p], None);
+    assert_eq!(gen(&relay, "1", 4.0), 4.0);
+    assert!(relay.log().contains("older than the last good snapshot"));
     drop(relay);
     std::fs::remove_dir_all(&files).unwrap();
 

@@ -213,16 +213,37 @@ pub fn parse(text: &str) -> Result<Snapshot, FleetFileError> {
         }
         blocs.insert(b, set);
     }
+    for b in blocs.keys() {
+        // A bloc named like a country the fleet runs in would widen that country's
+        // constraint to the bloc's members.
+        if let Some(r) = relays.iter().find(|r| r.jurisdiction == *b) {
+            return Err(FleetFileError::Bloc(
+                b.as_str().into(),
+                format!("relay {} runs in a jurisdiction of that name", r.name),
+            ));
+        }
+    }
     let d = &f.default_link;
-    let us = |ms: f64| (ms * 1000.0).round().clamp(0.0, f64::from(u32::MAX)) as u32;
+    if !(d.latency_ms.is_finite() && d.latency_ms > 0.0) {
+        return Err(FleetFileError::Link(
+            0,
+            "default latency_ms must be above zero".into(),
+        ));
+    }
+    let us = |ms: f64| ((ms * 1000.0).round().clamp(0.0, f64::from(u32::MAX)) as u32).max(1);
     let mut links = Vec::new();
+    // Pair to index in `links`, so a listed link replaces its mesh entry in place.
+    let mut mesh: std::collections::HashMap<(RelayId, RelayId), usize> =
+        std::collections::HashMap::new();
     if f.full_mesh {
         for (i, a) in relays.iter().enumerate() {
             for b in &relays[i + 1..] {
+                mesh.insert((a.id.min(b.id), a.id.max(b.id)), links.len());
                 links.push((a.id, b.id, us(d.latency_ms), d.throughput_mbps, d.cost));
             }
         }
     }
+    let mut listed = std::collections::HashSet::new();
     for (i, l) in f.link.iter().enumerate() {
         let ends: Vec<RelayId> = l
             .between
@@ -241,17 +262,19 @@ pub fn parse(text: &str) -> Result<Snapshot, FleetFileError> {
         let entry = (
             ends[0],
             ends[1],
-            us(latency).max(1),
+            us(latency),
             l.throughput_mbps.unwrap_or(d.throughput_mbps),
             l.cost.unwrap_or(d.cost),
         );
-        if f.full_mesh {
-            // Figures for one pair of the mesh.
-            links.retain(|x| {
-                !((x.0 == entry.0 && x.1 == entry.1) || (x.0 == entry.1 && x.1 == entry.0))
-            });
+        let pair = (ends[0].min(ends[1]), ends[0].max(ends[1]));
+        if !listed.insert(pair) {
+            return Err(FleetFileError::Link(i + 1, "listed twice".into()));
         }
-        links.push(entry);
+        match mesh.get(&pair) {
+            // Figures for one pair of the mesh.
+            Some(&at) => links[at] = entry,
+            None => links.push(entry),
+        }
     }
     let mut revoked = BTreeSet::new();
     for s in &f.revoked {

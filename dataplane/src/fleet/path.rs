@@ -16,7 +16,9 @@
 //! relay but the ends: a minimum-cost flow of `k` units through the graph with every relay
 //! split into an entry and an exit joined by one unit of capacity (Suurballe's construction),
 //! found by successive shortest paths with Dijkstra on reduced costs. When fewer than `k`
-//! disjoint paths exist, the route has as many as exist.
+//! disjoint paths exist, the route has as many as exist; those longer than [`MAX_PATH_LEN`]
+//! relays are left out, and when fewer than two remain the route is the one cheapest path
+//! within the bound.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -193,27 +195,51 @@ impl<'a> Graph<'a> {
                     weight: 0,
                 });
             }
-            let (paths, weight) = if k == 1 {
-                match self.shortest(links, from, to, c, class) {
-                    Some((p, w)) => (vec![p], w),
-                    None => (Vec::new(), 0),
-                }
-            } else {
-                self.disjoint(links, from, to, c, class, k)
-            };
-            let paths: Vec<Vec<usize>> = paths
-                .into_iter()
-                .filter(|p| p.len() <= MAX_PATH_LEN)
-                .collect();
-            if !paths.is_empty() {
+            let mut found = Vec::new();
+            if k > 1 {
+                // Disjoint paths longer than the routing part holds are left out.
+                let (paths, _) = self.disjoint(links, from, to, c, class, k);
+                found = paths
+                    .into_iter()
+                    .filter(|p| p.len() <= MAX_PATH_LEN)
+                    .filter_map(|p| {
+                        let w = self.path_weight(links, &p, class, &c.prefer)?;
+                        Some((p, w))
+                    })
+                    .collect();
+            }
+            if found.len() < 2 {
+                // One path: the cheapest within the bound (never worse than a lone disjoint one).
+                found = self
+                    .shortest(links, from, to, c, class)
+                    .into_iter()
+                    .collect();
+            }
+            if !found.is_empty() {
                 return Ok(Route {
                     class,
-                    paths,
-                    weight,
+                    weight: found.iter().map(|(_, w)| w).sum(),
+                    paths: found.into_iter().map(|(p, _)| p).collect(),
                 });
             }
         }
         Err(NoPath::NoCompliantPath)
+    }
+
+    /// The weight of `path` (relay indices) for `class`; `None` if a link of it is down.
+    fn path_weight(
+        &self,
+        links: &dyn LinkState,
+        path: &[usize],
+        class: PathClass,
+        prefer: &[RelayId],
+    ) -> Option<u64> {
+        let mut total = 0;
+        for pair in path.windows(2) {
+            let &(_, link) = self.adj[pair[0]].iter().find(|(v, _)| *v == pair[1])?;
+            total += self.weight(links, link, pair[1], class, prefer)?;
+        }
+        Some(total)
     }
 
     /// The cheapest path of at most [`MAX_PATH_LEN`] relays (exact: one relaxation round per
@@ -314,8 +340,9 @@ impl<'a> Graph<'a> {
         (paths.collect(), weight)
     }
 
-    /// Shortest distances and predecessors from `from` to every relay for `class`, under
-    /// constraints `c` (a relay's routing table): `(weight, previous relay)` per reachable relay.
+    /// Shortest distances from `from` to every relay for `class`, under constraints `c`, with
+    /// no bound on the number of relays (a relay's table, for overviews and the control
+    /// process): `(weight, previous relay on the path)` per reachable relay.
     pub fn table(
         &self,
         links: &dyn LinkState,

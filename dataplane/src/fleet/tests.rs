@@ -202,6 +202,17 @@ fn a_cheaper_path_longer_than_the_routing_part_holds_does_not_hide_a_short_one()
         )
         .unwrap();
     assert_eq!(names(&s, &r.paths[0]), ["r0", "r10", "r9"]);
+    // Two disjoint paths exist, but the chain is too long: the one path within the bound.
+    let two = Constraints {
+        multipath: 2,
+        ..Constraints::default()
+    };
+    let r = g
+        .route(&AllUp(&s), at(&s, "r0"), at(&s, "r9"), &two)
+        .unwrap();
+    assert_eq!(r.paths.len(), 1);
+    assert_eq!(names(&s, &r.paths[0]), ["r0", "r10", "r9"]);
+    assert_eq!(r.weight, 100_000);
     // Up to r7 the chain fits (8 relays).
     let r = g
         .route(
@@ -240,6 +251,18 @@ fn a_bad_fleet_file_is_refused_with_its_reason() {
             "ghost is not a relay",
         ),
     ];
+    let mut bad = bad.to_vec();
+    bad.push((
+        SEED_FLEET.replace("EU = [", "DE = [\"AT\"]\nEU = ["),
+        "runs in a jurisdiction of that name",
+    ));
+    bad.push((
+        format!(
+            "{}\n[[link]]\nbetween = [\"cheap\", \"ing\"]\n",
+            SEED_FLEET.replace("generation = 3", "generation = 3\nfull_mesh = true")
+        ),
+        "listed twice",
+    ));
     for (text, want) in bad {
         let e = parse(&text).expect_err(want);
         assert!(e.to_string().contains(want), "{e} (wanted {want})");

@@ -65,11 +65,12 @@ impl Window {
         }
     }
 
-    /// The record of this window for `source`'s `epoch`.
-    pub(crate) fn record(&self, source: AgentId, epoch: u64) -> WindowRecord {
+    /// The record of this window for `source`'s `epoch`, last used at sequence number `rank`.
+    pub(crate) fn record(&self, source: AgentId, epoch: u64, rank: u64) -> WindowRecord {
         WindowRecord {
             source,
             epoch,
+            rank,
             max: self.max,
             bits: self.bits.clone(),
         }
@@ -77,8 +78,10 @@ impl Window {
 
     /// Marks every counter `other` holds (as far as this window reaches).
     pub(crate) fn merge(&mut self, other: &Window) {
-        for d in 0..WINDOW.min(other.max + 1) {
-            let c = other.max - d;
+        for d in 0..WINDOW {
+            let Some(c) = other.max.checked_sub(d) else {
+                break;
+            };
             if other.seen(c) == Seen::Duplicate {
                 self.mark(c);
             }
@@ -234,7 +237,7 @@ mod tests {
         for c in (5_000..12_000).filter(|c| c % 7 != 0) {
             a.mark(c);
         }
-        let r = a.record(AgentId([3; 32]), 9);
+        let r = a.record(AgentId([3; 32]), 9, 1);
         let mut buf = bytes::BytesMut::new();
         crate::store::record::encode_window(&r, &mut buf);
         assert_eq!(
@@ -263,6 +266,18 @@ mod tests {
         assert_eq!(d.seen(&AgentId([3; 32]), id(9, 11_999)), Seen::Duplicate);
         assert_eq!(d.seen(&AgentId([3; 32]), id(9, 11_991)), Seen::New);
         assert_eq!(d.seen(&AgentId([3; 32]), id(9, 3)), Seen::Older);
+    }
+
+    #[test]
+    fn a_window_at_the_last_counter_merges() {
+        let mut a = Window::new();
+        a.mark(u64::MAX);
+        a.mark(u64::MAX - 5);
+        let mut b = Window::new();
+        b.merge(&a);
+        assert_eq!(b.seen(u64::MAX), Seen::Duplicate);
+        assert_eq!(b.seen(u64::MAX - 5), Seen::Duplicate);
+        assert_eq!(b.seen(u64::MAX - 4), Seen::New);
     }
 
     #[test]

@@ -50,7 +50,10 @@ impl<V: Copy> SeqIndex<V> {
         if let Some(p) = self.pos(seq) {
             if p < self.ring.len() {
                 let slot = &mut self.ring[p];
-                self.in_ring += usize::from(slot.is_none());
+                if slot.is_none() {
+                    self.in_ring += 1;
+                    self.other.remove(&seq);
+                }
                 *slot = Some(v);
                 return;
             }
@@ -71,9 +74,11 @@ impl<V: Copy> SeqIndex<V> {
     }
 
     pub(crate) fn get(&self, seq: &u64) -> Option<&V> {
+        // An entry that went to the map (far ahead of the ring then) may lie under a ring
+        // position now: an empty slot also looks in the map.
         match self.pos(*seq).and_then(|p| self.ring.get(p)) {
-            Some(slot) => slot.as_ref(),
-            None => self.other.get(seq),
+            Some(Some(v)) => Some(v),
+            _ => self.other.get(seq),
         }
     }
 
@@ -85,7 +90,9 @@ impl<V: Copy> SeqIndex<V> {
         let Some(p) = self.pos(*seq).filter(|p| *p < self.ring.len()) else {
             return self.other.remove(seq);
         };
-        let v = self.ring[p].take()?;
+        let Some(v) = self.ring[p].take() else {
+            return self.other.remove(seq);
+        };
         self.in_ring -= 1;
         while self.ring.front().is_some_and(Option::is_none) {
             self.ring.pop_front();
@@ -166,6 +173,23 @@ mod tests {
             all.sort();
             prop_assert_eq!(all, model.into_iter().collect::<Vec<_>>());
         }
+    }
+
+    #[test]
+    fn an_entry_far_ahead_is_found_once_the_ring_reaches_it() {
+        let mut ix: SeqIndex<u32> = SeqIndex::new(0, 1);
+        ix.insert(0, 1);
+        let far = MAX_GAP + 10;
+        ix.insert(far, 2);
+        for s in 1..far + 20 {
+            if s != far {
+                ix.insert(s, 3);
+            }
+        }
+        assert_eq!(ix.get(&far), Some(&2));
+        assert_eq!(ix.remove(&far), Some(2));
+        assert_eq!(ix.get(&far), None);
+        assert_eq!(ix.len(), (far + 19) as usize);
     }
 
     #[test]

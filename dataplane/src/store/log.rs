@@ -735,6 +735,10 @@ impl Log {
             .chain(self.pending.drain(..))
         {
             self.unwritten_releases.extend_from_slice(&b.released);
+            // Their writes may have reached the disk although the batch failed: released
+            // records (after the retry) keep them from coming back at the next start, also
+            // once the source sent them again and they were stored and delivered anew.
+            self.unwritten_releases.extend_from_slice(&b.seqs);
             for seq in &b.seqs {
                 if let Some(loc) = self.index.remove(seq) {
                     if let Some(s) = self.segments.get_mut(&loc.segment) {

@@ -8,7 +8,7 @@
 //! kind 1   := seq u64 | expires_ms u64 | destination [32] | source [32] | message_id [16]
 //!             | envelope (the ENVELOPE frame body: routing part and immutable part)
 //! kind 2   := seq u64 *                                       envelopes released
-//! kind 3   := source [32] | epoch u64 | max u64 | bits u64[64]  a duplicate window
+//! kind 3   := source [32] | epoch u64 | rank u64 | max u64 | bits u64[64]  a duplicate window
 //! ```
 //!
 //! Integers are big-endian. Segments are preallocated with zeros, so a record header of nine
@@ -39,7 +39,7 @@ const KIND_WINDOW: u8 = 3;
 /// Words of a duplicate window's bitmap (one bit per counter, 4,096 counters).
 pub const WINDOW_WORDS: usize = 64;
 /// Body length of a window record.
-pub const WINDOW_BODY_LEN: usize = 32 + 8 + 8 + 8 * WINDOW_WORDS;
+pub const WINDOW_BODY_LEN: usize = 32 + 8 + 8 + 8 + 8 * WINDOW_WORDS;
 
 /// A segment's header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -130,6 +130,9 @@ impl StoredEnvelope {
 pub struct WindowRecord {
     pub source: AgentId,
     pub epoch: u64,
+    /// The highest store sequence number of an envelope that marked it: how recently it was
+    /// used (sequence numbers only grow, across restarts too).
+    pub rank: u64,
     pub max: u64,
     pub bits: Box<[u64; WINDOW_WORDS]>,
 }
@@ -174,6 +177,7 @@ pub fn encode_window(w: &WindowRecord, dst: &mut BytesMut) {
     dst.put_u8(KIND_WINDOW);
     dst.extend_from_slice(&w.source.0);
     dst.put_u64(w.epoch);
+    dst.put_u64(w.rank);
     dst.put_u64(w.max);
     for word in w.bits.iter() {
         dst.put_u64(*word);
@@ -409,6 +413,7 @@ fn read_record(data: &Bytes, at: usize) -> Result<Option<(Record, usize)>, CutRe
             let mut source = [0u8; 32];
             b.copy_to_slice(&mut source);
             let epoch = b.get_u64();
+            let rank = b.get_u64();
             let max = b.get_u64();
             let mut bits = Box::new([0u64; WINDOW_WORDS]);
             for word in bits.iter_mut() {
@@ -417,6 +422,7 @@ fn read_record(data: &Bytes, at: usize) -> Result<Option<(Record, usize)>, CutRe
             Record::Window(WindowRecord {
                 source: AgentId(source),
                 epoch,
+                rank,
                 max,
                 bits,
             })

@@ -137,11 +137,14 @@ pub fn recover(
                     }
                 }
                 Record::Window(r) => {
-                    windows
+                    let (w, rank) = windows
                         .entry((r.source, r.epoch))
-                        .or_insert_with(|| (Window::new(), 0))
-                        .0
-                        .merge(&Window::of_record(&r));
+                        .or_insert_with(|| (Window::new(), 0));
+                    w.merge(&Window::of_record(&r));
+                    *rank = (*rank).max(r.rank);
+                    if windows.len() > 2 * max_windows.max(1) {
+                        prune(&mut windows, max_windows);
+                    }
                 }
             }
         }
@@ -172,21 +175,24 @@ pub fn recover(
     out.stats.windows = windows.len();
     out.windows = windows
         .into_iter()
-        .map(|((source, epoch), (w, _))| w.record(source, epoch))
+        .map(|((source, epoch), (w, rank))| w.record(source, epoch, rank))
         .collect();
     out
 }
 
-/// Keeps the `keep` most recently used windows (highest sequence number).
+/// Keeps exactly the `keep` most recently used windows (highest sequence number; ties by key).
 fn prune(windows: &mut HashMap<(AgentId, u64), (Window, u64)>, keep: usize) {
     if windows.len() <= keep {
         return;
     }
-    let mut ranks: Vec<u64> = windows.values().map(|(_, r)| *r).collect();
-    let cut = ranks.len() - keep;
-    let (_, at, _) = ranks.select_nth_unstable(cut);
-    let floor = *at;
-    windows.retain(|_, (_, r)| *r >= floor);
+    if keep == 0 {
+        windows.clear();
+        return;
+    }
+    let mut all: Vec<_> = windows.drain().collect();
+    all.select_nth_unstable_by(keep - 1, |a, b| b.1 .1.cmp(&a.1 .1).then(a.0.cmp(&b.0)));
+    all.truncate(keep);
+    windows.extend(all);
 }
 
 /// What a relay starting on `cores` cores does with the store it found (`docs/STORE.md`,

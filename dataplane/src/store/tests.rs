@@ -235,8 +235,20 @@ impl Disk {
     }
 
     fn recover(&self) -> super::recovery::Recovered {
+        Self::recover_from(&self.synced)
+    }
+
+    /// Recovery from every byte written, synced or not (writes that reached the disk although
+    /// their sync failed).
+    fn recover_written(&self) -> super::recovery::Recovered {
+        Self::recover_from(&self.files)
+    }
+
+    fn recover_from(
+        files: &std::collections::BTreeMap<u64, Vec<u8>>,
+    ) -> super::recovery::Recovered {
         recover(
-            self.synced.iter().map(|(n, f)| {
+            files.iter().map(|(n, f)| {
                 (
                     SegmentId {
                         core: 0,
@@ -761,6 +773,15 @@ fn a_failed_sync_fails_its_tickets_refuses_appends_and_recovers_in_a_new_segment
     assert_eq!(log.take_durable(), vec![5]);
     let live: Vec<u64> = disk.recover().live.iter().map(|(_, e)| e.seq).collect();
     assert_eq!(live, vec![1, 5], "what failed is not claimed");
+    // Even where the failed batch's write reached the disk: released after the retry, so the
+    // source's resend (stored and delivered anew) is not followed by the old copy.
+    let live: Vec<u64> = disk
+        .recover_written()
+        .live
+        .iter()
+        .map(|(_, e)| e.seq)
+        .collect();
+    assert_eq!(live, vec![1, 5], "what failed stays released");
 }
 
 proptest! {
