@@ -132,6 +132,11 @@ impl<'a> Graph<'a> {
         Graph { snap, adj }
     }
 
+    /// The link between relays `a` and `b`, if there is one.
+    pub fn link_between(&self, a: usize, b: usize) -> Option<usize> {
+        self.adj[a].iter().find(|(v, _)| *v == b).map(|(_, l)| *l)
+    }
+
     /// Whether relay `i` may carry an envelope with constraints `c`.
     pub fn allowed(&self, i: usize, c: &Constraints) -> bool {
         let r = &self.snap.relays[i];
@@ -236,7 +241,7 @@ impl<'a> Graph<'a> {
     ) -> Option<u64> {
         let mut total = 0;
         for pair in path.windows(2) {
-            let &(_, link) = self.adj[pair[0]].iter().find(|(v, _)| *v == pair[1])?;
+            let link = self.link_between(pair[0], pair[1])?;
             total += self.weight(links, link, pair[1], class, prefer)?;
         }
         Some(total)

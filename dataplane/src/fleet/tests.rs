@@ -3,12 +3,17 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use bytes::Bytes;
 use proptest::prelude::*;
 
 use super::file::{parse, FleetFileError};
 use super::path::{AllUp, Constraints, Graph, NoPath};
 use super::snapshot::{Relay, Snapshot, Thresholds};
-use crate::wire::{DeliveryClass, Jurisdiction, PathClass, RelayId, MAX_PATH_LEN};
+use super::transit::{ingress, transit, Next, Place};
+use crate::wire::{
+    AgentId, DeliveryClass, Destination, Envelope, EnvelopeBuilder, Jurisdiction, MessageId,
+    PathClass, Reason, RelayId, MAX_PATH_LEN,
+};
 
 fn id(n: u8) -> RelayId {
     RelayId([n; 32])
@@ -285,6 +290,137 @@ fn a_full_mesh_links_every_two_relays_and_listed_links_set_their_figures() {
         .find(|l| (l.a, l.b) == (ing.min(cheap), ing.max(cheap)))
         .unwrap();
     assert_eq!(l.latency_us, 1000);
+}
+
+/// An envelope from A to B with constraints, created at 1,000 ms, expiring at 101,000 ms.
+fn envelope(c: crate::wire::Constraints, hop_limit: u8) -> Envelope {
+    let mut b = EnvelopeBuilder::new(
+        MessageId::from_u128(1),
+        AgentId([0xa; 32]),
+        Destination::Agent(AgentId([0xb; 32])),
+        1_000,
+        100_000,
+    );
+    b.constraints = c;
+    b.hop_limit = hop_limit;
+    b.build(b"proposal").unwrap()
+}
+
+fn eu(min_trust: u8) -> crate::wire::Constraints {
+    crate::wire::Constraints {
+        jurisdictions: vec![Jurisdiction::parse("EU").unwrap()],
+        min_trust,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn each_hop_checks_forwards_reroutes_or_keeps() {
+    let s = parse(SEED_FLEET).unwrap();
+    let g = Graph::new(&s);
+    let all = AllUp(&s);
+    let place = |me: &str| Place {
+        graph: &g,
+        links: &all,
+        me: at(&s, me),
+    };
+    let mut env = envelope(eu(60), 8);
+    // Ingress: the path through the trusted EU relays, written into the routing part.
+    let parts = ingress(&place("ing"), at(&s, "egr"), &env).unwrap();
+    assert_eq!(parts.len(), 1);
+    let ids: Vec<u8> = parts[0].path.chunks(32).map(|c| c[0]).collect();
+    assert_eq!(ids, [1, 3, 4, 5], "ing, ams, bru, egr");
+    assert_eq!((parts[0].hop_index, parts[0].route_generation), (0, 3));
+    // Each hop hands it on, one hop used each time.
+    env.routing = parts[0].clone();
+    for (me, next) in [("ing", "ams"), ("ams", "bru"), ("bru", "egr")] {
+        match transit(&place(me), &env, 5_000).unwrap() {
+            Next::Forward { to, routing } => {
+                assert_eq!(s.relays[to].name, next);
+                assert_eq!(routing.hop_limit, env.routing.hop_limit - 1);
+                env.routing = routing;
+            }
+            other => panic!("{me}: {other:?}"),
+        }
+    }
+    assert_eq!(transit(&place("egr"), &env, 5_000), Ok(Next::Deliver));
+    // Not the hop it names; expired; a relay the constraints exclude.
+    assert_eq!(
+        transit(&place("bru"), &env, 5_000),
+        Err(Reason::InvalidRouting)
+    );
+    assert_eq!(transit(&place("egr"), &env, 101_000), Err(Reason::Expired));
+    let mut at_cheap = env.clone();
+    at_cheap.routing.path = Bytes::from([[2u8; 32], [5u8; 32]].concat());
+    at_cheap.routing.hop_index = 0;
+    assert_eq!(
+        transit(&place("cheap"), &at_cheap, 5_000),
+        Err(Reason::PolicyViolation)
+    );
+
+    // The link ams-bru down at ams: with trust 60 no other way, so ams keeps it; with "EU
+    // only" alone it goes back through ing and cheap.
+    let down = g.link_between(at(&s, "ams"), at(&s, "bru")).unwrap();
+    let links = |l: usize| (l != down).then(|| s.links[l].latency_us);
+    let at_ams = Place {
+        graph: &g,
+        links: &links,
+        me: at(&s, "ams"),
+    };
+    let mut strict = envelope(eu(60), 8);
+    strict.routing = parts[0].clone();
+    strict.routing.hop_index = 1;
+    assert_eq!(transit(&at_ams, &strict, 5_000), Ok(Next::Keep));
+    let mut loose = envelope(eu(0), 8);
+    loose.routing = strict.routing.clone();
+    match transit(&at_ams, &loose, 5_000).unwrap() {
+        Next::Forward { to, routing } => {
+            assert_eq!(s.relays[to].name, "ing");
+            let ids: Vec<u8> = routing.path.chunks(32).map(|c| c[0]).collect();
+            assert_eq!(ids, [3, 1, 2, 5], "ams, ing, cheap, egr");
+            assert_eq!(routing.hop_index, 1);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn ingress_writes_one_routing_part_per_disjoint_copy_and_refuses_what_cannot_go() {
+    let s = parse(SEED_FLEET).unwrap();
+    let g = Graph::new(&s);
+    let all = AllUp(&s);
+    let place = Place {
+        graph: &g,
+        links: &all,
+        me: at(&s, "ing"),
+    };
+    let two = crate::wire::Constraints {
+        multipath_k: 2,
+        ..Default::default()
+    };
+    let parts = ingress(&place, at(&s, "egr"), &envelope(two, 8)).unwrap();
+    assert_eq!(parts.len(), 2);
+    assert_eq!((parts[0].copy_index, parts[1].copy_index), (0, 1));
+    let inner = |r: &crate::wire::RoutingPart| -> Vec<u8> {
+        let ids: Vec<u8> = r.path.chunks(32).map(|c| c[0]).collect();
+        ids[1..ids.len() - 1].to_vec()
+    };
+    assert!(inner(&parts[0])
+        .iter()
+        .all(|x| !inner(&parts[1]).contains(x)));
+    // Constraints no relay meets; too few hops left.
+    let nowhere = crate::wire::Constraints {
+        jurisdictions: vec![Jurisdiction::parse("JP").unwrap()],
+        ..Default::default()
+    };
+    assert_eq!(
+        ingress(&place, at(&s, "egr"), &envelope(nowhere, 8)),
+        Err(Reason::NoCompliantPath)
+    );
+    assert_eq!(
+        ingress(&place, at(&s, "egr"), &envelope(eu(60), 2)),
+        Err(Reason::HopLimitExceeded)
+    );
 }
 
 /// A random small fleet: relays with random trust and one of three jurisdictions, random

@@ -313,6 +313,9 @@ pub enum Reason {
     /// The relay cannot store durable envelopes now (disk full, I/O error or a stalled disk);
     /// retry later or elsewhere. Other classes are not affected.
     StoreUnavailable = 30,
+    /// No path of relays meets the envelope's constraints (jurisdictions, trust, relays to
+    /// avoid) and the fleet's thresholds.
+    NoCompliantPath = 31,
 }
 
 impl Reason {
@@ -351,6 +354,7 @@ impl Reason {
             28 => UnknownCriticalExtension,
             29 => InvalidRouting,
             30 => StoreUnavailable,
+            31 => NoCompliantPath,
             _ => return None,
         })
     }
@@ -390,6 +394,7 @@ impl Reason {
             UnknownCriticalExtension => "unknown_critical_extension",
             InvalidRouting => "invalid_routing",
             StoreUnavailable => "store_unavailable",
+            NoCompliantPath => "no_compliant_path",
         }
     }
 
@@ -408,7 +413,7 @@ impl Reason {
     }
 
     /// Every reason, for documentation and metric pre-registration.
-    pub const ALL: [Reason; 31] = [
+    pub const ALL: [Reason; 32] = [
         Reason::Normal,
         Reason::ProtocolError,
         Reason::FrameTooLarge,
@@ -440,6 +445,7 @@ impl Reason {
         Reason::UnknownCriticalExtension,
         Reason::InvalidRouting,
         Reason::StoreUnavailable,
+        Reason::NoCompliantPath,
     ];
 }
 
