@@ -232,6 +232,48 @@ impl CertAuthority {
         self.issue(common_name, names, ExtendedKeyUsagePurpose::ServerAuth)
     }
 
+    /// Issues a fleet relay's certificate: client and server usage (relays dial each other and
+    /// are dialled), the relay role marker ([`RELAY_ROLE_URI`]) and the name links dial it by
+    /// ([`relay_link_name`]), plus `names` (DNS names or IP addresses).
+    pub fn issue_fleet_relay(
+        &self,
+        common_name: &str,
+        names: &[String],
+    ) -> Result<Identity, PkiError> {
+        let key = KeyPair::generate_for(&PKCS_ED25519)?;
+        let id = RelayId(
+            key.public_key_raw()
+                .try_into()
+                .map_err(|_| PkiError::NotEd25519)?,
+        );
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name = dn(common_name);
+        params
+            .subject_alt_names
+            .push(SanType::URI(RELAY_ROLE_URI.try_into()?));
+        params
+            .subject_alt_names
+            .push(SanType::DnsName(relay_link_name(&id).try_into()?));
+        for n in names {
+            params
+                .subject_alt_names
+                .push(match n.parse::<std::net::IpAddr>() {
+                    Ok(ip) => SanType::IpAddress(ip),
+                    Err(_) => SanType::DnsName(n.clone().try_into()?),
+                });
+        }
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)?;
+        let cert = params.signed_by(&key, &issuer)?;
+        Ok(Identity::from_parts(
+            vec![cert.der().clone(), self.cert.clone()],
+            &key,
+        ))
+    }
+
     /// Issues a client certificate for an agent key (CA-only admission).
     pub fn issue_agent(&self, common_name: &str) -> Result<Identity, PkiError> {
         self.issue(common_name, &[], ExtendedKeyUsagePurpose::ClientAuth)
@@ -316,6 +358,31 @@ pub fn ed25519_key_of(cert: &CertificateDer<'_>) -> Result<[u8; 32], PkiError> {
     }
     let raw: &[u8] = &spki.subject_public_key.data;
     raw.try_into().map_err(|_| PkiError::NotEd25519)
+}
+
+/// The subject alternative name (URI) that marks a certificate as a fleet relay's: the link
+/// listener admits only certificates of the fleet CA that carry it.
+pub const RELAY_ROLE_URI: &str = "urn:openmesh:role:relay";
+
+/// The DNS name a relay's link certificate carries and other relays dial it by: its id in hex,
+/// split into two labels (a label holds at most 63 characters), under `relay.openmesh`.
+pub fn relay_link_name(id: &RelayId) -> String {
+    let hex = id.to_hex();
+    format!("{}.{}.relay.openmesh", &hex[..32], &hex[32..])
+}
+
+/// Whether `cert` carries the relay role marker.
+pub fn has_relay_role(cert: &CertificateDer<'_>) -> bool {
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
+        return false;
+    };
+    let Ok(Some(san)) = parsed.subject_alternative_name() else {
+        return false;
+    };
+    san.value
+        .general_names
+        .iter()
+        .any(|n| matches!(n, x509_parser::extensions::GeneralName::URI(u) if *u == RELAY_ROLE_URI))
 }
 
 /// Reads every certificate from a PEM file.

@@ -26,6 +26,8 @@ use crate::policy::AdmissionMode;
 
 /// ALPN protocol id of the agent link.
 pub const ALPN: &[u8] = b"openmesh/1";
+/// ALPN protocol id of a relay-to-relay link.
+pub const LINK_ALPN: &[u8] = b"openmesh-link/1";
 
 /// Errors building a TLS configuration.
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +105,153 @@ pub fn client_config(
         .with_client_auth_cert(identity.chain.clone(), identity.private_key())?;
     cfg.alpn_protocols = vec![ALPN.to_vec()];
     Ok(Arc::new(cfg))
+}
+
+fn roots(ca: &[CertificateDer<'static>]) -> Result<Arc<RootCertStore>, TlsConfigError> {
+    if ca.is_empty() {
+        return Err(TlsConfigError::NoCa);
+    }
+    let mut roots = RootCertStore::empty();
+    for c in ca {
+        roots.add(c.clone())?;
+    }
+    Ok(Arc::new(roots))
+}
+
+/// Server configuration for a relay's link listener: only certificates of the fleet CA that
+/// carry the relay role marker ([`crate::pki::RELAY_ROLE_URI`]) complete the handshake; an
+/// agent's certificate, even of the same CA, does not.
+pub fn link_server_config(
+    identity: &Identity,
+    fleet_ca: &[CertificateDer<'static>],
+) -> Result<Arc<rustls::ServerConfig>, TlsConfigError> {
+    let provider = provider();
+    let inner =
+        WebPkiClientVerifier::builder_with_provider(roots(fleet_ca)?, provider.clone()).build()?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(Arc::new(RelayRole(inner)))
+        .with_single_cert(identity.chain.clone(), identity.private_key())?;
+    cfg.alpn_protocols = vec![LINK_ALPN.to_vec()];
+    cfg.send_tls13_tickets = 0;
+    Ok(Arc::new(cfg))
+}
+
+/// Client configuration for dialling another relay's link listener: its certificate must chain
+/// to the fleet CA, carry the relay role marker and name the relay dialled
+/// ([`crate::pki::relay_link_name`] as the server name).
+pub fn link_client_config(
+    identity: &Identity,
+    fleet_ca: &[CertificateDer<'static>],
+) -> Result<Arc<rustls::ClientConfig>, TlsConfigError> {
+    let provider = provider();
+    let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        roots(fleet_ca)?,
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| TlsConfigError::Rustls(rustls::Error::General(e.to_string())))?;
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(RelayRole(inner)))
+        .with_client_auth_cert(identity.chain.clone(), identity.private_key())?;
+    cfg.alpn_protocols = vec![LINK_ALPN.to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// A verifier that also requires the relay role marker on the end-entity certificate.
+#[derive(Debug)]
+struct RelayRole<V: ?Sized>(Arc<V>);
+
+fn relay_role(end_entity: &CertificateDer<'_>) -> Result<(), rustls::Error> {
+    if crate::pki::has_relay_role(end_entity) {
+        Ok(())
+    } else {
+        Err(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::InvalidPurpose,
+        ))
+    }
+}
+
+impl<V: ClientCertVerifier + ?Sized> ClientCertVerifier for RelayRole<V> {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.0.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let ok = self.0.verify_client_cert(end_entity, intermediates, now)?;
+        relay_role(end_entity)?;
+        Ok(ok)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier
+    for RelayRole<rustls::client::WebPkiServerVerifier>
+{
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let ok = self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)?;
+        relay_role(end_entity)?;
+        Ok(ok)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
 }
 
 /// Open admission: accepts any certificate carrying an Ed25519 key, provided the TLS 1.3

@@ -201,3 +201,90 @@ fn record_headers_are_checked_before_the_body_is_buffered() {
     ));
     assert!(matches!(R::record_len(&[23, 3, 3, 0, 40, 1, 2]), Ok(None)));
 }
+
+/// Runs a handshake between rustls connections in memory; the first error either side raises.
+fn link_handshake(
+    client: Arc<rustls::ClientConfig>,
+    server: Arc<rustls::ServerConfig>,
+    name: String,
+) -> Result<(), rustls::Error> {
+    let mut c = ClientConnection::new(client, ServerName::try_from(name).unwrap())?;
+    let mut s = rustls::ServerConnection::new(server)?;
+    for _ in 0..8 {
+        let mut buf = Vec::new();
+        c.write_tls(&mut buf).unwrap();
+        if !buf.is_empty() {
+            s.read_tls(&mut &buf[..]).unwrap();
+            s.process_new_packets()?;
+        }
+        let mut buf = Vec::new();
+        s.write_tls(&mut buf).unwrap();
+        if !buf.is_empty() {
+            c.read_tls(&mut &buf[..]).unwrap();
+            c.process_new_packets()?;
+        }
+        if !c.is_handshaking() && !s.is_handshaking() {
+            return Ok(());
+        }
+    }
+    panic!("handshake did not finish");
+}
+
+#[test]
+fn a_link_admits_fleet_relays_only() {
+    use super::{link_client_config, link_server_config};
+    use crate::pki::relay_link_name;
+    let fleet = CertAuthority::generate("fleet CA").unwrap();
+    let a = fleet.issue_fleet_relay("relay a", &[]).unwrap();
+    let b = fleet
+        .issue_fleet_relay("relay b", &["127.0.0.1".into()])
+        .unwrap();
+    let ca = [fleet.cert.clone()];
+    let server = link_server_config(&b, &ca).unwrap();
+    let b_name = relay_link_name(&b.relay_id());
+    // Two relays of the fleet.
+    link_handshake(
+        link_client_config(&a, &ca).unwrap(),
+        server.clone(),
+        b_name.clone(),
+    )
+    .unwrap();
+    // An agent certificate of the same CA: refused by the listener.
+    let agent = fleet.issue_agent("agent").unwrap();
+    let e = link_handshake(
+        link_client_config(&agent, &ca).unwrap(),
+        server.clone(),
+        b_name.clone(),
+    )
+    .unwrap_err();
+    assert!(matches!(e, rustls::Error::InvalidCertificate(_)), "{e:?}");
+    // A relay certificate of another CA: refused.
+    let other = CertAuthority::generate("other CA").unwrap();
+    let stranger = other.issue_fleet_relay("stranger", &[]).unwrap();
+    let e = link_handshake(
+        link_client_config(&stranger, &ca).unwrap(),
+        server.clone(),
+        b_name.clone(),
+    )
+    .unwrap_err();
+    assert!(matches!(e, rustls::Error::InvalidCertificate(_)), "{e:?}");
+    // The dialler checks it reached the relay it dialled: b's certificate does not name a.
+    let e = link_handshake(
+        link_client_config(&a, &ca).unwrap(),
+        server.clone(),
+        relay_link_name(&a.relay_id()),
+    )
+    .unwrap_err();
+    assert!(matches!(e, rustls::Error::InvalidCertificate(_)), "{e:?}");
+    // A listener whose certificate has no relay role (an agent's): the dialler refuses it.
+    let fake = fleet
+        .issue_relay("not a fleet relay", std::slice::from_ref(&b_name))
+        .unwrap();
+    let e = link_handshake(
+        link_client_config(&a, &ca).unwrap(),
+        link_server_config(&fake, &ca).unwrap(),
+        b_name,
+    )
+    .unwrap_err();
+    assert!(matches!(e, rustls::Error::InvalidCertificate(_)), "{e:?}");
+}
