@@ -9,9 +9,12 @@
 //! - [`path`]: which relays an envelope may cross (its own constraints, the fleet's thresholds
 //!   and revocations, links that are down) and the cheapest path for its path class, with its
 //!   fallback classes in order; `k` node-disjoint paths for multipath envelopes.
+//! - [`cache`]: routes remembered per destination relay and constraints, for one state of the
+//!   fleet, bounded.
 //! - [`transit`]: what a relay does with an envelope: the routing parts at ingress; in transit
 //!   the checks, then deliver, forward, re-route or keep.
 
+pub mod cache;
 pub mod file;
 pub mod path;
 pub mod snapshot;

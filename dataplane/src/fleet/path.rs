@@ -27,7 +27,7 @@ use super::snapshot::Snapshot;
 use crate::wire::{DeliveryClass, Envelope, Jurisdiction, PathClass, RelayId, MAX_PATH_LEN};
 
 /// What an envelope asks of its path.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Constraints {
     /// Jurisdictions and blocs allowed (empty: anywhere).
     pub jurisdictions: Vec<Jurisdiction>,

@@ -423,6 +423,81 @@ fn ingress_writes_one_routing_part_per_disjoint_copy_and_refuses_what_cannot_go(
     );
 }
 
+#[test]
+fn the_route_cache_answers_until_the_fleet_changes_and_stays_bounded() {
+    use super::cache::RouteCache;
+    let s = parse(SEED_FLEET).unwrap();
+    let g = Graph::new(&s);
+    let all = AllUp(&s);
+    let (ing, egr) = (at(&s, "ing"), at(&s, "egr"));
+    let mut cache = RouteCache::new(64);
+    let c = Constraints {
+        jurisdictions: vec![Jurisdiction::parse("EU").unwrap()],
+        min_trust: 60,
+        ..Constraints::default()
+    };
+    let first = cache.route(&g, &all, 1, ing, egr, &c);
+    let again = cache.route(&g, &all, 1, ing, egr, &c);
+    assert!(std::sync::Arc::ptr_eq(&first, &again));
+    assert_eq!((cache.hits, cache.misses), (1, 1));
+    assert_eq!(*first, g.route(&all, ing, egr, &c));
+    // A link state change (another epoch): computed again, with the link down.
+    let down = g.link_between(at(&s, "ams"), at(&s, "bru")).unwrap();
+    let links = |l: usize| (l != down).then(|| s.links[l].latency_us);
+    let r = cache.route(&g, &links, 2, ing, egr, &c);
+    assert_eq!(*r, Err(NoPath::NoCompliantPath));
+    assert_eq!(cache.misses, 2);
+    // A new snapshot generation: computed again too.
+    let mut newer = s.clone();
+    newer.generation += 1;
+    let g2 = Graph::new(&newer);
+    cache.route(&g2, &links, 2, ing, egr, &c);
+    assert_eq!(cache.misses, 3);
+    // Minted constraints cannot grow it past its cap.
+    for i in 0..10_000u32 {
+        let minted = Constraints {
+            min_trust: (i % 100) as u8,
+            avoid: vec![RelayId([
+                (i >> 8) as u8,
+                i as u8,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+                9,
+            ])],
+            ..Constraints::default()
+        };
+        cache.route(&g2, &links, 2, ing, egr, &minted);
+        assert!(cache.len() <= 64);
+    }
+}
+
 /// A random small fleet: relays with random trust and one of three jurisdictions, random
 /// links with random figures.
 fn fleet() -> impl Strategy<Value = Snapshot> {
