@@ -15,13 +15,13 @@
 //!
 //! The I/O shell:
 //!
-//! - [`engine`]: the thread-per-core io_uring engine (threads, ring, sockets, tasks, clock);
-//! - [`client`]: the agent client library (tokio);
+//! - `engine` (feature `engine`, on by default): the thread-per-core io_uring engine (threads,
+//!   ring, sockets, tasks, clock). Agents (`openmesh-agent`) build without it.
 //! - [`pki`]: identities, the development CA, certificates;
 //! - [`metrics`]: every metric name and description;
 //! - [`testing`]: a relay in memory for tests and benchmarks that drive shards directly.
 
-pub mod client;
+#[cfg(feature = "engine")]
 pub mod engine;
 pub mod fleet;
 pub mod metrics;

@@ -146,7 +146,7 @@ async fn run(a: RunArgs) -> anyhow::Result<Report> {
     };
     let relay_cpu0 = relay_pid.and_then(report::process_cpu_s);
     let cpu0 = report::own_cpu_s();
-    let started_unix_ms = openmesh_dataplane::client::unix_ms();
+    let started_unix_ms = openmesh_agent::unix_ms();
     let progress = progress(&live, a.quiet, a.scenario);
 
     let relays = match &a.target {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use bytes::BytesMut;
 use hdrhistogram::Histogram;
-use openmesh_dataplane::client::{unix_ms, Agent, ClientConfig, Event};
+use openmesh_agent::{unix_ms, Agent, ClientConfig, Event};
 use openmesh_dataplane::pki::Identity;
 use openmesh_dataplane::wire::{DeliveryClass, Reason};
 use rustls::pki_types::CertificateDer;

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use openmesh_dataplane::client::{Agent, ClientConfig, Event};
+use openmesh_agent::{Agent, ClientConfig, Event};
 use openmesh_dataplane::pki::{load_certs, Identity};
 use openmesh_dataplane::wire::{AgentId, DeliveryClass};
 

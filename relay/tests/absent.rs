@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::Relay;
-use openmesh_dataplane::client::{Agent, Event};
+use openmesh_agent::{Agent, Event};
 use openmesh_dataplane::wire::{AgentId, DeliveryClass, Reason};
 
 /// Sends `n` envelopes of `class` from `a` to `to`, numbered from `first` in their payload, with

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::Relay;
-use openmesh_dataplane::client::{connect_tls, Agent, ClientError};
+use openmesh_agent::{connect_tls, Agent, ClientError};
 use openmesh_dataplane::pki::{CertAuthority, DevPkiPaths};
 use openmesh_dataplane::wire::Reason;
 
@@ -231,7 +231,7 @@ async fn sighup_reloads_the_deny_list_live_and_keeps_a_bad_file_out() {
     let closed = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
             match a.next_event().await {
-                Some(openmesh_dataplane::client::Event::Closed(c)) => return c,
+                Some(openmesh_agent::Event::Closed(c)) => return c,
                 Some(_) => {}
                 None => return None,
             }
@@ -262,7 +262,7 @@ async fn sighup_reloads_the_deny_list_live_and_keeps_a_bad_file_out() {
     .await
     .unwrap();
     match tokio::time::timeout(Duration::from_secs(5), b.next_event()).await {
-        Ok(Some(openmesh_dataplane::client::Event::Envelope(e))) => {
+        Ok(Some(openmesh_agent::Event::Envelope(e))) => {
             assert_eq!(&e.payload()[..], b"after reload")
         }
         other => panic!("{other:?}"),

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::{welcomed, well_behaved_pair, RawLink, Relay};
-use openmesh_dataplane::client::{Agent, Event};
+use openmesh_agent::{Agent, Event};
 use openmesh_dataplane::wire::{AckBatch, Frame, MessageId, Nack, Ping, Reason};
 
 /// A receiver that reads everything but never ACKs holds at most its deliver window in flight;
@@ -278,9 +278,7 @@ async fn a_thousand_fresh_identities_cannot_grow_custody_past_the_source_quota()
 }
 
 async fn futures_join(
-    v: Vec<
-        impl std::future::Future<Output = Result<Agent, openmesh_dataplane::client::ClientError>>,
-    >,
+    v: Vec<impl std::future::Future<Output = Result<Agent, openmesh_agent::ClientError>>>,
 ) -> Vec<Agent> {
     let mut out = Vec::new();
     for f in v {

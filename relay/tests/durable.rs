@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use common::Relay;
-use openmesh_dataplane::client::{Agent, Event};
+use openmesh_agent::{Agent, Event};
 use openmesh_dataplane::wire::{AgentId, DeliveryClass, MessageId, Reason};
 
 /// The message id of envelope number `n` (also its payload).

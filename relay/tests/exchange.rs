@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use common::Relay;
-use openmesh_dataplane::client::{Agent, Event};
+use openmesh_agent::{Agent, Event};
 use openmesh_dataplane::wire::AgentId;
 
 /// Receives `n` envelopes, ACKing each; returns the payload sequence numbers per source in

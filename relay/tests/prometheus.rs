@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{free_port, Relay};
-use openmesh_dataplane::client::Event;
+use openmesh_agent::Event;
 
 struct Prometheus {
     child: Child,

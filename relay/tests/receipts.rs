@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::Relay;
-use openmesh_dataplane::client::{Agent, Event};
+use openmesh_agent::{Agent, Event};
 use openmesh_dataplane::wire::{flags, DeliveryClass, MessageId, ReceiptStatus};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::Relay;
-use openmesh_dataplane::client::{Agent, ClientError, Event};
+use openmesh_agent::{Agent, ClientError, Event};
 use openmesh_dataplane::pki::Identity;
 use openmesh_dataplane::wire::{MessageId, Reason};
 

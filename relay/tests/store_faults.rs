@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{fresh_dir, well_behaved_pair, Relay};
-use openmesh_dataplane::client::{Agent, Event};
+use openmesh_agent::{Agent, Event};
 use openmesh_dataplane::wire::{AgentId, DeliveryClass, Reason};
 
 /// A tmpfs mounted for the test, unmounted when dropped.

@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use openmesh_dataplane::client::{Agent, ClientConfig, Event};
+use openmesh_agent::{Agent, ClientConfig, Event};
 use openmesh_dataplane::pki::{load_certs, DevPkiPaths, Identity};
 use openmesh_dataplane::wire::{AgentId, MessageId, Reason};
 use rustls::pki_types::CertificateDer;
@@ -252,7 +252,7 @@ pub struct RawLink {
 impl RawLink {
     pub async fn open(relay: &Relay, name: &str) -> RawLink {
         let cfg = relay.config(name);
-        let io = openmesh_dataplane::client::connect_tls(&cfg).await.unwrap();
+        let io = openmesh_agent::connect_tls(&cfg).await.unwrap();
         RawLink {
             io,
             id: cfg.identity.agent_id(),

@@ -1,12 +1,14 @@
-//! The agent client library: connect to a relay over mutual TLS 1.3 with an identity, exchange
-//! HELLO and WELCOME, send envelopes, receive them, ACK them, answer heartbeats.
+//! `openmesh-agent`, the agent library: connect to a relay over mutual TLS 1.3 with an identity,
+//! exchange HELLO and WELCOME, send envelopes, receive them, ACK them, answer heartbeats.
 //!
-//! Runs on tokio (tokio-rustls). An [`Agent`] owns a reader task and a writer task; the writer
+//! Runs on tokio (tokio-rustls) and the protocol code of `openmesh-dataplane` without its relay
+//! engine (no io_uring): it builds wherever tokio and rustls do. The rustls crypto provider is
+//! passed explicitly, so the process default is never read or set. An [`Agent`] owns a reader task and a writer task; the writer
 //! coalesces queued frames and ACKs into one TLS write per batch.
 //!
 //! ```no_run
-//! # async fn demo(cfg: openmesh_dataplane::client::ClientConfig, to: openmesh_dataplane::wire::AgentId) -> Result<(), openmesh_dataplane::client::ClientError> {
-//! use openmesh_dataplane::client::{Agent, Event};
+//! # async fn demo(cfg: openmesh_agent::ClientConfig, to: openmesh_dataplane::wire::AgentId) -> Result<(), openmesh_agent::ClientError> {
+//! use openmesh_agent::{Agent, Event};
 //! let mut agent = Agent::connect(cfg).await?;
 //! let env = agent.envelope_to(to, 60_000).build(b"hello").expect("small envelope");
 //! agent.send(&env).await?;
@@ -30,9 +32,9 @@ use tokio::task::JoinHandle;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-use crate::pki::Identity;
-use crate::tls::{client_config, TlsConfigError};
-use crate::wire::{
+use openmesh_dataplane::pki::Identity;
+use openmesh_dataplane::tls::{client_config, TlsConfigError};
+use openmesh_dataplane::wire::{
     AckBatch, AgentId, Close, DeliveryClass, Destination, Envelope, EnvelopeBuilder, Frame,
     FrameDecoder, GoingAway, Hello, MessageId, Nack, Pong, Reason, Receipt, Role, Welcome,
     WireError, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
@@ -94,7 +96,7 @@ impl ClientConfig {
                 min_version: PROTOCOL_VERSION_MIN,
                 max_version: PROTOCOL_VERSION_MAX,
                 role: Role::Agent,
-                features: crate::wire::features::KNOWN,
+                features: openmesh_dataplane::wire::features::KNOWN,
                 transports: 1,
                 // Whatever the relay serves.
                 classes: 0,
@@ -190,8 +192,11 @@ impl Agent {
             .await?;
         link.flush().await?;
         let mut rx = BytesMut::with_capacity(64 << 10);
-        let mut dec =
-            FrameDecoder::new(cfg.hello.max_frame.max(crate::signaling::MIN_FRAME) as usize);
+        let mut dec = FrameDecoder::new(
+            cfg.hello
+                .max_frame
+                .max(openmesh_dataplane::signaling::MIN_FRAME) as usize,
+        );
         let welcome = tokio::time::timeout(Duration::from_secs(10), async {
             loop {
                 if let Some(f) = dec.decode(&mut rx)? {
@@ -412,7 +417,7 @@ async fn write_loop(
 }
 
 fn flush_acks(acks: &mut Vec<MessageId>, buf: &mut BytesMut) {
-    for chunk in acks.chunks(crate::wire::MAX_ACK_BATCH) {
+    for chunk in acks.chunks(openmesh_dataplane::wire::MAX_ACK_BATCH) {
         Frame::Ack(AckBatch::new(chunk.iter().copied())).encode(buf);
     }
     acks.clear();
@@ -495,14 +500,14 @@ async fn read_loop(
             Ok(Ok(_)) => silent = 0,
             Err(_) => {
                 silent += 1;
-                if silent >= crate::session::DEAD_AFTER_INTERVALS {
+                if silent >= openmesh_dataplane::session::DEAD_AFTER_INTERVALS {
                     close = Some(Close::new(Reason::HeartbeatTimeout, "relay silent"));
                     break;
                 }
                 // A live relay PINGs after one silent interval; PING it only after two, so that
                 // the relay's own PINGs (and its RTT measurements) are not pre-empted.
                 if answer_pings && silent >= 2 {
-                    let ping = Frame::Ping(crate::wire::Ping {
+                    let ping = Frame::Ping(openmesh_dataplane::wire::Ping {
                         timestamp_us: now_us(),
                     });
                     let _ = out.send(Out::Frame(ping.to_bytes())).await;
