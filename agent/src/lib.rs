@@ -57,7 +57,7 @@ pub enum ClientError {
     Closed(Close),
     #[error("unexpected frame during handshake")]
     Unexpected,
-    #[error("timed out waiting for WELCOME")]
+    #[error("timed out connecting (TCP, TLS handshake or WELCOME)")]
     Timeout,
     #[error("session is gone")]
     Gone,
@@ -81,6 +81,9 @@ pub struct ClientConfig {
     pub auto_ack: bool,
     /// Local address to connect from (spreads many agents over 127.0.0.0/8).
     pub bind: Option<std::net::IpAddr>,
+    /// How long [`Agent::connect`] may take in all: TCP connect, TLS handshake and WELCOME
+    /// (a relay that accepts and never answers ends in [`ClientError::Timeout`]).
+    pub connect_timeout: Duration,
 }
 
 impl ClientConfig {
@@ -107,6 +110,7 @@ impl ClientConfig {
             answer_pings: true,
             auto_ack: false,
             bind: None,
+            connect_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -185,9 +189,12 @@ pub async fn connect_tls(cfg: &ClientConfig) -> Result<TlsStream<TcpStream>, Cli
 }
 
 impl Agent {
-    /// Connects, sends HELLO and waits (up to 10 s) for WELCOME.
+    /// Connects, sends HELLO and waits for WELCOME, all within `cfg.connect_timeout`.
     pub async fn connect(cfg: ClientConfig) -> Result<Agent, ClientError> {
-        let mut link = connect_tls(&cfg).await?;
+        let deadline = tokio::time::Instant::now() + cfg.connect_timeout;
+        let mut link = tokio::time::timeout_at(deadline, connect_tls(&cfg))
+            .await
+            .map_err(|_| ClientError::Timeout)??;
         link.write_all(&Frame::Hello(cfg.hello.clone()).to_bytes())
             .await?;
         link.flush().await?;
@@ -197,7 +204,7 @@ impl Agent {
                 .max_frame
                 .max(openmesh_dataplane::signaling::MIN_FRAME) as usize,
         );
-        let welcome = tokio::time::timeout(Duration::from_secs(10), async {
+        let welcome = tokio::time::timeout_at(deadline, async {
             loop {
                 if let Some(f) = dec.decode(&mut rx)? {
                     return match f {
