@@ -154,9 +154,33 @@ pub struct Agent {
 }
 
 impl Drop for Agent {
+    /// The reader stops at once; the writer first writes what is queued (ACKs included) and
+    /// shuts the link down, within 10 seconds (then it is stopped too). Without a tokio runtime
+    /// to finish on, both stop at once. [`Agent::close`] also waits for the relay's side.
     fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
+        let mut tasks = std::mem::take(&mut self.tasks).into_iter();
+        let (writer, reader) = (tasks.next(), tasks.next());
+        if let Some(r) = reader {
+            r.abort();
+        }
+        let Some(writer) = writer else {
+            return;
+        };
+        let (done, _) = tokio::sync::oneshot::channel();
+        let finishing = self.out.try_send(Out::Finish(done)).is_ok();
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) if finishing => {
+                let stop = writer.abort_handle();
+                rt.spawn(async move {
+                    if tokio::time::timeout(Duration::from_secs(10), writer)
+                        .await
+                        .is_err()
+                    {
+                        stop.abort();
+                    }
+                });
+            }
+            _ => writer.abort(),
         }
     }
 }

@@ -259,3 +259,26 @@ async fn a_slow_receiver_paces_its_sender_instead_of_refusing_it() {
         "no envelope refused queue_full ({paused} pauses)"
     );
 }
+
+/// An agent dropped right after ACKing (no `close()`) still writes its last ACKs: its next
+/// session gets nothing again. (Dropping used to abort the writer with the last ACK batch.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_agent_writes_its_last_acks() {
+    const N: u64 = 5_000;
+    let relay = Relay::start(&["--cores", "1"], None);
+    let mut a = relay.agent("drop-a").await;
+    let cfg_b = relay.config("drop-b");
+    let mut b = Agent::connect(cfg_b.clone()).await.unwrap();
+    let b_id = b.id();
+    for round in 0..3 {
+        let (acked, _, _) = common::send_all(&mut a, b_id, (round * N, N), 2048).await;
+        assert_eq!(acked.len() as u64, N);
+        receive(&mut b, N).await;
+        drop(b);
+        b = Agent::connect(cfg_b.clone()).await.unwrap();
+        match tokio::time::timeout(Duration::from_millis(700), b.next_event()).await {
+            Err(_) => {}
+            Ok(ev) => panic!("round {round}: the next session got {ev:?}"),
+        }
+    }
+}
