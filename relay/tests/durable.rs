@@ -478,6 +478,7 @@ async fn resends_of_delivered_durable_envelopes_after_a_restart_are_not_delivere
         std::thread::sleep(Duration::from_millis(300));
         dir = relay.kill9();
     }
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// A crash while a segment was being created (filled first, header last) leaves a file with
@@ -549,7 +550,10 @@ async fn a_segment_whose_creation_was_cut_short_does_not_stop_the_next_start() {
             .await;
             assert_eq!(got, ids);
         }
-        relay.kill9();
+        let dir = relay.kill9();
+        if round == 1 {
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
     }
 }
 
