@@ -229,7 +229,14 @@ impl CertAuthority {
 
     /// Issues a server certificate for a relay, valid for the given DNS names and IP addresses.
     pub fn issue_relay(&self, common_name: &str, names: &[String]) -> Result<Identity, PkiError> {
-        self.issue(common_name, names, ExtendedKeyUsagePurpose::ServerAuth)
+        let key = KeyPair::generate_for(&PKCS_ED25519)?;
+        self.issue(
+            key,
+            common_name,
+            Vec::new(),
+            names,
+            &[ExtendedKeyUsagePurpose::ServerAuth],
+        )
     }
 
     /// Issues a fleet relay's certificate: client and server usage (relays dial each other and
@@ -246,57 +253,54 @@ impl CertAuthority {
                 .try_into()
                 .map_err(|_| PkiError::NotEd25519)?,
         );
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.distinguished_name = dn(common_name);
-        params
-            .subject_alt_names
-            .push(SanType::URI(RELAY_ROLE_URI.try_into()?));
-        params
-            .subject_alt_names
-            .push(SanType::DnsName(relay_link_name(&id).try_into()?));
-        for n in names {
-            params
-                .subject_alt_names
-                .push(match n.parse::<std::net::IpAddr>() {
-                    Ok(ip) => SanType::IpAddress(ip),
-                    Err(_) => SanType::DnsName(n.clone().try_into()?),
-                });
-        }
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
+        let marks = vec![
+            SanType::URI(RELAY_ROLE_URI.try_into()?),
+            SanType::DnsName(relay_link_name(&id).try_into()?),
         ];
-        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)?;
-        let cert = params.signed_by(&key, &issuer)?;
-        Ok(Identity::from_parts(
-            vec![cert.der().clone(), self.cert.clone()],
-            &key,
-        ))
+        self.issue(
+            key,
+            common_name,
+            marks,
+            names,
+            &[
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        )
     }
 
     /// Issues a client certificate for an agent key (CA-only admission).
     pub fn issue_agent(&self, common_name: &str) -> Result<Identity, PkiError> {
-        self.issue(common_name, &[], ExtendedKeyUsagePurpose::ClientAuth)
+        let key = KeyPair::generate_for(&PKCS_ED25519)?;
+        self.issue(
+            key,
+            common_name,
+            Vec::new(),
+            &[],
+            &[ExtendedKeyUsagePurpose::ClientAuth],
+        )
     }
 
+    /// A certificate for `key` signed by this CA: subject alternative names `sans`, then
+    /// `names` (DNS names or IP addresses), with `usages`.
     fn issue(
         &self,
+        key: KeyPair,
         common_name: &str,
+        mut sans: Vec<SanType>,
         names: &[String],
-        usage: ExtendedKeyUsagePurpose,
+        usages: &[ExtendedKeyUsagePurpose],
     ) -> Result<Identity, PkiError> {
-        let key = KeyPair::generate_for(&PKCS_ED25519)?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.distinguished_name = dn(common_name);
         for n in names {
-            params
-                .subject_alt_names
-                .push(match n.parse::<std::net::IpAddr>() {
-                    Ok(ip) => SanType::IpAddress(ip),
-                    Err(_) => SanType::DnsName(n.clone().try_into()?),
-                });
+            sans.push(match n.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(n.clone().try_into()?),
+            });
         }
-        params.extended_key_usages = vec![usage];
+        params.subject_alt_names = sans;
+        params.extended_key_usages = usages.to_vec();
         let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)?;
         let cert = params.signed_by(&key, &issuer)?;
         Ok(Identity::from_parts(

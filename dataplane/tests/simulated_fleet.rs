@@ -18,29 +18,10 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use openmesh_dataplane::fleet::path::{Constraints, Graph};
 use openmesh_dataplane::fleet::snapshot::{Relay, Snapshot, Thresholds};
 use openmesh_dataplane::fleet::transit::{ingress, transit, Next, Place};
+use openmesh_dataplane::testing::Rng;
 use openmesh_dataplane::wire::{
     AgentId, Destination, Envelope, EnvelopeBuilder, Jurisdiction, MessageId, RelayId,
 };
-
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
 
 const CODES: [&str; 4] = ["DE", "FR", "US", "JP"];
 

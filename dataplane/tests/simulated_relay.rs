@@ -43,34 +43,13 @@ use openmesh_dataplane::signaling::ContractPolicy;
 use openmesh_dataplane::store::log::LogAction;
 use openmesh_dataplane::store::record;
 use openmesh_dataplane::store::recovery::{self, SegmentId};
-use openmesh_dataplane::testing::{open_settings, InMemoryRelay};
+use openmesh_dataplane::testing::{open_settings, InMemoryRelay, Rng};
 use openmesh_dataplane::wire::{
     AckBatch, AgentId, DeliveryClass, Destination, EnvelopeBuilder, Frame, FrameDecoder, Hello,
     MessageId, Reason, Role, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
 };
 use rustls::pki_types::ServerName;
 use rustls::ClientConnection;
-
-/// A small deterministic generator (xorshift64*), so that a seed replays a schedule.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
 
 /// How a scripted agent behaves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

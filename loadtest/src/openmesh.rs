@@ -1,4 +1,4 @@
-//! Virtual agents on OpenMesh relays, built on the agent client library.
+//! Virtual agents on OpenMesh relays, built on the agent library (`openmesh-agent`).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::Ordering;

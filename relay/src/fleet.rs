@@ -32,11 +32,13 @@ impl FleetFile {
             last_good: data_dir.join("fleet").join("last-good.toml"),
             generation: 0,
         };
-        let last_good = || read(&f.last_good).ok().map(|(_, s)| s);
-        let snap = match read(path) {
-            Ok((_, snap)) if last_good().is_some_and(|g| g.generation > snap.generation) => {
+        let good = f
+            .last_good
+            .exists()
+            .then(|| read(&f.last_good).map(|(_, s)| s));
+        let snap = match (read(path), good) {
+            (Ok((_, snap)), Some(Ok(good))) if good.generation > snap.generation => {
                 // As on SIGHUP, an older snapshot does not replace a newer one.
-                let good = last_good().expect("just read");
                 tracing::error!(
                     file_generation = snap.generation,
                     generation = good.generation,
@@ -45,21 +47,21 @@ impl FleetFile {
                 );
                 good
             }
-            Ok((text, snap)) => {
+            (Ok((text, snap)), _) => {
                 f.keep(&text)?;
                 snap
             }
-            Err(e) if f.last_good.exists() => {
-                let (_, snap) = read(&f.last_good)?;
+            (Err(e), Some(good)) => {
+                let good = good?;
                 tracing::error!(
                     error = %format!("{e:#}"),
-                    generation = snap.generation,
+                    generation = good.generation,
                     last_good = %f.last_good.display(),
                     "fleet file refused: running on the last good snapshot"
                 );
-                snap
+                good
             }
-            Err(e) => return Err(e),
+            (Err(e), None) => return Err(e),
         };
         f.generation = snap.generation;
         Ok((f, Arc::new(snap)))

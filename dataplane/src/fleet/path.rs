@@ -146,6 +146,13 @@ impl<'a> Graph<'a> {
             && !c.avoid.contains(&r.id)
     }
 
+    /// [`Graph::allowed`] for every relay, by index.
+    fn allowed_all(&self, c: &Constraints) -> Vec<bool> {
+        (0..self.snap.relays.len())
+            .map(|i| self.allowed(i, c))
+            .collect()
+    }
+
     /// Weight of link `link` into relay `to` for `class`; `None` when the link is down.
     fn weight(
         &self,
@@ -258,7 +265,7 @@ impl<'a> Graph<'a> {
         class: PathClass,
     ) -> Option<(Vec<usize>, u64)> {
         let n = self.snap.relays.len();
-        let allowed: Vec<bool> = (0..n).map(|i| self.allowed(i, c)).collect();
+        let allowed = self.allowed_all(c);
         // best[h][v]: least weight reaching v in exactly h hops (via its predecessor).
         let mut best: Vec<Vec<Option<(u64, usize)>>> = vec![vec![None; n]; MAX_PATH_LEN];
         best[0][from] = Some((0, from));
@@ -313,7 +320,7 @@ impl<'a> Graph<'a> {
         k: usize,
     ) -> (Vec<Vec<usize>>, u64) {
         let n = self.snap.relays.len();
-        let allowed: Vec<bool> = (0..n).map(|i| self.allowed(i, c)).collect();
+        let allowed = self.allowed_all(c);
         // Relay v: entry 2v, exit 2v+1. The ends carry k units, every other relay one.
         let mut f = Flow::new(2 * n);
         for (v, ok) in allowed.iter().enumerate() {
@@ -360,7 +367,7 @@ impl<'a> Graph<'a> {
         if !self.allowed(from, c) {
             return best;
         }
-        let allowed: Vec<bool> = (0..n).map(|i| self.allowed(i, c)).collect();
+        let allowed = self.allowed_all(c);
         let mut heap = BinaryHeap::new();
         best[from] = Some((0, from));
         heap.push(Reverse((0u64, from)));

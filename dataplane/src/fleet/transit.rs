@@ -42,12 +42,12 @@ fn path_bytes(graph: &Graph<'_>, path: &[usize]) -> Bytes {
     b.freeze()
 }
 
-fn path_ids(routing: &RoutingPart) -> impl Iterator<Item = RelayId> + '_ {
-    routing.path.chunks_exact(32).map(|c| {
-        let mut id = [0u8; 32];
-        id.copy_from_slice(c);
-        RelayId(id)
-    })
+/// Relay `i` of the routing part's path.
+fn hop(routing: &RoutingPart, i: usize) -> Option<RelayId> {
+    let c = routing.path.get(32 * i..32 * (i + 1))?;
+    let mut id = [0u8; 32];
+    id.copy_from_slice(c);
+    Some(RelayId(id))
 }
 
 /// The routing parts for an envelope entering the fleet here, bound for the relay `egress`:
@@ -82,9 +82,9 @@ pub fn ingress(p: &Place<'_>, egress: usize, env: &Envelope) -> Result<Vec<Routi
 /// What this relay does with an envelope another relay sent it, at `now_ms`.
 pub fn transit(p: &Place<'_>, env: &Envelope, now_ms: u64) -> Result<Next, Reason> {
     let snap = p.graph.snap;
-    let ids: Vec<RelayId> = path_ids(&env.routing).collect();
+    let hops = env.routing.path.len() / 32;
     let at = usize::from(env.routing.hop_index);
-    if ids.get(at) != Some(&snap.relays[p.me].id) {
+    if hop(&env.routing, at) != Some(snap.relays[p.me].id) {
         return Err(Reason::InvalidRouting);
     }
     if env.expires_ms() <= now_ms {
@@ -94,13 +94,13 @@ pub fn transit(p: &Place<'_>, env: &Envelope, now_ms: u64) -> Result<Next, Reaso
     if !p.graph.allowed(p.me, &c) {
         return Err(Reason::PolicyViolation);
     }
-    if at + 1 == ids.len() {
+    if at + 1 == hops {
         return Ok(Next::Deliver);
     }
     if env.routing.hop_limit == 0 {
         return Err(Reason::HopLimitExceeded);
     }
-    let next = snap.index(&ids[at + 1]);
+    let next = hop(&env.routing, at + 1).and_then(|id| snap.index(&id));
     if let Some(n) = next {
         let up = p
             .graph
@@ -119,7 +119,7 @@ pub fn transit(p: &Place<'_>, env: &Envelope, now_ms: u64) -> Result<Next, Reaso
     }
     // The next relay is gone, down or no longer qualifies: a new path from here to the last
     // relay named (one path: a re-routed copy keeps to the constraints, not to disjointness).
-    let Some(egress) = ids.last().and_then(|id| snap.index(id)) else {
+    let Some(egress) = hop(&env.routing, hops - 1).and_then(|id| snap.index(&id)) else {
         return Ok(Next::Keep);
     };
     let single = Constraints { multipath: 1, ..c };
