@@ -509,7 +509,14 @@ async fn read_loop(
                     }
                     continue;
                 }
-                Frame::Pong(_) | Frame::Hello(_) | Frame::Welcome(_) => continue,
+                // Relay-link frames never come on an agent's session.
+                Frame::Pong(_)
+                | Frame::Hello(_)
+                | Frame::Welcome(_)
+                | Frame::LinkHello(_)
+                | Frame::LinkAck(_)
+                | Frame::LinkNack(_)
+                | Frame::Presence(_) => continue,
             };
             batch.push(ev);
         }

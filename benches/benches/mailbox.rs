@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use openmesh_dataplane::engine::mailbox::{flush, CoreMsg, Mailbox, Outbox};
+use openmesh_dataplane::shard::msg::Src;
 use openmesh_dataplane::wire::{AgentId, Destination, EnvelopeBuilder, MessageId};
 
 fn handoff(c: &mut Criterion) {
@@ -47,7 +48,11 @@ fn handoff(c: &mut Criterion) {
                         0,
                         CoreMsg::Deliver {
                             env: env.clone(),
-                            src: Some((1, 7)),
+                            src: Some(Src {
+                                core: 1,
+                                conn: 7,
+                                tag: env.message_id(),
+                            }),
                         },
                     );
                 }

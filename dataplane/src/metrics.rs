@@ -40,6 +40,14 @@ pub const MEMORY_USED: &str = "openmesh_memory_used_bytes";
 pub const MEMORY_BUDGET: &str = "openmesh_memory_budget_bytes";
 pub const OVERLOAD_STATE: &str = "openmesh_overload_state";
 pub const FLEET_GENERATION: &str = "openmesh_fleet_generation";
+pub const FLEET_ROUTED: &str = "openmesh_fleet_envelopes_total";
+pub const FLEET_WAITING: &str = "openmesh_fleet_waiting_envelopes";
+pub const FLEET_AGENTS: &str = "openmesh_fleet_located_agents";
+pub const LINK_UP: &str = "openmesh_link_up";
+pub const LINK_RTT: &str = "openmesh_link_rtt_seconds";
+pub const LINK_LOSS: &str = "openmesh_link_ping_loss_ratio";
+pub const LINK_ENVELOPES: &str = "openmesh_link_envelopes_total";
+pub const LINK_ANSWERS: &str = "openmesh_link_answers_received_total";
 pub const UNSHARED: &str = "openmesh_envelopes_unshared_total";
 pub const RECEIPTS: &str = "openmesh_receipts_sent_total";
 pub const RECEIPTS_DROPPED: &str = "openmesh_receipts_dropped_total";
@@ -200,6 +208,46 @@ pub fn describe() {
         "Generation of the fleet's route snapshot a core applied (0: none)."
     );
     describe_counter!(
+        FLEET_ROUTED,
+        Unit::Count,
+        "Envelopes of the fleet by what a core did with them: forwarded (queued on a relay link), delivered (this relay is the last of the path), kept (waiting for a compliant path), no_path (refused at ingress)."
+    );
+    describe_gauge!(
+        FLEET_WAITING,
+        Unit::Count,
+        "Envelopes a core keeps until a compliant path exists."
+    );
+    describe_gauge!(
+        FLEET_AGENTS,
+        Unit::Count,
+        "Agents a core knows the relay of (presence over relay links, and its own)."
+    );
+    describe_gauge!(
+        LINK_UP,
+        Unit::Count,
+        "1 while the relay link to a peer is up, 0 once it went down."
+    );
+    describe_gauge!(
+        LINK_RTT,
+        Unit::Seconds,
+        "Round-trip time of the last PING answered on a relay link."
+    );
+    describe_gauge!(
+        LINK_LOSS,
+        Unit::Count,
+        "Share of a relay link's PINGs not answered (since the link came up)."
+    );
+    describe_counter!(
+        LINK_ENVELOPES,
+        Unit::Count,
+        "Envelopes queued on a relay link (direction out) or received from it (in)."
+    );
+    describe_counter!(
+        LINK_ANSWERS,
+        Unit::Count,
+        "Answers from a relay link's peer to envelopes sent on it: acked (custody taken) or refused."
+    );
+    describe_counter!(
         UNSHARED,
         Unit::Count,
         "Envelopes held past a tick and moved off the read buffers they pinned."
@@ -358,6 +406,9 @@ pub struct CoreMetrics {
     pub memory_used: Gauge,
     pub overload_state: Gauge,
     pub fleet_generation: Gauge,
+    fleet_routed: [Counter; 4],
+    pub fleet_waiting: Gauge,
+    pub fleet_agents: Gauge,
     pub unshared: Counter,
     pub duplicates: Counter,
     receipts_sent: [Counter; 2],
@@ -410,6 +461,15 @@ impl CoreMetrics {
             memory_used: gauge!(MEMORY_USED, "core" => core.clone()),
             overload_state: gauge!(OVERLOAD_STATE, "core" => core.clone()),
             fleet_generation: gauge!(FLEET_GENERATION, "core" => core.clone()),
+            fleet_routed: [
+                FleetOutcome::Forwarded,
+                FleetOutcome::Delivered,
+                FleetOutcome::Kept,
+                FleetOutcome::NoPath,
+            ]
+            .map(|o| counter!(FLEET_ROUTED, "outcome" => o.label())),
+            fleet_waiting: gauge!(FLEET_WAITING, "core" => core.clone()),
+            fleet_agents: gauge!(FLEET_AGENTS, "core" => core.clone()),
             unshared: counter!(UNSHARED, "core" => core.clone()),
             duplicates: counter!(DUPLICATES, "core" => core.clone()),
             receipts_sent: [
@@ -422,6 +482,11 @@ impl CoreMetrics {
 
     fn idx(r: Reason) -> usize {
         Reason::ALL.iter().position(|x| *x == r).unwrap_or(0)
+    }
+
+    /// Counts what a core did with an envelope of the fleet.
+    pub fn fleet_routed(&self, o: FleetOutcome) {
+        self.fleet_routed[o as usize].increment(1);
     }
 
     /// Counts one envelope refused with a NACK.
@@ -443,5 +508,51 @@ impl CoreMetrics {
     /// Counts one failed handshake.
     pub fn handshake_failed(&self, r: Reason) {
         self.handshake_failures[Self::idx(r)].increment(1);
+    }
+}
+
+/// What a core did with an envelope of the fleet ([`FLEET_ROUTED`]'s `outcome`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FleetOutcome {
+    Forwarded = 0,
+    Delivered = 1,
+    Kept = 2,
+    NoPath = 3,
+}
+
+impl FleetOutcome {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Forwarded => "forwarded",
+            Self::Delivered => "delivered",
+            Self::Kept => "kept",
+            Self::NoPath => "no_path",
+        }
+    }
+}
+
+/// One relay link's handles, labelled with the peer's name in the fleet file.
+pub struct LinkMetrics {
+    pub up: Gauge,
+    pub rtt: Gauge,
+    pub lost: Gauge,
+    pub sent: Counter,
+    pub received: Counter,
+    pub acked: Counter,
+    pub refused: Counter,
+}
+
+impl LinkMetrics {
+    pub fn new(peer: &str) -> Self {
+        let p = peer.to_string();
+        LinkMetrics {
+            up: gauge!(LINK_UP, "peer" => p.clone()),
+            rtt: gauge!(LINK_RTT, "peer" => p.clone()),
+            lost: gauge!(LINK_LOSS, "peer" => p.clone()),
+            sent: counter!(LINK_ENVELOPES, "peer" => p.clone(), "direction" => "out"),
+            received: counter!(LINK_ENVELOPES, "peer" => p.clone(), "direction" => "in"),
+            acked: counter!(LINK_ANSWERS, "peer" => p.clone(), "answer" => "acked"),
+            refused: counter!(LINK_ANSWERS, "peer" => p, "answer" => "refused"),
+        }
     }
 }

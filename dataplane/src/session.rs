@@ -154,9 +154,17 @@ impl Session {
             (SessionState::Closed, _) => Admit::Close(Reason::Normal),
             (SessionState::Handshake, Frame::Hello(_)) => Admit::Accept,
             (SessionState::Handshake, _) => Admit::Close(Reason::UnexpectedFrame),
-            (_, Frame::Hello(_) | Frame::Welcome(_) | Frame::GoingAway(_) | Frame::Receipt(_)) => {
-                Admit::Close(Reason::UnexpectedFrame)
-            }
+            (
+                _,
+                Frame::Hello(_)
+                | Frame::Welcome(_)
+                | Frame::GoingAway(_)
+                | Frame::Receipt(_)
+                | Frame::LinkHello(_)
+                | Frame::LinkAck(_)
+                | Frame::LinkNack(_)
+                | Frame::Presence(_),
+            ) => Admit::Close(Reason::UnexpectedFrame),
             (SessionState::Draining, Frame::Envelope(_)) => Admit::Nack(Reason::ShuttingDown),
             (_, Frame::Ping(_)) => {
                 // Each PING makes the relay write a PONG: more than a few per heartbeat

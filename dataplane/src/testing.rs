@@ -45,6 +45,7 @@ impl InMemoryRelay {
     pub fn shard_config(&self) -> ShardConfig {
         ShardConfig {
             tls: self.server_tls.clone(),
+            link: None,
             relay_id: self.relay.relay_id(),
         }
     }

@@ -538,7 +538,7 @@ impl Sim {
                         }
                     }
                     // Store operations are taken by `store_progress` at random moments.
-                    Action::WakeReader(_) | Action::WakeStore => {}
+                    Action::WakeReader(_) | Action::WakeStore | Action::LinkState(..) => {}
                     Action::Shutdown(c) => {
                         if let Some(l) = self.link_of(core, c) {
                             self.end_link(l);

@@ -23,6 +23,18 @@ pub struct Config {
     /// The `[limits]` section is the engine's [`Limits`] itself (same names, same defaults).
     pub limits: Limits,
     pub store: StoreSection,
+    pub link: LinkSection,
+}
+
+/// Relay links to the other relays of a fleet (with `--fleet`).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LinkSection {
+    /// Where the link listener binds. Unset: this relay's `link` address in the fleet file.
+    pub listen: Option<SocketAddr>,
+    /// The fleet CA's certificates (PEM): links admit only relay certificates it issued, and
+    /// `tls.cert` must be one (`openmesh-relay fleet issue`). Unset: no links.
+    pub ca: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Deserialize)]

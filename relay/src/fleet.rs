@@ -164,3 +164,55 @@ pub fn check(p: &Path) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `fleet ca`: a new fleet CA in `dir`.
+pub fn make_ca(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let (cert, key) = (dir.join("ca.pem"), dir.join("ca.key"));
+    anyhow::ensure!(
+        !cert.exists() && !key.exists(),
+        "{} already holds a fleet CA",
+        dir.display()
+    );
+    let ca = openmesh_dataplane::pki::CertAuthority::generate("OpenMesh fleet CA")?;
+    ca.save(&cert, &key)?;
+    println!("fleet CA: {} (key {})", cert.display(), key.display());
+    Ok(())
+}
+
+/// `fleet issue`: a relay certificate from the fleet CA in `ca`, written to `out`.
+pub fn issue(ca: &Path, name: &str, out: &Path, hosts: &[String]) -> anyhow::Result<()> {
+    let ca = openmesh_dataplane::pki::CertAuthority::load(&ca.join("ca.pem"), &ca.join("ca.key"))
+        .context("loading the fleet CA (ca.pem, ca.key)")?;
+    let id = ca.issue_fleet_relay(name, hosts)?;
+    std::fs::create_dir_all(out)?;
+    id.save(&out.join("cert.pem"), &out.join("key.pem"))?;
+    println!(
+        "relay {name}: {} (key {}), relay id {}",
+        out.join("cert.pem").display(),
+        out.join("key.pem").display(),
+        id.relay_id().to_hex()
+    );
+    Ok(())
+}
+
+/// TLS of relay links: this relay's identity (which must be a fleet relay certificate) and the
+/// fleet CA.
+pub fn link_tls(
+    identity: &openmesh_dataplane::pki::Identity,
+    ca: &Path,
+) -> anyhow::Result<openmesh_dataplane::shard::LinkTls> {
+    let leaf = identity
+        .chain
+        .first()
+        .context("tls.cert holds no certificate")?;
+    anyhow::ensure!(
+        openmesh_dataplane::pki::has_relay_role(leaf),
+        "tls.cert is not a fleet relay certificate (no relay role marker; see `openmesh-relay fleet issue`)"
+    );
+    let ca = openmesh_dataplane::pki::load_certs(ca).context("loading link.ca")?;
+    Ok(openmesh_dataplane::shard::LinkTls {
+        server: openmesh_dataplane::tls::link_server_config(identity, &ca)?,
+        client: openmesh_dataplane::tls::link_client_config(identity, &ca)?,
+    })
+}

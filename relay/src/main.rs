@@ -70,6 +70,28 @@ enum Command {
 
 #[derive(clap::Subcommand, Debug)]
 enum FleetCommand {
+    /// Creates a fleet CA (ca.pem, ca.key) in a directory.
+    Ca {
+        /// Directory to write to (created).
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Issues a relay's certificate (cert.pem, key.pem) from the fleet CA, and prints the
+    /// relay id for the fleet file.
+    Issue {
+        /// Directory of the fleet CA (`fleet ca`).
+        #[arg(long)]
+        ca: PathBuf,
+        /// The relay's name (certificate common name).
+        #[arg(long)]
+        name: String,
+        /// Directory to write the certificate and key to (created).
+        #[arg(long)]
+        out: PathBuf,
+        /// DNS names or IP addresses agents reach the relay by.
+        #[arg(long, default_values = ["localhost", "127.0.0.1"])]
+        host: Vec<String>,
+    },
     /// Validates a fleet file (the first reason it is refused, or a summary and the
     /// low-latency path between every two relays) without starting the relay.
     Check {
@@ -144,11 +166,23 @@ fn init_logging(cfg: &Config) {
 
 fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if let Some(Command::Fleet {
-        what: FleetCommand::Check { file },
-    }) = &cli.command
-    {
-        return fleet::check(file);
+    match &cli.command {
+        Some(Command::Fleet {
+            what: FleetCommand::Check { file },
+        }) => return fleet::check(file),
+        Some(Command::Fleet {
+            what: FleetCommand::Ca { dir },
+        }) => return fleet::make_ca(dir),
+        Some(Command::Fleet {
+            what:
+                FleetCommand::Issue {
+                    ca,
+                    name,
+                    out,
+                    host,
+                },
+        }) => return fleet::issue(ca, name, out, host),
+        _ => {}
     }
     let cfg = load(&cli)?;
     if let Some(Command::Store {
@@ -210,6 +244,33 @@ fn run() -> anyhow::Result<()> {
         }
         None => (None, None),
     };
+    let link = match (&first_snapshot, &cfg.link.ca) {
+        (Some(snap), Some(ca)) => {
+            let link = fleet::link_tls(&identity, ca)?;
+            let listen = match cfg.link.listen {
+                Some(a) => Some(a),
+                None => snap
+                    .index(&identity.relay_id())
+                    .map(|i| snap.relays[i].link_addr),
+            };
+            if listen.is_none() {
+                tracing::warn!(
+                    relay_id = %identity.relay_id().to_hex(),
+                    "this relay is not in the fleet file and link.listen is unset: no link listener"
+                );
+            }
+            Some((link, listen))
+        }
+        (Some(_), None) => {
+            tracing::warn!("--fleet without link.ca: the snapshot applies, no relay links");
+            None
+        }
+        _ => None,
+    };
+    let (link, link_listen) = match link {
+        Some((l, a)) => (Some(l), a),
+        None => (None, None),
+    };
     let engine = Engine::start(EngineConfig {
         listen: cfg.relay.listen,
         cores,
@@ -219,6 +280,8 @@ fn run() -> anyhow::Result<()> {
         settings: cfg.settings(mode),
         tick_ms: cfg.relay.tick_ms,
         store: cfg.store(),
+        link,
+        link_listen,
     })?;
     let store = match cfg.store() {
         Some(s) => format!(
@@ -228,13 +291,18 @@ fn run() -> anyhow::Result<()> {
         ),
         None => "no store (durable class off)".into(),
     };
+    let links = match engine.link_addr() {
+        Some(a) => format!(", relay links on {a}"),
+        None => String::new(),
+    };
     println!(
-        "openmesh-relay ready: agents on {} (TLS 1.3), metrics on http://{}/metrics, {} cores, {}, relay id {}",
+        "openmesh-relay ready: agents on {} (TLS 1.3), metrics on http://{}/metrics, {} cores, {}, relay id {}{}",
         engine.local_addr(),
         cfg.relay.metrics,
         cores,
         store,
-        AgentId(identity.public_key()).to_hex()
+        AgentId(identity.public_key()).to_hex(),
+        links
     );
 
     if let Some(snap) = first_snapshot {

@@ -36,6 +36,7 @@ struct Core {
     shard: RefCell<Shard>,
     io: RefCell<HashMap<ConnId, Rc<ConnIo>, foldhash::fast::RandomState>>,
     listener: Listener,
+    link_listener: Option<Listener>,
     shared: Arc<Shared>,
     cfg: Arc<EngineConfig>,
     drain_reported: Cell<bool>,
@@ -71,7 +72,7 @@ pub(crate) fn run(
     ncores: u16,
     cfg: Arc<EngineConfig>,
     shared: Arc<Shared>,
-    listener: std::net::TcpListener,
+    (listener, link_listener): (std::net::TcpListener, Option<std::net::TcpListener>),
     store: Option<crate::shard::ShardStore>,
 ) {
     uring::run(4096, async move {
@@ -82,6 +83,7 @@ pub(crate) fn run(
             ShardConfig {
                 tls: cfg.tls.clone(),
                 relay_id: cfg.relay_id,
+                link: cfg.link.clone(),
             },
             cfg.settings.clone(),
             shared.seq.clone(),
@@ -96,6 +98,7 @@ pub(crate) fn run(
             shard: RefCell::new(shard),
             io: RefCell::new(HashMap::default()),
             listener: Listener::from_std(listener),
+            link_listener: link_listener.map(Listener::from_std),
             shared,
             cfg,
             drain_reported: Cell::new(false),
@@ -107,16 +110,25 @@ pub(crate) fn run(
             uring::spawn(store_loop(core.clone(), files.clone(), false));
             uring::spawn(store_loop(core.clone(), files, true));
         }
-        uring::spawn(accept_loop(core.clone()));
+        uring::spawn(accept_loop(core.clone(), false));
+        if core.link_listener.is_some() {
+            uring::spawn(accept_loop(core.clone(), true));
+        }
         uring::spawn(tick_loop(core.clone()));
         tracing::debug!(core = id, "core running");
         core.clone().mailbox_loop().await;
     });
 }
 
-async fn accept_loop(core: Rc<Core>) {
+/// Accepts agents, or with `links` other relays on the link port.
+async fn accept_loop(core: Rc<Core>, links: bool) {
+    let listener = match (links, &core.link_listener) {
+        (false, _) => &core.listener,
+        (true, Some(l)) => l,
+        (true, None) => return,
+    };
     loop {
-        let accepted = core.listener.accept().await;
+        let accepted = listener.accept().await;
         if core.shard.borrow().is_draining() {
             return;
         }
@@ -128,18 +140,16 @@ async fn accept_loop(core: Rc<Core>) {
                 continue;
             }
         };
-        let Some(id) = core.shard.borrow_mut().open(now()) else {
+        let opened = if links {
+            core.shard.borrow_mut().open_link(now())
+        } else {
+            core.shard.borrow_mut().open(now())
+        };
+        let Some(id) = opened else {
             stream.shutdown();
             continue;
         };
-        let io = Rc::new(ConnIo {
-            stream,
-            wake_writer: Notify::new(),
-            wake_reader: Notify::new(),
-        });
-        core.io.borrow_mut().insert(id, io.clone());
-        uring::spawn(writer(core.clone(), id, io.clone()));
-        uring::spawn(reader(core.clone(), id, io));
+        core.serve(id, stream);
     }
 }
 
@@ -278,17 +288,31 @@ impl Core {
         self.drive();
     }
 
-    /// Takes in a session handed over by another core: its socket gets tasks here.
-    fn adopt(self: &Rc<Self>, moving: crate::shard::MovingConn, fd: OwnedFd, t: Now) {
+    /// Gives connection `id` its socket and its reader and writer tasks.
+    fn serve(self: &Rc<Self>, id: ConnId, stream: Stream) {
         let io = Rc::new(ConnIo {
-            stream: Stream::from_socket(fd),
+            stream,
             wake_writer: Notify::new(),
             wake_reader: Notify::new(),
         });
-        let id = self.shard.borrow_mut().adopt(moving, t);
         self.io.borrow_mut().insert(id, io.clone());
         uring::spawn(writer(self.clone(), id, io.clone()));
         uring::spawn(reader(self.clone(), id, io));
+    }
+
+    /// Takes in a session handed over by another core: its socket gets tasks here.
+    fn adopt(self: &Rc<Self>, moving: crate::shard::MovingConn, fd: OwnedFd, t: Now) {
+        let id = self.shard.borrow_mut().adopt(moving, t);
+        self.serve(id, Stream::from_socket(fd));
+    }
+
+    /// Takes in a socket the dialler connected to another relay's link port.
+    fn dialled(self: &Rc<Self>, peer: crate::wire::RelayId, fd: OwnedFd, t: Now) {
+        let id = self.shard.borrow_mut().open_dialled(peer, t);
+        match id {
+            Some(id) => self.serve(id, Stream::from_socket(fd)),
+            None => drop(fd),
+        }
     }
 
     /// Carries out the shard's actions and flushes its outbox.
@@ -305,6 +329,12 @@ impl Core {
                     self.store_side_wake.notify_one();
                     continue;
                 }
+                Action::LinkState(peer, up) => {
+                    if let Ok(mut m) = self.shared.links.up.lock() {
+                        m.insert(peer, up);
+                    }
+                    continue;
+                }
             };
             let Some(io) = self.io.borrow().get(&c).cloned() else {
                 continue;
@@ -317,7 +347,7 @@ impl Core {
                     io.wake_reader.notify_one();
                     io.wake_writer.notify_one();
                 }
-                Action::WakeStore => {}
+                Action::WakeStore | Action::LinkState(..) => {}
             }
         }
         let mut shard = self.shard.borrow_mut();
@@ -361,12 +391,19 @@ impl Core {
                 if matches!(msg, CoreMsg::Drain | CoreMsg::Exit) {
                     // Complete the pending accept; the kernel stops queueing connections here.
                     self.listener.stop();
+                    if let Some(l) = &self.link_listener {
+                        l.stop();
+                    }
                 }
                 match msg {
                     CoreMsg::Adopt {
                         conn,
                         socket: Some(fd),
                     } => self.adopt(conn, fd, t),
+                    CoreMsg::Dial {
+                        peer,
+                        socket: Some(fd),
+                    } => self.dialled(peer, fd, t),
                     msg => self.shard.borrow_mut().on_message(msg, t),
                 }
                 if exit {

@@ -14,6 +14,7 @@
 //! only messages ([`mailbox::CoreMsg`]); nothing on the per-envelope path takes a lock.
 
 mod core;
+mod dialler;
 pub mod mailbox;
 pub mod store;
 pub mod uring;
@@ -61,6 +62,10 @@ pub struct EngineConfig {
     pub settings: Settings,
     /// Where durable envelopes are stored; `None`: the relay does not offer the durable class.
     pub store: Option<crate::engine::store::StoreConfig>,
+    /// Relay links: where the link listener binds and its TLS (fleet CA, relay role). `None`:
+    /// no links (a relay outside a fleet).
+    pub link: Option<crate::shard::LinkTls>,
+    pub link_listen: Option<SocketAddr>,
 }
 
 /// State shared by all cores: their mailboxes and a few relay-wide counters.
@@ -70,6 +75,8 @@ pub(crate) struct Shared {
     pub(crate) budget: Arc<RelayBudget>,
     pub(crate) drained: AtomicUsize,
     pub(crate) draining: AtomicBool,
+    /// Links up, and the snapshot, for the dialler.
+    pub(crate) links: dialler::LinkBoard,
 }
 
 /// A running engine.
@@ -77,6 +84,7 @@ pub struct Engine {
     threads: Vec<JoinHandle<()>>,
     shared: Arc<Shared>,
     local_addr: SocketAddr,
+    link_addr: Option<SocketAddr>,
     recovered: usize,
 }
 
@@ -129,6 +137,22 @@ impl Engine {
                 }
             })?);
         }
+        let mut link_listeners: Vec<Option<std::net::TcpListener>> =
+            (0..cores).map(|_| None).collect();
+        let mut link_addr = None;
+        if let (Some(addr), Some(_)) = (cfg.link_listen, &cfg.link) {
+            let bind = |a| {
+                uring::bind_reuseport(a, 1024)
+                    .map_err(|source| EngineError::Bind { addr: a, source })
+            };
+            let first = bind(addr)?;
+            let bound = first.local_addr().map_err(EngineError::Thread)?;
+            link_listeners[0] = Some(first);
+            for l in link_listeners.iter_mut().skip(1) {
+                *l = Some(bind(bound)?);
+            }
+            link_addr = Some(bound);
+        }
         let shared = Arc::new(Shared {
             mailboxes: (0..cores)
                 .map(|_| Mailbox::new(cfg.settings.limits.mailbox_capacity))
@@ -137,6 +161,7 @@ impl Engine {
             budget: RelayBudget::new(cfg.settings.limits.memory_budget as u64, cores),
             drained: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
+            links: dialler::LinkBoard::default(),
         });
         let cpus = core_affinity::get_core_ids().unwrap_or_default();
         // The shards run the record layer themselves once rustls finished the handshake.
@@ -151,6 +176,7 @@ impl Engine {
             let cfg = cfg.clone();
             let shared = shared.clone();
             let store = stores[i].take();
+            let link_listener = link_listeners[i].take();
             let cpu = (cfg.pin && !cpus.is_empty()).then(|| cpus[i % cpus.len()]);
             let t = std::thread::Builder::new()
                 .name(format!("om-core-{i}"))
@@ -158,8 +184,23 @@ impl Engine {
                     if let Some(cpu) = cpu {
                         core_affinity::set_for_current(cpu);
                     }
-                    core::run(i as u16, cores as u16, cfg, shared, listener, store);
+                    core::run(
+                        i as u16,
+                        cores as u16,
+                        cfg,
+                        shared,
+                        (listener, link_listener),
+                        store,
+                    );
                 })
+                .map_err(EngineError::Thread)?;
+            threads.push(t);
+        }
+        if cfg.link.is_some() {
+            let (me, shared) = (cfg.relay_id, shared.clone());
+            let t = std::thread::Builder::new()
+                .name("om-dialler".into())
+                .spawn(move || dialler::run(me, cores as u16, shared))
                 .map_err(EngineError::Thread)?;
             threads.push(t);
         }
@@ -170,6 +211,7 @@ impl Engine {
             threads,
             shared,
             local_addr,
+            link_addr,
             recovered,
         })
     }
@@ -182,6 +224,11 @@ impl Engine {
     /// The address agents connect to (with the real port when 0 was configured).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The address of the relay link listener, if the relay runs one.
+    pub fn link_addr(&self) -> Option<SocketAddr> {
+        self.link_addr
     }
 
     /// Begins a graceful drain on every core: GOING_AWAY to every agent, no new connections.
@@ -208,6 +255,13 @@ impl Engine {
     /// Hands every core a route snapshot of the fleet; each applies it if it is newer than the
     /// one it has (the `openmesh_fleet_generation` gauge says which one each runs).
     pub fn apply_fleet(&self, snapshot: Arc<crate::fleet::snapshot::Snapshot>) {
+        if let Ok(mut s) = self.shared.links.snapshot.lock() {
+            if s.as_ref()
+                .is_none_or(|have| have.generation < snapshot.generation)
+            {
+                *s = Some(snapshot.clone());
+            }
+        }
         for mb in &self.shared.mailboxes {
             mb.push_blocking(CoreMsg::Fleet(snapshot.clone()));
         }
@@ -215,7 +269,7 @@ impl Engine {
 
     /// Whether every core finished draining.
     pub fn drained(&self) -> bool {
-        self.shared.drained.load(Ordering::SeqCst) >= self.threads.len()
+        self.shared.drained.load(Ordering::SeqCst) >= self.shared.mailboxes.len()
     }
 
     /// Stops every core and waits for the threads.

@@ -115,11 +115,14 @@ impl<F: Fn(usize) -> Option<u32>> LinkState for F {
     }
 }
 
+/// Per relay of a snapshot: (neighbour, link index). Shared, so that a relay builds it once per
+/// snapshot and a [`Graph`] costs nothing to make per envelope.
+pub type Adjacency = std::sync::Arc<Vec<Vec<(usize, usize)>>>;
+
 /// A snapshot's adjacency, built once per snapshot.
 pub struct Graph<'a> {
     pub snap: &'a Snapshot,
-    /// Per relay: (neighbour, link index).
-    adj: Vec<Vec<(usize, usize)>>,
+    adj: Adjacency,
 }
 
 impl<'a> Graph<'a> {
@@ -129,7 +132,20 @@ impl<'a> Graph<'a> {
             adj[l.a].push((l.b, i));
             adj[l.b].push((l.a, i));
         }
+        Graph {
+            snap,
+            adj: std::sync::Arc::new(adj),
+        }
+    }
+
+    /// A graph of `snap` with the adjacency an earlier [`Graph::new`] of the same snapshot built.
+    pub fn with(snap: &'a Snapshot, adj: Adjacency) -> Self {
         Graph { snap, adj }
+    }
+
+    /// The adjacency, to make the graph again with [`Graph::with`].
+    pub fn adjacency(&self) -> Adjacency {
+        self.adj.clone()
     }
 
     /// The link between relays `a` and `b`, if there is one.

@@ -29,6 +29,10 @@ impl Shard {
             c.transport.discard_input();
             return;
         }
+        if c.link.is_some() {
+            self.process_link_input(conn, now);
+            return;
+        }
         if !c.transport.is_open() {
             match c.transport.advance_handshake() {
                 Err(e) => {
@@ -169,7 +173,14 @@ impl Shard {
                     close = Some(Reason::Normal);
                     break;
                 }
-                Frame::Welcome(_) | Frame::GoingAway(_) | Frame::Receipt(_) => {}
+                // Refused by the session rules before this point.
+                Frame::Welcome(_)
+                | Frame::GoingAway(_)
+                | Frame::Receipt(_)
+                | Frame::LinkHello(_)
+                | Frame::LinkAck(_)
+                | Frame::LinkNack(_)
+                | Frame::Presence(_) => {}
             }
         }
         for k in 0..3 {
@@ -203,7 +214,7 @@ impl Shard {
         // Envelopes read before a CLOSE or a bad frame are routed, and their ACKs queued, before
         // the session's CLOSE (nothing is written after it).
         for env in accepted.drain(..) {
-            self.route_from(conn, env, now);
+            self.route_from(conn, env.message_id(), env, now);
         }
         if let Some(r) = close {
             self.close(conn, r, now);
@@ -258,11 +269,15 @@ impl Shard {
 
     /// Forgets a connection whose reader ended; what it held custody of is kept for the agent's
     /// next session.
-    pub(super) fn teardown(&mut self, conn: ConnId, _now: Now) {
+    pub(super) fn teardown(&mut self, conn: ConnId, now: Now) {
         let Some(mut c) = self.conns.remove(&conn) else {
             return;
         };
         self.actions.push_back(Action::Shutdown(conn));
+        if c.link.is_some() {
+            self.link_teardown(c, now);
+            return;
+        }
         let paced = std::mem::take(&mut c.a.paced_sources);
         self.resume_all(&paced);
         if !c.closing {

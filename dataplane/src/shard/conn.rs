@@ -13,7 +13,7 @@ use crate::session::Session;
 use crate::wire::{AgentId, MessageId, Role, Welcome};
 
 /// Control output (ACK, NACK, PONG bytes) a connection may owe before its reader stops.
-const CONTROL_OUTPUT_MAX: usize = 1 << 20;
+pub(crate) const CONTROL_OUTPUT_MAX: usize = 1 << 20;
 
 /// Sources one send queue remembers to resume when it drains (16 bytes each).
 pub(crate) const PACED_SOURCES_MAX: usize = 64;
@@ -54,6 +54,31 @@ pub(crate) struct AgentSession {
     pub(crate) last_ack_us: u64,
 }
 
+impl AgentSession {
+    pub(crate) fn new(now: Now) -> Self {
+        AgentSession {
+            agent: None,
+            seq: 0,
+            attached: false,
+            contract: None,
+            attach_acks_pending: 0,
+            welcomed: false,
+            acks_to_send: Vec::new(),
+            ctrl: BytesMut::new(),
+            outq: SendQueue::default(),
+            inflight: Inflight::default(),
+            awaiting: 0,
+            awaiting_bytes: 0,
+            bucket_frames: None,
+            bucket_bytes: None,
+            paced_until_us: 0,
+            paced_sources: Vec::new(),
+            handed_over: false,
+            last_ack_us: now.mono_us,
+        }
+    }
+}
+
 /// One connection: transport, session, and the role's state.
 pub(crate) struct Conn {
     pub(crate) id: ConnId,
@@ -62,6 +87,8 @@ pub(crate) struct Conn {
     /// What the peer is; only agents are served on this listener.
     pub(crate) role: Role,
     pub(crate) a: AgentSession,
+    /// A relay link's own state (its queue and in-flight custody are `a`'s).
+    pub(crate) link: Option<Box<super::link::LinkSession>>,
     /// CLOSE queued (or TLS failed); the writer sends close_notify and shuts down once flushed.
     pub(crate) closing: bool,
     pub(crate) closing_since_us: u64,
@@ -141,26 +168,8 @@ impl Shard {
                 transport,
                 session: Session::new(now.mono_us, self.settings.timeouts),
                 role: Role::Agent,
-                a: AgentSession {
-                    agent: None,
-                    seq: 0,
-                    attached: false,
-                    contract: None,
-                    attach_acks_pending: 0,
-                    welcomed: false,
-                    acks_to_send: Vec::new(),
-                    ctrl: BytesMut::new(),
-                    outq: SendQueue::default(),
-                    inflight: Inflight::default(),
-                    awaiting: 0,
-                    awaiting_bytes: 0,
-                    bucket_frames: None,
-                    bucket_bytes: None,
-                    paced_until_us: 0,
-                    paced_sources: Vec::new(),
-                    handed_over: false,
-                    last_ack_us: now.mono_us,
-                },
+                a: AgentSession::new(now),
+                link: None,
                 closing: false,
                 closing_since_us: 0,
                 close_notify_sent: false,
@@ -193,6 +202,14 @@ impl Shard {
             // Keep reading until the peer hangs up (so its close_notify and FIN are seen), but
             // what it sends is ignored.
             return ReadGate::Go;
+        }
+        if c.link.is_some() {
+            if outbox_full {
+                c.reader_parked = true;
+                self.parked_on_outbox.push(conn);
+                return ReadGate::Park;
+            }
+            return self.link_read_gate(conn);
         }
         if outbox_full {
             c.reader_parked = true;
@@ -271,6 +288,13 @@ impl Shard {
         c.moving_to = None;
         c.reader_parked = false;
         c.writer_awake = false;
+        if c.link.is_some() {
+            // A link that arrived on another core's listener: it says LINK_HELLO from here.
+            self.conns.insert(id, *c);
+            self.send_link_hello(id);
+            self.process_input(id, now);
+            return id;
+        }
         let full = self.conns.len() >= self.settings.limits.max_connections_per_core;
         let admitted = c.a.agent.map(|a| self.settings.admission.admit(&a));
         self.conns.insert(id, *c);

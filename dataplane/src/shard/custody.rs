@@ -125,6 +125,44 @@ impl Inflight {
             slot.delivered = delivered;
         }
         self.unacked -= 1;
+        self.pop_acked(released);
+        Settled::Known
+    }
+
+    /// Applies a relay link's answer for the envelope it received as its `seq`-th: LINK_ACK
+    /// (`take` is `None`), or LINK_NACK, whose envelope is cloned into `take` for what comes
+    /// next. A hop's ACK is not a delivery: no receipt. Returns whether `seq` was in flight.
+    pub(crate) fn settle_seq(
+        &mut self,
+        seq: u64,
+        take: Option<&mut Option<Envelope>>,
+        released: &mut Released,
+    ) -> bool {
+        let Some(i) = seq.checked_sub(self.front_seq) else {
+            return false;
+        };
+        let Some(slot) = self.order.get_mut(i as usize).filter(|s| !s.acked) else {
+            return false;
+        };
+        slot.acked = true;
+        if let Some(t) = take {
+            *t = Some(slot.env.clone());
+        }
+        if let Some(ix) = &mut self.index {
+            let id = slot.env.message_id();
+            if let Some(seqs) = ix.get_mut(&id) {
+                seqs.retain(|s| *s != seq);
+                if seqs.is_empty() {
+                    ix.remove(&id);
+                }
+            }
+        }
+        self.unacked -= 1;
+        self.pop_acked(released);
+        true
+    }
+
+    fn pop_acked(&mut self, released: &mut Released) {
         while self.order.front().is_some_and(|f| f.acked) {
             if let Some(slot) = self.order.pop_front() {
                 self.bytes -= slot.env.frame_len();
@@ -139,7 +177,6 @@ impl Inflight {
         if self.order.is_empty() {
             self.index = None;
         }
-        Settled::Known
     }
 
     /// Moves every envelope not yet moved off its read buffer into its own allocation (see

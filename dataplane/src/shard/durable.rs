@@ -23,7 +23,7 @@
 use std::collections::HashMap;
 
 use super::budget::Overload;
-use super::msg::ConnId;
+use super::msg::Src;
 use super::{dest_agent, Action, Now, Shard};
 use crate::store::log::{Log, LogAction};
 use crate::wire::{AgentId, DeliveryClass, Envelope, MessageId, Reason};
@@ -62,7 +62,7 @@ pub enum StoreState {
 
 struct Pending {
     env: Envelope,
-    src: (u16, ConnId),
+    src: Src,
 }
 
 pub(crate) struct Durable {
@@ -155,7 +155,7 @@ impl Shard {
     pub(super) fn store_durable(
         &mut self,
         env: Envelope,
-        src: (u16, ConnId),
+        src: Src,
         now: Now,
     ) -> Result<(), Reason> {
         if self.budget.state == Overload::Refuse {
@@ -178,14 +178,7 @@ impl Shard {
                 return Err(Reason::StoreUnavailable);
             }
             let len = env.frame_len() as u32;
-            self.verdict_to(
-                src.0,
-                src.1,
-                (key.1, len),
-                DeliveryClass::Durable,
-                Ok(false),
-                now,
-            );
+            self.verdict_to(src, len, DeliveryClass::Durable, Ok(false), now);
             return Ok(());
         }
         let Some(dst) = dest_agent(&env) else {
@@ -382,14 +375,7 @@ impl Shard {
                 }
             }
         }
-        self.verdict_to(
-            src.0,
-            src.1,
-            (id, len),
-            DeliveryClass::Durable,
-            Ok(false),
-            now,
-        );
+        self.verdict_to(src, len, DeliveryClass::Durable, Ok(false), now);
     }
 
     /// Envelope `seq` could not be written: its source hears NACK `store_unavailable`.
@@ -404,9 +390,8 @@ impl Shard {
         // Not stored: it leaves the source's quota only.
         self.released.note(&env);
         self.verdict_to(
-            src.0,
-            src.1,
-            (id, len),
+            src,
+            len,
             DeliveryClass::Durable,
             Err(Reason::StoreUnavailable),
             now,

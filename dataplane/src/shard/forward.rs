@@ -14,7 +14,7 @@
 
 use super::budget::Overload;
 use super::conn::{PACED_SOURCES_MAX, PACE_MAX_US};
-use super::msg::CoreMsg;
+use super::msg::{CoreMsg, Src};
 use super::{dest_agent, ConnId, Now, Shard};
 use crate::routing::Route;
 use crate::wire::{DeliveryClass, Envelope, MessageId, Reason};
@@ -25,10 +25,17 @@ fn about_the_envelope(r: Reason) -> bool {
 }
 
 impl Shard {
-    /// Routes an envelope accepted from connection `src`.
-    pub(super) fn route_from(&mut self, src: ConnId, env: Envelope, now: Now) {
-        let id = env.message_id();
+    /// Routes an envelope accepted from connection `src`, whose verdict is answered by `tag`
+    /// (see [`Src`]).
+    pub(super) fn route_from(&mut self, src: ConnId, tag: MessageId, env: Envelope, now: Now) {
+        let id = tag;
+        let me = Src {
+            core: self.id,
+            conn: src,
+            tag,
+        };
         let class = env.class();
+        let len_of_later = env.frame_len();
         // Over the memory budget: shed best-effort first, then refuse new at-least-once.
         let state = self.budget.state;
         if state >= Overload::Shed && class == DeliveryClass::BestEffort
@@ -37,6 +44,26 @@ impl Shard {
             self.settle(src, id, class, Err(Reason::Overloaded), None, now);
             return;
         }
+        // An agent's envelope for an agent attached to another relay of the fleet.
+        let from_agent = self.conns.get(&src).is_some_and(|c| c.link.is_none());
+        let env = if from_agent && self.mesh.snap.is_some() {
+            match self.offer_to_fleet(Some(me), env, now) {
+                super::link::ToFleet::Here(env) => env,
+                super::link::ToFleet::Done(r) => {
+                    self.settle(src, id, class, r, None, now);
+                    return;
+                }
+                super::link::ToFleet::Later => {
+                    if let Some(c) = self.conns.get_mut(&src) {
+                        c.a.awaiting += 1;
+                        c.a.awaiting_bytes += len_of_later;
+                    }
+                    return;
+                }
+            }
+        } else {
+            env
+        };
         let route = self.directory.route(&env, self.id, self.ncores);
         if class == DeliveryClass::Durable && !matches!(route, Route::Refuse(_)) {
             // Answered once the home core's store synced it: counted like an envelope handed
@@ -49,14 +76,14 @@ impl Shard {
         match route {
             Route::Local if class == DeliveryClass::Durable => {
                 let len = env.frame_len();
-                if let Err(r) = self.store_durable(env, (self.id, src), now) {
+                if let Err(r) = self.store_durable(env, me, now) {
                     self.settle(src, id, class, Err(r), Some(len), now);
                 }
             }
             Route::Local => {
                 let result = match self.duplicate_verdict(&env) {
                     Some(v) => v,
-                    None => self.deliver_local(env, (self.id, src)).map_err(|(r, _)| r),
+                    None => self.deliver_local(env, me).map_err(|(r, _)| r),
                 };
                 self.settle(src, id, class, result, None, now);
             }
@@ -67,13 +94,7 @@ impl Shard {
                         c.a.awaiting_bytes += env.frame_len();
                     }
                 }
-                self.outbox.push(
-                    k,
-                    CoreMsg::Deliver {
-                        env,
-                        src: Some((self.id, src)),
-                    },
-                );
+                self.outbox.push(k, CoreMsg::Deliver { env, src: Some(me) });
                 self.handed_off += 1;
             }
             Route::Refuse(r) => self.settle(src, id, class, Err(r), None, now),
@@ -84,11 +105,7 @@ impl Shard {
     /// its destination, attached to this core, within the source's quota.
     // The refused envelope travels back by value: no allocation on the refusal path.
     #[allow(clippy::result_large_err)]
-    fn deliver_local(
-        &mut self,
-        env: Envelope,
-        src: (u16, ConnId),
-    ) -> Result<bool, (Reason, Envelope)> {
+    fn deliver_local(&mut self, env: Envelope, src: Src) -> Result<bool, (Reason, Envelope)> {
         let (source, len) = (env.source(), env.frame_len());
         let within_quota = self.sources.allows(&source, len, self.source_quota());
         let id = env.message_id();
@@ -107,7 +124,7 @@ impl Shard {
         &mut self,
         env: Envelope,
         within_quota: bool,
-        src: (u16, ConnId),
+        src: Src,
     ) -> Result<bool, (Reason, Envelope)> {
         let Some(dst) = dest_agent(&env) else {
             return Err((Reason::DestinationUnavailable, env));
@@ -128,6 +145,7 @@ impl Shard {
         if let Ok(true) = r {
             // Remembered so that the source resumes when this queue drains.
             let paced = &mut c.a.paced_sources;
+            let src = (src.core, src.conn);
             if paced.len() < PACED_SOURCES_MAX && !paced.contains(&src) {
                 paced.push(src);
             }
@@ -222,8 +240,7 @@ impl Shard {
     }
 
     /// An envelope from another core (a source's, or custody following its agent).
-    pub(super) fn on_deliver(&mut self, env: Envelope, src: Option<(u16, ConnId)>, now: Now) {
-        let id = env.message_id();
+    pub(super) fn on_deliver(&mut self, env: Envelope, src: Option<Src>, now: Now) {
         let class = env.class();
         let len = env.frame_len() as u32;
         let moved = dest_agent(&env)
@@ -234,7 +251,7 @@ impl Shard {
             self.outbox.push(loc.core, CoreMsg::Deliver { env, src });
             return;
         }
-        let Some((core, conn)) = src else {
+        let Some(src) = src else {
             // Custody handed over from another core: already ACKed, so never refused for room.
             // It joins this core's quota, and the agent's queue if the agent is here (else it is
             // held for it).
@@ -246,44 +263,43 @@ impl Shard {
             return;
         };
         if class == DeliveryClass::Durable {
-            if let Err(r) = self.store_durable(env, (core, conn), now) {
-                self.verdict_to(core, conn, (id, len), class, Err(r), now);
+            if let Err(r) = self.store_durable(env, src, now) {
+                self.verdict_to(src, len, class, Err(r), now);
             }
             return;
         }
         if let Some(v) = self.duplicate_verdict(&env) {
-            self.verdict_to(core, conn, (id, len), class, v, now);
+            self.verdict_to(src, len, class, v, now);
             return;
         }
         // New work from another core meets this core's budget too.
         let result = if self.budget.state == Overload::Refuse {
             Err((Reason::Overloaded, env))
         } else {
-            self.deliver_local(env, (core, conn))
+            self.deliver_local(env, src)
         };
         let result = result.map_err(|(r, _)| r);
-        self.verdict_to(core, conn, (id, len), class, result, now);
+        self.verdict_to(src, len, class, result, now);
     }
 
-    /// Sends the verdict on envelope `id` of `len` bytes to its source connection.
+    /// Sends the verdict on an envelope of `len` bytes to its source.
     pub(super) fn verdict_to(
         &mut self,
-        core: u16,
-        conn: ConnId,
-        (id, len): (MessageId, u32),
+        src: Src,
+        len: u32,
         class: DeliveryClass,
         result: Result<bool, Reason>,
         now: Now,
     ) {
         let class_acked = class != DeliveryClass::BestEffort;
-        if core == self.id {
-            self.on_verdict(conn, id, len, class_acked, result, now);
+        if src.core == self.id {
+            self.on_verdict(src.conn, src.tag, len, class_acked, result, now);
         } else {
             self.outbox.push(
-                core,
+                src.core,
                 CoreMsg::Verdict {
-                    conn,
-                    id,
+                    conn: src.conn,
+                    id: src.tag,
                     len,
                     class_acked,
                     result,
@@ -342,6 +358,13 @@ impl Shard {
             }
             c.a.awaiting = c.a.awaiting.saturating_sub(1);
             c.a.awaiting_bytes = c.a.awaiting_bytes.saturating_sub(len);
+        }
+        if c.link.is_some() {
+            self.settle_link(conn, id, result);
+            if wake_reader {
+                self.wake_reader(conn);
+            }
+            return;
         }
         let mut wake = false;
         match result {

@@ -38,6 +38,8 @@ mod durable;
 pub use durable::{ShardStore, StoreState};
 mod forward;
 pub mod hasher;
+mod link;
+pub use link::{link_core, LinkTls, LINK_DEAD_US, LINK_HEARTBEAT_MS};
 pub mod msg;
 mod timers;
 mod transport;
@@ -144,6 +146,8 @@ pub struct ShardConfig {
     /// Server TLS configuration (secret extraction enabled).
     pub tls: Arc<rustls::ServerConfig>,
     pub relay_id: RelayId,
+    /// TLS of relay links, when the relay runs in a fleet.
+    pub link: Option<LinkTls>,
 }
 
 /// The time, as the engine read it.
@@ -166,6 +170,8 @@ pub enum Action {
     Shutdown(ConnId),
     /// The store has a file operation due: run the store task ([`Shard::poll_store`]).
     WakeStore,
+    /// The relay link to this relay went up (`true`) or down: the dialler's view.
+    LinkState(RelayId, bool),
 }
 
 /// Whether a reader may read now.
@@ -195,8 +201,9 @@ pub struct Shard {
     ncores: u16,
     cfg: ShardConfig,
     settings: Arc<Settings>,
-    /// The fleet's route snapshot this core applied, if the relay runs in a fleet.
-    fleet: Option<Arc<crate::fleet::snapshot::Snapshot>>,
+    /// What this core knows of the fleet: the route snapshot it applied, links, agents'
+    /// relays, envelopes waiting for a path.
+    mesh: link::Mesh,
     m: CoreMetrics,
     conns: HashMap<ConnId, Conn, crate::shard::hasher::MapHasher>,
     by_agent: HashMap<AgentId, ConnId, crate::shard::hasher::MapHasher>,
@@ -271,7 +278,7 @@ impl Shard {
             ncores,
             cfg,
             settings: Arc::new(settings),
-            fleet: None,
+            mesh: link::Mesh::default(),
             m: CoreMetrics::new(id),
             conns: HashMap::default(),
             by_agent: HashMap::default(),
@@ -411,7 +418,28 @@ impl Shard {
                 tracing::warn!(core = self.id, conn = ?conn, "moved session without its socket dropped");
             }
             CoreMsg::Reconfigure(s) => self.reconfigure(s, now),
-            CoreMsg::Fleet(f) => self.apply_fleet(f),
+            CoreMsg::Fleet(f) => self.apply_fleet(f, now),
+            CoreMsg::Forward { env, peer, src } => self.on_forward(env, peer, src, now),
+            CoreMsg::LinkUp {
+                peer,
+                core,
+                conn,
+                latency_us,
+            } => self.on_link_up(
+                peer,
+                link::LinkView {
+                    core,
+                    conn,
+                    latency_us,
+                },
+                now,
+            ),
+            CoreMsg::LinkDown { peer, core, conn } => self.on_link_down(peer, (core, conn)),
+            CoreMsg::LinkLatency { peer, latency_us } => self.on_link_latency(peer, latency_us),
+            CoreMsg::Presence { entries, from } => self.on_presence(&entries, from, now),
+            CoreMsg::Dial { peer, .. } => {
+                tracing::warn!(core = self.id, peer = %peer.to_hex(), "link dialled without its socket dropped");
+            }
             CoreMsg::Drain => self.start_drain(now),
             CoreMsg::Exit => self.exit(),
         }
@@ -508,21 +536,22 @@ impl Shard {
     }
 
     /// Takes a route snapshot if it is newer than the one applied.
-    fn apply_fleet(&mut self, f: Arc<crate::fleet::snapshot::Snapshot>) {
+    fn apply_fleet(&mut self, f: Arc<crate::fleet::snapshot::Snapshot>, now: Now) {
         if self
-            .fleet
+            .mesh
+            .snap
             .as_ref()
             .is_some_and(|have| have.generation >= f.generation)
         {
             return;
         }
         self.m.fleet_generation.set(f.generation as f64);
-        self.fleet = Some(f);
+        self.mesh_applied(f, now);
     }
 
     /// The generation of the route snapshot applied (0: none).
     pub fn fleet_generation(&self) -> u64 {
-        self.fleet.as_ref().map_or(0, |f| f.generation)
+        self.mesh.snap.as_ref().map_or(0, |f| f.generation)
     }
 
     /// A write buffer from the pool.

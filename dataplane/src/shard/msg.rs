@@ -10,10 +10,20 @@ use std::sync::Arc;
 
 use super::Settings;
 use crate::routing::Location;
-use crate::wire::{AgentId, Envelope, MessageId, Reason};
+use crate::wire::{AgentId, Envelope, MessageId, PresenceEntry, Reason, RelayId};
 
 /// Identifies a connection on its core.
 pub type ConnId = u64;
+
+/// Where a verdict goes back to: the source connection (its core, its id there) and the tag it
+/// is answered by (the envelope's message id for an agent; for a relay link, its link sequence
+/// number as a message id).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Src {
+    pub core: u16,
+    pub conn: ConnId,
+    pub tag: MessageId,
+}
 
 /// A message between cores.
 #[derive(Debug)]
@@ -30,10 +40,7 @@ pub enum CoreMsg {
     Detach { agent: AgentId, seq: u64 },
     /// Deliver an envelope to an agent attached on the receiving core. `src` (core, connection)
     /// wants a `Verdict`; `None` is a custody hand-over that needs none.
-    Deliver {
-        env: Envelope,
-        src: Option<(u16, ConnId)>,
-    },
+    Deliver { env: Envelope, src: Option<Src> },
     /// Outcome of a `Deliver` for the source connection; `Ok(true)`: the destination's queue is
     /// congested and the source's reader pauses until `Resume` (or its pause runs out).
     Verdict {
@@ -57,6 +64,39 @@ pub enum CoreMsg {
     /// after it.
     Adopt {
         conn: super::conn::MovingConn,
+        socket: Option<std::os::fd::OwnedFd>,
+    },
+    /// An envelope for the relay link to `peer`, which this core owns. `src` wants a
+    /// `Verdict`; `None`: custody already taken.
+    Forward {
+        env: Envelope,
+        peer: RelayId,
+        src: Option<Src>,
+    },
+    /// The link to `peer` is up, on connection `conn` of core `core`.
+    LinkUp {
+        peer: RelayId,
+        core: u16,
+        conn: ConnId,
+        latency_us: u32,
+    },
+    /// That link went down.
+    LinkDown {
+        peer: RelayId,
+        core: u16,
+        conn: ConnId,
+    },
+    /// The link to `peer`'s one-way latency, measured.
+    LinkLatency { peer: RelayId, latency_us: u32 },
+    /// Where agents are attached (from a link to `from`, or this relay's own attachments).
+    Presence {
+        entries: Arc<[PresenceEntry]>,
+        from: Option<RelayId>,
+    },
+    /// A socket connected to `peer`'s link port by the dialler: the core that owns the link
+    /// starts the TLS handshake on it (the engine takes it; without a socket it is dropped).
+    Dial {
+        peer: RelayId,
         socket: Option<std::os::fd::OwnedFd>,
     },
     /// New live settings.

@@ -41,6 +41,7 @@ impl Shard {
                 );
             }
             self.requeue_held();
+            self.retry_waiting(now);
         }
         let write_us = self.settings.timeouts.write_us;
         let ids: Vec<ConnId> = self.conns.keys().copied().collect();
@@ -66,6 +67,10 @@ impl Shard {
                 && now.mono_us.saturating_sub(c.a.last_ack_us) >= write_us;
             if write_stuck || window_stuck {
                 self.close(id, Reason::WriteTimeout, now);
+                continue;
+            }
+            if c.link.is_some() {
+                self.link_tick(id, now);
                 continue;
             }
             while let Some(due) = c.session.poll(now.mono_us) {

@@ -21,9 +21,8 @@
 use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
-use rustls::server::ServerConnectionData;
 
-use crate::tls::handshake::ServerHandshake;
+use crate::tls::handshake::Handshake;
 use crate::tls::record::{Opened, RecordError, RecordLayer, MAX_PLAINTEXT, OVERHEAD};
 use crate::wire::{Frame, FrameDecoder, WireError};
 
@@ -46,8 +45,8 @@ pub(crate) enum TransportError {
 }
 
 enum Tls {
-    Handshaking(Box<ServerHandshake>),
-    Open(Box<RecordLayer<ServerConnectionData>>),
+    Handshaking(Box<Handshake>),
+    Open(Box<RecordLayer>),
     Failed,
 }
 
@@ -77,13 +76,31 @@ pub(crate) struct Transport {
 }
 
 impl Transport {
+    /// The server's side of a connection the relay accepted.
     pub(crate) fn new(
         tls: Arc<rustls::ServerConfig>,
         max_frame: usize,
         max_read: usize,
     ) -> Result<Self, TransportError> {
-        Ok(Transport {
-            tls: Tls::Handshaking(Box::new(ServerHandshake::new(tls)?)),
+        Ok(Self::with(Handshake::server(tls)?, max_frame, max_read))
+    }
+
+    /// The client's side of a link the relay dialled to `name`: the ClientHello is ready to
+    /// write at once.
+    pub(crate) fn client(
+        tls: Arc<rustls::ClientConfig>,
+        name: rustls::pki_types::ServerName<'static>,
+        max_frame: usize,
+        max_read: usize,
+    ) -> Result<Self, TransportError> {
+        let mut t = Self::with(Handshake::client(tls, name)?, max_frame, max_read);
+        t.advance_handshake()?;
+        Ok(t)
+    }
+
+    fn with(hs: Handshake, max_frame: usize, max_read: usize) -> Self {
+        Transport {
+            tls: Tls::Handshaking(Box::new(hs)),
             rx: BytesMut::new(),
             carried: 0,
             skip: 0,
@@ -95,7 +112,7 @@ impl Transport {
             control_records: 0,
             peer_closed: false,
             peer_certificates: Vec::new(),
-        })
+        }
     }
 
     /// Whether the TLS handshake is over.
@@ -260,7 +277,7 @@ impl Transport {
             return Ok(Step::Nothing);
         }
         let start = self.carried + self.skip;
-        let Some(n) = RecordLayer::<ServerConnectionData>::record_len(&self.rx[start..])? else {
+        let Some(n) = RecordLayer::record_len(&self.rx[start..])? else {
             return Ok(Step::Nothing);
         };
         let range = match records.open(&mut self.rx[start..start + n])? {
@@ -363,7 +380,7 @@ pub(crate) fn sealed_size(len: usize) -> usize {
 
 /// Seals frames into a write buffer, record by record (see the module docs).
 pub(crate) struct RecordWriter<'a> {
-    records: &'a mut RecordLayer<ServerConnectionData>,
+    records: &'a mut RecordLayer,
     out: &'a mut [u8],
     used: usize,
     tail: &'a mut Vec<u8>,

@@ -110,6 +110,9 @@ impl Conn {
     }
 
     fn window(&self) -> (usize, usize) {
+        if let Some(l) = &self.link {
+            return l.window;
+        }
         self.a
             .contract
             .as_ref()
@@ -166,10 +169,13 @@ impl Conn {
     ) -> Result<usize, crate::tls::record::RecordError> {
         if !self.closing {
             self.encode_acks(m);
+            Shard::encode_link_acks(self);
         }
         let key_update = std::mem::take(&mut self.key_update_due);
         let closing = self.closing;
-        let welcomed = self.a.welcomed;
+        // A link answers every envelope (LINK_ACK or LINK_NACK), whatever its class.
+        let link = self.link.as_ref().map(|l| l.up);
+        let welcomed = link.unwrap_or(self.a.welcomed);
         let (window, window_bytes) = self.window();
         let Some(mut w) = self.transport.writer(buf, tail) else {
             return Ok(0);
@@ -209,7 +215,7 @@ impl Conn {
                 continue;
             }
             let len = env.frame_len();
-            let acked = env.class() != DeliveryClass::BestEffort;
+            let acked = link.is_some() || env.class() != DeliveryClass::BestEffort;
             if acked && !self.a.inflight.has_room(window, window_bytes, len) {
                 break;
             }

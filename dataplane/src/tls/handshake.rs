@@ -1,33 +1,41 @@
-//! The relay side of a TLS 1.3 handshake, driven sans-IO over rustls' unbuffered API, ending in
-//! a [`RecordLayer`] the relay runs itself.
+//! The relay's side of a TLS 1.3 handshake, driven sans-IO over rustls' unbuffered API, ending in
+//! a [`RecordLayer`] the relay runs itself. The relay is the server on connections it accepted
+//! (agents, links it is dialled on) and the client on the links it dials.
 //!
-//! The caller reads ciphertext into its own buffer and calls [`ServerHandshake::advance`]: rustls
+//! The caller reads ciphertext into its own buffer and calls [`Handshake::advance`]: rustls
 //! consumes what it can from the front (the count is returned; the caller drops those bytes) and
 //! appends handshake records to the caller's output. Once the handshake is complete,
-//! [`ServerHandshake::finish`] converts the connection: the traffic secrets go to a
+//! [`Handshake::finish`] converts the connection: the traffic secrets go to a
 //! [`RecordLayer`], the peer's certificates and ALPN are kept, and any application data rustls
-//! already decrypted (a client may send its first frames right behind its Finished) is returned
+//! already decrypted (a peer may send its first frames right behind its Finished) is returned
 //! so the caller can put it in front of what it decrypts from then on.
 
 use std::sync::Arc;
 
+use rustls::client::UnbufferedClientConnection;
 use rustls::pki_types::CertificateDer;
-use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
+use rustls::pki_types::ServerName;
+use rustls::server::UnbufferedServerConnection;
 use rustls::unbuffered::{ConnectionState, EncodeError, UnbufferedStatus};
 
-use super::record::{RecordError, RecordLayer};
+use super::record::{Kernel, RecordError, RecordLayer};
+
+enum Side {
+    Server(UnbufferedServerConnection),
+    Client(UnbufferedClientConnection),
+}
 
 /// A handshake in progress on the relay's side of a connection.
-pub struct ServerHandshake {
-    conn: UnbufferedServerConnection,
+pub struct Handshake {
+    conn: Side,
     /// Application data decrypted by rustls before the connection was converted.
     early: Vec<u8>,
     done: bool,
 }
 
-impl std::fmt::Debug for ServerHandshake {
+impl std::fmt::Debug for Handshake {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServerHandshake")
+        f.debug_struct("Handshake")
             .field("done", &self.done)
             .finish_non_exhaustive()
     }
@@ -35,11 +43,11 @@ impl std::fmt::Debug for ServerHandshake {
 
 /// A completed handshake, converted.
 pub struct Established {
-    pub records: RecordLayer<ServerConnectionData>,
-    /// The client's certificate chain, leaf first.
+    pub records: RecordLayer,
+    /// The peer's certificate chain, leaf first.
     pub peer_certificates: Vec<CertificateDer<'static>>,
     pub alpn: Option<Vec<u8>>,
-    /// Application data the client sent before the conversion, already decrypted.
+    /// Application data the peer sent before the conversion, already decrypted.
     pub early_plaintext: Vec<u8>,
 }
 
@@ -51,49 +59,29 @@ impl std::fmt::Debug for Established {
     }
 }
 
-impl ServerHandshake {
-    /// Starts a handshake. `config` must have `enable_secret_extraction` set.
-    pub fn new(config: Arc<rustls::ServerConfig>) -> Result<Self, RecordError> {
-        Ok(ServerHandshake {
-            conn: UnbufferedServerConnection::new(config)?,
-            early: Vec::new(),
-            done: false,
-        })
-    }
-
-    /// Whether the handshake is complete ([`ServerHandshake::finish`] may be called).
-    pub fn is_done(&self) -> bool {
-        self.done
-    }
-
-    /// Processes the ciphertext at the front of `incoming`; handshake records to send are
-    /// appended to `out`. Returns how many bytes of `incoming` were consumed. Bytes after those
-    /// are left for the next call (a partial record) or, once [`ServerHandshake::is_done`], for
-    /// the record layer.
-    pub fn advance(
-        &mut self,
-        incoming: &mut [u8],
-        out: &mut Vec<u8>,
-    ) -> Result<usize, RecordError> {
+/// One round of rustls' unbuffered state machine on either side (the states have the same
+/// shape for both; only their type differs).
+macro_rules! advance_side {
+    ($conn:expr, $incoming:expr, $out:expr, $early:expr, $done:expr) => {{
         let mut consumed = 0;
-        while !self.done {
+        while !*$done {
             let UnbufferedStatus { discard, state } =
-                self.conn.process_tls_records(&mut incoming[consumed..]);
+                $conn.process_tls_records(&mut $incoming[consumed..]);
             let mut blocked = false;
             match state? {
                 ConnectionState::EncodeTlsData(mut e) => {
-                    let start = out.len();
+                    let start = $out.len();
                     let mut room = 4096;
                     loop {
-                        out.resize(start + room, 0);
-                        match e.encode(&mut out[start..]) {
+                        $out.resize(start + room, 0);
+                        match e.encode(&mut $out[start..]) {
                             Ok(n) => {
-                                out.truncate(start + n);
+                                $out.truncate(start + n);
                                 break;
                             }
                             Err(EncodeError::InsufficientSize(s)) => room = s.required_size,
                             Err(_) => {
-                                out.truncate(start);
+                                $out.truncate(start);
                                 return Err(RecordError::Unexpected("handshake encoding"));
                             }
                         }
@@ -103,15 +91,15 @@ impl ServerHandshake {
                 ConnectionState::TransmitTlsData(t) => t.done(),
                 ConnectionState::ReadTraffic(mut r) => {
                     while let Some(rec) = r.next_record() {
-                        self.early.extend_from_slice(rec?.payload);
+                        $early.extend_from_slice(rec?.payload);
                     }
                 }
                 ConnectionState::BlockedHandshake => blocked = true,
                 ConnectionState::WriteTraffic(_) => {
-                    if self.conn.is_handshaking() {
+                    if $conn.is_handshaking() {
                         blocked = true;
                     } else {
-                        self.done = true;
+                        *$done = true;
                     }
                 }
                 ConnectionState::PeerClosed | ConnectionState::Closed => {
@@ -125,17 +113,73 @@ impl ServerHandshake {
             }
         }
         Ok(consumed)
+    }};
+}
+
+impl Handshake {
+    /// Starts the server's side. `config` must have `enable_secret_extraction` set.
+    pub fn server(config: Arc<rustls::ServerConfig>) -> Result<Self, RecordError> {
+        Ok(Handshake {
+            conn: Side::Server(UnbufferedServerConnection::new(config)?),
+            early: Vec::new(),
+            done: false,
+        })
     }
 
-    /// Converts a completed handshake. Fails if [`ServerHandshake::is_done`] is false.
+    /// Starts the client's side towards `name`. `config` must have `enable_secret_extraction`
+    /// set. The first [`Handshake::advance`] (with no input) writes the ClientHello.
+    pub fn client(
+        config: Arc<rustls::ClientConfig>,
+        name: ServerName<'static>,
+    ) -> Result<Self, RecordError> {
+        Ok(Handshake {
+            conn: Side::Client(UnbufferedClientConnection::new(config, name)?),
+            early: Vec::new(),
+            done: false,
+        })
+    }
+
+    /// Whether the handshake is complete ([`Handshake::finish`] may be called).
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// Processes the ciphertext at the front of `incoming`; handshake records to send are
+    /// appended to `out`. Returns how many bytes of `incoming` were consumed. Bytes after those
+    /// are left for the next call (a partial record) or, once [`Handshake::is_done`], for
+    /// the record layer.
+    pub fn advance(
+        &mut self,
+        incoming: &mut [u8],
+        out: &mut Vec<u8>,
+    ) -> Result<usize, RecordError> {
+        let (early, done) = (&mut self.early, &mut self.done);
+        match &mut self.conn {
+            Side::Server(c) => advance_side!(c, incoming, out, early, done),
+            Side::Client(c) => advance_side!(c, incoming, out, early, done),
+        }
+    }
+
+    /// Converts a completed handshake. Fails if [`Handshake::is_done`] is false.
     pub fn finish(self) -> Result<Established, RecordError> {
-        let peer_certificates = self
-            .conn
-            .peer_certificates()
-            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
-            .unwrap_or_default();
-        let alpn = self.conn.alpn_protocol().map(<[u8]>::to_vec);
-        let (secrets, kernel) = self.conn.dangerous_into_kernel_connection()?;
+        fn owned(c: Option<&[CertificateDer<'_>]>) -> Vec<CertificateDer<'static>> {
+            c.map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+                .unwrap_or_default()
+        }
+        let (peer_certificates, alpn, secrets, kernel) = match self.conn {
+            Side::Server(c) => {
+                let certs = owned(c.peer_certificates());
+                let alpn = c.alpn_protocol().map(<[u8]>::to_vec);
+                let (secrets, kernel) = c.dangerous_into_kernel_connection()?;
+                (certs, alpn, secrets, Kernel::Server(kernel))
+            }
+            Side::Client(c) => {
+                let certs = owned(c.peer_certificates());
+                let alpn = c.alpn_protocol().map(<[u8]>::to_vec);
+                let (secrets, kernel) = c.dangerous_into_kernel_connection()?;
+                (certs, alpn, secrets, Kernel::Client(kernel))
+            }
+        };
         Ok(Established {
             records: RecordLayer::new(secrets, kernel)?,
             peer_certificates,

@@ -134,6 +134,8 @@ pub fn link_server_config(
         .with_single_cert(identity.chain.clone(), identity.private_key())?;
     cfg.alpn_protocols = vec![LINK_ALPN.to_vec()];
     cfg.send_tls13_tickets = 0;
+    // The relay runs the record layer itself once the handshake is over.
+    cfg.enable_secret_extraction = true;
     Ok(Arc::new(cfg))
 }
 
@@ -157,6 +159,8 @@ pub fn link_client_config(
         .with_custom_certificate_verifier(Arc::new(RelayRole(inner)))
         .with_client_auth_cert(identity.chain.clone(), identity.private_key())?;
     cfg.alpn_protocols = vec![LINK_ALPN.to_vec()];
+    cfg.enable_secret_extraction = true;
+    cfg.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(cfg))
 }
 

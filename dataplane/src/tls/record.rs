@@ -22,7 +22,9 @@
 use std::ops::Range;
 
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, NONCE_LEN};
+use rustls::client::ClientConnectionData;
 use rustls::kernel::KernelConnection;
+use rustls::server::ServerConnectionData;
 use rustls::{ConnectionTrafficSecrets, ExtractedSecrets, SupportedCipherSuite};
 
 /// Bytes of a record header: content type, legacy version, length.
@@ -115,10 +117,39 @@ impl Direction {
     }
 }
 
-/// The record layer of one established TLS 1.3 connection (`Side` is rustls' server or client
-/// connection data).
-pub struct RecordLayer<Side> {
-    kernel: KernelConnection<Side>,
+/// Which side of the handshake a connection was: rustls keeps a kernel connection per side,
+/// used here only to derive the next secrets on a KeyUpdate.
+pub enum Kernel {
+    /// The relay accepted the connection (agents, and links it was dialled on).
+    Server(KernelConnection<ServerConnectionData>),
+    /// The relay dialled it (links to other relays).
+    Client(KernelConnection<ClientConnectionData>),
+}
+
+impl Kernel {
+    fn negotiated_cipher_suite(&self) -> SupportedCipherSuite {
+        match self {
+            Kernel::Server(k) => k.negotiated_cipher_suite(),
+            Kernel::Client(k) => k.negotiated_cipher_suite(),
+        }
+    }
+    fn update_rx_secret(&mut self) -> Result<(u64, ConnectionTrafficSecrets), rustls::Error> {
+        match self {
+            Kernel::Server(k) => k.update_rx_secret(),
+            Kernel::Client(k) => k.update_rx_secret(),
+        }
+    }
+    fn update_tx_secret(&mut self) -> Result<(u64, ConnectionTrafficSecrets), rustls::Error> {
+        match self {
+            Kernel::Server(k) => k.update_tx_secret(),
+            Kernel::Client(k) => k.update_tx_secret(),
+        }
+    }
+}
+
+/// The record layer of one established TLS 1.3 connection, either side.
+pub struct RecordLayer {
+    kernel: Kernel,
     rx: Direction,
     tx: Direction,
     /// Records to send with one key before rotating it (below the suite's confidentiality limit).
@@ -127,7 +158,7 @@ pub struct RecordLayer<Side> {
     owe_key_update: bool,
 }
 
-impl<Side> std::fmt::Debug for RecordLayer<Side> {
+impl std::fmt::Debug for RecordLayer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RecordLayer")
             .field("rx_seq", &self.rx.seq)
@@ -136,12 +167,9 @@ impl<Side> std::fmt::Debug for RecordLayer<Side> {
     }
 }
 
-impl<Side> RecordLayer<Side> {
+impl RecordLayer {
     /// Takes over from rustls after the handshake.
-    pub fn new(
-        secrets: ExtractedSecrets,
-        kernel: KernelConnection<Side>,
-    ) -> Result<Self, RecordError> {
+    pub fn new(secrets: ExtractedSecrets, kernel: Kernel) -> Result<Self, RecordError> {
         let limit = match kernel.negotiated_cipher_suite() {
             SupportedCipherSuite::Tls13(s) => s.common.confidentiality_limit,
             #[allow(unreachable_patterns)]

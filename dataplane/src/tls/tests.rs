@@ -8,7 +8,7 @@ use std::sync::Arc;
 use rustls::pki_types::ServerName;
 use rustls::ClientConnection;
 
-use super::handshake::{Established, ServerHandshake};
+use super::handshake::{Established, Handshake};
 use super::record::{Opened, RecordError, RecordLayer, MAX_PLAINTEXT, OVERHEAD};
 use super::{client_config, server_config};
 use crate::pki::{CertAuthority, Identity};
@@ -45,7 +45,7 @@ fn connect(first_data: &[u8]) -> Pair {
     let ccfg = client_config(&agent, std::slice::from_ref(&ca.cert)).unwrap();
     let mut client =
         ClientConnection::new(ccfg, ServerName::try_from("localhost").unwrap()).unwrap();
-    let mut hs = ServerHandshake::new(Arc::new(scfg)).unwrap();
+    let mut hs = Handshake::server(Arc::new(scfg)).unwrap();
     let mut to_server = client_to_vec(&mut client);
     let mut sent_first = false;
     for _ in 0..20 {
@@ -75,9 +75,9 @@ fn connect(first_data: &[u8]) -> Pair {
 }
 
 /// Opens every complete record in `buf`, returns the application data and how records ended.
-fn open_all<S>(records: &mut RecordLayer<S>, buf: &mut Vec<u8>) -> (Vec<u8>, Vec<Opened>) {
+fn open_all(records: &mut RecordLayer, buf: &mut Vec<u8>) -> (Vec<u8>, Vec<Opened>) {
     let (mut data, mut kinds, mut at) = (Vec::new(), Vec::new(), 0);
-    while let Some(n) = RecordLayer::<S>::record_len(&buf[at..]).unwrap() {
+    while let Some(n) = RecordLayer::record_len(&buf[at..]).unwrap() {
         let rec = &mut buf[at..at + n];
         let opened = records.open(rec).unwrap();
         if let Opened::Data(r) = &opened {
@@ -164,9 +164,7 @@ fn close_notify_and_tampering() {
     p.client.writer().write_all(b"secret").unwrap();
     let mut rec = client_to_vec(&mut p.client);
     rec[7] ^= 1;
-    let n = RecordLayer::<rustls::server::ServerConnectionData>::record_len(&rec)
-        .unwrap()
-        .unwrap();
+    let n = RecordLayer::record_len(&rec).unwrap().unwrap();
     assert!(matches!(
         p.server.records.open(&mut rec[..n]),
         Err(RecordError::Decrypt)
@@ -187,7 +185,7 @@ fn close_notify_and_tampering() {
 
 #[test]
 fn record_headers_are_checked_before_the_body_is_buffered() {
-    type R = RecordLayer<rustls::server::ServerConnectionData>;
+    type R = RecordLayer;
     assert!(matches!(R::record_len(&[23, 3, 3]), Ok(None)));
     assert!(matches!(
         R::record_len(&[22, 3, 3, 0, 40]),

@@ -26,6 +26,10 @@ pub enum FrameType {
     GoingAway = 0x08,
     Close = 0x09,
     Receipt = 0x0a,
+    LinkHello = 0x0b,
+    LinkAck = 0x0c,
+    LinkNack = 0x0d,
+    Presence = 0x0e,
 }
 
 impl FrameType {
@@ -41,6 +45,10 @@ impl FrameType {
             0x08 => Self::GoingAway,
             0x09 => Self::Close,
             0x0a => Self::Receipt,
+            0x0b => Self::LinkHello,
+            0x0c => Self::LinkAck,
+            0x0d => Self::LinkNack,
+            0x0e => Self::Presence,
             other => return Err(WireError::UnknownFrameType(other)),
         })
     }
@@ -242,6 +250,104 @@ pub struct Receipt {
     pub at_ms: u64,
 }
 
+/// LINK_HELLO: what each relay of a relay link sends first (both ends, without waiting).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkHello {
+    pub min_version: u16,
+    pub max_version: u16,
+    /// The sender's relay id: the Ed25519 key of the certificate it presented.
+    pub relay_id: RelayId,
+    /// Generation of the route snapshot the sender runs (0: none).
+    pub generation: u64,
+    /// How often the sender PINGs on this link, milliseconds.
+    pub heartbeat_ms: u32,
+    /// Largest frame the sender accepts.
+    pub max_frame: u32,
+    /// Envelopes the sender accepts on this link before it answered them.
+    pub window: u32,
+    /// Frame bytes of such envelopes.
+    pub window_bytes: u32,
+}
+
+/// Most link sequence numbers one LINK_ACK may carry.
+pub const MAX_LINK_ACK_BATCH: usize = 4096;
+/// Most entries one PRESENCE frame may carry.
+pub const MAX_PRESENCE_BATCH: usize = 1024;
+
+/// LINK_ACK: the receiver took custody of the envelopes with these link sequence numbers (the
+/// ENVELOPE frames it received on this link, counted from 0 in order).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkAck {
+    seqs: Bytes,
+}
+
+impl LinkAck {
+    /// Builds a batch; at most [`MAX_LINK_ACK_BATCH`] sequence numbers are taken.
+    pub fn new(seqs: impl IntoIterator<Item = u64>) -> Self {
+        let seqs = seqs.into_iter().take(MAX_LINK_ACK_BATCH);
+        let mut b = BytesMut::with_capacity(seqs.size_hint().0 * 8);
+        for s in seqs {
+            b.put_u64(s);
+        }
+        LinkAck { seqs: b.freeze() }
+    }
+    /// Number of sequence numbers.
+    pub fn len(&self) -> usize {
+        self.seqs.len() / 8
+    }
+    /// Whether the batch is empty.
+    pub fn is_empty(&self) -> bool {
+        self.seqs.is_empty()
+    }
+    /// The sequence numbers.
+    pub fn seqs(&self) -> impl Iterator<Item = u64> + '_ {
+        self.seqs.chunks_exact(8).map(|c| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(c);
+            u64::from_be_bytes(b)
+        })
+    }
+}
+
+/// LINK_NACK: the receiver refused the envelope with this link sequence number.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkNack {
+    pub seq: u64,
+    /// Raw reason code; see [`Reason`].
+    pub code: u16,
+    pub text: String,
+}
+
+impl LinkNack {
+    /// A LINK_NACK with a known reason and its label as text.
+    pub fn new(seq: u64, reason: Reason) -> Self {
+        LinkNack {
+            seq,
+            code: reason as u16,
+            text: reason.label().to_string(),
+        }
+    }
+    /// The reason, if this build knows the code.
+    pub fn reason(&self) -> Option<Reason> {
+        Reason::from_u16(self.code)
+    }
+}
+
+/// One PRESENCE entry: `agent` attached to relay `relay` at `stamp_ms` (Unix milliseconds; the
+/// newest stamp wins, equal stamps go to the greater relay id).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PresenceEntry {
+    pub agent: AgentId,
+    pub relay: RelayId,
+    pub stamp_ms: u64,
+}
+
+/// PRESENCE: where agents are attached, flooded over relay links.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Presence {
+    pub entries: Vec<PresenceEntry>,
+}
+
 /// One decoded link frame.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Frame {
@@ -255,6 +361,10 @@ pub enum Frame {
     GoingAway(GoingAway),
     Close(Close),
     Receipt(Receipt),
+    LinkHello(LinkHello),
+    LinkAck(LinkAck),
+    LinkNack(LinkNack),
+    Presence(Presence),
 }
 
 /// Splits frames off a receive buffer.
@@ -422,6 +532,47 @@ impl Frame {
                 status: ReceiptStatus::from_u8(r.u8("receipt status")?)?,
                 at_ms: r.u64("receipt time")?,
             }),
+            FrameType::LinkHello => Frame::LinkHello(LinkHello {
+                min_version: r.u16("min version")?,
+                max_version: r.u16("max version")?,
+                relay_id: RelayId(r.array("relay id")?),
+                generation: r.u64("generation")?,
+                heartbeat_ms: r.u32("heartbeat")?,
+                max_frame: r.u32("max frame")?,
+                window: r.u32("window")?,
+                window_bytes: r.u32("window bytes")?,
+            }),
+            FrameType::LinkAck => {
+                let n = r.u16("link ack count")? as usize;
+                if n == 0 || n > MAX_LINK_ACK_BATCH {
+                    return Err(WireError::Invalid("link ack count"));
+                }
+                let start = r.pos();
+                r.take(n * 8, "link sequence numbers")?;
+                Frame::LinkAck(LinkAck {
+                    seqs: frame.slice(start..start + n * 8),
+                })
+            }
+            FrameType::LinkNack => Frame::LinkNack(LinkNack {
+                seq: r.u64("link sequence number")?,
+                code: r.u16("reason")?,
+                text: r.short_str("reason text")?.to_string(),
+            }),
+            FrameType::Presence => {
+                let n = r.u16("presence count")? as usize;
+                if n == 0 || n > MAX_PRESENCE_BATCH {
+                    return Err(WireError::Invalid("presence count"));
+                }
+                let mut entries = Vec::with_capacity(n);
+                for _ in 0..n {
+                    entries.push(PresenceEntry {
+                        agent: AgentId(r.array("agent id")?),
+                        relay: RelayId(r.array("relay id")?),
+                        stamp_ms: r.u64("presence stamp")?,
+                    });
+                }
+                Frame::Presence(Presence { entries })
+            }
             FrameType::Envelope => unreachable!("handled above"),
         };
         r.finish()?;
@@ -514,6 +665,38 @@ impl Frame {
                 dst.put_slice(&r.message_id.0);
                 dst.put_u8(r.status as u8);
                 dst.put_u64(r.at_ms);
+            }
+            Frame::LinkHello(h) => {
+                dst.put_u8(FrameType::LinkHello as u8);
+                dst.put_u16(h.min_version);
+                dst.put_u16(h.max_version);
+                dst.put_slice(&h.relay_id.0);
+                dst.put_u64(h.generation);
+                dst.put_u32(h.heartbeat_ms);
+                dst.put_u32(h.max_frame);
+                dst.put_u32(h.window);
+                dst.put_u32(h.window_bytes);
+            }
+            Frame::LinkAck(a) => {
+                dst.put_u8(FrameType::LinkAck as u8);
+                dst.put_u16(a.len() as u16);
+                dst.put_slice(&a.seqs);
+            }
+            Frame::LinkNack(n) => {
+                dst.put_u8(FrameType::LinkNack as u8);
+                dst.put_u64(n.seq);
+                dst.put_u16(n.code);
+                put_short_str(dst, &n.text);
+            }
+            Frame::Presence(p) => {
+                dst.put_u8(FrameType::Presence as u8);
+                let n = p.entries.len().min(MAX_PRESENCE_BATCH);
+                dst.put_u16(n as u16);
+                for e in &p.entries[..n] {
+                    dst.put_slice(&e.agent.0);
+                    dst.put_slice(&e.relay.0);
+                    dst.put_u64(e.stamp_ms);
+                }
             }
             Frame::Envelope(_) => unreachable!("handled above"),
         }

@@ -20,8 +20,9 @@ pub use envelope::{
     MAX_PATH_LEN,
 };
 pub use frame::{
-    AckBatch, Close, Frame, FrameDecoder, FrameType, GoingAway, Hello, Nack, Ping, Pong, Receipt,
-    ReceiptStatus, Welcome, FRAME_HEADER_LEN, MAX_ACK_BATCH, MAX_HELLO_SCHEMAS,
+    AckBatch, Close, Frame, FrameDecoder, FrameType, GoingAway, Hello, LinkAck, LinkHello,
+    LinkNack, Nack, Ping, Pong, Presence, PresenceEntry, Receipt, ReceiptStatus, Welcome,
+    FRAME_HEADER_LEN, MAX_ACK_BATCH, MAX_HELLO_SCHEMAS, MAX_LINK_ACK_BATCH, MAX_PRESENCE_BATCH,
 };
 
 use std::fmt;

@@ -117,6 +117,60 @@ fn golden_control_frames() {
         }),
         "0000001a 0a 00000000000000000000000000000003 01 0000000000000102",
     );
+    golden(
+        Frame::LinkHello(LinkHello {
+            min_version: 2,
+            max_version: 2,
+            relay_id: RelayId([0xcc; 32]),
+            generation: 9,
+            heartbeat_ms: 250,
+            max_frame: 0x10_0000,
+            window: 8192,
+            window_bytes: 0x100_0000,
+        }),
+        &format!(
+            "0000003d 0b 0002 0002 {} 0000000000000009 000000fa 00100000 00002000 01000000",
+            "cc".repeat(32)
+        ),
+    );
+    golden(
+        Frame::LinkAck(LinkAck::new([1, 0x0203])),
+        "00000013 0c 0002 0000000000000001 0000000000000203",
+    );
+    golden(
+        Frame::LinkNack(LinkNack {
+            seq: 5,
+            code: 31,
+            text: "x".into(),
+        }),
+        "0000000d 0d 0000000000000005 001f 01 78",
+    );
+    golden(
+        Frame::Presence(Presence {
+            entries: vec![PresenceEntry {
+                agent: AgentId([0xaa; 32]),
+                relay: RelayId([0xbb; 32]),
+                stamp_ms: 0x0102,
+            }],
+        }),
+        &format!(
+            "0000004b 0e 0001 {} {} 0000000000000102",
+            "aa".repeat(32),
+            "bb".repeat(32)
+        ),
+    );
+}
+
+#[test]
+fn link_frames_refuse_empty_and_oversized_batches() {
+    for bad in [
+        "00000003 0c 0000",
+        "00000003 0e 0000",
+        "00000003 0c 1001",
+        "00000003 0e 0401",
+    ] {
+        assert!(decode_one(&unhex(bad)).is_err(), "{bad} decoded");
+    }
 }
 
 #[test]
@@ -470,6 +524,34 @@ fn arb_control() -> impl Strategy<Value = Frame> {
                 at_ms: at,
             }
         )),
+        prop::collection::vec(any::<u64>(), 1..50)
+            .prop_map(|seqs| Frame::LinkAck(LinkAck::new(seqs))),
+        (any::<u64>(), any::<u16>(), "[ -~]{0,60}")
+            .prop_map(|(seq, code, text)| Frame::LinkNack(LinkNack { seq, code, text })),
+        prop::collection::vec((arb_id(), arb_id(), any::<u64>()), 1..20).prop_map(|v| {
+            Frame::Presence(Presence {
+                entries: v
+                    .into_iter()
+                    .map(|(a, r, t)| PresenceEntry {
+                        agent: AgentId(a),
+                        relay: RelayId(r),
+                        stamp_ms: t,
+                    })
+                    .collect(),
+            })
+        }),
+        (any::<(u16, u16, u64, u32, u32, u32, u32)>(), arb_id()).prop_map(
+            |((a, b, g, hb, mf, w, wb), r)| Frame::LinkHello(LinkHello {
+                min_version: a,
+                max_version: b,
+                relay_id: RelayId(r),
+                generation: g,
+                heartbeat_ms: hb,
+                max_frame: mf,
+                window: w,
+                window_bytes: wb,
+            })
+        ),
         prop::collection::vec(any::<u128>(), 1..50)
             .prop_map(|ids| Frame::Ack(AckBatch::new(ids.into_iter().map(MessageId::from_u128)))),
         (any::<u128>(), any::<u16>(), "[ -~]{0,60}").prop_map(|(id, code, text)| Frame::Nack(

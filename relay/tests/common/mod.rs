@@ -119,7 +119,8 @@ impl Relay {
                 break;
             }
         }
-        relay.ca = load_certs(&DevPkiPaths::under(&relay.dir).ca_cert).unwrap();
+        // A relay on its own certificate (a fleet's) has no development CA.
+        relay.ca = load_certs(&DevPkiPaths::under(&relay.dir).ca_cert).unwrap_or_default();
         relay
     }
 

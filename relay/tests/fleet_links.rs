@@ -1,0 +1,443 @@
+//! Relay fleets of real processes on loopback: relay links (fleet CA, LINK_HELLO), envelopes
+//! forwarded over several relays along the path an envelope's constraints allow, NACKs at the
+//! source when no path qualifies, and links refused to a certificate that is not a fleet
+//! relay's.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::{free_port, fresh_dir, Relay};
+use openmesh_agent::{Agent, ClientConfig, Event};
+use openmesh_dataplane::pki::{load_certs, CertAuthority, Identity};
+use openmesh_dataplane::wire::{Jurisdiction, Reason, RelayId};
+
+/// One relay of a test fleet: its name, jurisdiction and trust.
+struct Member {
+    name: &'static str,
+    jurisdiction: &'static str,
+    trust: u8,
+}
+
+/// A fleet of relay processes: a fleet CA, one certificate per relay, a fleet file, and the
+/// relays started on it.
+struct Fleet {
+    dir: PathBuf,
+    names: Vec<&'static str>,
+    ids: Vec<RelayId>,
+    relays: Vec<Relay>,
+    ca: PathBuf,
+}
+
+impl Fleet {
+    /// Starts `members` with links `links` (pairs of names, one-way latency in ms).
+    fn start(members: &[Member], links: &[(&str, &str, f64)]) -> Fleet {
+        let dir = fresh_dir();
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = CertAuthority::generate("test fleet CA").unwrap();
+        let ca_path = dir.join("fleet-ca.pem");
+        ca.save(&ca_path, &dir.join("fleet-ca.key")).unwrap();
+        let mut file =
+            String::from("generation = 1\n[blocs]\nEU = [\"DE\", \"FR\", \"NL\", \"BE\"]\n");
+        let mut ids = Vec::new();
+        let mut configs = Vec::new();
+        for m in members {
+            let id = ca
+                .issue_fleet_relay(m.name, &["localhost".into(), "127.0.0.1".into()])
+                .unwrap();
+            let rdir = dir.join(m.name);
+            std::fs::create_dir_all(&rdir).unwrap();
+            id.save(&rdir.join("cert.pem"), &rdir.join("key.pem"))
+                .unwrap();
+            let link = free_port();
+            file += &format!(
+                "[[relay]]\nname = \"{}\"\nid = \"{}\"\nagent = \"127.0.0.1:{}\"\nlink = \"127.0.0.1:{link}\"\njurisdiction = \"{}\"\ntrust = {}\n",
+                m.name,
+                id.relay_id().to_hex(),
+                free_port(),
+                m.jurisdiction,
+                m.trust
+            );
+            ids.push(id.relay_id());
+            configs.push(format!(
+                "[tls]\ncert = {:?}\nkey = {:?}\n[link]\nca = {:?}\n[relay]\ncores = 2\n",
+                rdir.join("cert.pem"),
+                rdir.join("key.pem"),
+                ca_path
+            ));
+        }
+        for (a, b, ms) in links {
+            file += &format!("[[link]]\nbetween = [\"{a}\", \"{b}\"]\nlatency_ms = {ms}\n");
+        }
+        let fleet_file = dir.join("fleet.toml");
+        std::fs::write(&fleet_file, &file).unwrap();
+        let fleet_arg = fleet_file.to_str().unwrap().to_string();
+        let ca_certs = load_certs(&ca_path).unwrap();
+        let relays = members
+            .iter()
+            .zip(&configs)
+            .map(|(m, cfg)| {
+                let mut r = Relay::start_in(
+                    dir.join(m.name).join("data"),
+                    &["--fleet", &fleet_arg],
+                    Some(cfg),
+                );
+                r.ca = ca_certs.clone();
+                r
+            })
+            .collect();
+        Fleet {
+            dir,
+            names: members.iter().map(|m| m.name).collect(),
+            ids,
+            relays,
+            ca: ca_path,
+        }
+    }
+
+    fn relay(&self, name: &str) -> &Relay {
+        &self.relays[self.index(name)]
+    }
+
+    fn index(&self, name: &str) -> usize {
+        self.names.iter().position(|n| *n == name).unwrap()
+    }
+
+    fn id(&self, name: &str) -> RelayId {
+        self.ids[self.index(name)]
+    }
+
+    /// Waits until every relay reports `n` links up in total (each link counts at both ends).
+    fn wait_links_up(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let up: f64 = self
+                .relays
+                .iter()
+                .map(|r| r.metric("openmesh_link_up", &[]))
+                .sum();
+            if up as usize == 2 * n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} of {} link ends up; logs:\n{}",
+                up,
+                2 * n,
+                self.relays
+                    .iter()
+                    .map(|r| r.log())
+                    .collect::<Vec<_>>()
+                    .join("\n----\n")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Envelopes relay `name` received over its links.
+    fn link_in(&self, name: &str) -> f64 {
+        self.relay(name)
+            .metric("openmesh_link_envelopes_total", &["direction=\"in\""])
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for r in &mut self.relays {
+            r.terminate();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The seed's policy-aware example without the ocean: `ing` (A's relay) and `egr` (B's) are
+/// linked through a fast low-trust relay (`cheap`, 1 ms a hop) and through two trusted EU
+/// relays (`ams`, `bru`, 5 ms a hop).
+fn seed_fleet() -> Fleet {
+    Fleet::start(
+        &[
+            Member {
+                name: "ing",
+                jurisdiction: "DE",
+                trust: 95,
+            },
+            Member {
+                name: "cheap",
+                jurisdiction: "DE",
+                trust: 20,
+            },
+            Member {
+                name: "ams",
+                jurisdiction: "NL",
+                trust: 90,
+            },
+            Member {
+                name: "bru",
+                jurisdiction: "BE",
+                trust: 85,
+            },
+            Member {
+                name: "egr",
+                jurisdiction: "FR",
+                trust: 90,
+            },
+        ],
+        &[
+            ("ing", "cheap", 1.0),
+            ("cheap", "egr", 1.0),
+            ("ing", "ams", 5.0),
+            ("ams", "bru", 5.0),
+            ("bru", "egr", 5.0),
+        ],
+    )
+}
+
+fn agent_config(relay: &Relay, name: &str) -> ClientConfig {
+    let mut c = ClientConfig::new(
+        relay.addr,
+        relay.ca.clone(),
+        Identity::generate_self_signed(name).unwrap(),
+    );
+    c.server_name = Some("localhost".into());
+    c
+}
+
+/// Sends `n` envelopes built by `build` from `a` to `to` and returns the answers: ACKed ids
+/// count, and the NACK reasons.
+async fn send_n(
+    a: &mut Agent,
+    n: u64,
+    build: impl Fn(&Agent, u64) -> openmesh_dataplane::wire::Envelope,
+) -> (u64, Vec<Reason>) {
+    for i in 0..n {
+        let env = build(a, i);
+        a.send(&env).await.unwrap();
+    }
+    let (mut acked, mut nacks) = (0u64, Vec::new());
+    while acked + (nacks.len() as u64) < n {
+        match tokio::time::timeout(Duration::from_secs(20), a.next_event()).await {
+            Ok(Some(Event::Acked(ids))) => acked += ids.len() as u64,
+            Ok(Some(Event::Nacked(nk))) => nacks.push(nk.reason().unwrap()),
+            other => panic!("sender got {other:?} after {acked} ACKs"),
+        }
+    }
+    (acked, nacks)
+}
+
+/// Receives `n` envelopes in order (payload = sequence number), ACKing each.
+async fn receive_n(b: &mut Agent, first: u64, n: u64) {
+    for want in first..first + n {
+        match tokio::time::timeout(Duration::from_secs(20), b.next_event()).await {
+            Ok(Some(Event::Envelope(e))) => {
+                let got = u64::from_be_bytes(e.payload()[..8].try_into().unwrap());
+                assert_eq!(got, want, "out of order or lost");
+                b.ack(e.message_id()).await.unwrap();
+            }
+            other => panic!("receiver got {other:?} waiting for {want}"),
+        }
+    }
+}
+
+/// Waits until relay `r` knows where `n` agents are on every core.
+fn wait_located(r: &Relay, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while r.metric("openmesh_fleet_located_agents", &[]) < (2 * n) as f64 {
+        assert!(Instant::now() < deadline, "presence did not arrive");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seed_example_goes_through_trusted_eu_relays_and_not_the_fast_low_trust_one() {
+    let fleet = seed_fleet();
+    fleet.wait_links_up(5);
+    let mut b = Agent::connect(agent_config(fleet.relay("egr"), "agent-b"))
+        .await
+        .unwrap();
+    let mut a = Agent::connect(agent_config(fleet.relay("ing"), "agent-a"))
+        .await
+        .unwrap();
+    wait_located(fleet.relay("ing"), 2);
+    let to = b.id();
+    let eu = Jurisdiction::parse("EU").unwrap();
+
+    // "EU only" and "avoid low trust" (at least 50): through ams and bru, though slower.
+    let n = 200;
+    let recv = tokio::spawn(async move {
+        receive_n(&mut b, 0, n).await;
+        b
+    });
+    let (acked, nacks) = send_n(&mut a, n, |a, i| {
+        let mut e = a.envelope_to(to, 600_000);
+        e.schema = "market/proposal@2.1".into();
+        e.constraints.jurisdictions = vec![eu];
+        e.constraints.min_trust = 50;
+        e.build(&i.to_be_bytes()).unwrap()
+    })
+    .await;
+    assert_eq!((acked, nacks.len()), (n, 0), "{nacks:?}");
+    let mut b = recv.await.unwrap();
+    assert_eq!(
+        fleet.link_in("cheap"),
+        0.0,
+        "the low-trust relay carried nothing"
+    );
+    assert_eq!(fleet.link_in("ams"), n as f64);
+    assert_eq!(fleet.link_in("bru"), n as f64);
+    assert_eq!(fleet.link_in("egr"), n as f64);
+
+    // Without constraints the fastest path is taken: through `cheap`.
+    let recv = tokio::spawn(async move {
+        receive_n(&mut b, n, 50).await;
+        b
+    });
+    let (acked, _) = send_n(&mut a, 50, |a, i| {
+        a.envelope_to(to, 600_000)
+            .build(&(n + i).to_be_bytes())
+            .unwrap()
+    })
+    .await;
+    assert_eq!(acked, 50);
+    let mut b = recv.await.unwrap();
+    assert_eq!(fleet.link_in("cheap"), 50.0);
+
+    // "Avoid ams" with "EU only, trust 50": no path qualifies: NACKed at the source.
+    let ams = fleet.id("ams");
+    let (acked, nacks) = send_n(&mut a, 10, |a, i| {
+        let mut e = a.envelope_to(to, 600_000);
+        e.constraints.jurisdictions = vec![eu];
+        e.constraints.min_trust = 50;
+        e.constraints.avoid = vec![ams];
+        e.build(&(1000 + i).to_be_bytes()).unwrap()
+    })
+    .await;
+    assert_eq!(acked, 0);
+    assert!(
+        nacks.iter().all(|r| *r == Reason::NoCompliantPath),
+        "{nacks:?}"
+    );
+    // "Avoid cheap": never crosses it.
+    let cheap = fleet.id("cheap");
+    let before = fleet.link_in("cheap");
+    let recv = tokio::spawn(async move {
+        receive_n(&mut b, n + 50, 20).await;
+    });
+    let (acked, _) = send_n(&mut a, 20, |a, i| {
+        let mut e = a.envelope_to(to, 600_000);
+        e.constraints.avoid = vec![cheap];
+        e.build(&(n + 50 + i).to_be_bytes()).unwrap()
+    })
+    .await;
+    assert_eq!(acked, 20);
+    recv.await.unwrap();
+    assert_eq!(fleet.link_in("cheap"), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_peer_with_an_agent_or_foreign_certificate_is_refused() {
+    let fleet = Fleet::start(
+        &[
+            Member {
+                name: "one",
+                jurisdiction: "DE",
+                trust: 90,
+            },
+            Member {
+                name: "two",
+                jurisdiction: "FR",
+                trust: 90,
+            },
+        ],
+        &[("one", "two", 1.0)],
+    );
+    fleet.wait_links_up(1);
+    let one = fleet.relay("one");
+    let link_addr = link_addr_of(one);
+    let fleet_ca = load_certs(&fleet.ca).unwrap();
+    // An agent certificate of the fleet CA itself, and a relay certificate of another CA.
+    let ca = CertAuthority::load(&fleet.ca, &fleet.ca.with_file_name("fleet-ca.key")).unwrap();
+    let agent = ca.issue_agent("not-a-relay").unwrap();
+    let other = CertAuthority::generate("other CA").unwrap();
+    let foreign = other
+        .issue_fleet_relay("foreign", &["localhost".into()])
+        .unwrap();
+    for (what, id) in [("agent certificate", agent), ("foreign CA", foreign)] {
+        let refused = try_link(link_addr, &id, &fleet_ca, fleet.id("one")).await;
+        assert!(refused, "{what}: link admitted");
+    }
+    // The real link stays up.
+    assert_eq!(one.metric("openmesh_link_up", &[]), 1.0);
+    // And the same check admits a fleet relay certificate (relay `two`'s own).
+    let two = fleet.dir.join("two");
+    let two_id = Identity::load(&two.join("cert.pem"), &two.join("key.pem")).unwrap();
+    assert!(
+        !try_link(link_addr, &two_id, &fleet_ca, fleet.id("one")).await,
+        "a fleet relay's certificate was refused"
+    );
+}
+
+/// The link address `relay` printed in its ready line (from its log: the ready line is read by
+/// the harness), or from the fleet file.
+fn link_addr_of(relay: &Relay) -> std::net::SocketAddr {
+    let text = std::fs::read_to_string(
+        relay
+            .dir
+            .parent()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .join("fleet.toml"),
+    )
+    .unwrap();
+    let name = relay
+        .dir
+        .parent()
+        .unwrap()
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    let block = text
+        .split("[[relay]]")
+        .find(|b| b.contains(&format!("name = \"{name}\"")))
+        .unwrap();
+    let line = block.lines().find(|l| l.starts_with("link = ")).unwrap();
+    line.trim_start_matches("link = ")
+        .trim_matches('"')
+        .parse()
+        .unwrap()
+}
+
+/// Opens a TLS link with `id` to `addr` (dialling relay `expected`): true if the relay refused
+/// it (the handshake failed or the connection ended without a LINK_HELLO).
+async fn try_link(
+    addr: std::net::SocketAddr,
+    id: &Identity,
+    ca: &[rustls::pki_types::CertificateDer<'static>],
+    expected: RelayId,
+) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut cfg = (*openmesh_dataplane::tls::link_client_config(id, ca).unwrap()).clone();
+    cfg.enable_secret_extraction = false;
+    let name = rustls::pki_types::ServerName::try_from(openmesh_dataplane::pki::relay_link_name(
+        &expected,
+    ))
+    .unwrap()
+    .to_owned();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
+    let Ok(mut tls) = connector.connect(name, tcp).await else {
+        return true;
+    };
+    let mut buf = vec![0u8; 4096];
+    // TLS 1.3: the server checks the client certificate after the client finished, so a refusal
+    // shows as an alert or a closed connection on the first read.
+    let _ = tls.write_all(b"").await;
+    match tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => true,
+        Ok(Ok(_)) => false,
+        Err(_) => panic!("the relay neither answered nor closed"),
+    }
+}
