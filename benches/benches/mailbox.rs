@@ -52,6 +52,7 @@ fn handoff(c: &mut Criterion) {
                                 core: 1,
                                 conn: 7,
                                 tag: env.message_id(),
+                                relay: false,
                             }),
                         },
                     );

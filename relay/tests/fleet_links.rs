@@ -28,6 +28,8 @@ struct Fleet {
     ids: Vec<RelayId>,
     relays: Vec<Relay>,
     ca: PathBuf,
+    configs: Vec<String>,
+    fleet_file: String,
 }
 
 impl Fleet {
@@ -77,15 +79,7 @@ impl Fleet {
         let relays = members
             .iter()
             .zip(&configs)
-            .map(|(m, cfg)| {
-                let mut r = Relay::start_in(
-                    dir.join(m.name).join("data"),
-                    &["--fleet", &fleet_arg],
-                    Some(cfg),
-                );
-                r.ca = ca_certs.clone();
-                r
-            })
+            .map(|(m, cfg)| start_member(&dir, m.name, &fleet_arg, cfg, &ca_certs))
             .collect();
         Fleet {
             dir,
@@ -93,7 +87,27 @@ impl Fleet {
             ids,
             relays,
             ca: ca_path,
+            configs,
+            fleet_file: fleet_arg,
         }
+    }
+
+    /// Kills relay `name` with SIGKILL.
+    fn kill(&mut self, name: &str) {
+        let i = self.index(name);
+        if let Some(mut c) = self.relays[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts relay `name` again (after [`Fleet::kill`]), in its data directory.
+    fn restart(&mut self, name: &str) {
+        let i = self.index(name);
+        let ca = self.relays[i].ca.clone();
+        self.relays[i].keep_dir = true;
+        let r = start_member(&self.dir, name, &self.fleet_file, &self.configs[i], &ca);
+        self.relays[i] = r;
     }
 
     fn relay(&self, name: &str) -> &Relay {
@@ -142,10 +156,28 @@ impl Fleet {
     }
 }
 
+fn start_member(
+    dir: &std::path::Path,
+    name: &str,
+    fleet_file: &str,
+    config: &str,
+    ca: &[rustls::pki_types::CertificateDer<'static>],
+) -> Relay {
+    let mut r = Relay::start_in(
+        dir.join(name).join("data"),
+        &["--fleet", fleet_file],
+        Some(config),
+    );
+    r.ca = ca.to_vec();
+    r
+}
+
 impl Drop for Fleet {
     fn drop(&mut self) {
         for r in &mut self.relays {
-            r.terminate();
+            if r.child.is_some() {
+                r.terminate();
+            }
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -440,4 +472,158 @@ async fn try_link(
         Ok(Ok(_)) => false,
         Err(_) => panic!("the relay neither answered nor closed"),
     }
+}
+
+/// Receives envelopes numbered by their payload until every number below `n` arrived; returns
+/// the longest time between two arrivals and how many arrived twice.
+async fn receive_all(b: &mut Agent, n: u64) -> (Duration, u64) {
+    let mut seen = std::collections::HashSet::new();
+    let (mut gap, mut dup) = (Duration::ZERO, 0u64);
+    let mut last = Instant::now();
+    while (seen.len() as u64) < n {
+        match tokio::time::timeout(Duration::from_secs(20), b.next_event()).await {
+            Ok(Some(Event::Envelope(e))) => {
+                gap = gap.max(last.elapsed());
+                last = Instant::now();
+                let k = u64::from_be_bytes(e.payload()[..8].try_into().unwrap());
+                if !seen.insert(k) {
+                    dup += 1;
+                }
+                b.ack(e.message_id()).await.unwrap();
+            }
+            other => panic!("receiver got {other:?} with {} of {n}", seen.len()),
+        }
+    }
+    (gap, dup)
+}
+
+/// `ing` reaches `egr` through `fast` (1 ms a hop) or `slow` (5 ms).
+fn two_path_fleet() -> Fleet {
+    Fleet::start(
+        &[
+            Member {
+                name: "ing",
+                jurisdiction: "DE",
+                trust: 90,
+            },
+            Member {
+                name: "fast",
+                jurisdiction: "DE",
+                trust: 90,
+            },
+            Member {
+                name: "slow",
+                jurisdiction: "NL",
+                trust: 90,
+            },
+            Member {
+                name: "egr",
+                jurisdiction: "FR",
+                trust: 90,
+            },
+        ],
+        &[
+            ("ing", "fast", 1.0),
+            ("fast", "egr", 1.0),
+            ("ing", "slow", 5.0),
+            ("slow", "egr", 5.0),
+        ],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_killed_on_the_path_loses_nothing_acked_and_traffic_moves_within_2_s() {
+    let mut fleet = two_path_fleet();
+    fleet.wait_links_up(4);
+    let mut b = Agent::connect(agent_config(fleet.relay("egr"), "agent-b"))
+        .await
+        .unwrap();
+    let mut a = Agent::connect(agent_config(fleet.relay("ing"), "agent-a"))
+        .await
+        .unwrap();
+    wait_located(fleet.relay("ing"), 2);
+    let to = b.id();
+    let n = 20_000u64;
+    let recv = tokio::spawn(async move { receive_all(&mut b, n).await });
+    // The first half goes while `fast` runs; it is killed with a full window in flight.
+    let (first, _, _) = common::send_all(&mut a, to, (0, n / 4), 256).await;
+    assert_eq!(first.len() as u64, n / 4);
+    let via_fast = fleet.link_in("fast");
+    assert!(via_fast > 0.0, "the fast path was not used");
+    let sending = tokio::spawn(async move {
+        let r = common::send_all(&mut a, to, (n / 4, n - n / 4), 256).await;
+        (a, r)
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    fleet.kill("fast");
+    let (_a, (rest, _, _)) = sending.await.unwrap();
+    assert_eq!(rest.len() as u64, n - n / 4, "every envelope ACKed");
+    let (gap, dup) = recv.await.unwrap();
+    assert!(
+        gap < Duration::from_secs(2),
+        "deliveries stopped for {gap:?} when the relay died"
+    );
+    assert!(fleet.link_in("slow") > 0.0, "nothing went the other way");
+    eprintln!("longest gap {gap:?}, {dup} delivered twice, {via_fast} via fast before the kill");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_compliant_path_envelopes_wait_on_an_allowed_relay_until_it_returns() {
+    let mut fleet = Fleet::start(
+        &[
+            Member {
+                name: "ing",
+                jurisdiction: "DE",
+                trust: 90,
+            },
+            Member {
+                name: "mid",
+                jurisdiction: "DE",
+                trust: 90,
+            },
+            Member {
+                name: "egr",
+                jurisdiction: "FR",
+                trust: 90,
+            },
+        ],
+        &[("ing", "mid", 1.0), ("mid", "egr", 1.0)],
+    );
+    fleet.wait_links_up(2);
+    let mut b = Agent::connect(agent_config(fleet.relay("egr"), "agent-b"))
+        .await
+        .unwrap();
+    let mut a = Agent::connect(agent_config(fleet.relay("ing"), "agent-a"))
+        .await
+        .unwrap();
+    wait_located(fleet.relay("ing"), 2);
+    let to = b.id();
+    fleet.kill("mid");
+    // Wait until `ing` saw the link go.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fleet.relay("ing").metric("openmesh_link_up", &[]) != 0.0 {
+        assert!(Instant::now() < deadline, "ing did not see the link go");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (acked, nacks) = send_n(&mut a, 100, |a, i| {
+        a.envelope_to(to, 600_000).build(&i.to_be_bytes()).unwrap()
+    })
+    .await;
+    assert_eq!((acked, nacks.len()), (100, 0), "{nacks:?}");
+    assert_eq!(
+        fleet
+            .relay("ing")
+            .metric("openmesh_fleet_waiting_envelopes", &[]),
+        100.0
+    );
+    // Nothing arrives while the path is gone...
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), b.next_event())
+            .await
+            .is_err(),
+        "delivered without a path"
+    );
+    // ...and everything once it is back.
+    fleet.restart("mid");
+    receive_n(&mut b, 0, 100).await;
 }

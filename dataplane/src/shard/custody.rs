@@ -129,25 +129,25 @@ impl Inflight {
         Settled::Known
     }
 
-    /// Applies a relay link's answer for the envelope it received as its `seq`-th: LINK_ACK
-    /// (`take` is `None`), or LINK_NACK, whose envelope is cloned into `take` for what comes
-    /// next. A hop's ACK is not a delivery: no receipt. Returns whether `seq` was in flight.
+    /// Applies a relay link's answer for the envelope it received as its `seq`-th (LINK_ACK,
+    /// or LINK_NACK with `refused`). A hop's answer is not a delivery: no receipt. `None`: `seq`
+    /// was not in flight; `Some(Some(env))`: someone waits on the answer (the envelope's
+    /// upstream, or, refused, a retry) and gets this copy (the upstream moved to it).
     pub(crate) fn settle_seq(
         &mut self,
         seq: u64,
-        take: Option<&mut Option<Envelope>>,
+        refused: bool,
         released: &mut Released,
-    ) -> bool {
-        let Some(i) = seq.checked_sub(self.front_seq) else {
-            return false;
-        };
-        let Some(slot) = self.order.get_mut(i as usize).filter(|s| !s.acked) else {
-            return false;
-        };
+    ) -> Option<Option<Envelope>> {
+        let i = seq.checked_sub(self.front_seq)?;
+        let slot = self.order.get_mut(i as usize).filter(|s| !s.acked)?;
         slot.acked = true;
-        if let Some(t) = take {
-            *t = Some(slot.env.clone());
-        }
+        let upstream = slot.env.upstream.take();
+        let answer = (upstream.is_some() || refused).then(|| {
+            let mut env = slot.env.clone();
+            env.upstream = upstream;
+            env
+        });
         if let Some(ix) = &mut self.index {
             let id = slot.env.message_id();
             if let Some(seqs) = ix.get_mut(&id) {
@@ -159,7 +159,7 @@ impl Inflight {
         }
         self.unacked -= 1;
         self.pop_acked(released);
-        true
+        Some(answer)
     }
 
     fn pop_acked(&mut self, released: &mut Released) {
@@ -495,6 +495,9 @@ pub(crate) struct Released(
     pub(crate) Vec<u64>,
     /// Receipts due to sources that asked: (source, message id, status).
     pub(crate) Vec<(AgentId, MessageId, ReceiptStatus)>,
+    /// Relays waiting on the answer for an envelope that expired in a link's queue: (upstream,
+    /// frame length, class).
+    pub(crate) Vec<(crate::shard::msg::Src, u32, crate::wire::DeliveryClass)>,
 );
 
 impl Released {

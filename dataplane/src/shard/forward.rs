@@ -33,6 +33,7 @@ impl Shard {
             core: self.id,
             conn: src,
             tag,
+            relay: false,
         };
         let class = env.class();
         let len_of_later = env.frame_len();
@@ -48,12 +49,12 @@ impl Shard {
         let from_agent = self.conns.get(&src).is_some_and(|c| c.link.is_none());
         let env = if from_agent && self.mesh.snap.is_some() {
             match self.offer_to_fleet(Some(me), env, now) {
-                super::link::ToFleet::Here(env) => env,
-                super::link::ToFleet::Done(r) => {
+                super::mesh::ToFleet::Here(env) => env,
+                super::mesh::ToFleet::Done(r) => {
                     self.settle(src, id, class, r, None, now);
                     return;
                 }
-                super::link::ToFleet::Later => {
+                super::mesh::ToFleet::Later => {
                     if let Some(c) = self.conns.get_mut(&src) {
                         c.a.awaiting += 1;
                         c.a.awaiting_bytes += len_of_later;

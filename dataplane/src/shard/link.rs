@@ -1,48 +1,33 @@
 //! The relay-link role: a TLS connection to another relay of the fleet (`docs/PROTOCOL.md` §5,
-//! `docs/FLEET.md`), and what the fleet's envelopes do on this core.
+//! `docs/FLEET.md`). What the fleet's envelopes do on a core is `mesh`'s.
 //!
-//! A link is opened by the relay with the lower id (the dialler, [`Shard::open_dialled`]) and
-//! accepted on the other's link port ([`Shard::open_link`]); after TLS (fleet CA, relay role
-//! marker; the peer's relay id is its certificate's key) both ends send LINK_HELLO at once. A
-//! link lives on one core of each relay ([`link_core`]); one accepted elsewhere moves there like
-//! an agent's session. Every core learns which links are up (`LinkUp`, `LinkDown`) and where
-//! agents are (PRESENCE, flooded over the links): that is all it needs to choose paths.
+//! A link is opened by the relay with the smaller id (the engine's dialler connects; the core
+//! runs [`Shard::open_dialled`]) and accepted on the other's link port ([`Shard::open_link`]).
+//! After TLS (fleet CA, relay role marker; the peer's relay id is its certificate's key, and it
+//! must be a relay of the snapshot with a link to this one) both ends send LINK_HELLO at once. A
+//! link lives on one core of each relay ([`link_core`]); one accepted on another core moves there
+//! like an agent's session. Every core learns which links are up (`LinkUp`, `LinkDown`,
+//! `LinkLatency`) and where agents are (PRESENCE).
 //!
-//! ```text
-//! agent's envelope, destination on relay R   -> path (fleet::transit::ingress, cached) -> link
-//! ENVELOPE on a link (numbered from 0)       -> fleet::transit::transit:
-//!        Deliver -> as an agent's envelope on this relay; its verdict is LINK_ACK or LINK_NACK
-//!        Forward -> the next relay's link (its core's queue); LINK_ACK once queued
-//!        Keep    -> waiting here until a compliant path exists; LINK_ACK
-//! link queue -> writer -> in flight until the next relay's LINK_ACK (by link sequence number);
-//!        a retryable LINK_NACK waits and goes again, another is dropped, counted
-//! link down  -> what it held (queued, in flight) is routed again from here, or waits
-//! ```
-//!
-//! Custody is hop by hop: a relay forgets an envelope when the next relay ACKed it (it ACKs
-//! once it queued or kept it, or, for the destination's relay, once its agent's queue or store
-//! took it). Bounds: each link's queue (`send_queue_envelopes`, `send_queue_bytes`), the peer's
-//! window for what is in flight, the waiting list (the core's share of `absent_bytes`), the
-//! agents located (`MAX_LOCATIONS` per core).
+//! On the link: ENVELOPE frames numbered from 0 in each direction; LINK_ACK and LINK_NACK answer
+//! them by number. What goes out uses the agent role's queue and in-flight custody (every class
+//! is answered, so everything written is in flight until answered), within the peer's window.
+//! PING every [`LINK_HEARTBEAT_MS`] (RTT, loss); a link silent for [`LINK_DEAD_US`] is closed.
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use super::budget::CONNECTION_OVERHEAD;
 use super::conn::AgentSession;
-use super::msg::{ConnId, CoreMsg, Src};
+use super::msg::{ConnId, CoreMsg};
 use super::transport::{Transport, TransportError};
 use super::{Action, Conn, Now, ReadGate, Shard};
-use crate::fleet::cache::RouteCache;
-use crate::fleet::path::{AllUp, Constraints, Graph, LinkState};
-use crate::fleet::snapshot::Snapshot;
-use crate::fleet::transit::{self, Next, Place};
+use crate::fleet::path::Graph;
 use crate::pki::ed25519_key_of;
 use crate::session::Session;
 use crate::wire::{
-    AgentId, DeliveryClass, Envelope, Frame, LinkAck, LinkHello, LinkNack, MessageId, Ping, Pong,
-    Presence, PresenceEntry, Reason, RelayId, Role, MAX_LINK_ACK_BATCH, MAX_PRESENCE_BATCH,
-    PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
+    Envelope, Frame, LinkAck, LinkHello, LinkNack, MessageId, Ping, Pong, Presence, Reason,
+    RelayId, Role, MAX_LINK_ACK_BATCH, MAX_PRESENCE_BATCH, PROTOCOL_VERSION_MAX,
+    PROTOCOL_VERSION_MIN,
 };
 
 /// How often a relay PINGs each link.
@@ -53,10 +38,6 @@ pub const LINK_DEAD_US: u64 = 1_000_000;
 pub const LINK_WINDOW: u32 = 8192;
 /// Frame bytes of such envelopes.
 pub const LINK_WINDOW_BYTES: u32 = 64 << 20;
-/// Agents one core knows the relay of; beyond it new ones are not recorded (counted).
-pub const MAX_LOCATIONS: usize = 1 << 20;
-/// Route answers one core keeps (`fleet::cache`).
-const ROUTE_CACHE: usize = 4096;
 /// A measured RTT moves the link's latency in the path computation when it changes by more
 /// than this share (a new link epoch empties the route cache).
 const RTT_EPOCH_SHARE: u64 = 4;
@@ -111,76 +92,6 @@ pub(crate) struct LinkView {
     pub(crate) conn: ConnId,
     /// One-way latency from the measured RTT, microseconds (0: not measured yet).
     pub(crate) latency_us: u32,
-}
-
-/// What a core knows of the fleet: the snapshot, the links up, where agents are, what waits.
-#[derive(Default)]
-pub(crate) struct Mesh {
-    pub(crate) snap: Option<Arc<Snapshot>>,
-    adj: Option<crate::fleet::path::Adjacency>,
-    /// This relay's index in the snapshot.
-    pub(crate) me: Option<usize>,
-    pub(crate) links: HashMap<RelayId, LinkView>,
-    /// Bumped whenever a link goes up or down or its latency moves (routes are cached per epoch).
-    epoch: u64,
-    routes: Option<RouteCache>,
-    /// Agent → (its relay, stamp of that attachment).
-    locations: HashMap<AgentId, (RelayId, u64), crate::shard::hasher::MapHasher>,
-    /// Envelopes waiting for a compliant path (already ACKed upstream), and their frame bytes.
-    waiting: VecDeque<Envelope>,
-    waiting_bytes: usize,
-}
-
-impl Mesh {
-    /// Frame bytes of the envelopes waiting for a path.
-    pub(crate) fn waiting_bytes(&self) -> usize {
-        self.waiting_bytes
-    }
-
-    /// The relay `agent` is attached to, if it is another relay of the fleet.
-    fn remote_relay(&self, agent: &AgentId, me: RelayId) -> Option<RelayId> {
-        self.locations
-            .get(agent)
-            .map(|(r, _)| *r)
-            .filter(|r| *r != me)
-    }
-
-    /// Records a presence entry if it is newer than what is known; returns whether it was.
-    fn locate(&mut self, e: &PresenceEntry) -> bool {
-        match self.locations.get(&e.agent) {
-            Some((r, s)) if (*s, r.0) >= (e.stamp_ms, e.relay.0) => false,
-            None if self.locations.len() >= MAX_LOCATIONS => false,
-            _ => {
-                self.locations.insert(e.agent, (e.relay, e.stamp_ms));
-                true
-            }
-        }
-    }
-}
-
-/// The links' state as the path computation sees it from this relay: its own links up (at
-/// their measured latency) or down; the others' at the snapshot's figures.
-struct Links<'a> {
-    snap: &'a Snapshot,
-    me: usize,
-    up: &'a HashMap<RelayId, LinkView>,
-}
-
-impl LinkState for Links<'_> {
-    fn latency_us(&self, link: usize) -> Option<u32> {
-        let l = &self.snap.links[link];
-        let peer = match (l.a == self.me, l.b == self.me) {
-            (true, _) => l.b,
-            (_, true) => l.a,
-            _ => return Some(l.latency_us),
-        };
-        let v = self.up.get(&self.snap.relays[peer].id)?;
-        Some(if v.latency_us == 0 {
-            l.latency_us
-        } else {
-            v.latency_us
-        })
-    }
 }
 
 impl LinkSession {
@@ -317,7 +228,8 @@ impl Shard {
         let mut close: Option<Reason> = None;
         let mut hello: Option<LinkHello> = None;
         let mut presence: Option<Presence> = None;
-        let mut nacked: Vec<(Envelope, Reason)> = Vec::new();
+        // Envelopes the peer answered that someone waits on (an upstream, or a retry).
+        let mut answered: Vec<(Envelope, Option<Reason>)> = Vec::new();
         let mut wake = false;
         let Some(l) = c.link.as_mut() else {
             return;
@@ -352,8 +264,13 @@ impl Shard {
                     let was_full = !c.a.inflight.has_room(l.window.0, l.window.1, 0);
                     let mut n = 0;
                     for seq in a.seqs() {
-                        if c.a.inflight.settle_seq(seq, None, &mut self.released) {
-                            n += 1;
+                        match c.a.inflight.settle_seq(seq, false, &mut self.released) {
+                            Some(Some(env)) => {
+                                answered.push((env, None));
+                                n += 1;
+                            }
+                            Some(None) => n += 1,
+                            None => self.m.unknown_acks.increment(1),
                         }
                     }
                     if let Some(m) = &l.m {
@@ -363,14 +280,16 @@ impl Shard {
                     wake |= was_full && !c.a.outq.is_empty();
                 }
                 Frame::LinkNack(n) if l.up => {
-                    let mut taken = None;
-                    c.a.inflight
-                        .settle_seq(n.seq, Some(&mut taken), &mut self.released);
-                    if let Some(env) = taken {
-                        if let Some(m) = &l.m {
-                            m.refused.increment(1);
+                    match c.a.inflight.settle_seq(n.seq, true, &mut self.released) {
+                        Some(Some(env)) => {
+                            if let Some(m) = &l.m {
+                                m.refused.increment(1);
+                            }
+                            let r = n.reason().unwrap_or(Reason::ProtocolError);
+                            answered.push((env, Some(r)));
                         }
-                        nacked.push((env, n.reason().unwrap_or(Reason::ProtocolError)));
+                        Some(None) => {}
+                        None => self.m.unknown_nacks.increment(1),
                     }
                     wake |= !c.a.outq.is_empty();
                 }
@@ -414,8 +333,8 @@ impl Shard {
         if wake {
             self.wake_writer(conn);
         }
-        for (env, r) in nacked {
-            self.link_refused(env, r, now);
+        for (env, r) in answered {
+            self.link_answered(env, r, now);
         }
         for (seq, env) in accepted {
             self.arrived_on_link(conn, seq, env, now);
@@ -570,16 +489,7 @@ impl Shard {
             );
         }
         // Everything this core knows of where agents are, so the peer can route to them.
-        let known: Vec<PresenceEntry> = self
-            .mesh
-            .locations
-            .iter()
-            .map(|(a, (r, s))| PresenceEntry {
-                agent: *a,
-                relay: *r,
-                stamp_ms: *s,
-            })
-            .collect();
+        let known = self.mesh.known();
         if let Some(c) = self.conns.get_mut(&conn) {
             for chunk in known.chunks(MAX_PRESENCE_BATCH) {
                 Frame::Presence(Presence {
@@ -590,115 +500,6 @@ impl Shard {
         }
         self.wake_writer(conn);
         Ok(())
-    }
-
-    /// A link to `peer` is up (here or on another core): routes may use it, and what waited
-    /// for a path tries again.
-    pub(super) fn on_link_up(&mut self, peer: RelayId, view: LinkView, now: Now) {
-        self.mesh.links.insert(peer, view);
-        self.mesh.epoch += 1;
-        self.retry_waiting(now);
-    }
-
-    /// The link to `peer` went down.
-    pub(super) fn on_link_down(&mut self, peer: RelayId, conn: (u16, ConnId)) {
-        if self
-            .mesh
-            .links
-            .get(&peer)
-            .is_some_and(|v| (v.core, v.conn) == conn)
-        {
-            self.mesh.links.remove(&peer);
-            self.mesh.epoch += 1;
-        }
-    }
-
-    /// A link's measured latency moved.
-    pub(super) fn on_link_latency(&mut self, peer: RelayId, latency_us: u32) {
-        if let Some(v) = self.mesh.links.get_mut(&peer) {
-            v.latency_us = latency_us;
-            self.mesh.epoch += 1;
-        }
-    }
-
-    /// Presence entries learned (from a link, or this relay's own attachments): recorded when
-    /// newer, and the new ones flooded to this core's links other than the one they came from.
-    pub(super) fn on_presence(
-        &mut self,
-        entries: &[PresenceEntry],
-        from: Option<RelayId>,
-        now: Now,
-    ) {
-        let fresh: Vec<PresenceEntry> = entries
-            .iter()
-            .filter(|e| self.mesh.locate(e))
-            .copied()
-            .collect();
-        if fresh.is_empty() {
-            return;
-        }
-        self.m.fleet_agents.set(self.mesh.locations.len() as f64);
-        // What this core kept for an agent now attached to another relay follows it there
-        // (stored envelopes stay: stored custody does not cross relays yet).
-        let me = self.cfg.relay_id;
-        for e in fresh.iter().filter(|e| e.relay != me) {
-            let Some(kept) = self.held.take(&e.agent) else {
-                continue;
-            };
-            let (stored, memory): (Vec<Envelope>, Vec<Envelope>) =
-                kept.into_iter().partition(|env| env.store_seq() != 0);
-            if !stored.is_empty() {
-                self.held.keep_first(e.agent, stored);
-            }
-            for env in memory {
-                self.released.note_moved(&env);
-                self.again(env, now);
-            }
-        }
-        let targets: Vec<ConnId> = self
-            .mesh
-            .links
-            .iter()
-            .filter(|(p, v)| v.core == self.id && Some(**p) != from)
-            .map(|(_, v)| v.conn)
-            .collect();
-        for conn in targets {
-            if let Some(c) = self.conns.get_mut(&conn) {
-                for chunk in fresh.chunks(MAX_PRESENCE_BATCH) {
-                    Frame::Presence(Presence {
-                        entries: chunk.to_vec(),
-                    })
-                    .encode(&mut c.a.ctrl);
-                }
-                self.wake_writer(conn);
-            }
-        }
-    }
-
-    /// An agent attached to this relay (on its home core): every core records it and tells
-    /// its links.
-    pub(super) fn announce_presence(&mut self, agent: AgentId, now: Now) {
-        if self.mesh.snap.is_none() {
-            return;
-        }
-        let entries: Arc<[PresenceEntry]> = Arc::from(
-            [PresenceEntry {
-                agent,
-                relay: self.cfg.relay_id,
-                stamp_ms: now.unix_ms,
-            }]
-            .as_slice(),
-        );
-        self.on_presence(&entries, None, now);
-        for k in (0..self.ncores).filter(|k| *k != self.id) {
-            self.outbox.push(
-                k,
-                CoreMsg::Presence {
-                    entries: entries.clone(),
-                    from: None,
-                },
-            );
-        }
     }
 
     /// Whether a link may read now (its window of unanswered envelopes, its owed output).
@@ -714,365 +515,6 @@ impl Shard {
             return ReadGate::Park;
         }
         ReadGate::Go
-    }
-
-    /// The route snapshot changed: links that no longer belong (revoked, link removed) close;
-    /// what waits tries again.
-    pub(super) fn mesh_applied(&mut self, snap: Arc<Snapshot>, now: Now) {
-        let g = Graph::new(&snap);
-        let me = snap.index(&self.cfg.relay_id);
-        self.mesh.adj = Some(g.adjacency());
-        self.mesh.me = me;
-        self.mesh.snap = Some(snap.clone());
-        self.mesh.epoch += 1;
-        if self.mesh.routes.is_none() {
-            self.mesh.routes = Some(RouteCache::new(ROUTE_CACHE));
-        }
-        let stale: Vec<ConnId> = self
-            .conns
-            .values()
-            .filter_map(|c| {
-                let peer = c.link.as_ref()?.peer?;
-                let keep = me.zip(snap.index(&peer)).is_some_and(|(m, p)| {
-                    !snap.revoked.contains(&peer) && g.link_between(m, p).is_some()
-                });
-                (!keep).then_some(c.id)
-            })
-            .collect();
-        for id in stale {
-            tracing::info!(conn = id, "link closed: revoked or no longer in the fleet");
-            self.close(id, Reason::NotAdmitted, now);
-        }
-        self.retry_waiting(now);
-    }
-
-    /// Offers an agent's envelope (from `src`, or already in this relay's custody) to the
-    /// fleet: routed towards the relay its destination is attached to, if that is another one.
-    pub(super) fn offer_to_fleet(&mut self, src: Option<Src>, env: Envelope, now: Now) -> ToFleet {
-        let (Some(snap), Some(me)) = (self.mesh.snap.clone(), self.mesh.me) else {
-            return ToFleet::Here(env);
-        };
-        let remote = super::dest_agent(&env)
-            .and_then(|dst| self.mesh.remote_relay(&dst, self.cfg.relay_id))
-            .and_then(|r| snap.index(&r));
-        let Some(egress) = remote else {
-            return ToFleet::Here(env);
-        };
-        if env.class() == DeliveryClass::Durable {
-            // Stored custody does not cross relays yet.
-            return ToFleet::Done(Err(Reason::ClassNotAllowed));
-        }
-        let parts = {
-            let g = Graph::with(&snap, self.mesh.adjacency(&snap));
-            let links = Links {
-                snap: &snap,
-                me,
-                up: &self.mesh.links,
-            };
-            let c = Constraints::of(&env);
-            let cache = self
-                .mesh
-                .routes
-                .get_or_insert_with(|| RouteCache::new(ROUTE_CACHE));
-            let found = cache
-                .route(&g, &links, self.mesh.epoch, me, egress, &c)
-                .is_ok();
-            if found {
-                transit::ingress(
-                    &Place {
-                        graph: &g,
-                        links: &links,
-                        me,
-                    },
-                    egress,
-                    &env,
-                )
-            } else if g.route(&AllUp(&snap), me, egress, &c).is_ok() {
-                // No compliant path with the links as they are, but there is one when they are
-                // all up: it waits here (this relay qualifies, or there would be no route).
-                Ok(Vec::new())
-            } else {
-                Err(Reason::NoCompliantPath)
-            }
-        };
-        let parts = match parts {
-            Ok(p) => p,
-            Err(r) => {
-                self.m.fleet_routed(crate::metrics::FleetOutcome::NoPath);
-                return ToFleet::Done(Err(r));
-            }
-        };
-        if parts.is_empty() {
-            return ToFleet::Done(self.wait_for_path(env).map(|_| false));
-        }
-        let mut first = None;
-        for (i, part) in parts.into_iter().enumerate() {
-            let mut copy = env.clone();
-            copy.routing = part;
-            // The copies after the first are this relay's custody from the start.
-            let r = self.onward(copy, if i == 0 { src } else { None }, now);
-            if i == 0 {
-                first = r;
-            } else if let Some(Err(r)) = r {
-                self.m.dropped(r, 1);
-            }
-        }
-        match first {
-            Some(r) => ToFleet::Done(r),
-            None => ToFleet::Later,
-        }
-    }
-
-    /// The transit decision for an envelope whose routing part names this relay at its hop.
-    fn transit_here(&mut self, env: &Envelope, now: Now) -> Result<Next, Reason> {
-        let (Some(snap), Some(me)) = (self.mesh.snap.clone(), self.mesh.me) else {
-            return Err(Reason::InvalidRouting);
-        };
-        let g = Graph::with(&snap, self.mesh.adjacency(&snap));
-        let links = Links {
-            snap: &snap,
-            me,
-            up: &self.mesh.links,
-        };
-        transit::transit(
-            &Place {
-                graph: &g,
-                links: &links,
-                me,
-            },
-            env,
-            now.unix_ms,
-        )
-    }
-
-    /// Takes an envelope at this relay's hop onwards: delivered here, sent to the next relay,
-    /// re-routed, or kept. `None`: the verdict for `src` is sent elsewhere (another core);
-    /// `Some`: the caller answers `src` with it (or, without a source, counts a refusal).
-    fn onward(
-        &mut self,
-        mut env: Envelope,
-        src: Option<Src>,
-        now: Now,
-    ) -> Option<Result<bool, Reason>> {
-        match self.transit_here(&env, now) {
-            Err(r) => Some(Err(r)),
-            Ok(Next::Deliver) => {
-                self.m.fleet_routed(crate::metrics::FleetOutcome::Delivered);
-                let home = super::dest_agent(&env)
-                    .map_or(self.id, |a| crate::routing::home_core(&a, self.ncores));
-                if home == self.id {
-                    let answered = src.is_some();
-                    self.on_deliver(env, src, now);
-                    (!answered).then_some(Ok(false))
-                } else {
-                    self.outbox.push(home, CoreMsg::Deliver { env, src });
-                    self.handed_off += 1;
-                    src.is_none().then_some(Ok(false))
-                }
-            }
-            Ok(Next::Forward { routing, .. }) => {
-                env.routing = routing;
-                self.forward_on(env, src, now)
-            }
-            Ok(Next::Keep) => Some(self.wait_for_path(env).map(|_| false)),
-        }
-    }
-
-    /// Sends an envelope whose routing part names the next relay to that relay's link: queued
-    /// on this core, or handed to the link's core (`None`: that core answers `src`).
-    fn forward_on(
-        &mut self,
-        mut env: Envelope,
-        src: Option<Src>,
-        _now: Now,
-    ) -> Option<Result<bool, Reason>> {
-        let next = env.routing.relays().nth(usize::from(env.routing.hop_index));
-        let Some(peer) = next else {
-            return Some(Err(Reason::InvalidRouting));
-        };
-        match self.mesh.links.get(&peer).copied() {
-            Some(v) if v.core == self.id => match self.enqueue_link(v.conn, env) {
-                Ok(c) => Some(Ok(c)),
-                Err((r, _)) if src.is_some() => Some(Err(r)),
-                Err((_, mut env)) => {
-                    back_here(&mut env);
-                    Some(self.wait_for_path(env).map(|_| false))
-                }
-            },
-            Some(v) => {
-                self.outbox
-                    .push(v.core, CoreMsg::Forward { env, peer, src });
-                self.handed_off += 1;
-                src.is_none().then_some(Ok(false))
-            }
-            None => {
-                // Went down since the decision: it waits for the next one.
-                back_here(&mut env);
-                Some(self.wait_for_path(env).map(|_| false))
-            }
-        }
-    }
-
-    /// Puts an envelope on a link's queue (on the link's core), within the link's bounds.
-    #[allow(clippy::result_large_err)]
-    fn enqueue_link(&mut self, conn: ConnId, env: Envelope) -> Result<bool, (Reason, Envelope)> {
-        let l = &self.settings.limits;
-        let (max_n, max_b) = (l.send_queue_envelopes, l.send_queue_bytes());
-        let Some(c) = self.conns.get_mut(&conn).filter(|c| !c.closing) else {
-            return Err((Reason::QueueFull, env));
-        };
-        let (source, len) = (env.source(), env.frame_len());
-        c.a.outq.push(env, max_n, max_b)?;
-        if let Some(m) = c.link.as_ref().and_then(|l| l.m.as_ref()) {
-            m.sent.increment(1);
-        }
-        self.sources.hold(source, len);
-        self.charge(len as u64);
-        self.m.fleet_routed(crate::metrics::FleetOutcome::Forwarded);
-        self.wake_writer(conn);
-        Ok(false)
-    }
-
-    /// An envelope another core handed over for the link to `peer` on this one.
-    pub(super) fn on_forward(&mut self, env: Envelope, peer: RelayId, src: Option<Src>, now: Now) {
-        let (len, class) = (env.frame_len() as u32, env.class());
-        let r = match self.mesh.links.get(&peer).copied() {
-            Some(v) if v.core == self.id => match self.enqueue_link(v.conn, env) {
-                Ok(c) => Some(Ok(c)),
-                Err((r, _)) if src.is_some() => Some(Err(r)),
-                Err((_, mut env)) => {
-                    back_here(&mut env);
-                    Some(self.wait_for_path(env).map(|_| false))
-                }
-            },
-            // The link went down or moved since: taken onwards again from here.
-            _ => {
-                let mut env = env;
-                back_here(&mut env);
-                self.onward(env, src, now)
-            }
-        };
-        match (r, src) {
-            (Some(r), Some(src)) => self.verdict_to(src, len, class, r, now),
-            (Some(Err(r)), None) => self.m.dropped(r, 1),
-            _ => {}
-        }
-    }
-
-    /// Keeps an envelope (in this relay's form: its routing part at this relay's hop, or not
-    /// routed yet) until a compliant path exists.
-    fn wait_for_path(&mut self, env: Envelope) -> Result<(), Reason> {
-        let cap = self.settings.limits.absent_bytes() / self.ncores.max(1) as usize;
-        let len = env.frame_len() + super::custody::HELD_ENVELOPE_OVERHEAD;
-        if self.mesh.waiting_bytes + len > cap {
-            return Err(Reason::QueueFull);
-        }
-        self.mesh.waiting_bytes += len;
-        self.mesh.waiting.push_back(env);
-        self.m.fleet_routed(crate::metrics::FleetOutcome::Kept);
-        self.m.fleet_waiting.set(self.mesh.waiting.len() as f64);
-        Ok(())
-    }
-
-    /// What waits for a path tries again (a link came up, the snapshot changed, a tick).
-    pub(super) fn retry_waiting(&mut self, now: Now) {
-        if self.mesh.waiting.is_empty() {
-            return;
-        }
-        let waiting = std::mem::take(&mut self.mesh.waiting);
-        self.mesh.waiting_bytes = 0;
-        for env in waiting {
-            if env.expires_ms() <= now.unix_ms {
-                self.m.dropped(Reason::Expired, 1);
-                self.released
-                    .receipt(&env, crate::wire::ReceiptStatus::Expired);
-                continue;
-            }
-            self.again(env, now);
-        }
-        self.m.fleet_waiting.set(self.mesh.waiting.len() as f64);
-    }
-
-    /// Routes an envelope in this relay's custody again from here (no source to answer).
-    fn again(&mut self, env: Envelope, now: Now) {
-        let r = if env.routing.path.is_empty() {
-            match self.offer_to_fleet(None, env, now) {
-                ToFleet::Here(env) => {
-                    // Its destination is here now, or nowhere known: its home core keeps it.
-                    let home = super::dest_agent(&env)
-                        .map_or(self.id, |a| crate::routing::home_core(&a, self.ncores));
-                    self.outbox.push(home, CoreMsg::Deliver { env, src: None });
-                    None
-                }
-                ToFleet::Done(r) => Some(r),
-                ToFleet::Later => None,
-            }
-        } else {
-            self.onward(env, None, now)
-        };
-        if let Some(Err(r)) = r {
-            self.m.dropped(r, 1);
-        }
-    }
-
-    /// An ENVELOPE that arrived on link `conn` as its `seq`-th: answered by that number once
-    /// this relay took custody (or refused it).
-    fn arrived_on_link(&mut self, conn: ConnId, seq: u64, env: Envelope, now: Now) {
-        let src = Src {
-            core: self.id,
-            conn,
-            tag: MessageId::from_u128(u128::from(seq)),
-        };
-        let (len, class) = (env.frame_len() as u32, env.class());
-        if let Some(c) = self.conns.get_mut(&conn) {
-            // Every verdict comes back through `verdict_to`, which counts it off.
-            c.a.awaiting += 1;
-            c.a.awaiting_bytes += len as usize;
-            if let Some(m) = c.link.as_ref().and_then(|l| l.m.as_ref()) {
-                m.received.increment(1);
-            }
-        }
-        if let Some(r) = self.onward(env, Some(src), now) {
-            self.verdict_to(src, len, class, r, now);
-        }
-    }
-
-    /// The verdict on an envelope that came over a link: LINK_ACK (batched) or LINK_NACK.
-    pub(super) fn settle_link(
-        &mut self,
-        conn: ConnId,
-        tag: MessageId,
-        result: Result<bool, Reason>,
-    ) {
-        let Some(c) = self.conns.get_mut(&conn) else {
-            return;
-        };
-        let Some(l) = c.link.as_mut() else {
-            return;
-        };
-        let seq = tag.as_u128() as u64;
-        match result {
-            Ok(_) => l.acks.push(seq),
-            Err(r) => {
-                self.m.refused(r);
-                Frame::LinkNack(LinkNack::new(seq, r)).encode(&mut c.a.ctrl);
-            }
-        }
-        self.wake_writer(conn);
-    }
-
-    /// The next relay refused an envelope: a retryable refusal waits and goes again, another
-    /// is dropped, counted.
-    fn link_refused(&mut self, mut env: Envelope, r: Reason, now: Now) {
-        if r.retryable() && env.expires_ms() > now.unix_ms {
-            back_here(&mut env);
-            if self.wait_for_path(env).is_err() {
-                self.m.dropped(Reason::QueueFull, 1);
-            }
-        } else {
-            tracing::debug!(msg = %env.message_id(), reason = r.label(), "envelope refused by the next relay");
-            self.m.dropped(r, 1);
-        }
     }
 
     /// Heartbeats, the dead-link check and the handshake deadline, on every tick.
@@ -1135,7 +577,10 @@ impl Shard {
         let Some(l) = c.link.take() else {
             return;
         };
-        let custody = c.take_custody(&self.m, &mut self.released);
+        // Everything the link held, in send order, best-effort included (someone may wait on
+        // its answer).
+        let mut custody = c.a.inflight.take(&mut self.released);
+        custody.extend(c.a.outq.drain());
         if let (Some(peer), true) = (l.peer, l.up) {
             if let Some(m) = &l.m {
                 m.up.set(0.0);
@@ -1154,10 +599,35 @@ impl Shard {
                 );
             }
         }
-        for mut env in custody {
-            back_here(&mut env);
-            self.again(env, now);
+        // Released from this core's quota with the link; taken again where it goes next.
+        for env in &custody {
+            self.released.note_moved(env);
         }
+        self.link_lost(custody, now);
+    }
+
+    /// The answer to an envelope that came over a link: LINK_ACK (batched) or LINK_NACK.
+    pub(super) fn settle_link(
+        &mut self,
+        conn: ConnId,
+        tag: MessageId,
+        result: Result<bool, Reason>,
+    ) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        let Some(l) = c.link.as_mut() else {
+            return;
+        };
+        let seq = tag.as_u128() as u64;
+        match result {
+            Ok(_) => l.acks.push(seq),
+            Err(r) => {
+                self.m.refused(r);
+                Frame::LinkNack(LinkNack::new(seq, r)).encode(&mut c.a.ctrl);
+            }
+        }
+        self.wake_writer(conn);
     }
 
     /// Moves the link's ACKs into its control output.
@@ -1169,36 +639,5 @@ impl Shard {
             let n = l.acks.len().min(MAX_LINK_ACK_BATCH);
             Frame::LinkAck(LinkAck::new(l.acks.drain(..n))).encode(&mut c.a.ctrl);
         }
-    }
-}
-
-impl Mesh {
-    fn adjacency(&mut self, snap: &Snapshot) -> crate::fleet::path::Adjacency {
-        match &self.adj {
-            Some(a) => a.clone(),
-            None => {
-                let a = Graph::new(snap).adjacency();
-                self.adj = Some(a.clone());
-                a
-            }
-        }
-    }
-}
-
-/// What became of an agent's envelope offered to the fleet.
-pub(super) enum ToFleet {
-    /// Its destination is not attached to another relay: it is routed on this one.
-    Here(Envelope),
-    /// Answered now.
-    Done(Result<bool, Reason>),
-    /// Handed to another core, which sends the verdict.
-    Later,
-}
-
-/// Turns an envelope sent (or about to be sent) to the next relay back to this relay's hop.
-fn back_here(env: &mut Envelope) {
-    if env.routing.hop_index > 0 {
-        env.routing.hop_index -= 1;
-        env.routing.hop_limit = env.routing.hop_limit.saturating_add(1);
     }
 }

@@ -39,6 +39,7 @@ pub use durable::{ShardStore, StoreState};
 mod forward;
 pub mod hasher;
 mod link;
+mod mesh;
 pub use link::{link_core, LinkTls, LINK_DEAD_US, LINK_HEARTBEAT_MS};
 pub mod msg;
 mod timers;
@@ -203,7 +204,7 @@ pub struct Shard {
     settings: Arc<Settings>,
     /// What this core knows of the fleet: the route snapshot it applied, links, agents'
     /// relays, envelopes waiting for a path.
-    mesh: link::Mesh,
+    mesh: mesh::Mesh,
     m: CoreMetrics,
     conns: HashMap<ConnId, Conn, crate::shard::hasher::MapHasher>,
     by_agent: HashMap<AgentId, ConnId, crate::shard::hasher::MapHasher>,
@@ -278,7 +279,7 @@ impl Shard {
             ncores,
             cfg,
             settings: Arc::new(settings),
-            mesh: link::Mesh::default(),
+            mesh: mesh::Mesh::default(),
             m: CoreMetrics::new(id),
             conns: HashMap::default(),
             by_agent: HashMap::default(),

@@ -23,6 +23,9 @@ pub struct Src {
     pub core: u16,
     pub conn: ConnId,
     pub tag: MessageId,
+    /// The source is a relay link: in transit the answer waits until the next relay took the
+    /// envelope (custody moves along the path; an agent is answered once this relay has it).
+    pub relay: bool,
 }
 
 /// A message between cores.

@@ -69,12 +69,21 @@ impl Shard {
             if done {
                 self.actions.push_back(Action::Shutdown(conn));
             }
+            self.answer_expired(now);
             return None;
         }
         c.writing = true;
         c.write_since_us = now.mono_us;
         self.resume_paced_sources(conn, false);
+        self.answer_expired(now);
         Some((buf, used))
+    }
+
+    /// Relays waiting on envelopes that expired in a link's queue hear it.
+    fn answer_expired(&mut self, now: Now) {
+        for (src, len, class) in std::mem::take(&mut self.released.3) {
+            self.verdict_to(src, len, class, Err(Reason::Expired), now);
+        }
     }
 
     /// The write of a buffer from [`Shard::poll_write`] finished (`ok`: every byte written).
@@ -210,7 +219,11 @@ impl Conn {
             if env.expires_ms() <= now.unix_ms {
                 released.note(env);
                 released.receipt(env, crate::wire::ReceiptStatus::Expired);
-                self.a.outq.pop();
+                if let Some(mut e) = self.a.outq.pop() {
+                    if let Some(up) = e.upstream.take() {
+                        released.3.push((*up, e.frame_len() as u32, e.class()));
+                    }
+                }
                 m.dropped(Reason::Expired, 1);
                 continue;
             }

@@ -198,6 +198,9 @@ pub struct Envelope {
     /// The relay's store sequence number once the envelope is on disk (0: not stored). Not
     /// on the wire.
     store_seq: u64,
+    /// Who this relay answers once the next relay took the envelope (a relay link's envelope
+    /// in transit). Not on the wire.
+    pub(crate) upstream: Option<Box<crate::shard::msg::Src>>,
 }
 
 impl Envelope {
@@ -225,6 +228,7 @@ impl Envelope {
             immutable,
             sections,
             store_seq: 0,
+            upstream: None,
         })
     }
 
@@ -686,6 +690,7 @@ impl EnvelopeBuilder {
             sections,
             immutable,
             store_seq: 0,
+            upstream: None,
         })
     }
 }

@@ -1,0 +1,654 @@
+//! The fleet's envelopes on one core: where agents are, which links are up, and what a core
+//! does with an envelope bound for another relay (`docs/FLEET.md`, forwarding).
+//!
+//! ```text
+//! agent's envelope, destination attached to relay R -> offer_to_fleet: the path (cached)
+//!        -> onward: this relay's hop checked (fleet::transit) -> the next relay's link queue
+//! ENVELOPE from a link -> onward: Deliver (the destination's home core) | Forward | Keep
+//! link queue -> in flight until the next relay's LINK_ACK -> the upstream's answer
+//! link down / retryable LINK_NACK / no compliant path now -> waiting -> onward again
+//! ```
+//!
+//! **Custody moves along the path.** An agent is answered once its relay has the envelope (as
+//! on a single relay). A relay in transit answers the relay before it only once the next relay
+//! took the envelope, or, at the destination's relay, once its agent's queue or store did: the
+//! answer for the upstream link rides with the envelope ([`Envelope`]'s `upstream`) through the
+//! link queue, in flight, and the waiting list. So every envelope a relay on the path holds is
+//! also held by the relay before it, back to the source's relay, and a relay that dies loses
+//! nothing: the relay before it sees the link go down and sends what it held on another path
+//! (the destination's relay drops what it already had: duplicate suppression by source and id).
+//!
+//! Bounds: each link's queue (`send_queue_envelopes`, `send_queue_bytes`) and the peer's window
+//! for what is in flight; the waiting list (each core's share of `absent_bytes`); the agents
+//! located ([`MAX_LOCATIONS`] per core); the route cache.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use super::link::LinkView;
+use super::msg::{ConnId, CoreMsg, Src};
+use super::{Now, Shard};
+use crate::fleet::cache::RouteCache;
+use crate::fleet::path::{AllUp, Constraints, Graph, LinkState};
+use crate::fleet::snapshot::Snapshot;
+use crate::fleet::transit::{self, Next, Place};
+use crate::wire::{
+    AgentId, DeliveryClass, Envelope, Frame, Presence, PresenceEntry, Reason, RelayId,
+    MAX_PRESENCE_BATCH,
+};
+
+/// Agents one core knows the relay of; beyond it new ones are not recorded.
+pub const MAX_LOCATIONS: usize = 1 << 20;
+/// Route answers one core keeps (`fleet::cache`).
+const ROUTE_CACHE: usize = 4096;
+
+/// What a core knows of the fleet: the snapshot, the links up, where agents are, what waits.
+#[derive(Default)]
+pub(crate) struct Mesh {
+    pub(crate) snap: Option<Arc<Snapshot>>,
+    adj: Option<crate::fleet::path::Adjacency>,
+    /// This relay's index in the snapshot.
+    pub(crate) me: Option<usize>,
+    pub(crate) links: HashMap<RelayId, LinkView>,
+    /// Bumped whenever a link goes up or down or its latency moves (routes are cached per epoch).
+    epoch: u64,
+    routes: Option<RouteCache>,
+    /// Agent → (its relay, stamp of that attachment).
+    locations: HashMap<AgentId, (RelayId, u64), crate::shard::hasher::MapHasher>,
+    /// Envelopes waiting for a compliant path (already ACKed upstream), and their frame bytes.
+    waiting: VecDeque<Envelope>,
+    waiting_bytes: usize,
+}
+
+impl Mesh {
+    /// Frame bytes of the envelopes waiting for a path.
+    pub(crate) fn waiting_bytes(&self) -> usize {
+        self.waiting_bytes
+    }
+
+    /// The relay `agent` is attached to, if it is another relay of the fleet.
+    fn remote_relay(&self, agent: &AgentId, me: RelayId) -> Option<RelayId> {
+        self.locations
+            .get(agent)
+            .map(|(r, _)| *r)
+            .filter(|r| *r != me)
+    }
+
+    /// Records a presence entry if it is newer than what is known; returns whether it was.
+    fn locate(&mut self, e: &PresenceEntry) -> bool {
+        match self.locations.get(&e.agent) {
+            Some((r, s)) if (*s, r.0) >= (e.stamp_ms, e.relay.0) => false,
+            None if self.locations.len() >= MAX_LOCATIONS => false,
+            _ => {
+                self.locations.insert(e.agent, (e.relay, e.stamp_ms));
+                true
+            }
+        }
+    }
+}
+
+/// The links' state as the path computation sees it from this relay: its own links up (at
+/// their measured latency) or down; the others' at the snapshot's figures.
+struct Links<'a> {
+    snap: &'a Snapshot,
+    me: usize,
+    up: &'a HashMap<RelayId, LinkView>,
+}
+
+impl LinkState for Links<'_> {
+    fn latency_us(&self, link: usize) -> Option<u32> {
+        let l = &self.snap.links[link];
+        let peer = match (l.a == self.me, l.b == self.me) {
+            (true, _) => l.b,
+            (_, true) => l.a,
+            _ => return Some(l.latency_us),
+        };
+        let v = self.up.get(&self.snap.relays[peer].id)?;
+        Some(if v.latency_us == 0 {
+            l.latency_us
+        } else {
+            v.latency_us
+        })
+    }
+}
+
+impl Shard {
+    /// A link to `peer` is up (here or on another core): routes may use it, and what waited
+    /// for a path tries again.
+    pub(super) fn on_link_up(&mut self, peer: RelayId, view: LinkView, now: Now) {
+        self.mesh.links.insert(peer, view);
+        self.mesh.epoch += 1;
+        self.retry_waiting(now);
+    }
+
+    /// The link to `peer` went down.
+    pub(super) fn on_link_down(&mut self, peer: RelayId, conn: (u16, ConnId)) {
+        if self
+            .mesh
+            .links
+            .get(&peer)
+            .is_some_and(|v| (v.core, v.conn) == conn)
+        {
+            self.mesh.links.remove(&peer);
+            self.mesh.epoch += 1;
+        }
+    }
+
+    /// A link's measured latency moved.
+    pub(super) fn on_link_latency(&mut self, peer: RelayId, latency_us: u32) {
+        if let Some(v) = self.mesh.links.get_mut(&peer) {
+            v.latency_us = latency_us;
+            self.mesh.epoch += 1;
+        }
+    }
+
+    /// Presence entries learned (from a link, or this relay's own attachments): recorded when
+    /// newer, and the new ones flooded to this core's links other than the one they came from.
+    pub(super) fn on_presence(
+        &mut self,
+        entries: &[PresenceEntry],
+        from: Option<RelayId>,
+        now: Now,
+    ) {
+        let fresh: Vec<PresenceEntry> = entries
+            .iter()
+            .filter(|e| self.mesh.locate(e))
+            .copied()
+            .collect();
+        if fresh.is_empty() {
+            return;
+        }
+        self.m.fleet_agents.set(self.mesh.locations.len() as f64);
+        // What this core kept for an agent now attached to another relay follows it there
+        // (stored envelopes stay: stored custody does not cross relays yet).
+        let me = self.cfg.relay_id;
+        for e in fresh.iter().filter(|e| e.relay != me) {
+            let Some(kept) = self.held.take(&e.agent) else {
+                continue;
+            };
+            let (stored, memory): (Vec<Envelope>, Vec<Envelope>) =
+                kept.into_iter().partition(|env| env.store_seq() != 0);
+            if !stored.is_empty() {
+                self.held.keep_first(e.agent, stored);
+            }
+            for env in memory {
+                self.released.note_moved(&env);
+                self.again(env, now);
+            }
+        }
+        let targets: Vec<ConnId> = self
+            .mesh
+            .links
+            .iter()
+            .filter(|(p, v)| v.core == self.id && Some(**p) != from)
+            .map(|(_, v)| v.conn)
+            .collect();
+        for conn in targets {
+            if let Some(c) = self.conns.get_mut(&conn) {
+                for chunk in fresh.chunks(MAX_PRESENCE_BATCH) {
+                    Frame::Presence(Presence {
+                        entries: chunk.to_vec(),
+                    })
+                    .encode(&mut c.a.ctrl);
+                }
+                self.wake_writer(conn);
+            }
+        }
+    }
+
+    /// An agent attached to this relay (on its home core): every core records it and tells
+    /// its links.
+    pub(super) fn announce_presence(&mut self, agent: AgentId, now: Now) {
+        if self.mesh.snap.is_none() {
+            return;
+        }
+        let entries: Arc<[PresenceEntry]> = Arc::from(
+            [PresenceEntry {
+                agent,
+                relay: self.cfg.relay_id,
+                stamp_ms: now.unix_ms,
+            }]
+            .as_slice(),
+        );
+        self.on_presence(&entries, None, now);
+        for k in (0..self.ncores).filter(|k| *k != self.id) {
+            self.outbox.push(
+                k,
+                CoreMsg::Presence {
+                    entries: entries.clone(),
+                    from: None,
+                },
+            );
+        }
+    }
+
+    /// The route snapshot changed: links that no longer belong (revoked, link removed) close;
+    /// what waits tries again.
+    pub(super) fn mesh_applied(&mut self, snap: Arc<Snapshot>, now: Now) {
+        let g = Graph::new(&snap);
+        let me = snap.index(&self.cfg.relay_id);
+        self.mesh.adj = Some(g.adjacency());
+        self.mesh.me = me;
+        self.mesh.snap = Some(snap.clone());
+        self.mesh.epoch += 1;
+        let stale: Vec<ConnId> = self
+            .conns
+            .values()
+            .filter_map(|c| {
+                let peer = c.link.as_ref()?.peer?;
+                let keep = me.zip(snap.index(&peer)).is_some_and(|(m, p)| {
+                    !snap.revoked.contains(&peer) && g.link_between(m, p).is_some()
+                });
+                (!keep).then_some(c.id)
+            })
+            .collect();
+        for id in stale {
+            tracing::info!(conn = id, "link closed: revoked or no longer in the fleet");
+            self.close(id, Reason::NotAdmitted, now);
+        }
+        self.retry_waiting(now);
+    }
+
+    /// Offers an agent's envelope (from `src`, or already in this relay's custody) to the
+    /// fleet: routed towards the relay its destination is attached to, if that is another one.
+    pub(super) fn offer_to_fleet(&mut self, src: Option<Src>, env: Envelope, now: Now) -> ToFleet {
+        let (Some(snap), Some(me)) = (self.mesh.snap.clone(), self.mesh.me) else {
+            return ToFleet::Here(env);
+        };
+        let remote = super::dest_agent(&env)
+            .and_then(|dst| self.mesh.remote_relay(&dst, self.cfg.relay_id))
+            .and_then(|r| snap.index(&r));
+        let Some(egress) = remote else {
+            return ToFleet::Here(env);
+        };
+        if env.class() == DeliveryClass::Durable {
+            // Stored custody does not cross relays yet.
+            return ToFleet::Done(Err(Reason::ClassNotAllowed));
+        }
+        let parts = {
+            let g = Graph::with(&snap, self.mesh.adjacency(&snap));
+            let links = Links {
+                snap: &snap,
+                me,
+                up: &self.mesh.links,
+            };
+            let c = Constraints::of(&env);
+            let cache = self
+                .mesh
+                .routes
+                .get_or_insert_with(|| RouteCache::new(ROUTE_CACHE));
+            let found = cache
+                .route(&g, &links, self.mesh.epoch, me, egress, &c)
+                .is_ok();
+            if found {
+                transit::ingress(
+                    &Place {
+                        graph: &g,
+                        links: &links,
+                        me,
+                    },
+                    egress,
+                    &env,
+                )
+            } else if g.route(&AllUp(&snap), me, egress, &c).is_ok() {
+                // No compliant path with the links as they are, but there is one when they are
+                // all up: it waits here (this relay qualifies, or there would be no route).
+                Ok(Vec::new())
+            } else {
+                Err(Reason::NoCompliantPath)
+            }
+        };
+        let parts = match parts {
+            Ok(p) => p,
+            Err(r) => {
+                self.m.fleet_routed(crate::metrics::FleetOutcome::NoPath);
+                return ToFleet::Done(Err(r));
+            }
+        };
+        if parts.is_empty() {
+            return match self.wait_for_path(env, src) {
+                Some(r) => ToFleet::Done(r),
+                None => ToFleet::Later,
+            };
+        }
+        let mut first = None;
+        for (i, part) in parts.into_iter().enumerate() {
+            let mut copy = env.clone();
+            copy.routing = part;
+            // The copies after the first are this relay's custody from the start.
+            let r = self.onward(copy, if i == 0 { src } else { None }, now);
+            if i == 0 {
+                first = r;
+            } else if let Some(Err(r)) = r {
+                self.m.dropped(r, 1);
+            }
+        }
+        match first {
+            Some(r) => ToFleet::Done(r),
+            None => ToFleet::Later,
+        }
+    }
+
+    /// The transit decision for an envelope whose routing part names this relay at its hop.
+    fn transit_here(&mut self, env: &Envelope, now: Now) -> Result<Next, Reason> {
+        let (Some(snap), Some(me)) = (self.mesh.snap.clone(), self.mesh.me) else {
+            return Err(Reason::InvalidRouting);
+        };
+        let g = Graph::with(&snap, self.mesh.adjacency(&snap));
+        let links = Links {
+            snap: &snap,
+            me,
+            up: &self.mesh.links,
+        };
+        transit::transit(
+            &Place {
+                graph: &g,
+                links: &links,
+                me,
+            },
+            env,
+            now.unix_ms,
+        )
+    }
+
+    /// Takes an envelope at this relay's hop onwards: delivered here, sent to the next relay,
+    /// re-routed, or kept. `None`: `src` is answered later (by another core, or when the next
+    /// relay took it); `Some`: the caller answers `src` with it now (or, without a source,
+    /// counts a refusal).
+    pub(super) fn onward(
+        &mut self,
+        mut env: Envelope,
+        src: Option<Src>,
+        now: Now,
+    ) -> Option<Result<bool, Reason>> {
+        match self.transit_here(&env, now) {
+            Err(r) => Some(Err(r)),
+            Ok(Next::Deliver) => {
+                self.m.fleet_routed(crate::metrics::FleetOutcome::Delivered);
+                let home = super::dest_agent(&env)
+                    .map_or(self.id, |a| crate::routing::home_core(&a, self.ncores));
+                if home == self.id {
+                    let answered = src.is_some();
+                    self.on_deliver(env, src, now);
+                    (!answered).then_some(Ok(false))
+                } else {
+                    self.outbox.push(home, CoreMsg::Deliver { env, src });
+                    self.handed_off += 1;
+                    src.is_none().then_some(Ok(false))
+                }
+            }
+            Ok(Next::Forward { routing, .. }) => {
+                env.routing = routing;
+                self.forward_on(env, src, now)
+            }
+            Ok(Next::Keep) => self.wait_for_path(env, src),
+        }
+    }
+
+    /// Sends an envelope whose routing part names the next relay to that relay's link: queued
+    /// on this core, or handed to the link's core.
+    fn forward_on(
+        &mut self,
+        mut env: Envelope,
+        src: Option<Src>,
+        now: Now,
+    ) -> Option<Result<bool, Reason>> {
+        let next = env.routing.relays().nth(usize::from(env.routing.hop_index));
+        let Some(peer) = next else {
+            return Some(Err(Reason::InvalidRouting));
+        };
+        match self.mesh.links.get(&peer).copied() {
+            Some(v) if v.core == self.id => self.enqueue_link(v.conn, env, src, now),
+            Some(v) => {
+                self.outbox
+                    .push(v.core, CoreMsg::Forward { env, peer, src });
+                self.handed_off += 1;
+                src.is_none().then_some(Ok(false))
+            }
+            None => {
+                // Went down since the decision: it waits for the next one.
+                back_here(&mut env);
+                self.wait_for_path(env, src)
+            }
+        }
+    }
+
+    /// Puts an envelope on a link's queue (on the link's core), within the link's bounds. A
+    /// relay source's answer rides with it until the next relay's LINK_ACK; an agent is
+    /// answered now. Full: an agent's envelope is refused (`queue_full`), custody waits.
+    fn enqueue_link(
+        &mut self,
+        conn: ConnId,
+        mut env: Envelope,
+        src: Option<Src>,
+        now: Now,
+    ) -> Option<Result<bool, Reason>> {
+        let l = &self.settings.limits;
+        let (max_n, max_b) = (l.send_queue_envelopes, l.send_queue_bytes());
+        let relay_src = src.filter(|s| s.relay);
+        env.upstream = relay_src.map(Box::new);
+        let (source, len) = (env.source(), env.frame_len());
+        let pushed = match self.conns.get_mut(&conn).filter(|c| !c.closing) {
+            Some(c) => c.a.outq.push(env, max_n, max_b).map(|_| {
+                if let Some(m) = c.link.as_ref().and_then(|l| l.m.as_ref()) {
+                    m.sent.increment(1);
+                }
+            }),
+            None => Err((Reason::QueueFull, env)),
+        };
+        match pushed {
+            Ok(()) => {
+                self.sources.hold(source, len);
+                self.charge(len as u64);
+                self.m.fleet_routed(crate::metrics::FleetOutcome::Forwarded);
+                self.wake_writer(conn);
+                relay_src.is_none().then_some(Ok(false))
+            }
+            Err((r, _)) if src.is_some_and(|s| !s.relay) => Some(Err(r)),
+            Err((_, mut env)) => {
+                env.upstream = None;
+                back_here(&mut env);
+                let _ = now;
+                self.wait_for_path(env, src)
+            }
+        }
+    }
+
+    /// An envelope another core handed over for the link to `peer` on this one.
+    pub(super) fn on_forward(&mut self, env: Envelope, peer: RelayId, src: Option<Src>, now: Now) {
+        let (len, class) = (env.frame_len() as u32, env.class());
+        let r = match self.mesh.links.get(&peer).copied() {
+            Some(v) if v.core == self.id => self.enqueue_link(v.conn, env, src, now),
+            // The link went down or moved since: taken onwards again from here.
+            _ => {
+                let mut env = env;
+                back_here(&mut env);
+                self.onward(env, src, now)
+            }
+        };
+        self.answer(src, len, class, r, now);
+    }
+
+    /// Answers `src` with `r` when there is one to answer now; without a source, a refusal is
+    /// counted.
+    fn answer(
+        &mut self,
+        src: Option<Src>,
+        len: u32,
+        class: DeliveryClass,
+        r: Option<Result<bool, Reason>>,
+        now: Now,
+    ) {
+        match (r, src) {
+            (Some(r), Some(src)) => self.verdict_to(src, len, class, r, now),
+            (Some(Err(r)), None) => self.m.dropped(r, 1),
+            _ => {}
+        }
+    }
+
+    /// Keeps an envelope (in this relay's form: its routing part at this relay's hop, or not
+    /// routed yet) until a compliant path exists. A relay source waits for its answer with it;
+    /// an agent is answered now. Full: `queue_full`.
+    fn wait_for_path(
+        &mut self,
+        mut env: Envelope,
+        src: Option<Src>,
+    ) -> Option<Result<bool, Reason>> {
+        let cap = self.settings.limits.absent_bytes() / self.ncores.max(1) as usize;
+        let len = env.frame_len() + super::custody::HELD_ENVELOPE_OVERHEAD;
+        if self.mesh.waiting_bytes + len > cap {
+            return Some(Err(Reason::QueueFull));
+        }
+        let relay_src = src.filter(|s| s.relay);
+        if relay_src.is_some() {
+            env.upstream = relay_src.map(Box::new);
+        }
+        self.mesh.waiting_bytes += len;
+        self.mesh.waiting.push_back(env);
+        self.m.fleet_routed(crate::metrics::FleetOutcome::Kept);
+        self.m.fleet_waiting.set(self.mesh.waiting.len() as f64);
+        relay_src.is_none().then_some(Ok(false))
+    }
+
+    /// What waits for a path tries again (a link came up, the snapshot changed, a second
+    /// passed).
+    pub(super) fn retry_waiting(&mut self, now: Now) {
+        if self.mesh.waiting.is_empty() {
+            return;
+        }
+        let waiting = std::mem::take(&mut self.mesh.waiting);
+        self.mesh.waiting_bytes = 0;
+        for env in waiting {
+            self.again(env, now);
+        }
+        self.m.fleet_waiting.set(self.mesh.waiting.len() as f64);
+    }
+
+    /// Takes an envelope in this relay's custody onwards again from here (its upstream, if it
+    /// has one, still waits for the answer).
+    pub(super) fn again(&mut self, mut env: Envelope, now: Now) {
+        let src = env.upstream.take().map(|s| *s);
+        let (len, class) = (env.frame_len() as u32, env.class());
+        if env.expires_ms() <= now.unix_ms {
+            self.released
+                .receipt(&env, crate::wire::ReceiptStatus::Expired);
+            let r = Some(Err(Reason::Expired));
+            return self.answer(src, len, class, r, now);
+        }
+        let r = if env.routing.path.is_empty() {
+            match self.offer_to_fleet(src, env, now) {
+                ToFleet::Here(env) => {
+                    // Its destination is here now, or nowhere known: its home core keeps it.
+                    let home = super::dest_agent(&env)
+                        .map_or(self.id, |a| crate::routing::home_core(&a, self.ncores));
+                    self.outbox.push(home, CoreMsg::Deliver { env, src });
+                    None
+                }
+                ToFleet::Done(r) => Some(r),
+                ToFleet::Later => None,
+            }
+        } else {
+            self.onward(env, src, now)
+        };
+        self.answer(src, len, class, r, now);
+    }
+
+    /// The next relay answered an envelope this relay sent it: taken (`None`) or refused. The
+    /// upstream it rode with hears the same, except that a retryable refusal waits here and
+    /// goes again.
+    pub(super) fn link_answered(&mut self, mut env: Envelope, refused: Option<Reason>, now: Now) {
+        let src = env.upstream.take().map(|s| *s);
+        let (len, class) = (env.frame_len() as u32, env.class());
+        match refused {
+            None => self.answer(src, len, class, Some(Ok(false)), now),
+            Some(r) if r.retryable() && env.expires_ms() > now.unix_ms => {
+                back_here(&mut env);
+                let w = self.wait_for_path(env, src);
+                self.answer(src, len, class, w, now);
+            }
+            Some(r) => {
+                tracing::debug!(msg = %env.message_id(), reason = r.label(), "envelope refused by the next relay");
+                if src.is_none() {
+                    self.m.dropped(r, 1);
+                }
+                self.answer(src, len, class, Some(Err(r)), now);
+            }
+        }
+    }
+
+    /// An ENVELOPE that arrived on link `conn` as its `seq`-th: answered by that number once
+    /// this relay took custody and, in transit, the next relay did (or refused it).
+    pub(super) fn arrived_on_link(&mut self, conn: ConnId, seq: u64, env: Envelope, now: Now) {
+        let src = Src {
+            core: self.id,
+            conn,
+            tag: crate::wire::MessageId::from_u128(u128::from(seq)),
+            relay: true,
+        };
+        let (len, class) = (env.frame_len() as u32, env.class());
+        if let Some(c) = self.conns.get_mut(&conn) {
+            // Every answer comes back through `verdict_to`, which counts it off.
+            c.a.awaiting += 1;
+            c.a.awaiting_bytes += len as usize;
+            if let Some(m) = c.link.as_ref().and_then(|l| l.m.as_ref()) {
+                m.received.increment(1);
+            }
+        }
+        if let Some(r) = self.onward(env, Some(src), now) {
+            self.verdict_to(src, len, class, r, now);
+        }
+    }
+
+    /// What a link that went down held (queued, in flight; in send order): taken onwards again
+    /// from here, each with the upstream it waits to answer.
+    pub(super) fn link_lost(&mut self, custody: Vec<Envelope>, now: Now) {
+        for mut env in custody {
+            back_here(&mut env);
+            self.again(env, now);
+        }
+    }
+}
+
+impl Mesh {
+    /// Where every agent this core knows of is, for a link that just came up.
+    pub(super) fn known(&self) -> Vec<PresenceEntry> {
+        self.locations
+            .iter()
+            .map(|(a, (r, s))| PresenceEntry {
+                agent: *a,
+                relay: *r,
+                stamp_ms: *s,
+            })
+            .collect()
+    }
+
+    /// The snapshot's adjacency, built once per snapshot.
+    pub(super) fn adjacency(&mut self, snap: &Snapshot) -> crate::fleet::path::Adjacency {
+        match &self.adj {
+            Some(a) => a.clone(),
+            None => {
+                let a = Graph::new(snap).adjacency();
+                self.adj = Some(a.clone());
+                a
+            }
+        }
+    }
+}
+
+/// What became of an agent's envelope offered to the fleet.
+pub(super) enum ToFleet {
+    /// Its destination is not attached to another relay: it is routed on this one.
+    Here(Envelope),
+    /// Answered now.
+    Done(Result<bool, Reason>),
+    /// Answered later (another core, or once the next relay took it).
+    Later,
+}
+
+/// Turns an envelope sent (or about to be sent) to the next relay back to this relay's hop.
+pub(super) fn back_here(env: &mut Envelope) {
+    if env.routing.hop_index > 0 {
+        env.routing.hop_index -= 1;
+        env.routing.hop_limit = env.routing.hop_limit.saturating_add(1);
+    }
+}
