@@ -16,7 +16,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use openmesh_agent::{Agent, ClientConfig, Event};
 use openmesh_dataplane::pki::{load_certs, Identity};
-use openmesh_dataplane::wire::{AgentId, DeliveryClass};
+use openmesh_dataplane::wire::{AgentId, DeliveryClass, Jurisdiction, RelayId};
 
 #[derive(Parser)]
 struct Cli {
@@ -64,7 +64,57 @@ enum Cmd {
         /// store and synced before the relay ACKs it).
         #[arg(long, default_value = "at-least-once", value_parser = class)]
         class: DeliveryClass,
+        #[command(flatten)]
+        route: Route,
     },
+}
+
+/// Constraints on the relays the envelope may cross (in a relay fleet, docs/FLEET.md).
+#[derive(clap::Args)]
+struct Route {
+    /// Jurisdictions allowed (ISO codes or blocs such as EU), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    jurisdictions: Vec<String>,
+    /// Least trust (0-100) a relay needs to carry the envelope.
+    #[arg(long, default_value_t = 0)]
+    min_trust: u8,
+    /// Relays never to cross: names in --fleet's file, or hex relay ids; comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    avoid: Vec<String>,
+    /// Send the envelope over this many relay-disjoint paths (1-4); delivered once.
+    #[arg(long, default_value_t = 1)]
+    multipath: u8,
+    /// The fleet file, to name relays in --avoid.
+    #[arg(long)]
+    fleet: Option<PathBuf>,
+}
+
+impl Route {
+    fn apply(&self, b: &mut openmesh_dataplane::wire::EnvelopeBuilder) -> anyhow::Result<()> {
+        let c = &mut b.constraints;
+        for j in &self.jurisdictions {
+            c.jurisdictions
+                .push(Jurisdiction::parse(j).with_context(|| format!("{j:?} is not a code"))?);
+        }
+        c.min_trust = self.min_trust;
+        c.multipath_k = self.multipath;
+        let snap = match &self.fleet {
+            Some(f) => Some(openmesh_dataplane::fleet::file::parse(
+                &std::fs::read_to_string(f)?,
+            )?),
+            None => None,
+        };
+        for a in &self.avoid {
+            let by_name = snap
+                .as_ref()
+                .and_then(|s| s.relays.iter().find(|r| r.name == *a).map(|r| r.id));
+            let id = by_name
+                .or_else(|| RelayId::from_hex(a))
+                .with_context(|| format!("{a:?}: not a relay of --fleet, nor a hex relay id"))?;
+            c.avoid.push(id);
+        }
+        Ok(())
+    }
 }
 
 fn class(s: &str) -> Result<DeliveryClass, String> {
@@ -150,6 +200,7 @@ async fn main() -> anyhow::Result<()> {
             ttl_ms,
             schema,
             class,
+            route,
         } => {
             let to = resolve(&cli.dir, &to)?;
             let mut agent =
@@ -159,6 +210,7 @@ async fn main() -> anyhow::Result<()> {
                 let mut b = agent.envelope_to(to, ttl_ms);
                 b.schema = schema.clone();
                 b.class = class;
+                route.apply(&mut b)?;
                 agent.send(&b.build(text.as_bytes())?).await?;
             }
             let (mut acked, mut refused) = (0, 0);

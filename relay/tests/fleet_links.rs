@@ -149,6 +149,31 @@ impl Fleet {
         }
     }
 
+    /// Rewrites the fleet file with `change` (which must raise the generation) and sends SIGHUP
+    /// to every running relay; returns once `name` applied generation `generation` (and how
+    /// long that took).
+    fn reload(&self, change: impl Fn(&str) -> String, name: &str, generation: u64) -> Duration {
+        let text = std::fs::read_to_string(&self.fleet_file).unwrap();
+        std::fs::write(&self.fleet_file, change(&text)).unwrap();
+        let t0 = Instant::now();
+        for r in self.relays.iter().filter(|r| r.child.is_some()) {
+            std::process::Command::new("kill")
+                .args(["-HUP", &r.pid().to_string()])
+                .status()
+                .unwrap();
+        }
+        let r = self.relay(name);
+        while r.metric("openmesh_fleet_generation", &[]) != 2.0 * generation as f64 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "{name} did not apply the new fleet file:\n{}",
+                r.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        t0.elapsed()
+    }
+
     /// Envelopes relay `name` received over its links.
     fn link_in(&self, name: &str) -> f64 {
         self.relay(name)
@@ -626,4 +651,99 @@ async fn with_no_compliant_path_envelopes_wait_on_an_allowed_relay_until_it_retu
     // ...and everything once it is back.
     fleet.restart("mid");
     receive_n(&mut b, 0, 100).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_disjoint_paths_deliver_once_and_a_trust_drop_or_revocation_takes_a_relay_out() {
+    let fleet = seed_fleet();
+    fleet.wait_links_up(5);
+    let mut b = Agent::connect(agent_config(fleet.relay("egr"), "agent-b"))
+        .await
+        .unwrap();
+    let mut a = Agent::connect(agent_config(fleet.relay("ing"), "agent-a"))
+        .await
+        .unwrap();
+    wait_located(fleet.relay("ing"), 2);
+    let to = b.id();
+
+    // Two node-disjoint paths: one copy through `cheap`, one through `ams` and `bru`; B gets
+    // each envelope once, `egr` suppresses the second copy.
+    let n = 100;
+    let recv = tokio::spawn(async move {
+        receive_n(&mut b, 0, n).await;
+        let more = tokio::time::timeout(Duration::from_millis(300), b.next_event()).await;
+        assert!(more.is_err(), "a copy was delivered twice: {more:?}");
+        b
+    });
+    let (acked, nacks) = send_n(&mut a, n, |a, i| {
+        let mut e = a.envelope_to(to, 600_000);
+        e.constraints.multipath_k = 2;
+        e.build(&i.to_be_bytes()).unwrap()
+    })
+    .await;
+    assert_eq!((acked, nacks.len()), (n, 0), "{nacks:?}");
+    let mut b = recv.await.unwrap();
+    assert_eq!(fleet.link_in("cheap"), n as f64);
+    assert_eq!(fleet.link_in("ams"), n as f64);
+    assert_eq!(fleet.link_in("bru"), n as f64);
+    assert_eq!(fleet.link_in("egr"), 2.0 * n as f64);
+    assert_eq!(
+        fleet
+            .relay("egr")
+            .metric("openmesh_duplicates_suppressed_total", &[]),
+        n as f64
+    );
+
+    // `cheap`'s trust falls below the at-least-once threshold: new envelopes avoid it at once.
+    let took = fleet.reload(
+        |t| {
+            t.replace(
+                "generation = 1",
+                "generation = 2\n[thresholds]\nat_least_once = 10",
+            )
+            .replace("trust = 20", "trust = 5")
+        },
+        "ing",
+        2,
+    );
+    assert!(took < Duration::from_secs(1), "applied after {took:?}");
+    let before = fleet.link_in("cheap");
+    let recv = tokio::spawn(async move {
+        receive_n(&mut b, n, 50).await;
+        b
+    });
+    let (acked, _) = send_n(&mut a, 50, |a, i| {
+        a.envelope_to(to, 600_000)
+            .build(&(n + i).to_be_bytes())
+            .unwrap()
+    })
+    .await;
+    assert_eq!(acked, 50);
+    let _b = recv.await.unwrap();
+    assert_eq!(
+        fleet.link_in("cheap"),
+        before,
+        "crossed the distrusted relay"
+    );
+
+    // Revoked: its links close.
+    fleet.reload(
+        |t| t.replace("generation = 2", "generation = 3\nrevoked = [\"cheap\"]"),
+        "ing",
+        3,
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fleet.relay("cheap").metric("openmesh_link_up", &[]) != 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the revoked relay's links stayed up"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        fleet
+            .relay("ing")
+            .metric("openmesh_link_up", &["peer=\"cheap\""]),
+        0.0
+    );
 }

@@ -58,6 +58,11 @@ pub(crate) fn run(me: RelayId, cores: u16, shared: Arc<Shared>) {
             .flatten();
         let Some(snap) = snap else { continue };
         let Some(mi) = snap.index(&me) else { continue };
+        if snap.revoked.contains(&me) {
+            // A revoked relay has no links.
+            peers.clear();
+            continue;
+        }
         let up = shared
             .links
             .up

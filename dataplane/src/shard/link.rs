@@ -398,6 +398,7 @@ impl Shard {
             return Err(Reason::NotAdmitted);
         };
         if snap.revoked.contains(&key)
+            || snap.revoked.contains(&self.cfg.relay_id)
             || Graph::with(&snap, self.mesh.adjacency(&snap))
                 .link_between(me, peer)
                 .is_none()

@@ -236,8 +236,11 @@ impl Shard {
             .values()
             .filter_map(|c| {
                 let peer = c.link.as_ref()?.peer?;
+                let revoked = |id: &RelayId| snap.revoked.contains(id);
                 let keep = me.zip(snap.index(&peer)).is_some_and(|(m, p)| {
-                    !snap.revoked.contains(&peer) && g.link_between(m, p).is_some()
+                    !revoked(&peer)
+                        && !revoked(&self.cfg.relay_id)
+                        && g.link_between(m, p).is_some()
                 });
                 (!keep).then_some(c.id)
             })
