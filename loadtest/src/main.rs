@@ -52,6 +52,10 @@ struct RunArgs {
     /// Relay agent address; repeat to spread pairs over several relays.
     #[arg(long = "relay", default_value = "127.0.0.1:7400")]
     relays: Vec<SocketAddr>,
+    /// Receivers connect here instead (another relay of a fleet: envelopes cross the relay
+    /// links between); repeat to spread them.
+    #[arg(long = "receive-relay")]
+    receive_relays: Vec<SocketAddr>,
     /// Run against a NATS server instead (`nats://HOST:PORT`), as the baseline.
     #[arg(long)]
     target: Option<String>,
@@ -156,6 +160,7 @@ async fn run(a: RunArgs) -> anyhow::Result<Report> {
                 load_certs(&a.ca).with_context(|| format!("reading --ca {}", a.ca.display()))?;
             Some(Arc::new(openmesh::Relays {
                 addrs: a.relays.clone(),
+                receive: a.receive_relays.clone(),
                 ca,
             }))
         }

@@ -21,14 +21,29 @@ use crate::scenario::{precise_timers, sleep_until, Expect, PairParams, Recorder}
 /// Where the relays are and whom to trust.
 pub struct Relays {
     pub addrs: Vec<SocketAddr>,
+    /// Where receivers connect, when not to `addrs` (a relay fleet: multi-hop).
+    pub receive: Vec<SocketAddr>,
     pub ca: Vec<CertificateDer<'static>>,
 }
+
+/// How long senders wait after their receivers connected on another relay, for the fleet to
+/// learn where the receivers are (presence crosses each link in well under this).
+const PRESENCE_SETTLE: std::time::Duration = std::time::Duration::from_millis(500);
 
 impl Relays {
     fn config(&self, idx: usize, name: &str, bind: Option<IpAddr>) -> anyhow::Result<ClientConfig> {
         let id = Identity::generate_self_signed(name)?;
         let mut c = ClientConfig::new(self.addrs[idx % self.addrs.len()], self.ca.clone(), id);
         c.bind = bind;
+        Ok(c)
+    }
+
+    /// A receiver's configuration: on a receive relay when there are any.
+    fn receiver(&self, idx: usize, name: &str) -> anyhow::Result<ClientConfig> {
+        let mut c = self.config(idx, name, None)?;
+        if !self.receive.is_empty() {
+            c.relay = self.receive[idx % self.receive.len()];
+        }
         Ok(c)
     }
 }
@@ -51,7 +66,7 @@ pub async fn pair(
     p: PairParams,
     live: Arc<Live>,
 ) -> anyhow::Result<Histogram<u64>> {
-    let mut rcfg = relays.config(idx, &format!("loadtest-recv-{idx}"), None)?;
+    let mut rcfg = relays.receiver(idx, &format!("loadtest-recv-{idx}"))?;
     rcfg.auto_ack = true;
     let recv_id = rcfg.identity.agent_id();
     let mut recv = if p.backlog {
@@ -63,6 +78,9 @@ pub async fn pair(
                 .context("receiver connects")?,
         )
     };
+    if !relays.receive.is_empty() {
+        tokio::time::sleep(PRESENCE_SETTLE).await;
+    }
     let sender = Agent::connect(relays.config(idx, &format!("loadtest-send-{idx}"), None)?)
         .await
         .context("sender connects")?;

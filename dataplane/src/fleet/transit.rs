@@ -59,6 +59,16 @@ pub fn ingress(p: &Place<'_>, egress: usize, env: &Envelope) -> Result<Vec<Routi
         .graph
         .route(p.links, p.me, egress, &c)
         .map_err(|_: NoPath| Reason::NoCompliantPath)?;
+    parts(p.graph, &route, env)
+}
+
+/// The routing parts for an envelope entering the fleet on `route` (from [`Graph::route`] for
+/// its constraints, or a cache of those): one per path within its hop limit.
+pub fn parts(
+    graph: &Graph<'_>,
+    route: &super::path::Route,
+    env: &Envelope,
+) -> Result<Vec<RoutingPart>, Reason> {
     let hops = usize::from(env.routing.hop_limit);
     let parts: Vec<RoutingPart> = route
         .paths
@@ -69,8 +79,8 @@ pub fn ingress(p: &Place<'_>, egress: usize, env: &Envelope) -> Result<Vec<Routi
             hop_limit: env.routing.hop_limit,
             hop_index: 0,
             copy_index: copy as u8,
-            route_generation: p.graph.snap.generation as u32,
-            path: path_bytes(p.graph, path),
+            route_generation: graph.snap.generation as u32,
+            path: path_bytes(graph, path),
         })
         .collect();
     if parts.is_empty() {

@@ -131,7 +131,12 @@ impl Shard {
             return Err((Reason::DestinationUnavailable, env));
         };
         let l = &self.settings.limits;
-        let (max_n, max_b) = (l.send_queue_envelopes, l.send_queue_bytes());
+        let (mut max_n, mut max_b) = (l.send_queue_envelopes, l.send_queue_bytes());
+        if src.relay {
+            // A relay link cannot be paused for one destination: relays are held back by their
+            // link windows, and may fill a destination's queue to four times its bounds.
+            (max_n, max_b) = (max_n * 4, max_b * 4);
+        }
         let cid = self.by_agent.get(&dst).copied();
         let present = cid.and_then(|cid| {
             self.conns

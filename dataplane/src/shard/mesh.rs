@@ -280,19 +280,9 @@ impl Shard {
                 .mesh
                 .routes
                 .get_or_insert_with(|| RouteCache::new(ROUTE_CACHE));
-            let found = cache
-                .route(&g, &links, self.mesh.epoch, me, egress, &c)
-                .is_ok();
-            if found {
-                transit::ingress(
-                    &Place {
-                        graph: &g,
-                        links: &links,
-                        me,
-                    },
-                    egress,
-                    &env,
-                )
+            let route = cache.route(&g, &links, self.mesh.epoch, me, egress, &c);
+            if let Ok(route) = route.as_ref() {
+                transit::parts(&g, route, &env)
             } else if g.route(&AllUp(&snap), me, egress, &c).is_ok() {
                 // No compliant path with the links as they are, but there is one when they are
                 // all up: it waits here (this relay qualifies, or there would be no route).
@@ -418,7 +408,10 @@ impl Shard {
 
     /// Puts an envelope on a link's queue (on the link's core), within the link's bounds. A
     /// relay source's answer rides with it until the next relay's LINK_ACK; an agent is
-    /// answered now. Full: an agent's envelope is refused (`queue_full`), custody waits.
+    /// answered now, told to pause past half the bounds (`Ok(true)`: its reader waits until the
+    /// queue is below a quarter, as for a congested agent), and refused `queue_full` at them.
+    /// Relays in transit are held back by their link windows instead and may fill the queue to
+    /// four times the bounds; custody that has nowhere to go waits.
     fn enqueue_link(
         &mut self,
         conn: ConnId,
@@ -427,27 +420,41 @@ impl Shard {
         now: Now,
     ) -> Option<Result<bool, Reason>> {
         let l = &self.settings.limits;
-        let (max_n, max_b) = (l.send_queue_envelopes, l.send_queue_bytes());
+        let (mut max_n, mut max_b) = (l.send_queue_envelopes, l.send_queue_bytes());
         let relay_src = src.filter(|s| s.relay);
+        let agent_src = src.filter(|s| !s.relay);
+        if agent_src.is_none() {
+            (max_n, max_b) = (max_n * 4, max_b * 4);
+        }
         env.upstream = relay_src.map(Box::new);
         let (source, len) = (env.source(), env.frame_len());
         let pushed = match self.conns.get_mut(&conn).filter(|c| !c.closing) {
-            Some(c) => c.a.outq.push(env, max_n, max_b).map(|_| {
+            Some(c) => c.a.outq.push(env, max_n, max_b).inspect(|congested| {
                 if let Some(m) = c.link.as_ref().and_then(|l| l.m.as_ref()) {
                     m.sent.increment(1);
+                }
+                // Remembered so that the agent resumes when this queue drains.
+                let paced = &mut c.a.paced_sources;
+                if let (true, Some(a)) = (*congested, agent_src) {
+                    let who = (a.core, a.conn);
+                    if paced.len() < super::conn::PACED_SOURCES_MAX && !paced.contains(&who) {
+                        paced.push(who);
+                    }
                 }
             }),
             None => Err((Reason::QueueFull, env)),
         };
         match pushed {
-            Ok(()) => {
+            Ok(congested) => {
                 self.sources.hold(source, len);
                 self.charge(len as u64);
                 self.m.fleet_routed(crate::metrics::FleetOutcome::Forwarded);
                 self.wake_writer(conn);
-                relay_src.is_none().then_some(Ok(false))
+                relay_src
+                    .is_none()
+                    .then_some(Ok(congested && agent_src.is_some()))
             }
-            Err((r, _)) if src.is_some_and(|s| !s.relay) => Some(Err(r)),
+            Err((r, _)) if agent_src.is_some() => Some(Err(r)),
             Err((_, mut env)) => {
                 env.upstream = None;
                 back_here(&mut env);
@@ -513,8 +520,7 @@ impl Shard {
         relay_src.is_none().then_some(Ok(false))
     }
 
-    /// What waits for a path tries again (a link came up, the snapshot changed, a second
-    /// passed).
+    /// What waits for a path tries again (a link came up, the snapshot changed, a tick).
     pub(super) fn retry_waiting(&mut self, now: Now) {
         if self.mesh.waiting.is_empty() {
             return;

@@ -41,8 +41,9 @@ impl Shard {
                 );
             }
             self.requeue_held();
-            self.retry_waiting(now);
         }
+        // What waits for a path (or for the next relay's room) tries again every tick.
+        self.retry_waiting(now);
         let write_us = self.settings.timeouts.write_us;
         let ids: Vec<ConnId> = self.conns.keys().copied().collect();
         for id in ids {
