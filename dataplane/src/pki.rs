@@ -87,16 +87,10 @@ impl Identity {
     /// gives the same agent id. For tests that replay schedules; a real agent's key must come
     /// from [`Identity::generate_self_signed`].
     pub fn self_signed_from_seed(common_name: &str, seed: [u8; 32]) -> Result<Self, PkiError> {
-        // PKCS#8 v1 wrapping of an Ed25519 private key (RFC 8410): a fixed prefix, the seed.
-        let mut der = vec![
-            0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22,
-            0x04, 0x20,
-        ];
-        der.extend_from_slice(&seed);
-        let der = rustls::pki_types::PrivatePkcs8KeyDer::from(der);
-        let key = KeyPair::from_pkcs8_der_and_sign_algo(&der, &PKCS_ED25519)?;
+        let key = key_from_seed(seed)?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.distinguished_name = dn(common_name);
+        params.serial_number = Some(serial_from_seed(seed));
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         let cert = params.self_signed(&key)?;
         Ok(Self::from_parts(vec![cert.der().clone()], &key))
@@ -193,8 +187,26 @@ impl std::fmt::Debug for CertAuthority {
 impl CertAuthority {
     /// A new self-signed Ed25519 CA.
     pub fn generate(common_name: &str) -> Result<Self, PkiError> {
-        let key = KeyPair::generate_for(&PKCS_ED25519)?;
+        Self::with_key(KeyPair::generate_for(&PKCS_ED25519)?, common_name, None)
+    }
+
+    /// A CA whose key (and certificate's serial number) derive from `seed`: the same seed
+    /// gives the same certificates, byte for byte. For tests that replay schedules.
+    pub fn from_seed(common_name: &str, seed: [u8; 32]) -> Result<Self, PkiError> {
+        Self::with_key(
+            key_from_seed(seed)?,
+            common_name,
+            Some(serial_from_seed(seed)),
+        )
+    }
+
+    fn with_key(
+        key: KeyPair,
+        common_name: &str,
+        serial: Option<rcgen::SerialNumber>,
+    ) -> Result<Self, PkiError> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.serial_number = serial;
         params.distinguished_name = dn(common_name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
@@ -236,6 +248,7 @@ impl CertAuthority {
             Vec::new(),
             names,
             &[ExtendedKeyUsagePurpose::ServerAuth],
+            None,
         )
     }
 
@@ -247,7 +260,21 @@ impl CertAuthority {
         common_name: &str,
         names: &[String],
     ) -> Result<Identity, PkiError> {
-        let key = KeyPair::generate_for(&PKCS_ED25519)?;
+        self.fleet_relay(
+            KeyPair::generate_for(&PKCS_ED25519)?,
+            common_name,
+            names,
+            None,
+        )
+    }
+
+    fn fleet_relay(
+        &self,
+        key: KeyPair,
+        common_name: &str,
+        names: &[String],
+        seed: Option<[u8; 32]>,
+    ) -> Result<Identity, PkiError> {
         let id = RelayId(
             key.public_key_raw()
                 .try_into()
@@ -266,7 +293,19 @@ impl CertAuthority {
                 ExtendedKeyUsagePurpose::ServerAuth,
                 ExtendedKeyUsagePurpose::ClientAuth,
             ],
+            seed.map(serial_from_seed),
         )
+    }
+
+    /// [`CertAuthority::issue_fleet_relay`] for a key derived from `seed`: the same seed gives
+    /// the same relay id. For tests that replay schedules.
+    pub fn issue_fleet_relay_from_seed(
+        &self,
+        common_name: &str,
+        names: &[String],
+        seed: [u8; 32],
+    ) -> Result<Identity, PkiError> {
+        self.fleet_relay(key_from_seed(seed)?, common_name, names, Some(seed))
     }
 
     /// Issues a client certificate for an agent key (CA-only admission).
@@ -278,6 +317,7 @@ impl CertAuthority {
             Vec::new(),
             &[],
             &[ExtendedKeyUsagePurpose::ClientAuth],
+            None,
         )
     }
 
@@ -290,9 +330,11 @@ impl CertAuthority {
         mut sans: Vec<SanType>,
         names: &[String],
         usages: &[ExtendedKeyUsagePurpose],
+        serial: Option<rcgen::SerialNumber>,
     ) -> Result<Identity, PkiError> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.distinguished_name = dn(common_name);
+        params.serial_number = serial;
         for n in names {
             sans.push(match n.parse::<std::net::IpAddr>() {
                 Ok(ip) => SanType::IpAddress(ip),
@@ -367,6 +409,26 @@ pub fn ed25519_key_of(cert: &CertificateDer<'_>) -> Result<[u8; 32], PkiError> {
 /// The subject alternative name (URI) that marks a certificate as a fleet relay's: the link
 /// listener admits only certificates of the fleet CA that carry it.
 pub const RELAY_ROLE_URI: &str = "urn:openmesh:role:relay";
+
+/// An Ed25519 key pair whose private key is `seed` (PKCS#8 v1, RFC 8410: a fixed prefix, the
+/// seed).
+fn key_from_seed(seed: [u8; 32]) -> Result<KeyPair, PkiError> {
+    let mut der = vec![
+        0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
+        0x20,
+    ];
+    der.extend_from_slice(&seed);
+    let der = rustls::pki_types::PrivatePkcs8KeyDer::from(der);
+    Ok(KeyPair::from_pkcs8_der_and_sign_algo(&der, &PKCS_ED25519)?)
+}
+
+/// A certificate serial number from `seed`: eight bytes, positive, never zero.
+fn serial_from_seed(seed: [u8; 32]) -> rcgen::SerialNumber {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&seed[..8]);
+    b[0] = (b[0] & 0x7f) | 0x40;
+    rcgen::SerialNumber::from_slice(&b)
+}
 
 /// The DNS name a relay's link certificate carries and other relays dial it by: its id in hex,
 /// split into two labels (a label holds at most 63 characters), under `relay.openmesh`.

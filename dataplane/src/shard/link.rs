@@ -397,12 +397,10 @@ impl Shard {
             tracing::info!(peer = %key.to_hex(), "link refused: not a relay of the fleet");
             return Err(Reason::NotAdmitted);
         };
-        if snap.revoked.contains(&key)
-            || snap.revoked.contains(&self.cfg.relay_id)
-            || Graph::with(&snap, self.mesh.adjacency(&snap))
-                .link_between(me, peer)
-                .is_none()
-        {
+        let linked = Graph::with(&snap, self.mesh.adjacency(&snap))
+            .link_between(me, peer)
+            .is_some();
+        if snap.revoked.contains(&key) || snap.revoked.contains(&self.cfg.relay_id) || !linked {
             tracing::info!(peer = %snap.relays[peer].name, "link refused: revoked, or no such link in the fleet");
             return Err(Reason::NotAdmitted);
         }

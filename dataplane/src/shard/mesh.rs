@@ -49,7 +49,7 @@ pub(crate) struct Mesh {
     adj: Option<crate::fleet::path::Adjacency>,
     /// This relay's index in the snapshot.
     pub(crate) me: Option<usize>,
-    pub(crate) links: HashMap<RelayId, LinkView>,
+    pub(crate) links: HashMap<RelayId, LinkView, crate::shard::hasher::MapHasher>,
     /// Bumped whenever a link goes up or down or its latency moves (routes are cached per epoch).
     epoch: u64,
     routes: Option<RouteCache>,
@@ -61,6 +61,11 @@ pub(crate) struct Mesh {
 }
 
 impl Mesh {
+    /// Envelopes waiting for a path.
+    pub(crate) fn waiting_len(&self) -> usize {
+        self.waiting.len()
+    }
+
     /// Frame bytes of the envelopes waiting for a path.
     pub(crate) fn waiting_bytes(&self) -> usize {
         self.waiting_bytes
@@ -92,7 +97,7 @@ impl Mesh {
 struct Links<'a> {
     snap: &'a Snapshot,
     me: usize,
-    up: &'a HashMap<RelayId, LinkView>,
+    up: &'a HashMap<RelayId, LinkView, crate::shard::hasher::MapHasher>,
 }
 
 impl LinkState for Links<'_> {
@@ -160,18 +165,21 @@ impl Shard {
         }
         self.m.fleet_agents.set(self.mesh.locations.len() as f64);
         // What this core kept for an agent now attached to another relay follows it there
-        // (stored envelopes stay: stored custody does not cross relays yet).
+        // (stored envelopes stay: stored custody does not cross relays yet; so do envelopes no
+        // compliant path can carry there: they were ACKed, and wait here for the agent, or
+        // their expiry).
         let me = self.cfg.relay_id;
         for e in fresh.iter().filter(|e| e.relay != me) {
             let Some(kept) = self.held.take(&e.agent) else {
                 continue;
             };
-            let (stored, memory): (Vec<Envelope>, Vec<Envelope>) =
-                kept.into_iter().partition(|env| env.store_seq() != 0);
-            if !stored.is_empty() {
-                self.held.keep_first(e.agent, stored);
+            let (stay, go): (Vec<Envelope>, Vec<Envelope>) = kept
+                .into_iter()
+                .partition(|env| env.store_seq() != 0 || !self.fleet_can_carry(env, &e.relay));
+            if !stay.is_empty() {
+                self.held.keep_first(e.agent, stay);
             }
-            for env in memory {
+            for env in go {
                 self.released.note_moved(&env);
                 self.again(env, now);
             }
@@ -262,6 +270,12 @@ impl Shard {
             .and_then(|dst| self.mesh.remote_relay(&dst, self.cfg.relay_id))
             .and_then(|r| snap.index(&r));
         let Some(egress) = remote else {
+            // Delivered or kept here: this relay must qualify for it like any relay of a path.
+            let g = Graph::with(&snap, self.mesh.adjacency(&snap));
+            if !g.allowed(me, &Constraints::of(&env)) {
+                self.m.fleet_routed(crate::metrics::FleetOutcome::NoPath);
+                return ToFleet::Done(Err(Reason::NoCompliantPath));
+            }
             return ToFleet::Here(env);
         };
         if env.class() == DeliveryClass::Durable {
@@ -320,6 +334,19 @@ impl Shard {
             Some(r) => ToFleet::Done(r),
             None => ToFleet::Later,
         }
+    }
+
+    /// Whether some compliant path (every link up) leads from here to `relay` for `env`.
+    fn fleet_can_carry(&mut self, env: &Envelope, relay: &RelayId) -> bool {
+        let (Some(snap), Some(me)) = (self.mesh.snap.clone(), self.mesh.me) else {
+            return false;
+        };
+        let Some(egress) = snap.index(relay) else {
+            return false;
+        };
+        let g = Graph::with(&snap, self.mesh.adjacency(&snap));
+        g.route(&AllUp(&snap), me, egress, &Constraints::of(env))
+            .is_ok()
     }
 
     /// The transit decision for an envelope whose routing part names this relay at its hop.
@@ -619,6 +646,16 @@ impl Shard {
 }
 
 impl Mesh {
+    /// One line for test failure reports.
+    pub(super) fn describe(&self) -> String {
+        format!(
+            "waiting {}, links up {}, agents located {}",
+            self.waiting.len(),
+            self.links.len(),
+            self.locations.len()
+        )
+    }
+
     /// Where every agent this core knows of is, for a link that just came up.
     pub(super) fn known(&self) -> Vec<PresenceEntry> {
         self.locations

@@ -380,6 +380,35 @@ impl Shard {
         )
     }
 
+    /// Envelopes this shard keeps until a compliant path exists.
+    pub fn fleet_waiting(&self) -> usize {
+        self.mesh.waiting_len()
+    }
+
+    /// One line about what this shard knows of the fleet, for test failure reports.
+    pub fn describe_mesh(&self) -> String {
+        let links: Vec<String> = self
+            .conns
+            .values()
+            .filter_map(|c| {
+                let l = c.link.as_ref()?;
+                Some(format!(
+                    "{}:{} tls {} hello {} closing {} up {} queued {} in flight {} awaiting {}",
+                    c.id,
+                    l.peer.map_or("?".into(), |p| p.to_hex()[..6].to_string()),
+                    c.transport.is_open(),
+                    l.hello_sent,
+                    c.closing,
+                    l.up,
+                    c.a.outq.len(),
+                    c.a.inflight.len(),
+                    c.a.awaiting
+                ))
+            })
+            .collect();
+        format!("{}; links [{}]", self.mesh.describe(), links.join(", "))
+    }
+
     /// What this shard holds on peers' behalf, counted now (see [`budget`]).
     pub fn memory_used(&self) -> u64 {
         self.usage()
