@@ -22,8 +22,9 @@ use crate::wire::RelayId;
 
 /// How long one connect may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// A dialled link that is not up after this long is dialled again.
-const UP_TIMEOUT: Duration = Duration::from_secs(5);
+/// A dialled link that is not up after this long is dialled again (longer than the link
+/// handshake timeout, so a slow handshake is not doubled by a second link).
+const UP_TIMEOUT: Duration = Duration::from_secs(12);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How often the dialler looks at the links.

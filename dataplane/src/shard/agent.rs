@@ -247,7 +247,12 @@ impl Shard {
         // A closing session ends where it is.
         c.moving_to = None;
         c.closing_since_us = now.mono_us;
-        if was == SessionState::Handshake {
+        // A relay link never leaves the session's handshake state: it is up or not.
+        let handshake = match c.link.as_ref() {
+            Some(l) => !l.up,
+            None => was == SessionState::Handshake,
+        };
+        if handshake {
             self.m.handshake_failed(reason);
         } else {
             self.m.closed(reason);
@@ -263,6 +268,7 @@ impl Shard {
             return;
         }
         c.encode_acks(&self.m);
+        Shard::encode_link_acks(c);
         Frame::Close(Close::new(reason, reason.label())).encode(&mut c.a.ctrl);
         self.wake_writer(conn);
     }

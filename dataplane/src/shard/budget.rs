@@ -166,8 +166,9 @@ impl ShardBudget {
 impl super::Shard {
     /// What this shard retains on peers' behalf, counted exactly (see `budget`).
     pub(super) fn usage(&self) -> u64 {
-        let buffers =
-            self.spare_buffers.len() * super::transport::WRITE_BUFFER + self.mesh.waiting_bytes();
+        let buffers = self.spare_buffers.len() * super::transport::WRITE_BUFFER
+            + self.mesh.waiting_bytes()
+            + self.mesh.locations_bytes();
         let conns: usize = self
             .conns
             .values()

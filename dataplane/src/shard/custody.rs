@@ -26,8 +26,9 @@ pub(crate) struct Inflight {
     front_seq: u64,
     /// Frame bytes of the envelopes in `order`.
     bytes: usize,
-    /// Envelopes in `order` not ACKed yet.
+    /// Envelopes in `order` not ACKed yet, and their frame bytes.
     unacked: usize,
+    unacked_bytes: usize,
     /// Id → sequence numbers of the envelopes not ACKed yet, oldest first (ids are unique per
     /// source only, so two sources may share one). Built on the first ACK that is not for the
     /// oldest envelope (an agent that ACKs in order never pays for it) and kept until nothing is
@@ -58,6 +59,7 @@ impl Inflight {
     pub(crate) fn push(&mut self, env: Envelope) {
         self.bytes += env.frame_len();
         self.unacked += 1;
+        self.unacked_bytes += env.frame_len();
         if let Some(ix) = &mut self.index {
             let seq = self.front_seq + self.order.len() as u64;
             ix.entry(env.message_id()).or_default().push_back(seq);
@@ -72,6 +74,18 @@ impl Inflight {
     /// Whether the deliver window has room for one more envelope of `frame_len` bytes.
     pub(crate) fn has_room(&self, window: usize, window_bytes: usize, frame_len: usize) -> bool {
         self.order.len() < window && self.bytes + frame_len <= window_bytes
+    }
+
+    /// Whether a window of `window` envelopes and `window_bytes` bytes counted over the
+    /// unanswered ones only has room for one more of `frame_len` bytes (relay links, whose peer
+    /// answers out of order).
+    pub(crate) fn has_room_unanswered(
+        &self,
+        window: usize,
+        window_bytes: usize,
+        frame_len: usize,
+    ) -> bool {
+        self.unacked < window && self.unacked_bytes + frame_len <= window_bytes
     }
 
     /// Applies an ACK (`delivered`) or the agent's NACK for `id`.
@@ -90,6 +104,7 @@ impl Inflight {
         if front_matches {
             self.order[0].acked = true;
             self.order[0].delivered = delivered;
+            self.unacked_bytes -= self.order[0].env.frame_len();
             if let Some(ix) = &mut self.index {
                 // The front is the oldest unACKed envelope with this id.
                 if let Some(seqs) = ix.get_mut(&id) {
@@ -123,6 +138,7 @@ impl Inflight {
             let slot = &mut self.order[(seq - front_seq) as usize];
             slot.acked = true;
             slot.delivered = delivered;
+            self.unacked_bytes -= slot.env.frame_len();
         }
         self.unacked -= 1;
         self.pop_acked(released);
@@ -142,6 +158,7 @@ impl Inflight {
         let i = seq.checked_sub(self.front_seq)?;
         let slot = self.order.get_mut(i as usize).filter(|s| !s.acked)?;
         slot.acked = true;
+        self.unacked_bytes -= slot.env.frame_len();
         let upstream = slot.env.upstream.take();
         let answer = (upstream.is_some() || refused).then(|| {
             let mut env = slot.env.clone();
@@ -221,6 +238,7 @@ impl Inflight {
         self.bytes = 0;
         self.unshared = 0;
         self.unacked = 0;
+        self.unacked_bytes = 0;
         self.index = None;
         self.front_seq += self.order.len() as u64;
         let mut out = Vec::with_capacity(self.order.len());

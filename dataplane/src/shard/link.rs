@@ -25,8 +25,8 @@ use crate::fleet::path::Graph;
 use crate::pki::ed25519_key_of;
 use crate::session::Session;
 use crate::wire::{
-    Envelope, Frame, LinkAck, LinkHello, LinkNack, MessageId, Ping, Pong, Presence, Reason,
-    RelayId, Role, MAX_LINK_ACK_BATCH, MAX_PRESENCE_BATCH, PROTOCOL_VERSION_MAX,
+    Envelope, Frame, LinkAck, LinkHello, LinkNack, MessageId, Ping, Pong, Presence, PresenceEntry,
+    Reason, RelayId, Role, MAX_LINK_ACK_BATCH, MAX_PRESENCE_BATCH, PROTOCOL_VERSION_MAX,
     PROTOCOL_VERSION_MIN,
 };
 
@@ -80,6 +80,8 @@ pub(crate) struct LinkSession {
     pub(crate) rtt_us: Option<u64>,
     /// RTT last announced to the cores.
     pub(crate) rtt_announced_us: u64,
+    /// Largest frame the peer accepts (its LINK_HELLO).
+    pub(crate) peer_max_frame: usize,
     pub(crate) pings: u64,
     pub(crate) pongs: u64,
     pub(crate) m: Option<crate::metrics::LinkMetrics>,
@@ -109,6 +111,7 @@ impl LinkSession {
             last_ping_us: now.mono_us,
             rtt_us: None,
             rtt_announced_us: 0,
+            peer_max_frame: 0,
             pings: 0,
             pongs: 0,
             m: None,
@@ -141,7 +144,11 @@ impl Shard {
     /// draining); the engine closes the socket.
     pub fn open_link(&mut self, now: Now) -> Option<ConnId> {
         let tls = self.cfg.link.as_ref()?.server.clone();
-        if self.draining || self.mesh.me.is_none() {
+        if self.draining
+            || self.mesh.me.is_none()
+            || self.conns.len() >= self.settings.limits.max_connections_per_core
+            || self.budget.state == super::budget::Overload::Refuse
+        {
             return None;
         }
         let transport = Transport::new(
@@ -227,7 +234,7 @@ impl Shard {
         let mut accepted: Vec<(u64, Envelope)> = Vec::new();
         let mut close: Option<Reason> = None;
         let mut hello: Option<LinkHello> = None;
-        let mut presence: Option<Presence> = None;
+        let mut presence: Vec<PresenceEntry> = Vec::new();
         // Envelopes the peer answered that someone waits on (an upstream, or a retry).
         let mut answered: Vec<(Envelope, Option<Reason>)> = Vec::new();
         let mut wake = false;
@@ -261,7 +268,10 @@ impl Shard {
                     accepted.push((seq, env));
                 }
                 Frame::LinkAck(a) if l.up => {
-                    let was_full = !c.a.inflight.has_room(l.window.0, l.window.1, 0);
+                    let next = c.a.outq.front().map_or(0, Envelope::frame_len);
+                    let was_full =
+                        !c.a.inflight
+                            .has_room_unanswered(l.window.0, l.window.1, next);
                     let mut n = 0;
                     for seq in a.seqs() {
                         match c.a.inflight.settle_seq(seq, false, &mut self.released) {
@@ -293,10 +303,7 @@ impl Shard {
                     }
                     wake |= !c.a.outq.is_empty();
                 }
-                Frame::Presence(p) if l.up => {
-                    presence = Some(p);
-                    break;
-                }
+                Frame::Presence(p) if l.up => presence.extend(p.entries),
                 Frame::Ping(p) => {
                     Frame::Pong(Pong {
                         echo_us: p.timestamp_us,
@@ -343,31 +350,35 @@ impl Shard {
             self.close(conn, r, now);
             return;
         }
-        let more = hello.is_some() || presence.is_some();
+        let more = hello.is_some();
         if let Some(h) = hello {
             if let Err(r) = self.link_hello(conn, h, now) {
                 self.close(conn, r, now);
                 return;
             }
         }
-        if let Some(p) = presence {
+        if !presence.is_empty() {
             let from = self
                 .conns
                 .get(&conn)
                 .and_then(|c| c.link.as_ref())
                 .and_then(|l| l.peer);
-            self.on_presence(&p.entries, from, now);
-            for k in (0..self.ncores).filter(|k| *k != self.id) {
-                self.outbox.push(
-                    k,
-                    CoreMsg::Presence {
-                        entries: Arc::from(p.entries.as_slice()),
-                        from,
-                    },
-                );
+            // The other cores hear only what was new here (each keeps the same table).
+            let fresh = self.on_presence(&presence, from, now);
+            if !fresh.is_empty() {
+                let fresh: Arc<[PresenceEntry]> = Arc::from(fresh);
+                for k in (0..self.ncores).filter(|k| *k != self.id) {
+                    self.outbox.push(
+                        k,
+                        CoreMsg::Presence {
+                            entries: fresh.clone(),
+                            from,
+                        },
+                    );
+                }
             }
         }
-        // Frames behind a HELLO or a PRESENCE that ended the loop.
+        // Frames behind the HELLO that ended the loop.
         if more && self.conns.get(&conn).is_some_and(|c| !c.closing) {
             self.process_link_input(conn, now);
         }
@@ -391,6 +402,11 @@ impl Shard {
             return Err(Reason::ProtocolError);
         };
         if l.dialled && l.peer != Some(key) {
+            return Err(Reason::NotAdmitted);
+        }
+        // Of two relays the one with the smaller id dials: a link the other way is refused.
+        if !l.dialled && key.0 >= self.cfg.relay_id.0 {
+            tracing::info!(peer = %key.to_hex(), "link refused: the relay with the smaller id dials");
             return Err(Reason::NotAdmitted);
         }
         let Some(peer) = snap.index(&key) else {
@@ -457,7 +473,12 @@ impl Shard {
             return Err(Reason::NoCommonVersion);
         }
         l.up = true;
-        l.window = (h.window as usize, h.window_bytes as usize);
+        // The peer's window, within this relay's own (a peer cannot make it hold more).
+        l.window = (
+            h.window.min(LINK_WINDOW) as usize,
+            h.window_bytes.min(LINK_WINDOW_BYTES) as usize,
+        );
+        l.peer_max_frame = h.max_frame as usize;
         c.transport
             .set_max_frame(self.settings.contract.max_frame as usize);
         let name = names
@@ -474,6 +495,19 @@ impl Shard {
             latency_us: 0,
         };
         let peer = h.relay_id;
+        // A newer link to the same relay replaces an older one (it redialled: the old one is
+        // dead to it), as a newer agent session replaces an older one.
+        if let Some(old) = self
+            .mesh
+            .links
+            .get(&peer)
+            .filter(|v| v.conn != conn)
+            .copied()
+        {
+            if old.core == self.id {
+                self.close(old.conn, Reason::SessionReplaced, now);
+            }
+        }
         self.actions.push_back(Action::LinkState(peer, true));
         self.on_link_up(peer, view, now);
         for k in (0..self.ncores).filter(|k| *k != self.id) {
@@ -522,6 +556,7 @@ impl Shard {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
+        let parked = c.reader_parked;
         let Some(l) = c.link.as_mut() else {
             return;
         };
@@ -531,7 +566,11 @@ impl Shard {
             }
             return;
         }
-        if now.mono_us.saturating_sub(l.last_rx_us) > LINK_DEAD_US {
+        if parked {
+            // This relay stopped reading (its window of unanswered envelopes, owed output):
+            // what the peer sent waits in the socket; silence is ours, not the peer's.
+            l.last_rx_us = now.mono_us;
+        } else if now.mono_us.saturating_sub(l.last_rx_us) > LINK_DEAD_US {
             tracing::warn!(conn, "link silent: closed");
             self.close(conn, Reason::IdleTimeout, now);
             return;
@@ -580,7 +619,17 @@ impl Shard {
         // its answer).
         let mut custody = c.a.inflight.take(&mut self.released);
         custody.extend(c.a.outq.drain());
-        if let (Some(peer), true) = (l.peer, l.up) {
+        // Its senders paused on its queue go on.
+        let paced = std::mem::take(&mut c.a.paced_sources);
+        self.resume_all(&paced);
+        // Unless a newer link to the same relay replaced it, the link is down.
+        let current = l.peer.is_some_and(|p| {
+            self.mesh
+                .links
+                .get(&p)
+                .is_some_and(|v| (v.core, v.conn) == (self.id, c.id))
+        });
+        if let (Some(peer), true) = (l.peer, l.up && current) {
             if let Some(m) = &l.m {
                 m.up.set(0.0);
             }

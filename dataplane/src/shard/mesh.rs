@@ -39,6 +39,11 @@ use crate::wire::{
 
 /// Agents one core knows the relay of; beyond it new ones are not recorded.
 pub const MAX_LOCATIONS: usize = 1 << 20;
+/// Memory one presence entry takes (agent id, relay id, stamp, the map's control byte).
+const LOCATION_BYTES: usize = 80;
+/// How far in the future a presence stamp may be (clock skew between relays); later ones are
+/// ignored.
+const PRESENCE_SKEW_MS: u64 = 60_000;
 /// Route answers one core keeps (`fleet::cache`).
 const ROUTE_CACHE: usize = 4096;
 
@@ -64,6 +69,11 @@ impl Mesh {
     /// Envelopes waiting for a path.
     pub(crate) fn waiting_len(&self) -> usize {
         self.waiting.len()
+    }
+
+    /// What the presence table takes, bytes (an entry and its share of the map's slack).
+    pub(crate) fn locations_bytes(&self) -> usize {
+        self.locations.capacity() * LOCATION_BYTES
     }
 
     /// Frame bytes of the envelopes waiting for a path.
@@ -154,14 +164,16 @@ impl Shard {
         entries: &[PresenceEntry],
         from: Option<RelayId>,
         now: Now,
-    ) {
+    ) -> Vec<PresenceEntry> {
+        // A stamp from the future (beyond clock skew) would pin an agent to a relay for good.
+        let latest = now.unix_ms + PRESENCE_SKEW_MS;
         let fresh: Vec<PresenceEntry> = entries
             .iter()
-            .filter(|e| self.mesh.locate(e))
+            .filter(|e| e.stamp_ms <= latest && self.mesh.locate(e))
             .copied()
             .collect();
         if fresh.is_empty() {
-            return;
+            return fresh;
         }
         self.m.fleet_agents.set(self.mesh.locations.len() as f64);
         // What this core kept for an agent now attached to another relay follows it there
@@ -179,8 +191,11 @@ impl Shard {
             if !stay.is_empty() {
                 self.held.keep_first(e.agent, stay);
             }
-            for env in go {
+            for mut env in go {
                 self.released.note_moved(&env);
+                // Routed afresh from here, as if its source had sent it here (an envelope that
+                // came over the fleet ended its path on this relay).
+                env.routing = crate::wire::RoutingPart::origin(env.routing.hop_limit);
                 self.again(env, now);
             }
         }
@@ -202,6 +217,7 @@ impl Shard {
                 self.wake_writer(conn);
             }
         }
+        fresh
     }
 
     /// An agent attached to this relay (on its home core): every core records it and tells
@@ -266,7 +282,10 @@ impl Shard {
         let (Some(snap), Some(me)) = (self.mesh.snap.clone(), self.mesh.me) else {
             return ToFleet::Here(env);
         };
+        // An agent attached to this relay is here, whatever presence says (a clock ahead
+        // elsewhere cannot route its envelopes away).
         let remote = super::dest_agent(&env)
+            .filter(|dst| self.directory.locate(dst).is_none())
             .and_then(|dst| self.mesh.remote_relay(&dst, self.cfg.relay_id))
             .and_then(|r| snap.index(&r));
         let Some(egress) = remote else {
@@ -455,6 +474,15 @@ impl Shard {
         }
         env.upstream = relay_src.map(Box::new);
         let (source, len) = (env.source(), env.frame_len());
+        let too_large = self
+            .conns
+            .get(&conn)
+            .and_then(|c| c.link.as_ref())
+            .is_some_and(|l| len > l.peer_max_frame);
+        if too_large {
+            // The next relay would refuse the frame and end the link: never sent.
+            return Some(Err(Reason::TooLargeForDestination));
+        }
         let pushed = match self.conns.get_mut(&conn).filter(|c| !c.closing) {
             Some(c) => c.a.outq.push(env, max_n, max_b).inspect(|congested| {
                 if let Some(m) = c.link.as_ref().and_then(|l| l.m.as_ref()) {

@@ -466,7 +466,9 @@ impl Shard {
             ),
             CoreMsg::LinkDown { peer, core, conn } => self.on_link_down(peer, (core, conn)),
             CoreMsg::LinkLatency { peer, latency_us } => self.on_link_latency(peer, latency_us),
-            CoreMsg::Presence { entries, from } => self.on_presence(&entries, from, now),
+            CoreMsg::Presence { entries, from } => {
+                self.on_presence(&entries, from, now);
+            }
             CoreMsg::Dial { peer, .. } => {
                 tracing::warn!(core = self.id, peer = %peer.to_hex(), "link dialled without its socket dropped");
             }

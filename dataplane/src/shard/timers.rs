@@ -132,7 +132,14 @@ impl Shard {
 
     /// Whether this shard finished draining (no connection left).
     pub fn drained(&self) -> bool {
-        self.draining && self.conns.is_empty()
+        // Relay links stay until what they carry for this relay's agents is answered (the
+        // engine's drain deadline ends a peer that never answers).
+        self.draining
+            && self.fleet_waiting() == 0
+            && self
+                .conns
+                .values()
+                .all(|c| c.link.is_some() && c.a.outq.is_empty() && c.a.inflight.is_empty())
     }
 
     /// Starts a graceful drain: GOING_AWAY to every established session, handshakes closed.
@@ -146,6 +153,9 @@ impl Shard {
             let Some(c) = self.conns.get_mut(&id) else {
                 continue;
             };
+            if c.link.is_some() {
+                continue;
+            }
             if c.session.start_drain(now.mono_us) {
                 let ms = c.session.drain_left_ms(now.mono_us);
                 Frame::GoingAway(GoingAway {

@@ -115,6 +115,9 @@ impl Conn {
     pub(super) fn window_full(&self) -> bool {
         let (n, b) = self.window();
         let next = self.a.outq.front().map_or(0, Envelope::frame_len);
+        if self.link.is_some() {
+            return !self.a.inflight.has_room_unanswered(n, b, next);
+        }
         !self.a.inflight.has_room(n, b, next)
     }
 
@@ -206,7 +209,9 @@ impl Conn {
             }
             return w.finish();
         }
-        if !welcomed {
+        // The control bytes were cut where the buffer's share ended, maybe inside a frame:
+        // nothing else goes on the stream before the rest of them.
+        if !welcomed || !self.a.ctrl.is_empty() {
             return w.finish();
         }
         let (mut n, mut b) = ([0u64; 3], [0u64; 3]);
@@ -229,7 +234,16 @@ impl Conn {
             }
             let len = env.frame_len();
             let acked = link.is_some() || env.class() != DeliveryClass::BestEffort;
-            if acked && !self.a.inflight.has_room(window, window_bytes, len) {
+            // A link's peer answers out of order (each answer waits for its own next hop): its
+            // window counts what is unanswered, not what sits behind an older unanswered one.
+            let room = if link.is_some() {
+                self.a
+                    .inflight
+                    .has_room_unanswered(window, window_bytes, len)
+            } else {
+                self.a.inflight.has_room(window, window_bytes, len)
+            };
+            if acked && !room {
                 break;
             }
             if !w.fits(len) {
