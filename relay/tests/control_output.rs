@@ -33,7 +33,7 @@ async fn piled_up_nacks_and_envelopes_arrive_as_whole_frames() {
     }
     r.send(&burst).await;
     // Meanwhile envelopes queue for it.
-    let mut s = relay.agent("sender").await;
+    let s = relay.agent("sender").await;
     for i in 0..200u64 {
         s.send(&s.envelope_to(r.id, 60_000).build(&i.to_be_bytes()).unwrap())
             .await
