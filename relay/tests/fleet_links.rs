@@ -747,3 +747,60 @@ async fn two_disjoint_paths_deliver_once_and_a_trust_drop_or_revocation_takes_a_
         0.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_envelopes_across_relays_are_acked_once_stored_at_the_destinations_relay() {
+    let mut fleet = Fleet::start(
+        &[
+            Member {
+                name: "ing",
+                jurisdiction: "DE",
+                trust: 90,
+            },
+            Member {
+                name: "mid",
+                jurisdiction: "DE",
+                trust: 90,
+            },
+            Member {
+                name: "egr",
+                jurisdiction: "FR",
+                trust: 90,
+            },
+        ],
+        &[("ing", "mid", 1.0), ("mid", "egr", 1.0)],
+    );
+    fleet.wait_links_up(2);
+    // B attaches to `egr` once (the fleet learns where it is) and leaves.
+    let b_id = Identity::generate_self_signed("agent-b").unwrap();
+    let mut b_cfg = agent_config(fleet.relay("egr"), "agent-b");
+    b_cfg.identity = b_id.clone();
+    let b = Agent::connect(b_cfg.clone()).await.unwrap();
+    let to = b.id();
+    b.close().await.unwrap();
+    let mut a = Agent::connect(agent_config(fleet.relay("ing"), "agent-a"))
+        .await
+        .unwrap();
+    wait_located(fleet.relay("ing"), 2);
+    let n = 100;
+    let (acked, nacks) = send_n(&mut a, n, |a, i| {
+        let mut e = a.envelope_to(to, 600_000);
+        e.class = openmesh_dataplane::wire::DeliveryClass::Durable;
+        e.build(&i.to_be_bytes()).unwrap()
+    })
+    .await;
+    assert_eq!((acked, nacks.len()), (n, 0), "{nacks:?}");
+    // Every ACK came after `egr` synced the envelope: kill -9 it and start it again.
+    assert_eq!(
+        fleet
+            .relay("egr")
+            .metric("openmesh_store_envelopes_written_total", &[]),
+        n as f64
+    );
+    fleet.kill("egr");
+    fleet.restart("egr");
+    let mut b_cfg = agent_config(fleet.relay("egr"), "agent-b");
+    b_cfg.identity = b_id;
+    let mut b = Agent::connect(b_cfg).await.unwrap();
+    receive_n(&mut b, 0, n).await;
+}

@@ -297,10 +297,6 @@ impl Shard {
             }
             return ToFleet::Here(env);
         };
-        if env.class() == DeliveryClass::Durable {
-            // Stored custody does not cross relays yet.
-            return ToFleet::Done(Err(Reason::ClassNotAllowed));
-        }
         let parts = {
             let g = Graph::with(&snap, self.mesh.adjacency(&snap));
             let links = Links {
@@ -453,11 +449,12 @@ impl Shard {
     }
 
     /// Puts an envelope on a link's queue (on the link's core), within the link's bounds. A
-    /// relay source's answer rides with it until the next relay's LINK_ACK; an agent is
-    /// answered now, told to pause past half the bounds (`Ok(true)`: its reader waits until the
-    /// queue is below a quarter, as for a congested agent), and refused `queue_full` at them.
-    /// Relays in transit are held back by their link windows instead and may fill the queue to
-    /// four times the bounds; custody that has nowhere to go waits.
+    /// relay source's answer rides with it until the next relay's LINK_ACK, and so does an
+    /// agent's for a durable envelope (answered once the destination's relay stored it); an
+    /// agent is otherwise answered now, told to pause past half the bounds (`Ok(true)`: its
+    /// reader waits until the queue is below a quarter, as for a congested agent), and refused
+    /// `queue_full` at them. Relays in transit are held back by their link windows instead and
+    /// may fill the queue to four times the bounds; custody that has nowhere to go waits.
     fn enqueue_link(
         &mut self,
         conn: ConnId,
@@ -467,12 +464,12 @@ impl Shard {
     ) -> Option<Result<bool, Reason>> {
         let l = &self.settings.limits;
         let (mut max_n, mut max_b) = (l.send_queue_envelopes, l.send_queue_bytes());
-        let relay_src = src.filter(|s| s.relay);
+        let deferred = deferred(src, &env);
         let agent_src = src.filter(|s| !s.relay);
         if agent_src.is_none() {
             (max_n, max_b) = (max_n * 4, max_b * 4);
         }
-        env.upstream = relay_src.map(Box::new);
+        env.upstream = deferred.map(Box::new);
         let (source, len) = (env.source(), env.frame_len());
         let too_large = self
             .conns
@@ -505,7 +502,7 @@ impl Shard {
                 self.charge(len as u64);
                 self.m.fleet_routed(crate::metrics::FleetOutcome::Forwarded);
                 self.wake_writer(conn);
-                relay_src
+                deferred
                     .is_none()
                     .then_some(Ok(congested && agent_src.is_some()))
             }
@@ -564,15 +561,15 @@ impl Shard {
         if self.mesh.waiting_bytes + len > cap {
             return Some(Err(Reason::QueueFull));
         }
-        let relay_src = src.filter(|s| s.relay);
-        if relay_src.is_some() {
-            env.upstream = relay_src.map(Box::new);
+        let deferred = deferred(src, &env);
+        if deferred.is_some() {
+            env.upstream = deferred.map(Box::new);
         }
         self.mesh.waiting_bytes += len;
         self.mesh.waiting.push_back(env);
         self.m.fleet_routed(crate::metrics::FleetOutcome::Kept);
         self.m.fleet_waiting.set(self.mesh.waiting.len() as f64);
-        relay_src.is_none().then_some(Ok(false))
+        deferred.is_none().then_some(Ok(false))
     }
 
     /// What waits for a path tries again (a link came up, the snapshot changed, a tick).
@@ -717,6 +714,13 @@ pub(super) enum ToFleet {
     Done(Result<bool, Reason>),
     /// Answered later (another core, or once the next relay took it).
     Later,
+}
+
+/// The source whose answer waits until the next relay took the envelope: a relay's (custody
+/// moves along the path), or an agent's durable envelope (ACKed once the destination's relay
+/// has it on disk, every relay before holding it until then).
+fn deferred(src: Option<Src>, env: &Envelope) -> Option<Src> {
+    src.filter(|s| s.relay || env.class() == DeliveryClass::Durable)
 }
 
 /// Turns an envelope sent (or about to be sent) to the next relay back to this relay's hop.
