@@ -23,8 +23,10 @@ pub struct RouteCache {
     cap: usize,
     /// (snapshot generation, link epoch) the answers hold for.
     state: (u64, u64),
-    current: HashMap<Key, Arc<Result<Route, NoPath>>>,
-    previous: HashMap<Key, Arc<Result<Route, NoPath>>>,
+    // Keys come from agents (their constraints): a seeded hash, and a fast one (SipHash was a
+    // tenth of an ingress relay's time).
+    current: HashMap<Key, Arc<Result<Route, NoPath>>, crate::shard::hasher::MapHasher>,
+    previous: HashMap<Key, Arc<Result<Route, NoPath>>, crate::shard::hasher::MapHasher>,
     /// Lookups answered from the cache, and routes computed.
     pub hits: u64,
     pub misses: u64,
@@ -36,8 +38,8 @@ impl RouteCache {
         RouteCache {
             cap: cap.max(2),
             state: (0, 0),
-            current: HashMap::new(),
-            previous: HashMap::new(),
+            current: HashMap::default(),
+            previous: HashMap::default(),
             hits: 0,
             misses: 0,
         }

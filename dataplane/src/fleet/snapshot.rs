@@ -97,7 +97,7 @@ pub struct Snapshot {
     pub thresholds: Thresholds,
     pub revoked: BTreeSet<RelayId>,
     pub policies: BTreeMap<String, Policy>,
-    by_id: HashMap<RelayId, usize>,
+    by_id: HashMap<RelayId, usize, crate::shard::hasher::MapHasher>,
 }
 
 impl Snapshot {
@@ -124,7 +124,8 @@ impl Snapshot {
             }
         }
         relays.sort_by_key(|r| r.id);
-        let mut by_id = HashMap::new();
+        let mut by_id: HashMap<RelayId, usize, crate::shard::hasher::MapHasher> =
+            HashMap::default();
         let mut names = BTreeSet::new();
         for (i, r) in relays.iter().enumerate() {
             if by_id.insert(r.id, i).is_some() || !names.insert(r.name.clone()) {
