@@ -516,7 +516,8 @@ async fn read_loop(
                 | Frame::LinkHello(_)
                 | Frame::LinkAck(_)
                 | Frame::LinkNack(_)
-                | Frame::Presence(_) => continue,
+                | Frame::Presence(_)
+                | Frame::LinkReceipt(_) => continue,
             };
             batch.push(ev);
         }

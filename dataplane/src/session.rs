@@ -163,7 +163,8 @@ impl Session {
                 | Frame::LinkHello(_)
                 | Frame::LinkAck(_)
                 | Frame::LinkNack(_)
-                | Frame::Presence(_),
+                | Frame::Presence(_)
+                | Frame::LinkReceipt(_),
             ) => Admit::Close(Reason::UnexpectedFrame),
             (SessionState::Draining, Frame::Envelope(_)) => Admit::Nack(Reason::ShuttingDown),
             (_, Frame::Ping(_)) => {

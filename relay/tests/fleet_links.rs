@@ -804,3 +804,59 @@ async fn durable_envelopes_across_relays_are_acked_once_stored_at_the_destinatio
     let mut b = Agent::connect(b_cfg).await.unwrap();
     receive_n(&mut b, 0, n).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_receipts_travel_back_across_relays() {
+    let fleet = Fleet::start(
+        &[
+            Member {
+                name: "ing",
+                jurisdiction: "DE",
+                trust: 90,
+            },
+            Member {
+                name: "mid",
+                jurisdiction: "DE",
+                trust: 90,
+            },
+            Member {
+                name: "egr",
+                jurisdiction: "FR",
+                trust: 90,
+            },
+        ],
+        &[("ing", "mid", 1.0), ("mid", "egr", 1.0)],
+    );
+    fleet.wait_links_up(2);
+    let mut b = Agent::connect(agent_config(fleet.relay("egr"), "agent-b"))
+        .await
+        .unwrap();
+    let mut a = Agent::connect(agent_config(fleet.relay("ing"), "agent-a"))
+        .await
+        .unwrap();
+    wait_located(fleet.relay("ing"), 2);
+    wait_located(fleet.relay("egr"), 2);
+    let to = b.id();
+    let n = 20u64;
+    let mut ids = std::collections::HashSet::new();
+    for i in 0..n {
+        let mut e = a.envelope_to(to, 600_000);
+        e.flags = openmesh_dataplane::wire::flags::RECEIPT_DELIVERED;
+        let env = e.build(&i.to_be_bytes()).unwrap();
+        ids.insert(env.message_id());
+        a.send(&env).await.unwrap();
+    }
+    receive_n(&mut b, 0, n).await;
+    let mut receipts = 0;
+    while receipts < n {
+        match tokio::time::timeout(Duration::from_secs(10), a.next_event()).await {
+            Ok(Some(Event::Receipt(r))) => {
+                assert_eq!(r.status, openmesh_dataplane::wire::ReceiptStatus::Delivered);
+                assert!(ids.remove(&r.message_id), "a receipt for {}", r.message_id);
+                receipts += 1;
+            }
+            Ok(Some(Event::Acked(_))) => {}
+            other => panic!("sender got {other:?} after {receipts} receipts"),
+        }
+    }
+}

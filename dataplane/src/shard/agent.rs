@@ -180,7 +180,8 @@ impl Shard {
                 | Frame::LinkHello(_)
                 | Frame::LinkAck(_)
                 | Frame::LinkNack(_)
-                | Frame::Presence(_) => {}
+                | Frame::Presence(_)
+                | Frame::LinkReceipt(_) => {}
             }
         }
         for k in 0..3 {

@@ -235,6 +235,7 @@ impl Shard {
         let mut close: Option<Reason> = None;
         let mut hello: Option<LinkHello> = None;
         let mut presence: Vec<PresenceEntry> = Vec::new();
+        let mut receipts: Vec<crate::wire::LinkReceipt> = Vec::new();
         // Envelopes the peer answered that someone waits on (an upstream, or a retry).
         let mut answered: Vec<(Envelope, Option<Reason>)> = Vec::new();
         let mut wake = false;
@@ -304,6 +305,7 @@ impl Shard {
                     wake |= !c.a.outq.is_empty();
                 }
                 Frame::Presence(p) if l.up => presence.extend(p.entries),
+                Frame::LinkReceipt(r) if l.up => receipts.push(r),
                 Frame::Ping(p) => {
                     Frame::Pong(Pong {
                         echo_us: p.timestamp_us,
@@ -355,6 +357,22 @@ impl Shard {
             if let Err(r) = self.link_hello(conn, h, now) {
                 self.close(conn, r, now);
                 return;
+            }
+        }
+        // Receipts for agents: to their home cores (which deliver or pass them on).
+        for r in receipts {
+            let home = crate::routing::home_core(&r.to, self.ncores);
+            if home == self.id {
+                self.deliver_receipt(r.to, r.receipt, r.hops_left);
+            } else {
+                self.outbox.push(
+                    home,
+                    CoreMsg::Receipt {
+                        to: r.to,
+                        receipt: r.receipt,
+                        hops_left: r.hops_left,
+                    },
+                );
             }
         }
         if !presence.is_empty() {

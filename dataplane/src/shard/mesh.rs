@@ -351,6 +351,94 @@ impl Shard {
         }
     }
 
+    /// Sends a receipt for agent `to` towards the relay it is attached to, if that is another
+    /// relay of the fleet: on the first link of the cheapest path there (no constraints; a
+    /// receipt carries nothing of the envelope). Whether it went.
+    pub(super) fn receipt_to_fleet(
+        &mut self,
+        to: AgentId,
+        receipt: crate::wire::Receipt,
+        hops_left: u8,
+    ) -> bool {
+        let (Some(snap), Some(me)) = (self.mesh.snap.clone(), self.mesh.me) else {
+            return false;
+        };
+        let Some(egress) = self
+            .mesh
+            .remote_relay(&to, self.cfg.relay_id)
+            .and_then(|r| snap.index(&r))
+        else {
+            return false;
+        };
+        if hops_left == 0 {
+            return false;
+        }
+        let next = {
+            let g = Graph::with(&snap, self.mesh.adjacency(&snap));
+            let links = Links {
+                snap: &snap,
+                me,
+                up: &self.mesh.links,
+            };
+            let cache = self
+                .mesh
+                .routes
+                .get_or_insert_with(|| RouteCache::new(ROUTE_CACHE));
+            let route = cache.route(
+                &g,
+                &links,
+                self.mesh.epoch,
+                me,
+                egress,
+                &Constraints::default(),
+            );
+            route
+                .as_ref()
+                .as_ref()
+                .ok()
+                .and_then(|r| r.paths.first()?.get(1).copied())
+        };
+        let Some(peer) = next.map(|i| snap.relays[i].id) else {
+            return false;
+        };
+        let Some(v) = self.mesh.links.get(&peer).copied() else {
+            return false;
+        };
+        let receipt = crate::wire::LinkReceipt {
+            to,
+            receipt,
+            hops_left: hops_left - 1,
+        };
+        if v.core == self.id {
+            self.receipt_on_link(peer, receipt);
+        } else {
+            self.outbox
+                .push(v.core, CoreMsg::LinkReceipt { peer, receipt });
+        }
+        true
+    }
+
+    /// Writes a receipt on this core's link to `peer` (dropped, counted, when the link is
+    /// gone or owes too much output already).
+    pub(super) fn receipt_on_link(&mut self, peer: RelayId, r: crate::wire::LinkReceipt) {
+        let conn = self
+            .mesh
+            .links
+            .get(&peer)
+            .filter(|v| v.core == self.id)
+            .map(|v| v.conn);
+        let c = conn
+            .and_then(|c| self.conns.get_mut(&c))
+            .filter(|c| !c.closing && c.a.ctrl.len() < super::conn::CONTROL_OUTPUT_MAX);
+        let Some(c) = c else {
+            self.m.receipts_dropped.increment(1);
+            return;
+        };
+        Frame::LinkReceipt(r).encode(&mut c.a.ctrl);
+        let id = c.id;
+        self.wake_writer(id);
+    }
+
     /// Whether some compliant path (every link up) leads from here to `relay` for `env`.
     fn fleet_can_carry(&mut self, env: &Envelope, relay: &RelayId) -> bool {
         let (Some(snap), Some(me)) = (self.mesh.snap.clone(), self.mesh.me) else {

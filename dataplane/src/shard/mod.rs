@@ -191,6 +191,9 @@ pub enum ReadGate {
     Move(u16),
 }
 
+/// Relays a receipt may cross on its way back to its source.
+const RECEIPT_HOPS: u8 = crate::wire::MAX_PATH_LEN as u8;
+
 /// Outbox backlog towards one core above which readers park.
 const OUTBOX_HIGH: usize = 16_384;
 /// Largest frame accepted before HELLO: a HELLO is at most about 8 KiB.
@@ -441,7 +444,12 @@ impl Shard {
                 result,
             } => self.on_verdict(conn, id, len, class_acked, result, now),
             CoreMsg::Resume { conn } => self.on_resume(conn),
-            CoreMsg::Receipt { to, receipt } => self.deliver_receipt(to, receipt),
+            CoreMsg::Receipt {
+                to,
+                receipt,
+                hops_left,
+            } => self.deliver_receipt(to, receipt, hops_left),
+            CoreMsg::LinkReceipt { peer, receipt } => self.receipt_on_link(peer, receipt),
             CoreMsg::Adopt { conn, .. } => {
                 // The engine adopts moving sessions itself, with their sockets: a session
                 // without one has no reader or writer here and is dropped.
@@ -524,16 +532,30 @@ impl Shard {
             };
             let home = crate::routing::home_core(&to, self.ncores);
             if home == self.id {
-                self.deliver_receipt(to, receipt);
+                self.deliver_receipt(to, receipt, RECEIPT_HOPS);
             } else {
-                self.outbox.push(home, CoreMsg::Receipt { to, receipt });
+                self.outbox.push(
+                    home,
+                    CoreMsg::Receipt {
+                        to,
+                        receipt,
+                        hops_left: RECEIPT_HOPS,
+                    },
+                );
             }
         }
     }
 
     /// Writes a receipt to its source's session, if it is connected here and agreed to
-    /// receipts; else it is dropped, counted (receipts are best effort).
-    fn deliver_receipt(&mut self, to: AgentId, receipt: crate::wire::Receipt) {
+    /// receipts; sends it on towards the relay the source is attached to, if that is another
+    /// relay of the fleet (`hops_left` more relays at most); else it is dropped, counted
+    /// (receipts are best effort).
+    pub(super) fn deliver_receipt(
+        &mut self,
+        to: AgentId,
+        receipt: crate::wire::Receipt,
+        hops_left: u8,
+    ) {
         let conn = self.by_agent.get(&to).copied();
         let c = conn.and_then(|c| self.conns.get_mut(&c)).filter(|c| {
             !c.closing
@@ -543,6 +565,9 @@ impl Shard {
                     .is_some_and(|w| w.features & crate::wire::features::RECEIPTS != 0)
         });
         let Some(c) = c else {
+            if conn.is_none() && self.receipt_to_fleet(to, receipt, hops_left) {
+                return;
+            }
             self.m.receipts_dropped.increment(1);
             return;
         };

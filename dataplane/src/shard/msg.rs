@@ -61,6 +61,8 @@ pub enum CoreMsg {
     Receipt {
         to: AgentId,
         receipt: crate::wire::Receipt,
+        /// Relays it may still cross to reach `to` elsewhere in the fleet.
+        hops_left: u8,
     },
     /// A session moving to its agent's home core, with its socket (none in the simulated
     /// relay). The engine adopts it ([`super::Shard::adopt`]) before the shard sees messages
@@ -95,6 +97,11 @@ pub enum CoreMsg {
     Presence {
         entries: Arc<[PresenceEntry]>,
         from: Option<RelayId>,
+    },
+    /// A receipt for agent `to` on another relay, to go out on the link to `peer` (this core's).
+    LinkReceipt {
+        peer: RelayId,
+        receipt: crate::wire::LinkReceipt,
     },
     /// A socket connected to `peer`'s link port by the dialler: the core that owns the link
     /// starts the TLS handshake on it (the engine takes it; without a socket it is dropped).

@@ -30,6 +30,7 @@ pub enum FrameType {
     LinkAck = 0x0c,
     LinkNack = 0x0d,
     Presence = 0x0e,
+    LinkReceipt = 0x0f,
 }
 
 impl FrameType {
@@ -49,6 +50,7 @@ impl FrameType {
             0x0c => Self::LinkAck,
             0x0d => Self::LinkNack,
             0x0e => Self::Presence,
+            0x0f => Self::LinkReceipt,
             other => return Err(WireError::UnknownFrameType(other)),
         })
     }
@@ -348,6 +350,15 @@ pub struct Presence {
     pub entries: Vec<PresenceEntry>,
 }
 
+/// LINK_RECEIPT: a receipt on its way to source agent `to` on another relay, passed hop by hop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkReceipt {
+    pub to: AgentId,
+    pub receipt: Receipt,
+    /// Relays it may still be passed to (it is dropped at 0).
+    pub hops_left: u8,
+}
+
 /// One decoded link frame.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Frame {
@@ -365,6 +376,7 @@ pub enum Frame {
     LinkAck(LinkAck),
     LinkNack(LinkNack),
     Presence(Presence),
+    LinkReceipt(LinkReceipt),
 }
 
 /// Splits frames off a receive buffer.
@@ -573,6 +585,15 @@ impl Frame {
                 }
                 Frame::Presence(Presence { entries })
             }
+            FrameType::LinkReceipt => Frame::LinkReceipt(LinkReceipt {
+                to: AgentId(r.array("agent id")?),
+                receipt: Receipt {
+                    message_id: MessageId(r.array("message id")?),
+                    status: ReceiptStatus::from_u8(r.u8("receipt status")?)?,
+                    at_ms: r.u64("receipt time")?,
+                },
+                hops_left: r.u8("hops left")?,
+            }),
             FrameType::Envelope => unreachable!("handled above"),
         };
         r.finish()?;
@@ -697,6 +718,14 @@ impl Frame {
                     dst.put_slice(&e.relay.0);
                     dst.put_u64(e.stamp_ms);
                 }
+            }
+            Frame::LinkReceipt(l) => {
+                dst.put_u8(FrameType::LinkReceipt as u8);
+                dst.put_slice(&l.to.0);
+                dst.put_slice(&l.receipt.message_id.0);
+                dst.put_u8(l.receipt.status as u8);
+                dst.put_u64(l.receipt.at_ms);
+                dst.put_u8(l.hops_left);
             }
             Frame::Envelope(_) => unreachable!("handled above"),
         }

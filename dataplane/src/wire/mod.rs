@@ -21,8 +21,9 @@ pub use envelope::{
 };
 pub use frame::{
     AckBatch, Close, Frame, FrameDecoder, FrameType, GoingAway, Hello, LinkAck, LinkHello,
-    LinkNack, Nack, Ping, Pong, Presence, PresenceEntry, Receipt, ReceiptStatus, Welcome,
-    FRAME_HEADER_LEN, MAX_ACK_BATCH, MAX_HELLO_SCHEMAS, MAX_LINK_ACK_BATCH, MAX_PRESENCE_BATCH,
+    LinkNack, LinkReceipt, Nack, Ping, Pong, Presence, PresenceEntry, Receipt, ReceiptStatus,
+    Welcome, FRAME_HEADER_LEN, MAX_ACK_BATCH, MAX_HELLO_SCHEMAS, MAX_LINK_ACK_BATCH,
+    MAX_PRESENCE_BATCH,
 };
 
 use std::fmt;

@@ -162,6 +162,25 @@ fn golden_control_frames() {
 }
 
 #[test]
+fn golden_link_receipt() {
+    golden(
+        Frame::LinkReceipt(LinkReceipt {
+            to: AgentId([0xaa; 32]),
+            receipt: Receipt {
+                message_id: MessageId::from_u128(3),
+                status: ReceiptStatus::Delivered,
+                at_ms: 0x0102,
+            },
+            hops_left: 7,
+        }),
+        &format!(
+            "0000003b 0f {} 00000000000000000000000000000003 00 0000000000000102 07",
+            "aa".repeat(32)
+        ),
+    );
+}
+
+#[test]
 fn link_frames_refuse_empty_and_oversized_batches() {
     for bad in [
         "00000003 0c 0000",
