@@ -646,7 +646,10 @@ impl Shard {
     ) -> Option<Result<bool, Reason>> {
         let cap = self.settings.limits.absent_bytes() / self.ncores.max(1) as usize;
         let len = env.frame_len() + super::custody::HELD_ENVELOPE_OVERHEAD;
-        if self.mesh.waiting_bytes + len > cap {
+        // New work is refused at the cap; custody this relay already answered for (from a link
+        // that went down, a refusal to retry) is bounded where it came from and waits anyway
+        // (counted in the memory budget): an ACKed envelope leaves only by delivery or expiry.
+        if src.is_some() && self.mesh.waiting_bytes + len > cap {
             return Some(Err(Reason::QueueFull));
         }
         let deferred = deferred(src, &env);
