@@ -1,7 +1,7 @@
 //! A fleet of relays (one shard each) wired together in memory: real relay links (TLS between
 //! shards, LINK_HELLO, link sequence numbers, PRESENCE), agents speaking real TLS and frames, a
 //! virtual clock, and random schedules that pass bytes in random pieces, drop links and dial
-//! them again, and let time pass.
+//! them again, kill relays (they start again with nothing in memory), and let time pass.
 //!
 //! After every step:
 //! - no agent receives an envelope twice (multipath copies included);
@@ -12,7 +12,9 @@
 //! - a `no_compliant_path` refusal is right: with every link up there is no path.
 //!
 //! At the end every link comes back and the fleet runs until it is quiet: every envelope a
-//! relay ACKed to its source, with time left, was delivered (links that drop lose nothing).
+//! relay ACKed to its source, with time left and a compliant path, was delivered (links that
+//! drop lose nothing, nor do relays killed on the path), except what a killed relay held in
+//! memory for its own agent or from it.
 //!
 //! `FLEET_SIM_SCHEDULES=N` runs N schedules (default 100); `FLEET_SIM_SEED=S` replays one. A
 //! failure prints the seed that replays it.
@@ -147,6 +149,17 @@ struct Sim {
     redial_at: HashMap<(usize, usize), u64>,
     steps: u64,
     drops: u64,
+    /// What a relay is made of, to start it again after a crash.
+    shard_cfgs: Vec<ShardConfig>,
+    client_cfgs: Vec<Arc<rustls::ClientConfig>>,
+    limits: Limits,
+    /// Envelopes a crash may have lost: sent by, or to, an agent of a relay that crashed
+    /// before they were delivered (at-least-once custody in the memory of the source's or
+    /// the destination's relay). Envelopes crossing a crashed relay are not among them.
+    exempt: HashSet<MessageId>,
+    /// Per agent: envelopes it received before its relay crashed, which may come again.
+    may_repeat: Vec<HashSet<MessageId>>,
+    crashes: u64,
 }
 
 impl Sim {
@@ -195,22 +208,20 @@ impl Sim {
             memory_budget: 256 << 20,
             ..Limits::default()
         };
+        let shard_cfgs: Vec<ShardConfig> = (0..n)
+            .map(|i| ShardConfig {
+                tls: w.agent_tls[i].clone(),
+                relay_id: w.relays[i].relay_id(),
+                link: Some(w.link_tls[i].clone()),
+            })
+            .collect();
         let shards = (0..n)
+            .map(|i| new_shard(&shard_cfgs[i], &limits, &snap, now))
+            .collect();
+        let client_cfgs = (0..n)
             .map(|i| {
-                let mut s = Shard::new(
-                    0,
-                    1,
-                    ShardConfig {
-                        tls: w.agent_tls[i].clone(),
-                        relay_id: w.relays[i].relay_id(),
-                        link: Some(w.link_tls[i].clone()),
-                    },
-                    open_settings(limits.clone()),
-                    Arc::new(SeqSource::default()),
-                    RelayBudget::new(256 << 20, 1),
-                );
-                s.on_message(CoreMsg::Fleet(snap.clone()), now);
-                s
+                openmesh_dataplane::tls::client_config(&w.agents[i], std::slice::from_ref(&w.ca))
+                    .unwrap()
             })
             .collect();
         let mut sim = Sim {
@@ -230,27 +241,79 @@ impl Sim {
             redial_at: HashMap::new(),
             steps: 0,
             drops: 0,
+            shard_cfgs,
+            client_cfgs,
+            limits,
+            exempt: HashSet::new(),
+            may_repeat: (0..n).map(|_| HashSet::new()).collect(),
+            crashes: 0,
         };
         for i in 0..n {
-            let cfg =
-                openmesh_dataplane::tls::client_config(&w.agents[i], std::slice::from_ref(&w.ca))
-                    .unwrap();
-            let conn = sim.shards[i].open(sim.now).unwrap();
-            sim.sessions.push(Session {
-                relay: i,
-                conn,
-                tls: ClientConnection::new(cfg, ServerName::try_from("localhost").unwrap())
-                    .unwrap(),
-                to_relay: Vec::new(),
-                woken: false,
-                plain: BytesMut::new(),
-                dec: FrameDecoder::new(1 << 20),
-                welcomed: false,
-                hello_sent: false,
-                unacked: Vec::new(),
-            });
+            let s = sim.session(i);
+            sim.sessions.push(s);
         }
         sim
+    }
+
+    /// A new session of agent `i` with its relay.
+    fn session(&mut self, i: usize) -> Session {
+        let conn = self.shards[i].open(self.now).unwrap();
+        Session {
+            relay: i,
+            conn,
+            tls: ClientConnection::new(
+                self.client_cfgs[i].clone(),
+                ServerName::try_from("localhost").unwrap(),
+            )
+            .unwrap(),
+            to_relay: Vec::new(),
+            woken: false,
+            plain: BytesMut::new(),
+            dec: FrameDecoder::new(1 << 20),
+            welcomed: false,
+            hello_sent: false,
+            unacked: Vec::new(),
+        }
+    }
+
+    /// Relay `r` dies (kill -9) and starts again with nothing in memory: its links drop (the
+    /// relays at their other ends see them end), its agent connects again.
+    fn crash(&mut self, r: usize) {
+        self.crashes += 1;
+        for i in 0..self.wires.len() {
+            let w = &self.wires[i];
+            if !w.open || (w.relays.0 != r && w.relays.1 != r) {
+                continue;
+            }
+            self.wires[i].open = false;
+            let w = &self.wires[i];
+            let (other, conn) = if w.relays.0 == r {
+                (w.relays.1, w.conns.1)
+            } else {
+                (w.relays.0, w.conns.0)
+            };
+            let pair = w.relays;
+            self.shards[other].on_read_end(conn, self.now);
+            self.redial_at.insert(pair, self.now.mono_us + 50_000);
+        }
+        self.wires.retain(|w| w.open);
+        // What its memory held for its own agent, or from it, may be gone.
+        for (id, s) in &self.sent[r] {
+            if !self.received[s.to].contains(id) {
+                self.exempt.insert(*id);
+            }
+        }
+        for a in 0..self.sent.len() {
+            for (id, s) in &self.sent[a] {
+                if s.to == r && !self.received[r].contains(id) {
+                    self.exempt.insert(*id);
+                }
+            }
+        }
+        self.may_repeat[r].extend(self.received[r].iter().copied());
+        self.shards[r] = new_shard(&self.shard_cfgs[r], &self.limits, &self.snap, self.now);
+        let s = self.session(r);
+        self.sessions[r] = s;
     }
 
     fn fail(&self, what: String) -> ! {
@@ -595,7 +658,7 @@ impl Sim {
     /// The invariants on a delivered envelope.
     fn delivered(&mut self, a: usize, e: Envelope) {
         let id = e.message_id();
-        if !self.received[a].insert(id) {
+        if !self.received[a].insert(id) && !self.may_repeat[a].contains(&id) {
             self.fail(format!("agent {a} got {id} twice"));
         }
         if e.expires_ms() <= self.now.unix_ms {
@@ -669,6 +732,10 @@ impl Sim {
                 let a = self.rng.below(self.sessions.len() as u64) as usize;
                 let send = !healing && self.rng.chance(40);
                 self.agent_step(a, send);
+            }
+            68 if !healing && self.rng.chance(8) => {
+                let r = self.rng.below(self.shards.len() as u64) as usize;
+                self.crash(r);
             }
             65..=67 if !healing => {
                 let open: Vec<usize> = (0..self.wires.len())
@@ -749,7 +816,10 @@ impl Sim {
                 let Some(s) = self.sent[a].get(id) else {
                     continue;
                 };
-                if s.env.expires_ms() > self.now.unix_ms && !self.received[s.to].contains(id) {
+                if s.env.expires_ms() > self.now.unix_ms
+                    && !self.received[s.to].contains(id)
+                    && !self.exempt.contains(id)
+                {
                     let c = Constraints::of(&s.env);
                     let path = Graph::new(&self.snap).route(
                         &AllUp(&self.snap),
@@ -773,12 +843,26 @@ impl Sim {
     }
 }
 
+fn new_shard(cfg: &ShardConfig, limits: &Limits, snap: &Arc<Snapshot>, now: Now) -> Shard {
+    let mut s = Shard::new(
+        0,
+        1,
+        cfg.clone(),
+        open_settings(limits.clone()),
+        Arc::new(SeqSource::default()),
+        RelayBudget::new(256 << 20, 1),
+    );
+    s.on_message(CoreMsg::Fleet(snap.clone()), now);
+    s
+}
+
 #[derive(Default, Debug)]
 struct Tally {
     acked: usize,
     delivered: usize,
     drops: u64,
     relays: usize,
+    crashes: u64,
 }
 
 fn run(seed: u64, w: &World) -> Tally {
@@ -796,6 +880,7 @@ fn run(seed: u64, w: &World) -> Tally {
         delivered: sim.received.iter().map(HashSet::len).sum(),
         drops: sim.drops,
         relays: sim.shards.len(),
+        crashes: sim.crashes,
     }
 }
 
@@ -823,6 +908,7 @@ fn random_fleet_schedules_keep_every_invariant() {
         total.delivered += t.delivered;
         total.drops += t.drops;
         total.relays += t.relays;
+        total.crashes += t.crashes;
     }
     eprintln!("{n} schedules: {total:?}");
     // The schedules did something: envelopes crossed relays, links dropped.
@@ -830,4 +916,5 @@ fn random_fleet_schedules_keep_every_invariant() {
     assert!(total.acked >= 20 * n, "{total:?}");
     assert!(total.delivered >= 20 * n, "{total:?}");
     assert!(total.drops >= n as u64, "{total:?}");
+    assert!(total.crashes >= n as u64 / 4, "{total:?}");
 }
