@@ -860,3 +860,140 @@ async fn delivery_receipts_travel_back_across_relays() {
         }
     }
 }
+
+/// The load generator, built beside the relay.
+fn loadtest_binary() -> PathBuf {
+    let relay = std::path::Path::new(env!("CARGO_BIN_EXE_openmesh-relay"));
+    let lt = relay.with_file_name("openmesh-loadtest");
+    if !lt.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let ok = std::process::Command::new(cargo)
+            .args(["build", "-p", "openmesh-loadtest"])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "building openmesh-loadtest");
+    }
+    lt
+}
+
+/// `openmesh-loadtest` runs agents on `ing` sending to agents on `egr` while `fast`, the relay
+/// on their path, is killed: it counts nothing lost (at-least-once, then durable).
+#[test]
+fn the_load_generator_counts_nothing_lost_when_the_relay_on_the_path_is_killed() {
+    for class in ["at-least-once", "durable"] {
+        let mut fleet = two_path_fleet();
+        fleet.wait_links_up(4);
+        let json = fleet.dir.join(format!("lt-{class}.json"));
+        let mut lt = std::process::Command::new(loadtest_binary())
+            .args([
+                "run",
+                "--scenario",
+                "small",
+                "--class",
+                class,
+                "--duration",
+                "3s",
+            ])
+            .args(["--window", "256", "--quiet"])
+            .arg("--relay")
+            .arg(fleet.relay("ing").addr.to_string())
+            .arg("--receive-relay")
+            .arg(fleet.relay("egr").addr.to_string())
+            .arg("--ca")
+            .arg(&fleet.ca)
+            .arg("--json")
+            .arg(&json)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Receivers connect, presence spreads (0.5 s), then a second of traffic through `fast`.
+        std::thread::sleep(Duration::from_millis(1500));
+        let via_fast = fleet.link_in("fast");
+        fleet.kill("fast");
+        let out = lt.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{class}: {text}");
+        let report = std::fs::read_to_string(&json).unwrap();
+        let field = |name: &str| -> f64 {
+            let at = report
+                .find(&format!("\"{name}\":"))
+                .unwrap_or_else(|| panic!("{name} in {report}"));
+            report[at + name.len() + 3..]
+                .split(|c: char| c == ',' || c == '}')
+                .next()
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        assert_eq!(field("lost"), 0.0, "{class}: {text}");
+        assert!(field("delivered") > 0.0, "{class}: {text}");
+        assert!(
+            via_fast > 0.0,
+            "{class}: nothing went through the killed relay"
+        );
+        assert!(
+            fleet.link_in("slow") > 0.0,
+            "{class}: nothing went the other way"
+        );
+    }
+}
+
+/// New fleet files applied while envelopes flow (the path flips between two relays and back)
+/// lose nothing and refuse nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_files_applied_under_traffic_lose_nothing() {
+    let fleet = two_path_fleet();
+    fleet.wait_links_up(4);
+    let mut b = Agent::connect(agent_config(fleet.relay("egr"), "agent-b"))
+        .await
+        .unwrap();
+    let mut a = Agent::connect(agent_config(fleet.relay("ing"), "agent-a"))
+        .await
+        .unwrap();
+    wait_located(fleet.relay("ing"), 2);
+    let to = b.id();
+    let n = 20_000u64;
+    let recv = tokio::spawn(async move { receive_all(&mut b, n).await });
+    let send = tokio::spawn(async move { common::send_all(&mut a, to, (0, n), 256).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // `fast` becomes the slow way, then the fast one again.
+    let t = |g: &str, from: &str, to: &str| {
+        let (g, from, to) = (g.to_string(), from.to_string(), to.to_string());
+        move |text: &str| {
+            text.replace(
+                &format!("generation = {}", g.parse::<u64>().unwrap() - 1),
+                &format!("generation = {g}"),
+            )
+            .replace(&from, &to)
+        }
+    };
+    fleet.reload(
+        t(
+            "2",
+            "between = [\"ing\", \"fast\"]\nlatency_ms = 1",
+            "between = [\"ing\", \"fast\"]\nlatency_ms = 50",
+        ),
+        "ing",
+        2,
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    fleet.reload(
+        t(
+            "3",
+            "between = [\"ing\", \"fast\"]\nlatency_ms = 50",
+            "between = [\"ing\", \"fast\"]\nlatency_ms = 1",
+        ),
+        "ing",
+        3,
+    );
+    let (acked, _, resent) = send.await.unwrap();
+    assert_eq!(acked.len() as u64, n);
+    assert_eq!(
+        resent, 0,
+        "envelopes were refused while the snapshot changed"
+    );
+    let (_, dup) = recv.await.unwrap();
+    eprintln!("{dup} delivered twice");
+}
