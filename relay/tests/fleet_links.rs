@@ -885,7 +885,7 @@ fn the_load_generator_counts_nothing_lost_when_the_relay_on_the_path_is_killed()
         let mut fleet = two_path_fleet();
         fleet.wait_links_up(4);
         let json = fleet.dir.join(format!("lt-{class}.json"));
-        let mut lt = std::process::Command::new(loadtest_binary())
+        let lt = std::process::Command::new(loadtest_binary())
             .args([
                 "run",
                 "--scenario",
@@ -920,7 +920,7 @@ fn the_load_generator_counts_nothing_lost_when_the_relay_on_the_path_is_killed()
                 .find(&format!("\"{name}\":"))
                 .unwrap_or_else(|| panic!("{name} in {report}"));
             report[at + name.len() + 3..]
-                .split(|c: char| c == ',' || c == '}')
+                .split([',', '}'])
                 .next()
                 .unwrap()
                 .trim()
