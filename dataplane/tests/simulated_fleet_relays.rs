@@ -844,11 +844,14 @@ impl Sim {
 }
 
 fn new_shard(cfg: &ShardConfig, limits: &Limits, snap: &Arc<Snapshot>, now: Now) -> Shard {
+    let mut settings = open_settings(limits.clone());
+    // Keys rotate every few virtual seconds: links and sessions carry KeyUpdates mid-stream.
+    settings.contract.key_rotation_s = 3;
     let mut s = Shard::new(
         0,
         1,
         cfg.clone(),
-        open_settings(limits.clone()),
+        settings,
         Arc::new(SeqSource::default()),
         RelayBudget::new(256 << 20, 1),
     );

@@ -3,7 +3,8 @@
 //!
 //! Of two linked relays the one with the smaller id dials (both know which without asking).
 //! For every such link of the applied snapshot that is not up, the dialler connects with a
-//! timeout and hands the socket to the core that owns the link ([`crate::shard::link_core`]),
+//! timeout (each connect on a short-lived thread of its own, so a peer that does not answer
+//! delays no other link) and hands the socket to the core that owns the link ([`crate::shard::link_core`]),
 //! which runs the TLS handshake and LINK_HELLO. A link that does not come up, or goes down, is
 //! dialled again after a backoff that doubles from 100 ms to 5 s (reset once it is up). The
 //! cores report links up and down through [`LinkBoard`].
@@ -42,14 +43,43 @@ struct Peer {
     backoff: Duration,
     /// Dialled at, while the link is not up yet.
     dialled: Option<Instant>,
+    /// A connect is in progress (on a thread of its own).
+    connecting: bool,
     was_up: bool,
 }
 
 /// Runs until the engine drains.
 pub(crate) fn run(me: RelayId, cores: u16, shared: Arc<Shared>) {
     let mut peers: HashMap<RelayId, Peer> = HashMap::new();
+    // Connects run on threads of their own (one per link being dialled, each at most
+    // CONNECT_TIMEOUT), so that a peer that does not answer delays no other link.
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<(RelayId, std::io::Result<OwnedFd>)>();
     while !shared.draining.load(Ordering::SeqCst) {
         std::thread::sleep(PERIOD);
+        while let Ok((peer, res)) = done_rx.try_recv() {
+            let Some(p) = peers.get_mut(&peer) else {
+                continue;
+            };
+            p.connecting = false;
+            let now = Instant::now();
+            match res {
+                Ok(fd) => {
+                    p.dialled = Some(now);
+                    p.next_try = now + p.backoff;
+                    p.backoff = (p.backoff * 2).min(BACKOFF_MAX);
+                    let core = crate::shard::link_core(&peer, cores);
+                    shared.mailboxes[core as usize].push_blocking(CoreMsg::Dial {
+                        peer,
+                        socket: Some(fd),
+                    });
+                }
+                Err(e) => {
+                    tracing::debug!(peer = %peer.to_hex(), error = %e, "link dial failed");
+                    p.next_try = now + p.backoff;
+                    p.backoff = (p.backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
         let snap = shared
             .links
             .snapshot
@@ -89,6 +119,7 @@ pub(crate) fn run(me: RelayId, cores: u16, shared: Arc<Shared>) {
                 next_try: now,
                 backoff: BACKOFF_MIN,
                 dialled: None,
+                connecting: false,
                 was_up: false,
             });
             if up.get(&peer).copied().unwrap_or(false) {
@@ -102,29 +133,25 @@ pub(crate) fn run(me: RelayId, cores: u16, shared: Arc<Shared>) {
                 p.next_try = now;
                 p.dialled = None;
             }
-            if p.dialled
-                .is_some_and(|t| now.duration_since(t) < UP_TIMEOUT)
+            if p.connecting
+                || p.dialled
+                    .is_some_and(|t| now.duration_since(t) < UP_TIMEOUT)
                 || now < p.next_try
             {
                 continue;
             }
             p.dialled = None;
-            match connect(addr) {
-                Ok(fd) => {
-                    p.dialled = Some(now);
-                    p.next_try = now + p.backoff;
-                    p.backoff = (p.backoff * 2).min(BACKOFF_MAX);
-                    let core = crate::shard::link_core(&peer, cores);
-                    shared.mailboxes[core as usize].push_blocking(CoreMsg::Dial {
-                        peer,
-                        socket: Some(fd),
-                    });
-                }
-                Err(e) => {
-                    tracing::debug!(peer = %peer.to_hex(), %addr, error = %e, "link dial failed");
-                    p.next_try = now + p.backoff;
-                    p.backoff = (p.backoff * 2).min(BACKOFF_MAX);
-                }
+            p.connecting = true;
+            let done = done_tx.clone();
+            let spawned = std::thread::Builder::new()
+                .name("om-dial".into())
+                .spawn(move || {
+                    let _ = done.send((peer, connect(addr)));
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot start a link dial");
+                p.connecting = false;
+                p.next_try = now + p.backoff;
             }
         }
     }

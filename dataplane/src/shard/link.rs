@@ -76,6 +76,8 @@ pub(crate) struct LinkSession {
     pub(crate) acks: Vec<u64>,
     pub(crate) last_rx_us: u64,
     pub(crate) last_ping_us: u64,
+    /// When this side last rotated its sending keys (TLS KeyUpdate).
+    pub(crate) last_key_update_us: u64,
     /// Smoothed RTT, microseconds.
     pub(crate) rtt_us: Option<u64>,
     /// RTT last announced to the cores.
@@ -109,6 +111,7 @@ impl LinkSession {
             acks: Vec::new(),
             last_rx_us: now.mono_us,
             last_ping_us: now.mono_us,
+            last_key_update_us: now.mono_us,
             rtt_us: None,
             rtt_announced_us: 0,
             peer_max_frame: 0,
@@ -571,6 +574,7 @@ impl Shard {
     /// Heartbeats, the dead-link check and the handshake deadline, on every tick.
     pub(super) fn link_tick(&mut self, conn: ConnId, now: Now) {
         let hs_us = self.settings.timeouts.handshake_us;
+        let rotate_us = u64::from(self.settings.contract.key_rotation_s) * 1_000_000;
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
@@ -592,6 +596,12 @@ impl Shard {
             tracing::warn!(conn, "link silent: closed");
             self.close(conn, Reason::IdleTimeout, now);
             return;
+        }
+        // Sending keys rotate on the contract's interval, as on agent sessions.
+        // (The writer is woken by the PING below at the latest.)
+        if rotate_us > 0 && now.mono_us.saturating_sub(l.last_key_update_us) >= rotate_us {
+            l.last_key_update_us = now.mono_us;
+            c.key_update_due = true;
         }
         let mut announce = None;
         if now.mono_us.saturating_sub(l.last_ping_us) >= u64::from(LINK_HEARTBEAT_MS) * 1000 {
