@@ -53,6 +53,7 @@ fn handoff(c: &mut Criterion) {
                                 conn: 7,
                                 tag: env.message_id(),
                                 relay: false,
+                                len: env.frame_len() as u32,
                             }),
                         },
                     );

@@ -78,14 +78,19 @@ impl Inflight {
 
     /// Whether a window of `window` envelopes and `window_bytes` bytes counted over the
     /// unanswered ones only has room for one more of `frame_len` bytes (relay links, whose peer
-    /// answers out of order).
+    /// answers out of order). What was answered behind an older unanswered envelope is still
+    /// kept until that one is: it may take up to four windows, then the link waits (and is
+    /// closed after the write timeout if the old one stays unanswered).
     pub(crate) fn has_room_unanswered(
         &self,
         window: usize,
         window_bytes: usize,
         frame_len: usize,
     ) -> bool {
-        self.unacked < window && self.unacked_bytes + frame_len <= window_bytes
+        self.unacked < window
+            && self.unacked_bytes + frame_len <= window_bytes
+            && self.order.len() < 4 * window
+            && self.bytes + frame_len <= 4 * window_bytes
     }
 
     /// Applies an ACK (`delivered`) or the agent's NACK for `id`.
@@ -514,8 +519,8 @@ pub(crate) struct Released(
     /// Receipts due to sources that asked: (source, message id, status).
     pub(crate) Vec<(AgentId, MessageId, ReceiptStatus)>,
     /// Relays waiting on the answer for an envelope that expired in a link's queue: (upstream,
-    /// frame length, class).
-    pub(crate) Vec<(crate::shard::msg::Src, u32, crate::wire::DeliveryClass)>,
+    /// class).
+    pub(crate) Vec<(crate::shard::msg::Src, crate::wire::DeliveryClass)>,
 );
 
 impl Released {

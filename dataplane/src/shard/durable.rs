@@ -177,8 +177,7 @@ impl Shard {
             if stored == Some(false) {
                 return Err(Reason::StoreUnavailable);
             }
-            let len = env.frame_len() as u32;
-            self.verdict_to(src, len, DeliveryClass::Durable, Ok(false), now);
+            self.verdict_to(src, DeliveryClass::Durable, Ok(false), now);
             return Ok(());
         }
         let Some(dst) = dest_agent(&env) else {
@@ -352,7 +351,7 @@ impl Shard {
             return;
         };
         env.set_store_seq(seq);
-        let (id, len) = (env.message_id(), env.frame_len() as u32);
+        let id = env.message_id();
         if let Some(d) = self.durable.as_mut() {
             d.m.envelopes.increment(1);
             if let Some(e) = d.ids.get_mut(&(env.source(), id)) {
@@ -375,7 +374,7 @@ impl Shard {
                 }
             }
         }
-        self.verdict_to(src, len, DeliveryClass::Durable, Ok(false), now);
+        self.verdict_to(src, DeliveryClass::Durable, Ok(false), now);
     }
 
     /// Envelope `seq` could not be written: its source hears NACK `store_unavailable`.
@@ -383,7 +382,7 @@ impl Shard {
         let Some(Pending { env, src }) = self.take_pending(seq) else {
             return;
         };
-        let (id, len) = (env.message_id(), env.frame_len() as u32);
+        let id = env.message_id();
         if let Some(d) = self.durable.as_mut() {
             d.ids.remove(&(env.source(), id));
         }
@@ -391,7 +390,6 @@ impl Shard {
         self.released.note(&env);
         self.verdict_to(
             src,
-            len,
             DeliveryClass::Durable,
             Err(Reason::StoreUnavailable),
             now,

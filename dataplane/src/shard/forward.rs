@@ -34,6 +34,7 @@ impl Shard {
             conn: src,
             tag,
             relay: false,
+            len: env.frame_len() as u32,
         };
         let class = env.class();
         let len_of_later = env.frame_len();
@@ -248,7 +249,6 @@ impl Shard {
     /// An envelope from another core (a source's, or custody following its agent).
     pub(super) fn on_deliver(&mut self, env: Envelope, src: Option<Src>, now: Now) {
         let class = env.class();
-        let len = env.frame_len() as u32;
         let moved = dest_agent(&env)
             .and_then(|a| self.directory.locate(&a))
             .filter(|l| l.core != self.id);
@@ -270,12 +270,12 @@ impl Shard {
         };
         if class == DeliveryClass::Durable {
             if let Err(r) = self.store_durable(env, src, now) {
-                self.verdict_to(src, len, class, Err(r), now);
+                self.verdict_to(src, class, Err(r), now);
             }
             return;
         }
         if let Some(v) = self.duplicate_verdict(&env) {
-            self.verdict_to(src, len, class, v, now);
+            self.verdict_to(src, class, v, now);
             return;
         }
         // New work from another core meets this core's budget too.
@@ -285,18 +285,19 @@ impl Shard {
             self.deliver_local(env, src)
         };
         let result = result.map_err(|(r, _)| r);
-        self.verdict_to(src, len, class, result, now);
+        self.verdict_to(src, class, result, now);
     }
 
-    /// Sends the verdict on an envelope of `len` bytes to its source.
+    /// Sends the verdict on an envelope to its source (with the length it had when it arrived,
+    /// which is what the source counted while it waited).
     pub(super) fn verdict_to(
         &mut self,
         src: Src,
-        len: u32,
         class: DeliveryClass,
         result: Result<bool, Reason>,
         now: Now,
     ) {
+        let len = src.len;
         let class_acked = class != DeliveryClass::BestEffort;
         if src.core == self.id {
             self.on_verdict(src.conn, src.tag, len, class_acked, result, now);

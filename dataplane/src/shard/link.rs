@@ -308,7 +308,11 @@ impl Shard {
                     wake |= !c.a.outq.is_empty();
                 }
                 Frame::Presence(p) if l.up => presence.extend(p.entries),
-                Frame::LinkReceipt(r) if l.up => receipts.push(r),
+                Frame::LinkReceipt(mut r) if l.up => {
+                    // A peer cannot make a receipt travel further than this relay would.
+                    r.hops_left = r.hops_left.min(crate::wire::MAX_PATH_LEN as u8);
+                    receipts.push(r);
+                }
                 Frame::Ping(p) => {
                     Frame::Pong(Pong {
                         echo_us: p.timestamp_us,
@@ -492,6 +496,14 @@ impl Shard {
         }
         if h.max_version < PROTOCOL_VERSION_MIN || h.min_version > PROTOCOL_VERSION_MAX {
             return Err(Reason::NoCommonVersion);
+        }
+        // A link that could carry nothing (no window, frames below the protocol's least) is
+        // refused rather than chosen by paths it then stalls.
+        if h.window == 0
+            || (h.max_frame as usize) < crate::signaling::MIN_FRAME as usize
+            || h.window_bytes < h.max_frame
+        {
+            return Err(Reason::ProtocolError);
         }
         l.up = true;
         // The peer's window, within this relay's own (a peer cannot make it hold more).

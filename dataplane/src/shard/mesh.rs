@@ -20,7 +20,8 @@
 //!
 //! Bounds: each link's queue (`send_queue_envelopes`, `send_queue_bytes`) and the peer's window
 //! for what is in flight; the waiting list (each core's share of `absent_bytes`); the agents
-//! located ([`MAX_LOCATIONS`] per core); the route cache.
+//! located ([`MAX_LOCATIONS`] per core, and an eighth of the memory budget for all cores);
+//! the route cache.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -39,8 +40,11 @@ use crate::wire::{
 
 /// Agents one core knows the relay of; beyond it new ones are not recorded.
 pub const MAX_LOCATIONS: usize = 1 << 20;
-/// Memory one presence entry takes (agent id, relay id, stamp, the map's control byte).
-const LOCATION_BYTES: usize = 80;
+/// Envelopes waiting for a path tried again per call of `retry_waiting`.
+const RETRY_BATCH: usize = 4096;
+/// Memory one presence entry takes: agent id, relay id and stamp (72 bytes) and the map's
+/// share of slack (hashbrown stays between 7/16 and 7/8 full).
+const LOCATION_BYTES: usize = 140;
 /// How far in the future a presence stamp may be (clock skew between relays); later ones are
 /// ignored.
 const PRESENCE_SKEW_MS: u64 = 60_000;
@@ -73,7 +77,7 @@ impl Mesh {
 
     /// What the presence table takes, bytes (an entry and its share of the map's slack).
     pub(crate) fn locations_bytes(&self) -> usize {
-        self.locations.capacity() * LOCATION_BYTES
+        self.locations.len() * LOCATION_BYTES
     }
 
     /// Frame bytes of the envelopes waiting for a path.
@@ -90,10 +94,10 @@ impl Mesh {
     }
 
     /// Records a presence entry if it is newer than what is known; returns whether it was.
-    fn locate(&mut self, e: &PresenceEntry) -> bool {
+    fn locate(&mut self, e: &PresenceEntry, max: usize) -> bool {
         match self.locations.get(&e.agent) {
             Some((r, s)) if (*s, r.0) >= (e.stamp_ms, e.relay.0) => false,
-            None if self.locations.len() >= MAX_LOCATIONS => false,
+            None if self.locations.len() >= max => false,
             _ => {
                 self.locations.insert(e.agent, (e.relay, e.stamp_ms));
                 true
@@ -167,9 +171,15 @@ impl Shard {
     ) -> Vec<PresenceEntry> {
         // A stamp from the future (beyond clock skew) would pin an agent to a relay for good.
         let latest = now.unix_ms + PRESENCE_SKEW_MS;
+        // At most an eighth of the memory budget for the table, all cores together.
+        let max = (self.settings.limits.memory_budget
+            / 8
+            / LOCATION_BYTES
+            / usize::from(self.ncores.max(1)))
+        .min(MAX_LOCATIONS);
         let fresh: Vec<PresenceEntry> = entries
             .iter()
-            .filter(|e| e.stamp_ms <= latest && self.mesh.locate(e))
+            .filter(|e| e.stamp_ms <= latest && self.mesh.locate(e, max))
             .copied()
             .collect();
         if fresh.is_empty() {
@@ -606,7 +616,7 @@ impl Shard {
 
     /// An envelope another core handed over for the link to `peer` on this one.
     pub(super) fn on_forward(&mut self, env: Envelope, peer: RelayId, src: Option<Src>, now: Now) {
-        let (len, class) = (env.frame_len() as u32, env.class());
+        let class = env.class();
         let r = match self.mesh.links.get(&peer).copied() {
             Some(v) if v.core == self.id => self.enqueue_link(v.conn, env, src, now),
             // The link went down or moved since: taken onwards again from here.
@@ -616,7 +626,7 @@ impl Shard {
                 self.onward(env, src, now)
             }
         };
-        self.answer(src, len, class, r, now);
+        self.answer(src, class, r, now);
     }
 
     /// Answers `src` with `r` when there is one to answer now; without a source, a refusal is
@@ -624,13 +634,12 @@ impl Shard {
     fn answer(
         &mut self,
         src: Option<Src>,
-        len: u32,
         class: DeliveryClass,
         r: Option<Result<bool, Reason>>,
         now: Now,
     ) {
         match (r, src) {
-            (Some(r), Some(src)) => self.verdict_to(src, len, class, r, now),
+            (Some(r), Some(src)) => self.verdict_to(src, class, r, now),
             (Some(Err(r)), None) => self.m.dropped(r, 1),
             _ => {}
         }
@@ -647,9 +656,10 @@ impl Shard {
         let cap = self.settings.limits.absent_bytes() / self.ncores.max(1) as usize;
         let len = env.frame_len() + super::custody::HELD_ENVELOPE_OVERHEAD;
         // New work is refused at the cap; custody this relay already answered for (from a link
-        // that went down, a refusal to retry) is bounded where it came from and waits anyway
-        // (counted in the memory budget): an ACKed envelope leaves only by delivery or expiry.
-        if src.is_some() && self.mesh.waiting_bytes + len > cap {
+        // that went down, a refusal to retry) may take twice the cap, beyond which it is dropped
+        // and counted (`queue_full`): memory stays bounded when the next relay keeps refusing.
+        let cap = if src.is_some() { cap } else { 2 * cap };
+        if self.mesh.waiting_bytes + len > cap {
             return Some(Err(Reason::QueueFull));
         }
         let deferred = deferred(src, &env);
@@ -668,9 +678,16 @@ impl Shard {
         if self.mesh.waiting.is_empty() {
             return;
         }
-        let waiting = std::mem::take(&mut self.mesh.waiting);
-        self.mesh.waiting_bytes = 0;
-        for env in waiting {
+        // At most a batch per call, oldest first: a long list costs a bounded time per tick.
+        let n = self.mesh.waiting.len().min(RETRY_BATCH);
+        let batch: Vec<Envelope> = self.mesh.waiting.drain(..n).collect();
+        for env in &batch {
+            self.mesh.waiting_bytes = self
+                .mesh
+                .waiting_bytes
+                .saturating_sub(env.frame_len() + super::custody::HELD_ENVELOPE_OVERHEAD);
+        }
+        for env in batch {
             self.again(env, now);
         }
         self.m.fleet_waiting.set(self.mesh.waiting.len() as f64);
@@ -680,12 +697,12 @@ impl Shard {
     /// has one, still waits for the answer).
     pub(super) fn again(&mut self, mut env: Envelope, now: Now) {
         let src = env.upstream.take().map(|s| *s);
-        let (len, class) = (env.frame_len() as u32, env.class());
+        let class = env.class();
         if env.expires_ms() <= now.unix_ms {
             self.released
                 .receipt(&env, crate::wire::ReceiptStatus::Expired);
             let r = Some(Err(Reason::Expired));
-            return self.answer(src, len, class, r, now);
+            return self.answer(src, class, r, now);
         }
         let r = if env.routing.path.is_empty() {
             match self.offer_to_fleet(src, env, now) {
@@ -702,7 +719,7 @@ impl Shard {
         } else {
             self.onward(env, src, now)
         };
-        self.answer(src, len, class, r, now);
+        self.answer(src, class, r, now);
     }
 
     /// The next relay answered an envelope this relay sent it: taken (`None`) or refused. The
@@ -710,20 +727,17 @@ impl Shard {
     /// goes again.
     pub(super) fn link_answered(&mut self, mut env: Envelope, refused: Option<Reason>, now: Now) {
         let src = env.upstream.take().map(|s| *s);
-        let (len, class) = (env.frame_len() as u32, env.class());
+        let class = env.class();
         match refused {
-            None => self.answer(src, len, class, Some(Ok(false)), now),
+            None => self.answer(src, class, Some(Ok(false)), now),
             Some(r) if r.retryable() && env.expires_ms() > now.unix_ms => {
                 back_here(&mut env);
                 let w = self.wait_for_path(env, src);
-                self.answer(src, len, class, w, now);
+                self.answer(src, class, w, now);
             }
             Some(r) => {
                 tracing::debug!(msg = %env.message_id(), reason = r.label(), "envelope refused by the next relay");
-                if src.is_none() {
-                    self.m.dropped(r, 1);
-                }
-                self.answer(src, len, class, Some(Err(r)), now);
+                self.answer(src, class, Some(Err(r)), now);
             }
         }
     }
@@ -736,18 +750,26 @@ impl Shard {
             conn,
             tag: crate::wire::MessageId::from_u128(u128::from(seq)),
             relay: true,
+            len: env.frame_len() as u32,
         };
-        let (len, class) = (env.frame_len() as u32, env.class());
+        let class = env.class();
         if let Some(c) = self.conns.get_mut(&conn) {
             // Every answer comes back through `verdict_to`, which counts it off.
             c.a.awaiting += 1;
-            c.a.awaiting_bytes += len as usize;
+            c.a.awaiting_bytes += src.len as usize;
             if let Some(m) = c.link.as_ref().and_then(|l| l.m.as_ref()) {
                 m.received.increment(1);
             }
         }
-        if let Some(r) = self.onward(env, Some(src), now) {
-            self.verdict_to(src, len, class, r, now);
+        // A draining relay takes nothing more from the fleet (what it took for its agents
+        // would be lost when it exits): the relay before keeps it and tries again.
+        let r = if self.draining {
+            Some(Err(Reason::ShuttingDown))
+        } else {
+            self.onward(env, Some(src), now)
+        };
+        if let Some(r) = r {
+            self.verdict_to(src, class, r, now);
         }
     }
 

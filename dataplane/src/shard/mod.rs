@@ -559,6 +559,7 @@ impl Shard {
         let conn = self.by_agent.get(&to).copied();
         let c = conn.and_then(|c| self.conns.get_mut(&c)).filter(|c| {
             !c.closing
+                && c.a.ctrl.len() < conn::CONTROL_OUTPUT_MAX
                 && c.a
                     .contract
                     .as_ref()

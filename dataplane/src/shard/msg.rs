@@ -26,6 +26,9 @@ pub struct Src {
     /// The source is a relay link: in transit the answer waits until the next relay took the
     /// envelope (custody moves along the path; an agent is answered once this relay has it).
     pub relay: bool,
+    /// The envelope's frame length when it arrived (its routing part may change on the way:
+    /// the source counts this while it waits, and counts this off).
+    pub len: u32,
 }
 
 /// A message between cores.

@@ -81,8 +81,8 @@ impl Shard {
 
     /// Relays waiting on envelopes that expired in a link's queue hear it.
     fn answer_expired(&mut self, now: Now) {
-        for (src, len, class) in std::mem::take(&mut self.released.3) {
-            self.verdict_to(src, len, class, Err(Reason::Expired), now);
+        for (src, class) in std::mem::take(&mut self.released.3) {
+            self.verdict_to(src, class, Err(Reason::Expired), now);
         }
     }
 
@@ -226,7 +226,7 @@ impl Conn {
                 released.receipt(env, crate::wire::ReceiptStatus::Expired);
                 if let Some(mut e) = self.a.outq.pop() {
                     if let Some(up) = e.upstream.take() {
-                        released.3.push((*up, e.frame_len() as u32, e.class()));
+                        released.3.push((*up, e.class()));
                     }
                 }
                 m.dropped(Reason::Expired, 1);
