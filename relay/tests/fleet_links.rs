@@ -20,6 +20,14 @@ struct Member {
     trust: u8,
 }
 
+fn member(name: &'static str, jurisdiction: &'static str, trust: u8) -> Member {
+    Member {
+        name,
+        jurisdiction,
+        trust,
+    }
+}
+
 /// A fleet of relay processes: a fleet CA, one certificate per relay, a fleet file, and the
 /// relays started on it.
 struct Fleet {
@@ -214,31 +222,11 @@ impl Drop for Fleet {
 fn seed_fleet() -> Fleet {
     Fleet::start(
         &[
-            Member {
-                name: "ing",
-                jurisdiction: "DE",
-                trust: 95,
-            },
-            Member {
-                name: "cheap",
-                jurisdiction: "DE",
-                trust: 20,
-            },
-            Member {
-                name: "ams",
-                jurisdiction: "NL",
-                trust: 90,
-            },
-            Member {
-                name: "bru",
-                jurisdiction: "BE",
-                trust: 85,
-            },
-            Member {
-                name: "egr",
-                jurisdiction: "FR",
-                trust: 90,
-            },
+            member("ing", "DE", 95),
+            member("cheap", "DE", 20),
+            member("ams", "NL", 90),
+            member("bru", "BE", 85),
+            member("egr", "FR", 90),
         ],
         &[
             ("ing", "cheap", 1.0),
@@ -296,6 +284,18 @@ async fn receive_n(b: &mut Agent, first: u64, n: u64) {
     }
 }
 
+/// Agent A on `ing` and agent B on `egr`, once `ing` knows where both are.
+async fn agents_on_ing_and_egr(fleet: &Fleet) -> (Agent, Agent) {
+    let b = Agent::connect(agent_config(fleet.relay("egr"), "agent-b"))
+        .await
+        .unwrap();
+    let a = Agent::connect(agent_config(fleet.relay("ing"), "agent-a"))
+        .await
+        .unwrap();
+    wait_located(fleet.relay("ing"), 2);
+    (a, b)
+}
+
 /// Waits until relay `r` knows where `n` agents are on every core.
 fn wait_located(r: &Relay, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -309,13 +309,7 @@ fn wait_located(r: &Relay, n: usize) {
 async fn the_seed_example_goes_through_trusted_eu_relays_and_not_the_fast_low_trust_one() {
     let fleet = seed_fleet();
     fleet.wait_links_up(5);
-    let mut b = Agent::connect(agent_config(fleet.relay("egr"), "agent-b"))
-        .await
-        .unwrap();
-    let mut a = Agent::connect(agent_config(fleet.relay("ing"), "agent-a"))
-        .await
-        .unwrap();
-    wait_located(fleet.relay("ing"), 2);
+    let (mut a, mut b) = agents_on_ing_and_egr(&fleet).await;
     let to = b.id();
     let eu = Jurisdiction::parse("EU").unwrap();
 
@@ -394,18 +388,7 @@ async fn the_seed_example_goes_through_trusted_eu_relays_and_not_the_fast_low_tr
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_link_peer_with_an_agent_or_foreign_certificate_is_refused() {
     let fleet = Fleet::start(
-        &[
-            Member {
-                name: "one",
-                jurisdiction: "DE",
-                trust: 90,
-            },
-            Member {
-                name: "two",
-                jurisdiction: "FR",
-                trust: 90,
-            },
-        ],
+        &[member("one", "DE", 90), member("two", "FR", 90)],
         &[("one", "two", 1.0)],
     );
     fleet.wait_links_up(1);
@@ -522,30 +505,26 @@ async fn receive_all(b: &mut Agent, n: u64) -> (Duration, u64) {
     (gap, dup)
 }
 
+/// `ing` (DE), `mid` (DE) and `egr` (FR) in a line.
+fn line_fleet() -> Fleet {
+    Fleet::start(
+        &[
+            member("ing", "DE", 90),
+            member("mid", "DE", 90),
+            member("egr", "FR", 90),
+        ],
+        &[("ing", "mid", 1.0), ("mid", "egr", 1.0)],
+    )
+}
+
 /// `ing` reaches `egr` through `fast` (1 ms a hop) or `slow` (5 ms).
 fn two_path_fleet() -> Fleet {
     Fleet::start(
         &[
-            Member {
-                name: "ing",
-                jurisdiction: "DE",
-                trust: 90,
-            },
-            Member {
-                name: "fast",
-                jurisdiction: "DE",
-                trust: 90,
-            },
-            Member {
-                name: "slow",
-                jurisdiction: "NL",
-                trust: 90,
-            },
-            Member {
-                name: "egr",
-                jurisdiction: "FR",
-                trust: 90,
-            },
+            member("ing", "DE", 90),
+            member("fast", "DE", 90),
+            member("slow", "NL", 90),
+            member("egr", "FR", 90),
         ],
         &[
             ("ing", "fast", 1.0),
@@ -560,13 +539,7 @@ fn two_path_fleet() -> Fleet {
 async fn a_relay_killed_on_the_path_loses_nothing_acked_and_traffic_moves_within_2_s() {
     let mut fleet = two_path_fleet();
     fleet.wait_links_up(4);
-    let mut b = Agent::connect(agent_config(fleet.relay("egr"), "agent-b"))
-        .await
-        .unwrap();
-    let mut a = Agent::connect(agent_config(fleet.relay("ing"), "agent-a"))
-        .await
-        .unwrap();
-    wait_located(fleet.relay("ing"), 2);
+    let (mut a, mut b) = agents_on_ing_and_egr(&fleet).await;
     let to = b.id();
     let n = 20_000u64;
     let recv = tokio::spawn(async move { receive_all(&mut b, n).await });
@@ -594,34 +567,9 @@ async fn a_relay_killed_on_the_path_loses_nothing_acked_and_traffic_moves_within
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_no_compliant_path_envelopes_wait_on_an_allowed_relay_until_it_returns() {
-    let mut fleet = Fleet::start(
-        &[
-            Member {
-                name: "ing",
-                jurisdiction: "DE",
-                trust: 90,
-            },
-            Member {
-                name: "mid",
-                jurisdiction: "DE",
-                trust: 90,
-            },
-            Member {
-                name: "egr",
-                jurisdiction: "FR",
-                trust: 90,
-            },
-        ],
-        &[("ing", "mid", 1.0), ("mid", "egr", 1.0)],
-    );
+    let mut fleet = line_fleet();
     fleet.wait_links_up(2);
-    let mut b = Agent::connect(agent_config(fleet.relay("egr"), "agent-b"))
-        .await
-        .unwrap();
-    let mut a = Agent::connect(agent_config(fleet.relay("ing"), "agent-a"))
-        .await
-        .unwrap();
-    wait_located(fleet.relay("ing"), 2);
+    let (mut a, mut b) = agents_on_ing_and_egr(&fleet).await;
     let to = b.id();
     fleet.kill("mid");
     // Wait until `ing` saw the link go.
@@ -657,13 +605,7 @@ async fn with_no_compliant_path_envelopes_wait_on_an_allowed_relay_until_it_retu
 async fn two_disjoint_paths_deliver_once_and_a_trust_drop_or_revocation_takes_a_relay_out() {
     let fleet = seed_fleet();
     fleet.wait_links_up(5);
-    let mut b = Agent::connect(agent_config(fleet.relay("egr"), "agent-b"))
-        .await
-        .unwrap();
-    let mut a = Agent::connect(agent_config(fleet.relay("ing"), "agent-a"))
-        .await
-        .unwrap();
-    wait_located(fleet.relay("ing"), 2);
+    let (mut a, mut b) = agents_on_ing_and_egr(&fleet).await;
     let to = b.id();
 
     // Two node-disjoint paths: one copy through `cheap`, one through `ams` and `bru`; B gets
@@ -750,26 +692,7 @@ async fn two_disjoint_paths_deliver_once_and_a_trust_drop_or_revocation_takes_a_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn durable_envelopes_across_relays_are_acked_once_stored_at_the_destinations_relay() {
-    let mut fleet = Fleet::start(
-        &[
-            Member {
-                name: "ing",
-                jurisdiction: "DE",
-                trust: 90,
-            },
-            Member {
-                name: "mid",
-                jurisdiction: "DE",
-                trust: 90,
-            },
-            Member {
-                name: "egr",
-                jurisdiction: "FR",
-                trust: 90,
-            },
-        ],
-        &[("ing", "mid", 1.0), ("mid", "egr", 1.0)],
-    );
+    let mut fleet = line_fleet();
     fleet.wait_links_up(2);
     // B attaches to `egr` once (the fleet learns where it is) and leaves.
     let b_id = Identity::generate_self_signed("agent-b").unwrap();
@@ -807,34 +730,9 @@ async fn durable_envelopes_across_relays_are_acked_once_stored_at_the_destinatio
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivery_receipts_travel_back_across_relays() {
-    let fleet = Fleet::start(
-        &[
-            Member {
-                name: "ing",
-                jurisdiction: "DE",
-                trust: 90,
-            },
-            Member {
-                name: "mid",
-                jurisdiction: "DE",
-                trust: 90,
-            },
-            Member {
-                name: "egr",
-                jurisdiction: "FR",
-                trust: 90,
-            },
-        ],
-        &[("ing", "mid", 1.0), ("mid", "egr", 1.0)],
-    );
+    let fleet = line_fleet();
     fleet.wait_links_up(2);
-    let mut b = Agent::connect(agent_config(fleet.relay("egr"), "agent-b"))
-        .await
-        .unwrap();
-    let mut a = Agent::connect(agent_config(fleet.relay("ing"), "agent-a"))
-        .await
-        .unwrap();
-    wait_located(fleet.relay("ing"), 2);
+    let (mut a, mut b) = agents_on_ing_and_egr(&fleet).await;
     wait_located(fleet.relay("egr"), 2);
     let to = b.id();
     let n = 20u64;
@@ -946,13 +844,7 @@ fn the_load_generator_counts_nothing_lost_when_the_relay_on_the_path_is_killed()
 async fn fleet_files_applied_under_traffic_lose_nothing() {
     let fleet = two_path_fleet();
     fleet.wait_links_up(4);
-    let mut b = Agent::connect(agent_config(fleet.relay("egr"), "agent-b"))
-        .await
-        .unwrap();
-    let mut a = Agent::connect(agent_config(fleet.relay("ing"), "agent-a"))
-        .await
-        .unwrap();
-    wait_located(fleet.relay("ing"), 2);
+    let (mut a, mut b) = agents_on_ing_and_egr(&fleet).await;
     let to = b.id();
     let n = 20_000u64;
     let recv = tokio::spawn(async move { receive_all(&mut b, n).await });

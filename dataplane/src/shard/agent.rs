@@ -6,7 +6,6 @@
 //! settle in-flight custody, PING is answered, CLOSE ends the session. Every frame and every byte
 //! is charged to the session's rate buckets.
 
-use super::transport::TransportError;
 use super::{Action, ConnId, Now, Shard};
 use crate::pki::ed25519_key_of;
 use crate::policy::check_ingress;
@@ -34,23 +33,12 @@ impl Shard {
             return;
         }
         if !c.transport.is_open() {
-            match c.transport.advance_handshake() {
-                Err(e) => {
-                    tracing::info!(conn, error = %e, "TLS failure");
-                    c.closing = true;
-                    c.closing_since_us = now.mono_us;
-                    c.session.close(Reason::ProtocolError);
-                    self.m.handshake_failed(Reason::ProtocolError);
-                    self.actions.push_back(Action::Shutdown(conn));
-                    return;
-                }
-                Ok(open) => {
-                    if c.transport.has_handshake_output() {
-                        self.actions.push_back(Action::WakeWriter(conn));
-                    }
-                    if !open {
+            match self.advance_tls(conn, now) {
+                None | Some(false) => return,
+                Some(true) => {
+                    let Some(c) = self.conns.get_mut(&conn) else {
                         return;
-                    }
+                    };
                     let key = c.transport.peer_certificates.first().map(ed25519_key_of);
                     match key {
                         Some(Ok(k)) => c.a.agent = Some(AgentId(k)),
@@ -73,17 +61,11 @@ impl Shard {
             return;
         };
         loop {
-            let frame = match c.transport.next_frame() {
+            let frame = match c.transport.frame_or_close(conn) {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
-                Err(TransportError::Wire(e)) => {
-                    tracing::info!(conn, error = %e, "undecodable frame");
-                    close = Some(Reason::from(&e));
-                    break;
-                }
-                Err(TransportError::Tls(e)) => {
-                    tracing::info!(conn, error = %e, "TLS failure");
-                    close = Some(Reason::ProtocolError);
+                Err(r) => {
+                    close = Some(r);
                     break;
                 }
             };
@@ -272,6 +254,34 @@ impl Shard {
         Shard::encode_link_acks(c);
         Frame::Close(Close::new(reason, reason.label())).encode(&mut c.a.ctrl);
         self.wake_writer(conn);
+    }
+
+    /// Runs a connection's TLS handshake on what it read: `Some(true)` once it is open,
+    /// `Some(false)` while it goes on, `None` when it failed (the connection is shut down).
+    pub(super) fn advance_tls(&mut self, conn: ConnId, now: Now) -> Option<bool> {
+        let c = self.conns.get_mut(&conn)?;
+        match c.transport.advance_handshake() {
+            Err(e) => {
+                tracing::info!(conn, error = %e, "TLS failure");
+                c.closing = true;
+                c.closing_since_us = now.mono_us;
+                c.session.close(Reason::ProtocolError);
+                let r = if c.link.is_some() {
+                    Reason::NotAdmitted
+                } else {
+                    Reason::ProtocolError
+                };
+                self.m.handshake_failed(r);
+                self.actions.push_back(Action::Shutdown(conn));
+                None
+            }
+            Ok(open) => {
+                if c.transport.has_handshake_output() {
+                    self.actions.push_back(Action::WakeWriter(conn));
+                }
+                Some(open)
+            }
+        }
     }
 
     /// Forgets a connection whose reader ended; what it held custody of is kept for the agent's

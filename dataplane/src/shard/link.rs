@@ -19,7 +19,7 @@ use std::sync::Arc;
 use super::budget::CONNECTION_OVERHEAD;
 use super::conn::AgentSession;
 use super::msg::{ConnId, CoreMsg};
-use super::transport::{Transport, TransportError};
+use super::transport::Transport;
 use super::{Action, Conn, Now, ReadGate, Shard};
 use crate::fleet::path::Graph;
 use crate::pki::ed25519_key_of;
@@ -205,22 +205,9 @@ impl Shard {
             return;
         };
         if !c.transport.is_open() {
-            match c.transport.advance_handshake() {
-                Err(e) => {
-                    tracing::info!(conn, error = %e, "link TLS failure");
-                    self.m.handshake_failed(Reason::NotAdmitted);
-                    c.closing = true;
-                    c.closing_since_us = now.mono_us;
-                    self.actions.push_back(Action::Shutdown(conn));
-                    return;
-                }
-                Ok(open) => {
-                    if c.transport.has_handshake_output() {
-                        self.actions.push_back(Action::WakeWriter(conn));
-                    }
-                    if !open {
-                        return;
-                    }
+            match self.advance_tls(conn, now) {
+                None | Some(false) => return,
+                Some(true) => {
                     if let Err(r) = self.link_opened(conn) {
                         self.close(conn, r, now);
                         return;
@@ -246,17 +233,11 @@ impl Shard {
             return;
         };
         loop {
-            let frame = match c.transport.next_frame() {
+            let frame = match c.transport.frame_or_close(conn) {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
-                Err(TransportError::Wire(e)) => {
-                    tracing::info!(conn, error = %e, "undecodable frame on a link");
-                    close = Some(Reason::from(&e));
-                    break;
-                }
-                Err(TransportError::Tls(e)) => {
-                    tracing::info!(conn, error = %e, "link TLS failure");
-                    close = Some(Reason::ProtocolError);
+                Err(r) => {
+                    close = Some(r);
                     break;
                 }
             };

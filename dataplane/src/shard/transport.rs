@@ -241,6 +241,25 @@ impl Transport {
     }
 
     /// The next complete frame read, if any: records are opened as needed.
+    /// The next complete frame, or the reason to close the connection: a frame that does not
+    /// decode, or a TLS failure (logged for connection `conn`).
+    pub(crate) fn frame_or_close(
+        &mut self,
+        conn: super::msg::ConnId,
+    ) -> Result<Option<Frame>, crate::wire::Reason> {
+        match self.next_frame() {
+            Ok(f) => Ok(f),
+            Err(TransportError::Wire(e)) => {
+                tracing::info!(conn, error = %e, "undecodable frame");
+                Err(crate::wire::Reason::from(&e))
+            }
+            Err(TransportError::Tls(e)) => {
+                tracing::info!(conn, error = %e, "TLS failure");
+                Err(crate::wire::Reason::ProtocolError)
+            }
+        }
+    }
+
     pub(crate) fn next_frame(&mut self) -> Result<Option<Frame>, TransportError> {
         loop {
             if let Some(len) = self.carried_frame_len()? {
