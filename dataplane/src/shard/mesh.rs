@@ -52,7 +52,6 @@ const PRESENCE_SKEW_MS: u64 = 60_000;
 const ROUTE_CACHE: usize = 4096;
 
 /// What a core knows of the fleet: the snapshot, the links up, where agents are, what waits.
-#[derive(Default)]
 pub(crate) struct Mesh {
     pub(crate) snap: Option<Arc<Snapshot>>,
     adj: Option<crate::fleet::path::Adjacency>,
@@ -61,12 +60,28 @@ pub(crate) struct Mesh {
     pub(crate) links: HashMap<RelayId, LinkView, crate::shard::hasher::MapHasher>,
     /// Bumped whenever a link goes up or down or its latency moves (routes are cached per epoch).
     epoch: u64,
-    routes: Option<RouteCache>,
+    routes: RouteCache,
     /// Agent → (its relay, stamp of that attachment).
     locations: HashMap<AgentId, (RelayId, u64), crate::shard::hasher::MapHasher>,
     /// Envelopes waiting for a compliant path (already ACKed upstream), and their frame bytes.
     waiting: VecDeque<Envelope>,
     waiting_bytes: usize,
+}
+
+impl Default for Mesh {
+    fn default() -> Self {
+        Mesh {
+            snap: None,
+            adj: None,
+            me: None,
+            links: HashMap::default(),
+            epoch: 0,
+            routes: RouteCache::new(ROUTE_CACHE),
+            locations: HashMap::default(),
+            waiting: VecDeque::new(),
+            waiting_bytes: 0,
+        }
+    }
 }
 
 impl Mesh {
@@ -315,10 +330,7 @@ impl Shard {
                 up: &self.mesh.links,
             };
             let c = Constraints::of(&env);
-            let cache = self
-                .mesh
-                .routes
-                .get_or_insert_with(|| RouteCache::new(ROUTE_CACHE));
+            let cache = &mut self.mesh.routes;
             let route = cache.route(&g, &links, self.mesh.epoch, me, egress, &c);
             if let Ok(route) = route.as_ref() {
                 transit::parts(&g, route, &env)
@@ -390,10 +402,7 @@ impl Shard {
                 me,
                 up: &self.mesh.links,
             };
-            let cache = self
-                .mesh
-                .routes
-                .get_or_insert_with(|| RouteCache::new(ROUTE_CACHE));
+            let cache = &mut self.mesh.routes;
             let route = cache.route(
                 &g,
                 &links,
@@ -512,7 +521,7 @@ impl Shard {
             }
             Ok(Next::Forward { routing, .. }) => {
                 env.routing = routing;
-                self.forward_on(env, src, now)
+                self.forward_on(env, src)
             }
             Ok(Next::Keep) => self.wait_for_path(env, src),
         }
@@ -520,18 +529,13 @@ impl Shard {
 
     /// Sends an envelope whose routing part names the next relay to that relay's link: queued
     /// on this core, or handed to the link's core.
-    fn forward_on(
-        &mut self,
-        mut env: Envelope,
-        src: Option<Src>,
-        now: Now,
-    ) -> Option<Result<bool, Reason>> {
+    fn forward_on(&mut self, mut env: Envelope, src: Option<Src>) -> Option<Result<bool, Reason>> {
         let next = env.routing.relays().nth(usize::from(env.routing.hop_index));
         let Some(peer) = next else {
             return Some(Err(Reason::InvalidRouting));
         };
         match self.mesh.links.get(&peer).copied() {
-            Some(v) if v.core == self.id => self.enqueue_link(v.conn, env, src, now),
+            Some(v) if v.core == self.id => self.enqueue_link(v.conn, env, src),
             Some(v) => {
                 self.outbox
                     .push(v.core, CoreMsg::Forward { env, peer, src });
@@ -558,7 +562,6 @@ impl Shard {
         conn: ConnId,
         mut env: Envelope,
         src: Option<Src>,
-        now: Now,
     ) -> Option<Result<bool, Reason>> {
         let l = &self.settings.limits;
         let (mut max_n, mut max_b) = (l.send_queue_envelopes, l.send_queue_bytes());
@@ -608,7 +611,6 @@ impl Shard {
             Err((_, mut env)) => {
                 env.upstream = None;
                 back_here(&mut env);
-                let _ = now;
                 self.wait_for_path(env, src)
             }
         }
@@ -618,7 +620,7 @@ impl Shard {
     pub(super) fn on_forward(&mut self, env: Envelope, peer: RelayId, src: Option<Src>, now: Now) {
         let class = env.class();
         let r = match self.mesh.links.get(&peer).copied() {
-            Some(v) if v.core == self.id => self.enqueue_link(v.conn, env, src, now),
+            Some(v) if v.core == self.id => self.enqueue_link(v.conn, env, src),
             // The link went down or moved since: taken onwards again from here.
             _ => {
                 let mut env = env;

@@ -40,7 +40,7 @@ mod forward;
 pub mod hasher;
 mod link;
 mod mesh;
-pub use link::{link_core, LinkTls, LINK_DEAD_US, LINK_HEARTBEAT_MS};
+pub use link::{link_core, LinkTls};
 pub mod msg;
 mod timers;
 mod transport;
