@@ -17,12 +17,33 @@ use openmesh_dataplane::pki::{load_certs, DevPkiPaths, Identity};
 use openmesh_dataplane::wire::{AgentId, MessageId, Reason};
 use rustls::pki_types::CertificateDer;
 
+/// A loopback port that is free now and that no socket will take by itself: chosen below the
+/// kernel's ephemeral range (32768 and up by default), where port-0 binds and outgoing
+/// connections of parallel tests draw from, so it stays free until the process it is given to
+/// binds it. Tests running at the same time pick at random among 12,000 ports.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+        .as_nanos() as u64
+        ^ (u64::from(std::process::id()) << 32)
+        ^ SEQ
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut x = seed | 1;
+    for _ in 0..1_000 {
+        // xorshift: enough to spread parallel tests over the range.
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let port = 20_000 + (x % 12_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in 20000..32000");
 }
 
 /// A new temporary data directory's path (not created).
