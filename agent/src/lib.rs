@@ -1,381 +1,61 @@
-//! `openmesh-agent`, the agent library: connect to a relay over mutual TLS 1.3 with an identity,
-//! exchange HELLO and WELCOME, send envelopes, receive them, ACK them, answer heartbeats.
+//! `openmesh-agent`: the library agents use to talk through OpenMesh relays.
 //!
-//! Runs on tokio (tokio-rustls) and the protocol code of `openmesh-dataplane` without its relay
-//! engine (no io_uring): it builds wherever tokio and rustls do. The rustls crypto provider is
-//! passed explicitly, so the process default is never read or set. An [`Agent`] owns a reader task and a writer task; the writer
-//! coalesces queued frames and ACKs into one TLS write per batch.
+//! An [`Agent`] connects to a relay over mutual TLS 1.3 with its Ed25519 identity, agrees on a
+//! session contract (HELLO / WELCOME), and then:
+//!
+//! - **sends** envelopes and returns a [`SendHandle`] per envelope (or a [`BatchHandle`] per
+//!   [`Batch`]) that resolves to the relay's answer: accepted, refused with a reason, or expired;
+//!   a receipt when one was asked for. Sending waits while the session's window (or the
+//!   destination's) is full; retryable refusals (`queue_full`, `rate_limited`, ...) are sent
+//!   again with backoff until the envelope's TTL runs out;
+//! - **receives** envelopes as a stream ([`Agent::recv`]) and ACKs them explicitly
+//!   ([`Agent::ack`]), after a handler returns ([`Agent::serve`]), or as soon as they are read
+//!   ([`ClientConfig::auto_ack`]). A send-only agent never needs to read anything: answers go to
+//!   the handles, and the relay's PINGs are answered by the library;
+//! - **reconnects** when the relay goes away (its own failure, a drain, a dead link), through
+//!   [`ClientConfig::fallback`] with backoff, and sends again whatever was not yet answered;
+//! - **closes** cleanly: [`Agent::close`] waits for outstanding answers, writes every queued
+//!   ACK, sends CLOSE, waits for the relay's, and reports what stayed unanswered.
+//!
+//! It runs on tokio and rustls with the protocol code of `openmesh-dataplane`, without the
+//! relay engine (no io_uring): it builds wherever tokio and rustls do. The rustls crypto
+//! provider (aws-lc-rs) is passed explicitly, so the process default is never read or set and
+//! an application that also uses rustls with another provider is not disturbed.
 //!
 //! ```no_run
-//! # async fn demo(cfg: openmesh_agent::ClientConfig, to: openmesh_dataplane::wire::AgentId) -> Result<(), openmesh_agent::ClientError> {
-//! use openmesh_agent::{Agent, Event};
+//! # async fn demo(cfg: openmesh_agent::ClientConfig, bob: openmesh_dataplane::wire::AgentId) -> Result<(), openmesh_agent::ClientError> {
+//! use openmesh_agent::{Agent, Outcome};
+//!
 //! let mut agent = Agent::connect(cfg).await?;
-//! let env = agent.envelope_to(to, 60_000).build(b"hello").expect("small envelope");
-//! agent.send(&env).await?;
-//! while let Some(ev) = agent.next_event().await {
-//!     if let Event::Acked(ids) = ev { break; }
+//! let env = agent.envelope_to(bob).build(b"hello").expect("small envelope");
+//! let mut handle = agent.send(&env).await?;
+//! assert_eq!(handle.outcome().await, Outcome::Accepted);
+//! while let Some(env) = agent.recv().await {
+//!     println!("{} bytes from {}", env.payload().len(), env.source());
+//!     agent.ack(&env).await?;
 //! }
 //! # Ok(()) }
 //! ```
+//!
+//! [`session::Session`] is the layer below: one connection, raw frames and every answer as an
+//! event, for protocol tests and tools.
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+mod agent;
+mod config;
+pub mod session;
+mod template;
 
-use bytes::{Bytes, BytesMut};
-use rustls::pki_types::{CertificateDer, ServerName};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
-use tokio_rustls::client::TlsStream;
-use tokio_rustls::TlsConnector;
-
-use openmesh_dataplane::pki::Identity;
-use openmesh_dataplane::tls::{client_config, TlsConfigError};
-use openmesh_dataplane::wire::{
-    AckBatch, AgentId, Close, DeliveryClass, Destination, Envelope, EnvelopeBuilder, Frame,
-    FrameDecoder, GoingAway, Hello, MessageId, Nack, Pong, Reason, Receipt, Role, Welcome,
-    WireError, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
+pub use agent::{
+    Agent, BatchHandle, BatchOutcome, CloseReport, Delivery, Outcome, SendHandle, Stats,
 };
+pub use config::{ClientConfig, ClientError};
+pub use template::{Batch, EnvelopeTemplate};
 
-/// Errors of the client library.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ClientError {
-    #[error("connect: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("tls config: {0}")]
-    Tls(#[from] TlsConfigError),
-    #[error("invalid server name {0}")]
-    ServerName(String),
-    #[error("wire: {0}")]
-    Wire(#[from] WireError),
-    /// The relay ended the session with CLOSE.
-    #[error("relay closed the session: {} ({})", .0.text, .0.code)]
-    Closed(Close),
-    #[error("unexpected frame during handshake")]
-    Unexpected,
-    #[error("timed out connecting (TCP, TLS handshake or WELCOME)")]
-    Timeout,
-    #[error("session is gone")]
-    Gone,
-}
+use std::time::{SystemTime, UNIX_EPOCH};
 
-/// How to reach a relay and who to be.
-#[derive(Clone, Debug)]
-pub struct ClientConfig {
-    pub relay: SocketAddr,
-    /// Name to verify in the relay's certificate (default: the relay's IP address).
-    pub server_name: Option<String>,
-    /// CA certificates to trust for the relay.
-    pub ca: Vec<CertificateDer<'static>>,
-    pub identity: Identity,
-    pub hello: Hello,
-    /// Answer the relay's PINGs and PING a silent relay (turn off only to test dead-peer
-    /// detection). A relay silent for three heartbeat intervals ends the session either way.
-    pub answer_pings: bool,
-    /// ACK every received envelope as soon as the library decodes it (batched per read), instead
-    /// of waiting for [`Agent::ack`]. For load generators and sinks.
-    pub auto_ack: bool,
-    /// Local address to connect from (spreads many agents over 127.0.0.0/8).
-    pub bind: Option<std::net::IpAddr>,
-    /// How long [`Agent::connect`] may take in all: TCP connect, TLS handshake and WELCOME
-    /// (a relay that accepts and never answers ends in [`ClientError::Timeout`]).
-    pub connect_timeout: Duration,
-}
+use openmesh_dataplane::tls::TlsConfigError;
 
-impl ClientConfig {
-    /// A config with the default HELLO (this build's versions, TCP+TLS, best-effort and
-    /// at-least-once, 1 MiB frames, the relay's heartbeat).
-    pub fn new(relay: SocketAddr, ca: Vec<CertificateDer<'static>>, identity: Identity) -> Self {
-        ClientConfig {
-            relay,
-            server_name: None,
-            ca,
-            identity,
-            hello: Hello {
-                min_version: PROTOCOL_VERSION_MIN,
-                max_version: PROTOCOL_VERSION_MAX,
-                role: Role::Agent,
-                features: openmesh_dataplane::wire::features::KNOWN,
-                transports: 1,
-                // Whatever the relay serves.
-                classes: 0,
-                max_frame: 1 << 20,
-                heartbeat_ms: 0,
-                schemas: Vec::new(),
-            },
-            answer_pings: true,
-            auto_ack: false,
-            bind: None,
-            connect_timeout: Duration::from_secs(10),
-        }
-    }
-}
-
-/// Something that happened on the session.
-#[derive(Debug)]
-pub enum Event {
-    /// An envelope for this agent. ACK it with [`Agent::ack`] once processed.
-    Envelope(Envelope),
-    /// The relay took custody of these envelopes.
-    Acked(AckBatch),
-    /// The relay refused an envelope.
-    Nacked(Nack),
-    /// What became of an envelope sent with a receipt flag.
-    Receipt(Receipt),
-    /// The relay drains: finish and reconnect elsewhere.
-    GoingAway(GoingAway),
-    /// The session ended (with the relay's CLOSE, if it sent one).
-    Closed(Option<Close>),
-}
-
-enum Out {
-    Frame(Bytes),
-    Ack(MessageId),
-    Acks(Vec<MessageId>),
-    /// Write everything before it, shut the link down, then answer.
-    Finish(tokio::sync::oneshot::Sender<()>),
-}
-
-/// A connected agent.
-pub struct Agent {
-    id: AgentId,
-    welcome: Welcome,
-    out: mpsc::Sender<Out>,
-    /// Events arrive in batches, one per socket read.
-    events: mpsc::Receiver<Vec<Event>>,
-    pending: std::collections::VecDeque<Event>,
-    next_id: AtomicU64,
-    id_prefix: u64,
-    tasks: Vec<JoinHandle<()>>,
-}
-
-impl Drop for Agent {
-    /// The reader stops at once; the writer first writes what is queued (ACKs included) and
-    /// shuts the link down, within 10 seconds (then it is stopped too). Without a tokio runtime
-    /// to finish on, both stop at once. [`Agent::close`] also waits for the relay's side.
-    fn drop(&mut self) {
-        let mut tasks = std::mem::take(&mut self.tasks).into_iter();
-        let (writer, reader) = (tasks.next(), tasks.next());
-        if let Some(r) = reader {
-            r.abort();
-        }
-        let Some(writer) = writer else {
-            return;
-        };
-        let (done, _) = tokio::sync::oneshot::channel();
-        let finishing = self.out.try_send(Out::Finish(done)).is_ok();
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) if finishing => {
-                let stop = writer.abort_handle();
-                rt.spawn(async move {
-                    if tokio::time::timeout(Duration::from_secs(10), writer)
-                        .await
-                        .is_err()
-                    {
-                        stop.abort();
-                    }
-                });
-            }
-            _ => writer.abort(),
-        }
-    }
-}
-
-/// Opens a mutual-TLS link to the relay (no HELLO yet). For tests that speak raw frames.
-pub async fn connect_tls(cfg: &ClientConfig) -> Result<TlsStream<TcpStream>, ClientError> {
-    let tls = client_config(&cfg.identity, &cfg.ca)?;
-    let name = match &cfg.server_name {
-        Some(n) => {
-            ServerName::try_from(n.clone()).map_err(|_| ClientError::ServerName(n.clone()))?
-        }
-        None => ServerName::IpAddress(cfg.relay.ip().into()),
-    };
-    let tcp = match cfg.bind {
-        None => TcpStream::connect(cfg.relay).await?,
-        Some(ip) => {
-            let sock = if cfg.relay.is_ipv4() {
-                tokio::net::TcpSocket::new_v4()?
-            } else {
-                tokio::net::TcpSocket::new_v6()?
-            };
-            sock.bind(SocketAddr::new(ip, 0))?;
-            sock.connect(cfg.relay).await?
-        }
-    };
-    tcp.set_nodelay(true)?;
-    Ok(TlsConnector::from(Arc::new((*tls).clone()))
-        .connect(name, tcp)
-        .await?)
-}
-
-impl Agent {
-    /// Connects, sends HELLO and waits for WELCOME, all within `cfg.connect_timeout`.
-    pub async fn connect(cfg: ClientConfig) -> Result<Agent, ClientError> {
-        let deadline = tokio::time::Instant::now() + cfg.connect_timeout;
-        let mut link = tokio::time::timeout_at(deadline, connect_tls(&cfg))
-            .await
-            .map_err(|_| ClientError::Timeout)??;
-        link.write_all(&Frame::Hello(cfg.hello.clone()).to_bytes())
-            .await?;
-        link.flush().await?;
-        let mut rx = BytesMut::with_capacity(64 << 10);
-        let mut dec = FrameDecoder::new(
-            cfg.hello
-                .max_frame
-                .max(openmesh_dataplane::signaling::MIN_FRAME) as usize,
-        );
-        let welcome = tokio::time::timeout_at(deadline, async {
-            loop {
-                if let Some(f) = dec.decode(&mut rx)? {
-                    return match f {
-                        Frame::Welcome(w) => Ok(w),
-                        Frame::Close(c) => Err(ClientError::Closed(c)),
-                        _ => Err(ClientError::Unexpected),
-                    };
-                }
-                if link.read_buf(&mut rx).await? == 0 {
-                    return Err(ClientError::Gone);
-                }
-            }
-        })
-        .await
-        .map_err(|_| ClientError::Timeout)??;
-        dec.set_max_frame(welcome.max_frame as usize);
-        let (rd, wr) = tokio::io::split(link);
-        let (out_tx, out_rx) = mpsc::channel(16_384);
-        let (ev_tx, ev_rx) = mpsc::channel(1024);
-        let writer = tokio::spawn(write_loop(wr, out_rx));
-        let reader = tokio::spawn(read_loop(
-            rd,
-            rx,
-            dec,
-            ev_tx,
-            out_tx.clone(),
-            ReadOptions {
-                answer_pings: cfg.answer_pings,
-                auto_ack: cfg.auto_ack,
-                heartbeat: Duration::from_millis(welcome.heartbeat_ms.max(1) as u64),
-            },
-        ));
-        Ok(Agent {
-            id: cfg.identity.agent_id(),
-            welcome,
-            out: out_tx,
-            events: ev_rx,
-            pending: std::collections::VecDeque::new(),
-            next_id: AtomicU64::new(1),
-            id_prefix: random_u64()?,
-            tasks: vec![writer, reader],
-        })
-    }
-
-    /// This agent's id.
-    pub fn id(&self) -> AgentId {
-        self.id
-    }
-
-    /// The session contract.
-    pub fn welcome(&self) -> &Welcome {
-        &self.welcome
-    }
-
-    /// A fresh message id: 64 random bits drawn when the session opened, then a 64-bit counter,
-    /// so ids stay unique across sessions and relay restarts.
-    pub fn next_message_id(&self) -> MessageId {
-        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
-        MessageId::from_u128((self.id_prefix as u128) << 64 | n as u128)
-    }
-
-    /// An at-least-once envelope builder from this agent to `to`, expiring in `ttl_ms`.
-    pub fn envelope_to(&self, to: AgentId, ttl_ms: u64) -> EnvelopeBuilder {
-        EnvelopeBuilder::new(
-            self.next_message_id(),
-            self.id,
-            Destination::Agent(to),
-            unix_ms(),
-            ttl_ms,
-        )
-    }
-
-    /// Queues an envelope for sending.
-    pub async fn send(&self, env: &Envelope) -> Result<(), ClientError> {
-        let mut b = BytesMut::with_capacity(env.frame_len());
-        env.encode(&mut b);
-        self.send_raw(b.freeze()).await
-    }
-
-    /// Queues already-encoded frame bytes (any bytes: tests use this to send garbage).
-    pub async fn send_raw(&self, frame: Bytes) -> Result<(), ClientError> {
-        self.out
-            .send(Out::Frame(frame))
-            .await
-            .map_err(|_| ClientError::Gone)
-    }
-
-    /// Acknowledges a received envelope (ACKs are batched).
-    pub async fn ack(&self, id: MessageId) -> Result<(), ClientError> {
-        self.out
-            .send(Out::Ack(id))
-            .await
-            .map_err(|_| ClientError::Gone)
-    }
-
-    /// The next event if one is ready, without waiting.
-    pub fn try_event(&mut self) -> Option<Event> {
-        if self.pending.is_empty() {
-            self.pending.extend(self.events.try_recv().ok()?);
-        }
-        self.pending.pop_front()
-    }
-
-    /// The next event; `None` once the session is over and every event was taken.
-    pub async fn next_event(&mut self) -> Option<Event> {
-        while self.pending.is_empty() {
-            self.pending.extend(self.events.recv().await?);
-        }
-        self.pending.pop_front()
-    }
-
-    /// Waits for events and moves every one that is ready into `out` (at least one). Returns
-    /// false once the session is over and every event was taken. Cheaper than
-    /// [`Agent::next_event`] for receivers that handle many envelopes.
-    pub async fn next_events(&mut self, out: &mut Vec<Event>) -> bool {
-        if self.pending.is_empty() {
-            match self.events.recv().await {
-                Some(batch) => self.pending.extend(batch),
-                None => return false,
-            }
-        }
-        out.extend(self.pending.drain(..));
-        while let Ok(batch) = self.events.try_recv() {
-            out.extend(batch);
-        }
-        true
-    }
-
-    /// Sends what is queued (ACKs included), then CLOSE, and ends the session once they are
-    /// written (waiting at most 10 seconds). Dropping an agent instead ends it at once: ACKs
-    /// not yet written are lost, and the relay delivers those envelopes again.
-    pub async fn close(self) -> Result<(), ClientError> {
-        self.send_raw(Frame::Close(Close::new(Reason::Normal, "bye")).to_bytes())
-            .await?;
-        let (done, written) = tokio::sync::oneshot::channel();
-        self.out
-            .send(Out::Finish(done))
-            .await
-            .map_err(|_| ClientError::Gone)?;
-        tokio::time::timeout(Duration::from_secs(10), written)
-            .await
-            .map_err(|_| ClientError::Timeout)?
-            .map_err(|_| ClientError::Gone)
-    }
-}
-
-fn random_u64() -> Result<u64, ClientError> {
+pub(crate) fn random_u64() -> Result<u64, ClientError> {
     let mut b = [0u8; 8];
     rustls::crypto::aws_lc_rs::default_provider()
         .secure_random
@@ -388,7 +68,11 @@ fn random_u64() -> Result<u64, ClientError> {
     Ok(u64::from_be_bytes(b))
 }
 
-/// Wall-clock milliseconds since the Unix epoch.
+/// Wall-clock milliseconds since the Unix epoch (the clock of envelope timestamps and TTLs).
+///
+/// ```
+/// assert!(openmesh_agent::unix_ms() > 1_700_000_000_000);
+/// ```
 pub fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -396,164 +80,9 @@ pub fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn now_us() -> u64 {
+pub(crate) fn now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
         .unwrap_or(0)
-}
-
-async fn write_loop(
-    mut wr: tokio::io::WriteHalf<TlsStream<TcpStream>>,
-    mut rx: mpsc::Receiver<Out>,
-) {
-    let mut buf = BytesMut::with_capacity(256 << 10);
-    let mut acks: Vec<MessageId> = Vec::new();
-    let mut finished = None;
-    while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        let mut n = 0;
-        while let Some(o) = next {
-            match o {
-                Out::Frame(f) => {
-                    flush_acks(&mut acks, &mut buf);
-                    buf.extend_from_slice(&f);
-                }
-                Out::Ack(id) => acks.push(id),
-                Out::Acks(ids) => acks.extend(ids),
-                Out::Finish(done) => {
-                    finished = Some(done);
-                    break;
-                }
-            }
-            n += 1;
-            if buf.len() > (256 << 10) || n > 4096 {
-                break;
-            }
-            next = rx.try_recv().ok();
-        }
-        flush_acks(&mut acks, &mut buf);
-        if wr.write_all(&buf).await.is_err() || wr.flush().await.is_err() {
-            return;
-        }
-        buf.clear();
-        if finished.is_some() {
-            break;
-        }
-    }
-    let _ = wr.shutdown().await;
-    if let Some(done) = finished {
-        let _ = done.send(());
-    }
-}
-
-fn flush_acks(acks: &mut Vec<MessageId>, buf: &mut BytesMut) {
-    for chunk in acks.chunks(openmesh_dataplane::wire::MAX_ACK_BATCH) {
-        Frame::Ack(AckBatch::new(chunk.iter().copied())).encode(buf);
-    }
-    acks.clear();
-}
-
-struct ReadOptions {
-    answer_pings: bool,
-    auto_ack: bool,
-    heartbeat: Duration,
-}
-
-async fn read_loop(
-    mut rd: tokio::io::ReadHalf<TlsStream<TcpStream>>,
-    mut rx: BytesMut,
-    dec: FrameDecoder,
-    events: mpsc::Sender<Vec<Event>>,
-    out: mpsc::Sender<Out>,
-    opts: ReadOptions,
-) {
-    let ReadOptions {
-        answer_pings,
-        auto_ack,
-        heartbeat,
-    } = opts;
-    let mut close = None;
-    let mut silent = 0;
-    let mut acks = Vec::new();
-    let mut batch = Vec::new();
-    'outer: loop {
-        loop {
-            let f = match dec.decode(&mut rx) {
-                Ok(Some(f)) => f,
-                Ok(None) => break,
-                Err(_) => break 'outer,
-            };
-            let ev = match f {
-                Frame::Envelope(e) => {
-                    if auto_ack && e.class() != DeliveryClass::BestEffort {
-                        acks.push(e.message_id());
-                    }
-                    Event::Envelope(e)
-                }
-                Frame::Ack(a) => Event::Acked(a),
-                Frame::Nack(n) => Event::Nacked(n),
-                Frame::Receipt(r) => Event::Receipt(r),
-                Frame::GoingAway(g) => Event::GoingAway(g),
-                Frame::Close(c) => {
-                    close = Some(c);
-                    break 'outer;
-                }
-                Frame::Ping(p) => {
-                    if answer_pings {
-                        let pong = Frame::Pong(Pong {
-                            echo_us: p.timestamp_us,
-                            responder_us: now_us(),
-                        });
-                        let _ = out.send(Out::Frame(pong.to_bytes())).await;
-                    }
-                    continue;
-                }
-                // Relay-link frames never come on an agent's session.
-                Frame::Pong(_)
-                | Frame::Hello(_)
-                | Frame::Welcome(_)
-                | Frame::LinkHello(_)
-                | Frame::LinkAck(_)
-                | Frame::LinkNack(_)
-                | Frame::Presence(_)
-                | Frame::LinkReceipt(_) => continue,
-            };
-            batch.push(ev);
-        }
-        if !batch.is_empty() && events.send(std::mem::take(&mut batch)).await.is_err() {
-            return;
-        }
-        if !acks.is_empty()
-            && out
-                .send(Out::Acks(std::mem::take(&mut acks)))
-                .await
-                .is_err()
-        {
-            break;
-        }
-        // Heartbeats: after two intervals of silence PING the relay; after three, give up.
-        // (A tokio read is cancel-safe, unlike an io_uring one.)
-        match tokio::time::timeout(heartbeat, rd.read_buf(&mut rx)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => break,
-            Ok(Ok(_)) => silent = 0,
-            Err(_) => {
-                silent += 1;
-                if silent >= openmesh_dataplane::session::DEAD_AFTER_INTERVALS {
-                    close = Some(Close::new(Reason::HeartbeatTimeout, "relay silent"));
-                    break;
-                }
-                // A live relay PINGs after one silent interval; PING it only after two, so that
-                // the relay's own PINGs (and its RTT measurements) are not pre-empted.
-                if answer_pings && silent >= 2 {
-                    let ping = Frame::Ping(openmesh_dataplane::wire::Ping {
-                        timestamp_us: now_us(),
-                    });
-                    let _ = out.send(Out::Frame(ping.to_bytes())).await;
-                }
-            }
-        }
-    }
-    batch.push(Event::Closed(close));
-    let _ = events.send(batch).await;
 }

@@ -6,15 +6,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use bytes::BytesMut;
 use hdrhistogram::Histogram;
-use openmesh_agent::{unix_ms, Agent, ClientConfig, Event};
+use openmesh_agent::{unix_ms, Agent, Batch, ClientConfig, EnvelopeTemplate, Stats};
 use openmesh_dataplane::pki::Identity;
-use openmesh_dataplane::wire::{DeliveryClass, Reason};
+use openmesh_dataplane::wire::DeliveryClass;
 use rustls::pki_types::CertificateDer;
 use tokio::sync::Semaphore;
 
-use crate::payload::Template;
+use crate::payload::MIN_PAYLOAD;
 use crate::report::{ConnectionsReport, Live};
 use crate::scenario::{precise_timers, sleep_until, Expect, PairParams, Recorder};
 
@@ -81,12 +80,15 @@ pub async fn pair(
     if !relays.receive.is_empty() {
         tokio::time::sleep(PRESENCE_SETTLE).await;
     }
-    let sender = Agent::connect(relays.config(idx, &format!("loadtest-send-{idx}"), None)?)
-        .await
-        .context("sender connects")?;
-    let mut b = sender.envelope_to(recv_id, 600_000);
+    let mut scfg = relays.config(idx, &format!("loadtest-send-{idx}"), None)?;
+    // The agent's window is the pair's: sending waits while that many are unanswered.
+    scfg.window = p.window.clamp(1, u32::MAX as u64) as u32;
+    scfg.destination_window = scfg.window;
+    let sender = Agent::connect(scfg).await.context("sender connects")?;
+    let mut b = sender.envelope_to(recv_id);
+    b.expires_ms = b.created_ms + 600_000;
     b.class = p.class;
-    let tmpl = Template::new(&b, p.size, idx as u64)?;
+    let tmpl = EnvelopeTemplate::new(&b, p.size.max(MIN_PAYLOAD))?;
     let expect = Expect::new();
     let filled = Arc::new(tokio::sync::Notify::new());
 
@@ -105,22 +107,13 @@ pub async fn pair(
         let mut done_at: Option<Instant> = None;
         let mut evs = Vec::new();
         loop {
-            match tokio::time::timeout(Duration::from_millis(100), recv.next_events(&mut evs)).await
-            {
+            match tokio::time::timeout(Duration::from_millis(100), recv.recv_many(&mut evs)).await {
                 Ok(true) => {
                     let now = lv.now_ns();
-                    let mut closed = false;
-                    for ev in evs.drain(..) {
-                        match ev {
-                            Event::Envelope(e) => rec.on_payload(&e.payload(), now),
-                            Event::Closed(_) => closed = true,
-                            _ => {}
-                        }
+                    for e in evs.drain(..) {
+                        rec.on_payload(&e.payload(), now);
                     }
                     rec.flush(now);
-                    if closed {
-                        break;
-                    }
                 }
                 Ok(false) => break,
                 Err(_) => {}
@@ -148,137 +141,122 @@ pub async fn pair(
     receiver.await?
 }
 
-/// Sends as fast as the window allows for the duration; returns how many deliveries to expect.
+/// Appends `n` envelopes from the template, the `i`-th scheduled at `scheduled(i)`.
+fn fill_batch(
+    s: &Agent,
+    t: &EnvelopeTemplate,
+    seq: &mut u64,
+    n: u64,
+    mut scheduled: impl FnMut(u64) -> u64,
+) -> Batch {
+    let mut batch = Batch::with_capacity(t.frame_len() * n as usize);
+    let now_ms = unix_ms();
+    for i in 0..n {
+        let (q, ns) = (*seq, scheduled(i));
+        batch.push_template(t, s.next_message_id(), now_ms, |p| {
+            p[..8].copy_from_slice(&q.to_be_bytes());
+            p[8..16].copy_from_slice(&ns.to_be_bytes());
+        });
+        *seq += 1;
+    }
+    batch
+}
+
+/// Copies the agent's answer counters into the live view; fails on a refusal retrying cannot
+/// fix.
+fn settle(s: &Agent, last: &mut Stats, live: &Live) -> anyhow::Result<Stats> {
+    let now = s.stats();
+    live.acked
+        .fetch_add(now.accepted - last.accepted, Ordering::Relaxed);
+    live.nacked
+        .fetch_add(now.nacked - last.nacked, Ordering::Relaxed);
+    *last = now;
+    if now.refused > 0 {
+        anyhow::bail!("the relay refused {} envelopes", now.refused);
+    }
+    Ok(now)
+}
+
+/// Sends as fast as the agent's window allows for the duration; returns how many deliveries to
+/// expect.
 async fn closed_loop(
-    mut s: Agent,
-    t: &Template,
+    s: Agent,
+    t: &EnvelopeTemplate,
     p: &PairParams,
     live: &Live,
 ) -> anyhow::Result<u64> {
-    let acked_class = p.class != DeliveryClass::BestEffort;
     let end = Instant::now() + p.duration;
-    let (mut seq, mut inflight, mut acked) = (0u64, 0u64, 0u64);
-    let mut batch = BytesMut::with_capacity(t.len() * 256);
-    let nacked0 = live.nacked.load(Ordering::Relaxed);
+    let mut seq = 0u64;
+    let mut last = Stats::default();
+    let n = p.window.clamp(1, 256);
     loop {
-        while let Some(ev) = s.try_event() {
-            settle(ev, &mut inflight, &mut acked, live)?;
-        }
-        if Instant::now() >= end || p.backlog && live.nacked.load(Ordering::Relaxed) > nacked0 {
+        let st = settle(&s, &mut last, live)?;
+        // Backlog: fill the relay's queue until it says it is full.
+        if Instant::now() >= end || p.backlog && st.nacked > 0 {
             break;
         }
-        let room = if acked_class {
-            p.window.saturating_sub(inflight)
-        } else {
-            256
-        };
-        if room == 0 {
-            if let Ok(Some(ev)) =
-                tokio::time::timeout(Duration::from_millis(50), s.next_event()).await
-            {
-                settle(ev, &mut inflight, &mut acked, live)?;
-            }
-            continue;
-        }
-        let n = room.min(256);
-        let now_ms = unix_ms();
         let ns = live.now_ns();
-        for _ in 0..n {
-            t.write(&mut batch, seq, ns, now_ms);
-            seq += 1;
-        }
-        s.send_raw(batch.split().freeze()).await?;
+        let batch = fill_batch(&s, t, &mut seq, n, |_| ns);
+        s.send_batch(batch).await?;
         live.sent.fetch_add(n, Ordering::Relaxed);
-        if acked_class {
-            inflight += n;
-        }
     }
-    finish(s, acked_class, seq, inflight, acked, p.drain, live).await
+    finish(s, p, seq, last, live).await
 }
 
 /// Sends at `rate` per second from a dedicated thread, each envelope stamped with the time it was
 /// scheduled for (so a stall shows up as latency, not as a gap: no coordinated omission).
 fn open_loop(
-    mut s: Agent,
-    t: &Template,
+    s: Agent,
+    t: &EnvelopeTemplate,
     p: &PairParams,
     rate: f64,
     live: &Live,
     rt: &tokio::runtime::Handle,
 ) -> anyhow::Result<u64> {
     precise_timers();
-    let acked_class = p.class != DeliveryClass::BestEffort;
     let interval = (1e9 / rate.max(1.0)) as u64;
     let start = live.now_ns();
     let end = start + p.duration.as_nanos() as u64;
-    let (mut seq, mut inflight, mut acked) = (0u64, 0u64, 0u64);
+    let mut seq = 0u64;
+    let mut last = Stats::default();
     let mut next = start;
-    let mut batch = BytesMut::with_capacity(t.len() * 64);
     while next < end {
         sleep_until(live, next);
         let now = live.now_ns();
-        let now_ms = unix_ms();
         let mut n = 0;
-        while next <= now && next < end && n < 1024 {
-            t.write(&mut batch, seq, next, now_ms);
-            seq += 1;
+        while next + n * interval <= now && next + n * interval < end && n < 1024 {
             n += 1;
-            next += interval;
         }
-        rt.block_on(s.send_raw(batch.split().freeze()))?;
+        let first = next;
+        let batch = fill_batch(&s, t, &mut seq, n, |i| first + i * interval);
+        next += n * interval;
+        rt.block_on(s.send_batch(batch))?;
         live.sent.fetch_add(n, Ordering::Relaxed);
-        if acked_class {
-            inflight += n;
-        }
-        while let Some(ev) = s.try_event() {
-            settle(ev, &mut inflight, &mut acked, live)?;
-        }
+        settle(&s, &mut last, live)?;
     }
-    rt.block_on(finish(s, acked_class, seq, inflight, acked, p.drain, live))
+    rt.block_on(finish(s, p, seq, last, live))
 }
 
-fn settle(ev: Event, inflight: &mut u64, acked: &mut u64, live: &Live) -> anyhow::Result<()> {
-    match ev {
-        Event::Acked(ids) => {
-            let n = ids.len() as u64;
-            *inflight = inflight.saturating_sub(n);
-            *acked += n;
-            live.acked.fetch_add(n, Ordering::Relaxed);
-        }
-        Event::Nacked(n) => {
-            *inflight = inflight.saturating_sub(1);
-            live.nacked.fetch_add(1, Ordering::Relaxed);
-            if !n.reason().is_some_and(Reason::retryable) {
-                anyhow::bail!("relay refused an envelope: {} ({})", n.text, n.code);
-            }
-        }
-        Event::Closed(c) => anyhow::bail!("sender session closed: {c:?}"),
-        Event::GoingAway(_) | Event::Envelope(_) | Event::Receipt(_) => {}
-    }
-    Ok(())
-}
-
-/// Waits for the outstanding ACKs; returns how many deliveries the receiver should see.
+/// Waits for the outstanding answers (at most the drain time), closes the sender; returns how
+/// many deliveries the receiver should see.
 async fn finish(
-    mut s: Agent,
-    acked_class: bool,
+    s: Agent,
+    p: &PairParams,
     sent: u64,
-    mut inflight: u64,
-    mut acked: u64,
-    drain: Duration,
+    mut last: Stats,
     live: &Live,
 ) -> anyhow::Result<u64> {
-    if !acked_class {
+    if p.class == DeliveryClass::BestEffort {
         return Ok(sent);
     }
-    let deadline = Instant::now() + drain;
-    while inflight > 0 && Instant::now() < deadline {
-        if let Ok(Some(ev)) = tokio::time::timeout(Duration::from_millis(100), s.next_event()).await
-        {
-            settle(ev, &mut inflight, &mut acked, live)?;
-        }
+    if !p.backlog {
+        let _ = tokio::time::timeout(p.drain, s.flush()).await;
     }
-    Ok(acked)
+    settle(&s, &mut last, live)?;
+    let report = s.close().await?;
+    live.acked
+        .fetch_add(report.stats.accepted - last.accepted, Ordering::Relaxed);
+    Ok(report.stats.accepted)
 }
 
 /// Ramps to `agents` idle sessions, holds, then churns at `churn_rate` per second.

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use openmesh_agent::{Agent, ClientConfig, Event};
+use openmesh_agent::{Agent, ClientConfig, Outcome};
 use openmesh_dataplane::pki::{load_certs, Identity};
 use openmesh_dataplane::wire::{AgentId, DeliveryClass, Jurisdiction, RelayId};
 
@@ -165,32 +165,22 @@ async fn main() -> anyhow::Result<()> {
                 agent.welcome().version
             );
             let mut got = 0;
-            while let Some(ev) = agent.next_event().await {
-                match ev {
-                    Event::Envelope(e) => {
-                        got += 1;
-                        println!(
-                            "from {} [{}] {}: {}",
-                            e.source(),
-                            e.schema(),
-                            e.message_id(),
-                            String::from_utf8_lossy(&e.payload())
-                        );
-                        agent.ack(e.message_id()).await?;
-                        if count > 0 && got >= count {
-                            break;
-                        }
-                    }
-                    Event::GoingAway(g) => println!("relay going away in {} ms", g.drain_ms),
-                    Event::Closed(c) => {
-                        println!("closed: {c:?}");
-                        break;
-                    }
-                    _ => {}
+            while let Some(e) = agent.recv().await {
+                got += 1;
+                println!(
+                    "from {} [{}] {}: {}",
+                    e.source(),
+                    e.schema(),
+                    e.message_id(),
+                    String::from_utf8_lossy(&e.payload())
+                );
+                agent.ack(&e).await?;
+                if count > 0 && got >= count {
+                    break;
                 }
             }
-            // Writes the last ACKs before the session ends (else they come again next time).
-            let _ = agent.close().await;
+            // Writes the last ACKs and CLOSE before the session ends.
+            agent.close().await?;
         }
         Cmd::Send {
             name,
@@ -203,30 +193,30 @@ async fn main() -> anyhow::Result<()> {
             route,
         } => {
             let to = resolve(&cli.dir, &to)?;
-            let mut agent =
+            let agent =
                 Agent::connect(ClientConfig::new(cli.relay, ca, identity(&cli.dir, &name)?))
                     .await?;
+            let mut handles = Vec::new();
             for _ in 0..count {
-                let mut b = agent.envelope_to(to, ttl_ms);
+                let mut b = agent.envelope_to(to);
+                b.expires_ms = b.created_ms + ttl_ms;
                 b.schema = schema.clone();
                 b.class = class;
                 route.apply(&mut b)?;
-                agent.send(&b.build(text.as_bytes())?).await?;
+                handles.push(agent.send(&b.build(text.as_bytes())?).await?);
             }
-            let (mut acked, mut refused) = (0, 0);
-            while acked + refused < count {
-                match agent.next_event().await {
-                    Some(Event::Acked(a)) => acked += a.len() as u64,
-                    Some(Event::Nacked(n)) => {
+            let (mut accepted, mut refused) = (0, 0);
+            for mut h in handles {
+                match h.outcome().await {
+                    Outcome::Accepted | Outcome::Sent => accepted += 1,
+                    other => {
                         refused += 1;
-                        println!("refused {}: {} (code {})", n.message_id, n.text, n.code);
+                        println!("{}: {other:?}", h.message_id());
                     }
-                    Some(Event::Closed(c)) => bail!("closed: {c:?}"),
-                    None => bail!("session ended"),
-                    _ => {}
                 }
             }
-            println!("{acked} acknowledged, {refused} refused");
+            println!("{accepted} acknowledged, {refused} refused");
+            agent.close().await?;
             if refused > 0 {
                 std::process::exit(1);
             }

@@ -7,13 +7,13 @@ mod common;
 use std::time::Duration;
 
 use common::Relay;
-use openmesh_agent::{Agent, Event};
+use openmesh_agent::session::{Event, Session};
 use openmesh_dataplane::wire::{AgentId, DeliveryClass, Reason};
 
 /// Sends `n` envelopes of `class` from `a` to `to`, numbered from `first` in their payload, with
 /// at most 1,024 unanswered; returns how many were ACKed and the reasons of the NACKs.
 async fn send(
-    a: &mut Agent,
+    a: &mut Session,
     to: AgentId,
     (first, n): (u64, u64),
     class: DeliveryClass,
@@ -67,7 +67,7 @@ async fn an_absent_agent_gets_what_was_kept_for_it_in_order_when_it_connects() {
         relay.metric("openmesh_envelopes_held_for_absent_total", &[]),
         N as f64
     );
-    let mut b = Agent::connect(cfg).await.unwrap();
+    let mut b = Session::connect(cfg).await.unwrap();
     let mut got = Vec::new();
     while (got.len() as u64) < N {
         match tokio::time::timeout(Duration::from_secs(20), b.next_event()).await {
@@ -105,7 +105,7 @@ async fn order_per_source_holds_across_a_reconnect() {
     let relay = Relay::start(&["--cores", "2"], None);
     let cfg = relay.config("comes-and-goes");
     let b_id = cfg.identity.agent_id();
-    let mut b = Agent::connect(cfg.clone()).await.unwrap();
+    let mut b = Session::connect(cfg.clone()).await.unwrap();
     let mut a = relay.agent("orderly-sender").await;
     let first = send(&mut a, b_id, (0, 2_000), DeliveryClass::AtLeastOnce).await;
     assert_eq!(first.0, 2_000);
@@ -121,7 +121,7 @@ async fn order_per_source_holds_across_a_reconnect() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let second = send(&mut a, b_id, (2_000, 2_000), DeliveryClass::AtLeastOnce).await;
     assert_eq!(second.0, 2_000);
-    let mut b = Agent::connect(cfg).await.unwrap();
+    let mut b = Session::connect(cfg).await.unwrap();
     let mut got: Vec<u64> = Vec::new();
     while got.last() != Some(&3_999) {
         match tokio::time::timeout(Duration::from_secs(20), b.next_event()).await {
@@ -168,7 +168,7 @@ async fn envelopes_kept_past_the_age_limit_are_dropped_and_counted() {
             .0,
         1
     );
-    let mut b = Agent::connect(cfg).await.unwrap();
+    let mut b = Session::connect(cfg).await.unwrap();
     match tokio::time::timeout(Duration::from_secs(5), b.next_event()).await {
         Ok(Some(Event::Envelope(e))) => assert_eq!(e.payload()[..8], 10u64.to_be_bytes()),
         other => panic!("receiver got {other:?}"),

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use common::{welcomed, well_behaved_pair, RawLink, Relay};
-use openmesh_agent::{unix_ms, Event};
+use openmesh_agent::session::Event;
+use openmesh_agent::unix_ms;
 use openmesh_dataplane::wire::{Frame, MessageId, Reason};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,7 +7,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::Relay;
-use openmesh_agent::{connect_tls, Agent, ClientError};
+use openmesh_agent::session::{connect_tls, Session};
+use openmesh_agent::ClientError;
 use openmesh_dataplane::pki::{CertAuthority, DevPkiPaths};
 use openmesh_dataplane::wire::Reason;
 
@@ -93,10 +94,12 @@ async fn ca_only_admission_with_allow_and_deny_lists() {
 
     let mut cfg = strict.config("x");
     cfg.identity = issued;
-    let a = Agent::connect(cfg).await.expect("CA-issued agent admitted");
+    let a = Session::connect(cfg)
+        .await
+        .expect("CA-issued agent admitted");
     assert_eq!(a.welcome().agent_id, a.id());
 
-    let self_signed = Agent::connect(strict.config("self-signed")).await;
+    let self_signed = Session::connect(strict.config("self-signed")).await;
     assert!(
         self_signed.is_err(),
         "self-signed agent refused in ca-only admission"
@@ -104,7 +107,7 @@ async fn ca_only_admission_with_allow_and_deny_lists() {
 
     let mut cfg = strict.config("x");
     cfg.identity = denied;
-    match Agent::connect(cfg).await {
+    match Session::connect(cfg).await {
         Err(ClientError::Closed(c)) => assert_eq!(c.reason(), Some(Reason::NotAdmitted)),
         other => panic!("denied agent: {:?}", other.map(|a| a.id())),
     }
@@ -156,7 +159,7 @@ async fn silent_connections_time_out_and_the_connection_limit_holds() {
     for i in 0..3 {
         keep.push(relay.agent(&format!("a{i}")).await);
     }
-    assert!(Agent::connect(relay.config("fourth")).await.is_err());
+    assert!(Session::connect(relay.config("fourth")).await.is_err());
     tokio::time::sleep(Duration::from_millis(200)).await;
     let text = relay.scrape();
     assert_eq!(
@@ -212,7 +215,7 @@ fn check_config_names_the_bad_field() {
 async fn sighup_reloads_the_deny_list_live_and_keeps_a_bad_file_out() {
     let relay = Relay::start(&["--cores", "2"], Some("[tls]\ndeny = []\n"));
     let a_cfg = relay.config("a");
-    let mut a = Agent::connect(a_cfg.clone()).await.unwrap();
+    let mut a = Session::connect(a_cfg.clone()).await.unwrap();
     let mut b = relay.agent("b").await;
     let hup = || {
         let ok = Command::new("kill")
@@ -231,7 +234,7 @@ async fn sighup_reloads_the_deny_list_live_and_keeps_a_bad_file_out() {
     let closed = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
             match a.next_event().await {
-                Some(openmesh_agent::Event::Closed(c)) => return c,
+                Some(openmesh_agent::session::Event::Closed(c)) => return c,
                 Some(_) => {}
                 None => return None,
             }
@@ -240,7 +243,7 @@ async fn sighup_reloads_the_deny_list_live_and_keeps_a_bad_file_out() {
     .await
     .expect("denied session closed");
     assert_eq!(closed.and_then(|c| c.reason()), Some(Reason::NotAdmitted));
-    match Agent::connect(a_cfg).await {
+    match Session::connect(a_cfg).await {
         Err(ClientError::Closed(c)) => assert_eq!(c.reason(), Some(Reason::NotAdmitted)),
         other => panic!("denied agent reconnected: {:?}", other.map(|a| a.id())),
     }
@@ -262,7 +265,7 @@ async fn sighup_reloads_the_deny_list_live_and_keeps_a_bad_file_out() {
     .await
     .unwrap();
     match tokio::time::timeout(Duration::from_secs(5), b.next_event()).await {
-        Ok(Some(openmesh_agent::Event::Envelope(e))) => {
+        Ok(Some(openmesh_agent::session::Event::Envelope(e))) => {
             assert_eq!(&e.payload()[..], b"after reload")
         }
         other => panic!("{other:?}"),
@@ -292,7 +295,7 @@ async fn the_connection_limit_holds_for_sessions_moved_to_their_home_core() {
     for id in homed {
         let mut cfg = relay.config("homed");
         cfg.identity = id;
-        match Agent::connect(cfg).await {
+        match Session::connect(cfg).await {
             Ok(a) => admitted.push(a),
             Err(_) => refused += 1,
         }

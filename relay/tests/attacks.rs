@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::{welcomed, well_behaved_pair, RawLink, Relay};
-use openmesh_agent::{Agent, Event};
+use openmesh_agent::session::{Event, Session};
 use openmesh_dataplane::wire::{AckBatch, Frame, MessageId, Nack, Ping, Reason};
 
 /// A receiver that reads everything but never ACKs holds at most its deliver window in flight;
@@ -110,7 +110,7 @@ async fn an_envelope_above_the_destinations_max_frame_is_refused_not_forwarded()
     let relay = Relay::start(&["--cores", "2"], None);
     let mut small = relay.config("small-frames");
     small.hello.max_frame = 4096;
-    let mut small = Agent::connect(small).await.unwrap();
+    let mut small = Session::connect(small).await.unwrap();
     assert_eq!(small.welcome().max_frame, 4096);
     let mut sender = relay.agent("big-sender").await;
     let big = sender
@@ -220,9 +220,9 @@ async fn a_thousand_fresh_identities_cannot_grow_custody_past_the_source_quota()
         for i in 0..10 {
             let mut cfg = relay.config(&format!("victim-{wave}-{i}"));
             cfg.answer_pings = true;
-            victims.push(Agent::connect(cfg));
+            victims.push(Session::connect(cfg));
         }
-        let victims: Vec<Agent> = futures_join(victims).await;
+        let victims: Vec<Session> = futures_join(victims).await;
         for v in &victims {
             for _ in 0..PER_VICTIM {
                 let env = attacker
@@ -278,8 +278,8 @@ async fn a_thousand_fresh_identities_cannot_grow_custody_past_the_source_quota()
 }
 
 async fn futures_join(
-    v: Vec<impl std::future::Future<Output = Result<Agent, openmesh_agent::ClientError>>>,
-) -> Vec<Agent> {
+    v: Vec<impl std::future::Future<Output = Result<Session, openmesh_agent::ClientError>>>,
+) -> Vec<Session> {
     let mut out = Vec::new();
     for f in v {
         out.push(f.await.expect("victim connects"));
@@ -337,7 +337,7 @@ async fn held_envelopes_do_not_pin_their_read_buffers() {
     });
     let mut fast = relay.config("fast");
     fast.auto_ack = true;
-    let mut fast = Agent::connect(fast).await.unwrap();
+    let mut fast = Session::connect(fast).await.unwrap();
     let fast_id = fast.id();
     let drain = tokio::spawn(async move {
         let mut got = 0usize;
@@ -439,7 +439,7 @@ async fn custody_acked_to_its_sender_is_never_dropped_and_exit_counts_what_it_lo
     let pair = well_behaved_pair(&relay, 2_000);
     let cfg = relay.config("absent-receiver");
     let b_id = cfg.identity.agent_id();
-    let b = Agent::connect(cfg.clone()).await.unwrap();
+    let b = Session::connect(cfg.clone()).await.unwrap();
     let mut a = relay.agent("custody-sender").await;
     let acked: std::collections::HashSet<MessageId> = common::send_all(&mut a, b_id, (0, N), 1024)
         .await
@@ -448,7 +448,7 @@ async fn custody_acked_to_its_sender_is_never_dropped_and_exit_counts_what_it_lo
         .collect();
     drop(b);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut b = Agent::connect(cfg.clone()).await.unwrap();
+    let mut b = Session::connect(cfg.clone()).await.unwrap();
     let mut got = std::collections::HashSet::new();
     while got.len() < acked.len() {
         match tokio::time::timeout(Duration::from_secs(20), b.next_event()).await {

@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use common::Relay;
-use openmesh_agent::{Agent, Event};
+use openmesh_agent::session::{Event, Session};
 use openmesh_dataplane::wire::{AgentId, DeliveryClass, MessageId, Reason};
 
 /// The message id of envelope number `n` (also its payload).
@@ -18,7 +18,7 @@ fn id_of(n: u64) -> MessageId {
 /// Sends durable envelopes numbered `numbers` from `a` to `to`, at most `window` unanswered;
 /// returns the numbers ACKed. Stops early (returning what was ACKed) when the session ends.
 async fn send_durable(
-    a: &mut Agent,
+    a: &mut Session,
     to: AgentId,
     numbers: &[u64],
     window: usize,
@@ -29,7 +29,7 @@ async fn send_durable(
 /// [`send_durable`], and once `kill.0` envelopes are ACKed (with up to `window` more in
 /// flight), SIGKILL to process `kill.1`.
 async fn send_durable_killing(
-    a: &mut Agent,
+    a: &mut Session,
     to: AgentId,
     numbers: &[u64],
     window: usize,
@@ -82,7 +82,7 @@ async fn send_durable_killing(
 }
 
 /// Receives `n` envelopes (failing otherwise), ACKing each; returns their numbers in order.
-async fn receive_all(b: &mut Agent, n: u64) -> Vec<u64> {
+async fn receive_all(b: &mut Session, n: u64) -> Vec<u64> {
     let got = receive(b, &mut HashSet::new(), n as usize, Duration::from_secs(10)).await;
     assert_eq!(got.len() as u64, n, "received");
     got
@@ -92,7 +92,7 @@ async fn receive_all(b: &mut Agent, n: u64) -> Vec<u64> {
 /// before), ACKing each, or nothing came for `quiet`; returns every number received now, in
 /// order, duplicates included.
 async fn receive(
-    b: &mut Agent,
+    b: &mut Session,
     distinct: &mut HashSet<u64>,
     want: usize,
     quiet: Duration,
@@ -145,7 +145,7 @@ async fn durable_envelopes_written_on_two_cores_are_served_by_one_after_kill_9_i
     );
     let mut cfg_b = cfg_b;
     cfg_b.relay = relay.addr;
-    let mut b = Agent::connect(cfg_b.clone()).await.unwrap();
+    let mut b = Session::connect(cfg_b.clone()).await.unwrap();
     let got = receive(
         &mut b,
         &mut HashSet::new(),
@@ -226,7 +226,7 @@ async fn fifty_thousand_durable_envelopes_survive_repeated_kill_9_exactly_once()
         );
         let mut cfg = cfg_a.clone();
         cfg.relay = relay.addr;
-        let mut a = Agent::connect(cfg).await.unwrap();
+        let mut a = Session::connect(cfg).await.unwrap();
         let left: Vec<u64> = all.iter().copied().filter(|n| !acked.contains(n)).collect();
         let kill = (kills < KILLS_WHILE_SENDING).then(|| {
             let at = 1 + (splitmix(&mut seed) % (left.len() as u64 / 2).max(1)) as usize;
@@ -249,7 +249,7 @@ async fn fifty_thousand_durable_envelopes_survive_repeated_kill_9_exactly_once()
     // The receiver connects and takes part of its backlog; the relay is killed again.
     let mut cfg = cfg_b.clone();
     cfg.relay = relay.addr;
-    let mut b = Agent::connect(cfg).await.unwrap();
+    let mut b = Session::connect(cfg).await.unwrap();
     let mut distinct = HashSet::new();
     let before = receive(
         &mut b,
@@ -270,7 +270,7 @@ async fn fifty_thousand_durable_envelopes_survive_repeated_kill_9_exactly_once()
     let relay = Relay::start_in(relay.kill9(), &["--cores", "2"], Some(LIMITS));
     let mut cfg = cfg_b.clone();
     cfg.relay = relay.addr;
-    let mut b = Agent::connect(cfg).await.unwrap();
+    let mut b = Session::connect(cfg).await.unwrap();
     let seen_before: HashSet<u64> = before.iter().copied().collect();
     let after = receive(&mut b, &mut distinct, N as usize, Duration::from_secs(10)).await;
     let mut count: HashMap<u64, u32> = HashMap::new();
@@ -411,7 +411,7 @@ async fn a_torn_last_record_and_a_corrupt_one_are_cut_and_everything_before_them
     );
     let mut cfg_b = cfg_b;
     cfg_b.relay = relay.addr;
-    let mut b = Agent::connect(cfg_b).await.unwrap();
+    let mut b = Session::connect(cfg_b).await.unwrap();
     let total = (N - 1) as usize + k;
     let got = receive(&mut b, &mut HashSet::new(), total, Duration::from_secs(10)).await;
     let want: Vec<u64> = (0..N - 1).chain(N..N + k as u64).collect();
@@ -429,8 +429,8 @@ async fn resends_of_delivered_durable_envelopes_after_a_restart_are_not_delivere
     let cfg_a = relay.config("resend-a");
     let cfg_b = relay.config("resend-b");
     let b_id = cfg_b.identity.agent_id();
-    let mut b = Agent::connect(cfg_b.clone()).await.unwrap();
-    let mut a = Agent::connect(cfg_a.clone()).await.unwrap();
+    let mut b = Session::connect(cfg_b.clone()).await.unwrap();
+    let mut a = Session::connect(cfg_a.clone()).await.unwrap();
     let ids: Vec<u64> = (0..N).collect();
     let (acked, _) = send_durable(&mut a, b_id, &ids, 256).await;
     assert_eq!(acked.len() as u64, N);
@@ -455,7 +455,7 @@ async fn resends_of_delivered_durable_envelopes_after_a_restart_are_not_delivere
         );
         let mut cfg = cfg_a.clone();
         cfg.relay = relay.addr;
-        let mut a = Agent::connect(cfg).await.unwrap();
+        let mut a = Session::connect(cfg).await.unwrap();
         // Round 1 also resends the new envelope of round 0.
         let resent: Vec<u64> = (0..new).collect();
         let (acked, nacked) = send_durable(&mut a, b_id, &resent, 256).await;
@@ -471,7 +471,7 @@ async fn resends_of_delivered_durable_envelopes_after_a_restart_are_not_delivere
         );
         let mut cfg = cfg_b.clone();
         cfg.relay = relay.addr;
-        let mut b = Agent::connect(cfg).await.unwrap();
+        let mut b = Session::connect(cfg).await.unwrap();
         let got = receive(&mut b, &mut HashSet::new(), 2, Duration::from_millis(1_500)).await;
         assert_eq!(got, vec![new], "only the new one ({cores} cores)");
         b.close().await.unwrap();
@@ -540,7 +540,7 @@ async fn a_segment_whose_creation_was_cut_short_does_not_stop_the_next_start() {
         if round == 1 {
             let mut cfg_b = cfg_b.clone();
             cfg_b.relay = relay.addr;
-            let mut b = Agent::connect(cfg_b).await.unwrap();
+            let mut b = Session::connect(cfg_b).await.unwrap();
             let got = receive(
                 &mut b,
                 &mut HashSet::new(),
@@ -665,7 +665,7 @@ async fn a_clean_stop_right_after_delivery_serves_nothing_twice() {
     let (acked, _) = send_durable(&mut a, b_id, &numbers, 512).await;
     assert_eq!(acked.len() as u64, N);
     drop(a);
-    let mut b = Agent::connect(cfg_b).await.unwrap();
+    let mut b = Session::connect(cfg_b).await.unwrap();
     receive_all(&mut b, N).await;
     // At once: the ACKs just sent are settled during the drain and their released records
     // appended.
@@ -730,7 +730,7 @@ async fn a_long_lived_envelope_does_not_keep_the_history_on_disk() {
     assert!(relay.metric("openmesh_store_segments_removed_total", &[]) >= 20.0);
     let mut cfg_away = cfg_away;
     cfg_away.relay = relay.addr;
-    let mut x = Agent::connect(cfg_away).await.unwrap();
+    let mut x = Session::connect(cfg_away).await.unwrap();
     let got = receive(&mut x, &mut HashSet::new(), 1, Duration::from_secs(10)).await;
     assert_eq!(got, vec![1_000_000]);
 }

@@ -6,12 +6,12 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use common::Relay;
-use openmesh_agent::{Agent, Event};
+use openmesh_agent::session::{Event, Session};
 use openmesh_dataplane::wire::AgentId;
 
 /// Receives `n` envelopes, ACKing each; returns the payload sequence numbers per source in
 /// arrival order.
-async fn receive(b: &mut Agent, n: u64) -> HashMap<AgentId, Vec<u64>> {
+async fn receive(b: &mut Session, n: u64) -> HashMap<AgentId, Vec<u64>> {
     let mut got: HashMap<AgentId, Vec<u64>> = HashMap::new();
     let mut count = 0;
     while count < n {
@@ -106,7 +106,7 @@ async fn many_agents_on_two_cores_exchange_across_cores_without_loss() {
     for i in 0..AGENTS {
         agents.push(relay.agent(&format!("agent-{i}")).await);
     }
-    let ids: Vec<AgentId> = agents.iter().map(Agent::id).collect();
+    let ids: Vec<AgentId> = agents.iter().map(Session::id).collect();
     // Agent i sends to agent i+1 (a ring), and receives from agent i-1.
     let mut tasks = Vec::new();
     for (i, mut ag) in agents.into_iter().enumerate() {
@@ -268,14 +268,14 @@ async fn a_dropped_agent_writes_its_last_acks() {
     let relay = Relay::start(&["--cores", "1"], None);
     let mut a = relay.agent("drop-a").await;
     let cfg_b = relay.config("drop-b");
-    let mut b = Agent::connect(cfg_b.clone()).await.unwrap();
+    let mut b = Session::connect(cfg_b.clone()).await.unwrap();
     let b_id = b.id();
     for round in 0..3 {
         let (acked, _, _) = common::send_all(&mut a, b_id, (round * N, N), 2048).await;
         assert_eq!(acked.len() as u64, N);
         receive(&mut b, N).await;
         drop(b);
-        b = Agent::connect(cfg_b.clone()).await.unwrap();
+        b = Session::connect(cfg_b.clone()).await.unwrap();
         match tokio::time::timeout(Duration::from_millis(700), b.next_event()).await {
             Err(_) => {}
             Ok(ev) => panic!("round {round}: the next session got {ev:?}"),

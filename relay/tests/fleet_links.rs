@@ -9,7 +9,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::{free_port, fresh_dir, Relay};
-use openmesh_agent::{Agent, ClientConfig, Event};
+use openmesh_agent::session::{Event, Session};
+use openmesh_agent::ClientConfig;
 use openmesh_dataplane::pki::{load_certs, CertAuthority, Identity};
 use openmesh_dataplane::wire::{Jurisdiction, Reason, RelayId};
 
@@ -251,9 +252,9 @@ fn agent_config(relay: &Relay, name: &str) -> ClientConfig {
 /// Sends `n` envelopes built by `build` from `a` to `to` and returns the answers: ACKed ids
 /// count, and the NACK reasons.
 async fn send_n(
-    a: &mut Agent,
+    a: &mut Session,
     n: u64,
-    build: impl Fn(&Agent, u64) -> openmesh_dataplane::wire::Envelope,
+    build: impl Fn(&Session, u64) -> openmesh_dataplane::wire::Envelope,
 ) -> (u64, Vec<Reason>) {
     for i in 0..n {
         let env = build(a, i);
@@ -271,7 +272,7 @@ async fn send_n(
 }
 
 /// Receives `n` envelopes in order (payload = sequence number), ACKing each.
-async fn receive_n(b: &mut Agent, first: u64, n: u64) {
+async fn receive_n(b: &mut Session, first: u64, n: u64) {
     for want in first..first + n {
         match tokio::time::timeout(Duration::from_secs(20), b.next_event()).await {
             Ok(Some(Event::Envelope(e))) => {
@@ -285,11 +286,11 @@ async fn receive_n(b: &mut Agent, first: u64, n: u64) {
 }
 
 /// Agent A on `ing` and agent B on `egr`, once `ing` knows where both are.
-async fn agents_on_ing_and_egr(fleet: &Fleet) -> (Agent, Agent) {
-    let b = Agent::connect(agent_config(fleet.relay("egr"), "agent-b"))
+async fn agents_on_ing_and_egr(fleet: &Fleet) -> (Session, Session) {
+    let b = Session::connect(agent_config(fleet.relay("egr"), "agent-b"))
         .await
         .unwrap();
-    let a = Agent::connect(agent_config(fleet.relay("ing"), "agent-a"))
+    let a = Session::connect(agent_config(fleet.relay("ing"), "agent-a"))
         .await
         .unwrap();
     wait_located(fleet.relay("ing"), 2);
@@ -484,7 +485,7 @@ async fn try_link(
 
 /// Receives envelopes numbered by their payload until every number below `n` arrived; returns
 /// the longest time between two arrivals and how many arrived twice.
-async fn receive_all(b: &mut Agent, n: u64) -> (Duration, u64) {
+async fn receive_all(b: &mut Session, n: u64) -> (Duration, u64) {
     let mut seen = std::collections::HashSet::new();
     let (mut gap, mut dup) = (Duration::ZERO, 0u64);
     let mut last = Instant::now();
@@ -698,10 +699,10 @@ async fn durable_envelopes_across_relays_are_acked_once_stored_at_the_destinatio
     let b_id = Identity::generate_self_signed("agent-b").unwrap();
     let mut b_cfg = agent_config(fleet.relay("egr"), "agent-b");
     b_cfg.identity = b_id.clone();
-    let b = Agent::connect(b_cfg.clone()).await.unwrap();
+    let b = Session::connect(b_cfg.clone()).await.unwrap();
     let to = b.id();
     b.close().await.unwrap();
-    let mut a = Agent::connect(agent_config(fleet.relay("ing"), "agent-a"))
+    let mut a = Session::connect(agent_config(fleet.relay("ing"), "agent-a"))
         .await
         .unwrap();
     wait_located(fleet.relay("ing"), 2);
@@ -724,7 +725,7 @@ async fn durable_envelopes_across_relays_are_acked_once_stored_at_the_destinatio
     fleet.restart("egr");
     let mut b_cfg = agent_config(fleet.relay("egr"), "agent-b");
     b_cfg.identity = b_id;
-    let mut b = Agent::connect(b_cfg).await.unwrap();
+    let mut b = Session::connect(b_cfg).await.unwrap();
     receive_n(&mut b, 0, n).await;
 }
 

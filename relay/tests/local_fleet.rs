@@ -4,7 +4,8 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use openmesh_agent::{Agent, ClientConfig, Event};
+use openmesh_agent::session::{Event, Session};
+use openmesh_agent::ClientConfig;
 use openmesh_dataplane::pki::{load_certs, Identity};
 use openmesh_dataplane::wire::Jurisdiction;
 
@@ -61,8 +62,8 @@ async fn local_fleet_starts_five_linked_relays_and_stops_them() {
             Identity::generate_self_signed(name).unwrap(),
         )
     };
-    let mut bob = Agent::connect(cfg(base + 4, "bob")).await.unwrap();
-    let mut alice = Agent::connect(cfg(base, "alice")).await.unwrap();
+    let mut bob = Session::connect(cfg(base + 4, "bob")).await.unwrap();
+    let mut alice = Session::connect(cfg(base, "alice")).await.unwrap();
     let mut e = alice.envelope_to(bob.id(), 600_000);
     e.constraints.jurisdictions = vec![Jurisdiction::parse("EU").unwrap()];
     e.constraints.min_trust = 50;

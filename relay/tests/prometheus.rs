@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{free_port, Relay};
-use openmesh_agent::Event;
+use openmesh_agent::session::Event;
 
 struct Prometheus {
     child: Child,

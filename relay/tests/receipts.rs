@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::Relay;
-use openmesh_agent::{Agent, Event};
+use openmesh_agent::session::{Event, Session};
 use openmesh_dataplane::wire::{flags, DeliveryClass, MessageId, ReceiptStatus};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -46,7 +46,7 @@ async fn a_source_gets_one_receipt_per_delivered_envelope_and_an_expiry_notice()
     let quiet = a.envelope_to(b_id, 60_000).build(b"quiet").unwrap();
     a.send(&quiet).await.unwrap();
 
-    let mut b = Agent::connect(cfg_b).await.unwrap();
+    let mut b = Session::connect(cfg_b).await.unwrap();
     let mut delivered = 0;
     while delivered < N + 1 {
         match tokio::time::timeout(Duration::from_secs(20), b.next_event()).await {
@@ -90,7 +90,7 @@ async fn a_source_gets_one_receipt_per_delivered_envelope_and_an_expiry_notice()
         "no receipt twice"
     );
     // C comes back: the expired envelope is not delivered.
-    let mut c = Agent::connect(cfg_c).await.unwrap();
+    let mut c = Session::connect(cfg_c).await.unwrap();
     assert!(
         tokio::time::timeout(Duration::from_millis(500), c.next_event())
             .await

@@ -7,18 +7,19 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::Relay;
-use openmesh_agent::{Agent, ClientError, Event};
+use openmesh_agent::session::{Event, Session};
+use openmesh_agent::ClientError;
 use openmesh_dataplane::pki::Identity;
 use openmesh_dataplane::wire::{MessageId, Reason};
 
-async fn event(a: &mut Agent) -> Event {
+async fn event(a: &mut Session) -> Event {
     tokio::time::timeout(Duration::from_secs(15), a.next_event())
         .await
         .expect("event in time")
         .expect("session open")
 }
 
-async fn wait_acked(a: &mut Agent, n: usize) {
+async fn wait_acked(a: &mut Session, n: usize) {
     let mut got = 0;
     while got < n {
         match event(a).await {
@@ -34,7 +35,7 @@ async fn version_alignment_picks_highest_common_or_closes() {
     let mut cfg = relay.config("wide");
     cfg.hello.min_version = 1;
     cfg.hello.max_version = 7;
-    let a = Agent::connect(cfg).await.unwrap();
+    let a = Session::connect(cfg).await.unwrap();
     assert_eq!(a.welcome().version, 2, "highest version both speak");
 
     // A version-1 agent, and one from the future: no common version.
@@ -42,7 +43,7 @@ async fn version_alignment_picks_highest_common_or_closes() {
         let mut cfg = relay.config(name);
         cfg.hello.min_version = min;
         cfg.hello.max_version = max;
-        match Agent::connect(cfg).await {
+        match Session::connect(cfg).await {
             Err(ClientError::Closed(c)) => {
                 assert_eq!(c.reason(), Some(Reason::NoCommonVersion), "{name}")
             }
@@ -70,7 +71,7 @@ async fn silent_peer_is_declared_dead_while_live_peers_stay_and_keys_rotate() {
     let relay = Relay::start(&["--cores", "1"], Some(FAST_HEARTBEAT));
     let mut cfg = relay.config("silent");
     cfg.answer_pings = false;
-    let mut silent = Agent::connect(cfg).await.unwrap();
+    let mut silent = Session::connect(cfg).await.unwrap();
     assert_eq!(silent.welcome().heartbeat_ms, 200);
     let mut live = relay.agent("live").await;
     let mut peer = relay.agent("peer").await;
@@ -123,7 +124,7 @@ async fn newest_session_of_an_agent_wins_and_inherits_unacked_envelopes() {
         let id = Identity::generate_self_signed("dup").unwrap();
         let mut cfg = relay.config("dup");
         cfg.identity = id.clone();
-        let mut first = Agent::connect(cfg.clone()).await.unwrap();
+        let mut first = Session::connect(cfg.clone()).await.unwrap();
         let mut sender = relay.agent("sender").await;
         let mut sent = Vec::new();
         for i in 0..10u32 {
@@ -146,7 +147,7 @@ async fn newest_session_of_an_agent_wins_and_inherits_unacked_envelopes() {
             }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let mut second = Agent::connect(cfg).await.unwrap();
+        let mut second = Session::connect(cfg).await.unwrap();
         loop {
             match event(&mut first).await {
                 Event::Closed(Some(c)) => {
@@ -365,7 +366,7 @@ async fn custody_for_a_departed_agent_expires_and_is_counted() {
     let id = Identity::generate_self_signed("leaver").unwrap();
     let mut cfg = relay.config("leaver");
     cfg.identity = id.clone();
-    let mut leaver = Agent::connect(cfg.clone()).await.unwrap();
+    let mut leaver = Session::connect(cfg.clone()).await.unwrap();
     let mut sender = relay.agent("sender").await;
     for i in 0..20u32 {
         let env = sender
@@ -391,7 +392,7 @@ async fn custody_for_a_departed_agent_expires_and_is_counted() {
         ),
         20.0
     );
-    let mut back = Agent::connect(cfg).await.unwrap();
+    let mut back = Session::connect(cfg).await.unwrap();
     let got = tokio::time::timeout(Duration::from_millis(500), back.next_event()).await;
     assert!(got.is_err(), "expired envelopes were redelivered: {got:?}");
 }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{fresh_dir, well_behaved_pair, Relay};
-use openmesh_agent::{Agent, Event};
+use openmesh_agent::session::{Event, Session};
 use openmesh_dataplane::wire::{AgentId, DeliveryClass, Reason};
 
 /// A tmpfs mounted for the test, unmounted when dropped.
@@ -41,7 +41,7 @@ impl Drop for Tmpfs {
 }
 
 /// Sends one envelope of `class` numbered `n` with a payload of `size` bytes.
-async fn send_one(a: &Agent, to: AgentId, n: u64, class: DeliveryClass, size: usize) {
+async fn send_one(a: &Session, to: AgentId, n: u64, class: DeliveryClass, size: usize) {
     let mut b = a.envelope_to(to, 600_000);
     b.class = class;
     let mut payload = vec![0u8; size.max(8)];
@@ -50,7 +50,7 @@ async fn send_one(a: &Agent, to: AgentId, n: u64, class: DeliveryClass, size: us
 }
 
 /// The next ACK or NACK: `Ok(count)` or `Err(reason)`.
-async fn answer(a: &mut Agent) -> Result<usize, Reason> {
+async fn answer(a: &mut Session) -> Result<usize, Reason> {
     loop {
         match tokio::time::timeout(Duration::from_secs(20), a.next_event()).await {
             Ok(Some(Event::Acked(ids))) => return Ok(ids.len()),
@@ -113,7 +113,7 @@ async fn a_full_disk_refuses_durable_only_and_the_store_recovers_when_space_retu
     assert_eq!(answer(&mut a).await, Ok(1));
 
     // The agent takes its backlog: segments empty and go, space returns, the store recovers.
-    let mut b = Agent::connect(cfg_b).await.unwrap();
+    let mut b = Session::connect(cfg_b).await.unwrap();
     let mut got = Vec::new();
     while (got.len() as u64) < stored + 1 {
         match tokio::time::timeout(Duration::from_secs(20), b.next_event()).await {
@@ -176,7 +176,7 @@ async fn a_stalled_sync_refuses_new_durable_envelopes_until_it_completes() {
     });
     send_one(&a, b_id, 4, DeliveryClass::Durable, 64).await;
     assert_eq!(answer(&mut a).await, Ok(1));
-    let mut b = Agent::connect(cfg_b).await.unwrap();
+    let mut b = Session::connect(cfg_b).await.unwrap();
     let mut got = Vec::new();
     while got.len() < 4 {
         match tokio::time::timeout(Duration::from_secs(20), b.next_event()).await {

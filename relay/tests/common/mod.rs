@@ -12,7 +12,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use openmesh_agent::{Agent, ClientConfig, Event};
+use openmesh_agent::session::{Event, Session};
+use openmesh_agent::ClientConfig;
 use openmesh_dataplane::pki::{load_certs, DevPkiPaths, Identity};
 use openmesh_dataplane::wire::{AgentId, MessageId, Reason};
 use rustls::pki_types::CertificateDer;
@@ -70,7 +71,8 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// Starts a relay with `extra` CLI flags and an optional TOML config body.
+    /// Starts a relay with `extra` CLI flags (a `--listen` among them replaces the default
+    /// `127.0.0.1:0`) and an optional TOML config body.
     pub fn start(extra: &[&str], config: Option<&str>) -> Relay {
         Self::start_in(fresh_dir(), extra, config)
     }
@@ -90,21 +92,18 @@ impl Relay {
         std::fs::create_dir_all(&dir).unwrap();
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_openmesh-relay"));
-        cmd.args([
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics",
-            &metrics.to_string(),
-            "--data-dir",
-        ])
-        .arg(&dir)
-        .args(extra)
-        .env("RUST_LOG", "info")
-        .envs(env.iter().copied())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(
-            std::fs::File::create(dir.join("relay.log")).unwrap(),
-        ));
+        if !extra.contains(&"--listen") {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        cmd.args(["--metrics", &metrics.to_string(), "--data-dir"])
+            .arg(&dir)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.join("relay.log")).unwrap(),
+            ));
         if let Some(body) = config {
             let p = dir.join("relay.toml");
             std::fs::write(&p, body).unwrap();
@@ -161,8 +160,8 @@ impl Relay {
         )
     }
 
-    pub async fn agent(&self, name: &str) -> Agent {
-        Agent::connect(self.config(name))
+    pub async fn agent(&self, name: &str) -> Session {
+        Session::connect(self.config(name))
             .await
             .expect("agent connects")
     }
@@ -274,7 +273,7 @@ pub struct RawLink {
 impl RawLink {
     pub async fn open(relay: &Relay, name: &str) -> RawLink {
         let cfg = relay.config(name);
-        let io = openmesh_agent::connect_tls(&cfg).await.unwrap();
+        let io = openmesh_agent::session::connect_tls(&cfg).await.unwrap();
         RawLink {
             io,
             id: cfg.identity.agent_id(),
@@ -352,8 +351,8 @@ pub fn well_behaved_pair(relay: &Relay, n: u64) -> tokio::task::JoinHandle<u64> 
     let cfg_a = relay.config("good-a");
     let cfg_b = relay.config("good-b");
     tokio::spawn(async move {
-        let mut a = Agent::connect(cfg_a).await.unwrap();
-        let mut b = Agent::connect(cfg_b).await.unwrap();
+        let mut a = Session::connect(cfg_a).await.unwrap();
+        let mut b = Session::connect(cfg_b).await.unwrap();
         let to = b.id();
         let recv = tokio::spawn(async move {
             let mut next = 0u64;
@@ -410,7 +409,7 @@ pub async fn welcomed(relay: &Relay, name: &str) -> RawLink {
 /// a retryable reason until each is ACKed; returns the ACKed ids, the numbers that were resent,
 /// and how many resends there were.
 pub async fn send_all(
-    a: &mut Agent,
+    a: &mut Session,
     to: AgentId,
     (first, n): (u64, u64),
     window: u64,

@@ -1,0 +1,1409 @@
+//! The agent: windows, outcomes per envelope, retries, reconnection and a clean close, over
+//! one session at a time.
+//!
+//! One driver task per agent owns the current connection's write half and a reader task per
+//! connection; the application's calls reach it through a bounded queue. What the agent tracks
+//! lives in one [`State`] behind a mutex, taken once per batch sent and once per frame of
+//! answers read:
+//!
+//! - every envelope the relay will answer stays in `pending` (its encoded frame, a slice of the
+//!   batch buffer it was sent in) until the answer: ACK resolves it, a retryable NACK schedules
+//!   it again (backoff from 50 ms doubling to 2 s, while its TTL allows), anything else resolves
+//!   it. `pending` is bounded by the window: sending waits for room;
+//! - on a new connection every pending envelope is written again, in the order first sent, and
+//!   what was queued for the old connection is dropped (it is pending, so it was just written).
+//!   The queue carries the connection generation it was enqueued under, read under the same
+//!   lock that records the envelopes, so nothing slips between the two.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_rustls::client::TlsStream;
+
+use openmesh_dataplane::wire::{
+    AckBatch, AgentId, Close, DeliveryClass, Destination, Envelope, EnvelopeBuilder, Frame,
+    FrameDecoder, MessageId, Nack, Ping, Pong, Reason, Receipt, ReceiptStatus, Welcome,
+    MAX_ACK_BATCH,
+};
+
+use crate::session::{open, Opened};
+use crate::template::{Batch, Item, MessageIds};
+use crate::{now_us, unix_ms, ClientConfig, ClientError};
+
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+/// TTL of envelopes made by [`Agent::envelope_to`] (capped by the relay's `max_ttl_ms`).
+pub const DEFAULT_TTL: Duration = Duration::from_secs(60);
+/// Most best-effort envelopes received and not yet taken by the application; more are dropped
+/// (and counted in [`Stats::dropped_best_effort`]). Envelopes the relay wants ACKed are bounded
+/// by the relay's deliver window instead, and never dropped.
+pub const MAX_QUEUED_BEST_EFFORT: u64 = 65_536;
+/// Most envelopes whose receipt a [`SendHandle`] waits for at once; beyond it
+/// [`SendHandle::delivery`] answers `None` at once.
+pub const MAX_AWAITED_RECEIPTS: usize = 65_536;
+const RETRY_FIRST: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+/// Most ACKs kept while disconnected, to write on the next connection.
+const MAX_HELD_ACKS: usize = 65_536;
+const WRITE_COALESCE: usize = 256 << 10;
+
+/// What became of one envelope (the relay's answer to it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// The relay took custody (for durable envelopes: after its store synced them).
+    Accepted,
+    /// A best-effort envelope was handed to the connection; the relay does not answer those.
+    Sent,
+    /// The relay refused it for a reason retrying does not fix, or that persisted until the
+    /// envelope's TTL ran out.
+    Refused {
+        /// The reason, when this build knows the code.
+        reason: Option<Reason>,
+        /// The raw reason code.
+        code: u16,
+        /// The relay's text.
+        text: String,
+    },
+    /// Its TTL ran out before the relay accepted it (retries or reconnection took too long).
+    Expired,
+    /// The agent closed before the relay answered.
+    Unanswered,
+}
+
+/// What became of an envelope at its destination, for envelopes that asked for a receipt
+/// ([`openmesh_dataplane::wire::flags`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// The destination agent ACKed it, at this Unix millisecond.
+    Delivered { at_ms: u64 },
+    /// It expired undelivered, at this Unix millisecond.
+    Expired { at_ms: u64 },
+}
+
+/// The answers to a [`Batch`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BatchOutcome {
+    /// Envelopes the relay accepted.
+    pub accepted: u32,
+    /// Best-effort envelopes handed to the connection (not answered by the relay).
+    pub sent: u32,
+    /// Envelopes refused, with their reason code and text.
+    pub refused: Vec<(MessageId, u16, String)>,
+    /// Envelopes whose TTL ran out before the relay accepted them.
+    pub expired: Vec<MessageId>,
+    /// Envelopes still unanswered when the agent closed.
+    pub unanswered: Vec<MessageId>,
+}
+
+/// Counters of an agent since it connected ([`Agent::stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Envelopes handed to [`Agent::send`] or [`Agent::send_batch`].
+    pub sent: u64,
+    /// Envelopes the relay accepted.
+    pub accepted: u64,
+    /// NACKs received, retried ones included.
+    pub nacked: u64,
+    /// Envelopes sent again after a retryable NACK.
+    pub retried: u64,
+    /// Envelopes refused for good.
+    pub refused: u64,
+    /// Envelopes whose TTL ran out unaccepted.
+    pub expired: u64,
+    /// Envelopes written again on a new connection.
+    pub resent: u64,
+    /// Connections after the first.
+    pub reconnects: u64,
+    /// Envelopes received.
+    pub received: u64,
+    /// Best-effort envelopes dropped because the application did not take them
+    /// ([`MAX_QUEUED_BEST_EFFORT`]).
+    pub dropped_best_effort: u64,
+    /// Envelopes sent and not yet answered.
+    pub in_flight: u64,
+}
+
+/// What [`Agent::close`] saw.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CloseReport {
+    /// Envelopes the relay had not answered when the agent closed, in the order sent.
+    pub unanswered: Vec<MessageId>,
+    /// The relay's CLOSE in answer to ours (`None`: it did not answer within the timeout, or
+    /// there was no connection).
+    pub relay_close: Option<Close>,
+    /// The agent's counters at the end.
+    pub stats: Stats,
+}
+
+#[derive(Default)]
+struct Counters {
+    sent: AtomicU64,
+    accepted: AtomicU64,
+    nacked: AtomicU64,
+    retried: AtomicU64,
+    refused: AtomicU64,
+    expired: AtomicU64,
+    resent: AtomicU64,
+    reconnects: AtomicU64,
+    received: AtomicU64,
+    dropped_best_effort: AtomicU64,
+}
+
+fn bump(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+struct Pending {
+    frame: Bytes,
+    dest: Option<AgentId>,
+    expires_ms: u64,
+    /// Order of first sending (resending keeps it).
+    seq: u64,
+    batch: u64,
+    attempts: u32,
+    /// Off the wire, waiting for its retry.
+    waiting: bool,
+}
+
+struct BatchState {
+    left: u32,
+    out: BatchOutcome,
+    tx: Option<oneshot::Sender<BatchOutcome>>,
+}
+
+enum Settle {
+    Accepted,
+    Refused(u16, String),
+    Expired,
+    Unanswered,
+}
+
+#[derive(Default)]
+struct State {
+    pending: Map<MessageId, Pending>,
+    seq: u64,
+    per_dest: Map<AgentId, u32>,
+    batches: Map<u64, BatchState>,
+    next_batch: u64,
+    /// Retries due, earliest first (entries whose envelope was answered or resent meanwhile
+    /// are skipped when they come up).
+    retries: BinaryHeap<Reverse<(Instant, u64, MessageId)>>,
+    receipts: Map<MessageId, (u64, oneshot::Sender<Delivery>)>,
+    /// Connection generation: 0 before the first, then one more per connection.
+    gen: u64,
+    window: u32,
+    dest_window: u32,
+    closed: bool,
+}
+
+impl State {
+    fn fits(&self, n: u32, dests: &[(AgentId, u32)]) -> bool {
+        let used = self.pending.len() as u32;
+        (used == 0 || used + n <= self.window)
+            && dests.iter().all(|(d, k)| {
+                let cur = self.per_dest.get(d).copied().unwrap_or(0);
+                cur == 0 || cur + k <= self.dest_window
+            })
+    }
+
+    /// Resolves a pending envelope. Returns whether it was pending.
+    fn settle(&mut self, id: MessageId, how: Settle, c: &Counters) -> bool {
+        let Some(p) = self.pending.remove(&id) else {
+            return false;
+        };
+        if let Some(d) = p.dest {
+            if let Some(n) = self.per_dest.get_mut(&d) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_dest.remove(&d);
+                }
+            }
+        }
+        let Some(b) = self.batches.get_mut(&p.batch) else {
+            return true;
+        };
+        match how {
+            Settle::Accepted => {
+                b.out.accepted += 1;
+                bump(&c.accepted, 1);
+            }
+            Settle::Refused(code, text) => {
+                b.out.refused.push((id, code, text));
+                bump(&c.refused, 1);
+            }
+            Settle::Expired => {
+                b.out.expired.push(id);
+                bump(&c.expired, 1);
+            }
+            Settle::Unanswered => b.out.unanswered.push(id),
+        }
+        b.left -= 1;
+        if b.left == 0 {
+            if let Some(mut b) = self.batches.remove(&p.batch) {
+                if let Some(tx) = b.tx.take() {
+                    let _ = tx.send(b.out);
+                }
+            }
+        }
+        true
+    }
+}
+
+struct Shared {
+    st: Mutex<State>,
+    /// Window room freed, or the agent closed.
+    room: Notify,
+    /// A retry was scheduled.
+    wake: Notify,
+    counters: Counters,
+    welcome: Mutex<Welcome>,
+    queued_best_effort: AtomicU64,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn on_acks(&self, acks: &AckBatch) {
+        let mut freed = false;
+        let mut st = self.lock();
+        for id in acks.ids() {
+            freed |= st.settle(id, Settle::Accepted, &self.counters);
+        }
+        drop(st);
+        if freed {
+            self.room.notify_waiters();
+        }
+    }
+
+    fn on_nack(&self, n: Nack) {
+        bump(&self.counters.nacked, 1);
+        let retry = n.reason().is_some_and(Reason::retryable);
+        let mut st = self.lock();
+        let Some(p) = st.pending.get_mut(&n.message_id) else {
+            return;
+        };
+        let delay = RETRY_FIRST
+            .saturating_mul(1 << p.attempts.min(16))
+            .min(RETRY_MAX);
+        if retry && unix_ms() + (delay.as_millis() as u64) < p.expires_ms {
+            p.attempts += 1;
+            p.waiting = true;
+            let seq = p.seq;
+            st.retries
+                .push(Reverse((Instant::now() + delay, seq, n.message_id)));
+            drop(st);
+            self.wake.notify_one();
+            return;
+        }
+        let how = if retry {
+            Settle::Expired
+        } else {
+            Settle::Refused(n.code, n.text)
+        };
+        st.settle(n.message_id, how, &self.counters);
+        drop(st);
+        self.room.notify_waiters();
+    }
+
+    fn on_receipt(&self, r: Receipt) {
+        let Some((_, tx)) = self.lock().receipts.remove(&r.message_id) else {
+            return;
+        };
+        let _ = tx.send(match r.status {
+            ReceiptStatus::Delivered => Delivery::Delivered { at_ms: r.at_ms },
+            ReceiptStatus::Expired => Delivery::Expired { at_ms: r.at_ms },
+        });
+    }
+
+    /// Ends the agent: every pending envelope resolves as unanswered (their ids returned in
+    /// the order sent), senders waiting for room get [`ClientError::Gone`].
+    fn shut(&self) -> Vec<MessageId> {
+        let mut st = self.lock();
+        st.closed = true;
+        let mut left: Vec<(u64, MessageId)> =
+            st.pending.iter().map(|(id, p)| (p.seq, *id)).collect();
+        left.sort_unstable();
+        for (_, id) in &left {
+            st.settle(*id, Settle::Unanswered, &self.counters);
+        }
+        st.receipts.clear();
+        drop(st);
+        self.room.notify_waiters();
+        left.into_iter().map(|(_, id)| id).collect()
+    }
+
+    fn stats(&self) -> Stats {
+        let c = &self.counters;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Stats {
+            sent: g(&c.sent),
+            accepted: g(&c.accepted),
+            nacked: g(&c.nacked),
+            retried: g(&c.retried),
+            refused: g(&c.refused),
+            expired: g(&c.expired),
+            resent: g(&c.resent),
+            reconnects: g(&c.reconnects),
+            received: g(&c.received),
+            dropped_best_effort: g(&c.dropped_best_effort),
+            in_flight: self.lock().pending.len() as u64,
+        }
+    }
+}
+
+enum Out {
+    /// Envelope frames, enqueued while connection `gen` was current.
+    Batch {
+        frames: Bytes,
+        gen: u64,
+    },
+    /// A control frame for the current connection only (PING, PONG).
+    Control(Bytes),
+    Ack(MessageId),
+    Acks(Vec<MessageId>),
+    /// Write what is queued, CLOSE, wait for the relay's CLOSE until the deadline.
+    Close {
+        deadline: Instant,
+        done: Option<oneshot::Sender<Option<Close>>>,
+    },
+}
+
+/// A connected agent. See the [crate documentation](crate) for the tour.
+///
+/// Dropping an agent closes it in the background (within [`ClientConfig::close_timeout`],
+/// writing its queued envelopes and ACKs first) when a tokio runtime is running;
+/// [`Agent::close`] does the same and reports what stayed unanswered.
+pub struct Agent {
+    id: AgentId,
+    sh: Arc<Shared>,
+    out: mpsc::Sender<Out>,
+    inbox: mpsc::UnboundedReceiver<Vec<Envelope>>,
+    ready: VecDeque<Envelope>,
+    ids: MessageIds,
+    close_timeout: Duration,
+    driver: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("id", &self.id)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+/// Resolves to the relay's answer to one envelope ([`Agent::send`]), and to its receipt when
+/// the envelope asked for one.
+#[derive(Debug)]
+pub struct SendHandle {
+    id: MessageId,
+    batch: BatchHandle,
+    outcome: Option<Outcome>,
+    receipt: Option<oneshot::Receiver<Delivery>>,
+}
+
+impl SendHandle {
+    /// The envelope's message id.
+    pub fn message_id(&self) -> MessageId {
+        self.id
+    }
+
+    /// Waits for the relay's answer (retries and reconnections happen meanwhile).
+    ///
+    /// ```no_run
+    /// # async fn demo(agent: &openmesh_agent::Agent, env: openmesh_dataplane::wire::Envelope) -> Result<(), openmesh_agent::ClientError> {
+    /// use openmesh_agent::Outcome;
+    /// match agent.send(&env).await?.outcome().await {
+    ///     Outcome::Accepted => {}
+    ///     Outcome::Refused { text, .. } => eprintln!("refused: {text}"),
+    ///     other => eprintln!("{other:?}"),
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn outcome(&mut self) -> Outcome {
+        if let Some(o) = &self.outcome {
+            return o.clone();
+        }
+        let b = self.batch.outcome_ref().await;
+        let o = if b.accepted > 0 {
+            Outcome::Accepted
+        } else if b.sent > 0 {
+            Outcome::Sent
+        } else if let Some((_, code, text)) = b.refused.into_iter().next() {
+            Outcome::Refused {
+                reason: Reason::from_u16(code),
+                code,
+                text,
+            }
+        } else if !b.expired.is_empty() {
+            Outcome::Expired
+        } else {
+            Outcome::Unanswered
+        };
+        self.outcome = Some(o.clone());
+        o
+    }
+
+    /// Waits for the receipt of an envelope sent with a receipt flag: delivered, or expired
+    /// undelivered. `None` when the envelope asked for none, was refused, or the agent closed
+    /// first.
+    ///
+    /// ```no_run
+    /// # async fn demo(agent: &openmesh_agent::Agent, bob: openmesh_dataplane::wire::AgentId) -> Result<(), openmesh_agent::ClientError> {
+    /// use openmesh_dataplane::wire::flags;
+    /// let mut b = agent.envelope_to(bob);
+    /// b.flags = flags::RECEIPT_DELIVERED | flags::RECEIPT_EXPIRED;
+    /// let mut h = agent.send(&b.build(b"ping").expect("small")).await?;
+    /// println!("{:?}", h.delivery().await);
+    /// # Ok(()) }
+    /// ```
+    pub async fn delivery(&mut self) -> Option<Delivery> {
+        match self.outcome().await {
+            Outcome::Accepted => self.receipt.as_mut()?.await.ok(),
+            _ => None,
+        }
+    }
+}
+
+/// Resolves to the answers to a [`Batch`] ([`Agent::send_batch`]) once every envelope in it
+/// has one. Dropping it discards them (the envelopes are still sent and retried).
+#[derive(Debug)]
+pub struct BatchHandle {
+    rx: Option<oneshot::Receiver<BatchOutcome>>,
+    ready: Option<BatchOutcome>,
+}
+
+impl BatchHandle {
+    /// Waits until every envelope of the batch has its answer.
+    pub async fn outcome(mut self) -> BatchOutcome {
+        self.outcome_ref().await
+    }
+
+    async fn outcome_ref(&mut self) -> BatchOutcome {
+        if let Some(o) = self.ready.take() {
+            return o;
+        }
+        match self.rx.take() {
+            Some(rx) => rx.await.unwrap_or_default(),
+            None => BatchOutcome::default(),
+        }
+    }
+}
+
+impl Agent {
+    /// Connects to the first relay of [`ClientConfig::relays`] that answers (each attempt
+    /// within `cfg.connect_timeout`), and starts the agent. Fails with the last attempt's error
+    /// when none does.
+    ///
+    /// ```no_run
+    /// # async fn demo(cfg: openmesh_agent::ClientConfig) -> Result<(), openmesh_agent::ClientError> {
+    /// let agent = openmesh_agent::Agent::connect(cfg).await?;
+    /// println!("connected as {} to relay {}", agent.id(), agent.welcome().relay_id);
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect(cfg: ClientConfig) -> Result<Agent, ClientError> {
+        let mut last = ClientError::Gone;
+        let mut first = None;
+        for (i, relay) in cfg.relays().enumerate() {
+            match open(&cfg, relay).await {
+                Ok(o) => {
+                    first = Some((i, o));
+                    break;
+                }
+                Err(e) => last = e,
+            }
+        }
+        let (idx, opened) = first.ok_or(last)?;
+        let sh = Arc::new(Shared {
+            st: Mutex::new(State {
+                window: cfg.window.max(1),
+                dest_window: cfg.destination_window.max(1),
+                ..State::default()
+            }),
+            room: Notify::new(),
+            wake: Notify::new(),
+            counters: Counters::default(),
+            welcome: Mutex::new(opened.welcome.clone()),
+            queued_best_effort: AtomicU64::new(0),
+        });
+        let (out_tx, out_rx) = mpsc::channel(16_384);
+        let (in_tx, in_rx) = mpsc::unbounded_channel();
+        let driver = tokio::spawn(drive(
+            sh.clone(),
+            cfg.clone(),
+            out_rx,
+            out_tx.downgrade(),
+            in_tx,
+            (idx, opened),
+        ));
+        Ok(Agent {
+            id: cfg.identity.agent_id(),
+            sh,
+            out: out_tx,
+            inbox: in_rx,
+            ready: VecDeque::new(),
+            ids: MessageIds::new()?,
+            close_timeout: cfg.close_timeout,
+            driver: Some(driver),
+        })
+    }
+
+    /// This agent's id (its Ed25519 public key).
+    pub fn id(&self) -> AgentId {
+        self.id
+    }
+
+    /// The current session's contract (it changes when the agent reconnects).
+    pub fn welcome(&self) -> Welcome {
+        self.sh
+            .welcome
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The agent's counters.
+    ///
+    /// ```no_run
+    /// # fn demo(agent: &openmesh_agent::Agent) {
+    /// let s = agent.stats();
+    /// println!("{} accepted, {} in flight, {} reconnects", s.accepted, s.in_flight, s.reconnects);
+    /// # }
+    /// ```
+    pub fn stats(&self) -> Stats {
+        self.sh.stats()
+    }
+
+    /// A fresh message id (random per agent, then counting).
+    pub fn next_message_id(&self) -> MessageId {
+        self.ids.next()
+    }
+
+    /// A builder for an at-least-once envelope from this agent to `to`, with a fresh message id,
+    /// created now and expiring after [`DEFAULT_TTL`] (or the relay's `max_ttl_ms` when lower).
+    /// Set its fields (class, schema, constraints, flags, `expires_ms`) before building.
+    ///
+    /// ```no_run
+    /// # fn demo(agent: &openmesh_agent::Agent, bob: openmesh_dataplane::wire::AgentId) {
+    /// use openmesh_dataplane::wire::DeliveryClass;
+    /// let mut b = agent.envelope_to(bob);
+    /// b.class = DeliveryClass::Durable;
+    /// b.schema = "market/proposal@2.1".into();
+    /// let env = b.build(b"{\"price\": 12}").expect("small envelope");
+    /// # }
+    /// ```
+    pub fn envelope_to(&self, to: AgentId) -> EnvelopeBuilder {
+        let max = self.welcome().max_ttl_ms;
+        let ttl = (DEFAULT_TTL.as_millis() as u64).min(if max == 0 { u64::MAX } else { max });
+        EnvelopeBuilder::new(
+            self.next_message_id(),
+            self.id,
+            Destination::Agent(to),
+            unix_ms(),
+            ttl,
+        )
+    }
+
+    /// Sends one envelope; waits while the window is full. The handle resolves to the relay's
+    /// answer ([`SendHandle::outcome`]) and to the receipt when one was asked for.
+    ///
+    /// ```no_run
+    /// # async fn demo(agent: &openmesh_agent::Agent, bob: openmesh_dataplane::wire::AgentId) -> Result<(), openmesh_agent::ClientError> {
+    /// let env = agent.envelope_to(bob).build(b"hello").expect("small envelope");
+    /// let mut h = agent.send(&env).await?;
+    /// println!("{:?}", h.outcome().await);
+    /// # Ok(()) }
+    /// ```
+    pub async fn send(&self, env: &Envelope) -> Result<SendHandle, ClientError> {
+        let mut b = Batch::with_capacity(env.frame_len());
+        b.push(env);
+        let receipt = if b.items[0].wants_receipt && b.items[0].answered {
+            let (tx, rx) = oneshot::channel();
+            let mut st = self.sh.lock();
+            if st.receipts.len() < MAX_AWAITED_RECEIPTS {
+                st.receipts.insert(env.message_id(), (env.expires_ms(), tx));
+                Some(rx)
+            } else {
+                None
+            }
+        } else {
+            None
+        };
+        Ok(SendHandle {
+            id: env.message_id(),
+            batch: self.send_batch(b).await?,
+            outcome: None,
+            receipt,
+        })
+    }
+
+    /// Sends a batch of envelopes; waits until the window has room for all of them (a batch
+    /// larger than the window goes when nothing else is in flight). One hand-off to the writer
+    /// for the whole batch.
+    ///
+    /// ```no_run
+    /// # async fn demo(agent: &openmesh_agent::Agent, bob: openmesh_dataplane::wire::AgentId) -> Result<(), openmesh_agent::ClientError> {
+    /// let mut batch = openmesh_agent::Batch::new();
+    /// for i in 0u32..10 {
+    ///     batch.push(&agent.envelope_to(bob).build(&i.to_be_bytes()).expect("small"));
+    /// }
+    /// let out = agent.send_batch(batch).await?.outcome().await;
+    /// println!("{} accepted, {} refused", out.accepted, out.refused.len());
+    /// # Ok(()) }
+    /// ```
+    pub async fn send_batch(&self, batch: Batch) -> Result<BatchHandle, ClientError> {
+        let Batch { buf, items } = batch;
+        if items.is_empty() {
+            return Ok(BatchHandle {
+                rx: None,
+                ready: Some(BatchOutcome::default()),
+            });
+        }
+        let frames = buf.freeze();
+        let answered = items.iter().filter(|i| i.answered).count() as u32;
+        let mut dests: Vec<(AgentId, u32)> = Vec::new();
+        for d in items.iter().filter(|i| i.answered).filter_map(|i| i.dest) {
+            match dests.iter_mut().find(|(a, _)| *a == d) {
+                Some((_, n)) => *n += 1,
+                None => dests.push((d, 1)),
+            }
+        }
+        let sent = items.len() as u32 - answered;
+        let (tx, rx) = oneshot::channel();
+        let gen = loop {
+            let room = self.sh.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            {
+                let mut st = self.sh.lock();
+                if st.closed {
+                    return Err(ClientError::Gone);
+                }
+                if st.fits(answered, &dests) {
+                    self.record(&mut st, &items, &frames, answered, sent, tx);
+                    break st.gen;
+                }
+            }
+            room.await;
+        };
+        bump(&self.sh.counters.sent, items.len() as u64);
+        self.out
+            .send(Out::Batch { frames, gen })
+            .await
+            .map_err(|_| ClientError::Gone)?;
+        Ok(BatchHandle {
+            rx: Some(rx),
+            ready: None,
+        })
+    }
+
+    fn record(
+        &self,
+        st: &mut State,
+        items: &[Item],
+        frames: &Bytes,
+        answered: u32,
+        sent: u32,
+        tx: oneshot::Sender<BatchOutcome>,
+    ) {
+        let out = BatchOutcome {
+            sent,
+            ..BatchOutcome::default()
+        };
+        if answered == 0 {
+            let _ = tx.send(out);
+            return;
+        }
+        let batch = st.next_batch;
+        st.next_batch += 1;
+        st.batches.insert(
+            batch,
+            BatchState {
+                left: answered,
+                out,
+                tx: Some(tx),
+            },
+        );
+        for it in items.iter().filter(|i| i.answered) {
+            st.seq += 1;
+            let seq = st.seq;
+            if let Some(d) = it.dest {
+                *st.per_dest.entry(d).or_insert(0) += 1;
+            }
+            let prev = st.pending.insert(
+                it.id,
+                Pending {
+                    frame: frames.slice(it.start..it.end),
+                    dest: it.dest,
+                    expires_ms: it.expires_ms,
+                    seq,
+                    batch,
+                    attempts: 0,
+                    waiting: false,
+                },
+            );
+            if let Some(p) = prev {
+                // The same message id sent twice while the first is in flight: the first's
+                // handle resolves with the second's answer; count it out of its batch.
+                if let Some(b) = st.batches.get_mut(&p.batch) {
+                    b.left -= 1;
+                    b.out.unanswered.push(it.id);
+                }
+                if let Some(d) = p.dest {
+                    if let Some(n) = st.per_dest.get_mut(&d) {
+                        *n -= 1;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits until every envelope sent so far has its answer (accepted, refused or expired).
+    pub async fn flush(&self) {
+        loop {
+            let room = self.sh.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            {
+                let st = self.sh.lock();
+                if st.pending.is_empty() || st.closed {
+                    return;
+                }
+            }
+            room.await;
+        }
+    }
+
+    fn took(&self, e: &Envelope) {
+        if e.class() == DeliveryClass::BestEffort {
+            self.sh.queued_best_effort.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The next envelope for this agent; `None` once the agent is closed. ACK it with
+    /// [`Agent::ack`] once processed (unless [`ClientConfig::auto_ack`] is on).
+    ///
+    /// ```no_run
+    /// # async fn demo(mut agent: openmesh_agent::Agent) -> Result<(), openmesh_agent::ClientError> {
+    /// while let Some(env) = agent.recv().await {
+    ///     println!("{} from {}", env.message_id(), env.source());
+    ///     agent.ack(&env).await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn recv(&mut self) -> Option<Envelope> {
+        loop {
+            if let Some(e) = self.ready.pop_front() {
+                self.took(&e);
+                return Some(e);
+            }
+            let batch = self.inbox.recv().await?;
+            self.ready.extend(batch);
+        }
+    }
+
+    /// The next envelope if one is ready, without waiting.
+    pub fn try_recv(&mut self) -> Option<Envelope> {
+        if self.ready.is_empty() {
+            while let Ok(b) = self.inbox.try_recv() {
+                self.ready.extend(b);
+            }
+        }
+        let e = self.ready.pop_front()?;
+        self.took(&e);
+        Some(e)
+    }
+
+    /// Waits for envelopes and moves every one that is ready into `out` (at least one).
+    /// Returns false once the agent is closed and everything was taken. Cheaper than
+    /// [`Agent::recv`] for receivers of many envelopes.
+    pub async fn recv_many(&mut self, out: &mut Vec<Envelope>) -> bool {
+        if self.ready.is_empty() {
+            match self.inbox.recv().await {
+                Some(b) => self.ready.extend(b),
+                None => return false,
+            }
+        }
+        while let Ok(b) = self.inbox.try_recv() {
+            self.ready.extend(b);
+        }
+        let be = self
+            .ready
+            .iter()
+            .filter(|e| e.class() == DeliveryClass::BestEffort)
+            .count() as u64;
+        self.sh.queued_best_effort.fetch_sub(be, Ordering::Relaxed);
+        out.extend(self.ready.drain(..));
+        true
+    }
+
+    /// ACKs a received envelope: the relay forgets it (and sends its source a receipt when one
+    /// was asked for). Best-effort envelopes need none. ACKs are batched into ACK frames.
+    pub async fn ack(&self, env: &Envelope) -> Result<(), ClientError> {
+        if env.class() == DeliveryClass::BestEffort {
+            return Ok(());
+        }
+        self.ack_id(env.message_id()).await
+    }
+
+    /// ACKs a received envelope by message id.
+    pub async fn ack_id(&self, id: MessageId) -> Result<(), ClientError> {
+        self.out
+            .send(Out::Ack(id))
+            .await
+            .map_err(|_| ClientError::Gone)
+    }
+
+    /// Hands every received envelope to `handler` and ACKs it once the handler returns, until
+    /// the agent is closed.
+    ///
+    /// ```no_run
+    /// # async fn demo(mut agent: openmesh_agent::Agent) -> Result<(), openmesh_agent::ClientError> {
+    /// agent
+    ///     .serve(|env| async move { println!("{} bytes", env.payload().len()) })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn serve<F, Fut>(&mut self, mut handler: F) -> Result<(), ClientError>
+    where
+        F: FnMut(Envelope) -> Fut,
+        Fut: Future<Output = ()>,
+    {
+        while let Some(env) = self.recv().await {
+            let (id, class) = (env.message_id(), env.class());
+            handler(env).await;
+            if class != DeliveryClass::BestEffort {
+                self.ack_id(id).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes the agent: waits for the relay's answers to what is in flight, writes every
+    /// queued envelope and ACK, sends CLOSE and waits for the relay's CLOSE, all within
+    /// [`ClientConfig::close_timeout`]. Reports what stayed unanswered.
+    ///
+    /// ```no_run
+    /// # async fn demo(agent: openmesh_agent::Agent) -> Result<(), openmesh_agent::ClientError> {
+    /// let report = agent.close().await?;
+    /// assert!(report.unanswered.is_empty(), "{} unanswered", report.unanswered.len());
+    /// # Ok(()) }
+    /// ```
+    pub async fn close(mut self) -> Result<CloseReport, ClientError> {
+        let deadline = Instant::now() + self.close_timeout;
+        let _ = tokio::time::timeout_at(deadline, self.flush()).await;
+        let (done, answer) = oneshot::channel();
+        let sent = self
+            .out
+            .send(Out::Close {
+                deadline,
+                done: Some(done),
+            })
+            .await
+            .is_ok();
+        let relay_close = if sent {
+            answer.await.ok().flatten()
+        } else {
+            None
+        };
+        if let Some(d) = self.driver.take() {
+            let _ = d.await;
+        }
+        let unanswered = self.sh.shut();
+        Ok(CloseReport {
+            unanswered,
+            relay_close,
+            stats: self.sh.stats(),
+        })
+    }
+}
+
+impl Drop for Agent {
+    /// Closes in the background: the driver writes what is queued (ACKs included), sends
+    /// CLOSE and waits for the relay's, within the close timeout. Without a tokio runtime the
+    /// driver stops at once.
+    fn drop(&mut self) {
+        let Some(driver) = self.driver.take() else {
+            return;
+        };
+        let close = Out::Close {
+            deadline: Instant::now() + self.close_timeout,
+            done: None,
+        };
+        match self.out.try_send(close) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(close)) => {
+                match tokio::runtime::Handle::try_current() {
+                    Ok(rt) => {
+                        let out = self.out.clone();
+                        rt.spawn(async move { out.send(close).await });
+                    }
+                    Err(_) => driver.abort(),
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+}
+
+/// How a connection ended.
+enum Ended {
+    /// The agent closed (the relay's CLOSE, if it answered).
+    Closed,
+    /// The connection is gone; reconnect (to `redirect` first, if the relay named one).
+    Lost { redirect: Option<SocketAddr> },
+}
+
+/// What the reader saw when its connection ended.
+#[derive(Default)]
+struct ReadEnd {
+    close: Option<Close>,
+    redirect: Option<SocketAddr>,
+}
+
+/// The agent's driver: runs connections one after another until the agent closes.
+async fn drive(
+    sh: Arc<Shared>,
+    cfg: ClientConfig,
+    mut out: mpsc::Receiver<Out>,
+    out_tx: mpsc::WeakSender<Out>,
+    inbox: mpsc::UnboundedSender<Vec<Envelope>>,
+    first: (usize, Opened),
+) {
+    let relays: Vec<SocketAddr> = cfg.relays().collect();
+    let (mut idx, opened) = first;
+    let mut next = Some(opened);
+    let mut held_acks: Vec<MessageId> = Vec::new();
+    let mut redirect = None;
+    loop {
+        let opened = match next.take() {
+            Some(o) => o,
+            None => {
+                match reconnect(
+                    &sh,
+                    &cfg,
+                    &relays,
+                    &mut idx,
+                    redirect.take(),
+                    &mut out,
+                    &mut held_acks,
+                )
+                .await
+                {
+                    Some(o) => {
+                        bump(&sh.counters.reconnects, 1);
+                        o
+                    }
+                    None => break,
+                }
+            }
+        };
+        let Some(out_tx) = out_tx.upgrade() else {
+            break;
+        };
+        let conn = Conn {
+            sh: &sh,
+            cfg: &cfg,
+            out: &mut out,
+            out_tx,
+            inbox: &inbox,
+        };
+        match conn.run(opened, std::mem::take(&mut held_acks)).await {
+            Ended::Closed => break,
+            Ended::Lost { redirect: r } => {
+                tracing::debug!(relay = %relays[idx], "connection lost; reconnecting");
+                redirect = r;
+            }
+        }
+    }
+    sh.shut();
+}
+
+/// Reconnects through the relays with backoff. Meanwhile envelopes queued for the old
+/// connection are dropped (they are pending: the new connection writes them), ACKs are kept
+/// for it, retries and TTLs run out. `None`: the agent closed first.
+async fn reconnect(
+    sh: &Shared,
+    cfg: &ClientConfig,
+    relays: &[SocketAddr],
+    idx: &mut usize,
+    redirect: Option<SocketAddr>,
+    out: &mut mpsc::Receiver<Out>,
+    held_acks: &mut Vec<MessageId>,
+) -> Option<Opened> {
+    let mut wait = cfg.reconnect_initial;
+    let mut target = redirect;
+    loop {
+        let relay = match target.take() {
+            Some(r) => r,
+            None => {
+                let sleep = tokio::time::sleep(wait);
+                tokio::pin!(sleep);
+                loop {
+                    tokio::select! {
+                        _ = &mut sleep => break,
+                        o = out.recv() => match o {
+                            None | Some(Out::Close { .. }) => return None,
+                            Some(Out::Ack(id)) => hold(held_acks, [id]),
+                            Some(Out::Acks(ids)) => hold(held_acks, ids),
+                            Some(Out::Batch { .. } | Out::Control(_)) => {}
+                        },
+                    }
+                }
+                expire_pending(sh);
+                wait = (wait * 2).min(cfg.reconnect_max);
+                *idx = (*idx + 1) % relays.len();
+                relays[*idx]
+            }
+        };
+        match open(cfg, relay).await {
+            Ok(o) => return Some(o),
+            Err(e) => tracing::debug!(%relay, error = %e, "reconnect failed"),
+        }
+    }
+}
+
+fn hold(held: &mut Vec<MessageId>, ids: impl IntoIterator<Item = MessageId>) {
+    for id in ids {
+        if held.len() < MAX_HELD_ACKS {
+            held.push(id);
+        }
+    }
+}
+
+/// While disconnected: resolves pending envelopes whose TTL ran out.
+fn expire_pending(sh: &Shared) {
+    let now = unix_ms();
+    let mut st = sh.lock();
+    let gone: Vec<MessageId> = st
+        .pending
+        .iter()
+        .filter(|(_, p)| p.expires_ms <= now)
+        .map(|(id, _)| *id)
+        .collect();
+    for id in &gone {
+        st.settle(*id, Settle::Expired, &sh.counters);
+    }
+    st.receipts.retain(|_, (exp, _)| *exp + 60_000 > now);
+    drop(st);
+    if !gone.is_empty() {
+        sh.room.notify_waiters();
+    }
+}
+
+struct Conn<'a> {
+    sh: &'a Arc<Shared>,
+    cfg: &'a ClientConfig,
+    out: &'a mut mpsc::Receiver<Out>,
+    out_tx: mpsc::Sender<Out>,
+    inbox: &'a mpsc::UnboundedSender<Vec<Envelope>>,
+}
+
+impl Conn<'_> {
+    async fn run(self, opened: Opened, held_acks: Vec<MessageId>) -> Ended {
+        let Conn {
+            sh,
+            cfg,
+            out,
+            out_tx,
+            inbox,
+        } = self;
+        let Opened {
+            link,
+            rx,
+            dec,
+            welcome,
+        } = opened;
+        let heartbeat = Duration::from_millis(welcome.heartbeat_ms.max(1) as u64);
+        *sh.welcome.lock().unwrap_or_else(|p| p.into_inner()) = welcome.clone();
+        let (rd, mut wr) = tokio::io::split(link);
+        let (end_tx, mut end_rx) = oneshot::channel();
+        let reader = tokio::spawn({
+            let sh = sh.clone();
+            let inbox = inbox.clone();
+            let opts = ReadOpts {
+                answer_pings: cfg.answer_pings,
+                auto_ack: cfg.auto_ack,
+                heartbeat,
+            };
+            async move {
+                let end = read(rd, rx, dec, &sh, out_tx, inbox, opts).await;
+                let _ = end_tx.send(end);
+            }
+        });
+        let stop = |e: Option<ReadEnd>| Ended::Lost {
+            redirect: e.and_then(|e| e.redirect),
+        };
+
+        // A new generation: everything pending goes out again, in the order first sent.
+        let mut buf = BytesMut::with_capacity(WRITE_COALESCE);
+        let gen = {
+            let mut st = sh.lock();
+            st.gen += 1;
+            if welcome.send_window > 0 {
+                st.window = cfg.window.clamp(1, welcome.send_window);
+            }
+            let mut again: Vec<(u64, Bytes)> = st
+                .pending
+                .values_mut()
+                .map(|p| {
+                    p.waiting = false;
+                    (p.seq, p.frame.clone())
+                })
+                .collect();
+            again.sort_unstable_by_key(|(s, _)| *s);
+            if st.gen > 1 {
+                bump(&sh.counters.resent, again.len() as u64);
+            }
+            for (_, f) in again {
+                buf.extend_from_slice(&f);
+            }
+            st.gen
+        };
+        let mut acks = held_acks;
+        flush_acks(&mut acks, &mut buf);
+        if !buf.is_empty() && (wr.write_all(&buf).await.is_err() || wr.flush().await.is_err()) {
+            reader.abort();
+            return stop(None);
+        }
+        buf.clear();
+
+        loop {
+            let due = sh
+                .lock()
+                .retries
+                .peek()
+                .map(|Reverse((at, _, _))| *at)
+                .unwrap_or_else(|| Instant::now() + heartbeat);
+            let mut closing = None;
+            tokio::select! {
+                biased;
+                e = &mut end_rx => {
+                    let _ = wr.shutdown().await;
+                    return stop(e.ok());
+                }
+                o = out.recv() => {
+                    if o.is_none() {
+                        closing = Some((Instant::now() + cfg.close_timeout, None));
+                    }
+                    let mut next = o;
+                    let mut n = 0;
+                    while let Some(o) = next.take() {
+                        match o {
+                            Out::Batch { frames, gen: g } => {
+                                // Queued under an older connection: pending, so already
+                                // written again when this one started.
+                                if g == gen {
+                                    flush_acks(&mut acks, &mut buf);
+                                    buf.extend_from_slice(&frames);
+                                }
+                            }
+                            Out::Control(f) => buf.extend_from_slice(&f),
+                            Out::Ack(id) => acks.push(id),
+                            Out::Acks(ids) => acks.extend(ids),
+                            Out::Close { deadline, done } => {
+                                closing = Some((deadline, done));
+                                break;
+                            }
+                        }
+                        n += 1;
+                        if buf.len() >= WRITE_COALESCE || n >= 4096 {
+                            break;
+                        }
+                        next = out.try_recv().ok();
+                    }
+                }
+                _ = sh.wake.notified() => {}
+                _ = tokio::time::sleep_until(due) => {}
+            }
+            retry_due(sh, &mut buf);
+            flush_acks(&mut acks, &mut buf);
+            if let Some((deadline, done)) = closing {
+                Frame::Close(Close::new(Reason::Normal, "bye")).encode(&mut buf);
+                let written = wr.write_all(&buf).await.is_ok() && wr.flush().await.is_ok();
+                let answer = if written {
+                    tokio::time::timeout_at(deadline, &mut end_rx)
+                        .await
+                        .ok()
+                        .and_then(|r| r.ok())
+                        .and_then(|e| e.close)
+                } else {
+                    None
+                };
+                let _ = tokio::time::timeout_at(deadline, wr.shutdown()).await;
+                reader.abort();
+                if let Some(d) = done {
+                    let _ = d.send(answer);
+                }
+                return Ended::Closed;
+            }
+            if !buf.is_empty() {
+                if wr.write_all(&buf).await.is_err() || wr.flush().await.is_err() {
+                    reader.abort();
+                    return stop(None);
+                }
+                buf.clear();
+            }
+        }
+    }
+}
+
+/// Writes the envelopes whose retry is due into `buf`; resolves those whose TTL ran out.
+fn retry_due(sh: &Shared, buf: &mut BytesMut) {
+    let now = Instant::now();
+    let now_ms = unix_ms();
+    let mut st = sh.lock();
+    let mut expired = false;
+    while let Some(Reverse((at, _, id))) = st.retries.peek().copied() {
+        if at > now {
+            break;
+        }
+        st.retries.pop();
+        let Some(p) = st.pending.get_mut(&id) else {
+            continue;
+        };
+        if !p.waiting {
+            continue;
+        }
+        if p.expires_ms <= now_ms {
+            st.settle(id, Settle::Expired, &sh.counters);
+            expired = true;
+            continue;
+        }
+        p.waiting = false;
+        buf.extend_from_slice(&p.frame);
+        bump(&sh.counters.retried, 1);
+    }
+    drop(st);
+    if expired {
+        sh.room.notify_waiters();
+    }
+}
+
+fn flush_acks(acks: &mut Vec<MessageId>, buf: &mut BytesMut) {
+    for chunk in acks.chunks(MAX_ACK_BATCH) {
+        Frame::Ack(AckBatch::new(chunk.iter().copied())).encode(buf);
+    }
+    acks.clear();
+}
+
+struct ReadOpts {
+    answer_pings: bool,
+    auto_ack: bool,
+    heartbeat: Duration,
+}
+
+/// Reads one connection: envelopes to the application, answers to the pending envelopes,
+/// PINGs answered, the relay's silence watched.
+async fn read(
+    mut rd: ReadHalf<TlsStream<TcpStream>>,
+    mut rx: BytesMut,
+    dec: FrameDecoder,
+    sh: &Shared,
+    out: mpsc::Sender<Out>,
+    inbox: mpsc::UnboundedSender<Vec<Envelope>>,
+    opts: ReadOpts,
+) -> ReadEnd {
+    let mut end = ReadEnd::default();
+    let mut silent = 0;
+    let mut acks = Vec::new();
+    let mut batch = Vec::new();
+    'outer: loop {
+        loop {
+            let f = match dec.decode(&mut rx) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(_) => break 'outer,
+            };
+            match f {
+                Frame::Envelope(e) => {
+                    bump(&sh.counters.received, 1);
+                    if e.class() == DeliveryClass::BestEffort {
+                        if sh.queued_best_effort.load(Ordering::Relaxed) >= MAX_QUEUED_BEST_EFFORT {
+                            bump(&sh.counters.dropped_best_effort, 1);
+                            continue;
+                        }
+                        sh.queued_best_effort.fetch_add(1, Ordering::Relaxed);
+                    } else if opts.auto_ack {
+                        acks.push(e.message_id());
+                    }
+                    batch.push(e);
+                }
+                Frame::Ack(a) => sh.on_acks(&a),
+                Frame::Nack(n) => sh.on_nack(n),
+                Frame::Receipt(r) => sh.on_receipt(r),
+                // The relay drains: it closes once what it owes is written; reconnect then,
+                // to where it points if it does.
+                Frame::GoingAway(g) => end.redirect = g.redirect.parse().ok(),
+                Frame::Close(c) => {
+                    end.close = Some(c);
+                    break 'outer;
+                }
+                Frame::Ping(p) => {
+                    if opts.answer_pings {
+                        let pong = Frame::Pong(Pong {
+                            echo_us: p.timestamp_us,
+                            responder_us: now_us(),
+                        });
+                        let _ = out.send(Out::Control(pong.to_bytes())).await;
+                    }
+                }
+                // Relay-link and handshake frames never come on an agent's session.
+                Frame::Pong(_)
+                | Frame::Hello(_)
+                | Frame::Welcome(_)
+                | Frame::LinkHello(_)
+                | Frame::LinkAck(_)
+                | Frame::LinkNack(_)
+                | Frame::Presence(_)
+                | Frame::LinkReceipt(_) => {}
+            }
+        }
+        if !batch.is_empty() && inbox.send(std::mem::take(&mut batch)).is_err() {
+            // The application is gone; the relay delivers these again to the next session.
+            batch.clear();
+        }
+        if !acks.is_empty()
+            && out
+                .send(Out::Acks(std::mem::take(&mut acks)))
+                .await
+                .is_err()
+        {
+            break;
+        }
+        // After two silent heartbeat intervals PING the relay; after three, give up.
+        match tokio::time::timeout(opts.heartbeat, rd.read_buf(&mut rx)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(_)) => silent = 0,
+            Err(_) => {
+                silent += 1;
+                if silent >= openmesh_dataplane::session::DEAD_AFTER_INTERVALS {
+                    break;
+                }
+                if opts.answer_pings && silent >= 2 {
+                    let ping = Frame::Ping(Ping {
+                        timestamp_us: now_us(),
+                    });
+                    let _ = out.send(Out::Control(ping.to_bytes())).await;
+                }
+            }
+        }
+    }
+    end
+}

@@ -1,0 +1,141 @@
+//! How to reach relays, who to be, and the agent's limits; the library's errors.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use rustls::pki_types::CertificateDer;
+
+use openmesh_dataplane::pki::Identity;
+use openmesh_dataplane::tls::TlsConfigError;
+use openmesh_dataplane::wire::{
+    Close, Hello, Role, WireError, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
+};
+
+/// Errors of the agent library.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// A socket operation failed (connect, read, write).
+    #[error("connect: {0}")]
+    Io(#[from] std::io::Error),
+    /// The identity or the CA certificates could not make a TLS configuration.
+    #[error("tls config: {0}")]
+    Tls(#[from] TlsConfigError),
+    /// [`ClientConfig::server_name`] is not a valid DNS name or IP address.
+    #[error("invalid server name {0}")]
+    ServerName(String),
+    /// The relay sent bytes that are not a valid frame.
+    #[error("wire: {0}")]
+    Wire(#[from] WireError),
+    /// The relay ended the session with CLOSE.
+    #[error("relay closed the session: {} ({})", .0.text, .0.code)]
+    Closed(Close),
+    /// The relay answered the HELLO with something other than WELCOME or CLOSE.
+    #[error("unexpected frame during handshake")]
+    Unexpected,
+    /// TCP connect, TLS handshake and WELCOME took longer than [`ClientConfig::connect_timeout`].
+    #[error("timed out connecting (TCP, TLS handshake or WELCOME)")]
+    Timeout,
+    /// The session or the agent is closed.
+    #[error("session is gone")]
+    Gone,
+    /// An envelope could not be encoded (a list or the schema id longer than the wire allows).
+    #[error("envelope: {0}")]
+    Envelope(WireError),
+}
+
+/// How to reach relays, who to be, and the agent's limits.
+///
+/// ```
+/// # fn demo(ca: Vec<rustls::pki_types::CertificateDer<'static>>) -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// use openmesh_agent::ClientConfig;
+/// use openmesh_dataplane::pki::Identity;
+///
+/// let mut cfg = ClientConfig::new("127.0.0.1:7400".parse()?, ca, Identity::generate_self_signed("alice")?);
+/// cfg.fallback = vec!["127.0.0.1:7401".parse()?]; // tried when the first relay is gone
+/// cfg.window = 1024;                                 // envelopes in flight per session
+/// cfg.connect_timeout = Duration::from_secs(3);
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// The relay to connect to first.
+    pub relay: SocketAddr,
+    /// Relays to try, in this order, when `relay` cannot be reached or goes away (an
+    /// [`crate::Agent`] reconnects through the list, starting again at `relay`).
+    pub fallback: Vec<SocketAddr>,
+    /// Name to verify in the relay's certificate (default: the relay's IP address).
+    pub server_name: Option<String>,
+    /// CA certificates to trust for the relay.
+    pub ca: Vec<CertificateDer<'static>>,
+    /// The agent's Ed25519 identity: its key is the agent id.
+    pub identity: Identity,
+    /// What the HELLO offers: versions, features, delivery classes wanted, largest frame,
+    /// heartbeat interval wanted, schemas spoken.
+    pub hello: Hello,
+    /// Answer the relay's PINGs and PING a silent relay (turn off only to test dead-peer
+    /// detection). A relay silent for three heartbeat intervals ends the session either way.
+    pub answer_pings: bool,
+    /// ACK every received envelope as soon as the library decodes it (batched per read), instead
+    /// of waiting for an explicit ACK. For sinks and load generators.
+    pub auto_ack: bool,
+    /// Local address to connect from (spreads many agents over 127.0.0.0/8).
+    pub bind: Option<std::net::IpAddr>,
+    /// How long one connection attempt may take in all: TCP connect, TLS handshake and
+    /// WELCOME (a relay that accepts and never answers ends in [`ClientError::Timeout`]).
+    pub connect_timeout: Duration,
+    /// Most envelopes an [`crate::Agent`] has sent and not yet had answered, over all
+    /// destinations (also never more than the relay's `send_window`). Sending waits when full.
+    pub window: u32,
+    /// Most unanswered envelopes to one destination, so one slow destination cannot take the
+    /// whole window.
+    pub destination_window: u32,
+    /// First wait before reconnecting; it doubles after each failed attempt.
+    pub reconnect_initial: Duration,
+    /// Longest wait between reconnection attempts.
+    pub reconnect_max: Duration,
+    /// How long [`crate::Agent::close`] waits for outstanding answers and the relay's CLOSE.
+    pub close_timeout: Duration,
+}
+
+impl ClientConfig {
+    /// A config with the default HELLO (this build's versions, TCP+TLS, whatever classes the
+    /// relay serves, 1 MiB frames, the relay's heartbeat), a window of 4,096 envelopes (1,024 per
+    /// destination), reconnection from 100 ms doubling to 5 s, 10 s timeouts.
+    pub fn new(relay: SocketAddr, ca: Vec<CertificateDer<'static>>, identity: Identity) -> Self {
+        ClientConfig {
+            relay,
+            fallback: Vec::new(),
+            server_name: None,
+            ca,
+            identity,
+            hello: Hello {
+                min_version: PROTOCOL_VERSION_MIN,
+                max_version: PROTOCOL_VERSION_MAX,
+                role: Role::Agent,
+                features: openmesh_dataplane::wire::features::KNOWN,
+                transports: 1,
+                // Whatever the relay serves.
+                classes: 0,
+                max_frame: 1 << 20,
+                heartbeat_ms: 0,
+                schemas: Vec::new(),
+            },
+            answer_pings: true,
+            auto_ack: false,
+            bind: None,
+            connect_timeout: Duration::from_secs(10),
+            window: 4096,
+            destination_window: 1024,
+            reconnect_initial: Duration::from_millis(100),
+            reconnect_max: Duration::from_secs(5),
+            close_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// The relays in the order they are tried: `relay`, then `fallback`.
+    pub fn relays(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        std::iter::once(self.relay).chain(self.fallback.iter().copied())
+    }
+}
