@@ -275,6 +275,14 @@ async fn a_dropped_agent_writes_its_last_acks() {
         assert_eq!(acked.len() as u64, N);
         receive(&mut b, N).await;
         drop(b);
+        // The dropped session writes its last ACKs in the background; a new session that
+        // reached the relay first would replace it before they were read.
+        let want = ((round + 1) * N) as f64;
+        assert_eq!(
+            relay.settled_metric("openmesh_acks_received_total", &[], want),
+            want,
+            "round {round}: every ACK written"
+        );
         b = Session::connect(cfg_b.clone()).await.unwrap();
         match tokio::time::timeout(Duration::from_millis(700), b.next_event()).await {
             Err(_) => {}
