@@ -20,26 +20,21 @@ use rustls::pki_types::CertificateDer;
 
 /// A loopback port that is free now and that no socket will take by itself: chosen below the
 /// kernel's ephemeral range (32768 and up by default), where port-0 binds and outgoing
-/// connections of parallel tests draw from, so it stays free until the process it is given to
-/// binds it. Tests running at the same time pick at random among 12,000 ports.
+/// connections draw from, so it stays free until the process it is given to binds it. Ports are
+/// handed out in turn from a random start, so one test process never gets the same port twice.
 pub fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static SEQ: AtomicU64 = AtomicU64::new(0);
-    let seed = std::time::SystemTime::now()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let start = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
-        .as_nanos() as u64
-        ^ (u64::from(std::process::id()) << 32)
-        ^ SEQ
-            .fetch_add(1, Ordering::Relaxed)
-            .wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    let mut x = seed | 1;
-    for _ in 0..1_000 {
-        // xorshift: enough to spread parallel tests over the range.
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let port = 20_000 + (x % 12_000) as u16;
+        .subsec_nanos()
+        ^ std::process::id();
+    let _ = NEXT.compare_exchange(u32::MAX, start % SPAN, Ordering::Relaxed, Ordering::Relaxed);
+    for _ in 0..SPAN {
+        let port = (FIRST + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN) as u16;
         if TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
