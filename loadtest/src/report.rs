@@ -19,6 +19,9 @@ pub struct Live {
     pub nacked: AtomicU64,
     pub delivered: AtomicU64,
     pub duplicates: AtomicU64,
+    /// Envelopes the senders' agents sent again (retries of retryable refusals, resends on a
+    /// new connection): each may arrive twice.
+    pub sent_again: AtomicU64,
     pub bytes: AtomicU64,
     pub errors: AtomicU64,
     /// Delivered envelopes per [`SLOT_MS`] slot since `start` (connected agents, for `connections`).
@@ -38,6 +41,7 @@ impl Live {
             nacked: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
+            sent_again: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             timeline: (0..slots).map(|_| AtomicU64::new(0)).collect(),
@@ -142,6 +146,8 @@ pub struct Report {
     pub nacked: u64,
     pub delivered: u64,
     pub duplicates: u64,
+    /// Envelopes sent again by the senders' agents (retries and resends after reconnecting).
+    pub sent_again: u64,
     pub lost: u64,
     pub envelopes_per_s: f64,
     pub mb_per_s: f64,
@@ -234,6 +240,7 @@ impl Report {
                 "lost / duplicated",
                 format!("{} / {}", self.lost, self.duplicates),
             );
+            row("sent again", self.sent_again.to_string());
             row("envelopes/s", format!("{:.0}", self.envelopes_per_s));
             row(
                 "throughput",
