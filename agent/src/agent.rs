@@ -130,7 +130,7 @@ pub struct Stats {
     /// Envelopes received.
     pub received: u64,
     /// Best-effort envelopes dropped because the application did not take them
-    /// ([`MAX_QUEUED_BEST_EFFORT`]).
+    /// ([`crate::MAX_QUEUED_BEST_EFFORT`]).
     pub dropped_best_effort: u64,
     /// Envelopes sent and not yet answered.
     pub in_flight: u64,
@@ -596,7 +596,7 @@ impl Agent {
     }
 
     /// A builder for an at-least-once envelope from this agent to `to`, with a fresh message id,
-    /// created now and expiring after [`DEFAULT_TTL`] (or the relay's `max_ttl_ms` when lower).
+    /// created now and expiring after [`crate::DEFAULT_TTL`] (or the relay's `max_ttl_ms` when lower).
     /// Set its fields (class, schema, constraints, flags, `expires_ms`) before building.
     ///
     /// ```no_run
