@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf};
+use tokio::io::{AsyncWriteExt, ReadHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
@@ -33,27 +33,32 @@ use tokio_rustls::client::TlsStream;
 
 use openmesh_dataplane::wire::{
     AckBatch, AgentId, Close, DeliveryClass, Destination, Envelope, EnvelopeBuilder, Frame,
-    FrameDecoder, MessageId, Nack, Ping, Pong, Reason, Receipt, ReceiptStatus, Welcome,
-    MAX_ACK_BATCH,
+    FrameDecoder, MessageId, Nack, Reason, Receipt, ReceiptStatus, Welcome,
 };
 
-use crate::session::{open, Opened};
+use crate::session::{flush_acks, open, pong, Heard, Heartbeat, Opened};
 use crate::template::{Batch, Item, MessageIds};
-use crate::{now_us, unix_ms, ClientConfig, ClientError};
+use crate::{unix_ms, ClientConfig, ClientError};
 
 type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// TTL of envelopes made by [`Agent::envelope_to`] (capped by the relay's `max_ttl_ms`).
 pub const DEFAULT_TTL: Duration = Duration::from_secs(60);
-/// Most best-effort envelopes received and not yet taken by the application; more are dropped
-/// (and counted in [`Stats::dropped_best_effort`]). Envelopes the relay wants ACKed are bounded
-/// by the relay's deliver window instead, and never dropped.
-pub const MAX_QUEUED_BEST_EFFORT: u64 = 65_536;
+/// Most envelopes received and not yet taken by the application (or the relay's
+/// `deliver_window`, when larger). Beyond it best-effort envelopes are dropped
+/// ([`Stats::dropped_best_effort`]), and so are envelopes a relay sends past its own deliver
+/// window ([`Stats::dropped_unacked`]: unACKed, so the relay still holds them).
+pub const MAX_QUEUED: u64 = 65_536;
+/// Most bytes (frame lengths) of envelopes received and not yet taken (or the relay's
+/// `deliver_window_bytes`, when larger), with the same consequences as [`MAX_QUEUED`].
+pub const MAX_QUEUED_BYTES: u64 = 64 << 20;
 /// Most envelopes whose receipt a [`SendHandle`] waits for at once; beyond it
 /// [`SendHandle::delivery`] answers `None` at once.
 pub const MAX_AWAITED_RECEIPTS: usize = 65_536;
 const RETRY_FIRST: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(2);
+/// How long past an envelope's expiry its receipt is still waited for, milliseconds.
+const RECEIPT_GRACE_MS: u64 = 60_000;
 /// Most ACKs kept while disconnected, to write on the next connection.
 const MAX_HELD_ACKS: usize = 65_536;
 const WRITE_COALESCE: usize = 256 << 10;
@@ -66,8 +71,7 @@ pub enum Outcome {
     Accepted,
     /// A best-effort envelope was handed to the connection; the relay does not answer those.
     Sent,
-    /// The relay refused it for a reason retrying does not fix, or that persisted until the
-    /// envelope's TTL ran out.
+    /// The relay refused it for a reason retrying does not fix.
     Refused {
         /// The reason, when this build knows the code.
         reason: Option<Reason>,
@@ -76,7 +80,8 @@ pub enum Outcome {
         /// The relay's text.
         text: String,
     },
-    /// Its TTL ran out before the relay accepted it (retries or reconnection took too long).
+    /// Its TTL ran out before the relay accepted it: retryable refusals (`queue_full`, ...)
+    /// or reconnection lasted until then.
     Expired,
     /// The agent closed before the relay answered.
     Unanswered,
@@ -130,8 +135,12 @@ pub struct Stats {
     /// Envelopes received.
     pub received: u64,
     /// Best-effort envelopes dropped because the application did not take them
-    /// ([`crate::MAX_QUEUED_BEST_EFFORT`]).
+    /// ([`crate::MAX_QUEUED`]).
     pub dropped_best_effort: u64,
+    /// Envelopes to ACK dropped unACKed because the relay sent them beyond its deliver window
+    /// and the application did not take them ([`crate::MAX_QUEUED`]); the relay still holds
+    /// them and delivers them again on the next session.
+    pub dropped_unacked: u64,
     /// Envelopes sent and not yet answered.
     pub in_flight: u64,
 }
@@ -160,6 +169,7 @@ struct Counters {
     reconnects: AtomicU64,
     received: AtomicU64,
     dropped_best_effort: AtomicU64,
+    dropped_unacked: AtomicU64,
 }
 
 fn bump(c: &AtomicU64, n: u64) {
@@ -219,6 +229,66 @@ impl State {
             })
     }
 
+    /// Records a batch of `answered` envelopes the relay will answer and `sent` best-effort
+    /// ones, whose frames are slices of `frames`.
+    fn record(
+        &mut self,
+        items: &[Item],
+        frames: &Bytes,
+        (answered, sent): (u32, u32),
+        tx: oneshot::Sender<BatchOutcome>,
+        c: &Counters,
+    ) {
+        let out = BatchOutcome {
+            sent,
+            ..BatchOutcome::default()
+        };
+        if answered == 0 {
+            let _ = tx.send(out);
+            return;
+        }
+        let batch = self.next_batch;
+        self.next_batch += 1;
+        self.batches.insert(
+            batch,
+            BatchState {
+                left: answered,
+                out,
+                tx: Some(tx),
+            },
+        );
+        for it in items.iter().filter(|i| i.answered) {
+            // An id sent again while still in flight: the relay's answer names only the id, so
+            // it goes to the later one and the earlier resolves unanswered.
+            if self.pending.contains_key(&it.id) {
+                self.settle(it.id, Settle::Unanswered, c);
+            }
+            self.seq += 1;
+            if let Some(d) = it.dest {
+                *self.per_dest.entry(d).or_insert(0) += 1;
+            }
+            self.pending.insert(
+                it.id,
+                Pending {
+                    frame: frames.slice(it.start..it.end),
+                    dest: it.dest,
+                    expires_ms: it.expires_ms,
+                    seq: self.seq,
+                    batch,
+                    attempts: 0,
+                    waiting: false,
+                },
+            );
+        }
+    }
+
+    /// Forgets the receipts nobody waits for any more, and those a minute past their
+    /// envelope's expiry (the relay sends the expiry notice at the expiry).
+    fn sweep_receipts(&mut self, now_ms: u64) {
+        self.receipts
+            .retain(|_, (exp, tx)| !tx.is_closed() && *exp + RECEIPT_GRACE_MS > now_ms);
+    }
+
     /// Resolves a pending envelope. Returns whether it was pending.
     fn settle(&mut self, id: MessageId, how: Settle, c: &Counters) -> bool {
         let Some(p) = self.pending.remove(&id) else {
@@ -270,7 +340,9 @@ struct Shared {
     wake: Notify,
     counters: Counters,
     welcome: Mutex<Welcome>,
-    queued_best_effort: AtomicU64,
+    /// Envelopes received and not yet taken by the application, and their frame bytes.
+    queued: AtomicU64,
+    queued_bytes: AtomicU64,
 }
 
 impl Shared {
@@ -294,7 +366,8 @@ impl Shared {
         bump(&self.counters.nacked, 1);
         let retry = n.reason().is_some_and(Reason::retryable);
         let mut st = self.lock();
-        let Some(p) = st.pending.get_mut(&n.message_id) else {
+        // Not pending, or waiting for its retry (off the wire): a NACK the relay owed nobody.
+        let Some(p) = st.pending.get_mut(&n.message_id).filter(|p| !p.waiting) else {
             return;
         };
         let delay = RETRY_FIRST
@@ -361,6 +434,7 @@ impl Shared {
             reconnects: g(&c.reconnects),
             received: g(&c.received),
             dropped_best_effort: g(&c.dropped_best_effort),
+            dropped_unacked: g(&c.dropped_unacked),
             in_flight: self.lock().pending.len() as u64,
         }
     }
@@ -396,7 +470,8 @@ pub struct Agent {
     ready: VecDeque<Envelope>,
     ids: MessageIds,
     close_timeout: Duration,
-    driver: Option<JoinHandle<()>>,
+    /// Ends with the envelopes left unanswered, in the order sent.
+    driver: Option<JoinHandle<Vec<MessageId>>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -540,7 +615,8 @@ impl Agent {
             wake: Notify::new(),
             counters: Counters::default(),
             welcome: Mutex::new(opened.welcome.clone()),
-            queued_best_effort: AtomicU64::new(0),
+            queued: AtomicU64::new(0),
+            queued_bytes: AtomicU64::new(0),
         });
         let (out_tx, out_rx) = mpsc::channel(16_384);
         let (in_tx, in_rx) = mpsc::unbounded_channel();
@@ -696,7 +772,7 @@ impl Agent {
                     return Err(ClientError::Gone);
                 }
                 if st.fits(answered, &dests) {
-                    self.record(&mut st, &items, &frames, answered, sent, tx);
+                    st.record(&items, &frames, (answered, sent), tx, &self.sh.counters);
                     break st.gen;
                 }
             }
@@ -711,67 +787,6 @@ impl Agent {
             rx: Some(rx),
             ready: None,
         })
-    }
-
-    fn record(
-        &self,
-        st: &mut State,
-        items: &[Item],
-        frames: &Bytes,
-        answered: u32,
-        sent: u32,
-        tx: oneshot::Sender<BatchOutcome>,
-    ) {
-        let out = BatchOutcome {
-            sent,
-            ..BatchOutcome::default()
-        };
-        if answered == 0 {
-            let _ = tx.send(out);
-            return;
-        }
-        let batch = st.next_batch;
-        st.next_batch += 1;
-        st.batches.insert(
-            batch,
-            BatchState {
-                left: answered,
-                out,
-                tx: Some(tx),
-            },
-        );
-        for it in items.iter().filter(|i| i.answered) {
-            st.seq += 1;
-            let seq = st.seq;
-            if let Some(d) = it.dest {
-                *st.per_dest.entry(d).or_insert(0) += 1;
-            }
-            let prev = st.pending.insert(
-                it.id,
-                Pending {
-                    frame: frames.slice(it.start..it.end),
-                    dest: it.dest,
-                    expires_ms: it.expires_ms,
-                    seq,
-                    batch,
-                    attempts: 0,
-                    waiting: false,
-                },
-            );
-            if let Some(p) = prev {
-                // The same message id sent twice while the first is in flight: the first's
-                // handle resolves with the second's answer; count it out of its batch.
-                if let Some(b) = st.batches.get_mut(&p.batch) {
-                    b.left -= 1;
-                    b.out.unanswered.push(it.id);
-                }
-                if let Some(d) = p.dest {
-                    if let Some(n) = st.per_dest.get_mut(&d) {
-                        *n -= 1;
-                    }
-                }
-            }
-        }
     }
 
     /// Waits until every envelope sent so far has its answer (accepted, refused or expired).
@@ -790,10 +805,10 @@ impl Agent {
         }
     }
 
-    fn took(&self, e: &Envelope) {
-        if e.class() == DeliveryClass::BestEffort {
-            self.sh.queued_best_effort.fetch_sub(1, Ordering::Relaxed);
-        }
+    /// The application took `n` envelopes of `bytes` frame bytes off the queue.
+    fn took(&self, n: u64, bytes: u64) {
+        self.sh.queued.fetch_sub(n, Ordering::Relaxed);
+        self.sh.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
     }
 
     /// The next envelope for this agent; `None` once the agent is closed. ACK it with
@@ -810,7 +825,7 @@ impl Agent {
     pub async fn recv(&mut self) -> Option<Envelope> {
         loop {
             if let Some(e) = self.ready.pop_front() {
-                self.took(&e);
+                self.took(1, e.frame_len() as u64);
                 return Some(e);
             }
             let batch = self.inbox.recv().await?;
@@ -826,7 +841,7 @@ impl Agent {
             }
         }
         let e = self.ready.pop_front()?;
-        self.took(&e);
+        self.took(1, e.frame_len() as u64);
         Some(e)
     }
 
@@ -843,12 +858,8 @@ impl Agent {
         while let Ok(b) = self.inbox.try_recv() {
             self.ready.extend(b);
         }
-        let be = self
-            .ready
-            .iter()
-            .filter(|e| e.class() == DeliveryClass::BestEffort)
-            .count() as u64;
-        self.sh.queued_best_effort.fetch_sub(be, Ordering::Relaxed);
+        let bytes = self.ready.iter().map(|e| e.frame_len() as u64).sum();
+        self.took(self.ready.len() as u64, bytes);
         out.extend(self.ready.drain(..));
         true
     }
@@ -922,10 +933,10 @@ impl Agent {
         } else {
             None
         };
-        if let Some(d) = self.driver.take() {
-            let _ = d.await;
-        }
-        let unanswered = self.sh.shut();
+        let unanswered = match self.driver.take() {
+            Some(d) => d.await.unwrap_or_else(|_| self.sh.shut()),
+            None => self.sh.shut(),
+        };
         Ok(CloseReport {
             unanswered,
             relay_close,
@@ -977,7 +988,8 @@ struct ReadEnd {
     redirect: Option<SocketAddr>,
 }
 
-/// The agent's driver: runs connections one after another until the agent closes.
+/// The agent's driver: runs connections one after another until the agent closes; returns
+/// the envelopes left unanswered, in the order sent.
 async fn drive(
     sh: Arc<Shared>,
     cfg: ClientConfig,
@@ -985,7 +997,7 @@ async fn drive(
     out_tx: mpsc::WeakSender<Out>,
     inbox: mpsc::UnboundedSender<Vec<Envelope>>,
     first: (usize, Opened),
-) {
+) -> Vec<MessageId> {
     let relays: Vec<SocketAddr> = cfg.relays().collect();
     let (mut idx, opened) = first;
     let mut next = Some(opened);
@@ -1032,7 +1044,7 @@ async fn drive(
             }
         }
     }
-    sh.shut();
+    sh.shut()
 }
 
 /// Reconnects through the relays with backoff. Meanwhile envelopes queued for the old
@@ -1100,7 +1112,7 @@ fn expire_pending(sh: &Shared) {
     for id in &gone {
         st.settle(*id, Settle::Expired, &sh.counters);
     }
-    st.receipts.retain(|_, (exp, _)| *exp + 60_000 > now);
+    st.sweep_receipts(now);
     drop(st);
     if !gone.is_empty() {
         sh.room.notify_waiters();
@@ -1141,6 +1153,8 @@ impl Conn<'_> {
                 answer_pings: cfg.answer_pings,
                 auto_ack: cfg.auto_ack,
                 heartbeat,
+                max_queued: MAX_QUEUED.max(welcome.deliver_window as u64),
+                max_queued_bytes: MAX_QUEUED_BYTES.max(welcome.deliver_window_bytes as u64),
             };
             async move {
                 let end = read(rd, rx, dec, &sh, out_tx, inbox, opts).await;
@@ -1184,6 +1198,7 @@ impl Conn<'_> {
         }
         buf.clear();
 
+        let mut swept = Instant::now();
         loop {
             let due = sh
                 .lock()
@@ -1233,6 +1248,10 @@ impl Conn<'_> {
                 _ = tokio::time::sleep_until(due) => {}
             }
             retry_due(sh, &mut buf);
+            if swept.elapsed() >= Duration::from_secs(1) {
+                swept = Instant::now();
+                sh.lock().sweep_receipts(unix_ms());
+            }
             flush_acks(&mut acks, &mut buf);
             if let Some((deadline, done)) = closing {
                 Frame::Close(Close::new(Reason::Normal, "bye")).encode(&mut buf);
@@ -1296,17 +1315,13 @@ fn retry_due(sh: &Shared, buf: &mut BytesMut) {
     }
 }
 
-fn flush_acks(acks: &mut Vec<MessageId>, buf: &mut BytesMut) {
-    for chunk in acks.chunks(MAX_ACK_BATCH) {
-        Frame::Ack(AckBatch::new(chunk.iter().copied())).encode(buf);
-    }
-    acks.clear();
-}
-
 struct ReadOpts {
     answer_pings: bool,
     auto_ack: bool,
     heartbeat: Duration,
+    /// Bounds of what waits for the application (envelopes, frame bytes).
+    max_queued: u64,
+    max_queued_bytes: u64,
 }
 
 /// Reads one connection: envelopes to the application, answers to the pending envelopes,
@@ -1321,7 +1336,7 @@ async fn read(
     opts: ReadOpts,
 ) -> ReadEnd {
     let mut end = ReadEnd::default();
-    let mut silent = 0;
+    let mut beat = Heartbeat::new(opts.heartbeat, opts.answer_pings);
     let mut acks = Vec::new();
     let mut batch = Vec::new();
     'outer: loop {
@@ -1334,13 +1349,23 @@ async fn read(
             match f {
                 Frame::Envelope(e) => {
                     bump(&sh.counters.received, 1);
-                    if e.class() == DeliveryClass::BestEffort {
-                        if sh.queued_best_effort.load(Ordering::Relaxed) >= MAX_QUEUED_BEST_EFFORT {
-                            bump(&sh.counters.dropped_best_effort, 1);
-                            continue;
-                        }
-                        sh.queued_best_effort.fetch_add(1, Ordering::Relaxed);
-                    } else if opts.auto_ack {
+                    let len = e.frame_len() as u64;
+                    let acked = e.class() != DeliveryClass::BestEffort;
+                    if sh.queued.load(Ordering::Relaxed) >= opts.max_queued
+                        || sh.queued_bytes.load(Ordering::Relaxed) + len > opts.max_queued_bytes
+                    {
+                        // Unanswered, an envelope to ACK stays the relay's to deliver again.
+                        let dropped = if acked {
+                            &sh.counters.dropped_unacked
+                        } else {
+                            &sh.counters.dropped_best_effort
+                        };
+                        bump(dropped, 1);
+                        continue;
+                    }
+                    sh.queued.fetch_add(1, Ordering::Relaxed);
+                    sh.queued_bytes.fetch_add(len, Ordering::Relaxed);
+                    if acked && opts.auto_ack {
                         acks.push(e.message_id());
                     }
                     batch.push(e);
@@ -1357,11 +1382,7 @@ async fn read(
                 }
                 Frame::Ping(p) => {
                     if opts.answer_pings {
-                        let pong = Frame::Pong(Pong {
-                            echo_us: p.timestamp_us,
-                            responder_us: now_us(),
-                        });
-                        let _ = out.send(Out::Control(pong.to_bytes())).await;
+                        let _ = out.send(Out::Control(pong(&p))).await;
                     }
                 }
                 // Relay-link and handshake frames never come on an agent's session.
@@ -1387,22 +1408,12 @@ async fn read(
         {
             break;
         }
-        // After two silent heartbeat intervals PING the relay; after three, give up.
-        match tokio::time::timeout(opts.heartbeat, rd.read_buf(&mut rx)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => break,
-            Ok(Ok(_)) => silent = 0,
-            Err(_) => {
-                silent += 1;
-                if silent >= openmesh_dataplane::session::DEAD_AFTER_INTERVALS {
-                    break;
-                }
-                if opts.answer_pings && silent >= 2 {
-                    let ping = Frame::Ping(Ping {
-                        timestamp_us: now_us(),
-                    });
-                    let _ = out.send(Out::Control(ping.to_bytes())).await;
-                }
+        match beat.read(&mut rd, &mut rx).await {
+            Heard::Bytes | Heard::Nothing => {}
+            Heard::Ping(f) => {
+                let _ = out.send(Out::Control(f)).await;
             }
+            Heard::Dead | Heard::Gone => break,
         }
     }
     end

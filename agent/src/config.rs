@@ -62,8 +62,9 @@ pub enum ClientError {
 pub struct ClientConfig {
     /// The relay to connect to first.
     pub relay: SocketAddr,
-    /// Relays to try, in this order, when `relay` cannot be reached or goes away (an
-    /// [`crate::Agent`] reconnects through the list, starting again at `relay`).
+    /// Relays to try, in this order, when `relay` cannot be reached. When a connection is
+    /// lost an [`crate::Agent`] tries the next relay of the list (wrapping around to `relay`),
+    /// one attempt per backoff step; a relay's GOING_AWAY redirect is tried first.
     pub fallback: Vec<SocketAddr>,
     /// Name to verify in the relay's certificate (default: the relay's IP address).
     pub server_name: Option<String>,

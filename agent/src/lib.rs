@@ -47,7 +47,7 @@ mod template;
 
 pub use agent::{
     Agent, BatchHandle, BatchOutcome, CloseReport, Delivery, Outcome, SendHandle, Stats,
-    DEFAULT_TTL, MAX_AWAITED_RECEIPTS, MAX_QUEUED_BEST_EFFORT,
+    DEFAULT_TTL, MAX_AWAITED_RECEIPTS, MAX_QUEUED, MAX_QUEUED_BYTES,
 };
 pub use config::{ClientConfig, ClientError};
 pub use template::{Batch, EnvelopeTemplate};

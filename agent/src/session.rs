@@ -32,7 +32,7 @@ use tokio_rustls::TlsConnector;
 use openmesh_dataplane::tls::client_config;
 use openmesh_dataplane::wire::{
     AckBatch, AgentId, Close, DeliveryClass, Destination, Envelope, EnvelopeBuilder, Frame,
-    FrameDecoder, GoingAway, MessageId, Nack, Pong, Reason, Receipt, Welcome,
+    FrameDecoder, GoingAway, MessageId, Nack, Ping, Pong, Reason, Receipt, Welcome,
 };
 
 use crate::template::MessageIds;
@@ -369,11 +369,84 @@ async fn write_loop(
     }
 }
 
-fn flush_acks(acks: &mut Vec<MessageId>, buf: &mut BytesMut) {
+/// Encodes `acks` as ACK frames into `buf` and empties it.
+pub(crate) fn flush_acks(acks: &mut Vec<MessageId>, buf: &mut BytesMut) {
     for chunk in acks.chunks(openmesh_dataplane::wire::MAX_ACK_BATCH) {
         Frame::Ack(AckBatch::new(chunk.iter().copied())).encode(buf);
     }
     acks.clear();
+}
+
+/// The PONG answering `ping`.
+pub(crate) fn pong(ping: &Ping) -> Bytes {
+    Frame::Pong(Pong {
+        echo_us: ping.timestamp_us,
+        responder_us: now_us(),
+    })
+    .to_bytes()
+}
+
+/// What one read of the relay's connection brought.
+pub(crate) enum Heard {
+    /// Bytes (appended to the read buffer).
+    Bytes,
+    /// A heartbeat interval without a byte; nothing to do yet.
+    Nothing,
+    /// Two silent intervals: send this PING.
+    Ping(Bytes),
+    /// Three silent intervals: the relay is gone.
+    Dead,
+    /// End of stream, or a read error.
+    Gone,
+}
+
+/// Reads the relay's connection one heartbeat interval at a time and watches its silence: a
+/// live relay PINGs after one silent interval, so it is PINGed only after two (its own PINGs
+/// and RTT measurements are not pre-empted), and given up after three. (A tokio read is
+/// cancel-safe, unlike an io_uring one.)
+pub(crate) struct Heartbeat {
+    interval: Duration,
+    answer_pings: bool,
+    silent: u64,
+}
+
+impl Heartbeat {
+    pub(crate) fn new(interval: Duration, answer_pings: bool) -> Self {
+        Heartbeat {
+            interval,
+            answer_pings,
+            silent: 0,
+        }
+    }
+
+    pub(crate) async fn read(
+        &mut self,
+        rd: &mut tokio::io::ReadHalf<TlsStream<TcpStream>>,
+        rx: &mut BytesMut,
+    ) -> Heard {
+        match tokio::time::timeout(self.interval, rd.read_buf(rx)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => Heard::Gone,
+            Ok(Ok(_)) => {
+                self.silent = 0;
+                Heard::Bytes
+            }
+            Err(_) => {
+                self.silent += 1;
+                if self.silent >= openmesh_dataplane::session::DEAD_AFTER_INTERVALS {
+                    Heard::Dead
+                } else if self.answer_pings && self.silent >= 2 {
+                    Heard::Ping(
+                        Frame::Ping(Ping {
+                            timestamp_us: now_us(),
+                        })
+                        .to_bytes(),
+                    )
+                } else {
+                    Heard::Nothing
+                }
+            }
+        }
+    }
 }
 
 struct ReadOptions {
@@ -396,7 +469,7 @@ async fn read_loop(
         heartbeat,
     } = opts;
     let mut close = None;
-    let mut silent = 0;
+    let mut beat = Heartbeat::new(heartbeat, answer_pings);
     let mut acks = Vec::new();
     let mut batch = Vec::new();
     'outer: loop {
@@ -423,11 +496,7 @@ async fn read_loop(
                 }
                 Frame::Ping(p) => {
                     if answer_pings {
-                        let pong = Frame::Pong(Pong {
-                            echo_us: p.timestamp_us,
-                            responder_us: now_us(),
-                        });
-                        let _ = out.send(Out::Frame(pong.to_bytes())).await;
+                        let _ = out.send(Out::Frame(pong(&p))).await;
                     }
                     continue;
                 }
@@ -454,26 +523,16 @@ async fn read_loop(
         {
             break;
         }
-        // Heartbeats: after two intervals of silence PING the relay; after three, give up.
-        // (A tokio read is cancel-safe, unlike an io_uring one.)
-        match tokio::time::timeout(heartbeat, rd.read_buf(&mut rx)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => break,
-            Ok(Ok(_)) => silent = 0,
-            Err(_) => {
-                silent += 1;
-                if silent >= openmesh_dataplane::session::DEAD_AFTER_INTERVALS {
-                    close = Some(Close::new(Reason::HeartbeatTimeout, "relay silent"));
-                    break;
-                }
-                // A live relay PINGs after one silent interval; PING it only after two, so that
-                // the relay's own PINGs (and its RTT measurements) are not pre-empted.
-                if answer_pings && silent >= 2 {
-                    let ping = Frame::Ping(openmesh_dataplane::wire::Ping {
-                        timestamp_us: now_us(),
-                    });
-                    let _ = out.send(Out::Frame(ping.to_bytes())).await;
-                }
+        match beat.read(&mut rd, &mut rx).await {
+            Heard::Bytes | Heard::Nothing => {}
+            Heard::Ping(f) => {
+                let _ = out.send(Out::Frame(f)).await;
             }
+            Heard::Dead => {
+                close = Some(Close::new(Reason::HeartbeatTimeout, "relay silent"));
+                break;
+            }
+            Heard::Gone => break,
         }
     }
     batch.push(Event::Closed(close));

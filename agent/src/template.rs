@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::BytesMut;
 
 use openmesh_dataplane::wire::{
-    AgentId, DeliveryClass, Destination, Envelope, EnvelopeBuilder, Frame, MessageId, WireError,
+    AgentId, DeliveryClass, Destination, Envelope, EnvelopeBuilder, MessageId, WireError,
 };
 
 use crate::ClientError;
@@ -81,7 +81,7 @@ impl Batch {
     /// Appends an envelope (its frame is encoded into the batch's buffer).
     pub fn push(&mut self, env: &Envelope) {
         let start = self.buf.len();
-        Frame::Envelope(env.clone()).encode(&mut self.buf);
+        env.encode(&mut self.buf);
         self.items.push(Item {
             id: env.message_id(),
             dest: match env.destination() {
@@ -180,7 +180,9 @@ impl EnvelopeTemplate {
         let env: Envelope = b
             .build(&vec![0u8; payload_len])
             .map_err(ClientError::Envelope)?;
-        let frame = Frame::Envelope(env.clone()).to_bytes().to_vec();
+        let mut frame = BytesMut::with_capacity(env.frame_len());
+        env.encode(&mut frame);
+        let frame = frame.to_vec();
         // The immutable part follows the frame header and the routing part; the message id
         // follows its version and flags bytes; the timestamps follow the source and the
         // destination (docs/PROTOCOL.md §2, ENVELOPE).
@@ -218,7 +220,7 @@ impl EnvelopeTemplate {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use openmesh_dataplane::wire::FrameDecoder;
+    use openmesh_dataplane::wire::{Frame, FrameDecoder};
 
     #[test]
     fn a_patched_template_decodes_with_its_new_fields() {

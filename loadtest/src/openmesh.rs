@@ -84,6 +84,11 @@ pub async fn pair(
     // The agent's window is the pair's: sending waits while that many are unanswered.
     scfg.window = p.window.clamp(1, u32::MAX as u64) as u32;
     scfg.destination_window = scfg.window;
+    if p.backlog {
+        // The last batches wait for a receiver that connects only once the sender is done:
+        // closing does not wait for their answers.
+        scfg.close_timeout = Duration::from_secs(1);
+    }
     let sender = Agent::connect(scfg).await.context("sender connects")?;
     let mut b = sender.envelope_to(recv_id);
     b.expires_ms = b.created_ms + 600_000;
@@ -188,7 +193,9 @@ async fn closed_loop(
     let end = Instant::now() + p.duration;
     let mut seq = 0u64;
     let mut last = Stats::default();
-    let n = p.window.clamp(1, 256);
+    // A quarter of the window a batch (at most 256), so that the next batches can go while
+    // earlier ones wait for their answers.
+    let n = (p.window / 4).clamp(1, 256);
     loop {
         let st = settle(&s, &mut last, live)?;
         // Backlog: fill the relay's queue until it says it is full.
