@@ -114,15 +114,6 @@ async fn close_writes_every_ack_and_a_close_and_reports_nothing_unanswered() {
     );
 }
 
-fn signal(relay: &Relay, sig: &str) {
-    let ok = std::process::Command::new("kill")
-        .args([sig, &relay.pid().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_reports_what_the_relay_left_unanswered() {
     let relay = Relay::start(&["--cores", "1"], None);
@@ -136,14 +127,14 @@ async fn close_reports_what_the_relay_left_unanswered() {
         Outcome::Accepted
     );
     // The relay stops answering: what is sent now stays unanswered.
-    signal(&relay, "-STOP");
+    relay.pause();
     let mut handles = Vec::new();
     for i in 0u32..10 {
         let env = a.envelope_to(to).build(&i.to_be_bytes()).unwrap();
         handles.push(a.send(&env).await.unwrap());
     }
     let report = a.close().await.unwrap();
-    signal(&relay, "-CONT");
+    relay.resume();
     let ids: Vec<_> = handles.iter().map(|h| h.message_id()).collect();
     assert_eq!(report.unanswered, ids, "in the order sent");
     assert_eq!(report.relay_close, None);

@@ -290,18 +290,10 @@ async fn sigterm_drains_gracefully_and_loses_no_acked_envelope() {
 async fn an_agent_detects_a_relay_that_stopped_answering() {
     let relay = Relay::start(&["--cores", "1"], Some(FAST_HEARTBEAT));
     let mut a = relay.agent("watcher").await;
-    let stop = |sig: &str| {
-        let ok = std::process::Command::new("kill")
-            .arg(sig)
-            .arg(relay.pid().to_string())
-            .status()
-            .unwrap();
-        assert!(ok.success());
-    };
-    stop("-STOP");
+    relay.pause();
     let t0 = std::time::Instant::now();
     let ev = tokio::time::timeout(Duration::from_secs(5), a.next_event()).await;
-    stop("-CONT");
+    relay.resume();
     match ev {
         Ok(Some(Event::Closed(Some(c)))) => assert_eq!(c.reason(), Some(Reason::HeartbeatTimeout)),
         other => panic!("expected a heartbeat timeout, got {other:?}"),

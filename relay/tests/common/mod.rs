@@ -143,6 +143,52 @@ impl Relay {
         self.child.as_ref().unwrap().id() as i32
     }
 
+    /// Sends `sig` (as `kill` spells it, `-STOP`) to the relay.
+    pub fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &self.pid().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig}");
+    }
+
+    /// Stops the relay (SIGSTOP) and returns once every thread of it has
+    /// stopped: `kill` returns when the signal is sent, and a thread on the
+    /// other core runs on until it takes it.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let tasks = format!("/proc/{}/task", self.pid());
+        loop {
+            let running = std::fs::read_dir(&tasks)
+                .map(|dir| {
+                    dir.flatten()
+                        .filter(|t| {
+                            // io_uring's kernel workers do not take stop signals.
+                            let comm =
+                                std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+                            let stat =
+                                std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+                            let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+                            !comm.starts_with("iou-") && !state.starts_with(['T', 't'])
+                        })
+                        .count()
+                })
+                .unwrap_or(0);
+            if running == 0 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "relay did not stop");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Lets a paused relay run again.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("relay.log")).unwrap_or_default()
     }
