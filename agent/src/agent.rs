@@ -16,7 +16,7 @@
 //!   lock that records the envelopes, so nothing slips between the two.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,16 +31,19 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_rustls::client::TlsStream;
 
+use openmesh_dataplane::directory::{Capability, KeyBundle};
 use openmesh_dataplane::wire::{
-    AckBatch, AgentId, Close, DeliveryClass, Destination, Envelope, EnvelopeBuilder, Frame,
-    FrameDecoder, MessageId, Nack, Reason, Receipt, ReceiptStatus, Welcome,
+    AckBatch, AgentId, Close, DeliveryClass, Destination, DirectoryAnswer, Envelope,
+    EnvelopeBuilder, Frame, FrameDecoder, Lookup, LookupKey, MessageId, Nack, Publish, Reason,
+    Receipt, ReceiptStatus, Welcome,
 };
 
 use crate::session::{flush_acks, open, pong, Heard, Heartbeat, Opened};
 use crate::template::{Batch, Item, MessageIds};
+use crate::e2e::{E2e, E2eError, E2eStats, Opened as OpenedEnvelope};
 use crate::{unix_ms, ClientConfig, ClientError};
 
-type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+use crate::Map;
 
 /// TTL of envelopes made by [`Agent::envelope_to`] (capped by the relay's `max_ttl_ms`).
 pub const DEFAULT_TTL: Duration = Duration::from_secs(60);
@@ -212,6 +215,9 @@ struct State {
     /// are skipped when they come up).
     retries: BinaryHeap<Reverse<(Instant, u64, MessageId)>>,
     receipts: Map<MessageId, (u64, oneshot::Sender<Delivery>)>,
+    /// Directory requests waiting for their answer, by request id.
+    dir: Map<u32, oneshot::Sender<DirectoryAnswer>>,
+    next_request: u32,
     /// Connection generation: 0 before the first, then one more per connection.
     gen: u64,
     window: u32,
@@ -343,6 +349,8 @@ struct Shared {
     /// Envelopes received and not yet taken by the application, and their frame bytes.
     queued: AtomicU64,
     queued_bytes: AtomicU64,
+    /// End-to-end keys and contexts, when the agent seals and opens.
+    e2e: Option<Mutex<E2e>>,
 }
 
 impl Shared {
@@ -393,7 +401,56 @@ impl Shared {
         self.room.notify_waiters();
     }
 
+    fn e2e(&self) -> Result<MutexGuard<'_, E2e>, ClientError> {
+        self.e2e
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
+            .ok_or(ClientError::E2e(E2eError::NoUsableKey))
+    }
+
+    fn on_directory(&self, d: DirectoryAnswer) {
+        if d.request_id == 0 {
+            // The automatic PUBLISH of each connection and rotation.
+            if let Some(r) = d.refusal() {
+                tracing::warn!(reason = %r, "the relay's directory refused this agent's bundle");
+            }
+            return;
+        }
+        if let Some(tx) = self.lock().dir.remove(&d.request_id) {
+            let _ = tx.send(d);
+        }
+    }
+
+    /// The PUBLISH of this agent's current bundle (automatic: request id 0).
+    fn publish_frame(&self, request_id: u32) -> Option<Bytes> {
+        let e = self.e2e.as_ref()?;
+        let bundle = e.lock().unwrap_or_else(|p| p.into_inner()).bundle().bytes().clone();
+        Some(Frame::Publish(Publish { request_id, bundle }).to_bytes())
+    }
+
+    /// Rotates the end-to-end key when due; the new bundle's PUBLISH.
+    fn rotate_if_due(&self, now_ms: u64) -> Option<Bytes> {
+        let e = self.e2e.as_ref()?;
+        let mut e = e.lock().unwrap_or_else(|p| p.into_inner());
+        if e.rotation_due_ms() > now_ms {
+            return None;
+        }
+        if let Err(err) = e.rotate(now_ms) {
+            tracing::warn!(error = %err, "end-to-end key rotation failed");
+            return None;
+        }
+        let bundle = e.bundle().bytes().clone();
+        Some(Frame::Publish(Publish { request_id: 0, bundle }).to_bytes())
+    }
+
     fn on_receipt(&self, r: Receipt) {
+        if r.status == ReceiptStatus::Delivered {
+            if let Some(e) = &self.e2e {
+                e.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .on_delivered(&r.message_id);
+            }
+        }
         let Some((_, tx)) = self.lock().receipts.remove(&r.message_id) else {
             return;
         };
@@ -470,6 +527,8 @@ pub struct Agent {
     ready: VecDeque<Envelope>,
     ids: MessageIds,
     close_timeout: Duration,
+    /// How long a directory request waits for its answer.
+    request_timeout: Duration,
     /// Ends with the envelopes left unanswered, in the order sent.
     driver: Option<JoinHandle<Vec<MessageId>>>,
 }
@@ -617,6 +676,28 @@ impl Agent {
             welcome: Mutex::new(opened.welcome.clone()),
             queued: AtomicU64::new(0),
             queued_bytes: AtomicU64::new(0),
+            e2e: match &cfg.e2e {
+                None => None,
+                Some(e) => {
+                    let signer = cfg
+                        .identity
+                        .signing_key()
+                        .map_err(|_| ClientError::E2e(E2eError::Crypto))?;
+                    let capability = Capability {
+                        transports: cfg.hello.transports,
+                        classes: opened.welcome.classes,
+                        schemas: cfg.hello.schemas.clone(),
+                    };
+                    Some(Mutex::new(E2e::new(
+                        e.clone(),
+                        signer,
+                        capability,
+                        opened.welcome.key_rotation_s,
+                        opened.welcome.max_ttl_ms,
+                        unix_ms(),
+                    )?))
+                }
+            },
         });
         let (out_tx, out_rx) = mpsc::channel(16_384);
         let (in_tx, in_rx) = mpsc::unbounded_channel();
@@ -636,6 +717,7 @@ impl Agent {
             ready: VecDeque::new(),
             ids: MessageIds::new()?,
             close_timeout: cfg.close_timeout,
+            request_timeout: cfg.connect_timeout,
             driver: Some(driver),
         })
     }
@@ -904,6 +986,210 @@ impl Agent {
             }
         }
         Ok(())
+    }
+
+    /// This agent's signed key bundle (its end-to-end public keys and capability descriptor),
+    /// as published at the relay on every connection and key rotation. `None` without
+    /// [`ClientConfig::e2e`].
+    pub fn bundle(&self) -> Option<KeyBundle> {
+        self.sh.e2e().ok().map(|e| e.bundle().clone())
+    }
+
+    /// Counters of sealing and opening (rejections by kind). `None` without
+    /// [`ClientConfig::e2e`].
+    pub fn e2e_stats(&self) -> Option<E2eStats> {
+        self.sh.e2e().ok().map(|e| e.stats)
+    }
+
+    async fn directory(&self, frame: impl FnOnce(u32) -> Frame) -> Result<DirectoryAnswer, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        let id = {
+            let mut st = self.sh.lock();
+            if st.closed {
+                return Err(ClientError::Gone);
+            }
+            st.next_request = st.next_request.wrapping_add(1).max(1);
+            let id = st.next_request;
+            st.dir.insert(id, tx);
+            id
+        };
+        if self
+            .out
+            .send(Out::Control(frame(id).to_bytes()))
+            .await
+            .is_err()
+        {
+            return Err(ClientError::Gone);
+        }
+        match tokio::time::timeout(self.request_timeout, rx).await {
+            Ok(Ok(a)) => match a.refusal() {
+                None => Ok(a),
+                Some(r) => Err(ClientError::Directory(r)),
+            },
+            Ok(Err(_)) => Err(ClientError::Gone),
+            Err(_) => {
+                // Lost with its connection, or the relay did not answer in time.
+                self.sh.lock().dir.remove(&id);
+                Err(ClientError::Timeout)
+            }
+        }
+    }
+
+    /// Publishes this agent's bundle at the relay now (it is published automatically on every
+    /// connection and key rotation; this waits for the relay's answer).
+    ///
+    /// ```no_run
+    /// # async fn demo(agent: &openmesh_agent::Agent) -> Result<(), openmesh_agent::ClientError> {
+    /// agent.publish().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn publish(&self) -> Result<(), ClientError> {
+        let bundle = self.sh.e2e()?.bundle().bytes().clone();
+        self.directory(|request_id| Frame::Publish(Publish { request_id, bundle }))
+            .await
+            .map(|_| ())
+    }
+
+    /// Looks `agent`'s bundle up in the relay's directory, verifies it (signed by `agent`'s
+    /// identity, so a relay cannot substitute keys) and caches it
+    /// ([`E2eConfig::bundle_cache`](crate::E2eConfig::bundle_cache)). `None`: not published.
+    ///
+    /// ```no_run
+    /// # async fn demo(agent: &openmesh_agent::Agent, bob: openmesh_dataplane::wire::AgentId) -> Result<(), openmesh_agent::ClientError> {
+    /// if let Some(b) = agent.lookup(bob).await? {
+    ///     println!("bob speaks {:?}", b.capability.schemas);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn lookup(&self, agent: AgentId) -> Result<Option<KeyBundle>, ClientError> {
+        let a = self
+            .directory(|request_id| {
+                Frame::Lookup(Lookup {
+                    request_id,
+                    key: LookupKey::Agent(agent),
+                    limit: 1,
+                })
+            })
+            .await?;
+        let Some(bytes) = a.bundles.into_iter().next() else {
+            return Ok(None);
+        };
+        let b = KeyBundle::decode(bytes).map_err(|_| ClientError::E2e(E2eError::BadSignature))?;
+        if b.agent != agent {
+            return Err(ClientError::E2e(E2eError::BadSignature));
+        }
+        if let Ok(mut e) = self.sh.e2e() {
+            e.remember(b.clone(), unix_ms());
+        }
+        Ok(Some(b))
+    }
+
+    /// Every agent whose published descriptor lists `schema` (for example
+    /// `market/proposal@2.1`), with its verified bundle, in agent id order (at most `max`).
+    /// Bundles that do not verify are left out.
+    ///
+    /// ```no_run
+    /// # async fn demo(agent: &openmesh_agent::Agent) -> Result<(), openmesh_agent::ClientError> {
+    /// for seller in agent.lookup_schema("market/proposal@2.1", 100).await? {
+    ///     println!("{} speaks it", seller.agent);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn lookup_schema(&self, schema: &str, max: usize) -> Result<Vec<KeyBundle>, ClientError> {
+        let mut out: Vec<KeyBundle> = Vec::new();
+        let mut after = AgentId([0; 32]);
+        loop {
+            let want = (max - out.len()).min(u16::MAX as usize) as u16;
+            let a = self
+                .directory(|request_id| {
+                    Frame::Lookup(Lookup {
+                        request_id,
+                        key: LookupKey::Schema {
+                            schema: schema.to_string(),
+                            after,
+                        },
+                        limit: want,
+                    })
+                })
+                .await?;
+            let mut last = None;
+            for bytes in a.bundles {
+                let Ok(b) = KeyBundle::decode(bytes) else {
+                    continue;
+                };
+                if b.agent <= after || !b.speaks(schema) {
+                    continue;
+                }
+                last = Some(b.agent);
+                if let Ok(mut e) = self.sh.e2e() {
+                    e.remember(b.clone(), unix_ms());
+                }
+                out.push(b);
+            }
+            match last {
+                Some(l) if a.more && out.len() < max => after = l,
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    /// Seals `plaintext` end to end to the builder's destination agent and builds the envelope
+    /// (the flag that marks it sealed is set). The destination's bundle comes from the cache or
+    /// a [`lookup`](Self::lookup).
+    ///
+    /// ```no_run
+    /// # async fn demo(agent: &openmesh_agent::Agent, bob: openmesh_dataplane::wire::AgentId) -> Result<(), openmesh_agent::ClientError> {
+    /// let env = agent.seal(&agent.envelope_to(bob), b"for bob only").await?;
+    /// agent.send(&env).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn seal(&self, b: &EnvelopeBuilder, plaintext: &[u8]) -> Result<Envelope, ClientError> {
+        let Destination::Agent(to) = b.destination else {
+            return Err(ClientError::E2e(E2eError::WrongRecipient));
+        };
+        let now = unix_ms();
+        let cached = self.sh.e2e()?.cached(&to, now).cloned();
+        let bundle = match cached {
+            Some(b) => b,
+            None => self
+                .lookup(to)
+                .await?
+                .ok_or(ClientError::E2e(E2eError::NoBundle))?,
+        };
+        self.seal_with(b, &bundle, plaintext)
+    }
+
+    /// [`seal`](Self::seal) to a bundle the caller holds (no lookup).
+    pub fn seal_with(
+        &self,
+        b: &EnvelopeBuilder,
+        to: &KeyBundle,
+        plaintext: &[u8],
+    ) -> Result<Envelope, ClientError> {
+        Ok(self.sh.e2e()?.seal(b, to, plaintext, unix_ms())?)
+    }
+
+    /// Opens an envelope sealed to this agent: checks the sender's signature, the key, the
+    /// AEAD over payload and header, expiry and replay, and returns the plaintext. Each
+    /// rejection is counted by kind in [`e2e_stats`](Self::e2e_stats). ACK the envelope either
+    /// way (a rejected one is not worth delivering again).
+    ///
+    /// ```no_run
+    /// # async fn demo(mut agent: openmesh_agent::Agent) -> Result<(), openmesh_agent::ClientError> {
+    /// while let Some(env) = agent.recv().await {
+    ///     match agent.open(&env) {
+    ///         Ok(o) => println!("{}: {} bytes", o.source, o.plaintext.len()),
+    ///         Err(e) => eprintln!("rejected: {e}"),
+    ///     }
+    ///     agent.ack(&env).await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn open(&self, env: &Envelope) -> Result<OpenedEnvelope, E2eError> {
+        match self.sh.e2e() {
+            Ok(mut e) => e.open(env, unix_ms()),
+            Err(_) => Err(E2eError::NoUsableKey),
+        }
     }
 
     /// Closes the agent: waits for the relay's answers to what is in flight, writes every
@@ -1190,6 +1476,14 @@ impl Conn<'_> {
             }
             st.gen
         };
+        if let Some(p) = sh.publish_frame(0) {
+            // Every relay this agent reaches serves its bundle; before the envelopes sealed
+            // with it, so a receiver can look it up.
+            let mut b = BytesMut::with_capacity(p.len() + buf.len());
+            b.extend_from_slice(&p);
+            b.extend_from_slice(&buf);
+            buf = b;
+        }
         let mut acks = held_acks;
         flush_acks(&mut acks, &mut buf);
         if !buf.is_empty() && (wr.write_all(&buf).await.is_err() || wr.flush().await.is_err()) {
@@ -1250,7 +1544,11 @@ impl Conn<'_> {
             retry_due(sh, &mut buf);
             if swept.elapsed() >= Duration::from_secs(1) {
                 swept = Instant::now();
-                sh.lock().sweep_receipts(unix_ms());
+                let now_ms = unix_ms();
+                sh.lock().sweep_receipts(now_ms);
+                if let Some(p) = sh.rotate_if_due(now_ms) {
+                    buf.extend_from_slice(&p);
+                }
             }
             flush_acks(&mut acks, &mut buf);
             if let Some((deadline, done)) = closing {
@@ -1373,6 +1671,7 @@ async fn read(
                 Frame::Ack(a) => sh.on_acks(&a),
                 Frame::Nack(n) => sh.on_nack(n),
                 Frame::Receipt(r) => sh.on_receipt(r),
+                Frame::Directory(d) => sh.on_directory(d),
                 // The relay drains: it closes once what it owes is written; reconnect then,
                 // to where it points if it does.
                 Frame::GoingAway(g) => end.redirect = g.redirect.parse().ok(),
@@ -1393,7 +1692,9 @@ async fn read(
                 | Frame::LinkAck(_)
                 | Frame::LinkNack(_)
                 | Frame::Presence(_)
-                | Frame::LinkReceipt(_) => {}
+                | Frame::LinkReceipt(_)
+                | Frame::Publish(_)
+                | Frame::Lookup(_) => {}
             }
         }
         if !batch.is_empty() && inbox.send(std::mem::take(&mut batch)).is_err() {

@@ -42,6 +42,13 @@ pub enum ClientError {
     /// An envelope could not be encoded (a list or the schema id longer than the wire allows).
     #[error("envelope: {0}")]
     Envelope(WireError),
+    /// End-to-end sealing failed, or the agent runs without [`ClientConfig::e2e`].
+    #[error("end to end: {0}")]
+    E2e(#[from] crate::E2eError),
+    /// The relay's directory refused the request (`bad_signature`, `directory_full`,
+    /// `rate_limited`, ...).
+    #[error("directory refused: {0}")]
+    Directory(openmesh_dataplane::wire::Reason),
 }
 
 /// How to reach relays, who to be, and the agent's limits.
@@ -98,6 +105,11 @@ pub struct ClientConfig {
     pub reconnect_max: Duration,
     /// How long [`crate::Agent::close`] waits for outstanding answers and the relay's CLOSE.
     pub close_timeout: Duration,
+    /// End-to-end encryption: with `Some`, the agent holds a key-agreement key, publishes its
+    /// bundle (keys and the HELLO's schemas as its capability descriptor) in the relay's
+    /// directory on every connection and rotation, and can [`seal`](crate::Agent::seal) and
+    /// [`open`](crate::Agent::open) envelopes. On by default.
+    pub e2e: Option<crate::E2eConfig>,
 }
 
 impl ClientConfig {
@@ -132,6 +144,7 @@ impl ClientConfig {
             reconnect_initial: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
             close_timeout: Duration::from_secs(10),
+            e2e: Some(crate::E2eConfig::default()),
         }
     }
 

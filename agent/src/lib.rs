@@ -42,6 +42,7 @@
 
 mod agent;
 mod config;
+pub mod e2e;
 pub mod session;
 mod template;
 
@@ -50,9 +51,13 @@ pub use agent::{
     DEFAULT_TTL, MAX_AWAITED_RECEIPTS, MAX_QUEUED, MAX_QUEUED_BYTES,
 };
 pub use config::{ClientConfig, ClientError};
+pub use e2e::{E2eConfig, E2eError, E2eStats, Opened};
 pub use template::{Batch, EnvelopeTemplate};
 
+use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
+
+pub(crate) type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 use openmesh_dataplane::tls::TlsConfigError;
 

@@ -51,6 +51,8 @@ pub enum Event {
     Receipt(Receipt),
     /// The relay drains: finish and reconnect elsewhere.
     GoingAway(GoingAway),
+    /// The relay's directory answered a PUBLISH or a LOOKUP.
+    Directory(openmesh_dataplane::wire::DirectoryAnswer),
     /// The session ended (with the relay's CLOSE, if it sent one).
     Closed(Option<Close>),
 }
@@ -490,6 +492,7 @@ async fn read_loop(
                 Frame::Nack(n) => Event::Nacked(n),
                 Frame::Receipt(r) => Event::Receipt(r),
                 Frame::GoingAway(g) => Event::GoingAway(g),
+                Frame::Directory(d) => Event::Directory(d),
                 Frame::Close(c) => {
                     close = Some(c);
                     break 'outer;
@@ -508,7 +511,9 @@ async fn read_loop(
                 | Frame::LinkAck(_)
                 | Frame::LinkNack(_)
                 | Frame::Presence(_)
-                | Frame::LinkReceipt(_) => continue,
+                | Frame::LinkReceipt(_)
+                | Frame::Publish(_)
+                | Frame::Lookup(_) => continue,
             };
             batch.push(ev);
         }

@@ -7,6 +7,8 @@
 //! - [`signaling`]: HELLO meets the relay's policy and yields the session contract (WELCOME);
 //! - [`session`]: the session state machine (handshake, heartbeats, drain, close);
 //! - [`policy`]: agent admission, per-envelope ingress checks, token buckets;
+//! - [`directory`]: agents' signed key bundles and capability descriptors, and the relay's
+//!   directory of them;
 //! - [`routing`]: which core (and later which relay) an envelope goes to;
 //! - [`shard`]: one core's relay as a state machine (connections, sessions, custody,
 //!   forwarding), driven by events and `now`, answering with actions;
@@ -23,6 +25,7 @@
 
 #[cfg(feature = "engine")]
 pub mod engine;
+pub mod directory;
 pub mod fleet;
 pub mod metrics;
 pub mod pki;

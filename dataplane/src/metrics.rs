@@ -51,6 +51,9 @@ pub const LINK_ANSWERS: &str = "openmesh_link_answers_received_total";
 pub const UNSHARED: &str = "openmesh_envelopes_unshared_total";
 pub const RECEIPTS: &str = "openmesh_receipts_sent_total";
 pub const RECEIPTS_DROPPED: &str = "openmesh_receipts_dropped_total";
+pub const DIRECTORY_REQUESTS: &str = "openmesh_directory_requests_total";
+pub const DIRECTORY_ENTRIES: &str = "openmesh_directory_entries";
+pub const DIRECTORY_BYTES: &str = "openmesh_directory_bytes";
 pub const DUPLICATES: &str = "openmesh_duplicates_suppressed_total";
 pub const STORE_STATE: &str = "openmesh_store_state";
 pub const STORE_SYNC: &str = "openmesh_store_sync_seconds";
@@ -263,6 +266,21 @@ pub fn describe() {
         "Receipts due to a source that was not connected (or did not agree to receipts), dropped."
     );
     describe_counter!(
+        DIRECTORY_REQUESTS,
+        Unit::Count,
+        "Directory requests, by outcome (publish: a bundle accepted; refused: a publish refused; lookup)."
+    );
+    describe_gauge!(
+        DIRECTORY_ENTRIES,
+        Unit::Count,
+        "Key bundles held in the relay's directory."
+    );
+    describe_gauge!(
+        DIRECTORY_BYTES,
+        Unit::Bytes,
+        "Bytes the directory's entries are charged (bundles plus a fixed overhead each)."
+    );
+    describe_counter!(
         DUPLICATES,
         Unit::Count,
         "Envelopes whose (source, message id) was accepted before: ACKed again (best-effort: dropped), not delivered twice."
@@ -413,6 +431,7 @@ pub struct CoreMetrics {
     pub duplicates: Counter,
     receipts_sent: [Counter; 2],
     pub receipts_dropped: Counter,
+    directory: [Counter; 3],
 }
 
 impl CoreMetrics {
@@ -477,6 +496,8 @@ impl CoreMetrics {
                 counter!(RECEIPTS, "status" => "expired"),
             ],
             receipts_dropped: counter!(RECEIPTS_DROPPED),
+            directory: ["publish", "refused", "lookup"]
+                .map(|o| counter!(DIRECTORY_REQUESTS, "outcome" => o)),
         }
     }
 
@@ -497,6 +518,17 @@ impl CoreMetrics {
     pub fn dropped(&self, r: Reason, n: u64) {
         self.dropped[Self::idx(r)].increment(n);
     }
+    /// Counts one directory request: `publish` (accepted), `refused` (a publish refused) or
+    /// `lookup`.
+    pub fn directory(&self, outcome: &str) {
+        let i = match outcome {
+            "publish" => 0,
+            "refused" => 1,
+            _ => 2,
+        };
+        self.directory[i].increment(1);
+    }
+
     /// Counts one receipt sent.
     pub fn receipts(&self, status: crate::wire::ReceiptStatus) {
         self.receipts_sent[status as usize].increment(1);

@@ -37,6 +37,9 @@ pub enum PkiError {
     /// The certificate is not valid DER.
     #[error("malformed certificate")]
     Malformed,
+    /// The private key is not an Ed25519 PKCS#8 key.
+    #[error("private key: {0}")]
+    Key(String),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> PkiError + '_ {
@@ -152,6 +155,14 @@ impl Identity {
     /// The private key, for rustls.
     pub fn private_key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_pkcs8.clone()))
+    }
+
+    /// The Ed25519 key pair, for signing (end-to-end contexts, key bundles).
+    pub fn signing_key(&self) -> Result<aws_lc_rs::signature::Ed25519KeyPair, PkiError> {
+        use aws_lc_rs::signature::Ed25519KeyPair;
+        Ed25519KeyPair::from_pkcs8(&self.key_pkcs8)
+            .or_else(|_| Ed25519KeyPair::from_pkcs8_maybe_unchecked(&self.key_pkcs8))
+            .map_err(|e| PkiError::Key(e.to_string()))
     }
 
     /// The raw Ed25519 public key.

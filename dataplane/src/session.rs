@@ -164,7 +164,8 @@ impl Session {
                 | Frame::LinkAck(_)
                 | Frame::LinkNack(_)
                 | Frame::Presence(_)
-                | Frame::LinkReceipt(_),
+                | Frame::LinkReceipt(_)
+                | Frame::Directory(_),
             ) => Admit::Close(Reason::UnexpectedFrame),
             (SessionState::Draining, Frame::Envelope(_)) => Admit::Nack(Reason::ShuttingDown),
             (_, Frame::Ping(_)) => {

@@ -47,6 +47,7 @@ impl InMemoryRelay {
             tls: self.server_tls.clone(),
             link: None,
             relay_id: self.relay.relay_id(),
+            agents: Arc::new(crate::directory::AgentDirectory::new(1 << 20, 3600)),
         }
     }
 

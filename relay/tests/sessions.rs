@@ -261,7 +261,9 @@ async fn sigterm_drains_gracefully_and_loses_no_acked_envelope() {
                 assert_eq!(c.and_then(|c| c.reason()), Some(Reason::ShuttingDown));
                 break;
             }
-            other @ (Event::Envelope(_) | Event::Receipt(_)) => panic!("sender got {other:?}"),
+            other @ (Event::Envelope(_) | Event::Receipt(_) | Event::Directory(_)) => {
+                panic!("sender got {other:?}")
+            }
         }
     }
     assert!(going_away, "sender saw GOING_AWAY");

@@ -84,6 +84,7 @@ pub(crate) fn run(
                 tls: cfg.tls.clone(),
                 relay_id: cfg.relay_id,
                 link: cfg.link.clone(),
+                agents: shared.agents.clone(),
             },
             cfg.settings.clone(),
             shared.seq.clone(),

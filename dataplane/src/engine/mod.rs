@@ -77,6 +77,8 @@ pub(crate) struct Shared {
     pub(crate) draining: AtomicBool,
     /// Links up, and the snapshot, for the dialler.
     pub(crate) links: dialler::LinkBoard,
+    /// The key and capability directory.
+    pub(crate) agents: Arc<crate::directory::AgentDirectory>,
 }
 
 /// A running engine.
@@ -162,6 +164,10 @@ impl Engine {
             drained: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             links: dialler::LinkBoard::default(),
+            agents: Arc::new(crate::directory::AgentDirectory::new(
+                cfg.settings.limits.directory_bytes,
+                cfg.settings.limits.directory_max_age_s,
+            )),
         });
         let cpus = core_affinity::get_core_ids().unwrap_or_default();
         // The shards run the record layer themselves once rustls finished the handshake.

@@ -90,7 +90,8 @@ impl Shard {
                     hello = Some(h);
                     break;
                 }
-                Frame::Envelope(env) => {
+                #[cfg_attr(not(feature = "fault-injection"), allow(unused_mut))]
+                Frame::Envelope(mut env) => {
                     let Some(contract) = c.a.contract.as_ref() else {
                         continue;
                     };
@@ -99,6 +100,8 @@ impl Shard {
                         wake = true;
                         continue;
                     }
+                    #[cfg(feature = "fault-injection")]
+                    super::fault::at_ingress(&mut env);
                     let k = env.class() as usize;
                     n_env[k] += 1;
                     n_bytes[k] += env.immutable.len() as u64;
@@ -155,6 +158,19 @@ impl Shard {
                     close = Some(Reason::Normal);
                     break;
                 }
+                Frame::Publish(_) | Frame::Lookup(_) => {
+                    if let Err(r) = directory_request(
+                        &self.cfg.agents,
+                        &self.m,
+                        &mut c.a,
+                        frame,
+                        now,
+                    ) {
+                        close = Some(r);
+                        break;
+                    }
+                    wake = true;
+                }
                 // Refused by the session rules before this point.
                 Frame::Welcome(_)
                 | Frame::GoingAway(_)
@@ -163,7 +179,8 @@ impl Shard {
                 | Frame::LinkAck(_)
                 | Frame::LinkNack(_)
                 | Frame::Presence(_)
-                | Frame::LinkReceipt(_) => {}
+                | Frame::LinkReceipt(_)
+                | Frame::Directory(_) => {}
             }
         }
         for k in 0..3 {
@@ -352,4 +369,87 @@ pub(super) fn nack(
     m.refused(reason);
     tracing::debug!(agent = ?agent, msg = %env.message_id(), reason = reason.label(), "envelope refused");
     Frame::Nack(Nack::new(env.message_id(), reason)).encode(ctrl);
+}
+
+/// Directory requests one session may make per second; a session above it is closed
+/// `rate_limited`.
+const DIR_REQUESTS_PER_S: u32 = 32;
+/// A session may publish its bundle once per this many microseconds; sooner is refused.
+const PUBLISH_INTERVAL_US: u64 = 1_000_000;
+/// Largest DIRECTORY answer (bundles beyond it wait for the next page).
+const MAX_DIRECTORY_ANSWER: usize = 64 * 1024;
+/// The session's pending control frames above which a directory request ends it: a peer that
+/// asks without reading the answers.
+const MAX_CTRL_FOR_DIRECTORY: usize = 256 * 1024;
+
+/// Answers a PUBLISH or LOOKUP. Fails (the session ends with that reason) when the agent asks
+/// faster than [`DIR_REQUESTS_PER_S`] or without reading its answers.
+fn directory_request(
+    dir: &crate::directory::AgentDirectory,
+    m: &crate::metrics::CoreMetrics,
+    a: &mut super::conn::AgentSession,
+    frame: Frame,
+    now: Now,
+) -> Result<(), Reason> {
+    use crate::wire::{DirectoryAnswer, LookupKey};
+    if now.mono_us.saturating_sub(a.dir_window_us) >= 1_000_000 {
+        a.dir_window_us = now.mono_us;
+        a.dir_requests = 0;
+    }
+    a.dir_requests += 1;
+    if a.dir_requests > DIR_REQUESTS_PER_S || a.ctrl.len() > MAX_CTRL_FOR_DIRECTORY {
+        return Err(Reason::RateLimited);
+    }
+    let Some(agent) = a.agent else {
+        return Err(Reason::UnexpectedFrame);
+    };
+    let max_frame = a
+        .contract
+        .as_ref()
+        .map_or(4096, |w| w.max_frame as usize)
+        .min(MAX_DIRECTORY_ANSWER);
+    let answer = match frame {
+        Frame::Publish(p) => {
+            let result = if a.last_publish_us != 0
+                && now.mono_us.saturating_sub(a.last_publish_us) < PUBLISH_INTERVAL_US
+            {
+                Err(Reason::RateLimited)
+            } else {
+                a.last_publish_us = now.mono_us;
+                dir.publish(agent, p.bundle, now.unix_ms)
+            };
+            m.directory(if result.is_ok() { "publish" } else { "refused" });
+            DirectoryAnswer {
+                request_id: p.request_id,
+                code: result.err().map_or(0, |r| r as u16),
+                more: false,
+                bundles: Vec::new(),
+            }
+        }
+        Frame::Lookup(l) => {
+            m.directory("lookup");
+            let (bundles, more) = match &l.key {
+                LookupKey::Agent(id) => (
+                    dir.by_agent(id, now.unix_ms).into_iter().collect(),
+                    false,
+                ),
+                LookupKey::Schema { schema, after } => dir.by_schema(
+                    schema,
+                    after,
+                    l.limit as usize,
+                    max_frame.saturating_sub(64),
+                    now.unix_ms,
+                ),
+            };
+            DirectoryAnswer {
+                request_id: l.request_id,
+                code: 0,
+                more,
+                bundles,
+            }
+        }
+        _ => return Ok(()),
+    };
+    Frame::Directory(answer).encode(&mut a.ctrl);
+    Ok(())
 }

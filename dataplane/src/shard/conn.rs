@@ -52,6 +52,11 @@ pub(crate) struct AgentSession {
     pub(crate) handed_over: bool,
     /// When the agent last ACKed something in flight (or the session began).
     pub(crate) last_ack_us: u64,
+    /// Directory requests (PUBLISH, LOOKUP) in the current second, and when it began.
+    pub(crate) dir_requests: u32,
+    pub(crate) dir_window_us: u64,
+    /// When the agent last published its bundle (0: never).
+    pub(crate) last_publish_us: u64,
 }
 
 impl AgentSession {
@@ -75,6 +80,9 @@ impl AgentSession {
             paced_sources: Vec::new(),
             handed_over: false,
             last_ack_us: now.mono_us,
+            dir_requests: 0,
+            dir_window_us: now.mono_us,
+            last_publish_us: 0,
         }
     }
 }

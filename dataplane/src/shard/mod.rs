@@ -35,6 +35,8 @@ pub use conn::MovingConn;
 mod custody;
 pub(crate) mod dedup;
 mod durable;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
 pub use durable::{ShardStore, StoreState};
 mod forward;
 pub mod hasher;
@@ -94,6 +96,11 @@ pub struct Limits {
     /// Source epochs (a source's session id prefix) each core remembers the recent message ids
     /// of, to suppress duplicates; each takes about 600 bytes.
     pub dedup_epochs: usize,
+    /// Bytes the key and capability directory may hold (bundles of at most 4,000 bytes plus a
+    /// fixed overhead each); beyond it new bundles are refused `directory_full`.
+    pub directory_bytes: usize,
+    /// Longest a published bundle stays in the directory, in seconds, even if it says longer.
+    pub directory_max_age_s: u64,
 }
 
 impl Limits {
@@ -126,6 +133,8 @@ impl Default for Limits {
             absent_max_age_s: 24 * 3600,
             absent_bytes: None,
             dedup_epochs: 16_384,
+            directory_bytes: 32 << 20,
+            directory_max_age_s: 24 * 3600,
         }
     }
 }
@@ -149,6 +158,8 @@ pub struct ShardConfig {
     pub relay_id: RelayId,
     /// TLS of relay links, when the relay runs in a fleet.
     pub link: Option<LinkTls>,
+    /// The relay's key and capability directory, shared by every core.
+    pub agents: Arc<crate::directory::AgentDirectory>,
 }
 
 /// The time, as the engine read it.

@@ -41,6 +41,13 @@ impl Shard {
                 );
             }
             self.requeue_held();
+            if self.id == 0 {
+                // The directory is the relay's, shared: one core sweeps it and reports it.
+                self.cfg.agents.sweep(now.unix_ms);
+                let (entries, bytes) = self.cfg.agents.usage();
+                metrics::gauge!(crate::metrics::DIRECTORY_ENTRIES).set(entries as f64);
+                metrics::gauge!(crate::metrics::DIRECTORY_BYTES).set(bytes as f64);
+            }
         }
         // What waits for a path (or for the next relay's room) tries again every tick.
         self.retry_waiting(now);

@@ -253,6 +253,10 @@ impl Conn {
             // in custody.
             let h = head(env, &mut heads);
             w.envelope(&heads[..h], &env.immutable)?;
+            #[cfg(feature = "fault-injection")]
+            if link.is_none() && super::fault::replays(env) && w.fits(len) {
+                w.envelope(&heads[..h], &env.immutable)?;
+            }
             let Some(env) = self.a.outq.pop() else {
                 break;
             };

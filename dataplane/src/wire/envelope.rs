@@ -30,8 +30,11 @@ pub mod flags {
     pub const RECEIPT_DELIVERED: u8 = 1 << 0;
     /// The source wants a RECEIPT `expired` if the envelope expires undelivered.
     pub const RECEIPT_EXPIRED: u8 = 1 << 1;
+    /// The payload is sealed end to end (PROTOCOL.md §6); relays ignore it like every payload
+    /// byte, the destination agent opens it.
+    pub const SEALED: u8 = 1 << 2;
     /// Every bit this version defines; the others are sent as 0 and ignored.
-    pub const KNOWN: u8 = RECEIPT_DELIVERED | RECEIPT_EXPIRED;
+    pub const KNOWN: u8 = RECEIPT_DELIVERED | RECEIPT_EXPIRED | SEALED;
 }
 
 /// Set in an extension's type when a relay that does not know the type must refuse the envelope.
@@ -613,6 +616,29 @@ impl EnvelopeBuilder {
     /// Encodes the immutable part and returns the envelope. Fails if a list or the schema id is
     /// longer than the wire allows.
     pub fn build(&self, payload: &[u8]) -> Result<Envelope, WireError> {
+        let mut b = self.head(payload.len())?;
+        b.put_slice(payload);
+        self.finish(b)
+    }
+
+    /// Builds the envelope whose payload of `payload_len` bytes `fill` writes, given the
+    /// associated data (every immutable byte before the payload, its length included). The end
+    /// to end seal writes its ciphertext this way, straight into the envelope.
+    pub fn build_with<E: From<WireError>>(
+        &self,
+        payload_len: usize,
+        fill: impl FnOnce(&[u8], &mut [u8]) -> Result<(), E>,
+    ) -> Result<Envelope, E> {
+        let mut b = self.head(payload_len)?;
+        let ad_len = b.len();
+        b.resize(ad_len + payload_len, 0);
+        let (ad, payload) = b.split_at_mut(ad_len);
+        fill(ad, payload)?;
+        Ok(self.finish(b)?)
+    }
+
+    /// The immutable part up to and including `payload_len`.
+    fn head(&self, payload_len: usize) -> Result<BytesMut, WireError> {
         let c = &self.constraints;
         if c.jurisdictions.len() > MAX_CONSTRAINT_LIST
             || c.avoid.len() > MAX_CONSTRAINT_LIST
@@ -632,10 +658,10 @@ impl EnvelopeBuilder {
         if self.extensions_len() > MAX_EXTENSIONS_LEN {
             return Err(WireError::Invalid("extension length"));
         }
-        if u32::try_from(payload.len()).is_err() {
+        if u32::try_from(payload_len).is_err() {
             return Err(WireError::Invalid("payload length"));
         }
-        let mut b = BytesMut::with_capacity(self.immutable_len(payload.len()));
+        let mut b = BytesMut::with_capacity(self.immutable_len(payload_len));
         b.put_u8(ENVELOPE_VERSION);
         b.put_u8(self.flags & flags::KNOWN);
         b.put_slice(&self.message_id.0);
@@ -681,8 +707,11 @@ impl EnvelopeBuilder {
             b.put_u16(v.len() as u16);
             b.put_slice(v);
         }
-        b.put_u32(payload.len() as u32);
-        b.put_slice(payload);
+        b.put_u32(payload_len as u32);
+        Ok(b)
+    }
+
+    fn finish(&self, b: BytesMut) -> Result<Envelope, WireError> {
         let immutable = b.freeze();
         let sections = validate(&immutable)?;
         Ok(Envelope {

@@ -31,6 +31,9 @@ pub enum FrameType {
     LinkNack = 0x0d,
     Presence = 0x0e,
     LinkReceipt = 0x0f,
+    Publish = 0x10,
+    Lookup = 0x11,
+    Directory = 0x12,
 }
 
 impl FrameType {
@@ -51,6 +54,9 @@ impl FrameType {
             0x0d => Self::LinkNack,
             0x0e => Self::Presence,
             0x0f => Self::LinkReceipt,
+            0x10 => Self::Publish,
+            0x11 => Self::Lookup,
+            0x12 => Self::Directory,
             other => return Err(WireError::UnknownFrameType(other)),
         })
     }
@@ -359,6 +365,59 @@ pub struct LinkReceipt {
     pub hops_left: u8,
 }
 
+/// Most key bundles one DIRECTORY frame may carry.
+pub const MAX_DIRECTORY_BATCH: usize = 256;
+
+/// PUBLISH: an agent puts its signed key bundle and capability descriptor in the relay's
+/// directory (the bundle's bytes, `crate::directory::KeyBundle`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Publish {
+    /// Echoed in the DIRECTORY answer.
+    pub request_id: u32,
+    pub bundle: Bytes,
+}
+
+/// What a LOOKUP asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LookupKey {
+    /// The bundle of one agent.
+    Agent(AgentId),
+    /// Every agent whose descriptor lists `schema`, in agent id order, starting after `after`
+    /// (all zeros: from the start).
+    Schema { schema: String, after: AgentId },
+}
+
+/// LOOKUP: an agent asks the relay's directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lookup {
+    pub request_id: u32,
+    pub key: LookupKey,
+    /// Most bundles wanted (the relay may send fewer: its own cap, or what fits a frame).
+    pub limit: u16,
+}
+
+/// DIRECTORY: the relay's answer to PUBLISH or LOOKUP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirectoryAnswer {
+    pub request_id: u32,
+    /// 0 when the request succeeded, else a [`Reason`] code.
+    pub code: u16,
+    /// More bundles match than this frame carries: ask again after the last one's agent id.
+    pub more: bool,
+    /// Signed key bundles, each exactly as its agent published it.
+    pub bundles: Vec<Bytes>,
+}
+
+impl DirectoryAnswer {
+    /// The refusal, if the request was refused.
+    pub fn refusal(&self) -> Option<Reason> {
+        match self.code {
+            0 => None,
+            c => Some(Reason::from_u16(c).unwrap_or(Reason::ProtocolError)),
+        }
+    }
+}
+
 /// One decoded link frame.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Frame {
@@ -377,6 +436,9 @@ pub enum Frame {
     LinkNack(LinkNack),
     Presence(Presence),
     LinkReceipt(LinkReceipt),
+    Publish(Publish),
+    Lookup(Lookup),
+    Directory(DirectoryAnswer),
 }
 
 /// Splits frames off a receive buffer.
@@ -594,6 +656,58 @@ impl Frame {
                 },
                 hops_left: r.u8("hops left")?,
             }),
+            FrameType::Publish => {
+                let request_id = r.u32("request id")?;
+                let start = r.pos();
+                let n = r.remaining();
+                r.take(n, "bundle")?;
+                Frame::Publish(Publish {
+                    request_id,
+                    bundle: frame.slice(start..start + n),
+                })
+            }
+            FrameType::Lookup => {
+                let request_id = r.u32("request id")?;
+                let key = match r.u8("lookup kind")? {
+                    0 => LookupKey::Agent(AgentId(r.array("agent id")?)),
+                    1 => LookupKey::Schema {
+                        schema: r.short_str("schema")?.to_string(),
+                        after: AgentId(r.array("after")?),
+                    },
+                    _ => return Err(WireError::Invalid("lookup kind")),
+                };
+                Frame::Lookup(Lookup {
+                    request_id,
+                    key,
+                    limit: r.u16("limit")?,
+                })
+            }
+            FrameType::Directory => {
+                let request_id = r.u32("request id")?;
+                let code = r.u16("reason")?;
+                let more = match r.u8("more")? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(WireError::Invalid("more")),
+                };
+                let n = r.u16("bundle count")? as usize;
+                if n > MAX_DIRECTORY_BATCH {
+                    return Err(WireError::Invalid("bundle count"));
+                }
+                let mut bundles = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let len = r.u16("bundle length")? as usize;
+                    let start = r.pos();
+                    r.take(len, "bundle")?;
+                    bundles.push(frame.slice(start..start + len));
+                }
+                Frame::Directory(DirectoryAnswer {
+                    request_id,
+                    code,
+                    more,
+                    bundles,
+                })
+            }
             FrameType::Envelope => unreachable!("handled above"),
         };
         r.finish()?;
@@ -726,6 +840,44 @@ impl Frame {
                 dst.put_u8(l.receipt.status as u8);
                 dst.put_u64(l.receipt.at_ms);
                 dst.put_u8(l.hops_left);
+            }
+            Frame::Publish(p) => {
+                dst.put_u8(FrameType::Publish as u8);
+                dst.put_u32(p.request_id);
+                dst.put_slice(&p.bundle);
+            }
+            Frame::Lookup(l) => {
+                dst.put_u8(FrameType::Lookup as u8);
+                dst.put_u32(l.request_id);
+                match &l.key {
+                    LookupKey::Agent(a) => {
+                        dst.put_u8(0);
+                        dst.put_slice(&a.0);
+                    }
+                    LookupKey::Schema { schema, after } => {
+                        dst.put_u8(1);
+                        put_short_str(dst, schema);
+                        dst.put_slice(&after.0);
+                    }
+                }
+                dst.put_u16(l.limit);
+            }
+            Frame::Directory(d) => {
+                dst.put_u8(FrameType::Directory as u8);
+                dst.put_u32(d.request_id);
+                dst.put_u16(d.code);
+                dst.put_u8(d.more as u8);
+                let bundles: Vec<_> = d
+                    .bundles
+                    .iter()
+                    .filter(|b| b.len() <= u16::MAX as usize)
+                    .take(MAX_DIRECTORY_BATCH)
+                    .collect();
+                dst.put_u16(bundles.len() as u16);
+                for b in bundles {
+                    dst.put_u16(b.len() as u16);
+                    dst.put_slice(b);
+                }
             }
             Frame::Envelope(_) => unreachable!("handled above"),
         }

@@ -12,7 +12,7 @@
 
 mod envelope;
 mod frame;
-mod reader;
+pub(crate) mod reader;
 
 pub use envelope::{
     flags, Constraints, Destination, Envelope, EnvelopeBuilder, Extension, Jurisdiction,
@@ -20,10 +20,10 @@ pub use envelope::{
     MAX_PATH_LEN,
 };
 pub use frame::{
-    AckBatch, Close, Frame, FrameDecoder, FrameType, GoingAway, Hello, LinkAck, LinkHello,
-    LinkNack, LinkReceipt, Nack, Ping, Pong, Presence, PresenceEntry, Receipt, ReceiptStatus,
-    Welcome, FRAME_HEADER_LEN, MAX_ACK_BATCH, MAX_HELLO_SCHEMAS, MAX_LINK_ACK_BATCH,
-    MAX_PRESENCE_BATCH,
+    AckBatch, Close, DirectoryAnswer, Frame, FrameDecoder, FrameType, GoingAway, Hello, LinkAck,
+    LinkHello, LinkNack, LinkReceipt, Lookup, LookupKey, Nack, Ping, Pong, Presence,
+    PresenceEntry, Publish, Receipt, ReceiptStatus, Welcome, FRAME_HEADER_LEN, MAX_ACK_BATCH,
+    MAX_DIRECTORY_BATCH, MAX_HELLO_SCHEMAS, MAX_LINK_ACK_BATCH, MAX_PRESENCE_BATCH,
 };
 
 use std::fmt;
@@ -318,6 +318,13 @@ pub enum Reason {
     /// No path of relays meets the envelope's constraints (jurisdictions, trust, relays to
     /// avoid) and the fleet's thresholds.
     NoCompliantPath = 31,
+    /// A signed object (a directory key bundle) whose signature does not verify against the
+    /// agent id it names.
+    BadSignature = 32,
+    /// The relay's directory holds as many entries as it may; retry later.
+    DirectoryFull = 33,
+    /// A directory key bundle that does not decode, or names another agent than the session's.
+    InvalidBundle = 34,
 }
 
 impl Reason {
@@ -357,6 +364,9 @@ impl Reason {
             29 => InvalidRouting,
             30 => StoreUnavailable,
             31 => NoCompliantPath,
+            32 => BadSignature,
+            33 => DirectoryFull,
+            34 => InvalidBundle,
             _ => return None,
         })
     }
@@ -397,6 +407,9 @@ impl Reason {
             InvalidRouting => "invalid_routing",
             StoreUnavailable => "store_unavailable",
             NoCompliantPath => "no_compliant_path",
+            BadSignature => "bad_signature",
+            DirectoryFull => "directory_full",
+            InvalidBundle => "invalid_bundle",
         }
     }
 
@@ -411,11 +424,12 @@ impl Reason {
                 | Reason::Overloaded
                 | Reason::QuotaExceeded
                 | Reason::StoreUnavailable
+                | Reason::DirectoryFull
         )
     }
 
     /// Every reason, for documentation and metric pre-registration.
-    pub const ALL: [Reason; 32] = [
+    pub const ALL: [Reason; 35] = [
         Reason::Normal,
         Reason::ProtocolError,
         Reason::FrameTooLarge,
@@ -448,6 +462,9 @@ impl Reason {
         Reason::InvalidRouting,
         Reason::StoreUnavailable,
         Reason::NoCompliantPath,
+        Reason::BadSignature,
+        Reason::DirectoryFull,
+        Reason::InvalidBundle,
     ];
 }
 
