@@ -38,9 +38,9 @@ use openmesh_dataplane::wire::{
     Receipt, ReceiptStatus, Welcome,
 };
 
+use crate::e2e::{E2e, E2eError, E2eStats, Opened as OpenedEnvelope};
 use crate::session::{flush_acks, open, pong, Heard, Heartbeat, Opened};
 use crate::template::{Batch, Item, MessageIds};
-use crate::e2e::{E2e, E2eError, E2eStats, Opened as OpenedEnvelope};
 use crate::{unix_ms, ClientConfig, ClientError};
 
 use crate::Map;
@@ -424,8 +424,23 @@ impl Shared {
     /// The PUBLISH of this agent's current bundle (automatic: request id 0).
     fn publish_frame(&self, request_id: u32) -> Option<Bytes> {
         let e = self.e2e.as_ref()?;
-        let bundle = e.lock().unwrap_or_else(|p| p.into_inner()).bundle().bytes().clone();
+        let bundle = e
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .bundle()
+            .bytes()
+            .clone();
         Some(Frame::Publish(Publish { request_id, bundle }).to_bytes())
+    }
+
+    /// When this agent's end-to-end key rotates next (Unix ms).
+    fn rotation_due_ms(&self) -> Option<u64> {
+        let e = self.e2e.as_ref()?;
+        Some(
+            e.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .rotation_due_ms(),
+        )
     }
 
     /// Rotates the end-to-end key when due; the new bundle's PUBLISH.
@@ -440,7 +455,13 @@ impl Shared {
             return None;
         }
         let bundle = e.bundle().bytes().clone();
-        Some(Frame::Publish(Publish { request_id: 0, bundle }).to_bytes())
+        Some(
+            Frame::Publish(Publish {
+                request_id: 0,
+                bundle,
+            })
+            .to_bytes(),
+        )
     }
 
     fn on_receipt(&self, r: Receipt) {
@@ -1001,7 +1022,10 @@ impl Agent {
         self.sh.e2e().ok().map(|e| e.stats)
     }
 
-    async fn directory(&self, frame: impl FnOnce(u32) -> Frame) -> Result<DirectoryAnswer, ClientError> {
+    async fn directory(
+        &self,
+        frame: impl FnOnce(u32) -> Frame,
+    ) -> Result<DirectoryAnswer, ClientError> {
         let (tx, rx) = oneshot::channel();
         let id = {
             let mut st = self.sh.lock();
@@ -1095,7 +1119,11 @@ impl Agent {
     /// }
     /// # Ok(()) }
     /// ```
-    pub async fn lookup_schema(&self, schema: &str, max: usize) -> Result<Vec<KeyBundle>, ClientError> {
+    pub async fn lookup_schema(
+        &self,
+        schema: &str,
+        max: usize,
+    ) -> Result<Vec<KeyBundle>, ClientError> {
         let mut out: Vec<KeyBundle> = Vec::new();
         let mut after = AgentId([0; 32]);
         loop {
@@ -1143,7 +1171,11 @@ impl Agent {
     /// agent.send(&env).await?;
     /// # Ok(()) }
     /// ```
-    pub async fn seal(&self, b: &EnvelopeBuilder, plaintext: &[u8]) -> Result<Envelope, ClientError> {
+    pub async fn seal(
+        &self,
+        b: &EnvelopeBuilder,
+        plaintext: &[u8],
+    ) -> Result<Envelope, ClientError> {
         let Destination::Agent(to) = b.destination else {
             return Err(ClientError::E2e(E2eError::WrongRecipient));
         };
@@ -1493,13 +1525,17 @@ impl Conn<'_> {
         buf.clear();
 
         let mut swept = Instant::now();
+        let mut rotate_at = sh.rotation_due_ms();
         loop {
-            let due = sh
+            let mut due = sh
                 .lock()
                 .retries
                 .peek()
                 .map(|Reverse((at, _, _))| *at)
                 .unwrap_or_else(|| Instant::now() + heartbeat);
+            if let Some(r) = rotate_at {
+                due = due.min(Instant::now() + Duration::from_millis(r.saturating_sub(unix_ms())));
+            }
             let mut closing = None;
             tokio::select! {
                 biased;
@@ -1542,13 +1578,15 @@ impl Conn<'_> {
                 _ = tokio::time::sleep_until(due) => {}
             }
             retry_due(sh, &mut buf);
-            if swept.elapsed() >= Duration::from_secs(1) {
-                swept = Instant::now();
-                let now_ms = unix_ms();
-                sh.lock().sweep_receipts(now_ms);
-                if let Some(p) = sh.rotate_if_due(now_ms) {
+            if let Some(r) = rotate_at.filter(|r| *r <= unix_ms()) {
+                if let Some(p) = sh.rotate_if_due(r) {
                     buf.extend_from_slice(&p);
                 }
+                rotate_at = sh.rotation_due_ms();
+            }
+            if swept.elapsed() >= Duration::from_secs(1) {
+                swept = Instant::now();
+                sh.lock().sweep_receipts(unix_ms());
             }
             flush_acks(&mut acks, &mut buf);
             if let Some((deadline, done)) = closing {

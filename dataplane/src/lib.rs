@@ -23,9 +23,9 @@
 //! - [`metrics`]: every metric name and description;
 //! - [`testing`]: a relay in memory for tests and benchmarks that drive shards directly.
 
+pub mod directory;
 #[cfg(feature = "engine")]
 pub mod engine;
-pub mod directory;
 pub mod fleet;
 pub mod metrics;
 pub mod pki;

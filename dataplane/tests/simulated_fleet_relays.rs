@@ -213,9 +213,10 @@ impl Sim {
                 tls: w.agent_tls[i].clone(),
                 relay_id: w.relays[i].relay_id(),
                 link: Some(w.link_tls[i].clone()),
-                agents: std::sync::Arc::new(
-                    openmesh_dataplane::directory::AgentDirectory::new(1 << 20, 3600),
-                ),
+                agents: std::sync::Arc::new(openmesh_dataplane::directory::AgentDirectory::new(
+                    1 << 20,
+                    3600,
+                )),
             })
             .collect();
         let shards = (0..n)

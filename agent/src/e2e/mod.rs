@@ -21,7 +21,9 @@ use aws_lc_rs::digest;
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
 use bytes::Bytes;
 use openmesh_dataplane::directory::{BundleKey, BundleParts, Capability, KeyBundle};
-use openmesh_dataplane::wire::{flags, AgentId, Destination, Envelope, EnvelopeBuilder, MessageId, WireError};
+use openmesh_dataplane::wire::{
+    flags, AgentId, Destination, Envelope, EnvelopeBuilder, MessageId, WireError,
+};
 
 use crate::Map;
 pub use suite::Aead;
@@ -255,7 +257,11 @@ impl E2e {
         let rotation_ms = cfg
             .rotation
             .map(|d| d.as_millis() as u64)
-            .unwrap_or(if rotation_s == 0 { 3_600_000 } else { rotation_s as u64 * 1000 })
+            .unwrap_or(if rotation_s == 0 {
+                3_600_000
+            } else {
+                rotation_s as u64 * 1000
+            })
             .max(1);
         let me = AgentId(
             signer
@@ -301,14 +307,17 @@ impl E2e {
 
     /// When the next rotation is due.
     pub(crate) fn rotation_due_ms(&self) -> u64 {
-        self.own.front().map_or(0, |k| k.not_after_ms - self.rotation_ms / 4)
+        self.own
+            .front()
+            .map_or(0, |k| k.not_after_ms - self.rotation_ms / 4)
     }
 
     /// A new key-agreement key: it goes first in a newly signed bundle, the previous one stays
     /// listed (and held) through its overlap.
     pub(crate) fn rotate(&mut self, now_ms: u64) -> Result<(), E2eError> {
         let retire = self.overlap_ms + self.cfg.bundle_cache.as_millis() as u64;
-        self.own.push_front(new_key(now_ms, self.rotation_ms, retire)?);
+        self.own
+            .push_front(new_key(now_ms, self.rotation_ms, retire)?);
         self.own.retain(|k| k.retire_ms > now_ms);
         self.own.truncate(3);
         self.bundle = sign_bundle(&self.own, &self.cfg, &self.capability, &self.signer, now_ms)?;
@@ -374,16 +383,19 @@ impl E2e {
         ctx.seq += 1;
         let carry = !ctx.confirmed;
         let until_receipt = self.cfg.context_until_receipt;
-        let mut flags_ = CARRIES_CONTEXT * carry as u8 | SIGNED * sign_each as u8;
+        let mut flags_ = 0u8;
+        if carry {
+            flags_ |= CARRIES_CONTEXT;
+        }
+        if sign_each {
+            flags_ |= SIGNED;
+        }
         let mut builder = b.clone();
         builder.flags |= flags::SEALED;
         if carry && until_receipt && self.confirming.len() < MAX_CONFIRMING {
             builder.flags |= flags::RECEIPT_DELIVERED;
             self.confirming
                 .insert(b.message_id, (to.agent, key.id, ctx.ctx_id));
-        }
-        if !carry {
-            flags_ &= !CARRIES_CONTEXT;
         }
         let len = SEALED_HEADER_LEN
             + if carry { CONTEXT_LEN } else { 0 }
@@ -478,7 +490,10 @@ impl E2e {
             return Err(E2eError::Expired);
         }
         let source = env.source();
-        if self.replay.seen(&source, &env.message_id(), env.expires_ms()) {
+        if self
+            .replay
+            .seen(&source, &env.message_id(), env.expires_ms())
+        {
             return Err(E2eError::Replay);
         }
         let payload = env.payload();
@@ -499,7 +514,11 @@ impl E2e {
         let ctx_id: [u8; 16] = head[12..28].try_into().map_err(|_| E2eError::Crypto)?;
         let seq = u64::from_be_bytes(head[28..36].try_into().map_err(|_| E2eError::Crypto)?);
         let signed = f & SIGNED != 0;
-        let ctx_len = if f & CARRIES_CONTEXT != 0 { CONTEXT_LEN } else { 0 };
+        let ctx_len = if f & CARRIES_CONTEXT != 0 {
+            CONTEXT_LEN
+        } else {
+            0
+        };
         let sig_len = if signed { 64 } else { 0 };
         if payload.len() < SEALED_HEADER_LEN + ctx_len + TAG_LEN + sig_len {
             return Err(E2eError::Malformed("sealed payload length"));
@@ -517,10 +536,9 @@ impl E2e {
             .ok_or(E2eError::StaleKey)?;
         let slot = (source, ctx_id);
         let carried = &payload[SEALED_HEADER_LEN..SEALED_HEADER_LEN + ctx_len];
-        let known = self
-            .recv
-            .get(&slot)
-            .is_some_and(|c| c.key_id == key_id && c.aead == aead && (ctx_len == 0 || *c.carried == *carried));
+        let known = self.recv.get(&slot).is_some_and(|c| {
+            c.key_id == key_id && c.aead == aead && (ctx_len == 0 || *c.carried == *carried)
+        });
         if !known {
             if ctx_len == 0 {
                 return Err(E2eError::UnknownContext);
@@ -561,8 +579,7 @@ impl E2e {
         self.recv_clock += 1;
         let ctx = self.recv.get_mut(&slot).ok_or(E2eError::Crypto)?;
         ctx.used = self.recv_clock;
-        let mut body =
-            payload[SEALED_HEADER_LEN + ctx_len..payload.len() - sig_len].to_vec();
+        let mut body = payload[SEALED_HEADER_LEN + ctx_len..payload.len() - sig_len].to_vec();
         aad(&mut self.scratch, env.associated_data(), head);
         let n = ctx.key.open(seq, &self.scratch, &mut body)?;
         body.truncate(n);

@@ -155,10 +155,7 @@ pub fn encapsulate(x25519: &[u8], mlkem: &[u8]) -> Result<([u8; 32], Vec<u8>), E
     let mut enc = Vec::with_capacity(ENC_LEN);
     enc.extend_from_slice(ct_m.as_ref());
     enc.extend_from_slice(ct_x.as_ref());
-    Ok((
-        combine(ss_m.as_ref(), &ss_x, ct_x.as_ref(), x25519),
-        enc,
-    ))
+    Ok((combine(ss_m.as_ref(), &ss_x, ct_x.as_ref(), x25519), enc))
 }
 
 /// X-Wing's combiner: `SHA3-256(ss_M || ss_X || ct_X || pk_X || XWingLabel)`.
@@ -181,22 +178,36 @@ impl KeyType for Len {
 }
 
 /// RFC 9180 §5.1 in base mode: the AEAD key and base nonce from the KEM's shared secret and
-/// `info`.
+/// `info`, for X-Wing, HKDF-SHA256 and `aead`.
 pub fn key_schedule(
     aead: Aead,
     shared_secret: &[u8],
     info: &[u8],
 ) -> Result<([u8; KEY_LEN], [u8; NONCE_LEN]), E2eError> {
+    let mut key = [0u8; KEY_LEN];
+    let nonce = hpke_base_schedule(KEM_ID, aead as u16, shared_secret, info, &mut key)?;
+    Ok((key, nonce))
+}
+
+/// RFC 9180's KeySchedule in mode_base with HKDF-SHA256 for the suite `(kem_id, KDF_ID,
+/// aead_id)`: fills `key` (`Nk` = its length) and returns the base nonce.
+pub fn hpke_base_schedule(
+    kem_id: u16,
+    aead_id: u16,
+    shared_secret: &[u8],
+    info: &[u8],
+    key: &mut [u8],
+) -> Result<[u8; NONCE_LEN], E2eError> {
     let mut suite = [0u8; 10];
     suite[..4].copy_from_slice(b"HPKE");
-    suite[4..6].copy_from_slice(&KEM_ID.to_be_bytes());
+    suite[4..6].copy_from_slice(&kem_id.to_be_bytes());
     suite[6..8].copy_from_slice(&KDF_ID.to_be_bytes());
-    suite[8..10].copy_from_slice(&(aead as u16).to_be_bytes());
+    suite[8..10].copy_from_slice(&aead_id.to_be_bytes());
     // LabeledExtract: HKDF-Extract is HMAC-SHA256 keyed by the salt (an empty salt and 32 zero
     // bytes are the same HMAC key, RFC 5869 §2.2).
     let labeled_extract = |salt: &[u8], label: &[u8], ikm: &[u8]| -> [u8; 32] {
-        let key = hmac::Key::new(hmac::HMAC_SHA256, salt);
-        let mut ctx = hmac::Context::with_key(&key);
+        let k = hmac::Key::new(hmac::HMAC_SHA256, salt);
+        let mut ctx = hmac::Context::with_key(&k);
         for part in [&b"HPKE-v1"[..], &suite, label, ikm] {
             ctx.update(part);
         }
@@ -219,11 +230,10 @@ pub fn key_schedule(
             .and_then(|okm| okm.fill(out))
             .map_err(|_| E2eError::Crypto)
     };
-    let mut key = [0u8; KEY_LEN];
     let mut nonce = [0u8; NONCE_LEN];
-    expand(b"key", &mut key)?;
+    expand(b"key", key)?;
     expand(b"base_nonce", &mut nonce)?;
-    Ok((key, nonce))
+    Ok(nonce)
 }
 
 /// An AEAD key with its HPKE base nonce.
@@ -233,7 +243,11 @@ pub struct SealKey {
 }
 
 impl SealKey {
-    pub fn new(aead: Aead, key: &[u8; KEY_LEN], base_nonce: [u8; NONCE_LEN]) -> Result<Self, E2eError> {
+    pub fn new(
+        aead: Aead,
+        key: &[u8; KEY_LEN],
+        base_nonce: [u8; NONCE_LEN],
+    ) -> Result<Self, E2eError> {
         let k = UnboundKey::new(aead.algorithm(), key).map_err(|_| E2eError::Crypto)?;
         Ok(SealKey {
             key: LessSafeKey::new(k),
@@ -251,7 +265,13 @@ impl SealKey {
     }
 
     /// Seals `in_out` in place; writes the tag into `tag`.
-    pub fn seal(&self, seq: u64, aad: &[u8], in_out: &mut [u8], tag: &mut [u8]) -> Result<(), E2eError> {
+    pub fn seal(
+        &self,
+        seq: u64,
+        aad: &[u8],
+        in_out: &mut [u8],
+        tag: &mut [u8],
+    ) -> Result<(), E2eError> {
         let t = self
             .key
             .seal_in_place_separate_tag(self.nonce(seq), Aad::from(aad), in_out)

@@ -6,7 +6,15 @@ fn identity(seed: u8) -> Ed25519KeyPair {
 }
 
 fn agent(seed: u8, cfg: E2eConfig) -> E2e {
-    E2e::new(cfg, identity(seed), Capability::default(), 3600, 60_000, NOW).unwrap()
+    E2e::new(
+        cfg,
+        identity(seed),
+        Capability::default(),
+        3600,
+        60_000,
+        NOW,
+    )
+    .unwrap()
 }
 
 const NOW: u64 = 1_800_000_000_000;
@@ -33,7 +41,11 @@ fn sealed_envelopes_open_and_the_context_rides_until_confirmed() {
     let (mut a, mut b) = (agent(1, cfg), agent(2, E2eConfig::default()));
     let bundle = b.bundle().clone();
     let first = a.seal(&builder(&a, &b, 1), &bundle, b"one", NOW).unwrap();
-    assert_ne!(first.flags() & flags::RECEIPT_DELIVERED, 0, "asks for the receipt");
+    assert_ne!(
+        first.flags() & flags::RECEIPT_DELIVERED,
+        0,
+        "asks for the receipt"
+    );
     assert!(first.payload().len() > CONTEXT_LEN);
     let o = b.open(&first, NOW).unwrap();
     assert_eq!(o.plaintext, b"one");
@@ -41,10 +53,7 @@ fn sealed_envelopes_open_and_the_context_rides_until_confirmed() {
     // Confirmed by the receipt: later envelopes are small.
     a.on_delivered(&first.message_id());
     let second = a.seal(&builder(&a, &b, 2), &bundle, b"two", NOW).unwrap();
-    assert_eq!(
-        second.payload().len(),
-        SEALED_HEADER_LEN + 3 + TAG_LEN
-    );
+    assert_eq!(second.payload().len(), SEALED_HEADER_LEN + 3 + TAG_LEN);
     assert_eq!(second.flags() & flags::RECEIPT_DELIVERED, 0);
     assert_eq!(b.open(&second, NOW).unwrap().plaintext, b"two");
     assert_eq!(a.stats.contexts_sent, 1);
@@ -71,7 +80,9 @@ fn flips(sign_each: bool) {
     };
     let (mut a, mut b) = (agent(3, cfg.clone()), agent(4, E2eConfig::default()));
     let bundle = b.bundle().clone();
-    let env = a.seal(&builder(&a, &b, 7), &bundle, &[5u8; 300], NOW).unwrap();
+    let env = a
+        .seal(&builder(&a, &b, 7), &bundle, &[5u8; 300], NOW)
+        .unwrap();
     let imm = env.immutable.clone();
     let payload_at = imm.len() - env.payload().len();
     let ctx_sig_at = payload_at + SEALED_HEADER_LEN + ENC_LEN;
@@ -88,18 +99,25 @@ fn flips(sign_each: bool) {
         let r = b.open(&bad, NOW);
         assert!(r.is_err(), "byte {i} flipped, still opened");
         // The context's signature, and with signed envelopes every byte.
-        if (ctx_sig_at..ctx_sig_at + 64).contains(&i) || (sign_each && i >= payload_at + SEALED_HEADER_LEN) {
+        if (ctx_sig_at..ctx_sig_at + 64).contains(&i)
+            || (sign_each && i >= payload_at + SEALED_HEADER_LEN)
+        {
             assert_eq!(r, Err(E2eError::BadSignature), "byte {i}");
         }
-        *kinds.entry(match r.unwrap_err() {
-            E2eError::Tampered => "tampered",
-            E2eError::BadSignature => "bad signature",
-            E2eError::Malformed(_) => "malformed",
-            _ => "other",
-        }).or_insert(0) += 1;
+        *kinds
+            .entry(match r.unwrap_err() {
+                E2eError::Tampered => "tampered",
+                E2eError::BadSignature => "bad signature",
+                E2eError::Malformed(_) => "malformed",
+                _ => "other",
+            })
+            .or_insert(0) += 1;
     }
     if sign_each {
-        assert!(kinds["bad signature"] >= imm.len() - payload_at - SEALED_HEADER_LEN, "{kinds:?}");
+        assert!(
+            kinds["bad signature"] >= imm.len() - payload_at - SEALED_HEADER_LEN,
+            "{kinds:?}"
+        );
     } else {
         // The encapsulation is bound by the context id, the header and the ciphertext by the
         // AEAD.
@@ -121,10 +139,13 @@ fn redecode(immutable: Vec<u8>) -> Result<Envelope, WireError> {
 fn a_replay_is_refused_and_so_is_an_envelope_older_than_the_window() {
     let (mut a, mut b) = (
         agent(5, E2eConfig::default()),
-        agent(6, E2eConfig {
-            replay_window: 4,
-            ..E2eConfig::default()
-        }),
+        agent(
+            6,
+            E2eConfig {
+                replay_window: 4,
+                ..E2eConfig::default()
+            },
+        ),
     );
     let bundle = b.bundle().clone();
     let envs: Vec<_> = (0..8u128)
@@ -149,14 +170,23 @@ fn a_replay_is_refused_and_so_is_an_envelope_older_than_the_window() {
 
 #[test]
 fn a_rotated_key_still_opens_through_its_overlap_then_is_stale() {
-    let (mut a, mut b) = (agent(7, E2eConfig::default()), agent(8, E2eConfig::default()));
+    let (mut a, mut b) = (
+        agent(7, E2eConfig::default()),
+        agent(8, E2eConfig::default()),
+    );
     let old = b.bundle().clone();
     let before = a.seal(&builder(&a, &b, 1), &old, b"old key", NOW).unwrap();
     b.rotate(NOW + 1000).unwrap();
     let new = b.bundle().clone();
-    assert_eq!(new.keys.len(), 2, "the new key first, the old one still listed");
+    assert_eq!(
+        new.keys.len(),
+        2,
+        "the new key first, the old one still listed"
+    );
     assert_ne!(new.keys[0].id, old.keys[0].id);
-    let after = a.seal(&builder(&a, &b, 2), &new, b"new key", NOW + 1000).unwrap();
+    let after = a
+        .seal(&builder(&a, &b, 2), &new, b"new key", NOW + 1000)
+        .unwrap();
     assert_eq!(b.open(&before, NOW + 1000).unwrap().plaintext, b"old key");
     assert_eq!(b.open(&after, NOW + 1000).unwrap().plaintext, b"new key");
     // Past the old key's retirement.
@@ -184,7 +214,10 @@ fn another_recipient_cannot_open_and_a_redirected_envelope_is_refused() {
 
 #[test]
 fn by_default_every_envelope_carries_its_context() {
-    let (mut a, mut b) = (agent(12, E2eConfig::default()), agent(13, E2eConfig::default()));
+    let (mut a, mut b) = (
+        agent(12, E2eConfig::default()),
+        agent(13, E2eConfig::default()),
+    );
     let bundle = b.bundle().clone();
     let first = a.seal(&builder(&a, &b, 1), &bundle, b"1", NOW).unwrap();
     a.on_delivered(&first.message_id());
@@ -193,4 +226,82 @@ fn by_default_every_envelope_carries_its_context() {
     // The first was lost: the second opens on its own.
     assert_eq!(b.open(&second, NOW).unwrap().plaintext, b"2");
     assert_eq!(b.open(&first, NOW).unwrap().plaintext, b"1");
+}
+
+fn unhex(s: &str) -> Vec<u8> {
+    let s: String = s.split_whitespace().collect();
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The key schedule is RFC 9180's: its test vector A.1.1 (DHKEM(X25519, HKDF-SHA256),
+/// HKDF-SHA256, AES-128-GCM, base mode) comes out of the same code.
+#[test]
+fn the_key_schedule_meets_rfc_9180_appendix_a_1_1() {
+    let ss = unhex("fe0e18c9f024ce43799ae393c7e8fe8fce9d218875e8227b0187c04e7d2ea1fc");
+    let info = unhex("4f6465206f6e2061204772656369616e2055726e");
+    let mut key = [0u8; 16];
+    let nonce = suite::hpke_base_schedule(0x0020, 0x0001, &ss, &info, &mut key).unwrap();
+    assert_eq!(hex(&key), "4531685d41d65f03dc48f6b8302c05b0");
+    assert_eq!(hex(&nonce), "56d890e5accaaf011cff4b7d");
+}
+
+/// The vectors of PROTOCOL.md §6.5.
+#[test]
+fn protocol_test_vectors() {
+    let seq = |start: u8, n: usize| {
+        (0..n)
+            .map(|i| start.wrapping_add(i as u8))
+            .collect::<Vec<u8>>()
+    };
+    // X-Wing combiner.
+    let ss = suite::combine(
+        &seq(0x00, 32),
+        &seq(0x20, 32),
+        &seq(0x40, 32),
+        &seq(0x60, 32),
+    );
+    assert_eq!(
+        hex(&ss),
+        "0acca09f2fb739bc89668dbcd01ae5aebf9b72c6fe013297e3baa96854468491"
+    );
+    // Key schedule for AES-256-GCM.
+    let info = info(&AgentId([0x11; 32]), &AgentId([0x22; 32]), &[0x33; 8]);
+    let (key, nonce) = suite::key_schedule(Aead::Aes256Gcm, &ss, &info).unwrap();
+    assert_eq!(
+        hex(&key),
+        "a1277d7f8be9551ee7fcbd0d9404b25b84262fc28bc97b784516289d70c1415c"
+    );
+    assert_eq!(hex(&nonce), "60f6e6daff77d9f359d8f592");
+    let (ckey, cnonce) = suite::key_schedule(Aead::ChaCha20Poly1305, &ss, &info).unwrap();
+    assert_eq!(
+        hex(&ckey),
+        "5c756523fa71ebc0d71922118ef19a271e6292f13bb69e96118e8bae15ee8a74"
+    );
+    assert_eq!(hex(&cnonce), "a587e4aad028364466a195d0");
+    // Seal of "hello" at seq 1 with associated data "ad".
+    let k = SealKey::new(Aead::Aes256Gcm, &key, nonce).unwrap();
+    let mut body = b"hello".to_vec();
+    let mut tag = [0u8; 16];
+    k.seal(1, b"ad", &mut body, &mut tag).unwrap();
+    body.extend_from_slice(&tag);
+    assert_eq!(hex(&body), "ab5ae70862aaf207ff1f820ac5468e171b859f35c5");
+    // Key id and context id.
+    assert_eq!(
+        hex(&openmesh_dataplane::directory::key_id(
+            &[0x55; 32],
+            &[0x66; 1184]
+        )),
+        "58fabc16d361d76a"
+    );
+    assert_eq!(
+        hex(&context_id(&[0x44; 1120])),
+        "e63141eab2338888d31060e9e420fed4"
+    );
 }

@@ -170,7 +170,10 @@ impl AgentDirectory {
         };
         let limit = limit.clamp(1, MAX_LOOKUP);
         let (mut out, mut bytes) = (Vec::new(), 0usize);
-        let start = (std::ops::Bound::Excluded(*after), std::ops::Bound::Unbounded);
+        let start = (
+            std::ops::Bound::Excluded(*after),
+            std::ops::Bound::Unbounded,
+        );
         for id in set.range(start) {
             let Some(e) = inner.by_agent.get(id).filter(|e| e.expires_ms > now_ms) else {
                 continue;

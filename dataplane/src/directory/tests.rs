@@ -107,15 +107,28 @@ fn a_lookup_by_capability_returns_exactly_the_agents_that_published_it() {
         after = *found.last().unwrap();
     }
     assert_eq!(found, speakers);
-    assert_eq!(dir.by_schema("nobody@1", &AgentId([0; 32]), 10, 1 << 20, 5).0.len(), 0);
+    assert_eq!(
+        dir.by_schema("nobody@1", &AgentId([0; 32]), 10, 1 << 20, 5)
+            .0
+            .len(),
+        0
+    );
     // Republishing without the schema takes the agent out of its index.
     let k = identity();
     dir.publish(id_of(&k), bundle(&k, &["x@1"], 10_000).bytes().clone(), 0)
         .unwrap();
     dir.publish(id_of(&k), bundle(&k, &["y@1"], 10_000).bytes().clone(), 0)
         .unwrap();
-    assert!(dir.by_schema("x@1", &AgentId([0; 32]), 10, 1 << 20, 5).0.is_empty());
-    assert_eq!(dir.by_schema("y@1", &AgentId([0; 32]), 10, 1 << 20, 5).0.len(), 1);
+    assert!(dir
+        .by_schema("x@1", &AgentId([0; 32]), 10, 1 << 20, 5)
+        .0
+        .is_empty());
+    assert_eq!(
+        dir.by_schema("y@1", &AgentId([0; 32]), 10, 1 << 20, 5)
+            .0
+            .len(),
+        1
+    );
 }
 
 #[test]
@@ -143,7 +156,11 @@ fn the_directory_keeps_to_its_byte_bound_and_forgets_expired_entries() {
     // Age cap: an entry lives at most max_age past its publication.
     let short = AgentDirectory::new(1 << 20, 2);
     short
-        .publish(id_of(&keys[0]), bundle(&keys[0], &[], 100_000).bytes().clone(), 0)
+        .publish(
+            id_of(&keys[0]),
+            bundle(&keys[0], &[], 100_000).bytes().clone(),
+            0,
+        )
         .unwrap();
     assert!(short.by_agent(&id_of(&keys[0]), 1_999).is_some());
     assert!(short.by_agent(&id_of(&keys[0]), 2_000).is_none());

@@ -159,13 +159,9 @@ impl Shard {
                     break;
                 }
                 Frame::Publish(_) | Frame::Lookup(_) => {
-                    if let Err(r) = directory_request(
-                        &self.cfg.agents,
-                        &self.m,
-                        &mut c.a,
-                        frame,
-                        now,
-                    ) {
+                    if let Err(r) =
+                        directory_request(&self.cfg.agents, &self.m, &mut c.a, frame, now)
+                    {
                         close = Some(r);
                         break;
                     }
@@ -429,10 +425,9 @@ fn directory_request(
         Frame::Lookup(l) => {
             m.directory("lookup");
             let (bundles, more) = match &l.key {
-                LookupKey::Agent(id) => (
-                    dir.by_agent(id, now.unix_ms).into_iter().collect(),
-                    false,
-                ),
+                LookupKey::Agent(id) => {
+                    (dir.by_agent(id, now.unix_ms).into_iter().collect(), false)
+                }
                 LookupKey::Schema { schema, after } => dir.by_schema(
                     schema,
                     after,

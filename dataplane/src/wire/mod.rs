@@ -21,9 +21,9 @@ pub use envelope::{
 };
 pub use frame::{
     AckBatch, Close, DirectoryAnswer, Frame, FrameDecoder, FrameType, GoingAway, Hello, LinkAck,
-    LinkHello, LinkNack, LinkReceipt, Lookup, LookupKey, Nack, Ping, Pong, Presence,
-    PresenceEntry, Publish, Receipt, ReceiptStatus, Welcome, FRAME_HEADER_LEN, MAX_ACK_BATCH,
-    MAX_DIRECTORY_BATCH, MAX_HELLO_SCHEMAS, MAX_LINK_ACK_BATCH, MAX_PRESENCE_BATCH,
+    LinkHello, LinkNack, LinkReceipt, Lookup, LookupKey, Nack, Ping, Pong, Presence, PresenceEntry,
+    Publish, Receipt, ReceiptStatus, Welcome, FRAME_HEADER_LEN, MAX_ACK_BATCH, MAX_DIRECTORY_BATCH,
+    MAX_HELLO_SCHEMAS, MAX_LINK_ACK_BATCH, MAX_PRESENCE_BATCH,
 };
 
 use std::fmt;

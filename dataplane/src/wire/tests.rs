@@ -181,6 +181,57 @@ fn golden_link_receipt() {
 }
 
 #[test]
+fn golden_directory_frames() {
+    golden(
+        Frame::Publish(Publish {
+            request_id: 7,
+            bundle: Bytes::from_static(b"\x01\x02\x03"),
+        }),
+        "00000008 10 00000007 010203",
+    );
+    golden(
+        Frame::Lookup(Lookup {
+            request_id: 9,
+            key: LookupKey::Agent(AgentId([0xaa; 32])),
+            limit: 1,
+        }),
+        &format!("00000028 11 00000009 00 {} 0001", "aa".repeat(32)),
+    );
+    golden(
+        Frame::Lookup(Lookup {
+            request_id: 9,
+            key: LookupKey::Schema {
+                schema: "m@2".into(),
+                after: AgentId([0; 32]),
+            },
+            limit: 64,
+        }),
+        &format!("0000002c 11 00000009 01 03 6d4032 {} 0040", "00".repeat(32)),
+    );
+    golden(
+        Frame::Directory(DirectoryAnswer {
+            request_id: 9,
+            code: 0,
+            more: true,
+            bundles: vec![Bytes::from_static(b"\xab"), Bytes::from_static(b"\xcd\xef")],
+        }),
+        "00000011 12 00000009 0000 01 0002 0001ab 0002cdef",
+    );
+    golden(
+        Frame::Directory(DirectoryAnswer {
+            request_id: 3,
+            code: Reason::DirectoryFull as u16,
+            more: false,
+            bundles: vec![],
+        }),
+        "0000000a 12 00000003 0021 00 0000",
+    );
+    // A DIRECTORY whose bundle runs past the frame, or with a bad `more`.
+    assert!(decode_one(&unhex("0000000d 12 00000009 0000 00 0001 0005ab")).is_err());
+    assert!(decode_one(&unhex("0000000a 12 00000009 0000 02 0000")).is_err());
+}
+
+#[test]
 fn link_frames_refuse_empty_and_oversized_batches() {
     for bad in [
         "00000003 0c 0000",
@@ -545,6 +596,43 @@ fn arb_control() -> impl Strategy<Value = Frame> {
         )),
         prop::collection::vec(any::<u64>(), 1..50)
             .prop_map(|seqs| Frame::LinkAck(LinkAck::new(seqs))),
+        (any::<u32>(), prop::collection::vec(any::<u8>(), 0..300)).prop_map(|(id, b)| {
+            Frame::Publish(Publish {
+                request_id: id,
+                bundle: Bytes::from(b),
+            })
+        }),
+        (
+            any::<u32>(),
+            arb_id(),
+            "[ -~]{0,60}",
+            any::<bool>(),
+            any::<u16>()
+        )
+            .prop_map(|(id, a, schema, by_schema, limit)| Frame::Lookup(Lookup {
+                request_id: id,
+                key: if by_schema {
+                    LookupKey::Schema {
+                        schema,
+                        after: AgentId(a),
+                    }
+                } else {
+                    LookupKey::Agent(AgentId(a))
+                },
+                limit,
+            })),
+        (
+            any::<(u32, u16, bool)>(),
+            prop::collection::vec(prop::collection::vec(any::<u8>(), 0..100), 0..8)
+        )
+            .prop_map(
+                |((id, code, more), bundles)| Frame::Directory(DirectoryAnswer {
+                    request_id: id,
+                    code,
+                    more,
+                    bundles: bundles.into_iter().map(Bytes::from).collect(),
+                })
+            ),
         (any::<u64>(), any::<u16>(), "[ -~]{0,60}")
             .prop_map(|(seq, code, text)| Frame::LinkNack(LinkNack { seq, code, text })),
         prop::collection::vec((arb_id(), arb_id(), any::<u64>()), 1..20).prop_map(|v| {
