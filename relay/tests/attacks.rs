@@ -497,3 +497,116 @@ async fn custody_acked_to_its_sender_is_never_dropped_and_exit_counts_what_it_lo
         relay.log()
     );
 }
+
+/// Identities are free to mint: fresh agents publishing bundles fill the directory up to its
+/// byte bound and no further (then `directory_full`), what was published before stays served,
+/// a session flooding lookups is closed `rate_limited`, and a pair beside loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_fresh_identities_fills_the_directory_to_its_bound_and_no_further() {
+    use bytes::Bytes;
+    use openmesh_dataplane::directory::{aeads, BundleKey, BundleParts, Capability, KeyBundle};
+    use openmesh_dataplane::wire::{Lookup, LookupKey, Publish};
+
+    const BOUND: usize = 64 << 10;
+    let relay = Relay::start(
+        &["--cores", "2"],
+        Some(&format!("[limits]\ndirectory_bytes = {BOUND}\n")),
+    );
+    let good = well_behaved_pair(&relay, 1_000);
+    let honest = openmesh_agent::Agent::connect(relay.config("honest"))
+        .await
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while honest.lookup(honest.id()).await.unwrap().is_none() {
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (mut accepted, mut full) = (0, 0);
+    for i in 0..80 {
+        let cfg = relay.config(&format!("minted-{i}"));
+        let signer = cfg.identity.signing_key().unwrap();
+        let mut s = Session::connect(cfg).await.unwrap();
+        let bundle = KeyBundle::sign(
+            BundleParts {
+                issued_ms: 0,
+                expires_ms: u64::MAX,
+                aeads: aeads::KNOWN,
+                keys: vec![BundleKey::new(
+                    [1; 32],
+                    Bytes::from(vec![2u8; 1184]),
+                    u64::MAX,
+                )],
+                capability: Capability {
+                    transports: 1,
+                    classes: 7,
+                    schemas: vec!["spam@1".into()],
+                },
+            },
+            &signer,
+        )
+        .unwrap();
+        s.send_raw(
+            Frame::Publish(Publish {
+                request_id: 1,
+                bundle: bundle.bytes().clone(),
+            })
+            .to_bytes(),
+        )
+        .await
+        .unwrap();
+        match tokio::time::timeout(Duration::from_secs(5), s.next_event()).await {
+            Ok(Some(Event::Directory(d))) => match d.refusal() {
+                None => accepted += 1,
+                Some(Reason::DirectoryFull) => full += 1,
+                Some(r) => panic!("refused {r}"),
+            },
+            other => panic!("expected DIRECTORY, got {other:?}"),
+        }
+        s.close().await.unwrap();
+    }
+    assert!(
+        full > 0 && accepted > 10,
+        "accepted {accepted}, full {full}"
+    );
+    assert!(accepted * 1_400 <= BOUND, "accepted {accepted}");
+    // The gauge is updated every second.
+    let t0 = std::time::Instant::now();
+    let mut bytes = 0.0;
+    while bytes == 0.0 && t0.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        bytes = relay.metric("openmesh_directory_bytes", &[]);
+    }
+    assert!(
+        bytes > 0.0 && bytes <= BOUND as f64,
+        "directory bytes {bytes}"
+    );
+    // What was there before the flood is still served.
+    assert!(honest.lookup(honest.id()).await.unwrap().is_some());
+    // A lookup flood ends its session.
+    let mut flooder = Session::connect(relay.config("lookup-flood"))
+        .await
+        .unwrap();
+    let mut burst = bytes::BytesMut::new();
+    for i in 0..100u32 {
+        Frame::Lookup(Lookup {
+            request_id: i,
+            key: LookupKey::Schema {
+                schema: "spam@1".into(),
+                after: openmesh_dataplane::wire::AgentId([0; 32]),
+            },
+            limit: 64,
+        })
+        .encode(&mut burst);
+    }
+    flooder.send_raw(burst.freeze()).await.unwrap();
+    let closed = loop {
+        match tokio::time::timeout(Duration::from_secs(5), flooder.next_event()).await {
+            Ok(Some(Event::Directory(_))) => continue,
+            Ok(Some(Event::Closed(c))) => break c.and_then(|c| c.reason()),
+            other => panic!("expected CLOSE, got {other:?}"),
+        }
+    };
+    assert_eq!(closed, Some(Reason::RateLimited));
+    assert_eq!(good.await.unwrap(), 1_000);
+    honest.close().await.unwrap();
+}
