@@ -94,10 +94,16 @@ pub enum Outcome {
 /// ([`openmesh_dataplane::wire::flags`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Delivery {
-    /// The destination agent ACKed it, at this Unix millisecond.
-    Delivered { at_ms: u64 },
-    /// It expired undelivered, at this Unix millisecond.
-    Expired { at_ms: u64 },
+    /// The destination agent ACKed it.
+    Delivered {
+        /// When, Unix milliseconds (the relay's clock).
+        at_ms: u64,
+    },
+    /// It expired undelivered.
+    Expired {
+        /// When, Unix milliseconds (the relay's clock).
+        at_ms: u64,
+    },
 }
 
 /// The answers to a [`Batch`].

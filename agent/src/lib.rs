@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! `openmesh-agent`: the library agents use to talk through OpenMesh relays.
 //!
 //! An [`Agent`] connects to a relay over mutual TLS 1.3 with its Ed25519 identity, agrees on a
@@ -15,7 +16,13 @@
 //! - **reconnects** when the relay goes away (its own failure, a drain, a dead link), through
 //!   [`ClientConfig::fallback`] with backoff, and sends again whatever was not yet answered;
 //! - **closes** cleanly: [`Agent::close`] waits for outstanding answers, writes every queued
-//!   ACK, sends CLOSE, waits for the relay's, and reports what stayed unanswered.
+//!   ACK, sends CLOSE, waits for the relay's, and reports what stayed unanswered;
+//! - **encrypts end to end** ([`e2e`], on by default): it publishes its signed key bundle and
+//!   capability descriptor in the relay's directory, [`Agent::seal`]s payloads to a recipient
+//!   (X-Wing hybrid KEM, HPKE key schedule, AES-256-GCM or ChaCha20-Poly1305 over payload and
+//!   header) and [`Agent::open`]s what it receives (signature, AEAD, replay, key checks, each
+//!   rejection typed and counted); [`Agent::lookup`] and [`Agent::lookup_schema`] find other
+//!   agents' bundles by id or by the schemas they speak.
 //!
 //! It runs on tokio and rustls with the protocol code of `openmesh-dataplane`, without the
 //! relay engine (no io_uring): it builds wherever tokio and rustls do. The rustls crypto

@@ -16,7 +16,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use openmesh_agent::{Agent, ClientConfig, Outcome};
 use openmesh_dataplane::pki::{load_certs, Identity};
-use openmesh_dataplane::wire::{AgentId, DeliveryClass, Jurisdiction, RelayId};
+use openmesh_dataplane::wire::{flags, AgentId, DeliveryClass, Jurisdiction, RelayId};
 
 #[derive(Parser)]
 struct Cli {
@@ -167,12 +167,20 @@ async fn main() -> anyhow::Result<()> {
             let mut got = 0;
             while let Some(e) = agent.recv().await {
                 got += 1;
+                // Sealed end to end (`agent/examples/encrypted.rs`): opened here.
+                let text = if e.flags() & flags::SEALED != 0 {
+                    match agent.open(&e) {
+                        Ok(o) => String::from_utf8_lossy(&o.plaintext).into_owned(),
+                        Err(err) => format!("(sealed, rejected: {err})"),
+                    }
+                } else {
+                    String::from_utf8_lossy(&e.payload()).into_owned()
+                };
                 println!(
-                    "from {} [{}] {}: {}",
+                    "from {} [{}] {}: {text}",
                     e.source(),
                     e.schema(),
-                    e.message_id(),
-                    String::from_utf8_lossy(&e.payload())
+                    e.message_id()
                 );
                 agent.ack(&e).await?;
                 if count > 0 && got >= count {

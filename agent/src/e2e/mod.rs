@@ -47,7 +47,7 @@ pub const CARRIES_CONTEXT: u8 = 1 << 0;
 pub const SIGNED: u8 = 1 << 1;
 
 /// Why an envelope could not be sealed or opened. Every rejection is counted in
-/// [`E2eStats`](crate::E2eStats).
+/// [`E2eStats`].
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum E2eError {
     /// The envelope's flags do not say its payload is sealed.
@@ -154,9 +154,13 @@ impl Default for E2eConfig {
 /// An opened envelope's payload.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Opened {
+    /// The sender, authenticated (its signature on the context verified).
     pub source: AgentId,
+    /// The envelope's message id.
     pub message_id: MessageId,
+    /// The envelope's schema id.
     pub schema: String,
+    /// The opened payload.
     pub plaintext: Vec<u8>,
     /// The sender signed this envelope itself ([`E2eConfig::sign_each`]).
     pub signed: bool,
@@ -165,7 +169,9 @@ pub struct Opened {
 /// Counters of the end-to-end layer.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct E2eStats {
+    /// Envelopes sealed.
     pub sealed: u64,
+    /// Envelopes opened.
     pub opened: u64,
     /// Contexts opened towards recipients (one X-Wing encapsulation and signature each).
     pub contexts_sent: u64,

@@ -33,11 +33,14 @@ pub const TAG_LEN: usize = 16;
 /// The AEADs, with their HPKE ids (also their code in a sealed payload).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Aead {
+    /// AES-256-GCM (HPKE id 0x0002).
     Aes256Gcm = 0x0002,
+    /// ChaCha20-Poly1305 (HPKE id 0x0003).
     ChaCha20Poly1305 = 0x0003,
 }
 
 impl Aead {
+    /// The AEAD of an HPKE id.
     pub fn from_u16(v: u16) -> Option<Self> {
         match v {
             0x0002 => Some(Aead::Aes256Gcm),
