@@ -1025,7 +1025,7 @@ impl Agent {
     /// Counters of sealing and opening (rejections by kind). `None` without
     /// [`ClientConfig::e2e`].
     pub fn e2e_stats(&self) -> Option<E2eStats> {
-        self.sh.e2e().ok().map(|e| e.stats)
+        self.sh.e2e().ok().map(|e| e.stats())
     }
 
     async fn directory(

@@ -58,7 +58,7 @@ pub use agent::{
     DEFAULT_TTL, MAX_AWAITED_RECEIPTS, MAX_QUEUED, MAX_QUEUED_BYTES,
 };
 pub use config::{ClientConfig, ClientError};
-pub use e2e::{E2eConfig, E2eError, E2eStats, Opened};
+pub use e2e::{E2e, E2eConfig, E2eError, E2eStats, Opened};
 pub use template::{Batch, EnvelopeTemplate};
 
 use std::collections::HashMap;

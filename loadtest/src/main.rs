@@ -95,6 +95,11 @@ struct RunArgs {
     /// No live progress line.
     #[arg(long)]
     quiet: bool,
+    /// Seal every envelope end to end (OpenMesh relays): receivers publish their key bundles,
+    /// senders look them up and seal, receivers open and check each envelope (a rejection
+    /// counts as an error). Agents generate keys only with it.
+    #[arg(long)]
+    e2e: bool,
 }
 
 fn main() -> ExitCode {
@@ -199,7 +204,13 @@ async fn run(a: RunArgs) -> anyhow::Result<Report> {
             duration: a.duration,
             drain,
             backlog: a.scenario == Scenario::Backlog,
+            e2e: a.e2e,
         };
+        if params.e2e && (params.backlog || a.target.is_some()) {
+            bail!(
+                "--e2e needs OpenMesh relays and a receiver connected while sending (not backlog)"
+            );
+        }
         let mut tasks = tokio::task::JoinSet::new();
         for idx in 0..agents {
             let (p, lv) = (params.clone(), live.clone());

@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use hdrhistogram::Histogram;
-use openmesh_agent::{unix_ms, Agent, Batch, ClientConfig, EnvelopeTemplate, Stats};
+use openmesh_agent::{unix_ms, Agent, Batch, ClientConfig, E2eConfig, EnvelopeTemplate, Stats};
+use openmesh_dataplane::directory::KeyBundle;
 use openmesh_dataplane::pki::Identity;
-use openmesh_dataplane::wire::DeliveryClass;
+use openmesh_dataplane::wire::{DeliveryClass, EnvelopeBuilder};
 use rustls::pki_types::CertificateDer;
 use tokio::sync::Semaphore;
 
@@ -34,6 +35,8 @@ impl Relays {
         let id = Identity::generate_self_signed(name)?;
         let mut c = ClientConfig::new(self.addrs[idx % self.addrs.len()], self.ca.clone(), id);
         c.bind = bind;
+        // Without `--e2e` the agents measure the relay: no end-to-end keys, nothing published.
+        c.e2e = None;
         Ok(c)
     }
 
@@ -67,6 +70,9 @@ pub async fn pair(
 ) -> anyhow::Result<Histogram<u64>> {
     let mut rcfg = relays.receiver(idx, &format!("loadtest-recv-{idx}"))?;
     rcfg.auto_ack = true;
+    if p.e2e {
+        rcfg.e2e = Some(E2eConfig::default());
+    }
     let recv_id = rcfg.identity.agent_id();
     let mut recv = if p.backlog {
         None
@@ -89,15 +95,39 @@ pub async fn pair(
         // closing does not wait for their answers.
         scfg.close_timeout = Duration::from_secs(1);
     }
+    if p.e2e {
+        scfg.e2e = Some(E2eConfig::default());
+    }
     let sender = Agent::connect(scfg).await.context("sender connects")?;
     let mut b = sender.envelope_to(recv_id);
     b.expires_ms = b.created_ms + 600_000;
     b.class = p.class;
-    let tmpl = EnvelopeTemplate::new(&b, p.size.max(MIN_PAYLOAD))?;
+    let tmpl = if p.e2e {
+        // The receiver published its bundle when it connected (on its relay).
+        let t0 = Instant::now();
+        let bundle = loop {
+            if let Some(bundle) = sender.lookup(recv_id).await? {
+                break bundle;
+            }
+            anyhow::ensure!(
+                t0.elapsed() < Duration::from_secs(5),
+                "the receiver's key bundle is not in the directory of the sender's relay (--e2e needs both agents on one relay)"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        Source::Sealed {
+            builder: b,
+            bundle,
+            size: p.size.max(MIN_PAYLOAD),
+        }
+    } else {
+        Source::Template(EnvelopeTemplate::new(&b, p.size.max(MIN_PAYLOAD))?)
+    };
     let expect = Expect::new();
     let filled = Arc::new(tokio::sync::Notify::new());
 
     let (exp, lv, drain, fill) = (expect.clone(), live.clone(), p.drain, filled.clone());
+    let e2e = p.e2e;
     let receiver = tokio::spawn(async move {
         let mut recv = match recv.take() {
             Some(r) => r,
@@ -116,7 +146,13 @@ pub async fn pair(
                 Ok(true) => {
                     let now = lv.now_ns();
                     for e in evs.drain(..) {
-                        rec.on_payload(&e.payload(), now);
+                        if e2e {
+                            // A rejection counts as an error (an unparsable payload).
+                            let opened = recv.open(&e).map(|o| o.plaintext).unwrap_or_default();
+                            rec.on_payload(&opened, now);
+                        } else {
+                            rec.on_payload(&e.payload(), now);
+                        }
                     }
                     rec.flush(now);
                 }
@@ -146,25 +182,61 @@ pub async fn pair(
     receiver.await?
 }
 
-/// Appends `n` envelopes from the template, the `i`-th scheduled at `scheduled(i)`.
+/// Where a sender's envelopes come from.
+enum Source {
+    /// One template, patched per envelope.
+    Template(EnvelopeTemplate),
+    /// Each envelope sealed to the receiver's bundle (`--e2e`).
+    Sealed {
+        builder: EnvelopeBuilder,
+        bundle: KeyBundle,
+        size: usize,
+    },
+}
+
+/// Appends `n` envelopes, the `i`-th scheduled at `scheduled(i)`.
 fn fill_batch(
     s: &Agent,
-    t: &EnvelopeTemplate,
+    src: &Source,
     seq: &mut u64,
     n: u64,
     mut scheduled: impl FnMut(u64) -> u64,
-) -> Batch {
-    let mut batch = Batch::with_capacity(t.frame_len() * n as usize);
+) -> anyhow::Result<Batch> {
     let now_ms = unix_ms();
-    for i in 0..n {
-        let (q, ns) = (*seq, scheduled(i));
-        batch.push_template(t, s.next_message_id(), now_ms, |p| {
-            p[..8].copy_from_slice(&q.to_be_bytes());
-            p[8..16].copy_from_slice(&ns.to_be_bytes());
-        });
-        *seq += 1;
+    match src {
+        Source::Template(t) => {
+            let mut batch = Batch::with_capacity(t.frame_len() * n as usize);
+            for i in 0..n {
+                let (q, ns) = (*seq, scheduled(i));
+                batch.push_template(t, s.next_message_id(), now_ms, |p| {
+                    p[..8].copy_from_slice(&q.to_be_bytes());
+                    p[8..16].copy_from_slice(&ns.to_be_bytes());
+                });
+                *seq += 1;
+            }
+            Ok(batch)
+        }
+        Source::Sealed {
+            builder,
+            bundle,
+            size,
+        } => {
+            let mut batch = Batch::new();
+            let mut b = builder.clone();
+            let mut plain = vec![0x5au8; *size];
+            b.created_ms = now_ms;
+            b.expires_ms = now_ms + 600_000;
+            for i in 0..n {
+                let (q, ns) = (*seq, scheduled(i));
+                plain[..8].copy_from_slice(&q.to_be_bytes());
+                plain[8..16].copy_from_slice(&ns.to_be_bytes());
+                b.message_id = s.next_message_id();
+                batch.push(&s.seal_with(&b, bundle, &plain)?);
+                *seq += 1;
+            }
+            Ok(batch)
+        }
     }
-    batch
 }
 
 /// Copies the agent's answer counters into the live view; fails on a refusal retrying cannot
@@ -184,12 +256,7 @@ fn settle(s: &Agent, last: &mut Stats, live: &Live) -> anyhow::Result<Stats> {
 
 /// Sends as fast as the agent's window allows for the duration; returns how many deliveries to
 /// expect.
-async fn closed_loop(
-    s: Agent,
-    t: &EnvelopeTemplate,
-    p: &PairParams,
-    live: &Live,
-) -> anyhow::Result<u64> {
+async fn closed_loop(s: Agent, t: &Source, p: &PairParams, live: &Live) -> anyhow::Result<u64> {
     let end = Instant::now() + p.duration;
     let mut seq = 0u64;
     let mut last = Stats::default();
@@ -203,7 +270,7 @@ async fn closed_loop(
             break;
         }
         let ns = live.now_ns();
-        let batch = fill_batch(&s, t, &mut seq, n, |_| ns);
+        let batch = fill_batch(&s, t, &mut seq, n, |_| ns)?;
         s.send_batch(batch).await?;
         live.sent.fetch_add(n, Ordering::Relaxed);
     }
@@ -214,7 +281,7 @@ async fn closed_loop(
 /// scheduled for (so a stall shows up as latency, not as a gap: no coordinated omission).
 fn open_loop(
     s: Agent,
-    t: &EnvelopeTemplate,
+    t: &Source,
     p: &PairParams,
     rate: f64,
     live: &Live,
@@ -235,7 +302,7 @@ fn open_loop(
             n += 1;
         }
         let first = next;
-        let batch = fill_batch(&s, t, &mut seq, n, |i| first + i * interval);
+        let batch = fill_batch(&s, t, &mut seq, n, |i| first + i * interval)?;
         next += n * interval;
         rt.block_on(s.send_batch(batch))?;
         live.sent.fetch_add(n, Ordering::Relaxed);

@@ -224,8 +224,27 @@ struct RecvCtx {
     used: u64,
 }
 
-/// The agent's end-to-end state.
-pub(crate) struct E2e {
+/// An agent's end-to-end state: its key-agreement keys and bundle, sending and receiving
+/// contexts, the replay window. [`Agent`](crate::Agent) holds one (from
+/// [`ClientConfig::e2e`](crate::ClientConfig::e2e)); applications that carry envelopes some
+/// other way can use it directly.
+///
+/// ```
+/// use openmesh_agent::e2e::{E2e, E2eConfig};
+/// use openmesh_dataplane::directory::Capability;
+/// use openmesh_dataplane::pki::Identity;
+/// use openmesh_dataplane::wire::{Destination, EnvelopeBuilder, MessageId};
+///
+/// let now = 1_800_000_000_000;
+/// let alice_id = Identity::generate_self_signed("alice").unwrap();
+/// let bob_id = Identity::generate_self_signed("bob").unwrap();
+/// let mut alice = E2e::new(E2eConfig::default(), alice_id.signing_key().unwrap(), Capability::default(), 3600, 60_000, now).unwrap();
+/// let mut bob = E2e::new(E2eConfig::default(), bob_id.signing_key().unwrap(), Capability::default(), 3600, 60_000, now).unwrap();
+/// let b = EnvelopeBuilder::new(MessageId::from_u128(1), alice_id.agent_id(), Destination::Agent(bob_id.agent_id()), now, 60_000);
+/// let env = alice.seal(&b, bob.bundle(), b"hi", now).unwrap();
+/// assert_eq!(bob.open(&env, now).unwrap().plaintext, b"hi");
+/// ```
+pub struct E2e {
     cfg: E2eConfig,
     me: AgentId,
     signer: Ed25519KeyPair,
@@ -242,7 +261,7 @@ pub(crate) struct E2e {
     confirming: Map<MessageId, (AgentId, [u8; 8], [u8; 16])>,
     peers: Map<AgentId, (KeyBundle, u64)>,
     replay: replay::Window,
-    pub(crate) stats: E2eStats,
+    stats: E2eStats,
     scratch: Vec<u8>,
 }
 
@@ -252,7 +271,11 @@ const MAX_CONFIRMING: usize = 4096;
 const MAX_PEERS: usize = 4096;
 
 impl E2e {
-    pub(crate) fn new(
+    /// State for the identity `signer`, describing itself with `capability`, with a first
+    /// key-agreement key. `rotation_s` and `max_ttl_ms` are the session contract's (the
+    /// rotation interval when `cfg.rotation` is unset; how long an envelope may live, which
+    /// sets how long a rotated key is kept).
+    pub fn new(
         cfg: E2eConfig,
         signer: Ed25519KeyPair,
         capability: Capability,
@@ -306,13 +329,18 @@ impl E2e {
         Ok(e)
     }
 
+    /// The counters.
+    pub fn stats(&self) -> E2eStats {
+        self.stats
+    }
+
     /// This agent's signed bundle.
-    pub(crate) fn bundle(&self) -> &KeyBundle {
+    pub fn bundle(&self) -> &KeyBundle {
         &self.bundle
     }
 
-    /// When the next rotation is due.
-    pub(crate) fn rotation_due_ms(&self) -> u64 {
+    /// When the next rotation is due (Unix ms).
+    pub fn rotation_due_ms(&self) -> u64 {
         self.own
             .front()
             .map_or(0, |k| k.not_after_ms - self.rotation_ms / 4)
@@ -320,7 +348,7 @@ impl E2e {
 
     /// A new key-agreement key: it goes first in a newly signed bundle, the previous one stays
     /// listed (and held) through its overlap.
-    pub(crate) fn rotate(&mut self, now_ms: u64) -> Result<(), E2eError> {
+    pub fn rotate(&mut self, now_ms: u64) -> Result<(), E2eError> {
         let retire = self.overlap_ms + self.cfg.bundle_cache.as_millis() as u64;
         self.own
             .push_front(new_key(now_ms, self.rotation_ms, retire)?);
@@ -354,8 +382,9 @@ impl E2e {
     }
 
     /// Seals `plaintext` to `to` (its bundle) into an envelope built by `b`: sets the sealed
-    /// flag (and the delivery-receipt flag while the context is unconfirmed).
-    pub(crate) fn seal(
+    /// flag (and, with [`E2eConfig::context_until_receipt`], the delivery-receipt flag while
+    /// the context is unconfirmed).
+    pub fn seal(
         &mut self,
         b: &EnvelopeBuilder,
         to: &KeyBundle,
@@ -467,7 +496,7 @@ impl E2e {
     }
 
     /// A delivery receipt arrived: if the envelope carried a context, the recipient holds it.
-    pub(crate) fn on_delivered(&mut self, id: &MessageId) {
+    pub fn on_delivered(&mut self, id: &MessageId) {
         if let Some((to, key, ctx_id)) = self.confirming.remove(id) {
             if let Some(c) = self.send.get_mut(&(to, key)).filter(|c| c.ctx_id == ctx_id) {
                 c.confirmed = true;
@@ -475,8 +504,8 @@ impl E2e {
         }
     }
 
-    /// Opens an envelope sealed to this agent, counting the outcome.
-    pub(crate) fn open(&mut self, env: &Envelope, now_ms: u64) -> Result<Opened, E2eError> {
+    /// Opens an envelope sealed to this agent, counting the outcome (`docs/PROTOCOL.md` §6.4).
+    pub fn open(&mut self, env: &Envelope, now_ms: u64) -> Result<Opened, E2eError> {
         let r = self.open_inner(env, now_ms);
         match &r {
             Ok(_) => self.stats.opened += 1,
