@@ -182,7 +182,8 @@ pub async fn pair(
     receiver.await?
 }
 
-/// Where a sender's envelopes come from.
+/// Where a sender's envelopes come from (one per sender: its size does not matter).
+#[allow(clippy::large_enum_variant)]
 enum Source {
     /// One template, patched per envelope.
     Template(EnvelopeTemplate),
