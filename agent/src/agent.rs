@@ -45,6 +45,9 @@ use crate::{unix_ms, ClientConfig, ClientError};
 
 use crate::Map;
 
+/// Wait before asking the directory again after `rate_limited`.
+const DIRECTORY_RETRY: Duration = Duration::from_millis(250);
+
 /// TTL of envelopes made by [`Agent::envelope_to`] (capped by the relay's `max_ttl_ms`).
 pub const DEFAULT_TTL: Duration = Duration::from_secs(60);
 /// Most envelopes received and not yet taken by the application (or the relay's
@@ -223,6 +226,8 @@ struct State {
     receipts: Map<MessageId, (u64, oneshot::Sender<Delivery>)>,
     /// Directory requests waiting for their answer, by request id.
     dir: Map<u32, oneshot::Sender<DirectoryAnswer>>,
+    /// When to publish the bundle again (the relay refused the last one, retryably).
+    republish_at: Option<Instant>,
     next_request: u32,
     /// Connection generation: 0 before the first, then one more per connection.
     gen: u64,
@@ -416,9 +421,14 @@ impl Shared {
 
     fn on_directory(&self, d: DirectoryAnswer) {
         if d.request_id == 0 {
-            // The automatic PUBLISH of each connection and rotation.
+            // The automatic PUBLISH of each connection and rotation: a retryable refusal
+            // (one publish a second, directory full) is tried again a second later.
             if let Some(r) = d.refusal() {
                 tracing::warn!(reason = %r, "the relay's directory refused this agent's bundle");
+                if r.retryable() {
+                    self.lock().republish_at = Some(Instant::now() + Duration::from_millis(1100));
+                    self.wake.notify_one();
+                }
             }
             return;
         }
@@ -437,6 +447,18 @@ impl Shared {
             .bytes()
             .clone();
         Some(Frame::Publish(Publish { request_id, bundle }).to_bytes())
+    }
+
+    /// The automatic PUBLISH again, when a retryable refusal asked for it and its time came.
+    fn republish_if_due(&self) -> Option<Bytes> {
+        let mut st = self.lock();
+        let at = st.republish_at?;
+        if at > Instant::now() {
+            return None;
+        }
+        st.republish_at = None;
+        drop(st);
+        self.publish_frame(0)
     }
 
     /// When this agent's end-to-end key rotates next (Unix ms).
@@ -1028,39 +1050,50 @@ impl Agent {
         self.sh.e2e().ok().map(|e| e.stats())
     }
 
+    /// One directory request and its answer. A lookup refused `rate_limited` (more than the
+    /// relay's 32 requests a second) is asked again a little later, within the request timeout.
     async fn directory(
         &self,
-        frame: impl FnOnce(u32) -> Frame,
+        frame: impl Fn(u32) -> Frame,
+        retry_rate_limited: bool,
     ) -> Result<DirectoryAnswer, ClientError> {
-        let (tx, rx) = oneshot::channel();
-        let id = {
-            let mut st = self.sh.lock();
-            if st.closed {
+        let deadline = Instant::now() + self.request_timeout;
+        loop {
+            let (tx, rx) = oneshot::channel();
+            let id = {
+                let mut st = self.sh.lock();
+                if st.closed {
+                    return Err(ClientError::Gone);
+                }
+                st.next_request = st.next_request.wrapping_add(1).max(1);
+                let id = st.next_request;
+                st.dir.insert(id, tx);
+                id
+            };
+            if self
+                .out
+                .send(Out::Control(frame(id).to_bytes()))
+                .await
+                .is_err()
+            {
                 return Err(ClientError::Gone);
             }
-            st.next_request = st.next_request.wrapping_add(1).max(1);
-            let id = st.next_request;
-            st.dir.insert(id, tx);
-            id
-        };
-        if self
-            .out
-            .send(Out::Control(frame(id).to_bytes()))
-            .await
-            .is_err()
-        {
-            return Err(ClientError::Gone);
-        }
-        match tokio::time::timeout(self.request_timeout, rx).await {
-            Ok(Ok(a)) => match a.refusal() {
-                None => Ok(a),
-                Some(r) => Err(ClientError::Directory(r)),
-            },
-            Ok(Err(_)) => Err(ClientError::Gone),
-            Err(_) => {
-                // Lost with its connection, or the relay did not answer in time.
-                self.sh.lock().dir.remove(&id);
-                Err(ClientError::Timeout)
+            match tokio::time::timeout_at(deadline, rx).await {
+                Ok(Ok(a)) => match a.refusal() {
+                    None => return Ok(a),
+                    Some(Reason::RateLimited)
+                        if retry_rate_limited && Instant::now() + DIRECTORY_RETRY < deadline =>
+                    {
+                        tokio::time::sleep(DIRECTORY_RETRY).await;
+                    }
+                    Some(r) => return Err(ClientError::Directory(r)),
+                },
+                Ok(Err(_)) => return Err(ClientError::Gone),
+                Err(_) => {
+                    // Lost with its connection, or the relay did not answer in time.
+                    self.sh.lock().dir.remove(&id);
+                    return Err(ClientError::Timeout);
+                }
             }
         }
     }
@@ -1075,9 +1108,17 @@ impl Agent {
     /// ```
     pub async fn publish(&self) -> Result<(), ClientError> {
         let bundle = self.sh.e2e()?.bundle().bytes().clone();
-        self.directory(|request_id| Frame::Publish(Publish { request_id, bundle }))
-            .await
-            .map(|_| ())
+        self.directory(
+            |request_id| {
+                Frame::Publish(Publish {
+                    request_id,
+                    bundle: bundle.clone(),
+                })
+            },
+            false,
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Looks `agent`'s bundle up in the relay's directory, verifies it (signed by `agent`'s
@@ -1093,13 +1134,16 @@ impl Agent {
     /// ```
     pub async fn lookup(&self, agent: AgentId) -> Result<Option<KeyBundle>, ClientError> {
         let a = self
-            .directory(|request_id| {
-                Frame::Lookup(Lookup {
-                    request_id,
-                    key: LookupKey::Agent(agent),
-                    limit: 1,
-                })
-            })
+            .directory(
+                |request_id| {
+                    Frame::Lookup(Lookup {
+                        request_id,
+                        key: LookupKey::Agent(agent),
+                        limit: 1,
+                    })
+                },
+                true,
+            )
             .await?;
         let Some(bytes) = a.bundles.into_iter().next() else {
             return Ok(None);
@@ -1107,6 +1151,9 @@ impl Agent {
         let b = KeyBundle::decode(bytes).map_err(|_| ClientError::E2e(E2eError::BadSignature))?;
         if b.agent != agent {
             return Err(ClientError::E2e(E2eError::BadSignature));
+        }
+        if b.expires_ms <= unix_ms() {
+            return Ok(None);
         }
         if let Ok(mut e) = self.sh.e2e() {
             e.remember(b.clone(), unix_ms());
@@ -1132,39 +1179,48 @@ impl Agent {
     ) -> Result<Vec<KeyBundle>, ClientError> {
         let mut out: Vec<KeyBundle> = Vec::new();
         let mut after = AgentId([0; 32]);
-        loop {
+        while out.len() < max {
             let want = (max - out.len()).min(u16::MAX as usize) as u16;
             let a = self
-                .directory(|request_id| {
-                    Frame::Lookup(Lookup {
-                        request_id,
-                        key: LookupKey::Schema {
-                            schema: schema.to_string(),
-                            after,
-                        },
-                        limit: want,
-                    })
-                })
+                .directory(
+                    |request_id| {
+                        Frame::Lookup(Lookup {
+                            request_id,
+                            key: LookupKey::Schema {
+                                schema: schema.to_string(),
+                                after,
+                            },
+                            limit: want,
+                        })
+                    },
+                    true,
+                )
                 .await?;
+            let now = unix_ms();
             let mut last = None;
             for bytes in a.bundles {
                 let Ok(b) = KeyBundle::decode(bytes) else {
                     continue;
                 };
-                if b.agent <= after || !b.speaks(schema) {
+                // A relay answers in id order after `after`; anything else is not used.
+                if b.agent <= after || last.is_some_and(|l| b.agent <= l) {
                     continue;
                 }
                 last = Some(b.agent);
+                if !b.speaks(schema) || b.expires_ms <= now || out.len() >= max {
+                    continue;
+                }
                 if let Ok(mut e) = self.sh.e2e() {
-                    e.remember(b.clone(), unix_ms());
+                    e.remember(b.clone(), now);
                 }
                 out.push(b);
             }
             match last {
-                Some(l) if a.more && out.len() < max => after = l,
-                _ => return Ok(out),
+                Some(l) if a.more => after = l,
+                _ => break,
             }
         }
+        Ok(out)
     }
 
     /// Seals `plaintext` end to end to the builder's destination agent and builds the envelope
@@ -1514,6 +1570,8 @@ impl Conn<'_> {
             }
             st.gen
         };
+        // A rotation missed while disconnected happens before the bundle goes out.
+        let _ = sh.rotate_if_due(unix_ms());
         if let Some(p) = sh.publish_frame(0) {
             // Every relay this agent reaches serves its bundle; before the envelopes sealed
             // with it, so a receiver can look it up.
@@ -1541,6 +1599,9 @@ impl Conn<'_> {
                 .unwrap_or_else(|| Instant::now() + heartbeat);
             if let Some(r) = rotate_at {
                 due = due.min(Instant::now() + Duration::from_millis(r.saturating_sub(unix_ms())));
+            }
+            if let Some(r) = sh.lock().republish_at {
+                due = due.min(r);
             }
             let mut closing = None;
             tokio::select! {
@@ -1584,11 +1645,15 @@ impl Conn<'_> {
                 _ = tokio::time::sleep_until(due) => {}
             }
             retry_due(sh, &mut buf);
-            if let Some(r) = rotate_at.filter(|r| *r <= unix_ms()) {
-                if let Some(p) = sh.rotate_if_due(r) {
+            if rotate_at.is_some_and(|r| r <= unix_ms()) {
+                // One rotation from now, however long the wait was.
+                if let Some(p) = sh.rotate_if_due(unix_ms()) {
                     buf.extend_from_slice(&p);
                 }
                 rotate_at = sh.rotation_due_ms();
+            }
+            if let Some(p) = sh.republish_if_due() {
+                buf.extend_from_slice(&p);
             }
             if swept.elapsed() >= Duration::from_secs(1) {
                 swept = Instant::now();

@@ -268,7 +268,7 @@ pub fn describe() {
     describe_counter!(
         DIRECTORY_REQUESTS,
         Unit::Count,
-        "Directory requests, by outcome (publish: a bundle accepted; refused: a publish refused; lookup)."
+        "Directory requests, by outcome (publish: a bundle accepted; refused: a publish refused; lookup; rate_limited: beyond 32 a second)."
     );
     describe_gauge!(
         DIRECTORY_ENTRIES,
@@ -431,7 +431,7 @@ pub struct CoreMetrics {
     pub duplicates: Counter,
     receipts_sent: [Counter; 2],
     pub receipts_dropped: Counter,
-    directory: [Counter; 3],
+    directory: [Counter; 4],
 }
 
 impl CoreMetrics {
@@ -496,7 +496,7 @@ impl CoreMetrics {
                 counter!(RECEIPTS, "status" => "expired"),
             ],
             receipts_dropped: counter!(RECEIPTS_DROPPED),
-            directory: ["publish", "refused", "lookup"]
+            directory: ["publish", "refused", "lookup", "rate_limited"]
                 .map(|o| counter!(DIRECTORY_REQUESTS, "outcome" => o)),
         }
     }
@@ -518,13 +518,14 @@ impl CoreMetrics {
     pub fn dropped(&self, r: Reason, n: u64) {
         self.dropped[Self::idx(r)].increment(n);
     }
-    /// Counts one directory request: `publish` (accepted), `refused` (a publish refused) or
-    /// `lookup`.
+    /// Counts one directory request: `publish` (accepted), `refused` (a publish refused),
+    /// `lookup`, or `rate_limited` (beyond the session's requests per second).
     pub fn directory(&self, outcome: &str) {
         let i = match outcome {
             "publish" => 0,
             "refused" => 1,
-            _ => 2,
+            "lookup" => 2,
+            _ => 3,
         };
         self.directory[i].increment(1);
     }

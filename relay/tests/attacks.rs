@@ -582,23 +582,42 @@ async fn a_flood_of_fresh_identities_fills_the_directory_to_its_bound_and_no_fur
     );
     // What was there before the flood is still served.
     assert!(honest.lookup(honest.id()).await.unwrap().is_some());
-    // A lookup flood ends its session.
+    // A lookup flood is answered rate_limited beyond 32 a second, and four times as many end
+    // the session.
     let mut flooder = Session::connect(relay.config("lookup-flood"))
         .await
         .unwrap();
-    let mut burst = bytes::BytesMut::new();
-    for i in 0..100u32 {
-        Frame::Lookup(Lookup {
-            request_id: i,
-            key: LookupKey::Schema {
-                schema: "spam@1".into(),
-                after: openmesh_dataplane::wire::AgentId([0; 32]),
-            },
-            limit: 64,
-        })
-        .encode(&mut burst);
+    let burst = |n: u32, schema: &str| {
+        let mut b = bytes::BytesMut::new();
+        for i in 0..n {
+            Frame::Lookup(Lookup {
+                request_id: i,
+                key: LookupKey::Schema {
+                    schema: schema.into(),
+                    after: openmesh_dataplane::wire::AgentId([0; 32]),
+                },
+                limit: 64,
+            })
+            .encode(&mut b);
+        }
+        b.freeze()
+    };
+    // Small answers (no agent speaks it), so only the rate counts.
+    flooder.send_raw(burst(40, "nobody@1")).await.unwrap();
+    let (mut served, mut limited) = (0, 0);
+    while served + limited < 40 {
+        match tokio::time::timeout(Duration::from_secs(5), flooder.next_event()).await {
+            Ok(Some(Event::Directory(d))) if d.code == Reason::RateLimited as u16 => limited += 1,
+            Ok(Some(Event::Directory(_))) => served += 1,
+            other => panic!("expected DIRECTORY, got {other:?}"),
+        }
     }
-    flooder.send_raw(burst.freeze()).await.unwrap();
+    // Within one second, or across two.
+    assert!(
+        (8..=32).contains(&limited),
+        "{limited} of 40 answered rate_limited"
+    );
+    flooder.send_raw(burst(200, "nobody@1")).await.unwrap();
     let closed = loop {
         match tokio::time::timeout(Duration::from_secs(5), flooder.next_event()).await {
             Ok(Some(Event::Directory(_))) => continue,

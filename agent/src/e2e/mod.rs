@@ -221,8 +221,14 @@ struct RecvCtx {
     key_id: [u8; 8],
     aead: Aead,
     key: SealKey,
-    used: u64,
+    /// When the key it was sealed to retires.
+    retire_ms: u64,
+    /// Order kept, for the per-sender bound.
+    kept: u64,
 }
+
+/// Contexts kept per sender: its current one and the ones before it still in flight.
+pub const CONTEXTS_PER_SOURCE: usize = 4;
 
 /// An agent's end-to-end state: its key-agreement keys and bundle, sending and receiving
 /// contexts, the replay window. [`Agent`](crate::Agent) holds one (from
@@ -258,13 +264,15 @@ pub struct E2e {
     recv: Map<(AgentId, [u8; 16]), RecvCtx>,
     recv_clock: u64,
     /// Message ids sent carrying a context, waiting for their delivery receipt.
-    confirming: Map<MessageId, (AgentId, [u8; 8], [u8; 16])>,
+    confirming: Map<MessageId, (AgentId, [u8; 8], [u8; 16], u64)>,
     peers: Map<AgentId, (KeyBundle, u64)>,
     replay: replay::Window,
     stats: E2eStats,
     scratch: Vec<u8>,
 }
 
+/// Most key-agreement keys an agent keeps (newest first; about 3.3 KB each).
+pub const MAX_OWN_KEYS: usize = 1024;
 /// Most envelopes waiting for the receipt that confirms their context.
 const MAX_CONFIRMING: usize = 4096;
 /// Most peers' bundles cached.
@@ -352,8 +360,10 @@ impl E2e {
         let retire = self.overlap_ms + self.cfg.bundle_cache.as_millis() as u64;
         self.own
             .push_front(new_key(now_ms, self.rotation_ms, retire)?);
+        // Kept through their overlap (a rotation every 5 minutes and a day's TTL keep about
+        // 300 keys, 3.3 KB each); never more than MAX_OWN_KEYS.
         self.own.retain(|k| k.retire_ms > now_ms);
-        self.own.truncate(3);
+        self.own.truncate(MAX_OWN_KEYS);
         self.bundle = sign_bundle(&self.own, &self.cfg, &self.capability, &self.signer, now_ms)?;
         self.stats.rotations += 1;
         Ok(())
@@ -427,10 +437,14 @@ impl E2e {
         }
         let mut builder = b.clone();
         builder.flags |= flags::SEALED;
+        if carry && until_receipt && self.confirming.len() >= MAX_CONFIRMING {
+            // Receipts that will not come (lost, or the envelope expired undelivered).
+            self.confirming.retain(|_, c| c.3 > now_ms);
+        }
         if carry && until_receipt && self.confirming.len() < MAX_CONFIRMING {
             builder.flags |= flags::RECEIPT_DELIVERED;
             self.confirming
-                .insert(b.message_id, (to.agent, key.id, ctx.ctx_id));
+                .insert(b.message_id, (to.agent, key.id, ctx.ctx_id, b.expires_ms));
         }
         let len = SEALED_HEADER_LEN
             + if carry { CONTEXT_LEN } else { 0 }
@@ -460,7 +474,7 @@ impl E2e {
             aad(scratch, ad, head);
             ctx.key.seal(seq, scratch, body, &mut tail[..TAG_LEN])?;
             if sign_each {
-                let sig = envelope_signature(signer, ad, &out[..len - 64]);
+                let sig = signer.sign(&envelope_message(ad, &out[..len - 64], plaintext));
                 out[len - 64..].copy_from_slice(sig.as_ref());
             }
             Ok::<(), E2eError>(())
@@ -497,7 +511,7 @@ impl E2e {
 
     /// A delivery receipt arrived: if the envelope carried a context, the recipient holds it.
     pub fn on_delivered(&mut self, id: &MessageId) {
-        if let Some((to, key, ctx_id)) = self.confirming.remove(id) {
+        if let Some((to, key, ctx_id, _)) = self.confirming.remove(id) {
             if let Some(c) = self.send.get_mut(&(to, key)).filter(|c| c.ctx_id == ctx_id) {
                 c.confirmed = true;
             }
@@ -512,6 +526,31 @@ impl E2e {
             Err(e) => self.stats.rejected[e.index()] += 1,
         }
         r
+    }
+
+    /// Keeps a context that opened an envelope: at most [`CONTEXTS_PER_SOURCE`] per sender (its
+    /// oldest goes) and `max_contexts` in all (an arbitrary one goes).
+    fn keep_context(&mut self, slot: (AgentId, [u8; 16]), c: RecvCtx) {
+        self.recv_clock += 1;
+        let mut c = c;
+        c.kept = self.recv_clock;
+        let mine: Vec<((AgentId, [u8; 16]), u64)> = self
+            .recv
+            .iter()
+            .filter(|(k, _)| k.0 == slot.0)
+            .map(|(k, v)| (*k, v.kept))
+            .collect();
+        if mine.len() >= CONTEXTS_PER_SOURCE {
+            if let Some((oldest, _)) = mine.iter().min_by_key(|(_, kept)| *kept) {
+                self.recv.remove(oldest);
+            }
+        }
+        if self.recv.len() >= self.cfg.max_contexts {
+            if let Some(any) = self.recv.keys().next().copied() {
+                self.recv.remove(&any);
+            }
+        }
+        self.recv.insert(slot, c);
     }
 
     fn open_inner(&mut self, env: &Envelope, now_ms: u64) -> Result<Opened, E2eError> {
@@ -558,23 +597,24 @@ impl E2e {
         if payload.len() < SEALED_HEADER_LEN + ctx_len + TAG_LEN + sig_len {
             return Err(E2eError::Malformed("sealed payload length"));
         }
-        if signed {
-            let (body, sig) = payload.split_at(payload.len() - 64);
-            UnparsedPublicKey::new(&ED25519, &source.0)
-                .verify(&envelope_message(env.associated_data(), body), sig)
-                .map_err(|_| E2eError::BadSignature)?;
-        }
-        let own = self
-            .own
-            .iter()
-            .position(|k| k.id == key_id && k.retire_ms > now_ms)
-            .ok_or(E2eError::StaleKey)?;
         let slot = (source, ctx_id);
         let carried = &payload[SEALED_HEADER_LEN..SEALED_HEADER_LEN + ctx_len];
         let known = self.recv.get(&slot).is_some_and(|c| {
             c.key_id == key_id && c.aead == aead && (ctx_len == 0 || *c.carried == *carried)
         });
-        if !known {
+        // A context seen for the first time is kept only once an envelope opened under it.
+        let mut fresh = None;
+        if known {
+            if self.recv.get(&slot).is_some_and(|c| c.retire_ms <= now_ms) {
+                self.recv.remove(&slot);
+                return Err(E2eError::StaleKey);
+            }
+        } else {
+            let own = self
+                .own
+                .iter()
+                .find(|k| k.id == key_id && k.retire_ms > now_ms)
+                .ok_or(E2eError::StaleKey)?;
             if ctx_len == 0 {
                 return Err(E2eError::UnknownContext);
             }
@@ -586,38 +626,35 @@ impl E2e {
             UnparsedPublicKey::new(&ED25519, &source.0)
                 .verify(&context_message(aead, &source, &self.me, &key_id, enc), sig)
                 .map_err(|_| E2eError::BadSignature)?;
-            let ss = self.own[own].keys.decapsulate(enc)?;
+            let ss = own.keys.decapsulate(enc)?;
             let (k, nonce) = suite::key_schedule(aead, &ss, &info(&source, &self.me, &key_id))?;
-            if self.recv.len() >= self.cfg.max_contexts {
-                // The least recently used goes.
-                if let Some(old) = self
-                    .recv
-                    .iter()
-                    .min_by_key(|(_, c)| c.used)
-                    .map(|(k, _)| *k)
-                {
-                    self.recv.remove(&old);
-                }
-            }
-            self.recv.insert(
-                slot,
-                RecvCtx {
-                    carried: carried.into(),
-                    key_id,
-                    aead,
-                    key: SealKey::new(aead, &k, nonce)?,
-                    used: 0,
-                },
-            );
-            self.stats.contexts_received += 1;
+            fresh = Some(RecvCtx {
+                carried: carried.into(),
+                key_id,
+                aead,
+                key: SealKey::new(aead, &k, nonce)?,
+                retire_ms: own.retire_ms,
+                kept: 0,
+            });
         }
-        self.recv_clock += 1;
-        let ctx = self.recv.get_mut(&slot).ok_or(E2eError::Crypto)?;
-        ctx.used = self.recv_clock;
+        let ctx = match &fresh {
+            Some(c) => c,
+            None => self.recv.get(&slot).ok_or(E2eError::Crypto)?,
+        };
         let mut body = payload[SEALED_HEADER_LEN + ctx_len..payload.len() - sig_len].to_vec();
         aad(&mut self.scratch, env.associated_data(), head);
         let n = ctx.key.open(seq, &self.scratch, &mut body)?;
         body.truncate(n);
+        if signed {
+            let (before, sig) = payload.split_at(payload.len() - 64);
+            UnparsedPublicKey::new(&ED25519, &source.0)
+                .verify(&envelope_message(env.associated_data(), before, &body), sig)
+                .map_err(|_| E2eError::BadSignature)?;
+        }
+        if let Some(c) = fresh {
+            self.keep_context(slot, c);
+            self.stats.contexts_received += 1;
+        }
         self.replay
             .insert(source, env.message_id(), env.expires_ms(), now_ms);
         Ok(Opened {
@@ -721,20 +758,17 @@ pub(crate) fn context_id(enc: &[u8]) -> [u8; 16] {
     id
 }
 
-fn envelope_message(ad: &[u8], sealed_before_signature: &[u8]) -> Vec<u8> {
-    let mut m = Vec::with_capacity(ENVELOPE_LABEL.len() + ad.len() + sealed_before_signature.len());
+/// What an envelope signature covers: the label, the envelope's associated data, the sealed
+/// payload before the signature, and `SHA-256(plaintext)` (so the signature binds what was
+/// said, not only the ciphertext).
+fn envelope_message(ad: &[u8], sealed_before_signature: &[u8], plaintext: &[u8]) -> Vec<u8> {
+    let mut m =
+        Vec::with_capacity(ENVELOPE_LABEL.len() + ad.len() + sealed_before_signature.len() + 32);
     m.extend_from_slice(ENVELOPE_LABEL);
     m.extend_from_slice(ad);
     m.extend_from_slice(sealed_before_signature);
+    m.extend_from_slice(digest::digest(&digest::SHA256, plaintext).as_ref());
     m
-}
-
-fn envelope_signature(
-    signer: &Ed25519KeyPair,
-    ad: &[u8],
-    sealed_before_signature: &[u8],
-) -> aws_lc_rs::signature::Signature {
-    signer.sign(&envelope_message(ad, sealed_before_signature))
 }
 
 #[cfg(test)]

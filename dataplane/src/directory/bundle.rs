@@ -163,12 +163,15 @@ impl KeyBundle {
         Self::decode(b.freeze())
     }
 
-    /// Decodes a bundle and verifies it: every field in range, every key id matching its keys,
-    /// and the signature made by the agent id it names.
+    /// Decodes a bundle and verifies it: every field in range (issued before it expires, keys
+    /// newest first and none valid past the bundle), every key id matching its keys, and the
+    /// signature made by the agent id it names. The bundle keeps a copy of its bytes, never
+    /// the larger buffer they may have been read into.
     pub fn decode(bytes: Bytes) -> Result<Self, BundleError> {
         if bytes.len() > MAX_BUNDLE {
             return Err(BundleError::TooLarge);
         }
+        let bytes = Bytes::copy_from_slice(&bytes);
         if bytes.len() < 64 {
             return Err(WireError::Truncated("bundle").into());
         }
@@ -205,6 +208,14 @@ impl KeyBundle {
                 x25519,
                 mlkem,
             });
+        }
+        if issued_ms > expires_ms
+            || keys.iter().any(|k| k.not_after_ms > expires_ms)
+            || keys
+                .windows(2)
+                .any(|w| w[0].not_after_ms < w[1].not_after_ms)
+        {
+            return Err(WireError::Invalid("bundle validity").into());
         }
         let transports = r.u8("transports")?;
         let classes = r.u8("classes")?;

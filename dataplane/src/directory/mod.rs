@@ -35,12 +35,15 @@ struct Entry {
 struct Inner {
     by_agent: HashMap<AgentId, Entry>,
     by_schema: HashMap<String, BTreeSet<AgentId>>,
+    /// Entries by expiry, so a sweep touches only what expired.
+    by_expiry: BTreeSet<(u64, AgentId)>,
     bytes: usize,
 }
 
 impl Inner {
     fn remove(&mut self, agent: &AgentId) {
         if let Some(e) = self.by_agent.remove(agent) {
+            self.by_expiry.remove(&(e.expires_ms, *agent));
             self.bytes -= e.charged;
             for s in &e.schemas {
                 if let Some(set) = self.by_schema.get_mut(s) {
@@ -92,7 +95,8 @@ impl AgentDirectory {
     /// Publishes `bytes` for the session's authenticated agent `publisher`: the bundle must
     /// decode, verify, name `publisher` and not have expired. It replaces the agent's previous
     /// entry. At the byte bound, expired entries are dropped first; if that is not enough the
-    /// bundle is refused (`directory_full`) and every entry stays.
+    /// bundle is refused (`directory_full`) and every entry stays (the agent's previous one
+    /// too). The bundle is copied out of the frame it came in, so it pins no read buffer.
     pub fn publish(&self, publisher: AgentId, bytes: Bytes, now_ms: u64) -> Result<(), Reason> {
         let bundle = KeyBundle::decode(bytes).map_err(|e| match e {
             BundleError::BadSignature => Reason::BadSignature,
@@ -113,13 +117,17 @@ impl AgentDirectory {
                 .map(|s| 2 * s.len() + 64)
                 .sum::<usize>();
         let mut inner = self.write();
-        inner.remove(&publisher);
-        if inner.bytes + charged > self.max_bytes {
+        let fits = |inner: &Inner| {
+            let replaced = inner.by_agent.get(&publisher).map_or(0, |e| e.charged);
+            inner.bytes - replaced + charged <= self.max_bytes
+        };
+        if !fits(&inner) {
             sweep(&mut inner, now_ms);
         }
-        if inner.bytes + charged > self.max_bytes {
+        if !fits(&inner) {
             return Err(Reason::DirectoryFull);
         }
+        inner.remove(&publisher);
         let expires_ms = bundle
             .expires_ms
             .min(now_ms.saturating_add(self.max_age_ms));
@@ -131,6 +139,7 @@ impl AgentDirectory {
                 .insert(publisher);
         }
         inner.bytes += charged;
+        inner.by_expiry.insert((expires_ms, publisher));
         inner.by_agent.insert(
             publisher,
             Entry {
@@ -200,13 +209,10 @@ impl AgentDirectory {
 }
 
 fn sweep(inner: &mut Inner, now_ms: u64) {
-    let gone: Vec<AgentId> = inner
-        .by_agent
-        .iter()
-        .filter(|(_, e)| e.expires_ms <= now_ms)
-        .map(|(a, _)| *a)
-        .collect();
-    for a in gone {
+    while let Some(&(exp, a)) = inner.by_expiry.first() {
+        if exp > now_ms {
+            break;
+        }
         inner.remove(&a);
     }
 }

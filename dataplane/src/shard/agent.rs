@@ -367,8 +367,8 @@ pub(super) fn nack(
     Frame::Nack(Nack::new(env.message_id(), reason)).encode(ctrl);
 }
 
-/// Directory requests one session may make per second; a session above it is closed
-/// `rate_limited`.
+/// Directory requests one session may make per second; beyond it they are answered
+/// `rate_limited`, and beyond four times as many the session is closed `rate_limited`.
 const DIR_REQUESTS_PER_S: u32 = 32;
 /// A session may publish its bundle once per this many microseconds; sooner is refused.
 const PUBLISH_INTERVAL_US: u64 = 1_000_000;
@@ -378,8 +378,9 @@ const MAX_DIRECTORY_ANSWER: usize = 64 * 1024;
 /// asks without reading the answers.
 const MAX_CTRL_FOR_DIRECTORY: usize = 256 * 1024;
 
-/// Answers a PUBLISH or LOOKUP. Fails (the session ends with that reason) when the agent asks
-/// faster than [`DIR_REQUESTS_PER_S`] or without reading its answers.
+/// Answers a PUBLISH or LOOKUP (`rate_limited` beyond [`DIR_REQUESTS_PER_S`] a second). Fails
+/// (the session ends with that reason) when the agent asks four times faster than that, or
+/// without reading its answers.
 fn directory_request(
     dir: &crate::directory::AgentDirectory,
     m: &crate::metrics::CoreMetrics,
@@ -393,8 +394,24 @@ fn directory_request(
         a.dir_requests = 0;
     }
     a.dir_requests += 1;
-    if a.dir_requests > DIR_REQUESTS_PER_S || a.ctrl.len() > MAX_CTRL_FOR_DIRECTORY {
+    if a.dir_requests > 4 * DIR_REQUESTS_PER_S || a.ctrl.len() > MAX_CTRL_FOR_DIRECTORY {
         return Err(Reason::RateLimited);
+    }
+    if a.dir_requests > DIR_REQUESTS_PER_S {
+        let request_id = match &frame {
+            Frame::Publish(p) => p.request_id,
+            Frame::Lookup(l) => l.request_id,
+            _ => return Ok(()),
+        };
+        m.directory("rate_limited");
+        Frame::Directory(DirectoryAnswer {
+            request_id,
+            code: Reason::RateLimited as u16,
+            more: false,
+            bundles: Vec::new(),
+        })
+        .encode(&mut a.ctrl);
+        return Ok(());
     }
     let Some(agent) = a.agent else {
         return Err(Reason::UnexpectedFrame);

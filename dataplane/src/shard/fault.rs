@@ -1,7 +1,8 @@
 //! Faults a test relay injects on request (feature `fault-injection`, which only the relay's
-//! own tests turn on; a relay built without it has none of this). An envelope whose immutable
-//! part carries extension [`FAULT_EXTENSION`] asks the relay to misbehave with it, as a hostile
-//! relay on the path would: flip one bit, or deliver it twice.
+//! own tests turn on; a relay built without it has none of this), and only when its
+//! environment says `OPENMESH_FAULT_INJECTION=1` (so a test build run by hand does not). An
+//! envelope whose immutable part carries extension [`FAULT_EXTENSION`] asks the relay to
+//! misbehave with it, as a hostile relay on the path would: flip one bit, or deliver it twice.
 //!
 //! The extension's value: `op: u8` (1 flip, 2 deliver twice), `offset: u32` (for a flip: the
 //! byte of the immutable part whose low bit is flipped).
@@ -17,7 +18,15 @@ pub const FLIP: u8 = 1;
 /// Write the envelope twice to its destination.
 pub const REPLAY: u8 = 2;
 
+fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("OPENMESH_FAULT_INJECTION").as_deref() == Ok("1"))
+}
+
 fn request(env: &Envelope) -> Option<(u8, usize)> {
+    if !enabled() {
+        return None;
+    }
     let e = env.extensions().find(|e| e.kind == FAULT_EXTENSION)?;
     let v = e.value;
     if v.len() != 5 {

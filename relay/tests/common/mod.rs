@@ -87,6 +87,8 @@ impl Relay {
         std::fs::create_dir_all(&dir).unwrap();
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_openmesh-relay"));
+        // The test build's relay damages envelopes that ask for it (dataplane `shard::fault`).
+        cmd.env("OPENMESH_FAULT_INJECTION", "1");
         if !extra.contains(&"--listen") {
             cmd.args(["--listen", "127.0.0.1:0"]);
         }
