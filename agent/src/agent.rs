@@ -188,19 +188,27 @@ fn bump(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
 }
 
+/// An envelope sent and not yet answered: 48 bytes, its frame a range of its batch's buffer.
 struct Pending {
-    frame: Bytes,
-    dest: Option<AgentId>,
+    batch: u64,
+    /// Its frame: `start..end` of the batch's `frames`.
+    start: u32,
+    end: u32,
+    /// Index into `State::dests` ([`NO_DEST`]: a group or broadcast).
+    dest: u32,
     expires_ms: u64,
     /// Order of first sending (resending keeps it).
     seq: u64,
-    batch: u64,
     attempts: u32,
     /// Off the wire, waiting for its retry.
     waiting: bool,
 }
 
+const NO_DEST: u32 = u32::MAX;
+
 struct BatchState {
+    /// The batch's frames, held while any of them waits for its answer.
+    frames: Bytes,
     left: u32,
     out: BatchOutcome,
     tx: Option<oneshot::Sender<BatchOutcome>>,
@@ -217,7 +225,11 @@ enum Settle {
 struct State {
     pending: Map<MessageId, Pending>,
     seq: u64,
-    per_dest: Map<AgentId, u32>,
+    /// Destinations with envelopes in flight: their slot in `dests`.
+    dest_slot: Map<AgentId, u32>,
+    /// (destination, envelopes in flight) by slot; slots of a count gone to 0 are reused.
+    dests: Vec<(AgentId, u32)>,
+    free_dests: Vec<u32>,
     batches: Map<u64, BatchState>,
     next_batch: u64,
     /// Retries due, earliest first (entries whose envelope was answered or resent meanwhile
@@ -241,7 +253,10 @@ impl State {
         let used = self.pending.len() as u32;
         (used == 0 || used + n <= self.window)
             && dests.iter().all(|(d, k)| {
-                let cur = self.per_dest.get(d).copied().unwrap_or(0);
+                let cur = self
+                    .dest_slot
+                    .get(d)
+                    .map_or(0, |&i| self.dests[i as usize].1);
                 cur == 0 || cur + k <= self.dest_window
             })
     }
@@ -269,11 +284,14 @@ impl State {
         self.batches.insert(
             batch,
             BatchState {
+                frames: frames.clone(),
                 left: answered,
                 out,
                 tx: Some(tx),
             },
         );
+        // Envelopes of a batch mostly go to one destination: one map lookup per run.
+        let mut last: Option<(AgentId, u32)> = None;
         for it in items.iter().filter(|i| i.answered) {
             // An id sent again while still in flight: the relay's answer names only the id, so
             // it goes to the later one and the earlier resolves unanswered.
@@ -281,22 +299,58 @@ impl State {
                 self.settle(it.id, Settle::Unanswered, c);
             }
             self.seq += 1;
-            if let Some(d) = it.dest {
-                *self.per_dest.entry(d).or_insert(0) += 1;
-            }
+            let dest = match it.dest {
+                None => NO_DEST,
+                Some(d) => {
+                    let slot = match last {
+                        Some((a, slot)) if a == d => slot,
+                        _ => self.dest_slot(d),
+                    };
+                    last = Some((d, slot));
+                    self.dests[slot as usize].1 += 1;
+                    slot
+                }
+            };
             self.pending.insert(
                 it.id,
                 Pending {
-                    frame: frames.slice(it.start..it.end),
-                    dest: it.dest,
+                    batch,
+                    start: it.start as u32,
+                    end: it.end as u32,
+                    dest,
                     expires_ms: it.expires_ms,
                     seq: self.seq,
-                    batch,
                     attempts: 0,
                     waiting: false,
                 },
             );
         }
+    }
+
+    /// The slot counting `d`'s envelopes in flight, taken if it has none.
+    fn dest_slot(&mut self, d: AgentId) -> u32 {
+        if let Some(&i) = self.dest_slot.get(&d) {
+            return i;
+        }
+        let i = match self.free_dests.pop() {
+            Some(i) => {
+                self.dests[i as usize] = (d, 0);
+                i
+            }
+            None => {
+                self.dests.push((d, 0));
+                self.dests.len() as u32 - 1
+            }
+        };
+        self.dest_slot.insert(d, i);
+        i
+    }
+
+    /// A pending envelope's frame.
+    fn frame(&self, p: &Pending) -> Bytes {
+        self.batches.get(&p.batch).map_or_else(Bytes::new, |b| {
+            b.frames.slice(p.start as usize..p.end as usize)
+        })
     }
 
     /// Forgets the receipts nobody waits for any more, and those a minute past their
@@ -311,12 +365,11 @@ impl State {
         let Some(p) = self.pending.remove(&id) else {
             return false;
         };
-        if let Some(d) = p.dest {
-            if let Some(n) = self.per_dest.get_mut(&d) {
-                *n -= 1;
-                if *n == 0 {
-                    self.per_dest.remove(&d);
-                }
+        if let Some((d, n)) = self.dests.get_mut(p.dest as usize) {
+            *n -= 1;
+            if *n == 0 {
+                self.dest_slot.remove(d);
+                self.free_dests.push(p.dest);
             }
         }
         let Some(b) = self.batches.get_mut(&p.batch) else {
@@ -881,6 +934,15 @@ impl Agent {
                 rx: None,
                 ready: Some(BatchOutcome::default()),
             });
+        }
+        if buf.len() > u32::MAX as usize {
+            // Pending envelopes keep their frame as a 32-bit range of the batch.
+            return Err(ClientError::Envelope(
+                openmesh_dataplane::wire::WireError::FrameTooLarge {
+                    len: buf.len(),
+                    max: u32::MAX as usize,
+                },
+            ));
         }
         let frames = buf.freeze();
         let answered = items.iter().filter(|i| i.answered).count() as u32;
@@ -1553,14 +1615,11 @@ impl Conn<'_> {
             if welcome.send_window > 0 {
                 st.window = cfg.window.clamp(1, welcome.send_window);
             }
-            let mut again: Vec<(u64, Bytes)> = st
-                .pending
-                .values_mut()
-                .map(|p| {
-                    p.waiting = false;
-                    (p.seq, p.frame.clone())
-                })
-                .collect();
+            let mut again: Vec<(u64, Bytes)> =
+                st.pending.values().map(|p| (p.seq, st.frame(p))).collect();
+            for p in st.pending.values_mut() {
+                p.waiting = false;
+            }
             again.sort_unstable_by_key(|(s, _)| *s);
             if st.gen > 1 {
                 bump(&sh.counters.resent, again.len() as u64);
@@ -1713,7 +1772,10 @@ fn retry_due(sh: &Shared, buf: &mut BytesMut) {
             continue;
         }
         p.waiting = false;
-        buf.extend_from_slice(&p.frame);
+        let (batch, range) = (p.batch, p.start as usize..p.end as usize);
+        if let Some(b) = st.batches.get(&batch) {
+            buf.extend_from_slice(&b.frames[range]);
+        }
         bump(&sh.counters.retried, 1);
     }
     drop(st);
