@@ -43,7 +43,7 @@ use crate::session::{flush_acks, open, pong, Heard, Heartbeat, Opened};
 use crate::template::{Batch, Item, MessageIds};
 use crate::{unix_ms, ClientConfig, ClientError};
 
-use crate::Map;
+use crate::{IdMap, Map};
 
 /// Wait before asking the directory again after `rate_limited`.
 const DIRECTORY_RETRY: Duration = Duration::from_millis(250);
@@ -223,7 +223,7 @@ enum Settle {
 
 #[derive(Default)]
 struct State {
-    pending: Map<MessageId, Pending>,
+    pending: IdMap<Pending>,
     seq: u64,
     /// Destinations with envelopes in flight: their slot in `dests`.
     dest_slot: Map<AgentId, u32>,

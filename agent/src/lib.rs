@@ -62,9 +62,56 @@ pub use e2e::{E2e, E2eConfig, E2eError, E2eStats, Opened};
 pub use template::{Batch, EnvelopeTemplate};
 
 use std::collections::HashMap;
+
+use openmesh_dataplane::wire::MessageId;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub(crate) type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+/// A map of this agent's own message ids: consecutive ids (a random prefix and a counter) land
+/// in neighbouring buckets, so the envelopes of a window in flight sit together in memory
+/// instead of one cache line each at random. Only ids the application sent are inserted; ids
+/// named by the relay are only looked up.
+pub(crate) type IdMap<V> = HashMap<MessageId, V, SeqIds>;
+
+/// The [`IdMap`] hasher's builder.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct SeqIds;
+
+impl std::hash::BuildHasher for SeqIds {
+    type Hasher = SeqIdHasher;
+    fn build_hasher(&self) -> SeqIdHasher {
+        SeqIdHasher(0)
+    }
+}
+
+/// Bucket bits from the id's low 64 bits (its counter) plus its prefix; the top 7 bits, which
+/// the table compares before any key, mixed from the whole id.
+#[derive(Debug)]
+pub(crate) struct SeqIdHasher(u64);
+
+const TAG_BITS: u64 = 0x7f << 57;
+const MIX: u64 = 0x9e37_79b9_7f4a_7c15;
+
+impl std::hash::Hasher for SeqIdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(MIX);
+        }
+    }
+
+    fn write_u128(&mut self, v: u128) {
+        // `MessageId` hashes its bytes (big-endian on the wire) as one native u128.
+        let v = u128::from_be(v);
+        let (lo, hi) = (v as u64, (v >> 64) as u64);
+        let tag = (lo ^ hi.rotate_left(32)).wrapping_mul(MIX) & TAG_BITS;
+        self.0 = (lo.wrapping_add(hi) & !TAG_BITS) | tag;
+    }
+}
 
 use openmesh_dataplane::tls::TlsConfigError;
 
@@ -98,4 +145,38 @@ pub(crate) fn now_us() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::hash::BuildHasher;
+
+    use super::*;
+
+    #[test]
+    fn consecutive_ids_take_neighbouring_buckets_with_mixed_tags() {
+        let prefix = 0x1234_5678_9abc_def0u128 << 64;
+        let h = |n: u128| SeqIds.hash_one(MessageId::from_u128(prefix | n));
+        let mut tags = std::collections::HashSet::new();
+        for n in 1..1025u128 {
+            assert_eq!(
+                (h(n + 1) & !TAG_BITS).wrapping_sub(h(n) & !TAG_BITS),
+                1,
+                "id {n}"
+            );
+            tags.insert(h(n) >> 57);
+        }
+        // 128 tags possible; consecutive ids spread over nearly all of them.
+        assert!(tags.len() >= 100, "{} distinct tags", tags.len());
+        // Another agent's ids (another prefix) start elsewhere.
+        let other = SeqIds.hash_one(MessageId::from_u128((7u128 << 64) | 1));
+        assert_ne!(other & !TAG_BITS, h(1) & !TAG_BITS);
+        let mut m: IdMap<u32> = IdMap::default();
+        for n in 0..10_000u32 {
+            m.insert(MessageId::from_u128(prefix | n as u128), n);
+        }
+        assert!(
+            (0..10_000u32).all(|n| m.get(&MessageId::from_u128(prefix | n as u128)) == Some(&n))
+        );
+    }
 }

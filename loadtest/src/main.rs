@@ -100,6 +100,11 @@ struct RunArgs {
     /// counts as an error). Agents generate keys only with it.
     #[arg(long)]
     e2e: bool,
+    /// With `--e2e`: a sender stops carrying its sealing context (1,184 bytes) in each
+    /// envelope once a delivery receipt shows the receiver holds it
+    /// (`E2eConfig::context_until_receipt`).
+    #[arg(long, requires = "e2e")]
+    e2e_until_receipt: bool,
 }
 
 fn main() -> ExitCode {
@@ -204,9 +209,12 @@ async fn run(a: RunArgs) -> anyhow::Result<Report> {
             duration: a.duration,
             drain,
             backlog: a.scenario == Scenario::Backlog,
-            e2e: a.e2e,
+            e2e: a.e2e.then(|| openmesh_agent::E2eConfig {
+                context_until_receipt: a.e2e_until_receipt,
+                ..Default::default()
+            }),
         };
-        if params.e2e && (params.backlog || a.target.is_some()) {
+        if params.e2e.is_some() && (params.backlog || a.target.is_some()) {
             bail!(
                 "--e2e needs OpenMesh relays and a receiver connected while sending (not backlog)"
             );

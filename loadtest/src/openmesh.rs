@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use hdrhistogram::Histogram;
-use openmesh_agent::{unix_ms, Agent, Batch, ClientConfig, E2eConfig, EnvelopeTemplate, Stats};
+use openmesh_agent::{unix_ms, Agent, Batch, ClientConfig, EnvelopeTemplate, Stats};
 use openmesh_dataplane::directory::KeyBundle;
 use openmesh_dataplane::pki::Identity;
 use openmesh_dataplane::wire::{DeliveryClass, EnvelopeBuilder};
@@ -70,9 +70,7 @@ pub async fn pair(
 ) -> anyhow::Result<Histogram<u64>> {
     let mut rcfg = relays.receiver(idx, &format!("loadtest-recv-{idx}"))?;
     rcfg.auto_ack = true;
-    if p.e2e {
-        rcfg.e2e = Some(E2eConfig::default());
-    }
+    rcfg.e2e.clone_from(&p.e2e);
     let recv_id = rcfg.identity.agent_id();
     let mut recv = if p.backlog {
         None
@@ -95,14 +93,12 @@ pub async fn pair(
         // closing does not wait for their answers.
         scfg.close_timeout = Duration::from_secs(1);
     }
-    if p.e2e {
-        scfg.e2e = Some(E2eConfig::default());
-    }
+    scfg.e2e.clone_from(&p.e2e);
     let sender = Agent::connect(scfg).await.context("sender connects")?;
     let mut b = sender.envelope_to(recv_id);
     b.expires_ms = b.created_ms + 600_000;
     b.class = p.class;
-    let tmpl = if p.e2e {
+    let tmpl = if p.e2e.is_some() {
         // The receiver published its bundle when it connected (on its relay).
         let t0 = Instant::now();
         let bundle = loop {
@@ -127,7 +123,7 @@ pub async fn pair(
     let filled = Arc::new(tokio::sync::Notify::new());
 
     let (exp, lv, drain, fill) = (expect.clone(), live.clone(), p.drain, filled.clone());
-    let e2e = p.e2e;
+    let e2e = p.e2e.is_some();
     let receiver = tokio::spawn(async move {
         let mut recv = match recv.take() {
             Some(r) => r,

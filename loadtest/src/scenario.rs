@@ -78,8 +78,8 @@ pub struct PairParams {
     /// The receiver connects only after the sender finished ([`Scenario::Backlog`]); the
     /// sender stops at its first refusal.
     pub backlog: bool,
-    /// Seal every envelope end to end; the receiver opens each.
-    pub e2e: bool,
+    /// Seal every envelope end to end with these settings; the receiver opens each.
+    pub e2e: Option<openmesh_agent::E2eConfig>,
 }
 
 /// Shared between a pair's sender and receiver: how many deliveries the receiver should wait for
