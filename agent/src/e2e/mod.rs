@@ -124,7 +124,7 @@ pub struct E2eConfig {
     pub sign_each: bool,
     /// Most sending and receiving contexts kept (each about 1.4 KB).
     pub max_contexts: usize,
-    /// Most (source, message id) pairs remembered against replays (each about 100 bytes);
+    /// Most (source, message id) pairs remembered against replays (each about 60 bytes);
     /// beyond it the oldest go and envelopes expiring before them are refused as replays.
     pub replay_window: usize,
     /// How long a looked-up bundle is used before it is looked up again (never past its
