@@ -105,6 +105,14 @@ struct RunArgs {
     /// (`E2eConfig::context_until_receipt`).
     #[arg(long, requires = "e2e")]
     e2e_until_receipt: bool,
+    /// Where each pair's sender and receiver live on the relay: `any` (as their fresh
+    /// identities fall), `one` (both on one relay core) or `across` (on different cores, every
+    /// envelope crossing between them). Identities are drawn until their home cores fit.
+    #[arg(long, value_enum, default_value = "any")]
+    placement: scenario::Placement,
+    /// The relay's cores, for `--placement` (default: this machine's, the relay's own default).
+    #[arg(long)]
+    relay_cores: Option<u16>,
 }
 
 fn main() -> ExitCode {
@@ -213,7 +221,15 @@ async fn run(a: RunArgs) -> anyhow::Result<Report> {
                 context_until_receipt: a.e2e_until_receipt,
                 ..Default::default()
             }),
+            placement: a.placement,
+            relay_cores: a.relay_cores.unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map_or(1, |n| n.get().min(u16::MAX as usize) as u16)
+            }),
         };
+        if a.placement == scenario::Placement::Across && params.relay_cores < 2 {
+            bail!("--placement across needs a relay with at least 2 cores (--relay-cores)");
+        }
         if params.e2e.is_some() && (params.backlog || a.target.is_some()) {
             bail!(
                 "--e2e needs OpenMesh relays and a receiver connected while sending (not backlog)"

@@ -85,6 +85,15 @@ pub async fn pair(
         tokio::time::sleep(PRESENCE_SETTLE).await;
     }
     let mut scfg = relays.config(idx, &format!("loadtest-send-{idx}"), None)?;
+    let home =
+        |id: &Identity| openmesh_dataplane::routing::home_core(&id.agent_id(), p.relay_cores);
+    let mut tries = 0;
+    while !p.placement.fits(home(&scfg.identity), home(&rcfg.identity)) {
+        // 1 in `relay_cores` draws fits `one`; most fit `across`.
+        tries += 1;
+        anyhow::ensure!(tries < 10_000, "no identity fits --placement");
+        scfg.identity = Identity::generate_self_signed(&format!("loadtest-send-{idx}"))?;
+    }
     // The agent's window is the pair's: sending waits while that many are unanswered.
     scfg.window = p.window.clamp(1, u32::MAX as u64) as u32;
     scfg.destination_window = scfg.window;

@@ -80,6 +80,32 @@ pub struct PairParams {
     pub backlog: bool,
     /// Seal every envelope end to end with these settings; the receiver opens each.
     pub e2e: Option<openmesh_agent::E2eConfig>,
+    /// Where the sender lives on the relay relative to its receiver.
+    pub placement: Placement,
+    /// The relay's cores (for `placement`).
+    pub relay_cores: u16,
+}
+
+/// Where a pair's two agents live among the relay's cores (their home cores follow their ids).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Placement {
+    /// As the identities fall.
+    Any,
+    /// Both on one core: every envelope stays on its core.
+    One,
+    /// On different cores: every envelope crosses between cores.
+    Across,
+}
+
+impl Placement {
+    /// Whether a sender whose home core is `sender` fits a receiver on `receiver`.
+    pub fn fits(self, sender: u16, receiver: u16) -> bool {
+        match self {
+            Placement::Any => true,
+            Placement::One => sender == receiver,
+            Placement::Across => sender != receiver,
+        }
+    }
 }
 
 /// Shared between a pair's sender and receiver: how many deliveries the receiver should wait for

@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 struct Relay {
     child: Child,
     addr: String,
+    metrics: String,
     dir: PathBuf,
 }
 
@@ -36,8 +37,8 @@ fn relay_binary() -> PathBuf {
     relay
 }
 
-fn start_relay() -> Relay {
-    let dir = std::env::temp_dir().join(format!("om-lt-{}", std::process::id()));
+fn start_relay(name: &str) -> Relay {
+    let dir = std::env::temp_dir().join(format!("om-lt-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let metrics = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -67,7 +68,12 @@ fn start_relay() -> Relay {
         }
     }
     assert!(!addr.is_empty(), "relay printed its ready line");
-    Relay { child, addr, dir }
+    Relay {
+        child,
+        addr,
+        metrics: metrics.to_string(),
+        dir,
+    }
 }
 
 fn run(relay: &Relay, name: &str, extra: &[&str]) -> serde_json::Value {
@@ -100,7 +106,7 @@ fn run(relay: &Relay, name: &str, extra: &[&str]) -> serde_json::Value {
 
 #[test]
 fn every_scenario_runs_and_reports() {
-    let relay = start_relay();
+    let relay = start_relay("all");
     let n = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or_else(|| panic!("{k} in {v}"));
 
     let small = run(
@@ -186,4 +192,52 @@ fn every_scenario_runs_and_reports() {
         "relay found by its port: {c}"
     );
     assert!(c["churn_handshakes_per_s"].as_f64().unwrap() > 10.0);
+}
+
+/// The sum of a counter's series on the relay's Prometheus endpoint.
+fn counter(relay: &Relay, name: &str) -> f64 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(&relay.metrics).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        relay.metrics
+    )
+    .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    assert!(body.contains("openmesh_"), "metrics: {body}");
+    body.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn placement_keeps_a_pair_on_one_relay_core_or_across() {
+    let relay = start_relay("placement");
+    let crossed = || counter(&relay, "openmesh_mailbox_messages_total");
+    let args = |p| {
+        [
+            "--scenario",
+            "small",
+            "--duration",
+            "1s",
+            "--placement",
+            p,
+            "--relay-cores",
+            "2",
+        ]
+    };
+    let one = run(&relay, "one", &args("one"));
+    assert!(one["delivered"].as_f64().unwrap() > 1000.0);
+    assert_eq!(crossed(), 0.0, "one core: nothing crosses between cores");
+    let across = run(&relay, "across", &args("across"));
+    let delivered = across["delivered"].as_f64().unwrap();
+    assert!(delivered > 1000.0);
+    assert!(
+        crossed() >= delivered,
+        "across: every envelope crosses ({} of {delivered})",
+        crossed()
+    );
 }
