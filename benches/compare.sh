@@ -9,6 +9,8 @@
 #                                      # tree changes measures the same binaries)
 #   SUITE=durable benches/compare.sh 5s  # durable envelopes (each fsync'ed before its ACK) against
 #                                      # NATS JetStream with file storage (publishes acked)
+#   PLACEMENT=across benches/compare.sh 5s  # each OpenMesh pair's agents on different relay cores
+#                                      # (or `one`: on one core); default: as their ids fall
 #
 # OpenMesh runs TLS 1.3 on every link with at-least-once delivery (ACKed custody); NATS runs in
 # plaintext core mode (no acknowledgements).
@@ -61,10 +63,16 @@ wait_port $RP || { cat "$OUT/relay.log"; echo "relay did not start"; exit 1; }
 wait_port $NP || { cat "$OUT/nats.log"; echo "nats-server did not start"; exit 1; }
 
 LT=("${GEN_CPU[@]}" target/release/openmesh-loadtest)
+# Where OpenMesh pairs live among the relay's cores (the relay runs one core per CPU unless pinned).
+if [ -n "${PLACEMENT:-}" ]; then
+  OM_PLACE=(--placement "$PLACEMENT" --relay-cores "$([ "${PINNED:-0}" = 1 ] && echo 1 || nproc)")
+else
+  OM_PLACE=()
+fi
 if [ "$SUITE" = durable ]; then
   CA="$OUT/relay/tls/dev-ca.pem"
   om() { local name=$1; shift; echo "== $name: openmesh" >&2
-    "${LT[@]}" run "$@" --duration "$DUR" --relay 127.0.0.1:$RP --ca "$CA" --quiet \
+    "${LT[@]}" run "$@" "${OM_PLACE[@]}" --duration "$DUR" --relay 127.0.0.1:$RP --ca "$CA" --quiet \
       --json "$OUT/om-$name.json" >"$OUT/om-$name.txt" || true; }
   js() { local name=$1; shift; echo "== $name: jetstream" >&2
     "${LT[@]}" run "$@" --duration "$DUR" --target nats://127.0.0.1:$NP --quiet \
@@ -140,7 +148,7 @@ PY
 fi
 for s in small bulk latency fan; do
   echo "== $s: openmesh" >&2
-  "${LT[@]}" run --scenario $s --duration "$DUR" --relay 127.0.0.1:$RP --ca "$OUT/relay/tls/dev-ca.pem" \
+  "${LT[@]}" run --scenario $s "${OM_PLACE[@]}" --duration "$DUR" --relay 127.0.0.1:$RP --ca "$OUT/relay/tls/dev-ca.pem" \
     --quiet --json "$OUT/om-$s.json" --plot "$OUT/om-$s.svg" >"$OUT/om-$s.txt" || true
   echo "== $s: nats" >&2
   "${LT[@]}" run --scenario $s --duration "$DUR" --target nats://127.0.0.1:$NP \
