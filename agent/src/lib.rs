@@ -62,16 +62,17 @@ pub use e2e::{E2e, E2eConfig, E2eError, E2eStats, Opened};
 pub use template::{Batch, EnvelopeTemplate};
 
 use std::collections::HashMap;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use openmesh_dataplane::wire::MessageId;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 pub(crate) type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// A map of this agent's own message ids: consecutive ids (a random prefix and a counter) land
 /// in neighbouring buckets, so the envelopes of a window in flight sit together in memory
 /// instead of one cache line each at random. Only ids the application sent are inserted; ids
-/// named by the relay are only looked up.
+/// named by the relay are only looked up. Ids chosen to collide (an application re-sending
+/// envelopes someone else numbered) cost longer probes, within the window's bound.
 pub(crate) type IdMap<V> = HashMap<MessageId, V, SeqIds>;
 
 /// The [`IdMap`] hasher's builder.

@@ -37,6 +37,9 @@ impl Source {
             self.ids.remove(&id);
             n += 1;
         }
+        if n > 0 {
+            self.trim();
+        }
         n
     }
 
@@ -46,12 +49,28 @@ impl Source {
             Some((exp, id)) => {
                 self.ids.remove(&id);
                 self.floor_ms = self.floor_ms.max(exp);
+                self.trim();
                 true
             }
             None => false,
         }
     }
+
+    /// Gives memory back once a source holds far fewer entries than it once did, so the
+    /// window's bound holds in bytes and not only in entries (sources that were each the
+    /// heaviest in turn would otherwise keep their largest tables). Amortised: after a shrink
+    /// to twice the entries, half of them must go before the next.
+    fn trim(&mut self) {
+        let len = self.order.len();
+        if self.order.capacity() > TRIM_MIN && len * 4 < self.order.capacity() {
+            self.order.shrink_to(len * 2);
+            self.ids.shrink_to(len * 2);
+        }
+    }
 }
+
+/// Tables this small are never shrunk.
+const TRIM_MIN: usize = 64;
 
 pub(super) struct Window {
     sources: Map<AgentId, Source>,
@@ -136,6 +155,22 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn a_source_that_shrank_gives_its_memory_back() {
+        let mut s = Source::default();
+        for i in 0..10_000u128 {
+            s.ids.insert(MessageId::from_u128(i));
+            s.order.push_back((1_000, MessageId::from_u128(i)));
+        }
+        while s.order.len() > 10 {
+            s.evict_one();
+        }
+        assert!(s.order.capacity() < 1_000, "queue {}", s.order.capacity());
+        assert!(s.ids.capacity() < 1_000, "set {}", s.ids.capacity());
+        assert_eq!(s.ids.len(), 10);
+        assert_eq!(s.floor_ms, 1_000);
+    }
 
     proptest! {
         /// Random opens (ids repeating, TTLs mixed, two sources, the clock moving): an id is
