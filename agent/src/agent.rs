@@ -40,10 +40,11 @@ use openmesh_dataplane::wire::{
 
 use crate::e2e::{E2e, E2eError, E2eStats, Opened as OpenedEnvelope};
 use crate::session::{flush_acks, open, pong, Heard, Heartbeat, Opened};
-use crate::template::{Batch, Item, MessageIds};
+use crate::template::{Batch, Item, MessageIdRange, MessageIds, NO_DEST};
 use crate::{unix_ms, ClientConfig, ClientError};
 
-use crate::{IdMap, Map};
+use crate::pending::PendingTable;
+use crate::Map;
 
 /// Wait before asking the directory again after `rate_limited`.
 const DIRECTORY_RETRY: Duration = Duration::from_millis(250);
@@ -204,8 +205,6 @@ struct Pending {
     waiting: bool,
 }
 
-const NO_DEST: u32 = u32::MAX;
-
 struct BatchState {
     /// The batch's frames, held while any of them waits for its answer.
     frames: Bytes,
@@ -223,7 +222,7 @@ enum Settle {
 
 #[derive(Default)]
 struct State {
-    pending: IdMap<Pending>,
+    pending: PendingTable<Pending>,
     seq: u64,
     /// Destinations with envelopes in flight: their slot in `dests`.
     dest_slot: Map<AgentId, u32>,
@@ -245,6 +244,9 @@ struct State {
     gen: u64,
     window: u32,
     dest_window: u32,
+    /// The fewest envelopes a sender waiting for window room needs room for (`None`: nobody
+    /// waits), so that answers wake it only once it may fit.
+    need: Option<u32>,
     closed: bool,
 }
 
@@ -265,7 +267,7 @@ impl State {
     /// ones, whose frames are slices of `frames`.
     fn record(
         &mut self,
-        items: &[Item],
+        (items, dests): (&[Item], &[(AgentId, u32)]),
         frames: &Bytes,
         (answered, sent): (u32, u32),
         tx: oneshot::Sender<BatchOutcome>,
@@ -290,8 +292,19 @@ impl State {
                 tx: Some(tx),
             },
         );
-        // Envelopes of a batch mostly go to one destination: one map lookup per run.
-        let mut last: Option<(AgentId, u32)> = None;
+        // One slot per destination of the batch, its count raised by the batch's envelopes
+        // to it before any is recorded (so resolving an earlier copy below cannot free it).
+        let slots: Vec<u32> = dests
+            .iter()
+            .map(|&(d, k)| {
+                if k == 0 {
+                    return NO_DEST;
+                }
+                let slot = self.dest_slot(d);
+                self.dests[slot as usize].1 += k;
+                slot
+            })
+            .collect();
         for it in items.iter().filter(|i| i.answered) {
             // An id sent again while still in flight: the relay's answer names only the id, so
             // it goes to the later one and the earlier resolves unanswered.
@@ -299,25 +312,13 @@ impl State {
                 self.settle(it.id, Settle::Unanswered, c);
             }
             self.seq += 1;
-            let dest = match it.dest {
-                None => NO_DEST,
-                Some(d) => {
-                    let slot = match last {
-                        Some((a, slot)) if a == d => slot,
-                        _ => self.dest_slot(d),
-                    };
-                    last = Some((d, slot));
-                    self.dests[slot as usize].1 += 1;
-                    slot
-                }
-            };
             self.pending.insert(
                 it.id,
                 Pending {
                     batch,
-                    start: it.start as u32,
-                    end: it.end as u32,
-                    dest,
+                    start: it.start,
+                    end: it.end,
+                    dest: slots.get(it.dest as usize).copied().unwrap_or(NO_DEST),
                     expires_ms: it.expires_ms,
                     seq: self.seq,
                     attempts: 0,
@@ -376,10 +377,8 @@ impl State {
             return true;
         };
         match how {
-            Settle::Accepted => {
-                b.out.accepted += 1;
-                bump(&c.accepted, 1);
-            }
+            // Counted by the caller, once per ACK frame.
+            Settle::Accepted => b.out.accepted += 1,
             Settle::Refused(code, text) => {
                 b.out.refused.push((id, code, text));
                 bump(&c.refused, 1);
@@ -423,13 +422,27 @@ impl Shared {
     }
 
     fn on_acks(&self, acks: &AckBatch) {
-        let mut freed = false;
+        let mut accepted = 0;
         let mut st = self.lock();
         for id in acks.ids() {
-            freed |= st.settle(id, Settle::Accepted, &self.counters);
+            accepted += u64::from(st.settle(id, Settle::Accepted, &self.counters));
+        }
+        if accepted > 0 {
+            bump(&self.counters.accepted, accepted);
+            self.freed(st);
+        }
+    }
+
+    /// Window room was freed: wakes the waiting senders when one of them may fit now, and
+    /// [`Agent::flush`] once nothing is pending.
+    fn freed(&self, mut st: MutexGuard<'_, State>) {
+        let used = st.pending.len() as u32;
+        let wake = used == 0 || st.need.is_some_and(|n| used.saturating_add(n) <= st.window);
+        if wake {
+            st.need = None;
         }
         drop(st);
-        if freed {
+        if wake {
             self.room.notify_waiters();
         }
     }
@@ -461,8 +474,7 @@ impl Shared {
             Settle::Refused(n.code, n.text)
         };
         st.settle(n.message_id, how, &self.counters);
-        drop(st);
-        self.room.notify_waiters();
+        self.freed(st);
     }
 
     fn e2e(&self) -> Result<MutexGuard<'_, E2e>, ClientError> {
@@ -568,7 +580,7 @@ impl Shared {
         let mut st = self.lock();
         st.closed = true;
         let mut left: Vec<(u64, MessageId)> =
-            st.pending.iter().map(|(id, p)| (p.seq, *id)).collect();
+            st.pending.iter().map(|(id, p)| (p.seq, id)).collect();
         left.sort_unstable();
         for (_, id) in &left {
             st.settle(*id, Settle::Unanswered, &self.counters);
@@ -766,8 +778,10 @@ impl Agent {
             }
         }
         let (idx, opened) = first.ok_or(last)?;
+        let ids = MessageIds::new()?;
         let sh = Arc::new(Shared {
             st: Mutex::new(State {
+                pending: PendingTable::new(ids.prefix()),
                 window: cfg.window.max(1),
                 dest_window: cfg.destination_window.max(1),
                 ..State::default()
@@ -817,7 +831,7 @@ impl Agent {
             out: out_tx,
             inbox: in_rx,
             ready: VecDeque::new(),
-            ids: MessageIds::new()?,
+            ids,
             close_timeout: cfg.close_timeout,
             request_timeout: cfg.connect_timeout,
             driver: Some(driver),
@@ -853,6 +867,24 @@ impl Agent {
     /// A fresh message id (random per agent, then counting).
     pub fn next_message_id(&self) -> MessageId {
         self.ids.next()
+    }
+
+    /// `n` fresh message ids at once, in order: cheaper than `n` calls of
+    /// [`Agent::next_message_id`] when filling a batch.
+    ///
+    /// ```no_run
+    /// # async fn demo(agent: &openmesh_agent::Agent, bob: openmesh_dataplane::wire::AgentId) -> Result<(), openmesh_agent::ClientError> {
+    /// use openmesh_agent::{unix_ms, Batch, EnvelopeTemplate};
+    /// let t = EnvelopeTemplate::new(&agent.envelope_to(bob), 64)?;
+    /// let mut batch = Batch::with_capacity(t.frame_len() * 32);
+    /// for (seq, id) in agent.message_ids(32).enumerate() {
+    ///     batch.push_template(&t, id, unix_ms(), |p| p[..8].copy_from_slice(&seq.to_be_bytes()));
+    /// }
+    /// agent.send_batch(batch).await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn message_ids(&self, n: u64) -> MessageIdRange {
+        self.ids.take(n)
     }
 
     /// A builder for an at-least-once envelope from this agent to `to`, with a fresh message id,
@@ -928,7 +960,13 @@ impl Agent {
     /// # Ok(()) }
     /// ```
     pub async fn send_batch(&self, batch: Batch) -> Result<BatchHandle, ClientError> {
-        let Batch { buf, items } = batch;
+        let Batch {
+            buf,
+            items,
+            dests,
+            answered,
+            ..
+        } = batch;
         if items.is_empty() {
             return Ok(BatchHandle {
                 rx: None,
@@ -945,14 +983,6 @@ impl Agent {
             ));
         }
         let frames = buf.freeze();
-        let answered = items.iter().filter(|i| i.answered).count() as u32;
-        let mut dests: Vec<(AgentId, u32)> = Vec::new();
-        for d in items.iter().filter(|i| i.answered).filter_map(|i| i.dest) {
-            match dests.iter_mut().find(|(a, _)| *a == d) {
-                Some((_, n)) => *n += 1,
-                None => dests.push((d, 1)),
-            }
-        }
         let sent = items.len() as u32 - answered;
         let (tx, rx) = oneshot::channel();
         let gen = loop {
@@ -965,9 +995,16 @@ impl Agent {
                     return Err(ClientError::Gone);
                 }
                 if st.fits(answered, &dests) {
-                    st.record(&items, &frames, (answered, sent), tx, &self.sh.counters);
+                    st.record(
+                        (&items, &dests),
+                        &frames,
+                        (answered, sent),
+                        tx,
+                        &self.sh.counters,
+                    );
                     break st.gen;
                 }
+                st.need = Some(st.need.map_or(answered, |n| n.min(answered)));
             }
             room.await;
         };
@@ -1042,18 +1079,19 @@ impl Agent {
     /// Returns false once the agent is closed and everything was taken. Cheaper than
     /// [`Agent::recv`] for receivers of many envelopes.
     pub async fn recv_many(&mut self, out: &mut Vec<Envelope>) -> bool {
-        if self.ready.is_empty() {
+        let start = out.len();
+        out.extend(self.ready.drain(..));
+        if out.len() == start {
             match self.inbox.recv().await {
-                Some(b) => self.ready.extend(b),
+                Some(b) => append(out, b),
                 None => return false,
             }
         }
         while let Ok(b) = self.inbox.try_recv() {
-            self.ready.extend(b);
+            append(out, b);
         }
-        let bytes = self.ready.iter().map(|e| e.frame_len() as u64).sum();
-        self.took(self.ready.len() as u64, bytes);
-        out.extend(self.ready.drain(..));
+        let bytes = out[start..].iter().map(|e| e.frame_len() as u64).sum();
+        self.took((out.len() - start) as u64, bytes);
         true
     }
 
@@ -1549,15 +1587,14 @@ fn expire_pending(sh: &Shared) {
         .pending
         .iter()
         .filter(|(_, p)| p.expires_ms <= now)
-        .map(|(id, _)| *id)
+        .map(|(id, _)| id)
         .collect();
     for id in &gone {
         st.settle(*id, Settle::Expired, &sh.counters);
     }
     st.sweep_receipts(now);
-    drop(st);
     if !gone.is_empty() {
-        sh.room.notify_waiters();
+        sh.freed(st);
     }
 }
 
@@ -1609,11 +1646,15 @@ impl Conn<'_> {
 
         // A new generation: everything pending goes out again, in the order first sent.
         let mut buf = BytesMut::with_capacity(WRITE_COALESCE);
+        let mut wq = WriteQueue::default();
         let gen = {
             let mut st = sh.lock();
             st.gen += 1;
             if welcome.send_window > 0 {
                 st.window = cfg.window.clamp(1, welcome.send_window);
+                // The window may have grown: waiting senders check again.
+                st.need = None;
+                sh.room.notify_waiters();
             }
             let mut again: Vec<(u64, Bytes)> =
                 st.pending.values().map(|p| (p.seq, st.frame(p))).collect();
@@ -1682,7 +1723,7 @@ impl Conn<'_> {
                                 // written again when this one started.
                                 if g == gen {
                                     flush_acks(&mut acks, &mut buf);
-                                    buf.extend_from_slice(&frames);
+                                    wq.push(&mut buf, frames);
                                 }
                             }
                             Out::Control(f) => buf.extend_from_slice(&f),
@@ -1694,7 +1735,7 @@ impl Conn<'_> {
                             }
                         }
                         n += 1;
-                        if buf.len() >= WRITE_COALESCE || n >= 4096 {
+                        if buf.len() + wq.len() >= WRITE_COALESCE || n >= 4096 {
                             break;
                         }
                         next = out.try_recv().ok();
@@ -1721,7 +1762,7 @@ impl Conn<'_> {
             flush_acks(&mut acks, &mut buf);
             if let Some((deadline, done)) = closing {
                 Frame::Close(Close::new(Reason::Normal, "bye")).encode(&mut buf);
-                let written = wr.write_all(&buf).await.is_ok() && wr.flush().await.is_ok();
+                let written = wq.write(&mut buf, &mut wr).await.is_ok();
                 let answer = if written {
                     tokio::time::timeout_at(deadline, &mut end_rx)
                         .await
@@ -1738,14 +1779,86 @@ impl Conn<'_> {
                 }
                 return Ended::Closed;
             }
-            if !buf.is_empty() {
-                if wr.write_all(&buf).await.is_err() || wr.flush().await.is_err() {
-                    reader.abort();
-                    return stop(None);
-                }
-                buf.clear();
+            if (!buf.is_empty() || wq.len() > 0) && wq.write(&mut buf, &mut wr).await.is_err() {
+                reader.abort();
+                return stop(None);
             }
         }
+    }
+}
+
+/// Frames waiting to be written. Small frames (ACKs, control frames, retries) are copied
+/// together into the connection's buffer; batches are kept as they are and written with the
+/// rest in one vectored write, so their bytes are copied once, into the TLS records.
+#[derive(Default)]
+struct WriteQueue {
+    parts: VecDeque<Bytes>,
+    bytes: usize,
+}
+
+/// Batches smaller than this are copied into the connection's buffer instead.
+const WRITE_ZERO_COPY: usize = 4 << 10;
+
+impl WriteQueue {
+    /// Bytes queued as parts (besides what the buffer holds).
+    fn len(&self) -> usize {
+        self.bytes
+    }
+
+    /// Queues `frames` after what `buf` holds.
+    fn push(&mut self, buf: &mut BytesMut, frames: Bytes) {
+        if frames.len() < WRITE_ZERO_COPY {
+            buf.extend_from_slice(&frames);
+            return;
+        }
+        self.take(buf);
+        self.bytes += frames.len();
+        self.parts.push_back(frames);
+    }
+
+    /// Moves what `buf` holds to the end of the queue.
+    fn take(&mut self, buf: &mut BytesMut) {
+        if !buf.is_empty() {
+            let b = buf.split().freeze();
+            self.bytes += b.len();
+            self.parts.push_back(b);
+        }
+    }
+
+    /// Writes everything queued and what `buf` holds, then flushes.
+    async fn write<W: tokio::io::AsyncWrite + Unpin>(
+        &mut self,
+        buf: &mut BytesMut,
+        wr: &mut W,
+    ) -> std::io::Result<()> {
+        self.take(buf);
+        while !self.parts.is_empty() {
+            let mut slices = [std::io::IoSlice::new(&[]); 64];
+            let k = slices.len().min(self.parts.len());
+            for (s, p) in slices.iter_mut().zip(&self.parts) {
+                *s = std::io::IoSlice::new(p);
+            }
+            let mut n = wr.write_vectored(&slices[..k]).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            self.bytes -= n;
+            while n > 0 {
+                let Some(front) = self.parts.front_mut() else {
+                    break;
+                };
+                if n < front.len() {
+                    bytes::Buf::advance(front, n);
+                    n = 0;
+                } else {
+                    n -= front.len();
+                    self.parts.pop_front();
+                }
+            }
+        }
+        // The buffer's memory comes back now that no written part holds it.
+        buf.reserve(WRITE_COALESCE / 4);
+        wr.flush().await
     }
 }
 
@@ -1778,10 +1891,25 @@ fn retry_due(sh: &Shared, buf: &mut BytesMut) {
         }
         bump(&sh.counters.retried, 1);
     }
-    drop(st);
     if expired {
-        sh.room.notify_waiters();
+        sh.freed(st);
     }
+}
+
+/// Moves `b`'s items to the end of `out` (taking `b` whole when `out` is empty).
+fn append<T>(out: &mut Vec<T>, mut b: Vec<T>) {
+    if out.is_empty() {
+        *out = b;
+    } else {
+        out.append(&mut b);
+    }
+}
+
+/// Takes `v`'s items, leaving room for as many again: the next read's vector does not grow
+/// from empty.
+fn take_sized<T>(v: &mut Vec<T>) -> Vec<T> {
+    let n = v.len();
+    std::mem::replace(v, Vec::with_capacity(n))
 }
 
 struct ReadOpts {
@@ -1808,7 +1936,17 @@ async fn read(
     let mut beat = Heartbeat::new(opts.heartbeat, opts.answer_pings);
     let mut acks = Vec::new();
     let mut batch = Vec::new();
+    // Envelopes read, counted once per pass (and at the end for the last one).
+    let mut received = 0u64;
     'outer: loop {
+        // What waits for the application, read once per pass; this pass's envelopes are
+        // counted here and added when they are handed over (before the application can
+        // take them).
+        let (queued, queued_bytes) = (
+            sh.queued.load(Ordering::Relaxed),
+            sh.queued_bytes.load(Ordering::Relaxed),
+        );
+        let (mut added, mut added_bytes) = (0u64, 0u64);
         loop {
             let f = match dec.decode(&mut rx) {
                 Ok(Some(f)) => f,
@@ -1817,11 +1955,11 @@ async fn read(
             };
             match f {
                 Frame::Envelope(e) => {
-                    bump(&sh.counters.received, 1);
+                    received += 1;
                     let len = e.frame_len() as u64;
                     let acked = e.class() != DeliveryClass::BestEffort;
-                    if sh.queued.load(Ordering::Relaxed) >= opts.max_queued
-                        || sh.queued_bytes.load(Ordering::Relaxed) + len > opts.max_queued_bytes
+                    if queued + added >= opts.max_queued
+                        || queued_bytes + added_bytes + len > opts.max_queued_bytes
                     {
                         // Unanswered, an envelope to ACK stays the relay's to deliver again.
                         let dropped = if acked {
@@ -1832,8 +1970,8 @@ async fn read(
                         bump(dropped, 1);
                         continue;
                     }
-                    sh.queued.fetch_add(1, Ordering::Relaxed);
-                    sh.queued_bytes.fetch_add(len, Ordering::Relaxed);
+                    added += 1;
+                    added_bytes += len;
                     if acked && opts.auto_ack {
                         acks.push(e.message_id());
                     }
@@ -1868,16 +2006,16 @@ async fn read(
                 | Frame::Lookup(_) => {}
             }
         }
-        if !batch.is_empty() && inbox.send(std::mem::take(&mut batch)).is_err() {
+        bump(&sh.counters.received, std::mem::take(&mut received));
+        if added > 0 {
+            sh.queued.fetch_add(added, Ordering::Relaxed);
+            sh.queued_bytes.fetch_add(added_bytes, Ordering::Relaxed);
+        }
+        if !batch.is_empty() && inbox.send(take_sized(&mut batch)).is_err() {
             // The application is gone; the relay delivers these again to the next session.
             batch.clear();
         }
-        if !acks.is_empty()
-            && out
-                .send(Out::Acks(std::mem::take(&mut acks)))
-                .await
-                .is_err()
-        {
+        if !acks.is_empty() && out.send(Out::Acks(take_sized(&mut acks))).await.is_err() {
             break;
         }
         match beat.read(&mut rd, &mut rx).await {
@@ -1888,5 +2026,6 @@ async fn read(
             Heard::Dead | Heard::Gone => break,
         }
     }
+    bump(&sh.counters.received, received);
     end
 }

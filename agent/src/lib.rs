@@ -50,6 +50,7 @@
 mod agent;
 mod config;
 pub mod e2e;
+mod pending;
 pub mod session;
 mod template;
 
@@ -59,7 +60,7 @@ pub use agent::{
 };
 pub use config::{ClientConfig, ClientError};
 pub use e2e::{E2e, E2eConfig, E2eError, E2eStats, Opened};
-pub use template::{Batch, EnvelopeTemplate};
+pub use template::{Batch, EnvelopeTemplate, MessageIdRange};
 
 use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};

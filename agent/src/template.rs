@@ -8,7 +8,7 @@ use openmesh_dataplane::wire::{
     AgentId, DeliveryClass, Destination, Envelope, EnvelopeBuilder, MessageId, WireError,
 };
 
-use crate::ClientError;
+use crate::{ClientError, Map};
 
 /// Fresh message ids: 64 random bits drawn when the agent starts, then a 64-bit counter, so ids
 /// stay unique across sessions, reconnections and relay restarts.
@@ -29,20 +29,73 @@ impl MessageIds {
     pub(crate) fn next(&self) -> MessageId {
         MessageId::from_u128(self.prefix | self.next.fetch_add(1, Ordering::Relaxed) as u128)
     }
+
+    /// The high 64 bits of every id.
+    pub(crate) fn prefix(&self) -> u64 {
+        (self.prefix >> 64) as u64
+    }
+
+    /// `n` consecutive ids, reserved with one atomic step.
+    pub(crate) fn take(&self, n: u64) -> MessageIdRange {
+        let first = self.next.fetch_add(n, Ordering::Relaxed);
+        MessageIdRange {
+            prefix: self.prefix,
+            next: first,
+            end: first + n,
+        }
+    }
 }
 
-/// What the agent tracks of one envelope in a batch.
+/// Fresh message ids reserved together by [`crate::Agent::message_ids`]: an iterator over
+/// them, in order.
+#[derive(Clone, Debug)]
+pub struct MessageIdRange {
+    prefix: u128,
+    next: u64,
+    end: u64,
+}
+
+impl Iterator for MessageIdRange {
+    type Item = MessageId;
+
+    fn next(&mut self) -> Option<MessageId> {
+        if self.next == self.end {
+            return None;
+        }
+        let id = MessageId::from_u128(self.prefix | self.next as u128);
+        self.next += 1;
+        Some(id)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let n = (self.end - self.next) as usize;
+        (n, Some(n))
+    }
+}
+
+impl ExactSizeIterator for MessageIdRange {}
+
+/// What the agent tracks of one envelope in a batch: 40 bytes.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Item {
     pub id: MessageId,
-    pub dest: Option<AgentId>,
     pub expires_ms: u64,
+    /// Its frame: `start..end` of the batch's buffer (a batch over 4 GiB is refused when
+    /// sent).
+    pub start: u32,
+    pub end: u32,
+    /// Index into the batch's `dests` ([`NO_DEST`]: a group or a broadcast).
+    pub dest: u32,
     /// Answered by the relay (at-least-once and durable); best-effort envelopes are not.
     pub answered: bool,
     pub wants_receipt: bool,
-    pub start: usize,
-    pub end: usize,
 }
+
+/// [`Item::dest`] of an envelope to a group or a broadcast.
+pub(crate) const NO_DEST: u32 = u32::MAX;
+
+/// Destinations a batch holds before it looks them up in a map rather than a list.
+const DESTS_LISTED: usize = 8;
 
 /// Envelopes encoded back to back into one buffer, sent with [`crate::Agent::send_batch`]: one
 /// hand-off to the writer and one window reservation for all of them, one [`crate::BatchHandle`]
@@ -62,6 +115,12 @@ pub(crate) struct Item {
 pub struct Batch {
     pub(crate) buf: BytesMut,
     pub(crate) items: Vec<Item>,
+    /// The agents the batch goes to, with how many answered envelopes go to each.
+    pub(crate) dests: Vec<(AgentId, u32)>,
+    /// Index into `dests` once it holds more than a few.
+    dest_index: Map<AgentId, u32>,
+    /// Envelopes the relay answers (at-least-once and durable).
+    pub(crate) answered: u32,
 }
 
 impl Batch {
@@ -74,7 +133,7 @@ impl Batch {
     pub fn with_capacity(bytes: usize) -> Self {
         Batch {
             buf: BytesMut::with_capacity(bytes),
-            items: Vec::new(),
+            ..Batch::default()
         }
     }
 
@@ -82,18 +141,46 @@ impl Batch {
     pub fn push(&mut self, env: &Envelope) {
         let start = self.buf.len();
         env.encode(&mut self.buf);
+        let answered = env.class() != DeliveryClass::BestEffort;
+        let dest = match env.destination() {
+            Destination::Agent(a) => self.dest(a, answered),
+            Destination::Group(_) => NO_DEST,
+        };
+        self.answered += u32::from(answered);
         self.items.push(Item {
             id: env.message_id(),
-            dest: match env.destination() {
-                Destination::Agent(a) => Some(a),
-                Destination::Group(_) => None,
-            },
             expires_ms: env.expires_ms(),
-            answered: env.class() != DeliveryClass::BestEffort,
+            start: start as u32,
+            end: self.buf.len() as u32,
+            dest,
+            answered,
             wants_receipt: env.wants_delivery_receipt() || env.wants_expiry_notice(),
-            start,
-            end: self.buf.len(),
         });
+    }
+
+    /// `d`'s index in `dests`, counting one more answered envelope to it when `answered`.
+    fn dest(&mut self, d: AgentId, answered: bool) -> u32 {
+        // Batches mostly go to one agent: the last one first.
+        let found = match self.dests.last() {
+            Some((a, _)) if *a == d => Some(self.dests.len() - 1),
+            _ if self.dests.len() <= DESTS_LISTED => self.dests.iter().position(|(a, _)| *a == d),
+            _ => self.dest_index.get(&d).map(|&i| i as usize),
+        };
+        let i = found.unwrap_or_else(|| {
+            self.dests.push((d, 0));
+            if self.dests.len() > DESTS_LISTED {
+                if self.dest_index.is_empty() {
+                    for (i, (a, _)) in self.dests.iter().enumerate() {
+                        self.dest_index.insert(*a, i as u32);
+                    }
+                } else {
+                    self.dest_index.insert(d, self.dests.len() as u32 - 1);
+                }
+            }
+            self.dests.len() - 1
+        });
+        self.dests[i].1 += u32::from(answered);
+        i as u32
     }
 
     /// Appends an envelope made from `template` with message id `id`, created at `now_ms`
@@ -108,6 +195,12 @@ impl Batch {
     ) {
         let t = template;
         let start = self.buf.len();
+        if self.items.len() == self.items.capacity() {
+            // Room for as many items as the buffer has room for frames: one allocation for
+            // a batch made with `with_capacity`.
+            let room = self.buf.capacity() - start;
+            self.items.reserve(room / t.frame.len().max(1) + 1);
+        }
         self.buf.extend_from_slice(&t.frame);
         let f = &mut self.buf[start..];
         let expires_ms = now_ms.saturating_add(t.ttl_ms);
@@ -115,14 +208,19 @@ impl Batch {
         f[t.created_off..t.created_off + 8].copy_from_slice(&now_ms.to_be_bytes());
         f[t.created_off + 8..t.created_off + 16].copy_from_slice(&expires_ms.to_be_bytes());
         fill(&mut f[t.payload_off..]);
+        let dest = match t.dest {
+            Some(a) => self.dest(a, t.answered),
+            None => NO_DEST,
+        };
+        self.answered += u32::from(t.answered);
         self.items.push(Item {
             id,
-            dest: t.dest,
             expires_ms,
+            start: start as u32,
+            end: self.buf.len() as u32,
+            dest,
             answered: t.answered,
             wants_receipt: t.wants_receipt,
-            start,
-            end: self.buf.len(),
         });
     }
 
@@ -253,7 +351,10 @@ mod tests {
             assert_eq!(e.payload().len(), 256);
             assert_eq!(&e.payload()[..8], &seq.to_be_bytes());
             assert_eq!(batch.items[i].expires_ms, ms + 60_000);
-            assert_eq!(batch.items[i].dest, Some(AgentId([2; 32])));
+            assert_eq!(
+                batch.dests[batch.items[i].dest as usize].0,
+                AgentId([2; 32])
+            );
         }
     }
 }

@@ -212,9 +212,9 @@ fn fill_batch(
     match src {
         Source::Template(t) => {
             let mut batch = Batch::with_capacity(t.frame_len() * n as usize);
-            for i in 0..n {
+            for (i, id) in (0..n).zip(s.message_ids(n)) {
                 let (q, ns) = (*seq, scheduled(i));
-                batch.push_template(t, s.next_message_id(), now_ms, |p| {
+                batch.push_template(t, id, now_ms, |p| {
                     p[..8].copy_from_slice(&q.to_be_bytes());
                     p[8..16].copy_from_slice(&ns.to_be_bytes());
                 });
@@ -232,11 +232,11 @@ fn fill_batch(
             let mut plain = vec![0x5au8; *size];
             b.created_ms = now_ms;
             b.expires_ms = now_ms + 600_000;
-            for i in 0..n {
+            for (i, id) in (0..n).zip(s.message_ids(n)) {
                 let (q, ns) = (*seq, scheduled(i));
                 plain[..8].copy_from_slice(&q.to_be_bytes());
                 plain[8..16].copy_from_slice(&ns.to_be_bytes());
-                b.message_id = s.next_message_id();
+                b.message_id = id;
                 batch.push(&s.seal_with(&b, bundle, &plain)?);
                 *seq += 1;
             }
