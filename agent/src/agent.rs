@@ -43,7 +43,7 @@ use crate::session::{flush_acks, open, pong, Heard, Heartbeat, Opened};
 use crate::template::{Batch, Item, MessageIdRange, MessageIds, NO_DEST};
 use crate::{unix_ms, ClientConfig, ClientError};
 
-use crate::pending::PendingTable;
+use crate::pending::SeqTable;
 use crate::Map;
 
 /// Wait before asking the directory again after `rate_limited`.
@@ -222,14 +222,15 @@ enum Settle {
 
 #[derive(Default)]
 struct State {
-    pending: PendingTable<Pending>,
+    pending: SeqTable<MessageId, Pending>,
     seq: u64,
     /// Destinations with envelopes in flight: their slot in `dests`.
     dest_slot: Map<AgentId, u32>,
     /// (destination, envelopes in flight) by slot; slots of a count gone to 0 are reused.
     dests: Vec<(AgentId, u32)>,
     free_dests: Vec<u32>,
-    batches: Map<u64, BatchState>,
+    /// Batches with envelopes pending, by number.
+    batches: SeqTable<u64, BatchState>,
     next_batch: u64,
     /// Retries due, earliest first (entries whose envelope was answered or resent meanwhile
     /// are skipped when they come up).
@@ -247,8 +248,17 @@ struct State {
     /// The fewest envelopes a sender waiting for window room needs room for (`None`: nobody
     /// waits), so that answers wake it only once it may fit.
     need: Option<u32>,
+    /// Buffers and item lists of answered batches, for [`Agent::batch`] (at most
+    /// [`SPARE_BATCHES`] of each, each at most [`SPARE_BYTES`] or [`SPARE_ITEMS`]).
+    spare_bufs: Vec<BytesMut>,
+    spare_items: Vec<Vec<Item>>,
     closed: bool,
 }
+
+/// Answered batches' buffers kept for the next ones (warm in cache, no page faults).
+const SPARE_BATCHES: usize = 4;
+const SPARE_BYTES: usize = 512 << 10;
+const SPARE_ITEMS: usize = 16 << 10;
 
 impl State {
     fn fits(&self, n: u32, dests: &[(AgentId, u32)]) -> bool {
@@ -394,6 +404,14 @@ impl State {
             if let Some(mut b) = self.batches.remove(&p.batch) {
                 if let Some(tx) = b.tx.take() {
                     let _ = tx.send(b.out);
+                }
+                if self.spare_bufs.len() < SPARE_BATCHES {
+                    // Unique unless a resend of one of its frames is still being written.
+                    if let Ok(buf) = b.frames.try_into_mut() {
+                        if buf.capacity() <= SPARE_BYTES {
+                            self.spare_bufs.push(buf);
+                        }
+                    }
                 }
             }
         }
@@ -781,7 +799,7 @@ impl Agent {
         let ids = MessageIds::new()?;
         let sh = Arc::new(Shared {
             st: Mutex::new(State {
-                pending: PendingTable::new(ids.prefix()),
+                pending: SeqTable::new(ids.prefix()),
                 window: cfg.window.max(1),
                 dest_window: cfg.destination_window.max(1),
                 ..State::default()
@@ -867,6 +885,26 @@ impl Agent {
     /// A fresh message id (random per agent, then counting).
     pub fn next_message_id(&self) -> MessageId {
         self.ids.next()
+    }
+
+    /// An empty batch with room for `bytes` of encoded envelopes, on the buffer of an answered
+    /// batch when one is free: a sender of many batches writes into memory still in cache.
+    ///
+    /// ```no_run
+    /// # async fn demo(agent: &openmesh_agent::Agent, bob: openmesh_dataplane::wire::AgentId) -> Result<(), openmesh_agent::ClientError> {
+    /// let mut batch = agent.batch(64 << 10);
+    /// for i in 0u32..100 {
+    ///     batch.push(&agent.envelope_to(bob).build(&i.to_be_bytes()).expect("small"));
+    /// }
+    /// agent.send_batch(batch).await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn batch(&self, bytes: usize) -> Batch {
+        let (buf, items) = {
+            let mut st = self.sh.lock();
+            (st.spare_bufs.pop(), st.spare_items.pop())
+        };
+        Batch::reuse(buf.unwrap_or_default(), items.unwrap_or_default(), bytes)
     }
 
     /// `n` fresh message ids at once, in order: cheaper than `n` calls of
@@ -962,7 +1000,7 @@ impl Agent {
     pub async fn send_batch(&self, batch: Batch) -> Result<BatchHandle, ClientError> {
         let Batch {
             buf,
-            items,
+            mut items,
             dests,
             answered,
             ..
@@ -983,7 +1021,8 @@ impl Agent {
             ));
         }
         let frames = buf.freeze();
-        let sent = items.len() as u32 - answered;
+        let total = items.len() as u64;
+        let sent = total as u32 - answered;
         let (tx, rx) = oneshot::channel();
         let gen = loop {
             let room = self.sh.room.notified();
@@ -1002,13 +1041,16 @@ impl Agent {
                         tx,
                         &self.sh.counters,
                     );
+                    if st.spare_items.len() < SPARE_BATCHES && items.capacity() <= SPARE_ITEMS {
+                        st.spare_items.push(std::mem::take(&mut items));
+                    }
                     break st.gen;
                 }
                 st.need = Some(st.need.map_or(answered, |n| n.min(answered)));
             }
             room.await;
         };
-        bump(&self.sh.counters.sent, items.len() as u64);
+        bump(&self.sh.counters.sent, total);
         self.out
             .send(Out::Batch { frames, gen })
             .await

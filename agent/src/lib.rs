@@ -65,18 +65,13 @@ pub use template::{Batch, EnvelopeTemplate, MessageIdRange};
 use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use openmesh_dataplane::wire::MessageId;
-
 pub(crate) type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
-/// A map of this agent's own message ids: consecutive ids (a random prefix and a counter) land
-/// in neighbouring buckets, so the envelopes of a window in flight sit together in memory
-/// instead of one cache line each at random. Only ids the application sent are inserted; ids
-/// named by the relay are only looked up. Ids chosen to collide (an application re-sending
-/// envelopes someone else numbered) cost longer probes, within the window's bound.
-pub(crate) type IdMap<V> = HashMap<MessageId, V, SeqIds>;
-
-/// The [`IdMap`] hasher's builder.
+/// The hasher of the maps behind [`pending::SeqTable`]'s ring: consecutive ids (a random prefix
+/// and a counter) land in neighbouring buckets, so entries sent together sit together in memory
+/// instead of one cache line each at random. Only keys the agent sent are inserted; ids named
+/// by the relay are only looked up. Ids chosen to collide (an application re-sending envelopes
+/// someone else numbered) cost longer probes, within the window's bound.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct SeqIds;
 
@@ -104,6 +99,11 @@ impl std::hash::Hasher for SeqIdHasher {
         for &b in bytes {
             self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(MIX);
         }
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        let tag = v.wrapping_mul(MIX) & TAG_BITS;
+        self.0 = (v & !TAG_BITS) | tag;
     }
 
     fn write_u128(&mut self, v: u128) {
@@ -153,6 +153,8 @@ pub(crate) fn now_us() -> u64 {
 mod tests {
     use std::hash::BuildHasher;
 
+    use openmesh_dataplane::wire::MessageId;
+
     use super::*;
 
     #[test]
@@ -173,7 +175,7 @@ mod tests {
         // Another agent's ids (another prefix) start elsewhere.
         let other = SeqIds.hash_one(MessageId::from_u128((7u128 << 64) | 1));
         assert_ne!(other & !TAG_BITS, h(1) & !TAG_BITS);
-        let mut m: IdMap<u32> = IdMap::default();
+        let mut m: HashMap<MessageId, u32, SeqIds> = HashMap::default();
         for n in 0..10_000u32 {
             m.insert(MessageId::from_u128(prefix | n as u128), n);
         }

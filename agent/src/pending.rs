@@ -1,54 +1,78 @@
-//! The envelopes an agent waits on, by message id. The agent's own ids are a random prefix and
-//! a counter ([`crate::Agent::next_message_id`]), so those in flight sit in a ring indexed by
-//! their counter: found, added and removed without hashing. Other ids (an application that
-//! numbers its own envelopes), and the agent's ids that fall outside the ring, go to a hash map.
+//! What an agent waits on: envelopes by message id, batches by number. The agent's own ids are
+//! a random prefix and a counter ([`crate::Agent::next_message_id`]) and batches are numbered
+//! in order, so those in flight sit in a ring indexed by their counter: found, added and
+//! removed without hashing. Other ids (an application that numbers its own envelopes), and keys
+//! that fall outside the ring, go to a hash map.
 //!
 //! Bound: the ring spans from its oldest entry to its newest, holes included (ids never sent,
 //! best-effort envelopes, those already answered). It spans at most [`RING_SPAN`] slots of
 //! 48 bytes; an id beyond that pushes the oldest entries into the map, so what the table keeps
 //! stays one entry per envelope in flight (the window) plus at most `RING_SPAN` slots.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::hash::Hash;
 
 use openmesh_dataplane::wire::MessageId;
 
-use crate::IdMap;
+use crate::SeqIds;
+
+/// A key made of a prefix and a counter.
+pub(crate) trait SeqKey: Copy + Eq + Hash {
+    fn split(&self) -> (u64, u64);
+    fn join(prefix: u64, counter: u64) -> Self;
+}
+
+impl SeqKey for MessageId {
+    fn split(&self) -> (u64, u64) {
+        let v = self.as_u128();
+        ((v >> 64) as u64, v as u64)
+    }
+
+    fn join(prefix: u64, counter: u64) -> Self {
+        MessageId::from_u128((prefix as u128) << 64 | counter as u128)
+    }
+}
+
+/// Batch numbers: no prefix.
+impl SeqKey for u64 {
+    fn split(&self) -> (u64, u64) {
+        (0, *self)
+    }
+
+    fn join(_: u64, counter: u64) -> Self {
+        counter
+    }
+}
 
 /// Most slots the ring spans (3 MiB of 48-byte entries at most).
 pub(crate) const RING_SPAN: u64 = 1 << 16;
 
-pub(crate) struct PendingTable<V> {
-    /// The high 64 bits of the agent's own ids.
+pub(crate) struct SeqTable<K, V> {
+    /// The prefix of the keys the ring holds.
     prefix: u64,
     /// The counter of `ring[0]`.
     base: u64,
     ring: VecDeque<Option<V>>,
     /// Entries (`Some`) in the ring.
     in_ring: usize,
-    map: IdMap<V>,
+    map: HashMap<K, V, SeqIds>,
 }
 
-impl<V> Default for PendingTable<V> {
+impl<K: SeqKey, V> Default for SeqTable<K, V> {
     fn default() -> Self {
-        PendingTable::new(0)
+        SeqTable::new(0)
     }
 }
 
-/// An id's prefix and counter.
-fn split(id: &MessageId) -> (u64, u64) {
-    let v = id.as_u128();
-    ((v >> 64) as u64, v as u64)
-}
-
-impl<V> PendingTable<V> {
-    /// A table for an agent whose ids start with `prefix`.
+impl<K: SeqKey, V> SeqTable<K, V> {
+    /// A table whose ring holds keys with `prefix`.
     pub(crate) fn new(prefix: u64) -> Self {
-        PendingTable {
+        SeqTable {
             prefix,
             base: 0,
             ring: VecDeque::new(),
             in_ring: 0,
-            map: IdMap::default(),
+            map: HashMap::default(),
         }
     }
 
@@ -61,24 +85,31 @@ impl<V> PendingTable<V> {
     }
 
     /// `id`'s index in the ring, when the ring covers it.
-    fn slot(&self, id: &MessageId) -> Option<usize> {
-        let (prefix, c) = split(id);
+    fn slot(&self, id: &K) -> Option<usize> {
+        let (prefix, c) = id.split();
         let i = c.wrapping_sub(self.base);
         (prefix == self.prefix && i < self.ring.len() as u64).then_some(i as usize)
     }
 
-    fn id_at(&self, i: usize) -> MessageId {
-        MessageId::from_u128((self.prefix as u128) << 64 | self.base.wrapping_add(i as u64) as u128)
+    fn id_at(&self, i: usize) -> K {
+        K::join(self.prefix, self.base.wrapping_add(i as u64))
     }
 
-    pub(crate) fn contains_key(&self, id: &MessageId) -> bool {
+    pub(crate) fn contains_key(&self, id: &K) -> bool {
         match self.slot(id) {
             Some(i) => self.ring[i].is_some(),
             None => self.map.contains_key(id),
         }
     }
 
-    pub(crate) fn get_mut(&mut self, id: &MessageId) -> Option<&mut V> {
+    pub(crate) fn get(&self, id: &K) -> Option<&V> {
+        match self.slot(id) {
+            Some(i) => self.ring[i].as_ref(),
+            None => self.map.get(id),
+        }
+    }
+
+    pub(crate) fn get_mut(&mut self, id: &K) -> Option<&mut V> {
         match self.slot(id) {
             Some(i) => self.ring[i].as_mut(),
             None => self.map.get_mut(id),
@@ -86,8 +117,8 @@ impl<V> PendingTable<V> {
     }
 
     /// Adds `v` under `id`; returns what `id` held before.
-    pub(crate) fn insert(&mut self, id: MessageId, v: V) -> Option<V> {
-        let (prefix, c) = split(&id);
+    pub(crate) fn insert(&mut self, id: K, v: V) -> Option<V> {
+        let (prefix, c) = id.split();
         if prefix != self.prefix {
             return self.map.insert(id, v);
         }
@@ -123,7 +154,13 @@ impl<V> PendingTable<V> {
             return self.map.insert(id, v).or(old);
         }
         let i = i as usize;
-        if self.ring.len() <= i {
+        if i == self.ring.len() {
+            // The usual case: the next counter.
+            self.ring.push_back(Some(v));
+            self.in_ring += 1;
+            return old;
+        }
+        if self.ring.len() < i {
             self.ring.resize_with(i + 1, || None);
         }
         let prev = self.ring[i].replace(v);
@@ -134,7 +171,7 @@ impl<V> PendingTable<V> {
     }
 
     /// Takes `id`'s entry out.
-    pub(crate) fn remove(&mut self, id: &MessageId) -> Option<V> {
+    pub(crate) fn remove(&mut self, id: &K) -> Option<V> {
         let Some(i) = self.slot(id) else {
             return self.map.remove(id);
         };
@@ -153,7 +190,7 @@ impl<V> PendingTable<V> {
     }
 
     /// Every entry with its id: the ring's in id order, then the map's.
-    pub(crate) fn iter(&self) -> impl Iterator<Item = (MessageId, &V)> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (K, &V)> {
         self.ring
             .iter()
             .enumerate()
@@ -220,7 +257,7 @@ mod tests {
         /// ring never spans more than its bound.
         #[test]
         fn behaves_as_a_map_within_its_bound(ops in proptest::collection::vec(op(), 1..250)) {
-            let mut t = PendingTable::new(PREFIX);
+            let mut t = SeqTable::new(PREFIX);
             let mut model: HashMap<MessageId, u32> = HashMap::new();
             let mut next = 1u64 << 40;
             for (n, o) in ops.into_iter().enumerate() {
@@ -271,7 +308,7 @@ mod tests {
 
     #[test]
     fn a_stuck_envelope_moves_to_the_map_instead_of_stretching_the_ring() {
-        let mut t = PendingTable::new(PREFIX);
+        let mut t = SeqTable::new(PREFIX);
         t.insert(own(0), 0u32);
         for c in 1..RING_SPAN * 3 {
             t.insert(own(c), 1);

@@ -129,6 +129,18 @@ impl Batch {
         Batch::default()
     }
 
+    /// An empty batch on `buf` (cleared) and `items` (cleared), with room for `bytes`.
+    pub(crate) fn reuse(mut buf: BytesMut, mut items: Vec<Item>, bytes: usize) -> Self {
+        buf.clear();
+        buf.reserve(bytes);
+        items.clear();
+        Batch {
+            buf,
+            items,
+            ..Batch::default()
+        }
+    }
+
     /// An empty batch with room for `bytes` of encoded envelopes.
     pub fn with_capacity(bytes: usize) -> Self {
         Batch {

@@ -211,7 +211,7 @@ fn fill_batch(
     let now_ms = unix_ms();
     match src {
         Source::Template(t) => {
-            let mut batch = Batch::with_capacity(t.frame_len() * n as usize);
+            let mut batch = s.batch(t.frame_len() * n as usize);
             for (i, id) in (0..n).zip(s.message_ids(n)) {
                 let (q, ns) = (*seq, scheduled(i));
                 batch.push_template(t, id, now_ms, |p| {
@@ -227,7 +227,7 @@ fn fill_batch(
             bundle,
             size,
         } => {
-            let mut batch = Batch::new();
+            let mut batch = s.batch(0);
             let mut b = builder.clone();
             let mut plain = vec![0x5au8; *size];
             b.created_ms = now_ms;
