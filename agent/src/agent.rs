@@ -213,8 +213,8 @@ struct BatchState {
     tx: Option<oneshot::Sender<BatchOutcome>>,
 }
 
+/// How an envelope resolves other than accepted ([`State::accept`]).
 enum Settle {
-    Accepted,
     Refused(u16, String),
     Expired,
     Unanswered,
@@ -376,19 +376,11 @@ impl State {
         let Some(p) = self.pending.remove(&id) else {
             return false;
         };
-        if let Some((d, n)) = self.dests.get_mut(p.dest as usize) {
-            *n -= 1;
-            if *n == 0 {
-                self.dest_slot.remove(d);
-                self.free_dests.push(p.dest);
-            }
-        }
+        self.leave_dest(p.dest, 1);
         let Some(b) = self.batches.get_mut(&p.batch) else {
             return true;
         };
         match how {
-            // Counted by the caller, once per ACK frame.
-            Settle::Accepted => b.out.accepted += 1,
             Settle::Refused(code, text) => {
                 b.out.refused.push((id, code, text));
                 bump(&c.refused, 1);
@@ -401,21 +393,78 @@ impl State {
         }
         b.left -= 1;
         if b.left == 0 {
-            if let Some(mut b) = self.batches.remove(&p.batch) {
-                if let Some(tx) = b.tx.take() {
-                    let _ = tx.send(b.out);
-                }
-                if self.spare_bufs.len() < SPARE_BATCHES {
-                    // Unique unless a resend of one of its frames is still being written.
-                    if let Ok(buf) = b.frames.try_into_mut() {
-                        if buf.capacity() <= SPARE_BYTES {
-                            self.spare_bufs.push(buf);
-                        }
+            self.finish_batch(p.batch);
+        }
+        true
+    }
+
+    /// Resolves the pending envelopes among `ids` as accepted (an ACK frame); returns how
+    /// many were pending. The envelopes of one batch to one destination, the usual run, are
+    /// counted off their batch and destination together.
+    fn accept(&mut self, ids: impl Iterator<Item = MessageId>) -> u64 {
+        let mut total = 0;
+        // (batch, destination slot, envelopes)
+        let mut run: Option<(u64, u32, u32)> = None;
+        for id in ids {
+            let Some(p) = self.pending.remove(&id) else {
+                continue;
+            };
+            total += 1;
+            match &mut run {
+                Some((b, d, k)) if *b == p.batch && *d == p.dest => *k += 1,
+                _ => {
+                    if let Some(r) = run.replace((p.batch, p.dest, 1)) {
+                        self.accept_run(r);
                     }
                 }
             }
         }
-        true
+        if let Some(r) = run {
+            self.accept_run(r);
+        }
+        total
+    }
+
+    fn accept_run(&mut self, (batch, dest, k): (u64, u32, u32)) {
+        self.leave_dest(dest, k);
+        let Some(b) = self.batches.get_mut(&batch) else {
+            return;
+        };
+        b.out.accepted += k;
+        b.left -= k;
+        if b.left == 0 {
+            self.finish_batch(batch);
+        }
+    }
+
+    /// `k` envelopes to destination slot `dest` are no longer in flight.
+    fn leave_dest(&mut self, dest: u32, k: u32) {
+        if let Some((d, n)) = self.dests.get_mut(dest as usize) {
+            *n -= k;
+            if *n == 0 {
+                self.dest_slot.remove(d);
+                self.free_dests.push(dest);
+            }
+        }
+    }
+
+    /// Every envelope of `batch` is resolved: its handle gets the outcome, its buffer may
+    /// serve the next batch.
+    fn finish_batch(&mut self, batch: u64) {
+        let Some(mut b) = self.batches.remove(&batch) else {
+            return;
+        };
+        if let Some(tx) = b.tx.take() {
+            let _ = tx.send(b.out);
+        }
+        if self.spare_bufs.len() < SPARE_BATCHES {
+            // Unique unless a resend of one of its frames is still being written.
+            if let Ok(buf) = b.frames.try_into_mut() {
+                if buf.capacity() <= SPARE_BYTES {
+                    self.spare_bufs.push(buf);
+                }
+            }
+        }
     }
 }
 
@@ -440,11 +489,8 @@ impl Shared {
     }
 
     fn on_acks(&self, acks: &AckBatch) {
-        let mut accepted = 0;
         let mut st = self.lock();
-        for id in acks.ids() {
-            accepted += u64::from(st.settle(id, Settle::Accepted, &self.counters));
-        }
+        let accepted = st.accept(acks.ids());
         if accepted > 0 {
             bump(&self.counters.accepted, accepted);
             self.freed(st);
