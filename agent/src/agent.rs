@@ -479,6 +479,9 @@ struct Shared {
     /// Envelopes received and not yet taken by the application, and their frame bytes.
     queued: AtomicU64,
     queued_bytes: AtomicU64,
+    /// Emptied vectors of received envelopes, back from the application for the reader to
+    /// fill again (at most [`SPARE_VECS`], each of at most [`SPARE_VEC_LEN`]).
+    spare_vecs: Mutex<Vec<Vec<Envelope>>>,
     /// End-to-end keys and contexts, when the agent seals and opens.
     e2e: Option<Mutex<E2e>>,
 }
@@ -539,6 +542,30 @@ impl Shared {
         };
         st.settle(n.message_id, how, &self.counters);
         self.freed(st);
+    }
+
+    /// Keeps an emptied vector of received envelopes for the reader (memory still in cache).
+    fn give_back(&self, v: Vec<Envelope>) {
+        if v.capacity() == 0 || v.capacity() > SPARE_VEC_LEN {
+            return;
+        }
+        let mut spare = self.spare_vecs.lock().unwrap_or_else(|p| p.into_inner());
+        if spare.len() < SPARE_VECS {
+            spare.push(v);
+        }
+    }
+
+    /// A vector for the next read's envelopes, with room for at least `n`.
+    fn fresh_vec(&self, n: usize) -> Vec<Envelope> {
+        let v = self
+            .spare_vecs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop();
+        let mut v = v.unwrap_or_default();
+        v.clear();
+        v.reserve(n);
+        v
     }
 
     fn e2e(&self) -> Result<MutexGuard<'_, E2e>, ClientError> {
@@ -856,6 +883,7 @@ impl Agent {
             welcome: Mutex::new(opened.welcome.clone()),
             queued: AtomicU64::new(0),
             queued_bytes: AtomicU64::new(0),
+            spare_vecs: Mutex::new(Vec::new()),
             e2e: match &cfg.e2e {
                 None => None,
                 Some(e) => {
@@ -1171,12 +1199,12 @@ impl Agent {
         out.extend(self.ready.drain(..));
         if out.len() == start {
             match self.inbox.recv().await {
-                Some(b) => append(out, b),
+                Some(b) => append(&self.sh, out, b),
                 None => return false,
             }
         }
         while let Ok(b) = self.inbox.try_recv() {
-            append(out, b);
+            append(&self.sh, out, b);
         }
         let bytes = out[start..].iter().map(|e| e.frame_len() as u64).sum();
         self.took((out.len() - start) as u64, bytes);
@@ -1985,12 +2013,24 @@ fn retry_due(sh: &Shared, buf: &mut BytesMut) {
 }
 
 /// Moves `b`'s items to the end of `out` (taking `b` whole when `out` is empty).
-fn append<T>(out: &mut Vec<T>, mut b: Vec<T>) {
-    if out.is_empty() {
-        *out = b;
+fn append(sh: &Shared, out: &mut Vec<Envelope>, mut b: Vec<Envelope>) {
+    let empty = if out.is_empty() {
+        std::mem::replace(out, b)
     } else {
         out.append(&mut b);
-    }
+        b
+    };
+    sh.give_back(empty);
+}
+
+const SPARE_VECS: usize = 4;
+const SPARE_VEC_LEN: usize = 8192;
+
+/// Takes a read's envelopes, leaving a vector with room for as many (one the application
+/// gave back when there is one).
+fn handed(sh: &Shared, batch: &mut Vec<Envelope>) -> Vec<Envelope> {
+    let next = sh.fresh_vec(batch.len());
+    std::mem::replace(batch, next)
 }
 
 /// Takes `v`'s items, leaving room for as many again: the next read's vector does not grow
@@ -2099,7 +2139,7 @@ async fn read(
             sh.queued.fetch_add(added, Ordering::Relaxed);
             sh.queued_bytes.fetch_add(added_bytes, Ordering::Relaxed);
         }
-        if !batch.is_empty() && inbox.send(take_sized(&mut batch)).is_err() {
+        if !batch.is_empty() && inbox.send(handed(sh, &mut batch)).is_err() {
             // The application is gone; the relay delivers these again to the next session.
             batch.clear();
         }
