@@ -316,13 +316,8 @@ impl State {
             })
             .collect();
         for it in items.iter().filter(|i| i.answered) {
-            // An id sent again while still in flight: the relay's answer names only the id, so
-            // it goes to the later one and the earlier resolves unanswered.
-            if self.pending.contains_key(&it.id) {
-                self.settle(it.id, Settle::Unanswered, c);
-            }
             self.seq += 1;
-            self.pending.insert(
+            let earlier = self.pending.insert(
                 it.id,
                 Pending {
                     batch,
@@ -335,6 +330,11 @@ impl State {
                     waiting: false,
                 },
             );
+            // An id sent again while still in flight: the relay's answer names only the id, so
+            // it goes to the later one and the earlier resolves unanswered.
+            if let Some(p) = earlier {
+                self.resolve(it.id, p, Settle::Unanswered, c);
+            }
         }
     }
 
@@ -376,9 +376,15 @@ impl State {
         let Some(p) = self.pending.remove(&id) else {
             return false;
         };
+        self.resolve(id, p, how, c);
+        true
+    }
+
+    /// Counts `p`, taken out of `pending`, off its destination and its batch.
+    fn resolve(&mut self, id: MessageId, p: Pending, how: Settle, c: &Counters) {
         self.leave_dest(p.dest, 1);
         let Some(b) = self.batches.get_mut(&p.batch) else {
-            return true;
+            return;
         };
         match how {
             Settle::Refused(code, text) => {
@@ -395,13 +401,12 @@ impl State {
         if b.left == 0 {
             self.finish_batch(p.batch);
         }
-        true
     }
 
     /// Resolves the pending envelopes among `ids` as accepted (an ACK frame); returns how
     /// many were pending. The envelopes of one batch to one destination, the usual run, are
     /// counted off their batch and destination together.
-    fn accept(&mut self, ids: impl Iterator<Item = MessageId>) -> u64 {
+    fn accept(&mut self, ids: impl Iterator<Item = MessageId>, c: &Counters) -> u64 {
         let mut total = 0;
         // (batch, destination slot, envelopes)
         let mut run: Option<(u64, u32, u32)> = None;
@@ -414,18 +419,20 @@ impl State {
                 Some((b, d, k)) if *b == p.batch && *d == p.dest => *k += 1,
                 _ => {
                     if let Some(r) = run.replace((p.batch, p.dest, 1)) {
-                        self.accept_run(r);
+                        self.accept_run(r, c);
                     }
                 }
             }
         }
         if let Some(r) = run {
-            self.accept_run(r);
+            self.accept_run(r, c);
         }
         total
     }
 
-    fn accept_run(&mut self, (batch, dest, k): (u64, u32, u32)) {
+    fn accept_run(&mut self, (batch, dest, k): (u64, u32, u32), c: &Counters) {
+        // Counted before the batch's handle can see its outcome.
+        bump(&c.accepted, k as u64);
         self.leave_dest(dest, k);
         let Some(b) = self.batches.get_mut(&batch) else {
             return;
@@ -493,9 +500,7 @@ impl Shared {
 
     fn on_acks(&self, acks: &AckBatch) {
         let mut st = self.lock();
-        let accepted = st.accept(acks.ids());
-        if accepted > 0 {
-            bump(&self.counters.accepted, accepted);
+        if st.accept(acks.ids(), &self.counters) > 0 {
             self.freed(st);
         }
     }

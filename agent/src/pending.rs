@@ -95,7 +95,8 @@ impl<K: SeqKey, V> SeqTable<K, V> {
         K::join(self.prefix, self.base.wrapping_add(i as u64))
     }
 
-    pub(crate) fn contains_key(&self, id: &K) -> bool {
+    #[cfg(test)]
+    fn contains_key(&self, id: &K) -> bool {
         match self.slot(id) {
             Some(i) => self.ring[i].is_some(),
             None => self.map.contains_key(id),

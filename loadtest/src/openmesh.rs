@@ -156,7 +156,7 @@ pub async fn pair(
                             let opened = recv.open(&e).map(|o| o.plaintext).unwrap_or_default();
                             rec.on_payload(&opened, now);
                         } else {
-                            rec.on_payload(&e.payload(), now);
+                            rec.on_payload(e.payload_ref(), now);
                         }
                     }
                     rec.flush(now);

@@ -570,7 +570,7 @@ impl E2e {
         {
             return Err(E2eError::Replay);
         }
-        let payload = env.payload();
+        let payload = env.payload_ref();
         if payload.len() < SEALED_HEADER_LEN + TAG_LEN {
             return Err(E2eError::Malformed("sealed payload length"));
         }

@@ -356,6 +356,11 @@ impl Envelope {
         self.immutable.slice(self.sections.payload as usize + 4..)
     }
 
+    /// The payload, borrowed: no reference count taken, for reading it in place.
+    pub fn payload_ref(&self) -> &[u8] {
+        &self.immutable[self.sections.payload as usize + 4..]
+    }
+
     /// The immutable part without the payload: what the end-to-end AEAD covers as associated data.
     pub fn associated_data(&self) -> &[u8] {
         &self.immutable[..self.sections.payload as usize + 4]

@@ -295,6 +295,7 @@ fn golden_envelope() {
     );
     golden(Frame::Envelope(env.clone()), &hex);
     assert_eq!(&env.payload()[..], b"hi");
+    assert_eq!(env.payload_ref(), b"hi");
     assert_eq!(env.schema(), "a/b@1");
     assert_eq!(
         env.jurisdictions().collect::<Vec<_>>(),
@@ -694,6 +695,7 @@ proptest! {
         let got = decode_one(&bytes).unwrap().unwrap();
         prop_assert_eq!(got, Frame::Envelope(env.clone()));
         prop_assert_eq!(&env.payload()[..], &payload[..]);
+        prop_assert_eq!(env.payload_ref(), &payload[..]);
         prop_assert_eq!(env.avoid().count(), b.constraints.avoid.len());
         prop_assert_eq!(env.fallback().collect::<Vec<_>>(), b.constraints.fallback.clone());
         prop_assert_eq!(env.flags(), b.flags & flags::KNOWN);
