@@ -2029,7 +2029,7 @@ fn append(sh: &Shared, out: &mut Vec<Envelope>, mut b: Vec<Envelope>) {
 }
 
 const SPARE_VECS: usize = 4;
-const SPARE_VEC_LEN: usize = 8192;
+const SPARE_VEC_LEN: usize = 1024;
 
 /// Takes a read's envelopes, leaving a vector with room for as many (one the application
 /// gave back when there is one).
