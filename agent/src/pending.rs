@@ -5,9 +5,10 @@
 //! that fall outside the ring, go to a hash map.
 //!
 //! Bound: the ring spans from its oldest entry to its newest, holes included (ids never sent,
-//! best-effort envelopes, those already answered). It spans at most [`RING_SPAN`] slots of
-//! 48 bytes; an id beyond that pushes the oldest entries into the map, so what the table keeps
-//! stays one entry per envelope in flight (the window) plus at most `RING_SPAN` slots.
+//! best-effort envelopes, those already answered). Its slots take at most [`RING_BYTES`]
+//! ([`SeqTable::SPAN`] slots: 21,845 pending envelopes of 48 bytes); a key beyond that pushes the
+//! oldest entries into the map, so what the table keeps stays one entry per envelope (or batch)
+//! in flight, bounded by the window, plus at most `RING_BYTES` of ring.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
@@ -44,8 +45,8 @@ impl SeqKey for u64 {
     }
 }
 
-/// Most slots the ring spans (3 MiB of 48-byte entries at most).
-pub(crate) const RING_SPAN: u64 = 1 << 16;
+/// Most bytes a ring's slots take, holes included.
+pub(crate) const RING_BYTES: usize = 1 << 20;
 
 pub(crate) struct SeqTable<K, V> {
     /// The prefix of the keys the ring holds.
@@ -65,6 +66,9 @@ impl<K: SeqKey, V> Default for SeqTable<K, V> {
 }
 
 impl<K: SeqKey, V> SeqTable<K, V> {
+    /// Most slots the ring spans: [`RING_BYTES`] of them.
+    pub(crate) const SPAN: u64 = (RING_BYTES / std::mem::size_of::<Option<V>>()) as u64;
+
     /// A table whose ring holds keys with `prefix`.
     pub(crate) fn new(prefix: u64) -> Self {
         SeqTable {
@@ -134,9 +138,9 @@ impl<K: SeqKey, V> SeqTable<K, V> {
             self.ring.clear();
             self.base = c;
         }
-        if c.wrapping_sub(self.base) >= RING_SPAN && c.wrapping_sub(self.base) < u64::MAX / 2 {
+        if c.wrapping_sub(self.base) >= Self::SPAN && c.wrapping_sub(self.base) < u64::MAX / 2 {
             // Ahead of the ring's reach: the oldest entries move to the map.
-            while !self.ring.is_empty() && c - self.base >= RING_SPAN {
+            while !self.ring.is_empty() && c - self.base >= Self::SPAN {
                 let id0 = self.id_at(0);
                 if let Some(v0) = self.ring.pop_front().flatten() {
                     self.in_ring -= 1;
@@ -150,7 +154,7 @@ impl<K: SeqKey, V> SeqTable<K, V> {
             }
         }
         let i = c.wrapping_sub(self.base);
-        if i >= RING_SPAN {
+        if i >= Self::SPAN {
             // Behind the ring (an old id sent again).
             return self.map.insert(id, v).or(old);
         }
@@ -221,6 +225,7 @@ mod tests {
     use std::collections::HashMap;
 
     const PREFIX: u64 = 0x0123_4567_89ab_cdef;
+    const RING_SPAN: u64 = SeqTable::<MessageId, u32>::SPAN;
 
     fn own(c: u64) -> MessageId {
         MessageId::from_u128((PREFIX as u128) << 64 | c as u128)
