@@ -43,6 +43,7 @@ pub const FLEET_GENERATION: &str = "openmesh_fleet_generation";
 pub const FLEET_ROUTED: &str = "openmesh_fleet_envelopes_total";
 pub const FLEET_WAITING: &str = "openmesh_fleet_waiting_envelopes";
 pub const FLEET_AGENTS: &str = "openmesh_fleet_located_agents";
+pub const FLEET_AGENTS_EVICTED: &str = "openmesh_fleet_located_evicted_total";
 pub const LINK_UP: &str = "openmesh_link_up";
 pub const LINK_RTT: &str = "openmesh_link_rtt_seconds";
 pub const LINK_LOSS: &str = "openmesh_link_ping_loss_ratio";
@@ -224,6 +225,11 @@ pub fn describe() {
         FLEET_AGENTS,
         Unit::Count,
         "Agents a core knows the relay of (presence over relay links, and its own)."
+    );
+    describe_counter!(
+        FLEET_AGENTS_EVICTED,
+        Unit::Count,
+        "Presence entries a full table gave up (the oldest of the relay that announced the most)."
     );
     describe_gauge!(
         LINK_UP,
@@ -427,6 +433,7 @@ pub struct CoreMetrics {
     fleet_routed: [Counter; 4],
     pub fleet_waiting: Gauge,
     pub fleet_agents: Gauge,
+    pub fleet_agents_evicted: Counter,
     pub unshared: Counter,
     pub duplicates: Counter,
     receipts_sent: [Counter; 2],
@@ -489,6 +496,7 @@ impl CoreMetrics {
             .map(|o| counter!(FLEET_ROUTED, "outcome" => o.label())),
             fleet_waiting: gauge!(FLEET_WAITING, "core" => core.clone()),
             fleet_agents: gauge!(FLEET_AGENTS, "core" => core.clone()),
+            fleet_agents_evicted: counter!(FLEET_AGENTS_EVICTED, "core" => core.clone()),
             unshared: counter!(UNSHARED, "core" => core.clone()),
             duplicates: counter!(DUPLICATES, "core" => core.clone()),
             receipts_sent: [

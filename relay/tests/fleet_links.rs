@@ -44,6 +44,11 @@ struct Fleet {
 impl Fleet {
     /// Starts `members` with links `links` (pairs of names, one-way latency in ms).
     fn start(members: &[Member], links: &[(&str, &str, f64)]) -> Fleet {
+        Fleet::start_with(members, links, "")
+    }
+
+    /// [`Fleet::start`], with `extra` appended to every relay's configuration.
+    fn start_with(members: &[Member], links: &[(&str, &str, f64)], extra: &str) -> Fleet {
         let dir = fresh_dir();
         std::fs::create_dir_all(&dir).unwrap();
         let ca = CertAuthority::generate("test fleet CA").unwrap();
@@ -72,7 +77,7 @@ impl Fleet {
             );
             ids.push(id.relay_id());
             configs.push(format!(
-                "[tls]\ncert = {:?}\nkey = {:?}\n[link]\nca = {:?}\n[relay]\ncores = 2\n",
+                "[tls]\ncert = {:?}\nkey = {:?}\n[link]\nca = {:?}\n[relay]\ncores = 2\n{extra}",
                 rdir.join("cert.pem"),
                 rdir.join("key.pem"),
                 ca_path
@@ -889,4 +894,73 @@ async fn fleet_files_applied_under_traffic_lose_nothing() {
     );
     let (_, dup) = recv.await.unwrap();
     eprintln!("{dup} delivered twice");
+}
+
+/// Presence under attack: identities minted on one relay (each a TLS handshake and a HELLO,
+/// then gone) fill every relay's bounded presence table; a full table gives up the oldest
+/// entries of the relay that announced the most, so the other relay's agents stay located, a
+/// well-behaved pair across the two relays loses nothing, and an agent that attaches after the
+/// flood is still found (a table that refused new entries once full would keep its envelopes on
+/// the sender's relay for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identities_minted_on_one_relay_push_out_only_that_relays_presence() {
+    const LOCATED: usize = 40;
+    const MINTED: usize = 300;
+    let fleet = Fleet::start_with(
+        &[member("a", "DE", 90), member("b", "FR", 90)],
+        &[("a", "b", 1.0)],
+        &format!("[limits]\nlocated_agents = {LOCATED}\n"),
+    );
+    fleet.wait_links_up(1);
+    let mut listener = Session::connect(agent_config(fleet.relay("a"), "listener"))
+        .await
+        .unwrap();
+    let mut sender = Session::connect(agent_config(fleet.relay("b"), "sender"))
+        .await
+        .unwrap();
+    wait_located(fleet.relay("b"), 2);
+    let to = listener.id();
+    // The well-behaved pair, across the two relays, all through the attack.
+    let n = 3_000u64;
+    let recv = tokio::spawn(async move {
+        let r = receive_all(&mut listener, n).await;
+        (listener, r)
+    });
+    let send = tokio::spawn(async move {
+        for round in 0..30 {
+            let (acked, _, _) = common::send_all(&mut sender, to, (round * 100, 100), 100).await;
+            assert_eq!(acked.len(), 100);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        sender
+    });
+    let b = fleet.relay("b");
+    for i in 0..MINTED {
+        let c = Session::connect(agent_config(b, &format!("minted-{i}")))
+            .await
+            .unwrap();
+        drop(c);
+    }
+    let mut sender = send.await.unwrap();
+    let (_listener, (_, dup)) = recv.await.unwrap();
+    assert_eq!(dup, 0);
+    // Every core of both relays is at its bound, and made room.
+    for name in ["a", "b"] {
+        let r = fleet.relay(name);
+        let located = r.metric("openmesh_fleet_located_agents", &[]);
+        assert!(located <= (2 * LOCATED) as f64, "{name}: {located} located");
+        let evicted = r.metric("openmesh_fleet_located_evicted_total", &[]);
+        assert!(evicted > 0.0, "{name} gave nothing up");
+    }
+    // An agent attaching to `a` after the flood is located on `b` and gets its envelopes.
+    let mut late = Session::connect(agent_config(fleet.relay("a"), "late"))
+        .await
+        .unwrap();
+    let late_id = late.id();
+    let (acked, _, _) = common::send_all(&mut sender, late_id, (10_000, 20), 20).await;
+    assert_eq!(acked.len(), 20);
+    let (_, dup) = tokio::time::timeout(Duration::from_secs(10), receive_all(&mut late, 20))
+        .await
+        .expect("the agent that attached after the flood got nothing: not located");
+    assert_eq!(dup, 0);
 }

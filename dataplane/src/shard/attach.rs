@@ -103,7 +103,7 @@ impl Shard {
             c.a.attached = true;
         }
         self.by_agent.insert(agent, conn);
-        self.announce_presence(agent, now);
+        self.announce_presence(&[agent], now);
         if let Some(kept) = self.held.take(&agent) {
             self.m.redelivered.increment(kept.len() as u64);
             for env in kept {

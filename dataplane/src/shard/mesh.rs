@@ -20,14 +20,16 @@
 //!
 //! Bounds: each link's queue (`send_queue_envelopes`, `send_queue_bytes`) and the peer's window
 //! for what is in flight; the waiting list (each core's share of `absent_bytes`); the agents
-//! located ([`MAX_LOCATIONS`] per core, and an eighth of the memory budget for all cores);
-//! the route cache.
+//! located (`limits.located_agents`, or an eighth of the memory budget, at most
+//! [`MAX_LOCATIONS`] per core; a full table gives up the oldest entry of the relay with the
+//! most, `super::presence`); the route cache.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use super::link::LinkView;
 use super::msg::{ConnId, CoreMsg, Src};
+use super::presence::Locations;
 use super::{Now, Shard};
 use crate::fleet::cache::RouteCache;
 use crate::fleet::path::{AllUp, Constraints, Graph, LinkState};
@@ -38,13 +40,10 @@ use crate::wire::{
     MAX_PRESENCE_BATCH,
 };
 
-/// Agents one core knows the relay of; beyond it new ones are not recorded.
+/// Agents one core knows the relay of, at most.
 pub const MAX_LOCATIONS: usize = 1 << 20;
 /// Envelopes waiting for a path tried again per call of `retry_waiting`.
 const RETRY_BATCH: usize = 4096;
-/// Memory one presence entry takes: agent id, relay id and stamp (72 bytes) and the map's
-/// share of slack (hashbrown stays between 7/16 and 7/8 full).
-const LOCATION_BYTES: usize = 140;
 /// How far in the future a presence stamp may be (clock skew between relays); later ones are
 /// ignored.
 const PRESENCE_SKEW_MS: u64 = 60_000;
@@ -61,8 +60,10 @@ pub(crate) struct Mesh {
     /// Bumped whenever a link goes up or down or its latency moves (routes are cached per epoch).
     epoch: u64,
     routes: RouteCache,
-    /// Agent → (its relay, stamp of that attachment).
-    locations: HashMap<AgentId, (RelayId, u64), crate::shard::hasher::MapHasher>,
+    /// Agent → (its relay, stamp of that attachment), bounded.
+    locations: Locations,
+    /// When this core last announced its attached agents again (monotonic, microseconds).
+    refreshed_us: u64,
     /// Envelopes waiting for a compliant path (already ACKed upstream), and their frame bytes.
     waiting: VecDeque<Envelope>,
     waiting_bytes: usize,
@@ -77,7 +78,8 @@ impl Default for Mesh {
             links: HashMap::default(),
             epoch: 0,
             routes: RouteCache::new(ROUTE_CACHE),
-            locations: HashMap::default(),
+            locations: Locations::default(),
+            refreshed_us: 0,
             waiting: VecDeque::new(),
             waiting_bytes: 0,
         }
@@ -92,7 +94,7 @@ impl Mesh {
 
     /// What the presence table takes, bytes (an entry and its share of the map's slack).
     pub(crate) fn locations_bytes(&self) -> usize {
-        self.locations.len() * LOCATION_BYTES
+        self.locations.bytes()
     }
 
     /// Frame bytes of the envelopes waiting for a path.
@@ -102,22 +104,7 @@ impl Mesh {
 
     /// The relay `agent` is attached to, if it is another relay of the fleet.
     fn remote_relay(&self, agent: &AgentId, me: RelayId) -> Option<RelayId> {
-        self.locations
-            .get(agent)
-            .map(|(r, _)| *r)
-            .filter(|r| *r != me)
-    }
-
-    /// Records a presence entry if it is newer than what is known; returns whether it was.
-    fn locate(&mut self, e: &PresenceEntry, max: usize) -> bool {
-        match self.locations.get(&e.agent) {
-            Some((r, s)) if (*s, r.0) >= (e.stamp_ms, e.relay.0) => false,
-            None if self.locations.len() >= max => false,
-            _ => {
-                self.locations.insert(e.agent, (e.relay, e.stamp_ms));
-                true
-            }
-        }
+        self.locations.get(agent).filter(|r| *r != me)
     }
 }
 
@@ -186,21 +173,26 @@ impl Shard {
     ) -> Vec<PresenceEntry> {
         // A stamp from the future (beyond clock skew) would pin an agent to a relay for good.
         let latest = now.unix_ms + PRESENCE_SKEW_MS;
-        // At most an eighth of the memory budget for the table, all cores together.
-        let max = (self.settings.limits.memory_budget
-            / 8
-            / LOCATION_BYTES
-            / usize::from(self.ncores.max(1)))
-        .min(MAX_LOCATIONS);
+        let max = self.located_cap();
+        // Only relays of the fleet: an entry naming another could never route, only take room.
+        let snap = self.mesh.snap.clone();
         let fresh: Vec<PresenceEntry> = entries
             .iter()
-            .filter(|e| e.stamp_ms <= latest && self.mesh.locate(e, max))
+            .filter(|e| {
+                e.stamp_ms <= latest
+                    && snap.as_ref().is_some_and(|s| s.index(&e.relay).is_some())
+                    && self.mesh.locations.record(e, max)
+            })
             .copied()
             .collect();
         if fresh.is_empty() {
             return fresh;
         }
         self.m.fleet_agents.set(self.mesh.locations.len() as f64);
+        let evicted = self.mesh.locations.take_evicted();
+        if evicted > 0 {
+            self.m.fleet_agents_evicted.increment(evicted);
+        }
         // What this core kept for an agent now attached to another relay follows it there
         // (stored envelopes stay: stored custody does not cross relays yet; so do envelopes no
         // compliant path can carry there: they were ACKed, and wait here for the agent, or
@@ -245,20 +237,31 @@ impl Shard {
         fresh
     }
 
-    /// An agent attached to this relay (on its home core): every core records it and tells
-    /// its links.
-    pub(super) fn announce_presence(&mut self, agent: AgentId, now: Now) {
-        if self.mesh.snap.is_none() {
+    /// Agents this core's presence table holds at most (every core keeps its own copy):
+    /// `limits.located_agents`, or what the cores' copies fit in an eighth of the memory
+    /// budget; at most [`MAX_LOCATIONS`].
+    fn located_cap(&self) -> usize {
+        let l = &self.settings.limits;
+        let cores = usize::from(self.ncores.max(1));
+        l.located_agents
+            .unwrap_or(l.memory_budget / 8 / super::presence::ENTRY_BYTES / cores)
+            .min(MAX_LOCATIONS)
+    }
+
+    /// Agents attached to this relay (on their home core, this one): every core records them
+    /// and tells its links.
+    pub(super) fn announce_presence(&mut self, agents: &[AgentId], now: Now) {
+        if self.mesh.snap.is_none() || agents.is_empty() {
             return;
         }
-        let entries: Arc<[PresenceEntry]> = Arc::from(
-            [PresenceEntry {
-                agent,
+        let entries: Arc<[PresenceEntry]> = agents
+            .iter()
+            .map(|a| PresenceEntry {
+                agent: *a,
                 relay: self.cfg.relay_id,
                 stamp_ms: now.unix_ms,
-            }]
-            .as_slice(),
-        );
+            })
+            .collect();
         self.on_presence(&entries, None, now);
         for k in (0..self.ncores).filter(|k| *k != self.id) {
             self.outbox.push(
@@ -269,6 +272,19 @@ impl Shard {
                 },
             );
         }
+    }
+
+    /// Every [`super::presence::REFRESH_US`], the agents attached on this core are announced
+    /// again (newest in every table: an entry a full table gave up comes back).
+    pub(super) fn refresh_presence(&mut self, now: Now) {
+        if self.mesh.snap.is_none()
+            || now.mono_us.saturating_sub(self.mesh.refreshed_us) < super::presence::REFRESH_US
+        {
+            return;
+        }
+        self.mesh.refreshed_us = now.mono_us;
+        let agents: Vec<AgentId> = self.by_agent.keys().copied().collect();
+        self.announce_presence(&agents, now);
     }
 
     /// The route snapshot changed: links that no longer belong (revoked, link removed) close;
@@ -798,14 +814,7 @@ impl Mesh {
 
     /// Where every agent this core knows of is, for a link that just came up.
     pub(super) fn known(&self) -> Vec<PresenceEntry> {
-        self.locations
-            .iter()
-            .map(|(a, (r, s))| PresenceEntry {
-                agent: *a,
-                relay: *r,
-                stamp_ms: *s,
-            })
-            .collect()
+        self.locations.entries().collect()
     }
 
     /// The snapshot's adjacency, built once per snapshot.

@@ -44,6 +44,7 @@ mod link;
 mod mesh;
 pub use link::{link_core, LinkTls};
 pub mod msg;
+mod presence;
 mod timers;
 mod transport;
 mod write;
@@ -101,6 +102,11 @@ pub struct Limits {
     pub directory_bytes: usize,
     /// Longest a published bundle stays in the directory, in seconds, even if it says longer.
     pub directory_max_age_s: u64,
+    /// Agents of the fleet the relay can locate (presence; at most 2^20). Every core keeps its
+    /// own table, so they take this times the cores times 320 bytes; a full table gives up the
+    /// oldest entry of the relay that announced the most. Unset: what fits in an eighth of
+    /// `memory_budget`.
+    pub located_agents: Option<usize>,
 }
 
 impl Limits {
@@ -135,6 +141,7 @@ impl Default for Limits {
             dedup_epochs: 16_384,
             directory_bytes: 32 << 20,
             directory_max_age_s: 24 * 3600,
+            located_agents: None,
         }
     }
 }

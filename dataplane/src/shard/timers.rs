@@ -51,6 +51,7 @@ impl Shard {
         }
         // What waits for a path (or for the next relay's room) tries again every tick.
         self.retry_waiting(now);
+        self.refresh_presence(now);
         let write_us = self.settings.timeouts.write_us;
         let ids: Vec<ConnId> = self.conns.keys().copied().collect();
         for id in ids {
