@@ -734,6 +734,63 @@ async fn durable_envelopes_across_relays_are_acked_once_stored_at_the_destinatio
     receive_n(&mut b, 0, n).await;
 }
 
+/// Stored custody follows its agent: durable envelopes stored on `egr` for an agent that is
+/// away go to `mid` when the agent turns up there, and `egr` releases their records once `mid`
+/// stored them (a restart of `egr` after kill -9 brings none of them back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_envelopes_follow_their_agent_to_another_relay_and_are_released_where_stored() {
+    let mut fleet = line_fleet();
+    fleet.wait_links_up(2);
+    let b_id = Identity::generate_self_signed("agent-b").unwrap();
+    let b_on = |fleet: &Fleet, relay: &str| {
+        let mut c = agent_config(fleet.relay(relay), "agent-b");
+        c.identity = b_id.clone();
+        c
+    };
+    let b = Session::connect(b_on(&fleet, "egr")).await.unwrap();
+    let to = b.id();
+    b.close().await.unwrap();
+    let mut a = Session::connect(agent_config(fleet.relay("ing"), "agent-a"))
+        .await
+        .unwrap();
+    wait_located(fleet.relay("ing"), 2);
+    let n = 100;
+    let (acked, nacks) = send_n(&mut a, n, |a, i| {
+        let mut e = a.envelope_to(to, 600_000);
+        e.class = openmesh_dataplane::wire::DeliveryClass::Durable;
+        e.build(&i.to_be_bytes()).unwrap()
+    })
+    .await;
+    assert_eq!((acked, nacks.len()), (n, 0), "{nacks:?}");
+    let egr = fleet.relay("egr");
+    assert_eq!(
+        egr.settled_metric("openmesh_store_live_envelopes", &[], n as f64),
+        n as f64
+    );
+    // B turns up on `mid`: what `egr` stored for it follows, and is released there.
+    let mut b = Session::connect(b_on(&fleet, "mid")).await.unwrap();
+    receive_n(&mut b, 0, n).await;
+    assert_eq!(
+        egr.settled_metric("openmesh_store_live_envelopes", &[], 0.0),
+        0.0,
+        "egr still holds what it sent on"
+    );
+    fleet.kill("egr");
+    fleet.restart("egr");
+    assert_eq!(
+        fleet
+            .relay("egr")
+            .settled_metric("openmesh_store_live_envelopes", &[], 0.0),
+        0.0
+    );
+    // Nothing comes to B a second time.
+    let again = tokio::time::timeout(Duration::from_millis(1500), b.next_event()).await;
+    assert!(
+        !matches!(again, Ok(Some(Event::Envelope(_)))),
+        "delivered twice: {again:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivery_receipts_travel_back_across_relays() {
     let fleet = line_fleet();

@@ -23,7 +23,7 @@
 use std::collections::HashMap;
 
 use super::budget::Overload;
-use super::msg::Src;
+use super::msg::{CoreMsg, Src};
 use super::{dest_agent, Action, Now, Shard};
 use crate::store::log::{Log, LogAction};
 use crate::wire::{AgentId, DeliveryClass, Envelope, MessageId, Reason};
@@ -396,6 +396,18 @@ impl Shard {
         );
     }
 
+    /// Stored envelopes settled on another core: released here if this core's log holds them.
+    pub(super) fn release_moved(&mut self, seqs: Vec<u64>) {
+        let Some(d) = self.durable.as_mut() else {
+            return;
+        };
+        let mine: Vec<u64> = seqs.into_iter().filter(|s| d.log.holds(*s)).collect();
+        if !mine.is_empty() {
+            d.log.release(&mine, d.now_ms);
+            self.actions.push_back(Action::WakeStore);
+        }
+    }
+
     /// Writes released records for stored envelopes that left custody.
     pub(super) fn release_stored(&mut self) {
         if self.released.1.is_empty() {
@@ -407,6 +419,22 @@ impl Shard {
         };
         std::mem::swap(&mut d.seqs, &mut self.released.1);
         self.released.1.clear();
+        // A stored envelope that moved to a relay link (its agent turned up on another relay)
+        // is settled on the link's core: its own core's log holds it (sequence numbers are
+        // unique across cores).
+        if self.ncores > 1 && d.seqs.iter().any(|s| !d.log.holds(*s)) {
+            let log = &d.log;
+            let elsewhere: Vec<u64> = d.seqs.iter().copied().filter(|s| !log.holds(*s)).collect();
+            d.seqs.retain(|s| log.holds(*s));
+            for k in (0..self.ncores).filter(|k| *k != self.id) {
+                self.outbox.push(
+                    k,
+                    CoreMsg::ReleaseStored {
+                        seqs: elsewhere.clone(),
+                    },
+                );
+            }
+        }
         d.log.release(&d.seqs, d.now_ms);
         // Ids of released envelopes are not removed one by one (a lookup checks that the log
         // still holds the envelope): every so often in one pass, so the map stays within

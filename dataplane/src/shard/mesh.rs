@@ -193,10 +193,11 @@ impl Shard {
         if evicted > 0 {
             self.m.fleet_agents_evicted.increment(evicted);
         }
-        // What this core kept for an agent now attached to another relay follows it there
-        // (stored envelopes stay: stored custody does not cross relays yet; so do envelopes no
-        // compliant path can carry there: they were ACKed, and wait here for the agent, or
-        // their expiry).
+        // What this core kept for an agent now attached to another relay follows it there,
+        // stored envelopes too: their records are released once the next relay took them (a
+        // durable one: once the destination's relay stored it), so a crash before that sends
+        // them again (the destination's relay drops the duplicate). Envelopes no compliant path
+        // can carry there stay: they were ACKed, and wait here for the agent, or their expiry.
         let me = self.cfg.relay_id;
         for e in fresh.iter().filter(|e| e.relay != me) {
             let Some(kept) = self.held.take(&e.agent) else {
@@ -204,7 +205,7 @@ impl Shard {
             };
             let (stay, go): (Vec<Envelope>, Vec<Envelope>) = kept
                 .into_iter()
-                .partition(|env| env.store_seq() != 0 || !self.fleet_can_carry(env, &e.relay));
+                .partition(|env| !self.fleet_can_carry(env, &e.relay));
             if !stay.is_empty() {
                 self.held.keep_first(e.agent, stay);
             }

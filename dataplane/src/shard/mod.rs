@@ -492,6 +492,7 @@ impl Shard {
             ),
             CoreMsg::LinkDown { peer, core, conn } => self.on_link_down(peer, (core, conn)),
             CoreMsg::LinkLatency { peer, latency_us } => self.on_link_latency(peer, latency_us),
+            CoreMsg::ReleaseStored { seqs } => self.release_moved(seqs),
             CoreMsg::Presence { entries, from } => {
                 self.on_presence(&entries, from, now);
             }

@@ -94,6 +94,9 @@ pub enum CoreMsg {
         core: u16,
         conn: ConnId,
     },
+    /// Stored envelopes another core's custody settled (they had moved to a relay link): the
+    /// core whose log holds them writes their released records; the others ignore them.
+    ReleaseStored { seqs: Vec<u64> },
     /// The link to `peer`'s one-way latency, measured.
     LinkLatency { peer: RelayId, latency_us: u32 },
     /// Where agents are attached (from a link to `from`, or this relay's own attachments).
