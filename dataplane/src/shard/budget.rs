@@ -179,6 +179,9 @@ impl super::Shard {
                     + c.a.outq.bytes()
                     + c.a.inflight.bytes()
                     + c.a.awaiting_bytes
+                    + c.link.as_ref().map_or(0, |l| {
+                        l.presence.capacity() * std::mem::size_of::<crate::wire::PresenceEntry>()
+                    })
                     + if c.writing {
                         super::transport::WRITE_BUFFER
                     } else {

@@ -170,6 +170,11 @@ impl Inflight {
             env.upstream = upstream;
             env
         });
+        if refused {
+            // The copy answered goes on (waits, or is dropped and released there): the slot
+            // leaving here must not release a stored record the copy still stands for.
+            slot.env.set_store_seq(0);
+        }
         if let Some(ix) = &mut self.index {
             let id = slot.env.message_id();
             if let Some(seqs) = ix.get_mut(&id) {
@@ -593,6 +598,24 @@ mod tests {
         )
         .build(b"")
         .unwrap()
+    }
+
+    #[test]
+    fn a_refused_stored_envelope_keeps_its_record_until_its_copy_is_settled() {
+        let mut f = Inflight::default();
+        let mut stored = env(1);
+        stored.set_store_seq(7);
+        f.push(stored.clone());
+        f.push(stored);
+        let mut released = Released::default();
+        // LINK_NACK of the first: the copy that goes on stands for the record.
+        let copy = f.settle_seq(0, true, &mut released).unwrap().unwrap();
+        assert_eq!(copy.store_seq(), 7);
+        assert!(released.1.is_empty(), "released while the copy waits");
+        assert_eq!(released.0.len(), 1);
+        // LINK_ACK of the second: the next relay took it, the record goes.
+        assert!(f.settle_seq(1, false, &mut released).unwrap().is_none());
+        assert_eq!(released.1, vec![7]);
     }
 
     #[test]

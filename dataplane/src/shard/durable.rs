@@ -89,6 +89,16 @@ pub(crate) struct Durable {
 }
 
 impl Durable {
+    /// Ids of released envelopes are not removed one by one (a lookup checks that the log
+    /// still holds the envelope): every so often in one pass, so the map stays within twice
+    /// what is stored.
+    fn prune_ids(&mut self) {
+        if self.ids.len() > 2 * self.log.live() + 1024 {
+            let log = &self.log;
+            self.ids.retain(|_, (seq, _)| log.holds(*seq));
+        }
+    }
+
     pub(crate) fn new(s: ShardStore, core: u16) -> (Self, Vec<Envelope>) {
         let (next_seq, step) = (s.first_seq.max(1), s.seq_step.max(1));
         let mut log = s.log;
@@ -404,6 +414,7 @@ impl Shard {
         let mine: Vec<u64> = seqs.into_iter().filter(|s| d.log.holds(*s)).collect();
         if !mine.is_empty() {
             d.log.release(&mine, d.now_ms);
+            d.prune_ids();
             self.actions.push_back(Action::WakeStore);
         }
     }
@@ -436,13 +447,7 @@ impl Shard {
             }
         }
         d.log.release(&d.seqs, d.now_ms);
-        // Ids of released envelopes are not removed one by one (a lookup checks that the log
-        // still holds the envelope): every so often in one pass, so the map stays within
-        // twice what is stored.
-        if d.ids.len() > 2 * d.log.live() + 1024 {
-            let log = &d.log;
-            d.ids.retain(|_, (seq, _)| log.holds(*seq));
-        }
+        d.prune_ids();
         self.actions.push_back(Action::WakeStore);
     }
 

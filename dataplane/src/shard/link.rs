@@ -14,6 +14,7 @@
 //! is answered, so everything written is in flight until answered), within the peer's window.
 //! PING every [`LINK_HEARTBEAT_MS`] (RTT, loss); a link silent for [`LINK_DEAD_US`] is closed.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use super::budget::CONNECTION_OVERHEAD;
@@ -57,6 +58,10 @@ pub struct LinkTls {
     pub client: Arc<rustls::ClientConfig>,
 }
 
+/// Control output below which queued presence entries join it (each pass of the writer sends
+/// at most this much presence before envelopes).
+const PRESENCE_ROOM: usize = 64 << 10;
+
 /// The link's state beside the transport (the agent role's queue and in-flight custody are
 /// reused for what goes out on it).
 pub(crate) struct LinkSession {
@@ -87,6 +92,9 @@ pub(crate) struct LinkSession {
     pub(crate) pings: u64,
     pub(crate) pongs: u64,
     pub(crate) m: Option<crate::metrics::LinkMetrics>,
+    /// Presence entries waiting for room in the control output (at most the presence table's
+    /// size: beyond it the oldest go, sent again by their relay's next refresh).
+    pub(crate) presence: VecDeque<PresenceEntry>,
 }
 
 /// A link that is up, as every core knows it.
@@ -118,7 +126,29 @@ impl LinkSession {
             pings: 0,
             pongs: 0,
             m: None,
+            presence: VecDeque::new(),
         }
+    }
+
+    /// Moves queued presence into `ctrl` while it holds less than [`PRESENCE_ROOM`].
+    fn presence_into(&mut self, ctrl: &mut bytes::BytesMut) {
+        while !self.presence.is_empty() && ctrl.len() < PRESENCE_ROOM {
+            let n = self.presence.len().min(MAX_PRESENCE_BATCH);
+            Frame::Presence(Presence {
+                entries: self.presence.drain(..n).collect(),
+            })
+            .encode(ctrl);
+        }
+    }
+
+    /// Queues presence entries for the peer, keeping at most `cap`.
+    pub(crate) fn queue_presence(&mut self, entries: &[PresenceEntry], cap: usize) {
+        self.presence.extend(entries.iter().copied());
+        let over = self
+            .presence
+            .len()
+            .saturating_sub(cap.max(MAX_PRESENCE_BATCH));
+        self.presence.drain(..over);
     }
 }
 
@@ -537,13 +567,9 @@ impl Shard {
         }
         // Everything this core knows of where agents are, so the peer can route to them.
         let known = self.mesh.known();
-        if let Some(c) = self.conns.get_mut(&conn) {
-            for chunk in known.chunks(MAX_PRESENCE_BATCH) {
-                Frame::Presence(Presence {
-                    entries: chunk.to_vec(),
-                })
-                .encode(&mut c.a.ctrl);
-            }
+        let cap = self.located_cap();
+        if let Some(l) = self.conns.get_mut(&conn).and_then(|c| c.link.as_mut()) {
+            l.queue_presence(&known, cap);
         }
         self.wake_writer(conn);
         Ok(())
@@ -699,7 +725,9 @@ impl Shard {
         self.wake_writer(conn);
     }
 
-    /// Moves the link's ACKs into its control output.
+    /// Moves the link's ACKs into its control output, and queued presence while the output
+    /// is below [`PRESENCE_ROOM`] (a whole table never sits in the output, nor stops the
+    /// reading of a link that owes too much output).
     pub(super) fn encode_link_acks(c: &mut Conn) {
         let Some(l) = c.link.as_mut() else {
             return;
@@ -708,5 +736,62 @@ impl Shard {
             let n = l.acks.len().min(MAX_LINK_ACK_BATCH);
             Frame::LinkAck(LinkAck::new(l.acks.drain(..n))).encode(&mut c.a.ctrl);
         }
+        l.presence_into(&mut c.a.ctrl);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::AgentId;
+
+    #[test]
+    fn presence_for_a_link_is_bounded_and_joins_the_output_a_little_at_a_time() {
+        let now = Now {
+            mono_us: 0,
+            unix_ms: 0,
+        };
+        let mut l = LinkSession::new(None, false, now);
+        let entries: Vec<PresenceEntry> = (0..100_000u32)
+            .map(|i| {
+                let mut a = [0u8; 32];
+                a[..4].copy_from_slice(&i.to_be_bytes());
+                PresenceEntry {
+                    agent: AgentId(a),
+                    relay: RelayId([1; 32]),
+                    stamp_ms: u64::from(i),
+                }
+            })
+            .collect();
+        // A table of 50,000: the oldest half goes.
+        l.queue_presence(&entries, 50_000);
+        assert_eq!(l.presence.len(), 50_000);
+        assert_eq!(l.presence.front().unwrap().stamp_ms, 50_000);
+        // Each pass adds about PRESENCE_ROOM, in whole frames, and only below it.
+        let mut ctrl = bytes::BytesMut::new();
+        l.presence_into(&mut ctrl);
+        assert!(ctrl.len() >= PRESENCE_ROOM && ctrl.len() < PRESENCE_ROOM + 80 * 1024);
+        let after_one = l.presence.len();
+        l.presence_into(&mut ctrl);
+        assert_eq!(l.presence.len(), after_one, "added above the room");
+        let mut sent = 0;
+        let mut passes = 0;
+        loop {
+            let d = crate::wire::FrameDecoder::new(1 << 20);
+            ctrl = bytes::BytesMut::new();
+            l.presence_into(&mut ctrl);
+            if ctrl.is_empty() {
+                break;
+            }
+            passes += 1;
+            while let Some(f) = d.decode(&mut ctrl).unwrap() {
+                match f {
+                    Frame::Presence(p) => sent += p.entries.len(),
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+        assert_eq!(sent + (50_000 - after_one), 50_000);
+        assert!(passes > 30, "{passes} passes");
     }
 }

@@ -35,10 +35,7 @@ use crate::fleet::cache::RouteCache;
 use crate::fleet::path::{AllUp, Constraints, Graph, LinkState};
 use crate::fleet::snapshot::Snapshot;
 use crate::fleet::transit::{self, Next, Place};
-use crate::wire::{
-    AgentId, DeliveryClass, Envelope, Frame, Presence, PresenceEntry, Reason, RelayId,
-    MAX_PRESENCE_BATCH,
-};
+use crate::wire::{AgentId, DeliveryClass, Envelope, Frame, PresenceEntry, Reason, RelayId};
 
 /// Agents one core knows the relay of, at most.
 pub const MAX_LOCATIONS: usize = 1 << 20;
@@ -225,13 +222,8 @@ impl Shard {
             .map(|(_, v)| v.conn)
             .collect();
         for conn in targets {
-            if let Some(c) = self.conns.get_mut(&conn) {
-                for chunk in fresh.chunks(MAX_PRESENCE_BATCH) {
-                    Frame::Presence(Presence {
-                        entries: chunk.to_vec(),
-                    })
-                    .encode(&mut c.a.ctrl);
-                }
+            if let Some(l) = self.conns.get_mut(&conn).and_then(|c| c.link.as_mut()) {
+                l.queue_presence(&fresh, max);
                 self.wake_writer(conn);
             }
         }
@@ -241,7 +233,7 @@ impl Shard {
     /// Agents this core's presence table holds at most (every core keeps its own copy):
     /// `limits.located_agents`, or what the cores' copies fit in an eighth of the memory
     /// budget; at most [`MAX_LOCATIONS`].
-    fn located_cap(&self) -> usize {
+    pub(super) fn located_cap(&self) -> usize {
         let l = &self.settings.limits;
         let cores = usize::from(self.ncores.max(1));
         l.located_agents
@@ -717,10 +709,12 @@ impl Shard {
     pub(super) fn again(&mut self, mut env: Envelope, now: Now) {
         let src = env.upstream.take().map(|s| *s);
         let class = env.class();
+        let stored = env.store_seq();
         if env.expires_ms() <= now.unix_ms {
             self.released
                 .receipt(&env, crate::wire::ReceiptStatus::Expired);
             let r = Some(Err(Reason::Expired));
+            self.dropped_own(stored, src, &r);
             return self.answer(src, class, r, now);
         }
         let r = if env.routing.path.is_empty() {
@@ -738,7 +732,17 @@ impl Shard {
         } else {
             self.onward(env, src, now)
         };
+        self.dropped_own(stored, src, &r);
         self.answer(src, class, r, now);
+    }
+
+    /// An envelope of this relay's own custody (no upstream waits on it) that was just dropped
+    /// (`r` an error): if it was stored (it moved here from a store after its agent turned up
+    /// on another relay), its record is released, on the core whose log holds it.
+    fn dropped_own(&mut self, stored: u64, src: Option<Src>, r: &Option<Result<bool, Reason>>) {
+        if stored != 0 && src.is_none() && matches!(r, Some(Err(_))) {
+            self.released.1.push(stored);
+        }
     }
 
     /// The next relay answered an envelope this relay sent it: taken (`None`) or refused. The
@@ -747,16 +751,20 @@ impl Shard {
     pub(super) fn link_answered(&mut self, mut env: Envelope, refused: Option<Reason>, now: Now) {
         let src = env.upstream.take().map(|s| *s);
         let class = env.class();
+        let stored = env.store_seq();
         match refused {
             None => self.answer(src, class, Some(Ok(false)), now),
             Some(r) if r.retryable() && env.expires_ms() > now.unix_ms => {
                 back_here(&mut env);
                 let w = self.wait_for_path(env, src);
+                self.dropped_own(stored, src, &w);
                 self.answer(src, class, w, now);
             }
             Some(r) => {
                 tracing::debug!(msg = %env.message_id(), reason = r.label(), "envelope refused by the next relay");
-                self.answer(src, class, Some(Err(r)), now);
+                let r = Some(Err(r));
+                self.dropped_own(stored, src, &r);
+                self.answer(src, class, r, now);
             }
         }
     }

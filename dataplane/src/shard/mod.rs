@@ -103,8 +103,8 @@ pub struct Limits {
     /// Longest a published bundle stays in the directory, in seconds, even if it says longer.
     pub directory_max_age_s: u64,
     /// Agents of the fleet the relay can locate (presence; at most 2^20). Every core keeps its
-    /// own table, so they take this times the cores times 320 bytes; a full table gives up the
-    /// oldest entry of the relay that announced the most. Unset: what fits in an eighth of
+    /// own table, so they take this times the cores times 352 bytes; a full table gives up the
+    /// oldest entry of the relay the most entries name. Unset: what fits in an eighth of
     /// `memory_budget`.
     pub located_agents: Option<usize>,
 }

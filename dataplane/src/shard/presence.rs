@@ -3,8 +3,8 @@
 //! (`docs/FLEET.md`, where agents are).
 //!
 //! The table is bounded, and a full table makes room rather than refusing: the newest entry is
-//! what routes an agent that just attached. The entry given up is the oldest of the relay that
-//! announced the most agents, so a relay whose agents mint identities (each a TLS handshake and
+//! what routes an agent that just attached. The entry given up is the oldest of the relay the
+//! most entries name, so a relay whose agents mint identities (each a TLS handshake and
 //! a HELLO, cheap to an attacker) pushes out only its own agents' entries once it holds more
 //! than any other relay; the fleet's other relays keep theirs. Relays announce the agents
 //! attached to them again every [`REFRESH_US`], so an attached agent pushed out is found again.
@@ -20,9 +20,9 @@ use crate::wire::{AgentId, PresenceEntry, RelayId};
 
 /// How often a relay announces the agents attached to it again, microseconds.
 pub const REFRESH_US: u64 = 30_000_000;
-/// Memory of one map entry (agent id, relay id, stamp and number: 80 bytes) with hashbrown's
-/// slack (between 7/16 and 7/8 full) and its control byte.
-const MAP_ENTRY_BYTES: usize = 160;
+/// Memory of one map entry (agent id, relay id, stamp and number: 80 bytes and a control
+/// byte) with hashbrown's slack (it may be 7/16 full).
+const MAP_ENTRY_BYTES: usize = 192;
 /// Memory of one queue item (40 bytes) with the queue's slack (up to twice its length).
 const ITEM_BYTES: usize = 2 * 40;
 /// Memory one entry takes at most: its map entry and up to two queue items.
@@ -148,6 +148,10 @@ impl Locations {
             .shares
             .get_mut(&relay)
             .expect("a sized relay has a share");
+        if share.order.capacity() > 4 * share.order.len() + 64 {
+            // Evicted far below what it once held: its queue gives the memory back.
+            share.order.shrink_to(2 * share.order.len());
+        }
         while let Some((agent, n)) = share.order.pop_front() {
             self.items -= 1;
             if self
