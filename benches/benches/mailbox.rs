@@ -35,6 +35,10 @@ fn handoff(c: &mut Criterion) {
                             std::hint::black_box(env);
                             got += 1;
                         }
+                        Some(CoreMsg::Delivers(v)) => {
+                            got += v.len() as u64;
+                            std::hint::black_box(v);
+                        }
                         Some(_) => {}
                         None => std::hint::spin_loop(),
                     }

@@ -454,6 +454,16 @@ impl Shard {
                 self.directory.detach(&agent, seq);
             }
             CoreMsg::Deliver { env, src } => self.on_deliver(env, src, now),
+            CoreMsg::Delivers(v) => {
+                for (env, src) in v {
+                    self.on_deliver(env, src, now);
+                }
+            }
+            CoreMsg::Verdicts(v) => {
+                for v in v {
+                    self.on_verdict(v.conn, v.id, v.len, v.class_acked, v.result, now);
+                }
+            }
             CoreMsg::Verdict {
                 conn,
                 id,

@@ -3,7 +3,10 @@
 //! A shard never touches another core's state: everything that crosses cores is one of these
 //! messages. The shard queues them per destination core in its [`Outbox`]; the engine moves them
 //! into the bounded mailboxes in batches (one wake-up per flush, not per message) and keeps what
-//! did not fit for the next flush.
+//! did not fit for the next flush. Envelopes and verdicts queued for the same core before a
+//! flush travel together in one message ([`CoreMsg::Delivers`], [`CoreMsg::Verdicts`]): one
+//! mailbox slot and one move of a pointer instead of a slot and several copies of the whole
+//! message each.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -47,6 +50,8 @@ pub enum CoreMsg {
     /// Deliver an envelope to an agent attached on the receiving core. `src` (core, connection)
     /// wants a `Verdict`; `None` is a custody hand-over that needs none.
     Deliver { env: Envelope, src: Option<Src> },
+    /// `Deliver`s queued one after another for the same core, in order.
+    Delivers(Vec<(Envelope, Option<Src>)>),
     /// Outcome of a `Deliver` for the source connection; `Ok(true)`: the destination's queue is
     /// congested and the source's reader pauses until `Resume` (or its pause runs out).
     Verdict {
@@ -57,6 +62,8 @@ pub enum CoreMsg {
         class_acked: bool,
         result: Result<bool, Reason>,
     },
+    /// `Verdict`s queued one after another for the same core, in order.
+    Verdicts(Vec<Verdict>),
     /// A destination the connection's source sent to while congested has drained: its reader
     /// may go on.
     Resume { conn: ConnId },
@@ -125,6 +132,19 @@ pub enum CoreMsg {
     Exit,
 }
 
+/// One verdict of [`CoreMsg::Verdicts`] (the fields of [`CoreMsg::Verdict`]).
+#[derive(Debug)]
+pub struct Verdict {
+    pub conn: ConnId,
+    pub id: MessageId,
+    pub len: u32,
+    pub class_acked: bool,
+    pub result: Result<bool, Reason>,
+}
+
+/// Most envelopes or verdicts one message carries.
+pub const MAX_COALESCED: usize = 256;
+
 /// One shard's pending messages to every core.
 #[derive(Debug)]
 pub struct Outbox {
@@ -139,9 +159,82 @@ impl Outbox {
         }
     }
 
-    /// Queues `msg` for `core`.
+    /// Queues `msg` for `core`. A `Deliver` or `Verdict` queued right behind another of its
+    /// kind joins it in one message (order kept: only the last message is joined).
     pub fn push(&mut self, core: u16, msg: CoreMsg) {
-        self.per_core[core as usize].push_back(msg);
+        let q = &mut self.per_core[core as usize];
+        let msg = match (msg, q.back_mut()) {
+            (CoreMsg::Deliver { env, src }, Some(CoreMsg::Delivers(v)))
+                if v.len() < MAX_COALESCED =>
+            {
+                v.push((env, src));
+                return;
+            }
+            (CoreMsg::Deliver { env, src }, Some(back @ CoreMsg::Deliver { .. })) => {
+                let mut v = Vec::with_capacity(16);
+                if let CoreMsg::Deliver { env, src } = std::mem::replace(back, CoreMsg::Drain) {
+                    v.push((env, src));
+                }
+                v.push((env, src));
+                *back = CoreMsg::Delivers(v);
+                return;
+            }
+            (
+                CoreMsg::Verdict {
+                    conn,
+                    id,
+                    len,
+                    class_acked,
+                    result,
+                },
+                back,
+            ) => {
+                let v = Verdict {
+                    conn,
+                    id,
+                    len,
+                    class_acked,
+                    result,
+                };
+                match back {
+                    Some(CoreMsg::Verdicts(vs)) if vs.len() < MAX_COALESCED => {
+                        vs.push(v);
+                        return;
+                    }
+                    Some(back @ CoreMsg::Verdict { .. }) => {
+                        let mut vs = Vec::with_capacity(16);
+                        if let CoreMsg::Verdict {
+                            conn,
+                            id,
+                            len,
+                            class_acked,
+                            result,
+                        } = std::mem::replace(back, CoreMsg::Drain)
+                        {
+                            vs.push(Verdict {
+                                conn,
+                                id,
+                                len,
+                                class_acked,
+                                result,
+                            });
+                        }
+                        vs.push(v);
+                        *back = CoreMsg::Verdicts(vs);
+                        return;
+                    }
+                    _ => CoreMsg::Verdict {
+                        conn: v.conn,
+                        id: v.id,
+                        len: v.len,
+                        class_acked: v.class_acked,
+                        result: v.result,
+                    },
+                }
+            }
+            (msg, _) => msg,
+        };
+        q.push_back(msg);
     }
 
     /// Largest backlog towards any core.
@@ -152,5 +245,77 @@ impl Outbox {
     /// The queues, per destination core (the engine drains them into the mailboxes).
     pub fn queues_mut(&mut self) -> impl Iterator<Item = (usize, &mut VecDeque<CoreMsg>)> {
         self.per_core.iter_mut().enumerate()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{Destination, EnvelopeBuilder};
+
+    fn deliver(i: u128) -> CoreMsg {
+        let env = EnvelopeBuilder::new(
+            MessageId::from_u128(i),
+            AgentId([1; 32]),
+            Destination::Agent(AgentId([2; 32])),
+            0,
+            10,
+        )
+        .build(b"")
+        .unwrap();
+        CoreMsg::Deliver { env, src: None }
+    }
+
+    fn verdict(i: u128) -> CoreMsg {
+        CoreMsg::Verdict {
+            conn: 1,
+            id: MessageId::from_u128(i),
+            len: 10,
+            class_acked: true,
+            result: Ok(false),
+        }
+    }
+
+    /// What `core` would receive, one envelope or verdict id at a time, in order.
+    fn received(out: &mut Outbox, core: usize) -> Vec<(char, u128)> {
+        let mut ids = Vec::new();
+        for m in out.per_core[core].drain(..) {
+            match m {
+                CoreMsg::Deliver { env, .. } => ids.push(('d', env.message_id().as_u128())),
+                CoreMsg::Delivers(v) => {
+                    ids.extend(v.iter().map(|(e, _)| ('d', e.message_id().as_u128())))
+                }
+                CoreMsg::Verdict { id, .. } => ids.push(('v', id.as_u128())),
+                CoreMsg::Verdicts(v) => ids.extend(v.iter().map(|v| ('v', v.id.as_u128()))),
+                CoreMsg::Resume { conn } => ids.push(('r', u128::from(conn))),
+                other => panic!("{other:?}"),
+            }
+        }
+        ids
+    }
+
+    #[test]
+    fn envelopes_and_verdicts_queued_together_travel_together_in_order() {
+        let mut out = Outbox::new(2);
+        let mut want = Vec::new();
+        for i in 0..600u128 {
+            let m = match i % 7 {
+                0..=3 => deliver(i),
+                4 | 5 => verdict(i),
+                _ => CoreMsg::Resume { conn: i as u64 },
+            };
+            want.push((['d', 'd', 'd', 'd', 'v', 'v', 'r'][(i % 7) as usize], i));
+            out.push(0, m);
+        }
+        for i in 0..1000u128 {
+            out.push(1, deliver(i));
+        }
+        // Runs of four deliveries and of two verdicts become one message each.
+        assert_eq!(out.per_core[0].len(), 600 / 7 * 3 + 2);
+        assert_eq!(received(&mut out, 0), want);
+        // A long run is cut at MAX_COALESCED.
+        assert_eq!(out.per_core[1].len(), 1000_usize.div_ceil(MAX_COALESCED));
+        let got = received(&mut out, 1);
+        assert_eq!(got, (0..1000).map(|i| ('d', i)).collect::<Vec<_>>());
     }
 }
