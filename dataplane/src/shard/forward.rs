@@ -96,7 +96,7 @@ impl Shard {
                         c.a.awaiting_bytes += env.frame_len();
                     }
                 }
-                self.outbox.push(k, CoreMsg::Deliver { env, src: Some(me) });
+                self.outbox.deliver(k, env, Some(me));
                 self.handed_off += 1;
             }
             Route::Refuse(r) => self.settle(src, id, class, Err(r), None, now),
@@ -254,7 +254,7 @@ impl Shard {
             .filter(|l| l.core != self.id);
         if let Some(loc) = moved {
             // The agent moved to another core since the sender looked: follow it.
-            self.outbox.push(loc.core, CoreMsg::Deliver { env, src });
+            self.outbox.deliver(loc.core, env, src);
             return;
         }
         let Some(src) = src else {
@@ -302,9 +302,9 @@ impl Shard {
         if src.core == self.id {
             self.on_verdict(src.conn, src.tag, len, class_acked, result, now);
         } else {
-            self.outbox.push(
+            self.outbox.verdict(
                 src.core,
-                CoreMsg::Verdict {
+                super::msg::Verdict {
                     conn: src.conn,
                     id: src.tag,
                     len,

@@ -162,79 +162,79 @@ impl Outbox {
     /// Queues `msg` for `core`. A `Deliver` or `Verdict` queued right behind another of its
     /// kind joins it in one message (order kept: only the last message is joined).
     pub fn push(&mut self, core: u16, msg: CoreMsg) {
-        let q = &mut self.per_core[core as usize];
-        let msg = match (msg, q.back_mut()) {
-            (CoreMsg::Deliver { env, src }, Some(CoreMsg::Delivers(v)))
-                if v.len() < MAX_COALESCED =>
-            {
-                v.push((env, src));
-                return;
-            }
-            (CoreMsg::Deliver { env, src }, Some(back @ CoreMsg::Deliver { .. })) => {
-                let mut v = Vec::with_capacity(16);
-                if let CoreMsg::Deliver { env, src } = std::mem::replace(back, CoreMsg::Drain) {
-                    v.push((env, src));
-                }
-                v.push((env, src));
-                *back = CoreMsg::Delivers(v);
-                return;
-            }
-            (
-                CoreMsg::Verdict {
+        match msg {
+            CoreMsg::Deliver { env, src } => self.deliver(core, env, src),
+            CoreMsg::Verdict {
+                conn,
+                id,
+                len,
+                class_acked,
+                result,
+            } => self.verdict(
+                core,
+                Verdict {
                     conn,
                     id,
                     len,
                     class_acked,
                     result,
                 },
-                back,
-            ) => {
-                let v = Verdict {
+            ),
+            msg => self.per_core[core as usize].push_back(msg),
+        }
+    }
+
+    /// Queues a `Deliver` for `core`, joining the `Deliver`s queued right before it.
+    pub fn deliver(&mut self, core: u16, env: Envelope, src: Option<Src>) {
+        let q = &mut self.per_core[core as usize];
+        match q.back_mut() {
+            Some(CoreMsg::Delivers(v)) if v.len() < MAX_COALESCED => v.push((env, src)),
+            Some(back @ CoreMsg::Deliver { .. }) => {
+                let mut v = Vec::with_capacity(16);
+                if let CoreMsg::Deliver { env, src } = std::mem::replace(back, CoreMsg::Drain) {
+                    v.push((env, src));
+                }
+                v.push((env, src));
+                *back = CoreMsg::Delivers(v);
+            }
+            _ => q.push_back(CoreMsg::Deliver { env, src }),
+        }
+    }
+
+    /// Queues a `Verdict` for `core`, joining the `Verdict`s queued right before it.
+    pub fn verdict(&mut self, core: u16, v: Verdict) {
+        let q = &mut self.per_core[core as usize];
+        match q.back_mut() {
+            Some(CoreMsg::Verdicts(vs)) if vs.len() < MAX_COALESCED => vs.push(v),
+            Some(back @ CoreMsg::Verdict { .. }) => {
+                let mut vs = Vec::with_capacity(16);
+                if let CoreMsg::Verdict {
                     conn,
                     id,
                     len,
                     class_acked,
                     result,
-                };
-                match back {
-                    Some(CoreMsg::Verdicts(vs)) if vs.len() < MAX_COALESCED => {
-                        vs.push(v);
-                        return;
-                    }
-                    Some(back @ CoreMsg::Verdict { .. }) => {
-                        let mut vs = Vec::with_capacity(16);
-                        if let CoreMsg::Verdict {
-                            conn,
-                            id,
-                            len,
-                            class_acked,
-                            result,
-                        } = std::mem::replace(back, CoreMsg::Drain)
-                        {
-                            vs.push(Verdict {
-                                conn,
-                                id,
-                                len,
-                                class_acked,
-                                result,
-                            });
-                        }
-                        vs.push(v);
-                        *back = CoreMsg::Verdicts(vs);
-                        return;
-                    }
-                    _ => CoreMsg::Verdict {
-                        conn: v.conn,
-                        id: v.id,
-                        len: v.len,
-                        class_acked: v.class_acked,
-                        result: v.result,
-                    },
+                } = std::mem::replace(back, CoreMsg::Drain)
+                {
+                    vs.push(Verdict {
+                        conn,
+                        id,
+                        len,
+                        class_acked,
+                        result,
+                    });
                 }
+                vs.push(v);
+                *back = CoreMsg::Verdicts(vs);
             }
-            (msg, _) => msg,
-        };
-        q.push_back(msg);
+            _ => q.push_back(CoreMsg::Verdict {
+                conn: v.conn,
+                id: v.id,
+                len: v.len,
+                class_acked: v.class_acked,
+                result: v.result,
+            }),
+        }
     }
 
     /// Largest backlog towards any core.
