@@ -218,10 +218,14 @@ impl Envelope {
     }
 
     /// Decodes an ENVELOPE frame body. `body` is a slice of the received frame; the result shares it.
-    pub fn decode(body: Bytes) -> Result<Self, WireError> {
+    pub fn decode(mut body: Bytes) -> Result<Self, WireError> {
         let mut r = Reader::new(&body);
         let routing = RoutingPart::decode(&mut r, &body)?;
-        let immutable = body.slice(r.pos()..);
+        // The immutable part is the rest of the body: moved past the routing part, not sliced
+        // (a slice and the body's drop would be two more steps on a shared reference count).
+        let pos = r.pos();
+        bytes::Buf::advance(&mut body, pos);
+        let immutable = body;
         let sections = validate(&immutable)?;
         if routing.copy_index >= immutable[OFF_MULTIPATH].max(1) {
             return Err(WireError::Invalid("copy index"));
