@@ -700,25 +700,8 @@ async fn two_disjoint_paths_deliver_once_and_a_trust_drop_or_revocation_takes_a_
 async fn durable_envelopes_across_relays_are_acked_once_stored_at_the_destinations_relay() {
     let mut fleet = line_fleet();
     fleet.wait_links_up(2);
-    // B attaches to `egr` once (the fleet learns where it is) and leaves.
-    let b_id = Identity::generate_self_signed("agent-b").unwrap();
-    let mut b_cfg = agent_config(fleet.relay("egr"), "agent-b");
-    b_cfg.identity = b_id.clone();
-    let b = Session::connect(b_cfg.clone()).await.unwrap();
-    let to = b.id();
-    b.close().await.unwrap();
-    let mut a = Session::connect(agent_config(fleet.relay("ing"), "agent-a"))
-        .await
-        .unwrap();
-    wait_located(fleet.relay("ing"), 2);
     let n = 100;
-    let (acked, nacks) = send_n(&mut a, n, |a, i| {
-        let mut e = a.envelope_to(to, 600_000);
-        e.class = openmesh_dataplane::wire::DeliveryClass::Durable;
-        e.build(&i.to_be_bytes()).unwrap()
-    })
-    .await;
-    assert_eq!((acked, nacks.len()), (n, 0), "{nacks:?}");
+    let b_id = durable_for_b_while_away(&fleet, n).await;
     // Every ACK came after `egr` synced the envelope: kill -9 it and start it again.
     assert_eq!(
         fleet
@@ -728,10 +711,36 @@ async fn durable_envelopes_across_relays_are_acked_once_stored_at_the_destinatio
     );
     fleet.kill("egr");
     fleet.restart("egr");
-    let mut b_cfg = agent_config(fleet.relay("egr"), "agent-b");
-    b_cfg.identity = b_id;
-    let mut b = Session::connect(b_cfg).await.unwrap();
+    let mut b = Session::connect(b_on(&fleet, "egr", &b_id)).await.unwrap();
     receive_n(&mut b, 0, n).await;
+}
+
+/// Agent B's configuration on relay `relay`, with identity `id`.
+fn b_on(fleet: &Fleet, relay: &str, id: &Identity) -> ClientConfig {
+    let mut c = agent_config(fleet.relay(relay), "agent-b");
+    c.identity = id.clone();
+    c
+}
+
+/// B attaches to `egr` once (the fleet learns where it is) and leaves; A on `ing` then sends it
+/// `n` durable envelopes, every one ACKed. Returns B's identity.
+async fn durable_for_b_while_away(fleet: &Fleet, n: u64) -> Identity {
+    let b_id = Identity::generate_self_signed("agent-b").unwrap();
+    let b = Session::connect(b_on(fleet, "egr", &b_id)).await.unwrap();
+    let to = b.id();
+    b.close().await.unwrap();
+    let mut a = Session::connect(agent_config(fleet.relay("ing"), "agent-a"))
+        .await
+        .unwrap();
+    wait_located(fleet.relay("ing"), 2);
+    let (acked, nacks) = send_n(&mut a, n, |a, i| {
+        let mut e = a.envelope_to(to, 600_000);
+        e.class = openmesh_dataplane::wire::DeliveryClass::Durable;
+        e.build(&i.to_be_bytes()).unwrap()
+    })
+    .await;
+    assert_eq!((acked, nacks.len()), (n, 0), "{nacks:?}");
+    b_id
 }
 
 /// Stored custody follows its agent: durable envelopes stored on `egr` for an agent that is
@@ -741,34 +750,15 @@ async fn durable_envelopes_across_relays_are_acked_once_stored_at_the_destinatio
 async fn stored_envelopes_follow_their_agent_to_another_relay_and_are_released_where_stored() {
     let mut fleet = line_fleet();
     fleet.wait_links_up(2);
-    let b_id = Identity::generate_self_signed("agent-b").unwrap();
-    let b_on = |fleet: &Fleet, relay: &str| {
-        let mut c = agent_config(fleet.relay(relay), "agent-b");
-        c.identity = b_id.clone();
-        c
-    };
-    let b = Session::connect(b_on(&fleet, "egr")).await.unwrap();
-    let to = b.id();
-    b.close().await.unwrap();
-    let mut a = Session::connect(agent_config(fleet.relay("ing"), "agent-a"))
-        .await
-        .unwrap();
-    wait_located(fleet.relay("ing"), 2);
     let n = 100;
-    let (acked, nacks) = send_n(&mut a, n, |a, i| {
-        let mut e = a.envelope_to(to, 600_000);
-        e.class = openmesh_dataplane::wire::DeliveryClass::Durable;
-        e.build(&i.to_be_bytes()).unwrap()
-    })
-    .await;
-    assert_eq!((acked, nacks.len()), (n, 0), "{nacks:?}");
+    let b_id = durable_for_b_while_away(&fleet, n).await;
     let egr = fleet.relay("egr");
     assert_eq!(
         egr.settled_metric("openmesh_store_live_envelopes", &[], n as f64),
         n as f64
     );
     // B turns up on `mid`: what `egr` stored for it follows, and is released there.
-    let mut b = Session::connect(b_on(&fleet, "mid")).await.unwrap();
+    let mut b = Session::connect(b_on(&fleet, "mid", &b_id)).await.unwrap();
     receive_n(&mut b, 0, n).await;
     assert_eq!(
         egr.settled_metric("openmesh_store_live_envelopes", &[], 0.0),

@@ -14,7 +14,7 @@
 
 use super::budget::Overload;
 use super::conn::{PACED_SOURCES_MAX, PACE_MAX_US};
-use super::msg::{CoreMsg, Src};
+use super::msg::{CoreMsg, Src, Verdict};
 use super::{dest_agent, ConnId, Now, Shard};
 use crate::routing::Route;
 use crate::wire::{DeliveryClass, Envelope, MessageId, Reason};
@@ -297,40 +297,28 @@ impl Shard {
         result: Result<bool, Reason>,
         now: Now,
     ) {
-        let len = src.len;
-        let class_acked = class != DeliveryClass::BestEffort;
+        let v = Verdict {
+            conn: src.conn,
+            id: src.tag,
+            len: src.len,
+            class_acked: class != DeliveryClass::BestEffort,
+            result,
+        };
         if src.core == self.id {
-            self.on_verdict(src.conn, src.tag, len, class_acked, result, now);
+            self.on_verdict(v, now);
         } else {
-            self.outbox.verdict(
-                src.core,
-                super::msg::Verdict {
-                    conn: src.conn,
-                    id: src.tag,
-                    len,
-                    class_acked,
-                    result,
-                },
-            );
+            self.outbox.verdict(src.core, v);
         }
     }
 
-    /// A verdict from another core for one of this core's sources.
-    pub(super) fn on_verdict(
-        &mut self,
-        conn: ConnId,
-        id: MessageId,
-        len: u32,
-        acked: bool,
-        result: Result<bool, Reason>,
-        now: Now,
-    ) {
-        let class = if acked {
+    /// A verdict (from another core, or this one) for one of this core's sources.
+    pub(super) fn on_verdict(&mut self, v: Verdict, now: Now) {
+        let class = if v.class_acked {
             DeliveryClass::AtLeastOnce
         } else {
             DeliveryClass::BestEffort
         };
-        self.settle(conn, id, class, result, Some(len as usize), now);
+        self.settle(v.conn, v.id, class, v.result, Some(v.len as usize), now);
     }
 
     /// Applies a verdict to its source connection: ACK (batched), NACK or counted drop, and

@@ -459,18 +459,12 @@ impl Shard {
                     self.on_deliver(env, src, now);
                 }
             }
-            CoreMsg::Verdicts(v) => {
-                for v in v {
-                    self.on_verdict(v.conn, v.id, v.len, v.class_acked, v.result, now);
+            CoreMsg::Verdicts(vs) => {
+                for v in vs {
+                    self.on_verdict(v, now);
                 }
             }
-            CoreMsg::Verdict {
-                conn,
-                id,
-                len,
-                class_acked,
-                result,
-            } => self.on_verdict(conn, id, len, class_acked, result, now),
+            CoreMsg::Verdict(v) => self.on_verdict(v, now),
             CoreMsg::Resume { conn } => self.on_resume(conn),
             CoreMsg::Receipt {
                 to,

@@ -52,16 +52,8 @@ pub enum CoreMsg {
     Deliver { env: Envelope, src: Option<Src> },
     /// `Deliver`s queued one after another for the same core, in order.
     Delivers(Vec<(Envelope, Option<Src>)>),
-    /// Outcome of a `Deliver` for the source connection; `Ok(true)`: the destination's queue is
-    /// congested and the source's reader pauses until `Resume` (or its pause runs out).
-    Verdict {
-        conn: ConnId,
-        id: MessageId,
-        /// The envelope's frame length (what the source's core stops counting as sent).
-        len: u32,
-        class_acked: bool,
-        result: Result<bool, Reason>,
-    },
+    /// Outcome of a `Deliver` for the source connection.
+    Verdict(Verdict),
     /// `Verdict`s queued one after another for the same core, in order.
     Verdicts(Vec<Verdict>),
     /// A destination the connection's source sent to while congested has drained: its reader
@@ -132,11 +124,13 @@ pub enum CoreMsg {
     Exit,
 }
 
-/// One verdict of [`CoreMsg::Verdicts`] (the fields of [`CoreMsg::Verdict`]).
+/// The outcome of a `Deliver` for its source connection; `Ok(true)`: the destination's queue
+/// is congested and the source's reader pauses until `Resume` (or its pause runs out).
 #[derive(Debug)]
 pub struct Verdict {
     pub conn: ConnId,
     pub id: MessageId,
+    /// The envelope's frame length (what the source's core stops counting as sent).
     pub len: u32,
     pub class_acked: bool,
     pub result: Result<bool, Reason>,
@@ -164,22 +158,7 @@ impl Outbox {
     pub fn push(&mut self, core: u16, msg: CoreMsg) {
         match msg {
             CoreMsg::Deliver { env, src } => self.deliver(core, env, src),
-            CoreMsg::Verdict {
-                conn,
-                id,
-                len,
-                class_acked,
-                result,
-            } => self.verdict(
-                core,
-                Verdict {
-                    conn,
-                    id,
-                    len,
-                    class_acked,
-                    result,
-                },
-            ),
+            CoreMsg::Verdict(v) => self.verdict(core, v),
             msg => self.per_core[core as usize].push_back(msg),
         }
     }
@@ -206,34 +185,15 @@ impl Outbox {
         let q = &mut self.per_core[core as usize];
         match q.back_mut() {
             Some(CoreMsg::Verdicts(vs)) if vs.len() < MAX_COALESCED => vs.push(v),
-            Some(back @ CoreMsg::Verdict { .. }) => {
+            Some(back @ CoreMsg::Verdict(_)) => {
                 let mut vs = Vec::with_capacity(16);
-                if let CoreMsg::Verdict {
-                    conn,
-                    id,
-                    len,
-                    class_acked,
-                    result,
-                } = std::mem::replace(back, CoreMsg::Drain)
-                {
-                    vs.push(Verdict {
-                        conn,
-                        id,
-                        len,
-                        class_acked,
-                        result,
-                    });
+                if let CoreMsg::Verdict(first) = std::mem::replace(back, CoreMsg::Drain) {
+                    vs.push(first);
                 }
                 vs.push(v);
                 *back = CoreMsg::Verdicts(vs);
             }
-            _ => q.push_back(CoreMsg::Verdict {
-                conn: v.conn,
-                id: v.id,
-                len: v.len,
-                class_acked: v.class_acked,
-                result: v.result,
-            }),
+            _ => q.push_back(CoreMsg::Verdict(v)),
         }
     }
 
@@ -267,13 +227,13 @@ mod tests {
     }
 
     fn verdict(i: u128) -> CoreMsg {
-        CoreMsg::Verdict {
+        CoreMsg::Verdict(Verdict {
             conn: 1,
             id: MessageId::from_u128(i),
             len: 10,
             class_acked: true,
             result: Ok(false),
-        }
+        })
     }
 
     /// What `core` would receive, one envelope or verdict id at a time, in order.
@@ -285,7 +245,7 @@ mod tests {
                 CoreMsg::Delivers(v) => {
                     ids.extend(v.iter().map(|(e, _)| ('d', e.message_id().as_u128())))
                 }
-                CoreMsg::Verdict { id, .. } => ids.push(('v', id.as_u128())),
+                CoreMsg::Verdict(v) => ids.push(('v', v.id.as_u128())),
                 CoreMsg::Verdicts(v) => ids.extend(v.iter().map(|v| ('v', v.id.as_u128()))),
                 CoreMsg::Resume { conn } => ids.push(('r', u128::from(conn))),
                 other => panic!("{other:?}"),

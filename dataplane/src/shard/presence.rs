@@ -131,9 +131,7 @@ impl Locations {
         if share.order.len() > 2 * share.live + 16 {
             let before = share.order.len();
             let map = &self.map;
-            share
-                .order
-                .retain(|(a, n)| map.get(a).is_some_and(|(r, _, m)| (*r, *m) == (relay, *n)));
+            share.order.retain(|(a, n)| live(map, a, relay, *n));
             share.order.shrink_to(2 * share.order.len());
             self.items -= before - share.order.len();
         }
@@ -154,11 +152,7 @@ impl Locations {
         }
         while let Some((agent, n)) = share.order.pop_front() {
             self.items -= 1;
-            if self
-                .map
-                .get(&agent)
-                .is_some_and(|(r, _, m)| (*r, *m) == (relay, n))
-            {
+            if live(&self.map, &agent, relay, n) {
                 self.map.remove(&agent);
                 self.evicted += 1;
                 self.resize(relay, -1);
@@ -167,6 +161,18 @@ impl Locations {
         }
         unreachable!("a relay with live entries has them in its queue");
     }
+}
+
+/// Whether the queue item (`agent`, recording number `n`) of `relay` is the entry the map holds
+/// (not one left behind).
+fn live(
+    map: &HashMap<AgentId, (RelayId, u64, u64), MapHasher>,
+    agent: &AgentId,
+    relay: RelayId,
+    n: u64,
+) -> bool {
+    map.get(agent)
+        .is_some_and(|(r, _, m)| (*r, *m) == (relay, n))
 }
 
 #[cfg(test)]
