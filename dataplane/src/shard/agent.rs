@@ -350,6 +350,8 @@ impl Shard {
             if left_out > 0 {
                 self.m.dropped(Reason::DestinationUnavailable, left_out);
             }
+            // Attached to another relay already: what it left here follows it.
+            self.kept_for(&agent);
         }
     }
 }

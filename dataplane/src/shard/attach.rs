@@ -207,7 +207,9 @@ impl Shard {
 
     /// Holds an envelope for a disconnected agent (best-effort ones are dropped, counted).
     pub(super) fn keep(&mut self, agent: AgentId, env: Envelope) {
-        if !self.held.keep(agent, env) {
+        if self.held.keep(agent, env) {
+            self.kept_for(&agent);
+        } else {
             self.m.dropped(Reason::DestinationUnavailable, 1);
         }
     }

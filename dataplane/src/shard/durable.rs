@@ -380,6 +380,7 @@ impl Shard {
             }
             None => {
                 if self.held.keep(agent, env) {
+                    self.kept_for(&agent);
                     self.m.held_for_absent.increment(1);
                 }
             }

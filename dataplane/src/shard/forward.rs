@@ -189,6 +189,7 @@ impl Shard {
             return Err((Reason::QueueFull, env));
         }
         self.held.keep(dst, env);
+        self.kept_for(&dst);
         self.m.held_for_absent.increment(1);
         Ok(false)
     }

@@ -64,6 +64,11 @@ pub(crate) struct Mesh {
     /// Envelopes waiting for a compliant path (already ACKed upstream), and their frame bytes.
     waiting: VecDeque<Envelope>,
     waiting_bytes: usize,
+    /// Agents something was kept for on this core after presence had placed them on another
+    /// relay (the source's core looked before the presence came, or their session here ended
+    /// after they attached elsewhere): what is kept follows them on the next tick. At most one
+    /// item per envelope kept since the last tick (the bounds of what is kept bound it).
+    follow: Vec<AgentId>,
 }
 
 impl Default for Mesh {
@@ -79,6 +84,7 @@ impl Default for Mesh {
             refreshed_us: 0,
             waiting: VecDeque::new(),
             waiting_bytes: 0,
+            follow: Vec::new(),
         }
     }
 }
@@ -197,22 +203,7 @@ impl Shard {
         // can carry there stay: they were ACKed, and wait here for the agent, or their expiry.
         let me = self.cfg.relay_id;
         for e in fresh.iter().filter(|e| e.relay != me) {
-            let Some(kept) = self.held.take(&e.agent) else {
-                continue;
-            };
-            let (stay, go): (Vec<Envelope>, Vec<Envelope>) = kept
-                .into_iter()
-                .partition(|env| !self.fleet_can_carry(env, &e.relay));
-            if !stay.is_empty() {
-                self.held.keep_first(e.agent, stay);
-            }
-            for mut env in go {
-                self.released.note_moved(&env);
-                // Routed afresh from here, as if its source had sent it here (an envelope that
-                // came over the fleet ended its path on this relay).
-                env.routing = crate::wire::RoutingPart::origin(env.routing.hop_limit);
-                self.again(env, now);
-            }
+            self.follow_agent(e.agent, e.relay, now);
         }
         let targets: Vec<ConnId> = self
             .mesh
@@ -228,6 +219,48 @@ impl Shard {
             }
         }
         fresh
+    }
+
+    /// What this core kept for `agent`, now attached to `relay`, follows it there (see
+    /// [`Shard::on_presence`]).
+    fn follow_agent(&mut self, agent: AgentId, relay: RelayId, now: Now) {
+        let Some(kept) = self.held.take(&agent) else {
+            return;
+        };
+        let (stay, go): (Vec<Envelope>, Vec<Envelope>) = kept
+            .into_iter()
+            .partition(|env| !self.fleet_can_carry(env, &relay));
+        if !stay.is_empty() {
+            self.held.keep_first(agent, stay);
+        }
+        for mut env in go {
+            self.released.note_moved(&env);
+            // Routed afresh from here, as if its source had sent it here (an envelope that
+            // came over the fleet ended its path on this relay).
+            env.routing = crate::wire::RoutingPart::origin(env.routing.hop_limit);
+            self.again(env, now);
+        }
+    }
+
+    /// Something was just kept on this core for `agent`: if presence places it on another
+    /// relay, what is kept follows it on the next tick ([`Shard::follow_kept`]).
+    pub(super) fn kept_for(&mut self, agent: &AgentId) {
+        if self.mesh.remote_relay(agent, self.cfg.relay_id).is_some() {
+            self.mesh.follow.push(*agent);
+        }
+    }
+
+    /// Run every tick: what was kept since the last one for agents that presence places on
+    /// another relay follows them there (unless they attached here since).
+    pub(super) fn follow_kept(&mut self, now: Now) {
+        for agent in std::mem::take(&mut self.mesh.follow) {
+            if self.by_agent.contains_key(&agent) {
+                continue;
+            }
+            if let Some(relay) = self.mesh.remote_relay(&agent, self.cfg.relay_id) {
+                self.follow_agent(agent, relay, now);
+            }
+        }
     }
 
     /// Agents this core's presence table holds at most (every core keeps its own copy):

@@ -5,7 +5,8 @@
 //! more queued and no ACK for that long, closes the session (`write_timeout`); the session's own deadlines (`crate::session`: handshake, heartbeat PINGs,
 //! dead peer, idle, key rotation, drain deadline) are applied; a draining session that has
 //! settled and been quiet long enough is closed. Per shard: custody held for absent agents is
-//! swept for expired envelopes once a second, and the gauges are set.
+//! swept for expired envelopes once a second; what was kept since the last tick for agents that
+//! presence places on another relay follows them; the gauges are set.
 
 use super::{Action, ConnId, Now, Shard};
 use crate::session::{Due, SessionState};
@@ -52,6 +53,7 @@ impl Shard {
         // What waits for a path (or for the next relay's room) tries again every tick.
         self.retry_waiting(now);
         self.refresh_presence(now);
+        self.follow_kept(now);
         let write_us = self.settings.timeouts.write_us;
         let ids: Vec<ConnId> = self.conns.keys().copied().collect();
         for id in ids {
