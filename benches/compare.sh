@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Side by side: the same openmesh-loadtest scenarios against openmesh-relay and a NATS server, on
-# free loopback ports of this machine, in one run. Prints one table with the ratios.
+# Side by side: the same openmesh-loadtest scenarios against openmesh-relay, a NATS server and an
+# iroh-relay, on free loopback ports of this machine, in one run. Prints the rates with ratios
+# against the better of the two peers, then what each server spent per envelope (its CPU time
+# from /proc, which survives a noisy machine better than the rates) and the generator's.
 #
 #   benches/compare.sh [DURATION]      # default 5s per scenario; finishes in a few minutes
-#   PINNED=1 benches/compare.sh 5s     # server on CPU 0 (relay --cores 1), generator on CPU 1
+#   PINNED=1 benches/compare.sh 5s     # servers on CPU 0 (relay --cores 1), generator on CPU 1
 #   RELAY=path/to/openmesh-relay benches/compare.sh 5s   # another relay build (A/B)
 #   NO_BUILD=1 benches/compare.sh 5s   # use the binaries as built (a series of runs while the
 #                                      # tree changes measures the same binaries)
@@ -11,9 +13,12 @@
 #                                      # NATS JetStream with file storage (publishes acked)
 #   PLACEMENT=across benches/compare.sh 5s  # each OpenMesh pair's agents on different relay cores
 #                                      # (or `one`: on one core); default: as their ids fall
+#   PEERS="nats" benches/compare.sh 5s # only these peers (default "nats iroh")
 #
 # OpenMesh runs TLS 1.3 on every link with at-least-once delivery (ACKed custody); NATS runs in
-# plaintext core mode (no acknowledgements).
+# plaintext core mode and iroh-relay over plain HTTP (`--dev`), neither acknowledging anything.
+# A missing nats-server is installed from Debian, a missing iroh-relay 1.4.1 with `cargo install`
+# (several minutes, once).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DUR=${1:-5s}
@@ -25,6 +30,13 @@ if ! command -v nats-server >/dev/null 2>&1; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nats-server >/dev/null
 fi
+PEERS=${PEERS:-nats iroh}
+SUITE=${SUITE:-live}
+if [ "$SUITE" != durable ] && [[ " $PEERS " == *" iroh "* ]] && ! command -v iroh-relay >/dev/null 2>&1; then
+  echo "installing iroh-relay 1.4.1 (cargo install, several minutes)"
+  cargo install iroh-relay --version 1.4.1 --features server --locked >/dev/null 2>&1 \
+    || cargo install iroh-relay --version 1.4.1 --features server --locked
+fi
 if [ "${NO_BUILD:-0}" != 1 ]; then
   cargo build --release -p openmesh-relay -p openmesh-loadtest >/dev/null 2>&1 || cargo build --release -p openmesh-relay -p openmesh-loadtest
 fi
@@ -32,8 +44,7 @@ fi
 free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
 
-RP=$(free_port); MP=$(free_port); NP=$(free_port)
-SUITE=${SUITE:-live}
+RP=$(free_port); MP=$(free_port); NP=$(free_port); IP=$(free_port)
 if [ "$SUITE" = durable ]; then
   # Backlogs as large as the run makes: the queue bounds are raised for the backlog scenario.
   cat >"$OUT/relay.toml" <<'TOML'
@@ -57,10 +68,18 @@ fi
 RPID=$!
 "${SERVER_CPU[@]}" nats-server -a 127.0.0.1 -p $NP "${NATS_JS[@]}" >"$OUT/nats.log" 2>&1 &
 NPID=$!
-cleanup() { kill $RPID $NPID 2>/dev/null || true; wait $RPID $NPID 2>/dev/null || true; }
+IPID=
+if [ "$SUITE" != durable ] && [[ " $PEERS " == *" iroh "* ]]; then
+  # Plain HTTP on a loopback port; no QUIC address discovery, no metrics listener.
+  printf 'http_bind_addr = "127.0.0.1:%s"\nenable_quic_addr_discovery = false\nenable_metrics = false\n' "$IP" >"$OUT/iroh.toml"
+  "${SERVER_CPU[@]}" iroh-relay --dev --config-path "$OUT/iroh.toml" >"$OUT/iroh.log" 2>&1 &
+  IPID=$!
+fi
+cleanup() { kill $RPID $NPID $IPID 2>/dev/null || true; wait $RPID $NPID $IPID 2>/dev/null || true; }
 trap cleanup EXIT
 wait_port $RP || { cat "$OUT/relay.log"; echo "relay did not start"; exit 1; }
 wait_port $NP || { cat "$OUT/nats.log"; echo "nats-server did not start"; exit 1; }
+if [ -n "$IPID" ]; then wait_port $IP || { cat "$OUT/iroh.log"; echo "iroh-relay did not start"; exit 1; }; fi
 
 LT=("${GEN_CPU[@]}" target/release/openmesh-loadtest)
 # Where OpenMesh pairs live among the relay's cores (the relay runs one core per CPU unless pinned).
@@ -146,13 +165,15 @@ print(f"\nreports: {out}")
 PY
   exit 0
 fi
+peer() { local name=$1 s=$2; shift 2; echo "== $s: $name" >&2
+  "${LT[@]}" run --scenario "$s" --duration "$DUR" "$@" \
+    --quiet --json "$OUT/$name-$s.json" --plot "$OUT/$name-$s.svg" >"$OUT/$name-$s.txt" || true; }
 for s in small bulk latency fan; do
   echo "== $s: openmesh" >&2
   "${LT[@]}" run --scenario $s "${OM_PLACE[@]}" --duration "$DUR" --relay 127.0.0.1:$RP --ca "$OUT/relay/tls/dev-ca.pem" \
     --quiet --json "$OUT/om-$s.json" --plot "$OUT/om-$s.svg" >"$OUT/om-$s.txt" || true
-  echo "== $s: nats" >&2
-  "${LT[@]}" run --scenario $s --duration "$DUR" --target nats://127.0.0.1:$NP \
-    --quiet --json "$OUT/nats-$s.json" --plot "$OUT/nats-$s.svg" >"$OUT/nats-$s.txt" || true
+  if [[ " $PEERS " == *" nats "* ]]; then peer nats $s --target nats://127.0.0.1:$NP; fi
+  if [ -n "$IPID" ]; then peer iroh $s --target iroh://127.0.0.1:$IP; fi
 done
 
 python3 - "$OUT" <<'PY'
@@ -161,29 +182,57 @@ out = sys.argv[1]
 def load(n):
     p = os.path.join(out, n)
     return json.load(open(p)) if os.path.exists(p) else None
+servers = [("om", "openmesh"), ("nats", "NATS"), ("iroh", "iroh-relay")]
+runs = {s: {k: load(f"{k}-{s}.json") for k, _ in servers} for s in ["small", "bulk", "latency", "fan"]}
+present = [(k, n) for k, n in servers if any(runs[s][k] for s in runs)]
+def p(r, q):
+    l = r and r.get("latency")
+    return l and l.get(f"{q}_us")
+metrics = [
+    ("small envelopes/s (256 B)", "small", lambda r: r.get("envelopes_per_s"), "{:,.0f}", True),
+    ("bulk Gbit/s (16 KiB)", "bulk", lambda r: r.get("gbit_per_s"), "{:.2f}", True),
+    ("latency p50 us (20k/s)", "latency", lambda r: p(r, "p50"), "{:.0f}", False),
+    ("latency p99 us (20k/s)", "latency", lambda r: p(r, "p99"), "{:.0f}", False),
+    ("fan envelopes/s (32 pairs)", "fan", lambda r: r.get("envelopes_per_s"), "{:,.0f}", True),
+]
+def cells(rows, title):
+    w = max(len(r[0]) for r in rows + [(title,)])
+    print(f"{title:<{w}}  " + "  ".join(f"{n:>12}" for _, n in present) + f"  {'vs better peer':>14}")
+    for r in rows:
+        print(f"{r[0]:<{w}}  " + "  ".join(f"{c:>12}" for c in r[1]) + f"  {r[2]:>14}")
 rows = []
-def row(name, om, nt, key, fmt, better="higher"):
-    a = om and om.get(key) if key != "p99" else (om and om.get("latency") and om["latency"]["p99_us"])
-    b = nt and nt.get(key) if key != "p99" else (nt and nt.get("latency") and nt["latency"]["p99_us"])
-    if a is None or b is None or not b:
-        rows.append((name, fmt(a) if a is not None else "-", fmt(b) if b is not None else "-", "-"))
-        return
-    r = a / b if better == "higher" else b / a
-    rows.append((name, fmt(a), fmt(b), f"{r:.2f}x"))
+for label, s, get, fmt, higher in metrics:
+    vals = {k: (get(runs[s][k]) if runs[s][k] else None) for k, _ in present}
+    peers = [v for k, v in vals.items() if k != "om" and v]
+    ratio = "-"
+    if vals.get("om") and peers:
+        best = max(peers) if higher else min(peers)
+        ratio = f"{(vals['om'] / best if higher else best / vals['om']):.2f}x"
+    rows.append((label, [fmt.format(vals[k]) if vals[k] is not None else "-" for k, _ in present], ratio))
+cells(rows, "rate (same run)")
+print()
+# What each server and the generator spent: CPU seconds from /proc over what was delivered.
+rows = []
 for s in ["small", "bulk", "latency", "fan"]:
-    om, nt = load(f"om-{s}.json"), load(f"nats-{s}.json")
-    if s == "bulk":
-        row("bulk Gbit/s (16 KiB)", om, nt, "gbit_per_s", lambda v: f"{v:.2f}")
-    elif s == "latency":
-        row("latency p99 us (20k/s)", om, nt, "p99", lambda v: f"{v:.1f}", better="lower")
-    else:
-        row(f"{s} envelopes/s", om, nt, "envelopes_per_s", lambda v: f"{v:,.0f}")
-    if (om and (om.get("lost") or om.get("duplicates"))) or (nt and (nt.get("lost") or nt.get("duplicates"))):
-        f = lambda o: f"lost {o['lost']}, dup {o['duplicates']}" if o else "-"
-        rows.append((f"  {s}: lost / duplicated", f(om), f(nt), ""))
-w = max(len(r[0]) for r in rows)
-print(f"{'metric':<{w}}  {'openmesh (TLS, at-least-once)':>30}  {'NATS (plaintext)':>18}  {'ratio':>7}")
-for r in rows:
-    print(f"{r[0]:<{w}}  {r[1]:>30}  {r[2]:>18}  {r[3]:>7}")
+    per_env, per_gb, gen = [], [], []
+    for k, _ in present:
+        r = runs[s][k]
+        d = r and r.get("delivered")
+        if not d or r.get("relay_cpu_s") is None:
+            per_env.append("-"); per_gb.append("-"); gen.append("-")
+            continue
+        gb = r["mb_per_s"] * r["duration_s"] / 1e3
+        per_env.append(f"{r['relay_cpu_s'] * 1e6 / d:.2f}")
+        per_gb.append(f"{r['relay_cpu_s'] / gb:.2f}" if gb else "-")
+        gen.append(f"{r['generator_cpu_s'] * 1e6 / d:.2f}")
+    rows.append((f"{s}: server CPU us/envelope", per_env, ""))
+    rows.append((f"{s}: server CPU s/GB", per_gb, ""))
+    rows.append((f"{s}: generator CPU us/envelope", gen, ""))
+cells(rows, "efficiency (same run)")
+for s in runs:
+    for k, n in present:
+        r = runs[s][k]
+        if r and (r.get("lost") or r.get("duplicates")):
+            print(f"  {s} on {n}: lost {r['lost']:,}, duplicated {r['duplicates']:,} of {r['sent']:,} sent")
 print(f"\nreports and plots: {out}")
 PY

@@ -1,12 +1,15 @@
-//! `openmesh-loadtest`: virtual agents that load OpenMesh relays (or a NATS server, as the
-//! baseline) with bounded scenarios, then print a table and write JSON and SVG reports.
+//! `openmesh-loadtest`: virtual agents that load OpenMesh relays (or a NATS server or an
+//! iroh-relay, as baselines) with bounded scenarios, then print a table and write JSON and SVG
+//! reports.
 //!
 //! ```text
 //! openmesh-loadtest run --scenario small --relay 127.0.0.1:7400
 //! openmesh-loadtest run --scenario latency --rate 20000 --duration 10s --json lat.json --plot lat.svg
 //! openmesh-loadtest run --scenario fan --target nats://127.0.0.1:4222
+//! openmesh-loadtest run --scenario small --target iroh://127.0.0.1:3340
 //! ```
 
+mod iroh;
 mod nats;
 mod openmesh;
 mod payload;
@@ -56,7 +59,8 @@ struct RunArgs {
     /// links between); repeat to spread them.
     #[arg(long = "receive-relay")]
     receive_relays: Vec<SocketAddr>,
-    /// Run against a NATS server instead (`nats://HOST:PORT`), as the baseline.
+    /// Run against a baseline instead: a NATS server (`nats://HOST:PORT`) or an iroh-relay
+    /// serving plain HTTP (`iroh://HOST:PORT`, as `iroh-relay --dev` does).
     #[arg(long)]
     target: Option<String>,
     /// CA certificate of the relays.
@@ -183,7 +187,17 @@ async fn run(a: RunArgs) -> anyhow::Result<Report> {
             }))
         }
     };
+    let iroh = match a.target.as_deref().map(|t| t.strip_prefix("iroh://")) {
+        Some(Some(addr)) => {
+            if a.class == DeliveryClass::Durable {
+                bail!("an iroh-relay keeps nothing: --class durable needs OpenMesh relays or NATS");
+            }
+            Some(Arc::new(iroh::Server::new(addr)?))
+        }
+        _ => None,
+    };
     let (target, endpoints) = match &a.target {
+        Some(url) if iroh.is_some() => ("iroh-relay".to_string(), vec![url.clone()]),
         Some(url) => ("nats".to_string(), vec![url.clone()]),
         None => (
             "openmesh".to_string(),
@@ -244,6 +258,9 @@ async fn run(a: RunArgs) -> anyhow::Result<Report> {
                     bail!(
                         "the backlog scenario needs a target that keeps messages: OpenMesh relays"
                     )
+                }
+                (None, Some(_)) if iroh.is_some() => {
+                    tasks.spawn(iroh::pair(iroh.clone().expect("checked"), p, lv))
                 }
                 (None, Some(url)) => tasks.spawn(nats::pair(Arc::new(url.clone()), idx, p, lv)),
                 (None, None) => unreachable!("either relays or a target"),
@@ -318,6 +335,7 @@ async fn run(a: RunArgs) -> anyhow::Result<Report> {
         target,
         endpoints,
         class: match (a.target.is_some(), a.class) {
+            _ if iroh.is_some() => "best-effort (iroh-relay datagrams)".into(),
             (true, DeliveryClass::Durable) => "JetStream (file storage, publish acked)".into(),
             (true, _) => "best-effort (core NATS)".into(),
             (false, DeliveryClass::BestEffort) => "best-effort".into(),

@@ -7,18 +7,18 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
-use bytes::BytesMut;
-use futures_util::{FutureExt, StreamExt};
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 
 use openmesh_dataplane::wire::DeliveryClass;
 
 use crate::payload;
 use crate::report::Live;
-use crate::scenario::{precise_timers, sleep_until, Expect, PairParams, Recorder};
+use crate::scenario::{Expect, PairParams, Publisher};
 
 /// Runs one publisher/subscriber pair on subject `openmesh.loadtest.IDX`.
 pub async fn pair(
@@ -31,7 +31,7 @@ pub async fn pair(
     let sub_client = async_nats::connect(url.as_str())
         .await
         .context("NATS subscriber connects")?;
-    let mut sub = sub_client.subscribe(subject.clone()).await?;
+    let sub = sub_client.subscribe(subject.clone()).await?;
     sub_client.flush().await?;
     let pub_client = async_nats::connect(url.as_str())
         .await
@@ -56,85 +56,20 @@ pub async fn pair(
 
     let (exp, lv, drain) = (expect.clone(), live.clone(), p.drain);
     let receiver = tokio::spawn(async move {
-        let mut rec = Recorder::new(lv.clone());
-        let mut done_at: Option<Instant> = None;
-        loop {
-            match tokio::time::timeout(Duration::from_millis(100), sub.next()).await {
-                Ok(Some(m)) => {
-                    // Take everything already buffered too: one clock read and one counter
-                    // update per batch, as for OpenMesh receivers.
-                    let now = lv.now_ns();
-                    rec.on_payload(&m.payload, now);
-                    for _ in 0..1024 {
-                        match sub.next().now_or_never() {
-                            Some(Some(m)) => rec.on_payload(&m.payload, now),
-                            _ => break,
-                        }
-                    }
-                    rec.flush(now);
-                }
-                Ok(None) => break,
-                Err(_) => {}
-            }
-            if exp.receiver_done(rec.unique, &mut done_at, drain) {
-                break;
-            }
-        }
+        let hist = crate::scenario::receive(sub.map(|m| m.payload), exp, lv, drain).await;
         drop(sub_client);
-        rec.hist
+        hist
     });
 
     let sent = match (p.rate, js) {
         (None, Some(js)) => jetstream_closed_loop(&js, &subject, &p, &live).await?,
         (Some(_), Some(_)) => anyhow::bail!("JetStream runs closed loop only"),
-        (None, None) => {
-            let end = Instant::now() + p.duration;
-            let mut seq = 0u64;
-            let mut buf = BytesMut::new();
-            while Instant::now() < end {
-                let ns = live.now_ns();
-                for _ in 0..256 {
-                    payload::fill(&mut buf, p.size, seq, ns);
-                    pub_client
-                        .publish(subject.clone(), buf.split().freeze())
-                        .await?;
-                    seq += 1;
-                }
-                live.sent.fetch_add(256, Ordering::Relaxed);
-            }
-            pub_client.flush().await?;
-            seq
-        }
-        (Some(rate), None) => {
-            let lv = live.clone();
-            let rt = tokio::runtime::Handle::current();
-            let (client, subj, size, dur) =
-                (pub_client.clone(), subject.clone(), p.size, p.duration);
-            tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
-                precise_timers();
-                let interval = (1e9 / rate.max(1.0)) as u64;
-                let start = lv.now_ns();
-                let end = start + dur.as_nanos() as u64;
-                let (mut seq, mut next) = (0u64, start);
-                let mut buf = BytesMut::new();
-                while next < end {
-                    sleep_until(&lv, next);
-                    let now = lv.now_ns();
-                    rt.block_on(async {
-                        while next <= now && next < end {
-                            payload::fill(&mut buf, size, seq, next);
-                            client.publish(subj.clone(), buf.split().freeze()).await?;
-                            seq += 1;
-                            next += interval;
-                            lv.sent.fetch_add(1, Ordering::Relaxed);
-                        }
-                        client.flush().await?;
-                        anyhow::Ok(())
-                    })?;
-                }
-                Ok(seq)
-            })
-            .await??
+        (_, None) => {
+            let out = Publish {
+                client: pub_client.clone(),
+                subject: subject.clone().into(),
+            };
+            crate::scenario::publish(out, &p, &live, &expect).await?
         }
     };
     if p.class != DeliveryClass::Durable {
@@ -142,6 +77,21 @@ pub async fn pair(
     }
     expect.set(sent);
     Ok(receiver.await?)
+}
+
+/// Core NATS publishing on one subject.
+struct Publish {
+    client: async_nats::Client,
+    subject: async_nats::Subject,
+}
+
+impl Publisher for Publish {
+    async fn send(&mut self, payload: Bytes) -> anyhow::Result<()> {
+        Ok(self.client.publish(self.subject.clone(), payload).await?)
+    }
+    async fn flush(&mut self) -> anyhow::Result<()> {
+        Ok(self.client.flush().await?)
+    }
 }
 
 /// Publishes to JetStream as fast as `window` unacknowledged publishes allow; returns how many

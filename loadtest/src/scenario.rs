@@ -1,10 +1,14 @@
 //! Scenarios: how many sender/receiver pairs, closed or open loop, and for how long. Each
-//! target (OpenMesh relays, or a NATS server as the baseline) provides the pair itself.
+//! target (OpenMesh relays, or a NATS server or an iroh-relay as the baselines) provides the
+//! pair itself; the baselines share the send and receive loops here.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::{Bytes, BytesMut};
+use futures_util::{FutureExt, Stream, StreamExt};
 use hdrhistogram::Histogram;
 use openmesh_dataplane::wire::DeliveryClass;
 
@@ -109,18 +113,33 @@ impl Placement {
 }
 
 /// Shared between a pair's sender and receiver: how many deliveries the receiver should wait for
-/// (`u64::MAX` while the sender is still sending).
-pub struct Expect(AtomicU64);
+/// (`u64::MAX` while the sender is still sending), and, for the baselines' windows, how many
+/// it got so far.
+pub struct Expect {
+    want: AtomicU64,
+    got: AtomicU64,
+    progress: tokio::sync::Notify,
+}
 
 impl Expect {
     pub fn new() -> Arc<Self> {
-        Arc::new(Expect(AtomicU64::new(u64::MAX)))
+        Arc::new(Expect {
+            want: AtomicU64::new(u64::MAX),
+            got: AtomicU64::new(0),
+            progress: tokio::sync::Notify::new(),
+        })
     }
     pub fn set(&self, n: u64) {
-        self.0.store(n, Ordering::SeqCst);
+        self.want.store(n, Ordering::SeqCst);
     }
     pub fn get(&self) -> u64 {
-        self.0.load(Ordering::SeqCst)
+        self.want.load(Ordering::SeqCst)
+    }
+
+    /// The receiver got `n` so far.
+    fn received(&self, n: u64) {
+        self.got.store(n, Ordering::Release);
+        self.progress.notify_one();
     }
 
     /// Whether a receiver that has `unique` deliveries can stop: the sender finished and either
@@ -210,4 +229,130 @@ pub fn sleep_until(live: &Live, at_ns: u64) {
     if at_ns > now {
         std::thread::sleep(Duration::from_nanos(at_ns - now));
     }
+}
+
+/// The sending half of a pair on a peer server (NATS, iroh-relay): publishes without
+/// acknowledgements, so [`publish`] drives every one of them the same way.
+pub trait Publisher: Send + 'static {
+    /// Queues one payload; it may wait in the client until [`Publisher::push`].
+    fn send(&mut self, payload: Bytes) -> impl Future<Output = anyhow::Result<()>> + Send;
+    /// Writes out what the client buffered, without waiting for the server.
+    fn push(&mut self) -> impl Future<Output = anyhow::Result<()>> + Send {
+        async { Ok(()) }
+    }
+    /// Writes out what the client buffered, and waits until the server has it.
+    fn flush(&mut self) -> impl Future<Output = anyhow::Result<()>> + Send;
+}
+
+/// How long a closed-loop sender waits for its receiver to get anything more before it counts
+/// what it is ahead by as lost (the peers drop what a receiver cannot take) and goes on.
+const STALL: Duration = Duration::from_millis(100);
+
+/// Sends for `p.duration`: closed loop or open loop at `p.rate`. Returns how many were sent.
+///
+/// Closed loop, a sender stays at most `p.window` payloads ahead of what its receiver got: the
+/// flow control an OpenMesh sender has from its relay's ACKs, which these peers lack (without it
+/// a sender outruns the server, which drops or queues without bound, and the rate measured is
+/// the collapse). Open loop, payloads are scheduled from a dedicated thread with precise timers
+/// (each carries its scheduled time, so latency counts any lateness of the sender too).
+pub async fn publish<P: Publisher>(
+    mut out: P,
+    p: &PairParams,
+    live: &Arc<Live>,
+    expect: &Expect,
+) -> anyhow::Result<u64> {
+    let Some(rate) = p.rate else {
+        let end = Instant::now() + p.duration;
+        let window = p.window.max(64);
+        let (mut seq, mut written_off) = (0u64, 0u64);
+        let mut buf = BytesMut::new();
+        while Instant::now() < end {
+            let ahead = seq - expect.got.load(Ordering::Acquire) - written_off;
+            if ahead >= window {
+                out.push().await?;
+                let waiting = expect.progress.notified();
+                if expect.got.load(Ordering::Acquire) + written_off + window <= seq
+                    && tokio::time::timeout(STALL, waiting).await.is_err()
+                {
+                    written_off = seq - expect.got.load(Ordering::Acquire);
+                }
+                continue;
+            }
+            let ns = live.now_ns();
+            let n = (window - ahead).min(256);
+            for _ in 0..n {
+                payload::fill(&mut buf, p.size, seq, ns);
+                out.send(buf.split().freeze()).await?;
+                seq += 1;
+            }
+            live.sent.fetch_add(n, Ordering::Relaxed);
+        }
+        out.flush().await?;
+        return Ok(seq);
+    };
+    let lv = live.clone();
+    let rt = tokio::runtime::Handle::current();
+    let (size, dur) = (p.size, p.duration);
+    tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
+        precise_timers();
+        let interval = (1e9 / rate.max(1.0)) as u64;
+        let start = lv.now_ns();
+        let end = start + dur.as_nanos() as u64;
+        let (mut seq, mut next) = (0u64, start);
+        let mut buf = BytesMut::new();
+        while next < end {
+            sleep_until(&lv, next);
+            let now = lv.now_ns();
+            rt.block_on(async {
+                while next <= now && next < end {
+                    payload::fill(&mut buf, size, seq, next);
+                    out.send(buf.split().freeze()).await?;
+                    seq += 1;
+                    next += interval;
+                    lv.sent.fetch_add(1, Ordering::Relaxed);
+                }
+                out.flush().await
+            })?;
+        }
+        Ok(seq)
+    })
+    .await?
+}
+
+/// Receives payloads from a peer server until everything `expect` names arrived, or `drain`
+/// passed after the sender finished, or the stream ended. Takes what is already buffered with
+/// each wake-up: one clock read and one counter update per batch, as OpenMesh receivers do.
+pub async fn receive<S>(
+    mut inbox: S,
+    expect: Arc<Expect>,
+    live: Arc<Live>,
+    drain: Duration,
+) -> Histogram<u64>
+where
+    S: Stream<Item = Bytes> + Unpin,
+{
+    let mut rec = Recorder::new(live.clone());
+    let mut done_at: Option<Instant> = None;
+    loop {
+        match tokio::time::timeout(Duration::from_millis(100), inbox.next()).await {
+            Ok(Some(m)) => {
+                let now = live.now_ns();
+                rec.on_payload(&m, now);
+                for _ in 0..1024 {
+                    match inbox.next().now_or_never() {
+                        Some(Some(m)) => rec.on_payload(&m, now),
+                        _ => break,
+                    }
+                }
+                rec.flush(now);
+                expect.received(rec.unique);
+            }
+            Ok(None) => break,
+            Err(_) => {}
+        }
+        if expect.receiver_done(rec.unique, &mut done_at, drain) {
+            break;
+        }
+    }
+    rec.hist
 }
