@@ -1,8 +1,8 @@
 //! A race between cores: the source's core looks up where the destination agent is before the
 //! presence that places it on another relay arrives, and hands the envelope to the agent's home
 //! core, which heard the presence first and keeps the envelope for an agent that is not here.
-//! What was kept follows the agent to its relay on the next tick instead of waiting here until
-//! the agent's next presence (half a minute later) or its expiry.
+//! What was kept follows the agent to its relay on the next tick (once a link leads there)
+//! instead of waiting here until the agent's next presence (half a minute later) or its expiry.
 
 use std::sync::Arc;
 
@@ -86,15 +86,49 @@ fn an_envelope_kept_after_presence_placed_its_agent_elsewhere_follows_it_on_the_
         shard.describe_held()
     );
     assert_eq!(shard.fleet_waiting(), 0);
+    // The link to the agent's relay is down: no path there now, so the envelope stays kept here
+    // (it was ACKed) rather than waiting in a list that may refuse it.
     now.mono_us += 100_000;
     now.unix_ms += 100;
     shard.on_tick(now);
-    // The link to the agent's relay is down: the envelope waits for it, no longer kept here
-    // for an agent that is elsewhere.
+    assert!(
+        shard.describe_held().starts_with("held 1 envelopes"),
+        "{}",
+        shard.describe_held()
+    );
+    // The link comes up (on core 1): on the next tick the envelope follows its agent there.
+    shard.on_message(
+        CoreMsg::LinkUp {
+            peer: there,
+            core: 1,
+            conn: 9,
+            latency_us: 1_000,
+        },
+        now,
+    );
+    now.mono_us += 100_000;
+    now.unix_ms += 100;
+    shard.on_tick(now);
     assert!(
         shard.describe_held().starts_with("held 0 envelopes"),
         "still kept here: {}",
         shard.describe_held()
     );
-    assert_eq!(shard.fleet_waiting(), 1, "{}", shard.describe_mesh());
+    assert_eq!(shard.fleet_waiting(), 0, "{}", shard.describe_mesh());
+    let forwarded: Vec<RelayId> = shard
+        .outbox()
+        .queues_mut()
+        .flat_map(|(_, q)| q.drain(..))
+        .filter_map(|m| match m {
+            CoreMsg::Forward { env, peer, .. } if env.message_id() == MessageId::from_u128(1) => {
+                Some(peer)
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        forwarded,
+        vec![there],
+        "handed to the link's core for the agent's relay"
+    );
 }

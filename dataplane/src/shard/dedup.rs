@@ -125,6 +125,13 @@ impl Window {
         let (w, b) = Self::bit(c);
         self.bits[w] |= b;
     }
+
+    fn forget(&mut self, c: u64) {
+        if c <= self.max && self.max - c < WINDOW {
+            let (w, b) = Self::bit(c);
+            self.bits[w] &= !b;
+        }
+    }
 }
 
 type Key = (AgentId, u64);
@@ -171,6 +178,18 @@ impl Dedup {
         }
     }
 
+    /// Forgets that `id` from `source` was accepted: it left this relay's custody for another
+    /// relay, and may come back (then it is not a duplicate here).
+    pub(crate) fn forget(&mut self, source: &AgentId, id: MessageId) {
+        let (epoch, c) = split(id);
+        let key = (*source, epoch);
+        for windows in [&mut self.current, &mut self.previous] {
+            if let Some(w) = windows.get_mut(&key) {
+                w.forget(c);
+            }
+        }
+    }
+
     /// Takes a window recovered from the store (merged with what is already known).
     pub(crate) fn seed(&mut self, r: &WindowRecord) {
         let w = Window::of_record(r);
@@ -203,6 +222,23 @@ mod tests {
 
     fn id(epoch: u64, c: u64) -> MessageId {
         MessageId::from_u128((epoch as u128) << 64 | c as u128)
+    }
+
+    #[test]
+    fn an_envelope_that_left_for_another_relay_is_new_when_it_comes_back() {
+        let s = AgentId([4; 32]);
+        let mut d = Dedup::new(100);
+        for c in 1..=5 {
+            d.mark(s, id(2, c));
+        }
+        d.forget(&s, id(2, 3));
+        assert_eq!(d.seen(&s, id(2, 3)), Seen::New);
+        assert_eq!(d.seen(&s, id(2, 2)), Seen::Duplicate, "only that one");
+        assert_eq!(d.seen(&s, id(2, 4)), Seen::Duplicate);
+        // Forgetting what the window never held changes nothing.
+        d.forget(&s, id(2, 99));
+        d.forget(&AgentId([5; 32]), id(2, 3));
+        assert_eq!(d.seen(&s, id(2, 5)), Seen::Duplicate);
     }
 
     #[test]

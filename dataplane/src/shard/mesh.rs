@@ -24,7 +24,7 @@
 //! [`MAX_LOCATIONS`] per core; a full table gives up the oldest entry of the relay with the
 //! most, `super::presence`); the route cache.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use super::link::LinkView;
@@ -37,6 +37,8 @@ use crate::fleet::snapshot::Snapshot;
 use crate::fleet::transit::{self, Next, Place};
 use crate::wire::{AgentId, DeliveryClass, Envelope, Frame, PresenceEntry, Reason, RelayId};
 
+/// Memory of one agent noted to follow (its id, a control byte, the set's slack).
+const FOLLOW_ENTRY_BYTES: usize = 40;
 /// Agents one core knows the relay of, at most.
 pub const MAX_LOCATIONS: usize = 1 << 20;
 /// Envelopes waiting for a path tried again per call of `retry_waiting`.
@@ -66,9 +68,10 @@ pub(crate) struct Mesh {
     waiting_bytes: usize,
     /// Agents something was kept for on this core after presence had placed them on another
     /// relay (the source's core looked before the presence came, or their session here ended
-    /// after they attached elsewhere): what is kept follows them on the next tick. At most one
-    /// item per envelope kept since the last tick (the bounds of what is kept bound it).
-    follow: Vec<AgentId>,
+    /// after they attached elsewhere), or kept for there when a link came up: what is kept
+    /// follows them on the next tick. Each was kept for since the last tick, so the bounds of
+    /// what is kept bound it; emptied every tick, charged ([`FOLLOW_ENTRY_BYTES`]).
+    follow: HashSet<AgentId, crate::shard::hasher::MapHasher>,
 }
 
 impl Default for Mesh {
@@ -84,7 +87,7 @@ impl Default for Mesh {
             refreshed_us: 0,
             waiting: VecDeque::new(),
             waiting_bytes: 0,
-            follow: Vec::new(),
+            follow: HashSet::default(),
         }
     }
 }
@@ -95,9 +98,10 @@ impl Mesh {
         self.waiting.len()
     }
 
-    /// What the presence table takes, bytes (an entry and its share of the map's slack).
+    /// What the presence table takes, bytes (an entry and its share of the map's slack), and
+    /// the agents noted to follow.
     pub(crate) fn locations_bytes(&self) -> usize {
-        self.locations.bytes()
+        self.locations.bytes() + self.follow.capacity() * FOLLOW_ENTRY_BYTES
     }
 
     /// Frame bytes of the envelopes waiting for a path.
@@ -143,6 +147,14 @@ impl Shard {
         self.mesh.links.insert(peer, view);
         self.mesh.epoch += 1;
         self.retry_waiting(now);
+        // What is kept here for agents on other relays may have a path there now.
+        let me = self.cfg.relay_id;
+        let away: Vec<AgentId> = self
+            .held
+            .agents()
+            .filter(|a| self.mesh.remote_relay(a, me).is_some())
+            .collect();
+        self.mesh.follow.extend(away);
     }
 
     /// The link to `peer` went down.
@@ -200,7 +212,8 @@ impl Shard {
         // stored envelopes too: their records are released once the next relay took them (a
         // durable one: once the destination's relay stored it), so a crash before that sends
         // them again (the destination's relay drops the duplicate). Envelopes no compliant path
-        // can carry there stay: they were ACKed, and wait here for the agent, or their expiry.
+        // over the links up now can carry there (within their hop limit) stay: they were ACKed,
+        // and wait here for the agent, a link coming up, or their expiry.
         let me = self.cfg.relay_id;
         for e in fresh.iter().filter(|e| e.relay != me) {
             self.follow_agent(e.agent, e.relay, now);
@@ -227,14 +240,27 @@ impl Shard {
         let Some(kept) = self.held.take(&agent) else {
             return;
         };
-        let (stay, go): (Vec<Envelope>, Vec<Envelope>) = kept
-            .into_iter()
-            .partition(|env| !self.fleet_can_carry(env, &relay));
+        // One route search per kind of envelope (most of an agent's share constraints).
+        let mut known: Vec<(Constraints, u8, bool)> = Vec::new();
+        let (stay, go): (Vec<Envelope>, Vec<Envelope>) = kept.into_iter().partition(|env| {
+            let c = Constraints::of(env);
+            let hops = env.routing.hop_limit;
+            if let Some((_, _, can)) = known.iter().find(|(k, h, _)| *h == hops && *k == c) {
+                return !*can;
+            }
+            let can = self.fleet_can_carry(&c, hops, &relay);
+            if known.len() < 8 {
+                known.push((c, hops, can));
+            }
+            !can
+        });
         if !stay.is_empty() {
             self.held.keep_first(agent, stay);
         }
         for mut env in go {
             self.released.note_moved(&env);
+            // It may come back (its agent moves again): not a duplicate then.
+            self.dedup.forget(&env.source(), env.message_id());
             // Routed afresh from here, as if its source had sent it here (an envelope that
             // came over the fleet ended its path on this relay).
             env.routing = crate::wire::RoutingPart::origin(env.routing.hop_limit);
@@ -246,14 +272,19 @@ impl Shard {
     /// relay, what is kept follows it on the next tick ([`Shard::follow_kept`]).
     pub(super) fn kept_for(&mut self, agent: &AgentId) {
         if self.mesh.remote_relay(agent, self.cfg.relay_id).is_some() {
-            self.mesh.follow.push(*agent);
+            self.mesh.follow.insert(*agent);
         }
     }
 
     /// Run every tick: what was kept since the last one for agents that presence places on
     /// another relay follows them there (unless they attached here since).
     pub(super) fn follow_kept(&mut self, now: Now) {
-        for agent in std::mem::take(&mut self.mesh.follow) {
+        if self.mesh.follow.is_empty() {
+            return;
+        }
+        let agents: Vec<AgentId> = self.mesh.follow.drain().collect();
+        self.mesh.follow.shrink_to(64);
+        for agent in agents {
             if self.by_agent.contains_key(&agent) {
                 continue;
             }
@@ -500,8 +531,9 @@ impl Shard {
         self.wake_writer(id);
     }
 
-    /// Whether some compliant path (every link up) leads from here to `relay` for `env`.
-    fn fleet_can_carry(&mut self, env: &Envelope, relay: &RelayId) -> bool {
+    /// Whether a compliant path over the links up now, within `hop_limit` hops, leads from here
+    /// to `relay` for envelopes asking `c`.
+    fn fleet_can_carry(&mut self, c: &Constraints, hop_limit: u8, relay: &RelayId) -> bool {
         let (Some(snap), Some(me)) = (self.mesh.snap.clone(), self.mesh.me) else {
             return false;
         };
@@ -509,8 +541,16 @@ impl Shard {
             return false;
         };
         let g = Graph::with(&snap, self.mesh.adjacency(&snap));
-        g.route(&AllUp(&snap), me, egress, &Constraints::of(env))
-            .is_ok()
+        let links = Links {
+            snap: &snap,
+            me,
+            up: &self.mesh.links,
+        };
+        g.route(&links, me, egress, c).is_ok_and(|r| {
+            r.paths
+                .iter()
+                .any(|p| p.len() - 1 <= usize::from(hop_limit))
+        })
     }
 
     /// The transit decision for an envelope whose routing part names this relay at its hop.
