@@ -2067,6 +2067,8 @@ async fn read(
 ) -> ReadEnd {
     let mut end = ReadEnd::default();
     let mut beat = Heartbeat::new(opts.heartbeat, opts.answer_pings);
+    let lifo = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
     let mut acks = Vec::new();
     let mut batch = Vec::new();
     // Envelopes read, counted once per pass (and at the end for the last one).
@@ -2144,8 +2146,22 @@ async fn read(
             sh.queued.fetch_add(added, Ordering::Relaxed);
             sh.queued_bytes.fetch_add(added_bytes, Ordering::Relaxed);
         }
+        if inbox.is_closed() {
+            // The application is gone: unanswered, these are the relay's to deliver again to
+            // the next session.
+            batch.clear();
+            acks.clear();
+        }
+        // The application's task should run before the writer's ACK write, not after it: a
+        // multi-thread runtime runs the task woken last first (its LIFO slot), so there the
+        // ACKs are queued first; a current-thread runtime runs them in the order woken. Either
+        // way the writer cannot write the ACKs before the envelopes are handed over: it is woken
+        // on this thread, which is busy until this pass yields, and the application's task
+        // pushes it out of the unstealable slot only once the envelopes are in its inbox.
+        if lifo && !acks.is_empty() && out.send(Out::Acks(take_sized(&mut acks))).await.is_err() {
+            break;
+        }
         if !batch.is_empty() && inbox.send(handed(sh, &mut batch)).is_err() {
-            // The application is gone; the relay delivers these again to the next session.
             batch.clear();
         }
         if !acks.is_empty() && out.send(Out::Acks(take_sized(&mut acks))).await.is_err() {
