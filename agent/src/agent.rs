@@ -2154,12 +2154,17 @@ async fn read(
         }
         // The application's task should run before the writer's ACK write, not after it: a
         // multi-thread runtime runs the task woken last first (its LIFO slot), so there the
-        // ACKs are queued first; a current-thread runtime runs them in the order woken. Either
+        // ACKs are queued first (when the queue has room at once: this pass must not yield
+        // before the hand-over); a current-thread runtime runs them in the order woken. Either
         // way the writer cannot write the ACKs before the envelopes are handed over: it is woken
         // on this thread, which is busy until this pass yields, and the application's task
         // pushes it out of the unstealable slot only once the envelopes are in its inbox.
-        if lifo && !acks.is_empty() && out.send(Out::Acks(take_sized(&mut acks))).await.is_err() {
-            break;
+        if lifo && !acks.is_empty() {
+            match out.try_send(Out::Acks(take_sized(&mut acks))) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(Out::Acks(back))) => acks = back,
+                Err(_) => break,
+            }
         }
         if !batch.is_empty() && inbox.send(handed(sh, &mut batch)).is_err() {
             batch.clear();

@@ -80,22 +80,12 @@ fn an_envelope_kept_after_presence_placed_its_agent_elsewhere_follows_it_on_the_
         },
         now,
     );
-    assert!(
-        shard.describe_held().starts_with("held 1 envelopes"),
-        "kept for the absent agent: {}",
-        shard.describe_held()
-    );
+    assert_held(&shard, 1, "kept for the absent agent");
     assert_eq!(shard.fleet_waiting(), 0);
     // The link to the agent's relay is down: no path there now, so the envelope stays kept here
     // (it was ACKed) rather than waiting in a list that may refuse it.
-    now.mono_us += 100_000;
-    now.unix_ms += 100;
-    shard.on_tick(now);
-    assert!(
-        shard.describe_held().starts_with("held 1 envelopes"),
-        "{}",
-        shard.describe_held()
-    );
+    tick(&mut shard, &mut now);
+    assert_held(&shard, 1, "no path: kept");
     // The link comes up (on core 1): on the next tick the envelope follows its agent there.
     shard.on_message(
         CoreMsg::LinkUp {
@@ -106,14 +96,8 @@ fn an_envelope_kept_after_presence_placed_its_agent_elsewhere_follows_it_on_the_
         },
         now,
     );
-    now.mono_us += 100_000;
-    now.unix_ms += 100;
-    shard.on_tick(now);
-    assert!(
-        shard.describe_held().starts_with("held 0 envelopes"),
-        "still kept here: {}",
-        shard.describe_held()
-    );
+    tick(&mut shard, &mut now);
+    assert_held(&shard, 0, "still kept here");
     assert_eq!(shard.fleet_waiting(), 0, "{}", shard.describe_mesh());
     let forwarded: Vec<RelayId> = shard
         .outbox()
@@ -130,5 +114,20 @@ fn an_envelope_kept_after_presence_placed_its_agent_elsewhere_follows_it_on_the_
         forwarded,
         vec![there],
         "handed to the link's core for the agent's relay"
+    );
+}
+
+/// One tick (100 ms) later.
+fn tick(shard: &mut Shard, now: &mut Now) {
+    now.mono_us += 100_000;
+    now.unix_ms += 100;
+    shard.on_tick(*now);
+}
+
+fn assert_held(shard: &Shard, n: usize, why: &str) {
+    let held = shard.describe_held();
+    assert!(
+        held.starts_with(&format!("held {n} envelopes")),
+        "{why}: {held}"
     );
 }

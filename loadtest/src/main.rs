@@ -252,18 +252,18 @@ async fn run(a: RunArgs) -> anyhow::Result<Report> {
         let mut tasks = tokio::task::JoinSet::new();
         for idx in 0..agents {
             let (p, lv) = (params.clone(), live.clone());
-            match (&relays, &a.target) {
-                (Some(r), _) => tasks.spawn(openmesh::pair(r.clone(), idx, p, lv)),
-                (None, Some(_)) if p.backlog => {
+            match (&relays, &iroh, &a.target) {
+                (Some(r), ..) => tasks.spawn(openmesh::pair(r.clone(), idx, p, lv)),
+                (None, _, Some(_)) if p.backlog => {
                     bail!(
                         "the backlog scenario needs a target that keeps messages: OpenMesh relays"
                     )
                 }
-                (None, Some(_)) if iroh.is_some() => {
-                    tasks.spawn(iroh::pair(iroh.clone().expect("checked"), p, lv))
+                (None, Some(server), _) => tasks.spawn(iroh::pair(server.clone(), p, lv)),
+                (None, None, Some(url)) => {
+                    tasks.spawn(nats::pair(Arc::new(url.clone()), idx, p, lv))
                 }
-                (None, Some(url)) => tasks.spawn(nats::pair(Arc::new(url.clone()), idx, p, lv)),
-                (None, None) => unreachable!("either relays or a target"),
+                (None, None, None) => unreachable!("either relays or a target"),
             };
         }
         while let Some(r) = tasks.join_next().await {

@@ -266,20 +266,24 @@ pub async fn publish<P: Publisher>(
         let window = p.window.max(64);
         let (mut seq, mut written_off) = (0u64, 0u64);
         let mut buf = BytesMut::new();
+        // Written-off payloads that arrive late count as received: never ahead by less than 0.
+        let ahead = |seq: u64, written_off: u64| {
+            seq.saturating_sub(expect.got.load(Ordering::Acquire) + written_off)
+        };
         while Instant::now() < end {
-            let ahead = seq - expect.got.load(Ordering::Acquire) - written_off;
-            if ahead >= window {
+            let ahead_now = ahead(seq, written_off);
+            if ahead_now >= window {
                 out.push().await?;
                 let waiting = expect.progress.notified();
-                if expect.got.load(Ordering::Acquire) + written_off + window <= seq
+                if ahead(seq, written_off) >= window
                     && tokio::time::timeout(STALL, waiting).await.is_err()
                 {
-                    written_off = seq - expect.got.load(Ordering::Acquire);
+                    written_off = ahead(seq, 0);
                 }
                 continue;
             }
             let ns = live.now_ns();
-            let n = (window - ahead).min(256);
+            let n = (window - ahead_now).min(256);
             for _ in 0..n {
                 payload::fill(&mut buf, p.size, seq, ns);
                 out.send(buf.split().freeze()).await?;
