@@ -14,6 +14,10 @@
 //!   what was queued for the old connection is dropped (it is pending, so it was just written).
 //!   The queue carries the connection generation it was enqueued under, read under the same
 //!   lock that records the envelopes, so nothing slips between the two.
+//! - ACKs (the reader's for [`ClientConfig::auto_ack`], the application's) are held in
+//!   `HeldAcks` and written by the driver when the first has waited [`ACK_DELAY`], when a
+//!   quarter of the relay's deliver window waits, or with anything else it writes; they
+//!   survive a reconnection (bounded by [`MAX_HELD_ACKS`]).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
@@ -66,9 +70,33 @@ const RETRY_FIRST: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 /// How long past an envelope's expiry its receipt is still waited for, milliseconds.
 const RECEIPT_GRACE_MS: u64 = 60_000;
-/// Most ACKs kept while disconnected, to write on the next connection.
+/// Most ACKs held (waiting for company, or kept while disconnected to write on the next
+/// connection); beyond it an envelope stays unACKed and the relay delivers it again.
 const MAX_HELD_ACKS: usize = 65_536;
 const WRITE_COALESCE: usize = 256 << 10;
+/// Longest an ACK waits for company: at a low rate one ACK frame (one TLS record, one write,
+/// one wake-up of the writer here and of the reader at the relay) answers every envelope
+/// received in this span instead of each one. ACKs also leave with anything else written.
+const ACK_DELAY: Duration = Duration::from_millis(1);
+/// Share of the relay's deliver window (in envelopes and in bytes) from which held ACKs go out
+/// at once: the window never waits for them, whatever the rate.
+const ACK_EARLY_SHARE: u64 = 4;
+
+/// ACKs waiting to be written: the reader and [`Agent::ack`] put them here, the connection's
+/// writer takes them when they are due. Bounded by [`MAX_HELD_ACKS`].
+#[derive(Default)]
+struct HeldAcks {
+    ids: Vec<MessageId>,
+    /// Frame bytes of the envelopes they answer (those the reader ACKs).
+    bytes: u64,
+    /// When the first of them was held.
+    since: Option<Instant>,
+    /// Enough are held: they go at once.
+    urgent: bool,
+    /// Count and bytes from which they are urgent, from the session's WELCOME.
+    count: usize,
+    max_bytes: u64,
+}
 
 /// What became of one envelope (the relay's answer to it).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -479,8 +507,9 @@ struct Shared {
     st: Mutex<State>,
     /// Window room freed, or the agent closed.
     room: Notify,
-    /// A retry was scheduled.
+    /// A retry was scheduled, or ACKs were held: the writer looks again.
     wake: Notify,
+    acks: Mutex<HeldAcks>,
     counters: Counters,
     welcome: Mutex<Welcome>,
     /// Envelopes received and not yet taken by the application, and their frame bytes.
@@ -496,6 +525,57 @@ struct Shared {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn held_acks(&self) -> MutexGuard<'_, HeldAcks> {
+        self.acks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Holds ACKs for `ids` (answering `bytes` frame bytes) until the writer sends them; wakes
+    /// the writer for the first of them (it then waits [`ACK_DELAY`]) and when they become
+    /// urgent.
+    fn hold_acks(&self, ids: impl IntoIterator<Item = MessageId>, bytes: u64) {
+        let mut h = self.held_acks();
+        let before = h.ids.len();
+        let room = MAX_HELD_ACKS.saturating_sub(before);
+        h.ids.extend(ids.into_iter().take(room));
+        if h.ids.len() == before {
+            return;
+        }
+        h.bytes = h.bytes.saturating_add(bytes);
+        let first = h.since.is_none();
+        if first {
+            h.since = Some(Instant::now());
+        }
+        let urgent = h.ids.len() >= h.count || h.bytes >= h.max_bytes;
+        let wake = first || (urgent && !h.urgent);
+        h.urgent |= urgent;
+        drop(h);
+        if wake {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Moves the held ACKs to `out` when they are due (or with `all`); otherwise when they
+    /// will be.
+    fn due_acks(&self, all: bool, out: &mut Vec<MessageId>) -> Option<Instant> {
+        let mut h = self.held_acks();
+        let due = h.since? + ACK_DELAY;
+        if all || h.urgent || due <= Instant::now() {
+            out.append(&mut h.ids);
+            h.bytes = 0;
+            h.since = None;
+            h.urgent = false;
+            return None;
+        }
+        Some(due)
+    }
+
+    /// The thresholds for a new session: a share of its deliver window.
+    fn ack_limits(&self, w: &Welcome) {
+        let mut h = self.held_acks();
+        h.count = (w.deliver_window as u64 / ACK_EARLY_SHARE).max(1) as usize;
+        h.max_bytes = (w.deliver_window_bytes as u64 / ACK_EARLY_SHARE).max(1);
     }
 
     fn on_acks(&self, acks: &AckBatch) {
@@ -709,14 +789,9 @@ impl Shared {
 
 enum Out {
     /// Envelope frames, enqueued while connection `gen` was current.
-    Batch {
-        frames: Bytes,
-        gen: u64,
-    },
+    Batch { frames: Bytes, gen: u64 },
     /// A control frame for the current connection only (PING, PONG).
     Control(Bytes),
-    Ack(MessageId),
-    Acks(Vec<MessageId>),
     /// Write what is queued, CLOSE, wait for the relay's CLOSE until the deadline.
     Close {
         deadline: Instant,
@@ -884,6 +959,11 @@ impl Agent {
             }),
             room: Notify::new(),
             wake: Notify::new(),
+            acks: Mutex::new(HeldAcks {
+                count: 1,
+                max_bytes: 1,
+                ..HeldAcks::default()
+            }),
             counters: Counters::default(),
             welcome: Mutex::new(opened.welcome.clone()),
             queued: AtomicU64::new(0),
@@ -1217,7 +1297,8 @@ impl Agent {
     }
 
     /// ACKs a received envelope: the relay forgets it (and sends its source a receipt when one
-    /// was asked for). Best-effort envelopes need none. ACKs are batched into ACK frames.
+    /// was asked for). Best-effort envelopes need none. ACKs are batched into ACK frames: one
+    /// waits up to 1 ms for company before it is written (see [`ClientConfig::auto_ack`]).
     pub async fn ack(&self, env: &Envelope) -> Result<(), ClientError> {
         if env.class() == DeliveryClass::BestEffort {
             return Ok(());
@@ -1227,10 +1308,11 @@ impl Agent {
 
     /// ACKs a received envelope by message id.
     pub async fn ack_id(&self, id: MessageId) -> Result<(), ClientError> {
-        self.out
-            .send(Out::Ack(id))
-            .await
-            .map_err(|_| ClientError::Gone)
+        if self.out.is_closed() {
+            return Err(ClientError::Gone);
+        }
+        self.sh.hold_acks([id], 0);
+        Ok(())
     }
 
     /// Hands every received envelope to `handler` and ACKs it once the handler returns, until
@@ -1602,23 +1684,12 @@ async fn drive(
     let relays: Vec<SocketAddr> = cfg.relays().collect();
     let (mut idx, opened) = first;
     let mut next = Some(opened);
-    let mut held_acks: Vec<MessageId> = Vec::new();
     let mut redirect = None;
     loop {
         let opened = match next.take() {
             Some(o) => o,
             None => {
-                match reconnect(
-                    &sh,
-                    &cfg,
-                    &relays,
-                    &mut idx,
-                    redirect.take(),
-                    &mut out,
-                    &mut held_acks,
-                )
-                .await
-                {
+                match reconnect(&sh, &cfg, &relays, &mut idx, redirect.take(), &mut out).await {
                     Some(o) => {
                         bump(&sh.counters.reconnects, 1);
                         o
@@ -1637,7 +1708,7 @@ async fn drive(
             out_tx,
             inbox: &inbox,
         };
-        match conn.run(opened, std::mem::take(&mut held_acks)).await {
+        match conn.run(opened).await {
             Ended::Closed => break,
             Ended::Lost { redirect: r } => {
                 tracing::debug!(relay = %relays[idx], "connection lost; reconnecting");
@@ -1649,7 +1720,7 @@ async fn drive(
 }
 
 /// Reconnects through the relays with backoff. Meanwhile envelopes queued for the old
-/// connection are dropped (they are pending: the new connection writes them), ACKs are kept
+/// connection are dropped (they are pending: the new connection writes them), held ACKs wait
 /// for it, retries and TTLs run out. `None`: the agent closed first.
 async fn reconnect(
     sh: &Shared,
@@ -1658,7 +1729,6 @@ async fn reconnect(
     idx: &mut usize,
     redirect: Option<SocketAddr>,
     out: &mut mpsc::Receiver<Out>,
-    held_acks: &mut Vec<MessageId>,
 ) -> Option<Opened> {
     let mut wait = cfg.reconnect_initial;
     let mut target = redirect;
@@ -1673,8 +1743,6 @@ async fn reconnect(
                         _ = &mut sleep => break,
                         o = out.recv() => match o {
                             None | Some(Out::Close { .. }) => return None,
-                            Some(Out::Ack(id)) => hold(held_acks, [id]),
-                            Some(Out::Acks(ids)) => hold(held_acks, ids),
                             Some(Out::Batch { .. } | Out::Control(_)) => {}
                         },
                     }
@@ -1688,14 +1756,6 @@ async fn reconnect(
         match open(cfg, relay).await {
             Ok(o) => return Some(o),
             Err(e) => tracing::debug!(%relay, error = %e, "reconnect failed"),
-        }
-    }
-}
-
-fn hold(held: &mut Vec<MessageId>, ids: impl IntoIterator<Item = MessageId>) {
-    for id in ids {
-        if held.len() < MAX_HELD_ACKS {
-            held.push(id);
         }
     }
 }
@@ -1728,7 +1788,7 @@ struct Conn<'a> {
 }
 
 impl Conn<'_> {
-    async fn run(self, opened: Opened, held_acks: Vec<MessageId>) -> Ended {
+    async fn run(self, opened: Opened) -> Ended {
         let Conn {
             sh,
             cfg,
@@ -1801,7 +1861,9 @@ impl Conn<'_> {
             b.extend_from_slice(&buf);
             buf = b;
         }
-        let mut acks = held_acks;
+        sh.ack_limits(&welcome);
+        let mut acks = Vec::new();
+        sh.due_acks(true, &mut acks);
         flush_acks(&mut acks, &mut buf);
         if !buf.is_empty() && (wr.write_all(&buf).await.is_err() || wr.flush().await.is_err()) {
             reader.abort();
@@ -1811,6 +1873,7 @@ impl Conn<'_> {
 
         let mut swept = Instant::now();
         let mut rotate_at = sh.rotation_due_ms();
+        let mut acks_due = None;
         loop {
             let mut due = sh
                 .lock()
@@ -1823,6 +1886,9 @@ impl Conn<'_> {
             }
             if let Some(r) = sh.lock().republish_at {
                 due = due.min(r);
+            }
+            if let Some(a) = acks_due {
+                due = due.min(a);
             }
             let mut closing = None;
             tokio::select! {
@@ -1848,8 +1914,6 @@ impl Conn<'_> {
                                 }
                             }
                             Out::Control(f) => buf.extend_from_slice(&f),
-                            Out::Ack(id) => acks.push(id),
-                            Out::Acks(ids) => acks.extend(ids),
                             Out::Close { deadline, done } => {
                                 closing = Some((deadline, done));
                                 break;
@@ -1880,6 +1944,11 @@ impl Conn<'_> {
                 swept = Instant::now();
                 sh.lock().sweep_receipts(unix_ms());
             }
+            // Held ACKs go when due, or with anything else written.
+            acks_due = sh.due_acks(
+                !buf.is_empty() || wq.len() > 0 || closing.is_some(),
+                &mut acks,
+            );
             flush_acks(&mut acks, &mut buf);
             if let Some((deadline, done)) = closing {
                 Frame::Close(Close::new(Reason::Normal, "bye")).encode(&mut buf);
@@ -2038,13 +2107,6 @@ fn handed(sh: &Shared, batch: &mut Vec<Envelope>) -> Vec<Envelope> {
     std::mem::replace(batch, next)
 }
 
-/// Takes `v`'s items, leaving room for as many again: the next read's vector does not grow
-/// from empty.
-fn take_sized<T>(v: &mut Vec<T>) -> Vec<T> {
-    let n = v.len();
-    std::mem::replace(v, Vec::with_capacity(n))
-}
-
 struct ReadOpts {
     answer_pings: bool,
     auto_ack: bool,
@@ -2067,8 +2129,6 @@ async fn read(
 ) -> ReadEnd {
     let mut end = ReadEnd::default();
     let mut beat = Heartbeat::new(opts.heartbeat, opts.answer_pings);
-    let lifo = tokio::runtime::Handle::try_current()
-        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
     let mut acks = Vec::new();
     let mut batch = Vec::new();
     // Envelopes read, counted once per pass (and at the end for the last one).
@@ -2081,7 +2141,7 @@ async fn read(
             sh.queued.load(Ordering::Relaxed),
             sh.queued_bytes.load(Ordering::Relaxed),
         );
-        let (mut added, mut added_bytes) = (0u64, 0u64);
+        let (mut added, mut added_bytes, mut acked_bytes) = (0u64, 0u64, 0u64);
         loop {
             let f = match dec.decode(&mut rx) {
                 Ok(Some(f)) => f,
@@ -2109,6 +2169,7 @@ async fn read(
                     added_bytes += len;
                     if acked && opts.auto_ack {
                         acks.push(e.message_id());
+                        acked_bytes += len;
                     }
                     batch.push(e);
                 }
@@ -2152,26 +2213,13 @@ async fn read(
             batch.clear();
             acks.clear();
         }
-        // The application's task should run before the writer's ACK write, not after it: a
-        // multi-thread runtime runs the task woken last first (its LIFO slot), so there the
-        // ACKs are queued first (when the queue has room at once: this pass must not yield
-        // before the hand-over); a current-thread runtime runs them in the order woken. Either
-        // way the writer cannot write the ACKs before the envelopes are handed over: it is woken
-        // on this thread, which is busy until this pass yields, and the application's task
-        // pushes it out of the unstealable slot only once the envelopes are in its inbox.
-        if lifo && !acks.is_empty() {
-            match out.try_send(Out::Acks(take_sized(&mut acks))) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(Out::Acks(back))) => acks = back,
-                Err(_) => break,
-            }
-        }
+        // ACKed only once handed over: an envelope the application never got stays the
+        // relay's to deliver again.
         if !batch.is_empty() && inbox.send(handed(sh, &mut batch)).is_err() {
             batch.clear();
+            acks.clear();
         }
-        if !acks.is_empty() && out.send(Out::Acks(take_sized(&mut acks))).await.is_err() {
-            break;
-        }
+        sh.hold_acks(acks.drain(..), acked_bytes);
         match beat.read(&mut rd, &mut rx).await {
             Heard::Bytes | Heard::Nothing => {}
             Heard::Ping(f) => {

@@ -85,8 +85,10 @@ pub struct ClientConfig {
     /// Answer the relay's PINGs and PING a silent relay (turn off only to test dead-peer
     /// detection). A relay silent for three heartbeat intervals ends the session either way.
     pub answer_pings: bool,
-    /// ACK every received envelope as soon as the library decodes it (batched per read), instead
-    /// of waiting for an explicit ACK. For sinks and load generators.
+    /// ACK every received envelope as soon as the library hands it to the application, instead
+    /// of waiting for an explicit ACK. For sinks and load generators. ACKs, explicit or not,
+    /// wait up to 1 ms for company (or until a quarter of the relay's deliver window waits) and
+    /// leave with anything else written: one ACK frame answers many envelopes at any rate.
     pub auto_ack: bool,
     /// Local address to connect from (spreads many agents over 127.0.0.0/8).
     pub bind: Option<std::net::IpAddr>,
