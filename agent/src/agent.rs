@@ -940,7 +940,7 @@ impl Agent {
         let mut last = ClientError::Gone;
         let mut first = None;
         for (i, relay) in cfg.relays().enumerate() {
-            match open(&cfg, relay).await {
+            match open(&cfg, relay, cfg.deep_window()).await {
                 Ok(o) => {
                     first = Some((i, o));
                     break;
@@ -1753,7 +1753,7 @@ async fn reconnect(
                 relays[*idx]
             }
         };
-        match open(cfg, relay).await {
+        match open(cfg, relay, cfg.deep_window()).await {
             Ok(o) => return Some(o),
             Err(e) => tracing::debug!(%relay, error = %e, "reconnect failed"),
         }

@@ -154,4 +154,10 @@ impl ClientConfig {
     pub fn relays(&self) -> impl Iterator<Item = SocketAddr> + '_ {
         std::iter::once(self.relay).chain(self.fallback.iter().copied())
     }
+
+    /// Whether the window is deep enough for the relay to hold its ACKs to this agent for a
+    /// moment (the HELLO then offers `features::ACK_DELAY`).
+    pub(crate) fn deep_window(&self) -> bool {
+        self.window >= openmesh_dataplane::wire::features::ACK_DELAY_MIN_WINDOW
+    }
 }

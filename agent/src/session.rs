@@ -31,8 +31,8 @@ use tokio_rustls::TlsConnector;
 
 use openmesh_dataplane::tls::client_config;
 use openmesh_dataplane::wire::{
-    AckBatch, AgentId, Close, DeliveryClass, Destination, Envelope, EnvelopeBuilder, Frame,
-    FrameDecoder, GoingAway, MessageId, Nack, Ping, Pong, Reason, Receipt, Welcome,
+    features, AckBatch, AgentId, Close, DeliveryClass, Destination, Envelope, EnvelopeBuilder,
+    Frame, FrameDecoder, GoingAway, MessageId, Nack, Ping, Pong, Reason, Receipt, Welcome,
 };
 
 use crate::template::MessageIds;
@@ -151,13 +151,22 @@ pub(crate) struct Opened {
 }
 
 /// Connects to `relay`, sends HELLO and waits for WELCOME, all within `cfg.connect_timeout`.
-pub(crate) async fn open(cfg: &ClientConfig, relay: SocketAddr) -> Result<Opened, ClientError> {
+/// `ack_delay`: the caller keeps a window deep enough for the relay to hold its ACKs
+/// (`features::ACK_DELAY`, offered only then and when `cfg.hello` offers it).
+pub(crate) async fn open(
+    cfg: &ClientConfig,
+    relay: SocketAddr,
+    ack_delay: bool,
+) -> Result<Opened, ClientError> {
     let deadline = tokio::time::Instant::now() + cfg.connect_timeout;
     let mut link = tokio::time::timeout_at(deadline, connect_tls_to(cfg, relay))
         .await
         .map_err(|_| ClientError::Timeout)??;
-    link.write_all(&Frame::Hello(cfg.hello.clone()).to_bytes())
-        .await?;
+    let mut hello = cfg.hello.clone();
+    if !ack_delay {
+        hello.features &= !features::ACK_DELAY;
+    }
+    link.write_all(&Frame::Hello(hello).to_bytes()).await?;
     link.flush().await?;
     let mut rx = BytesMut::with_capacity(64 << 10);
     let mut dec = FrameDecoder::new(
@@ -198,7 +207,7 @@ impl Session {
             rx,
             dec,
             welcome,
-        } = open(&cfg, cfg.relay).await?;
+        } = open(&cfg, cfg.relay, false).await?;
         let (rd, wr) = tokio::io::split(link);
         let (out_tx, out_rx) = mpsc::channel(16_384);
         let (ev_tx, ev_rx) = mpsc::channel(1024);

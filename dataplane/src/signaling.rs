@@ -48,7 +48,7 @@ impl Default for ContractPolicy {
             min_version: PROTOCOL_VERSION_MIN,
             max_version: PROTOCOL_VERSION_MAX,
             role: Role::Agent,
-            features: crate::wire::features::RECEIPTS,
+            features: crate::wire::features::RECEIPTS | crate::wire::features::ACK_DELAY,
             heartbeat_ms: 10_000,
             heartbeat_min_ms: 1_000,
             heartbeat_max_ms: 60_000,

@@ -401,11 +401,15 @@ impl Sim {
     /// Carries out every shard's actions (one core each: nothing goes between cores).
     fn drive(&mut self) {
         for r in 0..self.shards.len() {
+            self.shards[r].flush_held_acks(self.now);
             while let Some(a) = self.shards[r].poll_action() {
                 match a {
                     Action::WakeWriter(c) => self.wake(r, c),
                     Action::Shutdown(c) => self.shut(r, c),
-                    Action::WakeReader(_) | Action::WakeStore | Action::LinkState(..) => {}
+                    Action::WakeReader(_)
+                    | Action::WakeStore
+                    | Action::LinkState(..)
+                    | Action::HeldAcks => {}
                 }
             }
             let mail: Vec<CoreMsg> = self.shards[r]

@@ -530,6 +530,7 @@ impl Sim {
     /// Carries out the shards' actions and moves their outboxes into the mail queues.
     fn drive(&mut self) {
         for core in 0..self.shards.len() {
+            self.shards[core].flush_held_acks(self.now);
             while let Some(a) = self.shards[core].poll_action() {
                 match a {
                     Action::WakeWriter(c) => {
@@ -538,7 +539,10 @@ impl Sim {
                         }
                     }
                     // Store operations are taken by `store_progress` at random moments.
-                    Action::WakeReader(_) | Action::WakeStore | Action::LinkState(..) => {}
+                    Action::WakeReader(_)
+                    | Action::WakeStore
+                    | Action::LinkState(..)
+                    | Action::HeldAcks => {}
                     Action::Shutdown(c) => {
                         if let Some(l) = self.link_of(core, c) {
                             self.end_link(l);
@@ -748,7 +752,12 @@ impl Sim {
                 min_version: PROTOCOL_VERSION_MIN,
                 max_version: PROTOCOL_VERSION_MAX,
                 role: Role::Agent,
-                features: 0,
+                // Half the agents let the relay hold its ACKs to them.
+                features: if agent % 2 == 1 {
+                    openmesh_dataplane::wire::features::ACK_DELAY
+                } else {
+                    0
+                },
                 transports: 1,
                 classes: DeliveryClass::AtLeastOnce.bit() | DeliveryClass::Durable.bit(),
                 max_frame: 1 << 20,

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::{free_port, fresh_dir, Relay};
 use openmesh_agent::{Agent, Batch, EnvelopeTemplate, Outcome};
-use openmesh_dataplane::wire::{DeliveryClass, Reason, EXTENSION_CRITICAL};
+use openmesh_dataplane::wire::{features, DeliveryClass, Reason, EXTENSION_CRITICAL};
 
 /// `n` envelopes from `a` to `to`, payload = sequence number (8 bytes, then zeros to `size`),
 /// sent in batches of `per_batch`; returns the batch handles.
@@ -111,6 +111,50 @@ async fn close_writes_every_ack_and_a_close_and_reports_nothing_unanswered() {
     assert_eq!(
         relay.metric("openmesh_envelopes_redelivered_total", &[]),
         0.0
+    );
+}
+
+/// ACKs that wait for company still come when nothing else is written. A sender with the
+/// default window (4,096) offers ACK_DELAY, so the relay may hold its ACKs up to 1 ms; one with
+/// a window of 64 does not. Envelopes sent one at a time, each outcome awaited before the next,
+/// are all accepted either way, and the receiver's own held ACKs all reach the relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_acks_answer_envelopes_sent_one_at_a_time() {
+    const EACH: u64 = 200;
+    let relay = Relay::start(&["--cores", "2"], None);
+    let mut b = Agent::connect(relay.config("held-b")).await.unwrap();
+    let to = b.id();
+    let deep = Agent::connect(relay.config("held-deep")).await.unwrap();
+    let mut cfg = relay.config("held-shallow");
+    cfg.window = 64;
+    let shallow = Agent::connect(cfg).await.unwrap();
+    assert_ne!(
+        deep.welcome().features & features::ACK_DELAY,
+        0,
+        "offered, granted"
+    );
+    assert_eq!(
+        shallow.welcome().features & features::ACK_DELAY,
+        0,
+        "not offered"
+    );
+    for (k, a) in [&deep, &shallow].into_iter().enumerate() {
+        for i in 0..EACH {
+            let seq = k as u64 * EACH + i;
+            let env = a.envelope_to(to).build(&seq.to_be_bytes()).unwrap();
+            let mut h = a.send(&env).await.unwrap();
+            let o = tokio::time::timeout(Duration::from_secs(5), h.outcome())
+                .await
+                .expect("an ACK held for more than 5 s");
+            assert_eq!(o, Outcome::Accepted);
+        }
+    }
+    let got = receive_distinct(&mut b, 2 * EACH as usize).await;
+    assert_eq!(got.len() as u64, 2 * EACH);
+    assert_eq!(
+        relay.settled_metric("openmesh_acks_received_total", &[], 2.0 * EACH as f64),
+        2.0 * EACH as f64,
+        "the receiver's last held ACKs went out with nothing else to carry them"
     );
 }
 

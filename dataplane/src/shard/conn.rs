@@ -57,6 +57,8 @@ pub(crate) struct AgentSession {
     pub(crate) dir_window_us: u64,
     /// When the agent last published its bundle (0: never).
     pub(crate) last_publish_us: u64,
+    /// ACKs to send are held until then (the agent offered `features::ACK_DELAY`).
+    pub(crate) acks_due_us: Option<u64>,
 }
 
 impl AgentSession {
@@ -83,6 +85,7 @@ impl AgentSession {
             dir_requests: 0,
             dir_window_us: now.mono_us,
             last_publish_us: 0,
+            acks_due_us: None,
         }
     }
 }
@@ -296,6 +299,9 @@ impl Shard {
         c.moving_to = None;
         c.reader_parked = false;
         c.writer_awake = false;
+        // ACKs held on the old core have no timer here: they go with the first write.
+        c.a.acks_due_us = None;
+        let owed = !c.a.acks_to_send.is_empty();
         if c.link.is_some() {
             // A link that arrived on another core's listener: it says LINK_HELLO from here.
             self.conns.insert(id, *c);
@@ -326,6 +332,9 @@ impl Shard {
         self.attach_here(id, now);
         if self.conns.get(&id).is_some_and(|c| !c.closing) {
             self.process_input(id, now);
+        }
+        if owed {
+            self.wake_writer(id);
         }
         id
     }

@@ -15,9 +15,9 @@
 use super::budget::Overload;
 use super::conn::{PACED_SOURCES_MAX, PACE_MAX_US};
 use super::msg::{CoreMsg, Src, Verdict};
-use super::{dest_agent, ConnId, Now, Shard};
+use super::{dest_agent, Action, ConnId, Now, Shard};
 use crate::routing::Route;
-use crate::wire::{DeliveryClass, Envelope, MessageId, Reason};
+use crate::wire::{features, DeliveryClass, Envelope, MessageId, Reason};
 
 /// Reasons that are about the envelope itself; best-effort envelopes are NACKed only for these.
 fn about_the_envelope(r: Reason) -> bool {
@@ -370,7 +370,24 @@ impl Shard {
                 }
                 if class != DeliveryClass::BestEffort {
                     c.a.acks_to_send.push(id);
-                    wake = true;
+                    // An agent with a deep window gets its ACKs in groups: held up to
+                    // ACK_HOLD_MS unless enough wait or the writer runs anyway.
+                    let hold = !c.writer_awake
+                        && c.a.acks_to_send.len() < features::ACK_HOLD_MAX
+                        && c.a
+                            .contract
+                            .as_ref()
+                            .is_some_and(|w| w.features & features::ACK_DELAY != 0);
+                    if !hold {
+                        wake = true;
+                    } else if c.a.acks_due_us.is_none() {
+                        let due = now.mono_us + features::ACK_HOLD_MS * 1000;
+                        c.a.acks_due_us = Some(due);
+                        if self.acks_held.is_empty() {
+                            self.actions.push_back(Action::HeldAcks);
+                        }
+                        self.acks_held.push_back((due, conn));
+                    }
                 }
             }
             Err(r) if class == DeliveryClass::BestEffort && !about_the_envelope(r) => {

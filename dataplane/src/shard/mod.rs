@@ -191,6 +191,9 @@ pub enum Action {
     WakeStore,
     /// The relay link to this relay went up (`true`) or down: the dialler's view.
     LinkState(RelayId, bool),
+    /// ACKs are held where none were: call [`Shard::flush_held_acks`] at
+    /// [`Shard::held_acks_due`].
+    HeldAcks,
 }
 
 /// Whether a reader may read now.
@@ -244,6 +247,10 @@ pub struct Shard {
     handed_off: u64,
     /// Readers parked on the outbox high-water mark.
     parked_on_outbox: Vec<ConnId>,
+    /// Sessions whose ACKs are held, with when they are due, in that order (a constant delay).
+    /// One entry per session holding; an entry whose ACKs left earlier (with another write)
+    /// stays until its time, so at most the sessions plus the writes of one hold time.
+    acks_held: VecDeque<(u64, ConnId)>,
     budget: ShardBudget,
     /// What each source has in this shard's custody.
     sources: SourceQuota,
@@ -315,6 +322,7 @@ impl Shard {
             spare_buffers: Vec::new(),
             handed_off: 0,
             parked_on_outbox: Vec::new(),
+            acks_held: VecDeque::new(),
             durable: None,
             dedup: dedup::Dedup::new(settings_dedup),
         }
@@ -329,6 +337,29 @@ impl Shard {
         let (d, recovered) = durable::Durable::new(store, self.id);
         self.durable = Some(d);
         self.keep_recovered(recovered);
+    }
+
+    /// When the first held ACKs are due: call [`Shard::flush_held_acks`] then.
+    pub fn held_acks_due(&self) -> Option<u64> {
+        self.acks_held.front().map(|(due, _)| *due)
+    }
+
+    /// Wakes the writers of the sessions whose held ACKs are due.
+    pub fn flush_held_acks(&mut self, now: Now) {
+        while let Some(&(due, conn)) = self.acks_held.front() {
+            if due > now.mono_us {
+                break;
+            }
+            self.acks_held.pop_front();
+            let Some(c) = self.conns.get_mut(&conn) else {
+                continue;
+            };
+            // A later due time has its own entry.
+            if c.a.acks_due_us.is_some_and(|d| d <= now.mono_us) {
+                c.a.acks_due_us = None;
+                self.wake_writer(conn);
+            }
+        }
     }
 
     /// The next thing the engine must do.

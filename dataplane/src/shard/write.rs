@@ -135,6 +135,7 @@ impl Conn {
 
     /// Moves the ACKs waiting to be sent into the control buffer.
     pub(super) fn encode_acks(&mut self, m: &CoreMetrics) {
+        self.a.acks_due_us = None;
         while !self.a.acks_to_send.is_empty() {
             let n = self.a.acks_to_send.len().min(MAX_ACK_BATCH);
             let batch = AckBatch::new(self.a.acks_to_send.drain(..n));

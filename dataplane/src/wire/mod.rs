@@ -39,8 +39,18 @@ pub const ENVELOPE_VERSION: u8 = 2;
 pub mod features {
     /// The peer understands RECEIPT frames.
     pub const RECEIPTS: u32 = 1 << 0;
+    /// The agent's window is deep enough (1,024 envelopes or more) that the relay may hold
+    /// its ACKs to it for a moment: up to [`ACK_HOLD_MS`] or until [`ACK_HOLD_MAX`] wait.
+    pub const ACK_DELAY: u32 = 1 << 1;
     /// Every bit this version defines; the others are sent as 0 and ignored.
-    pub const KNOWN: u32 = RECEIPTS;
+    pub const KNOWN: u32 = RECEIPTS | ACK_DELAY;
+
+    /// Longest the relay holds an ACK to an agent that offered [`ACK_DELAY`], milliseconds.
+    pub const ACK_HOLD_MS: u64 = 1;
+    /// Most ACKs the relay holds for such an agent before it writes them at once.
+    pub const ACK_HOLD_MAX: usize = 256;
+    /// Smallest window an agent offering [`ACK_DELAY`] keeps: four times [`ACK_HOLD_MAX`].
+    pub const ACK_DELAY_MIN_WINDOW: u32 = 1024;
 }
 
 /// What the peer on a link is.
