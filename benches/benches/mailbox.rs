@@ -58,6 +58,7 @@ fn handoff(c: &mut Criterion) {
                                 tag: env.message_id(),
                                 relay: false,
                                 len: env.frame_len() as u32,
+                                hold: false,
                             }),
                         },
                     );

@@ -72,6 +72,7 @@ fn an_envelope_kept_after_presence_placed_its_agent_elsewhere_follows_it_on_the_
         tag: MessageId::from_u128(1),
         relay: false,
         len: env.frame_len() as u32,
+        hold: false,
     };
     shard.on_message(
         CoreMsg::Deliver {

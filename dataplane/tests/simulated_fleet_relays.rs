@@ -401,7 +401,7 @@ impl Sim {
     /// Carries out every shard's actions (one core each: nothing goes between cores).
     fn drive(&mut self) {
         for r in 0..self.shards.len() {
-            self.shards[r].flush_held_acks(self.now);
+            self.shards[r].flush_held(self.now);
             while let Some(a) = self.shards[r].poll_action() {
                 match a {
                     Action::WakeWriter(c) => self.wake(r, c),
@@ -409,7 +409,7 @@ impl Sim {
                     Action::WakeReader(_)
                     | Action::WakeStore
                     | Action::LinkState(..)
-                    | Action::HeldAcks => {}
+                    | Action::Held => {}
                 }
             }
             let mail: Vec<CoreMsg> = self.shards[r]

@@ -530,7 +530,7 @@ impl Sim {
     /// Carries out the shards' actions and moves their outboxes into the mail queues.
     fn drive(&mut self) {
         for core in 0..self.shards.len() {
-            self.shards[core].flush_held_acks(self.now);
+            self.shards[core].flush_held(self.now);
             while let Some(a) = self.shards[core].poll_action() {
                 match a {
                     Action::WakeWriter(c) => {
@@ -542,7 +542,7 @@ impl Sim {
                     Action::WakeReader(_)
                     | Action::WakeStore
                     | Action::LinkState(..)
-                    | Action::HeldAcks => {}
+                    | Action::Held => {}
                     Action::Shutdown(c) => {
                         if let Some(l) = self.link_of(core, c) {
                             self.end_link(l);

@@ -115,30 +115,39 @@ async fn close_writes_every_ack_and_a_close_and_reports_nothing_unanswered() {
 }
 
 /// ACKs that wait for company still come when nothing else is written. A sender with the
-/// default window (4,096) offers ACK_DELAY, so the relay may hold its ACKs up to 1 ms; one with
-/// a window of 64 does not. Envelopes sent one at a time, each outcome awaited before the next,
-/// are all accepted either way, and the receiver's own held ACKs all reach the relay.
+/// default window (4,096) offers ACK_DELAY, so the relay may hold its ACKs, and the verdicts
+/// another core sends back for it, up to 1 ms; one with a window of 64 does not. Envelopes sent
+/// one at a time, each outcome awaited before the next, are all accepted either way (four
+/// deep senders: some live on the receiver's core, some on the other), and the receiver's own
+/// held ACKs all reach the relay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn held_acks_answer_envelopes_sent_one_at_a_time() {
-    const EACH: u64 = 200;
+    const EACH: u64 = 50;
     let relay = Relay::start(&["--cores", "2"], None);
     let mut b = Agent::connect(relay.config("held-b")).await.unwrap();
     let to = b.id();
-    let deep = Agent::connect(relay.config("held-deep")).await.unwrap();
+    let mut senders = Vec::new();
+    for k in 0..4 {
+        let a = Agent::connect(relay.config(&format!("held-deep-{k}")))
+            .await
+            .unwrap();
+        assert_ne!(
+            a.welcome().features & features::ACK_DELAY,
+            0,
+            "offered, granted"
+        );
+        senders.push(a);
+    }
     let mut cfg = relay.config("held-shallow");
     cfg.window = 64;
     let shallow = Agent::connect(cfg).await.unwrap();
-    assert_ne!(
-        deep.welcome().features & features::ACK_DELAY,
-        0,
-        "offered, granted"
-    );
     assert_eq!(
         shallow.welcome().features & features::ACK_DELAY,
         0,
         "not offered"
     );
-    for (k, a) in [&deep, &shallow].into_iter().enumerate() {
+    senders.push(shallow);
+    for (k, a) in senders.iter().enumerate() {
         for i in 0..EACH {
             let seq = k as u64 * EACH + i;
             let env = a.envelope_to(to).build(&seq.to_be_bytes()).unwrap();
@@ -149,11 +158,12 @@ async fn held_acks_answer_envelopes_sent_one_at_a_time() {
             assert_eq!(o, Outcome::Accepted);
         }
     }
-    let got = receive_distinct(&mut b, 2 * EACH as usize).await;
-    assert_eq!(got.len() as u64, 2 * EACH);
+    let n = senders.len() as u64 * EACH;
+    let got = receive_distinct(&mut b, n as usize).await;
+    assert_eq!(got.len() as u64, n);
     assert_eq!(
-        relay.settled_metric("openmesh_acks_received_total", &[], 2.0 * EACH as f64),
-        2.0 * EACH as f64,
+        relay.settled_metric("openmesh_acks_received_total", &[], n as f64),
+        n as f64,
         "the receiver's last held ACKs went out with nothing else to carry them"
     );
 }

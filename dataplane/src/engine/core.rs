@@ -43,8 +43,8 @@ struct Core {
     /// Wake the store tasks (main: writes and syncs; side: segments created ahead, removed).
     store_wake: Notify,
     store_side_wake: Notify,
-    /// ACKs are held where none were ([`Action::HeldAcks`]).
-    acks_wake: Notify,
+    /// ACKs are held where none were ([`Action::Held`]).
+    held_wake: Notify,
 }
 
 thread_local! {
@@ -107,7 +107,7 @@ pub(crate) fn run(
             drain_reported: Cell::new(false),
             store_wake: Notify::new(),
             store_side_wake: Notify::new(),
-            acks_wake: Notify::new(),
+            held_wake: Notify::new(),
         });
         if let (true, Some(sc)) = (has_store, core.cfg.store.as_ref()) {
             let files = Rc::new(uring::StoreFiles::new(sc.dir.clone(), id));
@@ -119,7 +119,7 @@ pub(crate) fn run(
             uring::spawn(accept_loop(core.clone(), true));
         }
         uring::spawn(tick_loop(core.clone()));
-        uring::spawn(held_acks_loop(core.clone()));
+        uring::spawn(held_loop(core.clone()));
         tracing::debug!(core = id, "core running");
         core.clone().mailbox_loop().await;
     });
@@ -173,18 +173,18 @@ async fn tick_loop(core: Rc<Core>) {
 }
 
 /// Writes held ACKs when they are due (a timer only while some are held).
-async fn held_acks_loop(core: Rc<Core>) {
+async fn held_loop(core: Rc<Core>) {
     loop {
-        let due = core.shard.borrow().held_acks_due();
+        let due = core.shard.borrow().held_due();
         let Some(due) = due else {
-            core.acks_wake.notified().await;
+            core.held_wake.notified().await;
             continue;
         };
         let wait = due.saturating_sub(now_us());
         if wait > 0 {
             tokio::time::sleep(Duration::from_micros(wait)).await;
         }
-        core.shard.borrow_mut().flush_held_acks(now());
+        core.shard.borrow_mut().flush_held(now());
         core.drive();
     }
 }
@@ -357,8 +357,8 @@ impl Core {
                     }
                     continue;
                 }
-                Action::HeldAcks => {
-                    self.acks_wake.notify_one();
+                Action::Held => {
+                    self.held_wake.notify_one();
                     continue;
                 }
             };
@@ -373,7 +373,7 @@ impl Core {
                     io.wake_reader.notify_one();
                     io.wake_writer.notify_one();
                 }
-                Action::WakeStore | Action::LinkState(..) | Action::HeldAcks => {}
+                Action::WakeStore | Action::LinkState(..) | Action::Held => {}
             }
         }
         let mut shard = self.shard.borrow_mut();

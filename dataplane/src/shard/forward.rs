@@ -35,6 +35,11 @@ impl Shard {
             tag,
             relay: false,
             len: env.frame_len() as u32,
+            hold: self
+                .conns
+                .get(&src)
+                .and_then(|c| c.a.contract.as_ref())
+                .is_some_and(|w| w.features & features::ACK_DELAY != 0),
         };
         let class = env.class();
         let len_of_later = env.frame_len();
@@ -307,6 +312,8 @@ impl Shard {
         };
         if src.core == self.id {
             self.on_verdict(v, now);
+        } else if src.hold {
+            self.hold_verdict(src.core, v, now);
         } else {
             self.outbox.verdict(src.core, v);
         }
@@ -384,7 +391,7 @@ impl Shard {
                         let due = now.mono_us + features::ACK_HOLD_MS * 1000;
                         c.a.acks_due_us = Some(due);
                         if self.acks_held.is_empty() {
-                            self.actions.push_back(Action::HeldAcks);
+                            self.actions.push_back(Action::Held);
                         }
                         self.acks_held.push_back((due, conn));
                     }

@@ -851,6 +851,7 @@ impl Shard {
             tag: crate::wire::MessageId::from_u128(u128::from(seq)),
             relay: true,
             len: env.frame_len() as u32,
+            hold: false,
         };
         let class = env.class();
         if let Some(c) = self.conns.get_mut(&conn) {

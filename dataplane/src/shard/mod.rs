@@ -191,9 +191,9 @@ pub enum Action {
     WakeStore,
     /// The relay link to this relay went up (`true`) or down: the dialler's view.
     LinkState(RelayId, bool),
-    /// ACKs are held where none were: call [`Shard::flush_held_acks`] at
-    /// [`Shard::held_acks_due`].
-    HeldAcks,
+    /// ACKs to an agent or verdicts to another core are held where none were: call
+    /// [`Shard::flush_held`] at [`Shard::held_due`].
+    Held,
 }
 
 /// Whether a reader may read now.
@@ -251,6 +251,10 @@ pub struct Shard {
     /// One entry per session holding; an entry whose ACKs left earlier (with another write)
     /// stays until its time, so at most the sessions plus the writes of one hold time.
     acks_held: VecDeque<(u64, ConnId)>,
+    /// Verdicts held for each core (for sources that let their answers wait, `Src::hold`),
+    /// and when the first of them is due (0: none held). At most [`MAX_COALESCED`] per core:
+    /// then they go at once.
+    verdicts_held: Vec<(Vec<msg::Verdict>, u64)>,
     budget: ShardBudget,
     /// What each source has in this shard's custody.
     sources: SourceQuota,
@@ -323,6 +327,7 @@ impl Shard {
             handed_off: 0,
             parked_on_outbox: Vec::new(),
             acks_held: VecDeque::new(),
+            verdicts_held: (0..ncores).map(|_| (Vec::new(), 0)).collect(),
             durable: None,
             dedup: dedup::Dedup::new(settings_dedup),
         }
@@ -339,13 +344,51 @@ impl Shard {
         self.keep_recovered(recovered);
     }
 
-    /// When the first held ACKs are due: call [`Shard::flush_held_acks`] then.
-    pub fn held_acks_due(&self) -> Option<u64> {
-        self.acks_held.front().map(|(due, _)| *due)
+    /// When the first held ACKs or verdicts are due: call [`Shard::flush_held`] then.
+    pub fn held_due(&self) -> Option<u64> {
+        let verdicts = self
+            .verdicts_held
+            .iter()
+            .filter(|(v, _)| !v.is_empty())
+            .map(|(_, due)| *due);
+        self.acks_held
+            .front()
+            .map(|(due, _)| *due)
+            .into_iter()
+            .chain(verdicts)
+            .min()
     }
 
-    /// Wakes the writers of the sessions whose held ACKs are due.
-    pub fn flush_held_acks(&mut self, now: Now) {
+    /// Holds verdict `v` for `core` (its source let it wait): it goes when due, when enough
+    /// wait, or with the next message to that core.
+    pub(super) fn hold_verdict(&mut self, core: u16, v: msg::Verdict, now: Now) {
+        let (held, due) = &mut self.verdicts_held[core as usize];
+        if held.is_empty() {
+            *due = now.mono_us + crate::wire::features::ACK_HOLD_MS * 1000;
+            self.actions.push_back(Action::Held);
+        }
+        held.push(v);
+        if held.len() >= msg::MAX_COALESCED {
+            self.release_verdicts(core as usize);
+        }
+    }
+
+    /// Moves the verdicts held for `core` to the outbox.
+    fn release_verdicts(&mut self, core: usize) {
+        let (held, _) = &mut self.verdicts_held[core];
+        for v in held.drain(..) {
+            self.outbox.verdict(core as u16, v);
+        }
+    }
+
+    /// Wakes the writers of the sessions whose held ACKs are due, and sends the verdicts due.
+    pub fn flush_held(&mut self, now: Now) {
+        for core in 0..self.verdicts_held.len() {
+            let (held, due) = &self.verdicts_held[core];
+            if !held.is_empty() && *due <= now.mono_us {
+                self.release_verdicts(core);
+            }
+        }
         while let Some(&(due, conn)) = self.acks_held.front() {
             if due > now.mono_us {
                 break;
@@ -383,6 +426,12 @@ impl Shard {
 
     /// Messages for other cores; the engine moves them into the mailboxes.
     pub fn outbox(&mut self) -> &mut Outbox {
+        // Held verdicts go with any other message to their core.
+        for core in 0..self.verdicts_held.len() {
+            if !self.verdicts_held[core].0.is_empty() && !self.outbox.per_core[core].is_empty() {
+                self.release_verdicts(core);
+            }
+        }
         let handed = std::mem::take(&mut self.handed_off);
         if handed > 0 {
             self.m.mailbox_sent.increment(handed);

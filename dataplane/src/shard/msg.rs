@@ -32,6 +32,9 @@ pub struct Src {
     /// The envelope's frame length when it arrived (its routing part may change on the way:
     /// the source counts this while it waits, and counts this off).
     pub len: u32,
+    /// The source lets its answer wait (an agent that offered `features::ACK_DELAY`): another
+    /// core may hold the verdict up to `features::ACK_HOLD_MS` to send it with others.
+    pub hold: bool,
 }
 
 /// A message between cores.
