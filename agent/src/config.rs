@@ -158,6 +158,7 @@ impl ClientConfig {
     /// Whether the window is deep enough for the relay to hold its ACKs to this agent for a
     /// moment (the HELLO then offers `features::ACK_DELAY`).
     pub(crate) fn deep_window(&self) -> bool {
-        self.window >= openmesh_dataplane::wire::features::ACK_DELAY_MIN_WINDOW
+        let min = openmesh_dataplane::wire::features::ACK_DELAY_MIN_WINDOW;
+        self.window >= min && self.destination_window >= min
     }
 }

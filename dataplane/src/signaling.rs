@@ -72,7 +72,8 @@ impl Default for ContractPolicy {
 /// - version: the highest version in both ranges, else `NoCommonVersion` (checked first: an
 ///   older version's HELLO carries nothing else this build can read);
 /// - role: must be the listener's, else `NotAdmitted`;
-/// - features: those both support;
+/// - features: those both support (ACK_DELAY only with a send window of at least
+///   [`crate::wire::features::ACK_DELAY_MIN_WINDOW`]: the agent's window is clamped to it);
 /// - heartbeat: the agent's wish clamped to the relay's bounds (0: the relay's default);
 /// - max frame: the smaller of the two, never below [`MIN_FRAME`];
 /// - classes: those both want; an agent that names none gets all the relay serves, an agent whose
@@ -96,6 +97,11 @@ pub fn negotiate(
         h => h.clamp(policy.heartbeat_min_ms, policy.heartbeat_max_ms),
     };
     let max_frame = hello.max_frame.max(MIN_FRAME).min(policy.max_frame);
+    let shallow = if policy.send_window < crate::wire::features::ACK_DELAY_MIN_WINDOW {
+        crate::wire::features::ACK_DELAY
+    } else {
+        0
+    };
     let classes = match hello.classes {
         0 => policy.classes,
         c if c & policy.classes == 0 => return Err(Reason::ClassNotAllowed),
@@ -104,7 +110,7 @@ pub fn negotiate(
     Ok(Welcome {
         version,
         role: hello.role,
-        features: hello.features & policy.features,
+        features: hello.features & policy.features & !shallow,
         session_id,
         relay_id,
         agent_id,
@@ -207,6 +213,27 @@ mod tests {
         h.role = Role::RelayLink;
         let r = negotiate(&h, &policy(1, 9), 7, RelayId::default(), AgentId::default());
         assert_eq!(r, Err(Reason::NotAdmitted));
+    }
+
+    #[test]
+    fn ack_delay_is_granted_only_with_a_deep_send_window() {
+        let mut h = hello(1, 9);
+        h.features |= features::ACK_DELAY;
+        let mut p = policy(1, 9);
+        let grant = |p: &ContractPolicy| {
+            negotiate(&h, p, 7, RelayId::default(), AgentId::default())
+                .unwrap()
+                .features
+                & features::ACK_DELAY
+        };
+        p.send_window = features::ACK_DELAY_MIN_WINDOW;
+        assert_eq!(grant(&p), features::ACK_DELAY);
+        p.send_window = features::ACK_DELAY_MIN_WINDOW - 1;
+        assert_eq!(
+            grant(&p),
+            0,
+            "the agent's window would be clamped below the minimum"
+        );
     }
 
     #[test]

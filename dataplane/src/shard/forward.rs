@@ -312,7 +312,9 @@ impl Shard {
         };
         if src.core == self.id {
             self.on_verdict(v, now);
-        } else if src.hold {
+        } else if src.hold && v.result == Ok(false) {
+            // Only a plain "taken": a congestion verdict must not arrive after the `Resume`
+            // that lifts it, nor a refusal wait.
             self.hold_verdict(src.core, v, now);
         } else {
             self.outbox.verdict(src.core, v);

@@ -247,7 +247,9 @@ pub struct Shard {
     handed_off: u64,
     /// Readers parked on the outbox high-water mark.
     parked_on_outbox: Vec<ConnId>,
-    /// Sessions whose ACKs are held, with when they are due, in that order (a constant delay).
+    /// Sessions whose ACKs are held, with when they are due, in that order (a constant delay;
+    /// a time read earlier in the same batch of messages can put one a little behind a later
+    /// one, which then waits that little longer).
     /// One entry per session holding; an entry whose ACKs left earlier (with another write)
     /// stays until its time, so at most the sessions plus the writes of one hold time.
     acks_held: VecDeque<(u64, ConnId)>,

@@ -39,8 +39,11 @@ pub const ENVELOPE_VERSION: u8 = 2;
 pub mod features {
     /// The peer understands RECEIPT frames.
     pub const RECEIPTS: u32 = 1 << 0;
-    /// The agent's window is deep enough (1,024 envelopes or more) that the relay may hold
-    /// its ACKs to it for a moment: up to [`ACK_HOLD_MS`] or until [`ACK_HOLD_MAX`] wait.
+    /// The agent's windows (the session's and each destination's) are deep enough (1,024
+    /// envelopes or more) that the relay may let its answers to it wait for company:
+    /// [`ACK_HOLD_MS`] at each of the relay's cores the answer crosses (about 2 ms at most,
+    /// plus timer rounding), or until [`ACK_HOLD_MAX`] wait. Granted only by a relay whose
+    /// send window is that deep too.
     pub const ACK_DELAY: u32 = 1 << 1;
     /// Every bit this version defines; the others are sent as 0 and ignored.
     pub const KNOWN: u32 = RECEIPTS | ACK_DELAY;
