@@ -259,7 +259,7 @@ pub fn describe() {
     describe_counter!(
         UNSHARED,
         Unit::Count,
-        "Envelopes held past a tick and moved off the read buffers they pinned."
+        "Envelopes held a whole tick and moved off the read buffers they pinned."
     );
     describe_counter!(
         RECEIPTS,

@@ -36,6 +36,8 @@ pub(crate) struct Inflight {
     index: Option<HashMap<MessageId, VecDeque<u64>, crate::shard::hasher::MapHasher>>,
     /// Envelopes at the front of `order` already moved off their read buffers.
     unshared: usize,
+    /// Envelopes at the front of `order` that were there at the last tick.
+    aged: usize,
 }
 
 struct Slot {
@@ -199,6 +201,7 @@ impl Inflight {
                 }
                 self.front_seq += 1;
                 self.unshared = self.unshared.saturating_sub(1);
+                self.aged = self.aged.saturating_sub(1);
             }
         }
         if self.order.is_empty() {
@@ -206,15 +209,17 @@ impl Inflight {
         }
     }
 
-    /// Moves every envelope not yet moved off its read buffer into its own allocation (see
-    /// [`Envelope::unshare`]); returns how many. Run once per tick: only envelopes that stay in
-    /// flight that long pay the copy.
+    /// Moves the envelopes that were here at the last tick, and are not yet moved off their
+    /// read buffers, into allocations of their own (see [`Envelope::unshare`]); returns how
+    /// many. Run once per tick: only envelopes held a whole tick pay the copy, and none pins a
+    /// read buffer for more than two.
     pub(crate) fn unshare(&mut self) -> usize {
-        let n = self.order.len() - self.unshared;
-        for s in self.order.iter_mut().skip(self.unshared) {
-            s.env.unshare();
-        }
-        self.unshared = self.order.len();
+        let n = unshare_aged(
+            self.order.iter_mut().map(|s| &mut s.env),
+            &mut self.unshared,
+            self.aged,
+        );
+        self.aged = self.order.len();
         n
     }
 
@@ -247,6 +252,7 @@ impl Inflight {
     pub(crate) fn take(&mut self, released: &mut Released) -> Vec<Envelope> {
         self.bytes = 0;
         self.unshared = 0;
+        self.aged = 0;
         self.unacked = 0;
         self.unacked_bytes = 0;
         self.index = None;
@@ -273,6 +279,8 @@ pub(crate) struct SendQueue {
     bytes: usize,
     /// Envelopes at the front already moved off their read buffers.
     unshared: usize,
+    /// Envelopes at the front that were there at the last tick.
+    aged: usize,
 }
 
 impl SendQueue {
@@ -298,6 +306,7 @@ impl SendQueue {
         let e = self.q.pop_front()?;
         self.bytes -= e.frame_len();
         self.unshared = self.unshared.saturating_sub(1);
+        self.aged = self.aged.saturating_sub(1);
         Some(e)
     }
 
@@ -313,11 +322,8 @@ impl SendQueue {
 
     /// As [`Inflight::unshare`].
     pub(crate) fn unshare(&mut self) -> usize {
-        let n = self.q.len() - self.unshared;
-        for e in self.q.iter_mut().skip(self.unshared) {
-            e.unshare();
-        }
-        self.unshared = self.q.len();
+        let n = unshare_aged(self.q.iter_mut(), &mut self.unshared, self.aged);
+        self.aged = self.q.len();
         n
     }
 
@@ -337,8 +343,24 @@ impl SendQueue {
     pub(crate) fn drain(&mut self) -> impl Iterator<Item = Envelope> + '_ {
         self.bytes = 0;
         self.unshared = 0;
+        self.aged = 0;
         self.q.drain(..)
     }
+}
+
+/// Unshares the envelopes in `unshared..aged` of a queue's front (those there at the last tick,
+/// not yet moved off their read buffers); returns how many.
+fn unshare_aged<'a>(
+    queue: impl Iterator<Item = &'a mut Envelope>,
+    unshared: &mut usize,
+    aged: usize,
+) -> usize {
+    let n = aged.saturating_sub(*unshared);
+    for e in queue.skip(*unshared).take(n) {
+        e.unshare();
+    }
+    *unshared += n;
+    n
 }
 
 /// Memory one kept envelope costs besides its frame bytes (the decoded envelope, its
@@ -598,6 +620,51 @@ mod tests {
         )
         .build(b"")
         .unwrap()
+    }
+
+    #[test]
+    fn only_envelopes_held_a_whole_tick_are_moved_off_their_read_buffer() {
+        // Five envelopes cut from one read block, as the shard cuts them.
+        let mut block = bytes::BytesMut::new();
+        for i in 1..=5u8 {
+            let e = EnvelopeBuilder::new(
+                MessageId::from_u128(i.into()),
+                AgentId([1; 32]),
+                Destination::Agent(AgentId([2; 32])),
+                0,
+                10,
+            )
+            .build(&[i; 100])
+            .unwrap();
+            crate::wire::Frame::Envelope(e).encode(&mut block);
+        }
+        let range = block.as_ptr() as usize..block.as_ptr() as usize + block.len();
+        let pinned = |e: &Envelope| range.contains(&(e.payload_ref().as_ptr() as usize));
+        let dec = crate::wire::FrameDecoder::new(1 << 20);
+        let mut q = SendQueue::default();
+        while let Some(crate::wire::Frame::Envelope(e)) = dec.decode(&mut block).unwrap() {
+            assert!(pinned(&e));
+            q.push(e, 100, 1 << 20).unwrap();
+            if q.len() == 3 {
+                assert_eq!(q.unshare(), 0, "just queued: no copy at the first tick");
+            }
+        }
+        assert_eq!(q.len(), 5);
+        assert_eq!(q.unshare(), 3, "the three held since the last tick");
+        let moved: Vec<bool> = q.iter().map(|e| !pinned(e)).collect();
+        assert_eq!(moved, [true, true, true, false, false]);
+        q.pop();
+        assert_eq!(q.unshare(), 2, "the two queued after it, now a tick old");
+        assert!(q.iter().all(|e| !pinned(e)));
+        assert_eq!(q.unshare(), 0, "nothing moves twice");
+
+        let mut f = Inflight::default();
+        f.push(env(10));
+        assert_eq!(f.unshare(), 0);
+        f.push(env(11));
+        assert_eq!(f.unshare(), 1);
+        assert_eq!(f.unshare(), 1);
+        assert_eq!(f.unshare(), 0);
     }
 
     #[test]

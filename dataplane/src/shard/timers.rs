@@ -121,7 +121,7 @@ impl Shard {
                 self.close(id, *r, now);
             }
         }
-        // Envelopes still held after a tick stop pinning the buffers they were read from.
+        // Envelopes held a whole tick stop pinning the buffers they were read from.
         let mut unshared = 0;
         for c in self.conns.values_mut() {
             unshared += c.a.outq.unshare() + c.a.inflight.unshare();
