@@ -4,7 +4,7 @@
 //!   trust and operator group; links with latency, throughput and cost; blocs; trust thresholds
 //!   per delivery class; revocations), validated when it is built. A relay loads it from a fleet
 //!   file; the control process will compute and push the same value.
-//! - [`file`]: the fleet file (TOML, `docs/FLEET.md`) to a snapshot, refusing a bad file with
+//! - [`file`](mod@file): the fleet file (TOML, `docs/FLEET.md`) to a snapshot, refusing a bad file with
 //!   the first reason.
 //! - [`path`]: which relays an envelope may cross (its own constraints, the fleet's thresholds
 //!   and revocations, links that are down) and the cheapest path for its path class, with its
