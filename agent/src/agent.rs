@@ -2207,14 +2207,8 @@ async fn read(
             sh.queued.fetch_add(added, Ordering::Relaxed);
             sh.queued_bytes.fetch_add(added_bytes, Ordering::Relaxed);
         }
-        if inbox.is_closed() {
-            // The application is gone: unanswered, these are the relay's to deliver again to
-            // the next session.
-            batch.clear();
-            acks.clear();
-        }
-        // ACKed only once handed over: an envelope the application never got stays the
-        // relay's to deliver again.
+        // ACKed only once handed over (every ACKed envelope is in `batch`): an envelope the
+        // application never got, because it is gone, stays the relay's to deliver again.
         if !batch.is_empty() && inbox.send(handed(sh, &mut batch)).is_err() {
             batch.clear();
             acks.clear();

@@ -43,7 +43,7 @@ struct Core {
     /// Wake the store tasks (main: writes and syncs; side: segments created ahead, removed).
     store_wake: Notify,
     store_side_wake: Notify,
-    /// ACKs are held where none were ([`Action::Held`]).
+    /// ACKs or verdicts are held where none were ([`Action::Held`]).
     held_wake: Notify,
 }
 
@@ -172,7 +172,8 @@ async fn tick_loop(core: Rc<Core>) {
     }
 }
 
-/// Writes held ACKs when they are due (a timer only while some are held).
+/// Wakes the writers of held ACKs and sends held verdicts when they are due (a timer only
+/// while something is held).
 async fn held_loop(core: Rc<Core>) {
     loop {
         let due = core.shard.borrow().held_due();

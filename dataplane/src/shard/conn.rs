@@ -62,6 +62,14 @@ pub(crate) struct AgentSession {
 }
 
 impl AgentSession {
+    /// The agent offered `features::ACK_DELAY` and was granted it: its ACKs, and the verdicts
+    /// they come from, may wait for company.
+    pub(crate) fn answers_may_wait(&self) -> bool {
+        self.contract
+            .as_ref()
+            .is_some_and(|w| w.features & crate::wire::features::ACK_DELAY != 0)
+    }
+
     pub(crate) fn new(now: Now) -> Self {
         AgentSession {
             agent: None,

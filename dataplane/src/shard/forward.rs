@@ -29,17 +29,17 @@ impl Shard {
     /// (see [`Src`]).
     pub(super) fn route_from(&mut self, src: ConnId, tag: MessageId, env: Envelope, now: Now) {
         let id = tag;
+        // An agent's envelope (not a link's), and whether its answers may wait.
+        let (from_agent, hold) = self.conns.get(&src).map_or((false, false), |c| {
+            (c.link.is_none(), c.a.answers_may_wait())
+        });
         let me = Src {
             core: self.id,
             conn: src,
             tag,
             relay: false,
             len: env.frame_len() as u32,
-            hold: self
-                .conns
-                .get(&src)
-                .and_then(|c| c.a.contract.as_ref())
-                .is_some_and(|w| w.features & features::ACK_DELAY != 0),
+            hold,
         };
         let class = env.class();
         let len_of_later = env.frame_len();
@@ -52,7 +52,6 @@ impl Shard {
             return;
         }
         // An agent's envelope for an agent attached to another relay of the fleet.
-        let from_agent = self.conns.get(&src).is_some_and(|c| c.link.is_none());
         let env = if from_agent && self.mesh.snap.is_some() {
             match self.offer_to_fleet(Some(me), env, now) {
                 super::mesh::ToFleet::Here(env) => env,
@@ -383,14 +382,11 @@ impl Shard {
                     // ACK_HOLD_MS unless enough wait or the writer runs anyway.
                     let hold = !c.writer_awake
                         && c.a.acks_to_send.len() < features::ACK_HOLD_MAX
-                        && c.a
-                            .contract
-                            .as_ref()
-                            .is_some_and(|w| w.features & features::ACK_DELAY != 0);
+                        && c.a.answers_may_wait();
                     if !hold {
                         wake = true;
                     } else if c.a.acks_due_us.is_none() {
-                        let due = now.mono_us + features::ACK_HOLD_MS * 1000;
+                        let due = super::held_until(now);
                         c.a.acks_due_us = Some(due);
                         if self.acks_held.is_empty() {
                             self.actions.push_back(Action::Held);

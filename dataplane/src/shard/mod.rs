@@ -212,6 +212,11 @@ pub enum ReadGate {
     Move(u16),
 }
 
+/// When an answer held now is due (`features::ACK_HOLD_MS` from `now`).
+fn held_until(now: Now) -> u64 {
+    now.mono_us + crate::wire::features::ACK_HOLD_MS * 1000
+}
+
 /// Relays a receipt may cross on its way back to its source.
 const RECEIPT_HOPS: u8 = crate::wire::MAX_PATH_LEN as u8;
 
@@ -366,7 +371,7 @@ impl Shard {
     pub(super) fn hold_verdict(&mut self, core: u16, v: msg::Verdict, now: Now) {
         let (held, due) = &mut self.verdicts_held[core as usize];
         if held.is_empty() {
-            *due = now.mono_us + crate::wire::features::ACK_HOLD_MS * 1000;
+            *due = held_until(now);
             self.actions.push_back(Action::Held);
         }
         held.push(v);
