@@ -28,21 +28,19 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncWriteExt, ReadHalf};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_rustls::client::TlsStream;
 
 use openmesh_dataplane::directory::{Capability, KeyBundle};
 use openmesh_dataplane::wire::{
     AckBatch, AgentId, Close, DeliveryClass, Destination, DirectoryAnswer, Envelope,
-    EnvelopeBuilder, Frame, FrameDecoder, Lookup, LookupKey, MessageId, Nack, Publish, Reason,
-    Receipt, ReceiptStatus, Welcome,
+    EnvelopeBuilder, Frame, Lookup, LookupKey, MessageId, Nack, Publish, Reason, Receipt,
+    ReceiptStatus, Welcome,
 };
 
 use crate::e2e::{E2e, E2eError, E2eStats, Opened as OpenedEnvelope};
+use crate::link::{LinkReader, LinkWriter};
 use crate::session::{flush_acks, open, pong, Heard, Heartbeat, Opened};
 use crate::template::{Batch, Item, MessageIdRange, MessageIds, NO_DEST};
 use crate::{unix_ms, ClientConfig, ClientError};
@@ -1797,14 +1795,12 @@ impl Conn<'_> {
             inbox,
         } = self;
         let Opened {
-            link,
-            rx,
-            dec,
+            reader: rd,
+            writer: mut wr,
             welcome,
         } = opened;
         let heartbeat = Duration::from_millis(welcome.heartbeat_ms.max(1) as u64);
         *sh.welcome.lock().unwrap_or_else(|p| p.into_inner()) = welcome.clone();
-        let (rd, mut wr) = tokio::io::split(link);
         let (end_tx, mut end_rx) = oneshot::channel();
         let reader = tokio::spawn({
             let sh = sh.clone();
@@ -1817,7 +1813,7 @@ impl Conn<'_> {
                 max_queued_bytes: MAX_QUEUED_BYTES.max(welcome.deliver_window_bytes as u64),
             };
             async move {
-                let end = read(rd, rx, dec, &sh, out_tx, inbox, opts).await;
+                let end = read(rd, &sh, out_tx, inbox, opts).await;
                 let _ = end_tx.send(end);
             }
         });
@@ -1865,11 +1861,10 @@ impl Conn<'_> {
         let mut acks = Vec::new();
         sh.due_acks(true, &mut acks);
         flush_acks(&mut acks, &mut buf);
-        if !buf.is_empty() && (wr.write_all(&buf).await.is_err() || wr.flush().await.is_err()) {
+        if !buf.is_empty() && wr.write_bytes(buf.split().freeze()).await.is_err() {
             reader.abort();
             return stop(None);
         }
-        buf.clear();
 
         let mut swept = Instant::now();
         let mut rotate_at = sh.rotation_due_ms();
@@ -1978,8 +1973,8 @@ impl Conn<'_> {
 }
 
 /// Frames waiting to be written. Small frames (ACKs, control frames, retries) are copied
-/// together into the connection's buffer; batches are kept as they are and written with the
-/// rest in one vectored write, so their bytes are copied once, into the TLS records.
+/// together into the connection's buffer; batches are kept as they are and sealed from where
+/// they lie into the link's write buffer (the AEAD is the only pass over their bytes).
 #[derive(Default)]
 struct WriteQueue {
     parts: VecDeque<Bytes>,
@@ -2015,40 +2010,14 @@ impl WriteQueue {
         }
     }
 
-    /// Writes everything queued and what `buf` holds, then flushes.
-    async fn write<W: tokio::io::AsyncWrite + Unpin>(
-        &mut self,
-        buf: &mut BytesMut,
-        wr: &mut W,
-    ) -> std::io::Result<()> {
+    /// Seals and writes everything queued and what `buf` holds.
+    async fn write(&mut self, buf: &mut BytesMut, wr: &mut LinkWriter) -> Result<(), ClientError> {
         self.take(buf);
-        while !self.parts.is_empty() {
-            let mut slices = [std::io::IoSlice::new(&[]); 64];
-            let k = slices.len().min(self.parts.len());
-            for (s, p) in slices.iter_mut().zip(&self.parts) {
-                *s = std::io::IoSlice::new(p);
-            }
-            let mut n = wr.write_vectored(&slices[..k]).await?;
-            if n == 0 {
-                return Err(std::io::ErrorKind::WriteZero.into());
-            }
-            self.bytes -= n;
-            while n > 0 {
-                let Some(front) = self.parts.front_mut() else {
-                    break;
-                };
-                if n < front.len() {
-                    bytes::Buf::advance(front, n);
-                    n = 0;
-                } else {
-                    n -= front.len();
-                    self.parts.pop_front();
-                }
-            }
-        }
+        let r = wr.write(&mut self.parts).await;
+        self.bytes = self.parts.iter().map(Bytes::len).sum();
         // The buffer's memory comes back now that no written part holds it.
         buf.reserve(WRITE_COALESCE / 4);
-        wr.flush().await
+        r
     }
 }
 
@@ -2119,9 +2088,7 @@ struct ReadOpts {
 /// Reads one connection: envelopes to the application, answers to the pending envelopes,
 /// PINGs answered, the relay's silence watched.
 async fn read(
-    mut rd: ReadHalf<TlsStream<TcpStream>>,
-    mut rx: BytesMut,
-    dec: FrameDecoder,
+    mut rd: LinkReader,
     sh: &Shared,
     out: mpsc::Sender<Out>,
     inbox: mpsc::UnboundedSender<Vec<Envelope>>,
@@ -2143,7 +2110,7 @@ async fn read(
         );
         let (mut added, mut added_bytes, mut acked_bytes) = (0u64, 0u64, 0u64);
         loop {
-            let f = match dec.decode(&mut rx) {
+            let f = match rd.next_frame() {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
                 Err(_) => break 'outer,
@@ -2214,7 +2181,7 @@ async fn read(
             acks.clear();
         }
         sh.hold_acks(acks.drain(..), acked_bytes);
-        match beat.read(&mut rd, &mut rx).await {
+        match beat.read(&mut rd).await {
             Heard::Bytes | Heard::Nothing => {}
             Heard::Ping(f) => {
                 let _ = out.send(Out::Control(f)).await;

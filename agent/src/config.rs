@@ -27,6 +27,10 @@ pub enum ClientError {
     /// The relay sent bytes that are not a valid frame.
     #[error("wire: {0}")]
     Wire(#[from] WireError),
+    /// The TLS handshake failed, or a record from the relay did not open (tampered, or not
+    /// TLS 1.3), or the relay's bytes are not frames.
+    #[error("link: {0}")]
+    Link(#[from] openmesh_dataplane::tls::transport::TransportError),
     /// The relay ended the session with CLOSE.
     #[error("relay closed the session: {} ({})", .0.text, .0.code)]
     Closed(Close),

@@ -25,7 +25,9 @@
 //!   agents' bundles by id or by the schemas they speak.
 //!
 //! It runs on tokio and rustls with the protocol code of `openmesh-dataplane`, without the
-//! relay engine (no io_uring): it builds wherever tokio and rustls do. The rustls crypto
+//! relay engine (no io_uring): it builds wherever tokio and rustls do. rustls runs the TLS 1.3
+//! handshake; the records after it are sealed and opened by the relay's own record layer, in
+//! the library's buffers. The rustls crypto
 //! provider (aws-lc-rs) is passed explicitly, so the process default is never read or set and
 //! an application that also uses rustls with another provider is not disturbed.
 //!
@@ -50,6 +52,7 @@
 mod agent;
 mod config;
 pub mod e2e;
+mod link;
 mod pending;
 pub mod session;
 mod template;

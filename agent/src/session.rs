@@ -21,8 +21,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use rustls::pki_types::ServerName;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -32,9 +30,10 @@ use tokio_rustls::TlsConnector;
 use openmesh_dataplane::tls::client_config;
 use openmesh_dataplane::wire::{
     features, AckBatch, AgentId, Close, DeliveryClass, Destination, Envelope, EnvelopeBuilder,
-    Frame, FrameDecoder, GoingAway, MessageId, Nack, Ping, Pong, Reason, Receipt, Welcome,
+    Frame, GoingAway, MessageId, Nack, Ping, Pong, Reason, Receipt, Welcome,
 };
 
+use crate::link::{self, LinkReader, LinkWriter};
 use crate::template::MessageIds;
 use crate::{now_us, unix_ms, ClientConfig, ClientError};
 
@@ -109,44 +108,20 @@ impl Drop for Session {
     }
 }
 
-/// Opens a mutual-TLS link to `cfg.relay` (no HELLO yet). For tests that speak raw frames.
+/// Opens a mutual-TLS link to `cfg.relay` (no HELLO yet), through rustls end to end. For tests
+/// that speak raw frames.
 pub async fn connect_tls(cfg: &ClientConfig) -> Result<TlsStream<TcpStream>, ClientError> {
-    connect_tls_to(cfg, cfg.relay).await
-}
-
-/// Opens a mutual-TLS link to `relay` with `cfg`'s identity and trust.
-pub(crate) async fn connect_tls_to(
-    cfg: &ClientConfig,
-    relay: SocketAddr,
-) -> Result<TlsStream<TcpStream>, ClientError> {
     let tls = client_config(&cfg.identity, &cfg.ca)?;
-    let name = match &cfg.server_name {
-        Some(n) => {
-            ServerName::try_from(n.clone()).map_err(|_| ClientError::ServerName(n.clone()))?
-        }
-        None => ServerName::IpAddress(relay.ip().into()),
-    };
-    let tcp = match cfg.bind {
-        None => TcpStream::connect(relay).await?,
-        Some(ip) => {
-            let sock = if relay.is_ipv4() {
-                tokio::net::TcpSocket::new_v4()?
-            } else {
-                tokio::net::TcpSocket::new_v6()?
-            };
-            sock.bind(SocketAddr::new(ip, 0))?;
-            sock.connect(relay).await?
-        }
-    };
-    tcp.set_nodelay(true)?;
+    let name = link::server_name(cfg, cfg.relay)?;
+    let tcp = link::tcp(cfg, cfg.relay).await?;
     Ok(TlsConnector::from(tls).connect(name, tcp).await?)
 }
 
-/// A session past WELCOME: the link, what was read after the WELCOME, and the decoder.
+/// A session past WELCOME: the link's two halves (frames read after the WELCOME wait in the
+/// reader) and the contract.
 pub(crate) struct Opened {
-    pub link: TlsStream<TcpStream>,
-    pub rx: BytesMut,
-    pub dec: FrameDecoder,
+    pub reader: LinkReader,
+    pub writer: LinkWriter,
     pub welcome: Welcome,
 }
 
@@ -159,42 +134,39 @@ pub(crate) async fn open(
     ack_delay: bool,
 ) -> Result<Opened, ClientError> {
     let deadline = tokio::time::Instant::now() + cfg.connect_timeout;
-    let mut link = tokio::time::timeout_at(deadline, connect_tls_to(cfg, relay))
-        .await
-        .map_err(|_| ClientError::Timeout)??;
+    let max_frame = cfg
+        .hello
+        .max_frame
+        .max(openmesh_dataplane::signaling::MIN_FRAME) as usize;
+    let (mut reader, mut writer) =
+        tokio::time::timeout_at(deadline, link::connect(cfg, relay, max_frame))
+            .await
+            .map_err(|_| ClientError::Timeout)??;
     let mut hello = cfg.hello.clone();
     if !ack_delay {
         hello.features &= !features::ACK_DELAY;
     }
-    link.write_all(&Frame::Hello(hello).to_bytes()).await?;
-    link.flush().await?;
-    let mut rx = BytesMut::with_capacity(64 << 10);
-    let mut dec = FrameDecoder::new(
-        cfg.hello
-            .max_frame
-            .max(openmesh_dataplane::signaling::MIN_FRAME) as usize,
-    );
     let welcome = tokio::time::timeout_at(deadline, async {
+        writer.write_bytes(Frame::Hello(hello).to_bytes()).await?;
         loop {
-            if let Some(f) = dec.decode(&mut rx)? {
+            if let Some(f) = reader.next_frame()? {
                 return match f {
                     Frame::Welcome(w) => Ok(w),
                     Frame::Close(c) => Err(ClientError::Closed(c)),
                     _ => Err(ClientError::Unexpected),
                 };
             }
-            if link.read_buf(&mut rx).await? == 0 {
+            if reader.read().await? == 0 || reader.peer_closed() {
                 return Err(ClientError::Gone);
             }
         }
     })
     .await
     .map_err(|_| ClientError::Timeout)??;
-    dec.set_max_frame(welcome.max_frame as usize);
+    reader.set_max_frame(welcome.max_frame as usize);
     Ok(Opened {
-        link,
-        rx,
-        dec,
+        reader,
+        writer,
         welcome,
     })
 }
@@ -203,19 +175,15 @@ impl Session {
     /// Connects, sends HELLO and waits for WELCOME, all within `cfg.connect_timeout`.
     pub async fn connect(cfg: ClientConfig) -> Result<Session, ClientError> {
         let Opened {
-            link,
-            rx,
-            dec,
+            reader,
+            writer,
             welcome,
         } = open(&cfg, cfg.relay, false).await?;
-        let (rd, wr) = tokio::io::split(link);
         let (out_tx, out_rx) = mpsc::channel(16_384);
         let (ev_tx, ev_rx) = mpsc::channel(1024);
-        let writer = tokio::spawn(write_loop(wr, out_rx));
+        let writer = tokio::spawn(write_loop(writer, out_rx));
         let reader = tokio::spawn(read_loop(
-            rd,
-            rx,
-            dec,
+            reader,
             ev_tx,
             out_tx.clone(),
             ReadOptions {
@@ -336,10 +304,7 @@ impl Session {
     }
 }
 
-async fn write_loop(
-    mut wr: tokio::io::WriteHalf<TlsStream<TcpStream>>,
-    mut rx: mpsc::Receiver<Out>,
-) {
+async fn write_loop(mut wr: LinkWriter, mut rx: mpsc::Receiver<Out>) {
     let mut buf = BytesMut::with_capacity(256 << 10);
     let mut acks: Vec<MessageId> = Vec::new();
     let mut finished = None;
@@ -366,10 +331,10 @@ async fn write_loop(
             next = rx.try_recv().ok();
         }
         flush_acks(&mut acks, &mut buf);
-        if wr.write_all(&buf).await.is_err() || wr.flush().await.is_err() {
+        if wr.write_bytes(buf.split().freeze()).await.is_err() {
             return;
         }
-        buf.clear();
+        buf.reserve(256 << 10);
         if finished.is_some() {
             break;
         }
@@ -430,12 +395,12 @@ impl Heartbeat {
         }
     }
 
-    pub(crate) async fn read(
-        &mut self,
-        rd: &mut tokio::io::ReadHalf<TlsStream<TcpStream>>,
-        rx: &mut BytesMut,
-    ) -> Heard {
-        match tokio::time::timeout(self.interval, rd.read_buf(rx)).await {
+    pub(crate) async fn read(&mut self, link: &mut LinkReader) -> Heard {
+        if link.peer_closed() {
+            // close_notify: the relay sends nothing more.
+            return Heard::Gone;
+        }
+        match tokio::time::timeout(self.interval, link.read()).await {
             Ok(Ok(0)) | Ok(Err(_)) => Heard::Gone,
             Ok(Ok(_)) => {
                 self.silent = 0;
@@ -467,9 +432,7 @@ struct ReadOptions {
 }
 
 async fn read_loop(
-    mut rd: tokio::io::ReadHalf<TlsStream<TcpStream>>,
-    mut rx: BytesMut,
-    dec: FrameDecoder,
+    mut link: LinkReader,
     events: mpsc::Sender<Vec<Event>>,
     out: mpsc::Sender<Out>,
     opts: ReadOptions,
@@ -485,7 +448,7 @@ async fn read_loop(
     let mut batch = Vec::new();
     'outer: loop {
         loop {
-            let f = match dec.decode(&mut rx) {
+            let f = match link.next_frame() {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
                 Err(_) => break 'outer,
@@ -537,7 +500,7 @@ async fn read_loop(
         {
             break;
         }
-        match beat.read(&mut rd, &mut rx).await {
+        match beat.read(&mut link).await {
             Heard::Bytes | Heard::Nothing => {}
             Heard::Ping(f) => {
                 let _ = out.send(Out::Frame(f)).await;

@@ -1,6 +1,7 @@
 //! A relay in memory, for tests and benchmarks that drive shards without sockets: a development
 //! CA, a relay identity and its server TLS configuration (with the secret extraction the
-//! shard's record layer needs after the handshake), TLS clients for agents, open-admission
+//! shard's record layer needs after the handshake), TLS clients for agents (rustls, or the
+//! agent library's transport handshaken with the relay's record layer), open-admission
 //! settings, and a single-core shard. Nothing here is used by the relay itself.
 
 use std::sync::Arc;
@@ -14,6 +15,9 @@ use crate::session::SessionTimeouts;
 use crate::shard::budget::RelayBudget;
 use crate::shard::{Limits, SeqSource, Settings, Shard, ShardConfig};
 use crate::signaling::ContractPolicy;
+use crate::tls::handshake::Handshake;
+use crate::tls::record::RecordLayer;
+use crate::tls::transport::Transport;
 use crate::wire::{Frame, Hello};
 
 /// The relay's side of TLS in memory, and clients that trust it.
@@ -69,6 +73,36 @@ impl InMemoryRelay {
             .expect("client TLS configuration");
         ClientConnection::new(cfg, ServerName::try_from("localhost").expect("name"))
             .expect("client")
+    }
+
+    /// An agent's transport to this relay and the relay's record layer for it, handshaken in
+    /// memory: what the agent seals, the record layer opens.
+    pub fn records(&self, id: &Identity) -> (Transport, RecordLayer) {
+        let cfg = crate::tls::client_config(id, std::slice::from_ref(&self.ca.cert))
+            .expect("client TLS configuration");
+        let name = ServerName::try_from("localhost").expect("name");
+        let mut client = Transport::client(cfg, name, 1 << 24, 64 << 10).expect("client");
+        let mut server = Handshake::server(self.server_tls.clone()).expect("server");
+        let (mut to_server, mut to_client) = (Vec::new(), Vec::new());
+        for _ in 0..10 {
+            if let Some(hs) = client.take_handshake_output() {
+                to_server.extend(hs);
+            }
+            let n = server
+                .advance(&mut to_server, &mut to_client)
+                .expect("server handshake");
+            to_server.drain(..n);
+            let mut rx = client.take_read_buf();
+            rx.extend_from_slice(&to_client);
+            to_client.clear();
+            client.put_read_buf(rx);
+            client.advance_handshake().expect("client handshake");
+            if client.is_open() && server.is_done() && !client.has_handshake_output() {
+                break;
+            }
+        }
+        assert!(client.is_open() && server.is_done(), "handshake in memory");
+        (client, server.finish().expect("established").records)
     }
 }
 

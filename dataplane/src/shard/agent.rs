@@ -189,7 +189,7 @@ impl Shard {
         // Records that carried no frame (KeyUpdates, empty records) cost like frames.
         frames += c.transport.take_control_records();
         // After the peer's close_notify nothing more is read: the session ends.
-        if c.transport.peer_closed && close.is_none() && !c.closing {
+        if c.transport.peer_closed() && close.is_none() && !c.closing {
             close = Some(if c.transport.has_partial_frame() {
                 Reason::TruncatedFrame
             } else {

@@ -166,7 +166,7 @@ impl ShardBudget {
 impl super::Shard {
     /// What this shard retains on peers' behalf, counted exactly (see `budget`).
     pub(super) fn usage(&self) -> u64 {
-        let buffers = self.spare_buffers.len() * super::transport::WRITE_BUFFER
+        let buffers = self.spare_buffers.len() * crate::tls::transport::WRITE_BUFFER
             + self.mesh.waiting_bytes()
             + self.mesh.locations_bytes();
         let conns: usize = self
@@ -183,7 +183,7 @@ impl super::Shard {
                         l.presence.capacity() * std::mem::size_of::<crate::wire::PresenceEntry>()
                     })
                     + if c.writing {
-                        super::transport::WRITE_BUFFER
+                        crate::tls::transport::WRITE_BUFFER
                     } else {
                         0
                     }

@@ -6,10 +6,10 @@ use bytes::BytesMut;
 use super::budget::{self, Overload};
 use super::custody::{Inflight, SendQueue};
 use super::msg::ConnId;
-use super::transport::Transport;
 use super::{Action, Now, ReadGate, Shard, OUTBOX_HIGH, PRE_HELLO_MAX_FRAME};
 use crate::policy::TokenBucket;
 use crate::session::Session;
+use crate::tls::transport::Transport;
 use crate::wire::{AgentId, MessageId, Role, Welcome};
 
 /// Control output (ACK, NACK, PONG bytes) a connection may owe before its reader stops.
@@ -217,7 +217,7 @@ impl Shard {
             }
             return ReadGate::Move(home);
         }
-        if c.closing || c.transport.peer_closed {
+        if c.closing || c.transport.peer_closed() {
             // Keep reading until the peer hangs up (so its close_notify and FIN are seen), but
             // what it sends is ignored.
             return ReadGate::Go;

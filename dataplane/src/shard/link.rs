@@ -20,11 +20,11 @@ use std::sync::Arc;
 use super::budget::CONNECTION_OVERHEAD;
 use super::conn::AgentSession;
 use super::msg::{ConnId, CoreMsg};
-use super::transport::Transport;
 use super::{Action, Conn, Now, ReadGate, Shard};
 use crate::fleet::path::Graph;
 use crate::pki::ed25519_key_of;
 use crate::session::Session;
+use crate::tls::transport::Transport;
 use crate::wire::{
     Envelope, Frame, LinkAck, LinkHello, LinkNack, MessageId, Ping, Pong, Presence, PresenceEntry,
     Reason, RelayId, Role, MAX_LINK_ACK_BATCH, MAX_PRESENCE_BATCH, PROTOCOL_VERSION_MAX,
@@ -354,7 +354,7 @@ impl Shard {
                 }
             }
         }
-        if c.transport.peer_closed && close.is_none() && !c.closing {
+        if c.transport.peer_closed() && close.is_none() && !c.closing {
             close = Some(Reason::Normal);
         }
         if wake {

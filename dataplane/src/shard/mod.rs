@@ -46,7 +46,6 @@ pub use link::{link_core, LinkTls};
 pub mod msg;
 mod presence;
 mod timers;
-mod transport;
 mod write;
 
 pub(crate) use conn::Conn;
@@ -726,12 +725,12 @@ impl Shard {
     fn buffer(&mut self) -> Vec<u8> {
         self.spare_buffers
             .pop()
-            .unwrap_or_else(|| vec![0u8; transport::WRITE_BUFFER])
+            .unwrap_or_else(|| vec![0u8; crate::tls::transport::WRITE_BUFFER])
     }
 
     /// Returns a write buffer to the pool (at most a few are kept).
     fn recycle(&mut self, buf: Vec<u8>) {
-        if buf.len() == transport::WRITE_BUFFER && self.spare_buffers.len() < 16 {
+        if buf.len() == crate::tls::transport::WRITE_BUFFER && self.spare_buffers.len() < 16 {
             self.spare_buffers.push(buf);
         }
     }

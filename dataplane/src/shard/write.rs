@@ -49,8 +49,8 @@ impl Shard {
         let need =
             c.a.outq
                 .front()
-                .map_or(0, |e| super::transport::sealed_size(e.frame_len()));
-        let mut buf = if need > super::transport::WRITE_BUFFER {
+                .map_or(0, |e| crate::tls::transport::sealed_size(e.frame_len()));
+        let mut buf = if need > crate::tls::transport::WRITE_BUFFER {
             vec![0u8; need]
         } else {
             self.buffer()
@@ -199,7 +199,11 @@ impl Conn {
         }
         // Control frames: as much as fits; the rest waits for the next pass.
         if !self.a.ctrl.is_empty() {
-            let room = self.a.ctrl.len().min(super::transport::WRITE_BUFFER / 2);
+            let room = self
+                .a
+                .ctrl
+                .len()
+                .min(crate::tls::transport::WRITE_BUFFER / 2);
             let part: BytesMut = self.a.ctrl.split_to(room);
             w.copy(&part)?;
         }

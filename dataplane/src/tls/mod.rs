@@ -11,6 +11,7 @@ pub mod handshake;
 pub mod record;
 #[cfg(test)]
 mod tests;
+pub mod transport;
 
 use std::sync::Arc;
 
@@ -104,6 +105,9 @@ pub fn client_config(
         .with_root_certificates(roots)
         .with_client_auth_cert(identity.chain.clone(), identity.private_key())?;
     cfg.alpn_protocols = vec![ALPN.to_vec()];
+    // The agent library runs the record layer itself once the handshake is over
+    // (`transport::Transport::into_split`).
+    cfg.enable_secret_extraction = true;
     Ok(Arc::new(cfg))
 }
 

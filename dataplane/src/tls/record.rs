@@ -9,17 +9,24 @@
 //!   ([`RecordLayer::open`]); the plaintext is a range of that same buffer, so frames can be split
 //!   off it without a copy;
 //! - **seal**: one record is written straight into the caller's write buffer
-//!   ([`RecordLayer::seal`]): a `big` slice is encrypted from where it lies (an envelope's shared
+//!   ([`RecordSealer::seal`]): a `big` slice is encrypted from where it lies (an envelope's shared
 //!   immutable bytes: no copy), followed by a small `tail` the caller assembled (frame heads, small
 //!   frames) and the content-type byte.
 //!
 //! Alerts and KeyUpdate messages are handled here: a peer's close_notify is reported, any other
 //! alert is an error; a KeyUpdate switches the receiving keys, and one that requests an update
 //! makes this side answer with its own KeyUpdate and switch its sending keys. Sending keys are also
-//! rotated on request ([`RecordLayer::key_update`]) and before the cipher suite's confidentiality
+//! rotated on request ([`RecordSealer::key_update`]) and before the cipher suite's confidentiality
 //! limit. Pure: no I/O, no clock.
+//!
+//! The relay's shard reads and writes a connection from one place and keeps both directions in
+//! one [`RecordLayer`]; the agent library reads and writes from two tasks and splits it
+//! ([`RecordLayer::split`]) into a [`RecordOpener`] and a [`RecordSealer`], which share only the
+//! key schedule.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, NONCE_LEN};
 use rustls::client::ClientConnectionData;
@@ -147,22 +154,63 @@ impl Kernel {
     }
 }
 
-/// The record layer of one established TLS 1.3 connection, either side.
-pub struct RecordLayer {
-    kernel: Kernel,
+/// What the two directions share: rustls' kernel connection, which derives the next secrets on
+/// a KeyUpdate, and whether the peer asked for a KeyUpdate the sending side has not sent yet
+/// (the opener reads the request, the sealer answers it).
+struct Schedule {
+    kernel: Mutex<Kernel>,
+    owe_key_update: AtomicBool,
+}
+
+impl Schedule {
+    fn kernel(&self) -> MutexGuard<'_, Kernel> {
+        self.kernel.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The receiving half of a record layer: opens the peer's records.
+pub struct RecordOpener {
     rx: Direction,
+    schedule: Arc<Schedule>,
+}
+
+/// The sending half of a record layer: seals this side's records.
+pub struct RecordSealer {
     tx: Direction,
     /// Records to send with one key before rotating it (below the suite's confidentiality limit).
     rotate_after: u64,
-    /// The peer asked for a KeyUpdate that has not been answered yet.
-    owe_key_update: bool,
+    schedule: Arc<Schedule>,
+}
+
+/// The record layer of one established TLS 1.3 connection, either side: both halves, for a
+/// caller that reads and writes from one place. [`RecordLayer::split`] parts them for a caller
+/// that reads and writes from two tasks.
+pub struct RecordLayer {
+    opener: RecordOpener,
+    sealer: RecordSealer,
 }
 
 impl std::fmt::Debug for RecordLayer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RecordLayer")
-            .field("rx_seq", &self.rx.seq)
-            .field("tx_seq", &self.tx.seq)
+            .field("rx_seq", &self.opener.rx.seq)
+            .field("tx_seq", &self.sealer.tx.seq)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for RecordOpener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecordOpener")
+            .field("seq", &self.rx.seq)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for RecordSealer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecordSealer")
+            .field("seq", &self.tx.seq)
             .finish_non_exhaustive()
     }
 }
@@ -175,13 +223,27 @@ impl RecordLayer {
             #[allow(unreachable_patterns)]
             _ => return Err(RecordError::Unexpected("TLS 1.2")),
         };
+        let schedule = Arc::new(Schedule {
+            kernel: Mutex::new(kernel),
+            owe_key_update: AtomicBool::new(false),
+        });
         Ok(RecordLayer {
-            rx: Direction::new(secrets.rx.0, secrets.rx.1)?,
-            tx: Direction::new(secrets.tx.0, secrets.tx.1)?,
-            kernel,
-            rotate_after: limit.saturating_sub(1 << 16).max(1),
-            owe_key_update: false,
+            opener: RecordOpener {
+                rx: Direction::new(secrets.rx.0, secrets.rx.1)?,
+                schedule: schedule.clone(),
+            },
+            sealer: RecordSealer {
+                tx: Direction::new(secrets.tx.0, secrets.tx.1)?,
+                rotate_after: limit.saturating_sub(1 << 16).max(1),
+                schedule,
+            },
         })
+    }
+
+    /// The two halves, to open and seal from different tasks. A KeyUpdate the opener reads
+    /// that asks for one back is answered by the sealer's next record.
+    pub fn split(self) -> (RecordOpener, RecordSealer) {
+        (self.opener, self.sealer)
     }
 
     /// The length of the complete record at the front of `buf` (header included), `None` if more
@@ -200,10 +262,22 @@ impl RecordLayer {
         Ok((buf.len() >= HEADER_LEN + len).then_some(HEADER_LEN + len))
     }
 
+    /// See [`RecordOpener::open`].
+    pub fn open(&mut self, rec: &mut [u8]) -> Result<Opened, RecordError> {
+        self.opener.open(rec)
+    }
+
+    /// The sending half, for sealing.
+    pub fn sealer(&mut self) -> &mut RecordSealer {
+        &mut self.sealer
+    }
+}
+
+impl RecordOpener {
     /// Decrypts the complete record `rec` (header included, as measured by
     /// [`RecordLayer::record_len`]) in place. Application data comes back as a range of `rec`.
-    /// A KeyUpdate that asks for an answer makes this side owe one: [`RecordLayer::owes_key_update`]
-    /// turns true and the next [`RecordLayer::seal`] sends it first.
+    /// A KeyUpdate that asks for an answer makes the sending side owe one:
+    /// [`RecordSealer::owes_key_update`] turns true and its next seal sends it first.
     pub fn open(&mut self, rec: &mut [u8]) -> Result<Opened, RecordError> {
         if rec.len() < HEADER_LEN + TAG_LEN + 1 {
             return Err(RecordError::BadHeader);
@@ -233,10 +307,10 @@ impl RecordLayer {
                 // Only KeyUpdate may follow the handshake towards this side; it ends its record.
                 match &plain[..end] {
                     [KEY_UPDATE, 0, 0, 1, req @ (0 | 1)] => {
-                        let (seq, secrets) = self.kernel.update_rx_secret()?;
+                        let (seq, secrets) = self.schedule.kernel().update_rx_secret()?;
                         self.rx = Direction::new(seq, secrets)?;
                         if *req == 1 {
-                            self.owe_key_update = true;
+                            self.schedule.owe_key_update.store(true, Ordering::Relaxed);
                         }
                         Ok(Opened::Control)
                     }
@@ -248,14 +322,16 @@ impl RecordLayer {
             _ => Err(RecordError::Unexpected("content type")),
         }
     }
+}
 
+impl RecordSealer {
     /// Whether a KeyUpdate must go out before more data (the peer asked, or the key is near its
-    /// confidentiality limit). [`RecordLayer::seal`] sends it on its own.
+    /// confidentiality limit). [`RecordSealer::seal`] sends it on its own.
     pub fn owes_key_update(&self) -> bool {
-        self.owe_key_update || self.tx.seq >= self.rotate_after
+        self.tx.seq >= self.rotate_after || self.schedule.owe_key_update.load(Ordering::Relaxed)
     }
 
-    /// Bytes [`RecordLayer::seal`] writes for `content` bytes of data, KeyUpdate included.
+    /// Bytes [`RecordSealer::seal`] writes for `content` bytes of data, KeyUpdate included.
     pub fn sealed_len(&self, content: usize) -> usize {
         let ku = if self.owes_key_update() {
             OVERHEAD + 5
@@ -306,9 +382,9 @@ impl RecordLayer {
     fn send_key_update(&mut self, out: &mut [u8]) -> Result<usize, RecordError> {
         let msg = [KEY_UPDATE, 0, 0, 1, 0, HANDSHAKE];
         let n = self.seal_record(out, &[], &msg)?;
-        let (seq, secrets) = self.kernel.update_tx_secret()?;
+        let (seq, secrets) = self.schedule.kernel().update_tx_secret()?;
         self.tx = Direction::new(seq, secrets)?;
-        self.owe_key_update = false;
+        self.schedule.owe_key_update.store(false, Ordering::Relaxed);
         Ok(n)
     }
 

@@ -109,7 +109,12 @@ fn data_flows_both_ways_through_the_relays_record_layer() {
     let mut tail = Vec::with_capacity(64);
     tail.extend_from_slice(b"tail bytes");
     let mut out = vec![0u8; 64 << 10];
-    let n = p.server.records.seal(&mut out, &big, &mut tail).unwrap();
+    let n = p
+        .server
+        .records
+        .sealer()
+        .seal(&mut out, &big, &mut tail)
+        .unwrap();
     assert_eq!(n, OVERHEAD + big.len() + tail.len());
     assert_eq!(&tail[..], b"tail bytes", "tail given back as it was");
     feed_client(&mut p.client, &out[..n]);
@@ -142,15 +147,16 @@ fn key_updates_both_ways() {
         // The relay's next record carries its own KeyUpdate first if one was asked for; the
         // relay also rotates on its own.
         let mut out = vec![0u8; 4096];
-        let mut n = p.server.records.key_update(&mut out).unwrap();
+        let mut n = p.server.records.sealer().key_update(&mut out).unwrap();
         let mut tail = Vec::with_capacity(32);
         tail.extend_from_slice(&[round + 100; 20]);
         n += p
             .server
             .records
+            .sealer()
             .seal(&mut out[n..], &[], &mut tail)
             .unwrap();
-        assert!(!p.server.records.owes_key_update());
+        assert!(!p.server.records.sealer().owes_key_update());
         feed_client(&mut p.client, &out[..n]);
         assert_eq!(read_client(&mut p.client), vec![round + 100; 20]);
     }
@@ -177,7 +183,7 @@ fn close_notify_and_tampering() {
     let (_, kinds) = open_all(&mut p.server.records, &mut p.to_server);
     assert_eq!(kinds, vec![Opened::PeerClosed]);
     let mut out = vec![0u8; 256];
-    let n = p.server.records.close_notify(&mut out).unwrap();
+    let n = p.server.records.sealer().close_notify(&mut out).unwrap();
     p.client.read_tls(&mut &out[..n]).unwrap();
     let st = p.client.process_new_packets().unwrap();
     assert!(st.peer_has_closed());

@@ -1,7 +1,10 @@
-//! The transport half of a connection: TLS (handshake, then the relay's own record layer),
-//! the read buffer and the frames cut from it, and the write buffer records are sealed into.
+//! A TLS connection without its socket: the handshake (rustls, sans-IO), then the project's own
+//! record layer, the read buffer and the frames cut from it, and the write buffer records are
+//! sealed into. The relay's shard drives one [`Transport`] per connection; the agent library
+//! drives the same code over a tokio socket, split into a [`FrameReader`] and a
+//! [`RecordSealer`] for its reading and writing tasks ([`Transport::into_split`]).
 //!
-//! Read side. The engine reads ciphertext straight into [`Transport::take_read_buf`]'s buffer.
+//! Read side. The caller reads ciphertext straight into [`FrameReader::take_read_buf`]'s buffer.
 //! Records are decrypted in place there; a frame that lies inside one record's plaintext is split
 //! off as a `Bytes` slice of that buffer (no copy). A frame that straddles two records is joined
 //! by moving the smaller side over the 5 to 21+ bytes (tag, padding, next header) between them:
@@ -14,45 +17,62 @@
 //! where the carried plaintext is the start of a frame not yet complete.
 //!
 //! Write side. [`RecordWriter`] seals records into the write buffer: an envelope's immutable
-//! bytes are encrypted from where they lie (no copy); frame heads, control frames and small
-//! envelopes are copied into a small tail that follows them in the same record. Counting the
-//! passes: see `docs/ARCHITECTURE.md`.
+//! bytes (or a large frame) are encrypted from where they lie (no copy); frame heads, control
+//! frames and small envelopes are copied into a small tail that follows them in the same record.
+//! Counting the passes: see `docs/ARCHITECTURE.md`.
 
 use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
 
-use crate::tls::handshake::Handshake;
-use crate::tls::record::{Opened, RecordError, RecordLayer, MAX_PLAINTEXT, OVERHEAD};
+use super::handshake::Handshake;
+use super::record::{
+    Opened, RecordError, RecordLayer, RecordOpener, RecordSealer, MAX_PLAINTEXT, OVERHEAD,
+};
 use crate::wire::{Frame, FrameDecoder, WireError};
 
 /// First size of a connection's read buffer; it doubles (up to the configured maximum) whenever
-/// a read fills it, so idle agents stay cheap.
-pub(crate) const INITIAL_READ_BUFFER: usize = 4096;
-/// Bytes from which an envelope's immutable part is sealed where it lies instead of copied into
-/// the record's tail.
-pub(crate) const SEAL_IN_PLACE_FROM: usize = 1024;
+/// a read fills it, so idle connections stay cheap.
+pub const INITIAL_READ_BUFFER: usize = 4096;
+/// Bytes from which an envelope's immutable part (or a frame) is sealed where it lies instead of
+/// copied into the record's tail.
+pub const SEAL_IN_PLACE_FROM: usize = 1024;
 /// Room in a write buffer: records for one writer pass.
-pub(crate) const WRITE_BUFFER: usize = 256 << 10;
+pub const WRITE_BUFFER: usize = 256 << 10;
 
 /// Why a transport failed. Every one ends the connection.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum TransportError {
+#[non_exhaustive]
+pub enum TransportError {
+    /// TLS: the handshake or a record failed.
     #[error("tls: {0}")]
     Tls(#[from] RecordError),
+    /// A frame that does not decode.
     #[error("wire: {0}")]
     Wire(#[from] WireError),
 }
 
 enum Tls {
     Handshaking(Box<Handshake>),
-    Open(Box<RecordLayer>),
+    Open(Box<RecordSealer>),
     Failed,
 }
 
 /// TLS, read buffer, framing and write buffer of one connection.
-pub(crate) struct Transport {
+pub struct Transport {
     tls: Tls,
+    reader: FrameReader,
+    /// Handshake records to send.
+    hs_out: Vec<u8>,
+    /// The peer's certificate chain (set once the handshake completes).
+    pub peer_certificates: Vec<rustls::pki_types::CertificateDer<'static>>,
+}
+
+/// The read side of a connection: its read buffer, the records opened in it and the frames cut
+/// from them.
+pub struct FrameReader {
+    /// `None` until the handshake completes.
+    opener: Option<Box<RecordOpener>>,
     rx: BytesMut,
     /// Plaintext at the front of `rx` that starts a frame not yet complete.
     carried: usize,
@@ -64,20 +84,17 @@ pub(crate) struct Transport {
     block: usize,
     /// Frame length checks (the largest frame accepted).
     framing: FrameDecoder,
-    /// Handshake records to send.
-    hs_out: Vec<u8>,
     /// Plaintext bytes of frames read since the counter was last taken.
     frame_bytes: u64,
     /// Records opened that held no frame bytes, since the counter was last taken.
     control_records: u64,
-    pub(crate) peer_closed: bool,
-    /// The peer's certificate chain (set once the handshake completes).
-    pub(crate) peer_certificates: Vec<rustls::pki_types::CertificateDer<'static>>,
+    peer_closed: bool,
 }
 
 impl Transport {
-    /// The server's side of a connection the relay accepted.
-    pub(crate) fn new(
+    /// The server's side of a connection the relay accepted. `tls` must have
+    /// `enable_secret_extraction` set.
+    pub fn new(
         tls: Arc<rustls::ServerConfig>,
         max_frame: usize,
         max_read: usize,
@@ -85,9 +102,10 @@ impl Transport {
         Ok(Self::with(Handshake::server(tls)?, max_frame, max_read))
     }
 
-    /// The client's side of a link the relay dialled to `name`: the ClientHello is ready to
-    /// write at once.
-    pub(crate) fn client(
+    /// The client's side of a connection to `name` (a relay dialling a link, an agent dialling
+    /// its relay): the ClientHello is ready to write at once. `tls` must have
+    /// `enable_secret_extraction` set.
+    pub fn client(
         tls: Arc<rustls::ClientConfig>,
         name: rustls::pki_types::ServerName<'static>,
         max_frame: usize,
@@ -101,39 +119,175 @@ impl Transport {
     fn with(hs: Handshake, max_frame: usize, max_read: usize) -> Self {
         Transport {
             tls: Tls::Handshaking(Box::new(hs)),
-            rx: BytesMut::new(),
-            carried: 0,
-            skip: 0,
-            max_read: max_read.max(INITIAL_READ_BUFFER),
-            block: INITIAL_READ_BUFFER,
-            framing: FrameDecoder::new(max_frame),
+            reader: FrameReader {
+                opener: None,
+                rx: BytesMut::new(),
+                carried: 0,
+                skip: 0,
+                max_read: max_read.max(INITIAL_READ_BUFFER),
+                block: INITIAL_READ_BUFFER,
+                framing: FrameDecoder::new(max_frame),
+                frame_bytes: 0,
+                control_records: 0,
+                peer_closed: false,
+            },
             hs_out: Vec::new(),
-            frame_bytes: 0,
-            control_records: 0,
-            peer_closed: false,
             peer_certificates: Vec::new(),
         }
     }
 
     /// Whether the TLS handshake is over.
-    pub(crate) fn is_open(&self) -> bool {
+    pub fn is_open(&self) -> bool {
         matches!(self.tls, Tls::Open(_))
     }
 
     /// Changes the largest frame accepted (after the session contract).
-    pub(crate) fn set_max_frame(&mut self, max: usize) {
+    pub fn set_max_frame(&mut self, max: usize) {
+        self.reader.set_max_frame(max);
+    }
+
+    /// See [`FrameReader::take_read_buf`].
+    pub fn take_read_buf(&mut self) -> BytesMut {
+        self.reader.take_read_buf()
+    }
+
+    /// See [`FrameReader::put_read_buf`].
+    pub fn put_read_buf(&mut self, rx: BytesMut) {
+        self.reader.put_read_buf(rx);
+    }
+
+    /// Runs the handshake on what was read. Returns true once it completed (this call or before).
+    pub fn advance_handshake(&mut self) -> Result<bool, TransportError> {
+        let Tls::Handshaking(hs) = &mut self.tls else {
+            return Ok(self.is_open());
+        };
+        let r = &mut self.reader;
+        let n = hs.advance(&mut r.rx, &mut self.hs_out)?;
+        r.rx.advance(n);
+        if !hs.is_done() {
+            return Ok(false);
+        }
+        let Tls::Handshaking(hs) = std::mem::replace(&mut self.tls, Tls::Failed) else {
+            return Ok(false);
+        };
+        let est = hs.finish()?;
+        self.peer_certificates = est.peer_certificates;
+        let (opener, sealer) = est.records.split();
+        r.opener = Some(Box::new(opener));
+        self.tls = Tls::Open(Box::new(sealer));
+        if !est.early_plaintext.is_empty() {
+            // A client's first frames right behind its Finished: put them in front (one copy,
+            // once per connection).
+            let mut rx = BytesMut::with_capacity(est.early_plaintext.len() + r.rx.len());
+            rx.extend_from_slice(&est.early_plaintext);
+            rx.extend_from_slice(&r.rx);
+            r.carried = est.early_plaintext.len();
+            r.rx = rx;
+        }
+        Ok(true)
+    }
+
+    /// The read side and the sealing half of an open connection, for a caller that reads and
+    /// writes from different tasks. `None` while the handshake runs or its records wait to be
+    /// written.
+    pub fn into_split(self) -> Option<(FrameReader, RecordSealer)> {
+        match self.tls {
+            Tls::Open(sealer) if self.hs_out.is_empty() => Some((self.reader, *sealer)),
+            _ => None,
+        }
+    }
+
+    /// Bytes this connection's buffers retain (capacities).
+    pub fn retained(&self) -> usize {
+        self.reader.rx.capacity() + self.hs_out.capacity()
+    }
+
+    /// See [`FrameReader::discard_input`].
+    pub fn discard_input(&mut self) {
+        self.reader.discard_input();
+    }
+
+    /// See [`FrameReader::has_partial_frame`].
+    pub fn has_partial_frame(&self) -> bool {
+        self.reader.has_partial_frame()
+    }
+
+    /// Whether the peer sent close_notify.
+    pub fn peer_closed(&self) -> bool {
+        self.reader.peer_closed
+    }
+
+    /// Handshake records waiting to be written, if any.
+    pub fn take_handshake_output(&mut self) -> Option<Vec<u8>> {
+        (!self.hs_out.is_empty()).then(|| std::mem::take(&mut self.hs_out))
+    }
+
+    /// Whether handshake records wait to be written.
+    pub fn has_handshake_output(&self) -> bool {
+        !self.hs_out.is_empty()
+    }
+
+    /// A writer sealing records into `out` (a full-length buffer), with `tail` as scratch for
+    /// the copied part of a record (the shard lends one to every writer pass, so idle
+    /// connections keep none), or `None` before the handshake completed.
+    pub fn writer<'a>(
+        &'a mut self,
+        out: &'a mut [u8],
+        tail: &'a mut Vec<u8>,
+    ) -> Option<RecordWriter<'a>> {
+        let Tls::Open(sealer) = &mut self.tls else {
+            return None;
+        };
+        Some(RecordWriter::new(sealer, out, tail))
+    }
+
+    /// See [`FrameReader::take_frame_bytes`].
+    pub fn take_frame_bytes(&mut self) -> u64 {
+        self.reader.take_frame_bytes()
+    }
+
+    /// See [`FrameReader::take_control_records`].
+    pub fn take_control_records(&mut self) -> u64 {
+        self.reader.take_control_records()
+    }
+
+    /// The next complete frame, or the reason to close the connection: a frame that does not
+    /// decode, or a TLS failure (logged for connection `conn`).
+    pub fn frame_or_close(&mut self, conn: u64) -> Result<Option<Frame>, crate::wire::Reason> {
+        match self.reader.next_frame() {
+            Ok(f) => Ok(f),
+            Err(TransportError::Wire(e)) => {
+                tracing::info!(conn, error = %e, "undecodable frame");
+                Err(crate::wire::Reason::from(&e))
+            }
+            Err(TransportError::Tls(e)) => {
+                tracing::info!(conn, error = %e, "TLS failure");
+                Err(crate::wire::Reason::ProtocolError)
+            }
+        }
+    }
+
+    /// See [`FrameReader::next_frame`].
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, TransportError> {
+        self.reader.next_frame()
+    }
+}
+
+impl FrameReader {
+    /// Changes the largest frame accepted (after the session contract).
+    pub fn set_max_frame(&mut self, max: usize) {
         self.framing.set_max_frame(max);
     }
 
     /// The read buffer for the next socket read, with spare room. Give it back with
-    /// [`Transport::put_read_buf`].
-    pub(crate) fn take_read_buf(&mut self) -> BytesMut {
+    /// [`FrameReader::put_read_buf`].
+    pub fn take_read_buf(&mut self) -> BytesMut {
         let mut rx = std::mem::take(&mut self.rx);
         let used = rx.len();
         // A record whose header is buffered must fit whole.
         let start = self.carried + self.skip;
         let pending = match rx.get(start..start + 5) {
-            Some(h) if self.is_open() => 5 + u16::from_be_bytes([h[3], h[4]]) as usize,
+            Some(h) if self.opener.is_some() => 5 + u16::from_be_bytes([h[3], h[4]]) as usize,
             _ => 0,
         };
         let need = (start + pending).saturating_sub(used);
@@ -152,115 +306,39 @@ impl Transport {
     }
 
     /// Takes back the read buffer after a read appended bytes to it.
-    pub(crate) fn put_read_buf(&mut self, rx: BytesMut) {
+    pub fn put_read_buf(&mut self, rx: BytesMut) {
         self.rx = rx;
     }
 
-    /// Runs the handshake on what was read. Returns true once it completed (this call or before).
-    pub(crate) fn advance_handshake(&mut self) -> Result<bool, TransportError> {
-        let Tls::Handshaking(hs) = &mut self.tls else {
-            return Ok(self.is_open());
-        };
-        let n = hs.advance(&mut self.rx, &mut self.hs_out)?;
-        self.rx.advance(n);
-        if !hs.is_done() {
-            return Ok(false);
-        }
-        let Tls::Handshaking(hs) = std::mem::replace(&mut self.tls, Tls::Failed) else {
-            return Ok(false);
-        };
-        let est = hs.finish()?;
-        self.peer_certificates = est.peer_certificates;
-        self.tls = Tls::Open(Box::new(est.records));
-        if !est.early_plaintext.is_empty() {
-            // A client's first frames right behind its Finished: put them in front (one copy,
-            // once per connection).
-            let mut rx = BytesMut::with_capacity(est.early_plaintext.len() + self.rx.len());
-            rx.extend_from_slice(&est.early_plaintext);
-            rx.extend_from_slice(&self.rx);
-            self.carried = est.early_plaintext.len();
-            self.rx = rx;
-        }
-        Ok(true)
-    }
-
-    /// Bytes this connection's buffers retain (capacities).
-    pub(crate) fn retained(&self) -> usize {
-        self.rx.capacity() + self.hs_out.capacity()
+    /// Bytes the read buffer retains (its capacity).
+    pub fn retained(&self) -> usize {
+        self.rx.capacity()
     }
 
     /// Drops what was read and not yet handled (a closing connection ignores its peer).
-    pub(crate) fn discard_input(&mut self) {
+    pub fn discard_input(&mut self) {
         self.rx.clear();
         self.carried = 0;
         self.skip = 0;
     }
 
     /// Whether the peer stopped in the middle of a frame (or a record).
-    pub(crate) fn has_partial_frame(&self) -> bool {
+    pub fn has_partial_frame(&self) -> bool {
         self.carried > 0 || self.rx.len() > self.carried + self.skip
     }
 
-    /// Handshake records waiting to be written, if any.
-    pub(crate) fn take_handshake_output(&mut self) -> Option<Vec<u8>> {
-        (!self.hs_out.is_empty()).then(|| std::mem::take(&mut self.hs_out))
-    }
-
-    /// Whether handshake records wait to be written.
-    pub(crate) fn has_handshake_output(&self) -> bool {
-        !self.hs_out.is_empty()
-    }
-
-    /// A writer sealing records into `out` (a full-length buffer), with `tail` as scratch for
-    /// the copied part of a record (the shard lends one to every writer pass, so idle
-    /// connections keep none), or `None` before the handshake completed.
-    pub(crate) fn writer<'a>(
-        &'a mut self,
-        out: &'a mut [u8],
-        tail: &'a mut Vec<u8>,
-    ) -> Option<RecordWriter<'a>> {
-        let Tls::Open(records) = &mut self.tls else {
-            return None;
-        };
-        tail.clear();
-        if tail.capacity() < MAX_PLAINTEXT + 1 {
-            tail.reserve_exact(MAX_PLAINTEXT + 1);
-        }
-        Some(RecordWriter {
-            records,
-            out,
-            used: 0,
-            tail,
-            big: Bytes::new(),
-        })
+    /// Whether the peer sent close_notify: nothing more comes.
+    pub fn peer_closed(&self) -> bool {
+        self.peer_closed
     }
 
     /// Takes the count of frame bytes read since the last call.
-    pub(crate) fn take_frame_bytes(&mut self) -> u64 {
+    pub fn take_frame_bytes(&mut self) -> u64 {
         std::mem::take(&mut self.frame_bytes)
     }
 
     /// The next complete frame read, if any: records are opened as needed.
-    /// The next complete frame, or the reason to close the connection: a frame that does not
-    /// decode, or a TLS failure (logged for connection `conn`).
-    pub(crate) fn frame_or_close(
-        &mut self,
-        conn: super::msg::ConnId,
-    ) -> Result<Option<Frame>, crate::wire::Reason> {
-        match self.next_frame() {
-            Ok(f) => Ok(f),
-            Err(TransportError::Wire(e)) => {
-                tracing::info!(conn, error = %e, "undecodable frame");
-                Err(crate::wire::Reason::from(&e))
-            }
-            Err(TransportError::Tls(e)) => {
-                tracing::info!(conn, error = %e, "TLS failure");
-                Err(crate::wire::Reason::ProtocolError)
-            }
-        }
-    }
-
-    pub(crate) fn next_frame(&mut self) -> Result<Option<Frame>, TransportError> {
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, TransportError> {
         loop {
             if let Some(len) = self.carried_frame_len()? {
                 if self.carried >= len {
@@ -289,7 +367,7 @@ impl Transport {
 
     /// Opens the next complete record and joins its plaintext to the carried plaintext.
     fn open_next_record(&mut self) -> Result<Step, TransportError> {
-        let Tls::Open(records) = &mut self.tls else {
+        let Some(records) = self.opener.as_deref_mut() else {
             return Ok(Step::Nothing);
         };
         if self.peer_closed {
@@ -359,7 +437,7 @@ impl Transport {
     }
 }
 
-impl Transport {
+impl FrameReader {
     /// Drops skipped bytes from the buffer: at once when nothing is carried, else once they
     /// outweigh what a move of the carried bytes costs.
     fn compact_skip(&mut self) {
@@ -376,7 +454,7 @@ impl Transport {
 
     /// Records that carried no frame bytes (KeyUpdates, empty records) since the last call:
     /// charged like frames.
-    pub(crate) fn take_control_records(&mut self) -> u64 {
+    pub fn take_control_records(&mut self) -> u64 {
         std::mem::take(&mut self.control_records)
     }
 }
@@ -393,13 +471,13 @@ enum Step {
 
 /// Bytes a write buffer needs to seal one frame of `len` bytes on its own, with a KeyUpdate and
 /// a flushed tail before it.
-pub(crate) fn sealed_size(len: usize) -> usize {
+pub fn sealed_size(len: usize) -> usize {
     len + (len / MAX_PLAINTEXT + 4) * OVERHEAD + 64
 }
 
 /// Seals frames into a write buffer, record by record (see the module docs).
-pub(crate) struct RecordWriter<'a> {
-    records: &'a mut RecordLayer,
+pub struct RecordWriter<'a> {
+    records: &'a mut RecordSealer,
     out: &'a mut [u8],
     used: usize,
     tail: &'a mut Vec<u8>,
@@ -407,14 +485,30 @@ pub(crate) struct RecordWriter<'a> {
     big: Bytes,
 }
 
-impl RecordWriter<'_> {
+impl<'a> RecordWriter<'a> {
+    /// A writer sealing records into `out` (a full-length buffer), with `tail` as scratch for
+    /// the copied part of a record.
+    pub fn new(records: &'a mut RecordSealer, out: &'a mut [u8], tail: &'a mut Vec<u8>) -> Self {
+        tail.clear();
+        if tail.capacity() < MAX_PLAINTEXT + 1 {
+            tail.reserve_exact(MAX_PLAINTEXT + 1);
+        }
+        RecordWriter {
+            records,
+            out,
+            used: 0,
+            tail,
+            big: Bytes::new(),
+        }
+    }
+
     /// Whether a frame of `len` bytes still fits, with the records it may need.
-    pub(crate) fn fits(&self, len: usize) -> bool {
+    pub fn fits(&self, len: usize) -> bool {
         self.used + self.big.len() + self.tail.len() + sealed_size(len) <= self.out.len()
     }
 
     /// Copies `bytes` into the records (control frames, heads, small envelopes).
-    pub(crate) fn copy(&mut self, mut bytes: &[u8]) -> Result<(), RecordError> {
+    pub fn copy(&mut self, mut bytes: &[u8]) -> Result<(), RecordError> {
         while !bytes.is_empty() {
             let space = MAX_PLAINTEXT - self.big.len() - self.tail.len();
             if space == 0 {
@@ -429,14 +523,19 @@ impl RecordWriter<'_> {
     }
 
     /// An envelope: its head copied, its immutable part sealed where it lies when large.
-    pub(crate) fn envelope(&mut self, head: &[u8], immutable: &Bytes) -> Result<(), RecordError> {
-        if immutable.len() < SEAL_IN_PLACE_FROM {
-            self.copy(head)?;
-            return self.copy(immutable);
-        }
+    pub fn envelope(&mut self, head: &[u8], immutable: &Bytes) -> Result<(), RecordError> {
         self.copy(head)?;
+        self.shared(immutable)
+    }
+
+    /// Bytes sealed where they lie when large (from the start of a record, in full records,
+    /// the last piece sharing its record with what follows), copied when small.
+    pub fn shared(&mut self, bytes: &Bytes) -> Result<(), RecordError> {
+        if bytes.len() < SEAL_IN_PLACE_FROM {
+            return self.copy(bytes);
+        }
         self.flush()?;
-        let mut rest = immutable.clone();
+        let mut rest = bytes.clone();
         while rest.len() > MAX_PLAINTEXT {
             let chunk = rest.split_to(MAX_PLAINTEXT);
             self.seal(&chunk)?;
@@ -444,6 +543,24 @@ impl RecordWriter<'_> {
         // The last piece waits: what follows rides in the same record.
         self.big = rest;
         Ok(())
+    }
+
+    /// Whole frames encoded back to back (a batch of them): each large one sealed where it lies
+    /// from the start of a record (the reader then cuts it out with at most a small join), runs
+    /// of small ones copied. The caller checks that they fit ([`RecordWriter::fits`]).
+    pub fn frames(&mut self, frames: &Bytes) -> Result<(), RecordError> {
+        let (mut at, mut run) = (0, 0);
+        while let Some(p) = frames.get(at..at + 4) {
+            let len = 4 + u32::from_be_bytes([p[0], p[1], p[2], p[3]]) as usize;
+            let end = (at + len).min(frames.len());
+            if len >= SEAL_IN_PLACE_FROM {
+                self.copy(&frames[run..at])?;
+                self.shared(&frames.slice(at..end))?;
+                run = end;
+            }
+            at = end;
+        }
+        self.copy(&frames[run..])
     }
 
     fn seal(&mut self, big: &[u8]) -> Result<(), RecordError> {
@@ -456,7 +573,7 @@ impl RecordWriter<'_> {
     }
 
     /// Seals what is pending.
-    pub(crate) fn flush(&mut self) -> Result<(), RecordError> {
+    pub fn flush(&mut self) -> Result<(), RecordError> {
         if self.big.is_empty() && self.tail.is_empty() {
             return Ok(());
         }
@@ -465,7 +582,7 @@ impl RecordWriter<'_> {
     }
 
     /// Seals what is pending, then a close_notify.
-    pub(crate) fn close_notify(&mut self) -> Result<(), RecordError> {
+    pub fn close_notify(&mut self) -> Result<(), RecordError> {
         self.flush()?;
         let n = self.records.close_notify(&mut self.out[self.used..])?;
         self.used += n;
@@ -473,7 +590,7 @@ impl RecordWriter<'_> {
     }
 
     /// Sends a KeyUpdate (sending keys rotate).
-    pub(crate) fn key_update(&mut self) -> Result<(), RecordError> {
+    pub fn key_update(&mut self) -> Result<(), RecordError> {
         self.flush()?;
         let n = self.records.key_update(&mut self.out[self.used..])?;
         self.used += n;
@@ -481,7 +598,7 @@ impl RecordWriter<'_> {
     }
 
     /// Seals what is pending and returns the bytes to write.
-    pub(crate) fn finish(mut self) -> Result<usize, RecordError> {
+    pub fn finish(mut self) -> Result<usize, RecordError> {
         self.flush()?;
         Ok(self.used)
     }
@@ -607,5 +724,49 @@ mod tests {
             assert!(got == sent, "size {size}, reads of {chunk}: frames differ");
             assert!(!t.has_partial_frame());
         }
+    }
+
+    #[test]
+    fn batched_frames_start_large_ones_on_a_record_and_arrive_whole() {
+        let relay = crate::testing::InMemoryRelay::new();
+        let (client, mut server) = relay.records(&Identity::generate_self_signed("agent").unwrap());
+        let (_, mut sealer) = client.into_split().expect("open");
+        // Frames back to back, small and large, as a batch holds them.
+        let sizes = [100, 20_000, 300, 40, 5_000, 16_000, 1_500, 70];
+        let frames: Vec<Bytes> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| envelopes(i + 1, n).pop().unwrap().to_bytes())
+            .collect();
+        let batch: Bytes = frames.concat().into();
+        let (mut out, mut tail) = (vec![0u8; 256 << 10], Vec::new());
+        let mut w = RecordWriter::new(&mut sealer, &mut out, &mut tail);
+        assert!(w.fits(batch.len()));
+        w.frames(&batch).unwrap();
+        let n = w.finish().unwrap();
+        // Open every record; note where each one's plaintext starts in the stream.
+        let (mut plain, mut starts, mut at) = (Vec::new(), Vec::new(), 0);
+        while at < n {
+            let len = RecordLayer::record_len(&out[at..n]).unwrap().unwrap();
+            let Opened::Data(r) = server.open(&mut out[at..at + len]).unwrap() else {
+                panic!("a data record");
+            };
+            starts.push(plain.len());
+            plain.extend_from_slice(&out[at + r.start..at + r.end]);
+            at += len;
+        }
+        assert_eq!(plain, batch, "the records carry the batch, in order");
+        let mut offset = 0;
+        for f in &frames {
+            if f.len() >= SEAL_IN_PLACE_FROM {
+                assert!(
+                    starts.contains(&offset),
+                    "a large frame at {offset} starts a record"
+                );
+            }
+            offset += f.len();
+        }
+        // Small frames share records: fewer records than frames plus full-record pieces.
+        assert!(starts.len() < frames.len() + 3, "{} records", starts.len());
     }
 }

@@ -1,0 +1,294 @@
+//! The agent's TLS link to a relay: the relay's own sans-IO transport
+//! ([`openmesh_dataplane::tls::transport`]: rustls for the handshake, then the project's record
+//! layer) over a tokio socket, split for the connection's reading task and its writing task.
+//!
+//! A payload byte is touched in user space by the AEAD only: records are opened in the read
+//! buffer and frames are cut from it as slices; frames to send are sealed from where they lie
+//! into the write buffer, large ones from the start of a record so that the relay finds each
+//! whole with at most a small join.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+
+use openmesh_dataplane::tls::client_config;
+use openmesh_dataplane::tls::record::RecordSealer;
+use openmesh_dataplane::tls::transport::{
+    FrameReader, RecordWriter, Transport, TransportError, WRITE_BUFFER,
+};
+use openmesh_dataplane::wire::Frame;
+
+use crate::{ClientConfig, ClientError};
+
+/// Largest read buffer block: reads of a busy link fill up to this much at once.
+const READ_BLOCK_MAX: usize = 256 << 10;
+
+/// The reading half: the socket's read side and the frames read from it.
+pub(crate) struct LinkReader {
+    rd: OwnedReadHalf,
+    frames: FrameReader,
+}
+
+/// The writing half: the socket's write side and the sealing keys.
+pub(crate) struct LinkWriter {
+    wr: OwnedWriteHalf,
+    sealer: RecordSealer,
+    /// Records sealed for one write.
+    out: Vec<u8>,
+    /// Scratch for the copied part of a record.
+    tail: Vec<u8>,
+}
+
+/// The server name `cfg` expects of `relay`'s certificate.
+pub(crate) fn server_name(
+    cfg: &ClientConfig,
+    relay: SocketAddr,
+) -> Result<ServerName<'static>, ClientError> {
+    match &cfg.server_name {
+        Some(n) => ServerName::try_from(n.clone()).map_err(|_| ClientError::ServerName(n.clone())),
+        None => Ok(ServerName::IpAddress(relay.ip().into())),
+    }
+}
+
+/// A TCP connection to `relay` (from `cfg.bind` when set), without Nagle's delay.
+pub(crate) async fn tcp(cfg: &ClientConfig, relay: SocketAddr) -> Result<TcpStream, ClientError> {
+    let tcp = match cfg.bind {
+        None => TcpStream::connect(relay).await?,
+        Some(ip) => {
+            let sock = if relay.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            sock.bind(SocketAddr::new(ip, 0))?;
+            sock.connect(relay).await?
+        }
+    };
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
+}
+
+/// Connects to `relay` and runs the TLS handshake (mutual: `cfg`'s identity, `cfg`'s CAs).
+/// Frames longer than `max_frame` are refused until [`LinkReader::set_max_frame`].
+pub(crate) async fn connect(
+    cfg: &ClientConfig,
+    relay: SocketAddr,
+    max_frame: usize,
+) -> Result<(LinkReader, LinkWriter), ClientError> {
+    let tls = client_config(&cfg.identity, &cfg.ca)?;
+    let mut tcp = tcp(cfg, relay).await?;
+    let mut t = Transport::client(tls, server_name(cfg, relay)?, max_frame, READ_BLOCK_MAX)?;
+    loop {
+        if let Some(hs) = t.take_handshake_output() {
+            tcp.write_all(&hs).await?;
+        }
+        if t.is_open() {
+            break;
+        }
+        let mut rx = t.take_read_buf();
+        let n = tcp.read_buf(&mut rx).await;
+        t.put_read_buf(rx);
+        if n? == 0 {
+            return Err(ClientError::Gone);
+        }
+        t.advance_handshake()?;
+    }
+    let (frames, sealer) = t.into_split().ok_or(ClientError::Unexpected)?;
+    let (rd, wr) = tcp.into_split();
+    Ok((
+        LinkReader { rd, frames },
+        LinkWriter {
+            wr,
+            sealer,
+            out: vec![0; WRITE_BUFFER],
+            tail: Vec::new(),
+        },
+    ))
+}
+
+impl LinkReader {
+    /// The next complete frame already read, if any.
+    pub(crate) fn next_frame(&mut self) -> Result<Option<Frame>, TransportError> {
+        self.frames.next_frame()
+    }
+
+    /// Changes the largest frame accepted (to the session contract's).
+    pub(crate) fn set_max_frame(&mut self, max: usize) {
+        self.frames.set_max_frame(max);
+    }
+
+    /// Whether the relay sent close_notify: nothing more comes.
+    pub(crate) fn peer_closed(&self) -> bool {
+        self.frames.peer_closed()
+    }
+
+    /// Reads what the socket has (waiting for it); returns the bytes read, 0 at the end of the
+    /// stream. Cancel-safe: nothing is read until the socket is ready, and then without waiting.
+    pub(crate) async fn read(&mut self) -> io::Result<usize> {
+        loop {
+            self.rd.readable().await?;
+            let mut rx = self.frames.take_read_buf();
+            let r = self.rd.try_read_buf(&mut rx);
+            self.frames.put_read_buf(rx);
+            match r {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => return r,
+            }
+        }
+    }
+}
+
+impl LinkWriter {
+    /// Seals and writes `parts` (whole frames back to back, in order), emptying it.
+    pub(crate) async fn write(&mut self, parts: &mut VecDeque<Bytes>) -> Result<(), ClientError> {
+        while !parts.is_empty() {
+            let n = seal_pass(&mut self.sealer, &mut self.out, &mut self.tail, parts)?;
+            self.wr.write_all(&self.out[..n]).await?;
+        }
+        Ok(())
+    }
+
+    /// Seals and writes `frames` (whole frames back to back).
+    pub(crate) async fn write_bytes(&mut self, frames: Bytes) -> Result<(), ClientError> {
+        self.write(&mut VecDeque::from([frames])).await
+    }
+
+    /// Sends close_notify and shuts the socket's sending side down.
+    pub(crate) async fn shutdown(&mut self) -> Result<(), ClientError> {
+        let mut w = RecordWriter::new(&mut self.sealer, &mut self.out, &mut self.tail);
+        w.close_notify().map_err(TransportError::from)?;
+        let n = w.finish().map_err(TransportError::from)?;
+        self.wr.write_all(&self.out[..n]).await?;
+        self.wr.shutdown().await?;
+        Ok(())
+    }
+}
+
+/// Seals as much of `parts` as `out` holds, whole frames where it can; returns the bytes of
+/// `out` to write. What was sealed leaves `parts`.
+fn seal_pass(
+    sealer: &mut RecordSealer,
+    out: &mut [u8],
+    tail: &mut Vec<u8>,
+    parts: &mut VecDeque<Bytes>,
+) -> Result<usize, TransportError> {
+    let half = out.len() / 2;
+    let mut w = RecordWriter::new(sealer, out, tail);
+    let mut empty = true;
+    while let Some(front) = parts.front_mut() {
+        if front.is_empty() {
+            parts.pop_front();
+            continue;
+        }
+        let take = if w.fits(front.len()) {
+            front.len()
+        } else {
+            whole_frames_fitting(front, &w)
+        };
+        // A frame larger than the buffer goes in pieces (the reader joins them).
+        let take = if take == 0 && empty {
+            front.len().min(half)
+        } else {
+            take
+        };
+        if take == 0 {
+            break;
+        }
+        let piece = front.split_to(take);
+        w.frames(&piece)?;
+        empty = false;
+        if front.is_empty() {
+            parts.pop_front();
+        }
+    }
+    Ok(w.finish()?)
+}
+
+/// Bytes of the whole frames at the front of `frames` that still fit in `w`.
+fn whole_frames_fitting(frames: &Bytes, w: &RecordWriter<'_>) -> usize {
+    let mut at = 0;
+    while let Some(p) = frames.get(at..at + 4) {
+        let end = at + 4 + u32::from_be_bytes([p[0], p[1], p[2], p[3]]) as usize;
+        if end > frames.len() || !w.fits(end) {
+            break;
+        }
+        at = end;
+    }
+    at
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use openmesh_dataplane::pki::Identity;
+    use openmesh_dataplane::testing::InMemoryRelay;
+    use openmesh_dataplane::tls::record::{Opened, RecordLayer};
+
+    use super::*;
+
+    /// A part of `n` frames of the given body lengths (prefix included), or `garbage` bytes
+    /// that are not frames at all (a raw session sends such).
+    fn part(bodies: &[usize], garbage: Option<usize>, tag: u8) -> Bytes {
+        if let Some(g) = garbage {
+            return (0..g).map(|i| (i as u8).wrapping_mul(31) ^ tag).collect();
+        }
+        let mut b = Vec::new();
+        for (i, &n) in bodies.iter().enumerate() {
+            b.extend_from_slice(&(n as u32 + 1).to_be_bytes());
+            b.extend(std::iter::repeat_n(tag ^ i as u8, n + 1));
+        }
+        b.into()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        /// Whatever the parts (whole frames of any size, even larger than the write buffer, or
+        /// bytes that are not frames) and the buffer, the passes seal every byte once, in
+        /// order, each within the buffer, and end.
+        #[test]
+        fn passes_seal_every_part_in_order(
+            parts in proptest::collection::vec(
+                (proptest::collection::vec(0usize..40_000, 1..6), proptest::option::weighted(0.15, 1usize..5_000)),
+                1..6,
+            ),
+            out_len in 4_096usize..(128 << 10),
+        ) {
+            let relay = InMemoryRelay::new();
+            let (client, mut server) = relay.records(&Identity::generate_self_signed("a").unwrap());
+            let (_, mut sealer) = client.into_split().expect("open");
+            let mut queue: VecDeque<Bytes> = parts
+                .iter()
+                .enumerate()
+                .map(|(i, (bodies, garbage))| part(bodies, *garbage, i as u8))
+                .collect();
+            let want: Vec<u8> = queue.iter().flat_map(|b| b.iter().copied()).collect();
+            let (mut out, mut tail) = (vec![0u8; out_len], Vec::new());
+            let mut plain = Vec::new();
+            let mut passes = 0;
+            while !queue.is_empty() {
+                passes += 1;
+                prop_assert!(passes <= want.len() / (out_len / 4) + 8, "passes end");
+                let n = seal_pass(&mut sealer, &mut out, &mut tail, &mut queue).unwrap();
+                prop_assert!(n > 0 && n <= out_len);
+                let mut at = 0;
+                while at < n {
+                    let len = RecordLayer::record_len(&out[at..n]).unwrap().unwrap();
+                    match server.open(&mut out[at..at + len]).unwrap() {
+                        Opened::Data(r) => plain.extend_from_slice(&out[at + r.start..at + r.end]),
+                        other => prop_assert!(false, "unexpected {other:?}"),
+                    }
+                    at += len;
+                }
+            }
+            prop_assert!(plain == want, "{} bytes sealed, {} queued", plain.len(), want.len());
+        }
+    }
+}
