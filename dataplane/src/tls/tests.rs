@@ -163,6 +163,48 @@ fn key_updates_both_ways() {
 }
 
 #[test]
+fn split_halves_answer_a_requested_key_update_on_the_next_record() {
+    let mut p = connect(b"x");
+    open_all(&mut p.server.records, &mut p.to_server);
+    let Pair {
+        mut client,
+        server,
+        mut to_server,
+    } = p;
+    let (mut opener, mut sealer) = server.records.split();
+    for round in 0..2u8 {
+        // rustls sends a KeyUpdate that asks the peer to update too.
+        client.refresh_traffic_keys().unwrap();
+        client.writer().write_all(&[round; 50]).unwrap();
+        to_server.extend(client_to_vec(&mut client));
+        assert!(!sealer.owes_key_update());
+        let mut kinds = Vec::new();
+        let mut at = 0;
+        while let Some(n) = RecordLayer::record_len(&to_server[at..]).unwrap() {
+            kinds.push(opener.open(&mut to_server[at..at + n]).unwrap());
+            at += n;
+        }
+        to_server.drain(..at);
+        assert!(kinds.contains(&Opened::Control), "a KeyUpdate arrived");
+        // The opener's half saw the request; the sealer's half owes the answer and sends it
+        // in front of its next data, unasked.
+        assert!(sealer.owes_key_update());
+        let mut out = vec![0u8; 4096];
+        let mut tail = Vec::with_capacity(32);
+        tail.extend_from_slice(&[round + 100; 20]);
+        let n = sealer.seal(&mut out, &[], &mut tail).unwrap();
+        assert!(!sealer.owes_key_update());
+        assert_eq!(
+            n,
+            2 * OVERHEAD + 5 + 20,
+            "a KeyUpdate record, then the data"
+        );
+        feed_client(&mut client, &out[..n]);
+        assert_eq!(read_client(&mut client), vec![round + 100; 20]);
+    }
+}
+
+#[test]
 fn close_notify_and_tampering() {
     let mut p = connect(b"x");
     open_all(&mut p.server.records, &mut p.to_server);

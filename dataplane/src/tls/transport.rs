@@ -545,22 +545,29 @@ impl<'a> RecordWriter<'a> {
         Ok(())
     }
 
-    /// Whole frames encoded back to back (a batch of them): each large one sealed where it lies
-    /// from the start of a record (the reader then cuts it out with at most a small join), runs
-    /// of small ones copied. The caller checks that they fit ([`RecordWriter::fits`]).
-    pub fn frames(&mut self, frames: &Bytes) -> Result<(), RecordError> {
-        let (mut at, mut run) = (0, 0);
+    /// Seals the whole frames at the front of `frames` (encoded back to back: a batch of
+    /// them) that fit, and returns their bytes: each large one sealed where it lies from the
+    /// start of a record (the reader then cuts it out with at most a small join), small ones
+    /// copied. What follows the last one taken (a frame that does not fit, or bytes that are not
+    /// a whole frame) is left to the caller.
+    pub fn frames(&mut self, frames: &Bytes) -> Result<usize, RecordError> {
+        let mut at = 0;
         while let Some(p) = frames.get(at..at + 4) {
             let len = 4 + u32::from_be_bytes([p[0], p[1], p[2], p[3]]) as usize;
-            let end = (at + len).min(frames.len());
-            if len >= SEAL_IN_PLACE_FROM {
-                self.copy(&frames[run..at])?;
-                self.shared(&frames.slice(at..end))?;
-                run = end;
+            let Some(frame) = frames.get(at..at + len) else {
+                break;
+            };
+            if !self.fits(len) {
+                break;
             }
-            at = end;
+            if len >= SEAL_IN_PLACE_FROM {
+                self.shared(&frames.slice(at..at + len))?;
+            } else {
+                self.copy(frame)?;
+            }
+            at += len;
         }
-        self.copy(&frames[run..])
+        Ok(at)
     }
 
     fn seal(&mut self, big: &[u8]) -> Result<(), RecordError> {
@@ -741,8 +748,7 @@ mod tests {
         let batch: Bytes = frames.concat().into();
         let (mut out, mut tail) = (vec![0u8; 256 << 10], Vec::new());
         let mut w = RecordWriter::new(&mut sealer, &mut out, &mut tail);
-        assert!(w.fits(batch.len()));
-        w.frames(&batch).unwrap();
+        assert_eq!(w.frames(&batch).unwrap(), batch.len(), "all fit");
         let n = w.finish().unwrap();
         // Open every record; note where each one's plaintext starts in the stream.
         let (mut plain, mut starts, mut at) = (Vec::new(), Vec::new(), 0);
@@ -768,5 +774,50 @@ mod tests {
         }
         // Small frames share records: fewer records than frames plus full-record pieces.
         assert!(starts.len() < frames.len() + 3, "{} records", starts.len());
+    }
+
+    #[test]
+    fn frames_that_each_start_a_record_stop_where_the_buffer_ends() {
+        let relay = crate::testing::InMemoryRelay::new();
+        let (client, mut server) = relay.records(&Identity::generate_self_signed("agent").unwrap());
+        let (_, mut sealer) = client.into_split().expect("open");
+        // 200 frames just above the size sealed where it lies: a record each, 200 records of
+        // overhead in a buffer sized for the bytes.
+        let frames: Vec<Bytes> = (0..200)
+            .map(|i| {
+                envelopes(i + 1, SEAL_IN_PLACE_FROM)
+                    .pop()
+                    .unwrap()
+                    .to_bytes()
+            })
+            .collect();
+        let batch: Bytes = frames.concat().into();
+        let (mut out, mut tail) = (vec![0u8; sealed_size(batch.len())], Vec::new());
+        let mut w = RecordWriter::new(&mut sealer, &mut out, &mut tail);
+        let took = w.frames(&batch).unwrap();
+        let n = w.finish().unwrap();
+        assert!(took < batch.len(), "not all fit");
+        let whole: usize = frames
+            .iter()
+            .map(Bytes::len)
+            .scan(0, |a, l| {
+                *a += l;
+                Some(*a)
+            })
+            .take_while(|&a| a <= took)
+            .last()
+            .unwrap();
+        assert_eq!(took, whole, "whole frames only");
+        let mut plain = Vec::new();
+        let mut at = 0;
+        while at < n {
+            let len = RecordLayer::record_len(&out[at..n]).unwrap().unwrap();
+            let Opened::Data(r) = server.open(&mut out[at..at + len]).unwrap() else {
+                panic!("a data record");
+            };
+            plain.extend_from_slice(&out[at + r.start..at + r.end]);
+            at += len;
+        }
+        assert_eq!(plain, batch[..took]);
     }
 }
