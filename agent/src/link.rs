@@ -20,7 +20,7 @@ use tokio::net::TcpStream;
 use openmesh_dataplane::tls::client_config;
 use openmesh_dataplane::tls::record::RecordSealer;
 use openmesh_dataplane::tls::transport::{
-    FrameReader, RecordWriter, Transport, TransportError, WRITE_BUFFER,
+    sealed_size, FrameReader, RecordWriter, Transport, TransportError, WRITE_BUFFER,
 };
 use openmesh_dataplane::wire::Frame;
 
@@ -39,7 +39,7 @@ pub(crate) struct LinkReader {
 pub(crate) struct LinkWriter {
     wr: OwnedWriteHalf,
     sealer: RecordSealer,
-    /// Records sealed for one write.
+    /// Records sealed for one write (grown on demand, at most WRITE_BUFFER).
     out: Vec<u8>,
     /// Scratch for the copied part of a record.
     tail: Vec<u8>,
@@ -106,7 +106,7 @@ pub(crate) async fn connect(
         LinkWriter {
             wr,
             sealer,
-            out: vec![0; WRITE_BUFFER],
+            out: Vec::new(),
             tail: Vec::new(),
         },
     ))
@@ -148,6 +148,13 @@ impl LinkWriter {
     /// Seals and writes `parts` (whole frames back to back, in order), emptying it.
     pub(crate) async fn write(&mut self, parts: &mut VecDeque<Bytes>) -> Result<(), ClientError> {
         while !parts.is_empty() {
+            // The buffer grows to what the writes need, up to WRITE_BUFFER: an idle agent keeps
+            // a few KiB.
+            let queued: usize = parts.iter().map(Bytes::len).sum();
+            let want = sealed_size(queued).clamp(4096, WRITE_BUFFER);
+            if self.out.len() < want {
+                self.out.resize(want, 0);
+            }
             let n = seal_pass(&mut self.sealer, &mut self.out, &mut self.tail, parts)?;
             self.wr.write_all(&self.out[..n]).await?;
         }
@@ -161,6 +168,9 @@ impl LinkWriter {
 
     /// Sends close_notify and shuts the socket's sending side down.
     pub(crate) async fn shutdown(&mut self) -> Result<(), ClientError> {
+        if self.out.len() < 4096 {
+            self.out.resize(4096, 0);
+        }
         let mut w = RecordWriter::new(&mut self.sealer, &mut self.out, &mut self.tail);
         w.close_notify().map_err(TransportError::from)?;
         let n = w.finish().map_err(TransportError::from)?;
