@@ -26,8 +26,9 @@ use openmesh_dataplane::wire::Frame;
 
 use crate::{ClientConfig, ClientError};
 
-/// Largest read buffer block: reads of a busy link fill up to this much at once.
-const READ_BLOCK_MAX: usize = 256 << 10;
+/// Largest read buffer block: reads of a busy link fill up to this much at once. Envelopes are
+/// slices of their block, so one the application keeps holds its block: blocks stay small.
+const READ_BLOCK_MAX: usize = 64 << 10;
 
 /// The reading half: the socket's read side and the frames read from it.
 pub(crate) struct LinkReader {
@@ -145,7 +146,9 @@ impl LinkReader {
 }
 
 impl LinkWriter {
-    /// Seals and writes `parts` (whole frames back to back, in order), emptying it.
+    /// Seals and writes `parts` (whole frames back to back, in order), emptying it. Not
+    /// cancel-safe: records are sealed (sequence numbers spent) before they are written, so a
+    /// link whose write was dropped midway must not be written again.
     pub(crate) async fn write(&mut self, parts: &mut VecDeque<Bytes>) -> Result<(), ClientError> {
         while !parts.is_empty() {
             // The buffer grows to what the writes need, up to WRITE_BUFFER: an idle agent keeps

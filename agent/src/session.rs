@@ -156,7 +156,7 @@ pub(crate) async fn open(
                     _ => Err(ClientError::Unexpected),
                 };
             }
-            if reader.read().await? == 0 || reader.peer_closed() {
+            if reader.peer_closed() || reader.read().await? == 0 {
                 return Err(ClientError::Gone);
             }
         }

@@ -354,12 +354,14 @@ impl RecordSealer {
         if big.len() + tail.len() > MAX_PLAINTEXT {
             return Err(RecordError::Unexpected("record content above 2^14 bytes"));
         }
-        let needed = self.sealed_len(big.len() + tail.len());
+        // Read once: the opening half may set it meanwhile (the next record answers that).
+        let ku = self.owes_key_update();
+        let needed = OVERHEAD + big.len() + tail.len() + if ku { OVERHEAD + 5 } else { 0 };
         if out.len() < needed {
             return Err(RecordError::OutputTooSmall { needed });
         }
         let mut at = 0;
-        if self.owes_key_update() {
+        if ku {
             at += self.send_key_update(out)?;
         }
         tail.push(APPLICATION_DATA);
@@ -381,10 +383,12 @@ impl RecordSealer {
 
     fn send_key_update(&mut self, out: &mut [u8]) -> Result<usize, RecordError> {
         let msg = [KEY_UPDATE, 0, 0, 1, 0, HANDSHAKE];
+        // Cleared before this KeyUpdate goes: a request read after this point is answered by
+        // another one, not lost.
+        self.schedule.owe_key_update.store(false, Ordering::Relaxed);
         let n = self.seal_record(out, &[], &msg)?;
         let (seq, secrets) = self.schedule.kernel().update_tx_secret()?;
         self.tx = Direction::new(seq, secrets)?;
-        self.schedule.owe_key_update.store(false, Ordering::Relaxed);
         Ok(n)
     }
 

@@ -469,10 +469,11 @@ enum Step {
     Joined(BytesMut),
 }
 
-/// Bytes a write buffer needs to seal one frame of `len` bytes on its own, with a KeyUpdate and
-/// a flushed tail before it.
+/// Bytes a write buffer needs to seal one frame of `len` bytes on its own, with a flushed tail
+/// before it, and a KeyUpdate in front of every record (a peer may ask for one before each, when
+/// the record layer is split and its opening half runs on another thread).
 pub fn sealed_size(len: usize) -> usize {
-    len + (len / MAX_PLAINTEXT + 4) * OVERHEAD + 64
+    len + (len / MAX_PLAINTEXT + 4) * (2 * OVERHEAD + 5) + 64
 }
 
 /// Seals frames into a write buffer, record by record (see the module docs).
