@@ -355,9 +355,11 @@ impl FrameReader {
         }
     }
 
-    fn decode(&mut self, frame: Bytes) -> Result<Frame, TransportError> {
+    fn decode(&mut self, mut frame: Bytes) -> Result<Frame, TransportError> {
         self.frame_bytes += frame.len() as u64;
-        Ok(Frame::decode(frame.slice(4..))?)
+        // Past the length prefix without a second reference to the buffer.
+        frame.advance(4);
+        Ok(Frame::decode(frame)?)
     }
 
     /// Length (prefix included) of the frame starting the carried plaintext, once known.
