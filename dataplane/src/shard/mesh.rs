@@ -66,6 +66,9 @@ pub(crate) struct Mesh {
     /// Envelopes waiting for a compliant path (already ACKed upstream), and their frame bytes.
     waiting: VecDeque<Envelope>,
     waiting_bytes: usize,
+    /// Envelopes taken off `waiting` by a retry and not yet placed again: counted in the gauge
+    /// meanwhile, so a scrape during a retry never sees them missing.
+    retrying: usize,
     /// Agents something was kept for on this core after presence had placed them on another
     /// relay (the source's core looked before the presence came, or their session here ended
     /// after they attached elsewhere), or kept for there when a link came up: what is kept
@@ -86,6 +89,7 @@ impl Default for Mesh {
             locations: Locations::default(),
             refreshed_us: 0,
             waiting: VecDeque::new(),
+            retrying: 0,
             waiting_bytes: 0,
             follow: HashSet::default(),
         }
@@ -753,7 +757,9 @@ impl Shard {
         self.mesh.waiting_bytes += len;
         self.mesh.waiting.push_back(env);
         self.m.fleet_routed(crate::metrics::FleetOutcome::Kept);
-        self.m.fleet_waiting.set(self.mesh.waiting.len() as f64);
+        self.m
+            .fleet_waiting
+            .set((self.mesh.waiting.len() + self.mesh.retrying) as f64);
         deferred.is_none().then_some(Ok(false))
     }
 
@@ -771,7 +777,9 @@ impl Shard {
                 .waiting_bytes
                 .saturating_sub(env.frame_len() + super::custody::HELD_ENVELOPE_OVERHEAD);
         }
+        self.mesh.retrying = batch.len();
         for env in batch {
+            self.mesh.retrying -= 1;
             self.again(env, now);
         }
         self.m.fleet_waiting.set(self.mesh.waiting.len() as f64);
