@@ -331,16 +331,6 @@ impl RecordSealer {
         self.tx.seq >= self.rotate_after || self.schedule.owe_key_update.load(Ordering::Relaxed)
     }
 
-    /// Bytes [`RecordSealer::seal`] writes for `content` bytes of data, KeyUpdate included.
-    pub fn sealed_len(&self, content: usize) -> usize {
-        let ku = if self.owes_key_update() {
-            OVERHEAD + 5
-        } else {
-            0
-        };
-        ku + OVERHEAD + content
-    }
-
     /// Writes one application-data record into `out`: `big`, encrypted from where it lies,
     /// followed by `tail`. `tail` must have one spare byte of capacity for the content type (it is
     /// pushed and popped again). At most [`MAX_PLAINTEXT`] bytes in all. A KeyUpdate this side
