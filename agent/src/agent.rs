@@ -40,7 +40,7 @@ use openmesh_dataplane::wire::{
 };
 
 use crate::e2e::{E2e, E2eError, E2eStats, Opened as OpenedEnvelope};
-use crate::link::{LinkReader, LinkWriter};
+use crate::link::{LinkReader, LinkWriter, WriteReady};
 use crate::session::{flush_acks, open, pong, Heard, Heartbeat, Opened};
 use crate::template::{Batch, Item, MessageIdRange, MessageIds, NO_DEST};
 use crate::{unix_ms, ClientConfig, ClientError};
@@ -518,11 +518,97 @@ struct Shared {
     spare_vecs: Mutex<Vec<Vec<Envelope>>>,
     /// End-to-end keys and contexts, when the agent seals and opens.
     e2e: Option<Mutex<E2e>>,
+    /// The current connection's writer. Taken after `st` when both are held.
+    link: Mutex<LinkSlot>,
+    /// Batches for the writer, in the order sent, with the connection generation each was
+    /// recorded under. Bounded by the window (each is a pending batch).
+    outbox: Mutex<VecDeque<(u64, Bytes)>>,
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn link(&self) -> MutexGuard<'_, LinkSlot> {
+        self.link.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes the writer out: nothing more is written on this connection.
+    fn unlink(&self) -> Option<LinkWriter> {
+        self.link().writer.take()
+    }
+
+    /// Nothing waits to be written on the connection (or there is none).
+    fn link_idle(&self) -> bool {
+        self.link().writer.as_ref().is_none_or(LinkWriter::is_idle)
+            && self
+                .outbox
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty()
+    }
+
+    /// Queues `frames` on the connection's writer after the batches waiting in the outbox,
+    /// and writes what the socket takes now; `true` when nothing waits any more.
+    fn write_link(&self, frames: Bytes) -> Result<bool, ClientError> {
+        let mut l = self.link();
+        self.take_outbox(&mut l);
+        let w = l.writer.as_mut().ok_or(ClientError::Gone)?;
+        w.push(frames);
+        if w.is_idle() {
+            return Ok(true);
+        }
+        w.try_flush()
+    }
+
+    /// Moves the batches waiting in the outbox to the connection's writer, in order; drops
+    /// those of an older connection (the current one wrote them again when it started) and,
+    /// while disconnected, all (pending: the next connection writes them).
+    fn take_outbox(&self, l: &mut LinkSlot) {
+        let mut o = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
+        for (gen, frames) in o.drain(..) {
+            if let Some(w) = l.writer.as_mut().filter(|_| gen == l.gen) {
+                w.push(frames);
+            }
+        }
+    }
+
+    /// Writes everything waiting on the connection, waiting for its socket as long as needed.
+    async fn flush_link(&self, ready: &WriteReady) -> Result<(), ClientError> {
+        while !self.write_link(Bytes::new())? {
+            ready.wait().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes `frames`, a batch recorded while connection `gen` was current, after the batches
+    /// before it. With `direct`, and when the writer is free, in the caller's task at once
+    /// (held ACKs go with it): an agent sending at a low rate costs no hand-off. Otherwise
+    /// (or when the socket is full) the driver writes it, with whatever else waits by then.
+    fn write_batch(&self, frames: Bytes, gen: u64, direct: bool) {
+        self.outbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back((gen, frames));
+        if direct {
+            if let Ok(mut l) = self.link.try_lock() {
+                self.take_outbox(&mut l);
+                if let Some(w) = l.writer.as_mut() {
+                    let mut acks = Vec::new();
+                    self.due_acks(true, &mut acks);
+                    if !acks.is_empty() {
+                        let mut b = BytesMut::new();
+                        flush_acks(&mut acks, &mut b);
+                        w.push(b.freeze());
+                    }
+                    if w.try_flush().unwrap_or(false) {
+                        return;
+                    }
+                }
+            }
+        }
+        self.wake.notify_one();
     }
 
     fn held_acks(&self) -> MutexGuard<'_, HeldAcks> {
@@ -786,8 +872,6 @@ impl Shared {
 }
 
 enum Out {
-    /// Envelope frames, enqueued while connection `gen` was current.
-    Batch { frames: Bytes, gen: u64 },
     /// A control frame for the current connection only (PING, PONG).
     Control(Bytes),
     /// Write what is queued, CLOSE, wait for the relay's CLOSE until the deadline.
@@ -967,6 +1051,8 @@ impl Agent {
             queued: AtomicU64::new(0),
             queued_bytes: AtomicU64::new(0),
             spare_vecs: Mutex::new(Vec::new()),
+            link: Mutex::new(LinkSlot::default()),
+            outbox: Mutex::new(VecDeque::new()),
             e2e: match &cfg.e2e {
                 None => None,
                 Some(e) => {
@@ -1181,7 +1267,7 @@ impl Agent {
         let total = items.len() as u64;
         let sent = total as u32 - answered;
         let (tx, rx) = oneshot::channel();
-        let gen = loop {
+        let (gen, direct) = loop {
             let room = self.sh.room.notified();
             tokio::pin!(room);
             room.as_mut().enable();
@@ -1201,17 +1287,17 @@ impl Agent {
                     if st.spare_items.len() < SPARE_BATCHES && items.capacity() <= SPARE_ITEMS {
                         st.spare_items.push(std::mem::take(&mut items));
                     }
-                    break st.gen;
+                    // Half the window free: the link is quiet, and the batch goes at once
+                    // from here; a sender ahead by more leaves its batches to the driver,
+                    // which writes what piles up meanwhile together.
+                    break (st.gen, st.pending.len() as u32 <= st.window / 2);
                 }
                 st.need = Some(st.need.map_or(answered, |n| n.min(answered)));
             }
             room.await;
         };
         bump(&self.sh.counters.sent, total);
-        self.out
-            .send(Out::Batch { frames, gen })
-            .await
-            .map_err(|_| ClientError::Gone)?;
+        self.sh.write_batch(frames, gen, direct);
         Ok(BatchHandle {
             rx: Some(rx),
             ready: None,
@@ -1741,7 +1827,7 @@ async fn reconnect(
                         _ = &mut sleep => break,
                         o = out.recv() => match o {
                             None | Some(Out::Close { .. }) => return None,
-                            Some(Out::Batch { .. } | Out::Control(_)) => {}
+                            Some(Out::Control(_)) => {}
                         },
                     }
                 }
@@ -1821,10 +1907,17 @@ impl Conn<'_> {
             redirect: e.and_then(|e| e.redirect),
         };
 
-        // A new generation: everything pending goes out again, in the order first sent.
-        let mut buf = BytesMut::with_capacity(WRITE_COALESCE);
-        let mut wq = WriteQueue::default();
-        let gen = {
+        // First a rotation missed while disconnected, then the bundle: every relay this agent
+        // reaches serves it, before the envelopes sealed with it, so a receiver can look it up.
+        let mut buf = BytesMut::new();
+        let _ = sh.rotate_if_due(unix_ms());
+        if let Some(p) = sh.publish_frame(0) {
+            buf.extend_from_slice(&p);
+        }
+        let ready = wr.ready();
+        // A new generation: everything pending goes out again, in the order first sent; from
+        // here on senders write their batches on this connection.
+        {
             let mut st = sh.lock();
             st.gen += 1;
             if welcome.send_window > 0 {
@@ -1845,26 +1938,24 @@ impl Conn<'_> {
             for (_, f) in again {
                 buf.extend_from_slice(&f);
             }
-            st.gen
-        };
-        // A rotation missed while disconnected happens before the bundle goes out.
-        let _ = sh.rotate_if_due(unix_ms());
-        if let Some(p) = sh.publish_frame(0) {
-            // Every relay this agent reaches serves its bundle; before the envelopes sealed
-            // with it, so a receiver can look it up.
-            let mut b = BytesMut::with_capacity(p.len() + buf.len());
-            b.extend_from_slice(&p);
-            b.extend_from_slice(&buf);
-            buf = b;
+            wr.push(buf.split().freeze());
+            *sh.link() = LinkSlot {
+                gen: st.gen,
+                writer: Some(wr),
+            };
         }
+        let _unlink = Unlink(sh);
         sh.ack_limits(&welcome);
         let mut acks = Vec::new();
         sh.due_acks(true, &mut acks);
         flush_acks(&mut acks, &mut buf);
-        if !buf.is_empty() && wr.write_bytes(buf.split().freeze()).await.is_err() {
-            reader.abort();
-            return stop(None);
-        }
+        let mut blocked = match sh.write_link(buf.split().freeze()) {
+            Ok(idle) => !idle,
+            Err(_) => {
+                reader.abort();
+                return stop(None);
+            }
+        };
 
         let mut swept = Instant::now();
         let mut rotate_at = sh.rotation_due_ms();
@@ -1889,7 +1980,10 @@ impl Conn<'_> {
             tokio::select! {
                 biased;
                 e = &mut end_rx => {
-                    let _ = wr.shutdown().await;
+                    drop(ready);
+                    if let Some(mut w) = sh.unlink() {
+                        let _ = w.shutdown().await;
+                    }
                     return stop(e.ok());
                 }
                 o = out.recv() => {
@@ -1900,14 +1994,6 @@ impl Conn<'_> {
                     let mut n = 0;
                     while let Some(o) = next.take() {
                         match o {
-                            Out::Batch { frames, gen: g } => {
-                                // Queued under an older connection: pending, so already
-                                // written again when this one started.
-                                if g == gen {
-                                    flush_acks(&mut acks, &mut buf);
-                                    wq.push(&mut buf, frames);
-                                }
-                            }
                             Out::Control(f) => buf.extend_from_slice(&f),
                             Out::Close { deadline, done } => {
                                 closing = Some((deadline, done));
@@ -1915,10 +2001,16 @@ impl Conn<'_> {
                             }
                         }
                         n += 1;
-                        if buf.len() + wq.len() >= WRITE_COALESCE || n >= 4096 {
+                        if buf.len() >= WRITE_COALESCE || n >= 4096 {
                             break;
                         }
                         next = out.try_recv().ok();
+                    }
+                }
+                r = ready.wait(), if blocked => {
+                    if r.is_err() {
+                        reader.abort();
+                        return stop(None);
                     }
                 }
                 _ = sh.wake.notified() => {}
@@ -1941,13 +2033,16 @@ impl Conn<'_> {
             }
             // Held ACKs go when due, or with anything else written.
             acks_due = sh.due_acks(
-                !buf.is_empty() || wq.len() > 0 || closing.is_some(),
+                !buf.is_empty() || !sh.link_idle() || closing.is_some(),
                 &mut acks,
             );
             flush_acks(&mut acks, &mut buf);
             if let Some((deadline, done)) = closing {
                 Frame::Close(Close::new(Reason::Normal, "bye")).encode(&mut buf);
-                let written = wq.write(&mut buf, &mut wr).await.is_ok();
+                let written = sh.write_link(buf.split().freeze()).is_ok()
+                    && tokio::time::timeout_at(deadline, sh.flush_link(&ready))
+                        .await
+                        .is_ok_and(|r| r.is_ok());
                 let answer = if written {
                     tokio::time::timeout_at(deadline, &mut end_rx)
                         .await
@@ -1957,67 +2052,45 @@ impl Conn<'_> {
                 } else {
                     None
                 };
-                let _ = tokio::time::timeout_at(deadline, wr.shutdown()).await;
+                drop(ready);
+                if let Some(mut w) = sh.unlink() {
+                    let _ = tokio::time::timeout_at(deadline, w.shutdown()).await;
+                }
                 reader.abort();
                 if let Some(d) = done {
                     let _ = d.send(answer);
                 }
                 return Ended::Closed;
             }
-            if (!buf.is_empty() || wq.len() > 0) && wq.write(&mut buf, &mut wr).await.is_err() {
-                reader.abort();
-                return stop(None);
+            match sh.write_link(buf.split().freeze()) {
+                Ok(idle) => blocked = !idle,
+                Err(_) => {
+                    reader.abort();
+                    return stop(None);
+                }
             }
+            // The buffer's memory comes back once no written part holds it.
+            buf.reserve(4096);
         }
     }
 }
 
-/// Frames waiting to be written. Small frames (ACKs, control frames, retries) are copied
-/// together into the connection's buffer; batches are kept as they are and sealed from where
-/// they lie into the link's write buffer (the AEAD is the only pass over their bytes).
+/// The current connection's writer, shared by its driver and the senders: a sender that
+/// finds nothing waiting seals and writes its batch itself, in its own task, with no hand-off.
 #[derive(Default)]
-struct WriteQueue {
-    parts: VecDeque<Bytes>,
-    bytes: usize,
+struct LinkSlot {
+    /// The connection generation the writer belongs to.
+    gen: u64,
+    /// None while disconnected (and once the connection ended).
+    writer: Option<LinkWriter>,
 }
 
-/// Batches smaller than this are copied into the connection's buffer instead.
-const WRITE_ZERO_COPY: usize = 4 << 10;
+/// Takes the connection's writer out of the slot when the connection ends, however it ends.
+struct Unlink<'a>(&'a Shared);
 
-impl WriteQueue {
-    /// Bytes queued as parts (besides what the buffer holds).
-    fn len(&self) -> usize {
-        self.bytes
-    }
-
-    /// Queues `frames` after what `buf` holds.
-    fn push(&mut self, buf: &mut BytesMut, frames: Bytes) {
-        if frames.len() < WRITE_ZERO_COPY {
-            buf.extend_from_slice(&frames);
-            return;
-        }
-        self.take(buf);
-        self.bytes += frames.len();
-        self.parts.push_back(frames);
-    }
-
-    /// Moves what `buf` holds to the end of the queue.
-    fn take(&mut self, buf: &mut BytesMut) {
-        if !buf.is_empty() {
-            let b = buf.split().freeze();
-            self.bytes += b.len();
-            self.parts.push_back(b);
-        }
-    }
-
-    /// Seals and writes everything queued and what `buf` holds.
-    async fn write(&mut self, buf: &mut BytesMut, wr: &mut LinkWriter) -> Result<(), ClientError> {
-        self.take(buf);
-        let r = wr.write(&mut self.parts).await;
-        self.bytes = self.parts.iter().map(Bytes::len).sum();
-        // The buffer's memory comes back now that no written part holds it.
-        buf.reserve(WRITE_COALESCE / 4);
-        r
+impl Drop for Unlink<'_> {
+    fn drop(&mut self) {
+        self.0.unlink();
     }
 }
 

@@ -10,6 +10,8 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
+use std::ops::Range;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use rustls::pki_types::ServerName;
@@ -36,14 +38,37 @@ pub(crate) struct LinkReader {
     frames: FrameReader,
 }
 
-/// The writing half: the socket's write side and the sealing keys.
+/// The writing half: the socket's write side, the sealing keys, and what waits to be written.
+///
+/// Writing never waits inside: [`LinkWriter::try_flush`] writes what the socket takes now and
+/// keeps the rest (records sealed and not yet written, frames not yet sealed) for the next
+/// call. A writer shared under a lock is pushed to and flushed by whichever task holds it, and
+/// a task that stops waiting loses nothing: the bytes wait here.
 pub(crate) struct LinkWriter {
-    wr: OwnedWriteHalf,
+    wr: Arc<OwnedWriteHalf>,
     sealer: RecordSealer,
     /// Records sealed for one write (grown on demand, at most WRITE_BUFFER).
     out: Vec<u8>,
     /// Scratch for the copied part of a record.
     tail: Vec<u8>,
+    /// The bytes of `out` sealed and not yet written.
+    sealed: Range<usize>,
+    /// Frames not yet sealed, in order, and their bytes.
+    queue: VecDeque<Bytes>,
+    queued: usize,
+    /// A write failed: the link is broken and writes nothing more.
+    broken: bool,
+}
+
+/// Waits until a [`LinkWriter`]'s socket takes bytes again, without holding the writer.
+#[derive(Clone)]
+pub(crate) struct WriteReady(Arc<OwnedWriteHalf>);
+
+impl WriteReady {
+    /// Resolves when the socket is writable (or broken). Cancel-safe.
+    pub(crate) async fn wait(&self) -> io::Result<()> {
+        self.0.writable().await
+    }
 }
 
 /// The server name `cfg` expects of `relay`'s certificate.
@@ -102,15 +127,7 @@ pub(crate) async fn connect(
     }
     let (frames, sealer) = t.into_split().ok_or(ClientError::Unexpected)?;
     let (rd, wr) = tcp.into_split();
-    Ok((
-        LinkReader { rd, frames },
-        LinkWriter {
-            wr,
-            sealer,
-            out: Vec::new(),
-            tail: Vec::new(),
-        },
-    ))
+    Ok((LinkReader { rd, frames }, LinkWriter::new(wr, sealer)))
 }
 
 impl LinkReader {
@@ -146,39 +163,109 @@ impl LinkReader {
 }
 
 impl LinkWriter {
-    /// Seals and writes `parts` (whole frames back to back, in order), emptying it. Not
-    /// cancel-safe: records are sealed (sequence numbers spent) before they are written, so a
-    /// link whose write was dropped midway must not be written again.
-    pub(crate) async fn write(&mut self, parts: &mut VecDeque<Bytes>) -> Result<(), ClientError> {
-        while !parts.is_empty() {
-            // The buffer grows to what the writes need, up to WRITE_BUFFER: an idle agent keeps
-            // a few KiB.
-            let queued: usize = parts.iter().map(Bytes::len).sum();
-            let want = sealed_size(queued).clamp(4096, WRITE_BUFFER);
+    fn new(wr: OwnedWriteHalf, sealer: RecordSealer) -> LinkWriter {
+        LinkWriter {
+            wr: Arc::new(wr),
+            sealer,
+            out: Vec::new(),
+            tail: Vec::new(),
+            sealed: 0..0,
+            queue: VecDeque::new(),
+            queued: 0,
+            broken: false,
+        }
+    }
+
+    /// Queues `frames` (whole frames back to back) after what waits already.
+    pub(crate) fn push(&mut self, frames: Bytes) {
+        if !frames.is_empty() {
+            self.queued += frames.len();
+            self.queue.push_back(frames);
+        }
+    }
+
+    /// Nothing waits to be written.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.sealed.is_empty() && self.queue.is_empty()
+    }
+
+    /// A handle to wait on the socket with, while others may use the writer.
+    pub(crate) fn ready(&self) -> WriteReady {
+        WriteReady(self.wr.clone())
+    }
+
+    /// Seals and writes what waits, as far as the socket takes it without waiting; `true`
+    /// when everything is written. After an error the link writes nothing more.
+    pub(crate) fn try_flush(&mut self) -> Result<bool, ClientError> {
+        if self.broken {
+            return Err(ClientError::Gone);
+        }
+        let r = self.flush_now();
+        if r.is_err() {
+            self.broken = true;
+        }
+        r
+    }
+
+    fn flush_now(&mut self) -> Result<bool, ClientError> {
+        loop {
+            while !self.sealed.is_empty() {
+                match self.wr.try_write(&self.out[self.sealed.clone()]) {
+                    Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
+                    Ok(n) => self.sealed.start += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            if self.queue.is_empty() {
+                return Ok(true);
+            }
+            // The buffer grows to what the writes need, up to WRITE_BUFFER: an idle agent
+            // keeps a few KiB.
+            let want = sealed_size(self.queued).clamp(4096, WRITE_BUFFER);
             if self.out.len() < want {
                 self.out.resize(want, 0);
             }
-            let n = seal_pass(&mut self.sealer, &mut self.out, &mut self.tail, parts)?;
-            self.wr.write_all(&self.out[..n]).await?;
+            let n = seal_pass(
+                &mut self.sealer,
+                &mut self.out,
+                &mut self.tail,
+                &mut self.queue,
+            )?;
+            self.queued = self.queue.iter().map(Bytes::len).sum();
+            self.sealed = 0..n;
+        }
+    }
+
+    /// Seals and writes what waits, waiting for the socket as long as it takes.
+    pub(crate) async fn flush(&mut self) -> Result<(), ClientError> {
+        while !self.try_flush()? {
+            self.wr.writable().await?;
         }
         Ok(())
     }
 
-    /// Seals and writes `frames` (whole frames back to back).
+    /// Seals and writes `frames` (whole frames back to back) after what waits.
     pub(crate) async fn write_bytes(&mut self, frames: Bytes) -> Result<(), ClientError> {
-        self.write(&mut VecDeque::from([frames])).await
+        self.push(frames);
+        self.flush().await
     }
 
-    /// Sends close_notify and shuts the socket's sending side down.
+    /// Writes what waits, then close_notify, and shuts the socket's sending side down (when
+    /// no [`WriteReady`] is left; otherwise when the last one goes).
     pub(crate) async fn shutdown(&mut self) -> Result<(), ClientError> {
+        self.flush().await?;
         if self.out.len() < 4096 {
             self.out.resize(4096, 0);
         }
         let mut w = RecordWriter::new(&mut self.sealer, &mut self.out, &mut self.tail);
         w.close_notify().map_err(TransportError::from)?;
-        let n = w.finish().map_err(TransportError::from)?;
-        self.wr.write_all(&self.out[..n]).await?;
-        self.wr.shutdown().await?;
+        self.sealed = 0..w.finish().map_err(TransportError::from)?;
+        self.flush().await?;
+        if let Some(wr) = Arc::get_mut(&mut self.wr) {
+            wr.shutdown().await?;
+        }
         Ok(())
     }
 }
@@ -214,6 +301,8 @@ fn seal_pass(
 }
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use proptest::prelude::*;
 
     use openmesh_dataplane::pki::Identity;
@@ -234,6 +323,75 @@ mod tests {
             b.extend(std::iter::repeat_n(tag ^ i as u8, n + 1));
         }
         b.into()
+    }
+
+    /// Opens the records in `wire` (a whole stream) and returns their plaintext.
+    fn open_all(server: &mut RecordLayer, mut wire: Vec<u8>) -> Vec<u8> {
+        let (mut plain, mut at) = (Vec::new(), 0);
+        while at < wire.len() {
+            let len = RecordLayer::record_len(&wire[at..])
+                .unwrap()
+                .expect("whole records");
+            match server.open(&mut wire[at..at + len]).unwrap() {
+                Opened::Data(r) => plain.extend_from_slice(&wire[at + r.start..at + r.end]),
+                other => panic!("unexpected {other:?}"),
+            }
+            at += len;
+        }
+        plain
+    }
+
+    /// A writer whose socket is full keeps what the socket did not take, sealed or not; a
+    /// flush dropped while it waits loses nothing; everything arrives once, in order.
+    #[tokio::test]
+    async fn a_full_socket_keeps_the_rest_in_order_across_dropped_flushes() {
+        let relay = InMemoryRelay::new();
+        let (client, mut server) = relay.records(&Identity::generate_self_signed("a").unwrap());
+        let (_, sealer) = client.into_split().expect("open");
+        // A small receive buffer (inherited by the accepted socket) fills soon.
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(64 << 10).unwrap();
+        sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = sock.listen(8).unwrap();
+        let tcp = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut peer, _) = listener.accept().await.unwrap();
+        let (_rd, wr) = tcp.into_split();
+        let mut w = LinkWriter::new(wr, sealer);
+
+        // 14 MiB of frames, far more than the socket buffers hold unread.
+        let parts: Vec<Bytes> = (0..64u8)
+            .map(|i| part(&[100, 16 << 10, 7, 200_000, 3_000], None, i))
+            .collect();
+        let want: Vec<u8> = parts.iter().flat_map(|b| b.iter().copied()).collect();
+        for p in &parts {
+            w.push(p.clone());
+        }
+        assert!(!w.try_flush().unwrap(), "nothing reads: the socket fills");
+        assert!(!w.is_idle());
+        // A flush that gives up waiting keeps its place.
+        let cut = tokio::time::timeout(Duration::from_millis(20), w.flush()).await;
+        assert!(cut.is_err(), "still full");
+
+        let total = want.len();
+        let reading = tokio::spawn(async move {
+            let mut wire = Vec::new();
+            let mut buf = vec![0u8; 1 << 16];
+            loop {
+                let n = peer.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    return wire;
+                }
+                wire.extend_from_slice(&buf[..n]);
+            }
+        });
+        w.flush().await.unwrap();
+        assert!(w.is_idle());
+        drop(w);
+        let plain = open_all(&mut server, reading.await.unwrap());
+        assert_eq!(plain.len(), total);
+        assert!(plain == want, "every byte once, in order");
     }
 
     proptest! {

@@ -18,6 +18,7 @@
 //! ```
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -380,18 +381,27 @@ pub(crate) enum Heard {
 /// live relay PINGs after one silent interval, so it is PINGed only after two (its own PINGs
 /// and RTT measurements are not pre-empted), and given up after three. (A tokio read is
 /// cancel-safe, unlike an io_uring one.)
+///
+/// One timer serves many reads: it is set for an interval after the last bytes heard only when
+/// it fires (a read does not arm and drop a timer of its own).
 pub(crate) struct Heartbeat {
     interval: Duration,
     answer_pings: bool,
     silent: u64,
+    /// When the relay was last heard from.
+    heard: tokio::time::Instant,
+    timer: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl Heartbeat {
     pub(crate) fn new(interval: Duration, answer_pings: bool) -> Self {
+        let now = tokio::time::Instant::now();
         Heartbeat {
             interval,
             answer_pings,
             silent: 0,
+            heard: now,
+            timer: Box::pin(tokio::time::sleep_until(now + interval)),
         }
     }
 
@@ -400,27 +410,42 @@ impl Heartbeat {
             // close_notify: the relay sends nothing more.
             return Heard::Gone;
         }
-        match tokio::time::timeout(self.interval, link.read()).await {
-            Ok(Ok(0)) | Ok(Err(_)) => Heard::Gone,
-            Ok(Ok(_)) => {
-                self.silent = 0;
-                Heard::Bytes
-            }
-            Err(_) => {
-                self.silent += 1;
-                if self.silent >= openmesh_dataplane::session::DEAD_AFTER_INTERVALS {
-                    Heard::Dead
-                } else if self.answer_pings && self.silent >= 2 {
-                    Heard::Ping(
-                        Frame::Ping(Ping {
-                            timestamp_us: now_us(),
-                        })
-                        .to_bytes(),
-                    )
-                } else {
-                    Heard::Nothing
+        loop {
+            tokio::select! {
+                biased;
+                r = link.read() => {
+                    return match r {
+                        Ok(0) | Err(_) => Heard::Gone,
+                        Ok(_) => {
+                            self.silent = 0;
+                            self.heard = tokio::time::Instant::now();
+                            Heard::Bytes
+                        }
+                    };
                 }
+                () = self.timer.as_mut() => {}
             }
+            let now = tokio::time::Instant::now();
+            let quiet_until = self.heard + self.interval * (self.silent as u32 + 1);
+            if quiet_until > now {
+                // Bytes came since the timer was set: an interval from then.
+                self.timer.as_mut().reset(quiet_until);
+                continue;
+            }
+            self.silent += 1;
+            self.timer.as_mut().reset(now + self.interval);
+            return if self.silent >= openmesh_dataplane::session::DEAD_AFTER_INTERVALS {
+                Heard::Dead
+            } else if self.answer_pings && self.silent >= 2 {
+                Heard::Ping(
+                    Frame::Ping(Ping {
+                        timestamp_us: now_us(),
+                    })
+                    .to_bytes(),
+                )
+            } else {
+                Heard::Nothing
+            };
         }
     }
 }
