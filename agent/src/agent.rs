@@ -182,6 +182,9 @@ pub struct Stats {
     pub dropped_unacked: u64,
     /// Envelopes sent and not yet answered.
     pub in_flight: u64,
+    /// Bytes waiting to be written to the relay: frames and records its socket has not taken
+    /// yet (a relay that stops reading keeps this at what the window and the held ACKs allow).
+    pub unwritten_bytes: u64,
 }
 
 /// What [`Agent::close`] saw.
@@ -587,6 +590,7 @@ impl Shared {
     /// (held ACKs go with it): an agent sending at a low rate costs no hand-off. Otherwise
     /// (or when the socket is full) the driver writes it, with whatever else waits by then.
     fn write_batch(&self, frames: Bytes, gen: u64, direct: bool) {
+        let frames_len = frames.len();
         self.outbox
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -596,7 +600,10 @@ impl Shared {
                 self.take_outbox(&mut l);
                 if let Some(w) = l.writer.as_mut() {
                     let mut acks = Vec::new();
-                    self.due_acks(true, &mut acks);
+                    if w.unwritten() <= frames_len {
+                        // Nothing waited before this batch: held ACKs go with it.
+                        self.due_acks(true, &mut acks);
+                    }
                     if !acks.is_empty() {
                         let mut b = BytesMut::new();
                         flush_acks(&mut acks, &mut b);
@@ -867,7 +874,21 @@ impl Shared {
             dropped_best_effort: g(&c.dropped_best_effort),
             dropped_unacked: g(&c.dropped_unacked),
             in_flight: self.lock().pending.len() as u64,
+            unwritten_bytes: self.unwritten() as u64,
         }
+    }
+
+    /// Bytes waiting for the connection's socket, in the writer and in the outbox.
+    fn unwritten(&self) -> usize {
+        let writer = self.link().writer.as_ref().map_or(0, LinkWriter::unwritten);
+        let outbox: usize = self
+            .outbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(_, f)| f.len())
+            .sum();
+        writer + outbox
     }
 }
 
@@ -1994,6 +2015,9 @@ impl Conn<'_> {
                     let mut n = 0;
                     while let Some(o) = next.take() {
                         match o {
+                            // A relay that does not read gets no answers to its PINGs: what
+                            // waits to be written stays bounded.
+                            Out::Control(_) if blocked => {}
                             Out::Control(f) => buf.extend_from_slice(&f),
                             Out::Close { deadline, done } => {
                                 closing = Some((deadline, done));
@@ -2016,7 +2040,19 @@ impl Conn<'_> {
                 _ = sh.wake.notified() => {}
                 _ = tokio::time::sleep_until(due) => {}
             }
-            retry_due(sh, &mut buf);
+            // What waits goes first; while the socket takes none of it, nothing new is made
+            // to wait behind it (retries stay in their heap, ACKs held, PONGs unsent), so a
+            // relay that stops reading holds the agent to the window and the held ACKs.
+            blocked = match sh.write_link(Bytes::new()) {
+                Ok(idle) => !idle,
+                Err(_) => {
+                    reader.abort();
+                    return stop(None);
+                }
+            };
+            if !blocked {
+                retry_due(sh, &mut buf);
+            }
             if rotate_at.is_some_and(|r| r <= unix_ms()) {
                 // One rotation from now, however long the wait was.
                 if let Some(p) = sh.rotate_if_due(unix_ms()) {
@@ -2032,10 +2068,14 @@ impl Conn<'_> {
                 sh.lock().sweep_receipts(unix_ms());
             }
             // Held ACKs go when due, or with anything else written.
-            acks_due = sh.due_acks(
-                !buf.is_empty() || !sh.link_idle() || closing.is_some(),
-                &mut acks,
-            );
+            acks_due = if blocked && closing.is_none() {
+                None
+            } else {
+                sh.due_acks(
+                    !buf.is_empty() || !sh.link_idle() || closing.is_some(),
+                    &mut acks,
+                )
+            };
             flush_acks(&mut acks, &mut buf);
             if let Some((deadline, done)) = closing {
                 Frame::Close(Close::new(Reason::Normal, "bye")).encode(&mut buf);

@@ -189,6 +189,11 @@ impl LinkWriter {
         self.sealed.is_empty() && self.queue.is_empty()
     }
 
+    /// Bytes waiting: records sealed and not yet written, and frames not yet sealed.
+    pub(crate) fn unwritten(&self) -> usize {
+        self.sealed.len() + self.queued
+    }
+
     /// A handle to wait on the socket with, while others may use the writer.
     pub(crate) fn ready(&self) -> WriteReady {
         WriteReady(self.wr.clone())
