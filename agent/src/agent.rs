@@ -1979,6 +1979,9 @@ impl Conn<'_> {
         };
 
         let mut swept = Instant::now();
+        // Every heartbeat interval, a writer that sealed nothing since the last look lets go
+        // of its buffers.
+        let (mut looked, mut passes) = (Instant::now(), 0u64);
         let mut rotate_at = sh.rotation_due_ms();
         let mut acks_due = None;
         loop {
@@ -2066,6 +2069,12 @@ impl Conn<'_> {
             if swept.elapsed() >= Duration::from_secs(1) {
                 swept = Instant::now();
                 sh.lock().sweep_receipts(unix_ms());
+            }
+            if looked.elapsed() >= heartbeat {
+                looked = Instant::now();
+                if let Some(w) = sh.link().writer.as_mut() {
+                    w.release_idle(&mut passes);
+                }
             }
             // Held ACKs go when due, or with anything else written.
             acks_due = if blocked && closing.is_none() {
@@ -2295,7 +2304,12 @@ async fn read(
         }
         sh.hold_acks(acks.drain(..), acked_bytes);
         match beat.read(&mut rd).await {
-            Heard::Bytes | Heard::Nothing => {}
+            Heard::Bytes => {}
+            Heard::Nothing => {
+                // Once per heartbeat interval: the read buffer a burst grew goes (a busy link
+                // grows a new one within a few reads).
+                rd.release_idle();
+            }
             Heard::Ping(f) => {
                 let _ = out.send(Out::Control(f)).await;
             }

@@ -58,6 +58,8 @@ pub(crate) struct LinkWriter {
     queued: usize,
     /// A write failed: the link is broken and writes nothing more.
     broken: bool,
+    /// Seal passes so far (to tell an idle writer from a busy one).
+    passes: u64,
 }
 
 /// Waits until a [`LinkWriter`]'s socket takes bytes again, without holding the writer.
@@ -146,6 +148,11 @@ impl LinkReader {
         self.frames.peer_closed()
     }
 
+    /// Lets go of the read buffer when nothing read waits ([`FrameReader::release_idle`]).
+    pub(crate) fn release_idle(&mut self) -> bool {
+        self.frames.release_idle()
+    }
+
     /// Reads what the socket has (waiting for it); returns the bytes read, 0 at the end of the
     /// stream. Cancel-safe: nothing is read until the socket is ready, and then without waiting.
     pub(crate) async fn read(&mut self) -> io::Result<usize> {
@@ -173,6 +180,7 @@ impl LinkWriter {
             queue: VecDeque::new(),
             queued: 0,
             broken: false,
+            passes: 0,
         }
     }
 
@@ -192,6 +200,20 @@ impl LinkWriter {
     /// Bytes waiting: records sealed and not yet written, and frames not yet sealed.
     pub(crate) fn unwritten(&self) -> usize {
         self.sealed.len() + self.queued
+    }
+
+    /// Lets go of the write buffers when nothing was sealed since the last call (`seen` keeps
+    /// the count of seal passes between calls): an agent idle after a burst keeps none of
+    /// the buffer the burst grew. Returns whether it did.
+    pub(crate) fn release_idle(&mut self, seen: &mut u64) -> bool {
+        let quiet = *seen == self.passes;
+        *seen = self.passes;
+        if !quiet || !self.is_idle() || self.out.capacity() + self.tail.capacity() == 0 {
+            return false;
+        }
+        self.out = Vec::new();
+        self.tail = Vec::new();
+        true
     }
 
     /// A handle to wait on the socket with, while others may use the writer.
@@ -238,6 +260,7 @@ impl LinkWriter {
                 &mut self.tail,
                 &mut self.queue,
             )?;
+            self.passes += 1;
             self.queued = self.queue.iter().map(Bytes::len).sum();
             self.sealed = 0..n;
         }
@@ -393,10 +416,23 @@ mod tests {
         });
         w.flush().await.unwrap();
         assert!(w.is_idle());
+        // Idle since the last look: the buffers the burst grew go, and writing goes on.
+        let mut seen = 0;
+        assert!(!w.release_idle(&mut seen), "it sealed since the last look");
+        assert!(w.out.capacity() > 0);
+        assert!(w.release_idle(&mut seen));
+        assert_eq!(w.out.capacity() + w.tail.capacity(), 0);
+        let last = part(&[10, 20_000], None, 99);
+        w.write_bytes(last.clone()).await.unwrap();
+        assert!(
+            w.out.capacity() < 64 << 10,
+            "grown only to what the write needs"
+        );
         drop(w);
         let plain = open_all(&mut server, reading.await.unwrap());
-        assert_eq!(plain.len(), total);
-        assert!(plain == want, "every byte once, in order");
+        assert_eq!(plain.len(), total + last.len());
+        assert!(plain[..total] == want[..], "every byte once, in order");
+        assert!(plain[total..] == last[..]);
     }
 
     proptest! {

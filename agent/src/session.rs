@@ -367,7 +367,8 @@ pub(crate) fn pong(ping: &Ping) -> Bytes {
 pub(crate) enum Heard {
     /// Bytes (appended to the read buffer).
     Bytes,
-    /// A heartbeat interval without a byte; nothing to do yet.
+    /// The heartbeat timer went off (at most once per interval), after silence or not:
+    /// nothing to do but read on; a moment to let go of buffers a burst grew.
     Nothing,
     /// Two silent intervals: send this PING.
     Ping(Bytes),
@@ -410,42 +411,42 @@ impl Heartbeat {
             // close_notify: the relay sends nothing more.
             return Heard::Gone;
         }
-        loop {
-            tokio::select! {
-                biased;
-                r = link.read() => {
-                    return match r {
-                        Ok(0) | Err(_) => Heard::Gone,
-                        Ok(_) => {
-                            self.silent = 0;
-                            self.heard = tokio::time::Instant::now();
-                            Heard::Bytes
-                        }
-                    };
-                }
-                () = self.timer.as_mut() => {}
+        tokio::select! {
+            biased;
+            r = link.read() => {
+                return match r {
+                    Ok(0) | Err(_) => Heard::Gone,
+                    Ok(_) => {
+                        self.silent = 0;
+                        self.heard = tokio::time::Instant::now();
+                        Heard::Bytes
+                    }
+                };
             }
-            let now = tokio::time::Instant::now();
-            let quiet_until = self.heard + self.interval * (self.silent as u32 + 1);
-            if quiet_until > now {
-                // Bytes came since the timer was set: an interval from then.
-                self.timer.as_mut().reset(quiet_until);
-                continue;
-            }
-            self.silent += 1;
-            self.timer.as_mut().reset(now + self.interval);
-            return if self.silent >= openmesh_dataplane::session::DEAD_AFTER_INTERVALS {
-                Heard::Dead
-            } else if self.answer_pings && self.silent >= 2 {
-                Heard::Ping(
-                    Frame::Ping(Ping {
-                        timestamp_us: now_us(),
-                    })
-                    .to_bytes(),
-                )
-            } else {
-                Heard::Nothing
-            };
+            () = self.timer.as_mut() => {}
+        }
+        let now = tokio::time::Instant::now();
+        let quiet_until = self.heard + self.interval * (self.silent as u32 + 1);
+        if quiet_until > now {
+            // Bytes came since the timer was set: an interval from then. The caller still
+            // hears of it (once per interval, however busy the link: its moment to let go of
+            // buffers a burst grew).
+            self.timer.as_mut().reset(quiet_until);
+            return Heard::Nothing;
+        }
+        self.silent += 1;
+        self.timer.as_mut().reset(now + self.interval);
+        if self.silent >= openmesh_dataplane::session::DEAD_AFTER_INTERVALS {
+            Heard::Dead
+        } else if self.answer_pings && self.silent >= 2 {
+            Heard::Ping(
+                Frame::Ping(Ping {
+                    timestamp_us: now_us(),
+                })
+                .to_bytes(),
+            )
+        } else {
+            Heard::Nothing
         }
     }
 }
@@ -526,7 +527,10 @@ async fn read_loop(
             break;
         }
         match beat.read(&mut link).await {
-            Heard::Bytes | Heard::Nothing => {}
+            Heard::Bytes => {}
+            Heard::Nothing => {
+                link.release_idle();
+            }
             Heard::Ping(f) => {
                 let _ = out.send(Out::Frame(f)).await;
             }

@@ -315,6 +315,20 @@ impl FrameReader {
         self.rx.capacity()
     }
 
+    /// Lets go of the read buffer between bursts: when nothing read waits to be handled, the
+    /// buffer is dropped (frames cut from it keep their part alive on their own) and the next
+    /// read starts again at the first, small block. Returns whether it did.
+    pub fn release_idle(&mut self) -> bool {
+        if self.has_partial_frame() || self.rx.capacity() <= INITIAL_READ_BUFFER {
+            return false;
+        }
+        self.rx = BytesMut::new();
+        self.carried = 0;
+        self.skip = 0;
+        self.block = INITIAL_READ_BUFFER;
+        true
+    }
+
     /// Drops what was read and not yet handled (a closing connection ignores its peer).
     pub fn discard_input(&mut self) {
         self.rx.clear();
@@ -683,6 +697,79 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    /// Records carrying `frames`, sealed by `sealer`.
+    fn sealed(sealer: &mut RecordSealer, frames: &[Frame]) -> Vec<u8> {
+        let batch: Bytes = frames
+            .iter()
+            .map(Frame::to_bytes)
+            .collect::<Vec<_>>()
+            .concat()
+            .into();
+        let (mut out, mut tail) = (vec![0u8; 2 << 20], Vec::new());
+        let mut w = RecordWriter::new(sealer, &mut out, &mut tail);
+        assert_eq!(w.frames(&batch).unwrap(), batch.len(), "all fit");
+        let n = w.finish().unwrap();
+        out.truncate(n);
+        out
+    }
+
+    /// Reads `bytes` in pieces of at most `chunk`; returns the frames.
+    fn read_into(r: &mut FrameReader, bytes: &[u8], chunk: usize) -> Vec<Frame> {
+        let mut frames = Vec::new();
+        for piece in bytes.chunks(chunk) {
+            let mut rx = r.take_read_buf();
+            rx.extend_from_slice(piece);
+            r.put_read_buf(rx);
+            while let Some(f) = r.next_frame().unwrap() {
+                frames.push(f);
+            }
+        }
+        frames
+    }
+
+    #[test]
+    fn an_idle_reader_lets_go_of_its_buffer_but_never_of_a_partial_frame() {
+        let relay = crate::testing::InMemoryRelay::new();
+        let (client, mut server) = relay.records(&Identity::generate_self_signed("agent").unwrap());
+        let (mut reader, _) = client.into_split().expect("open");
+        // A burst grows the read buffer block by block.
+        let burst = envelopes(40, 16 << 10);
+        let got = read_into(&mut reader, &sealed(server.sealer(), &burst), 64 << 10);
+        assert!(got == burst, "the burst arrives whole");
+        assert!(
+            reader.retained() > INITIAL_READ_BUFFER,
+            "{}",
+            reader.retained()
+        );
+        // Everything handled: the buffer goes (the frames read keep their own part).
+        assert!(reader.release_idle());
+        assert_eq!(reader.retained(), 0);
+        assert!(!reader.release_idle(), "nothing left to let go of");
+        assert!(got == burst, "frames already read are untouched");
+
+        // Half a burst waits: nothing is let go of, and the rest completes it.
+        let more = envelopes(5, 20_000);
+        let wire = sealed(server.sealer(), &more);
+        let half = wire.len() / 2;
+        let mut again = read_into(&mut reader, &wire[..half], 7_000);
+        assert!(reader.has_partial_frame());
+        let kept = reader.retained();
+        assert!(!reader.release_idle(), "a partial frame keeps its buffer");
+        assert_eq!(reader.retained(), kept);
+        again.extend(read_into(&mut reader, &wire[half..], 7_000));
+        assert!(again == more, "frames across the kept buffer arrive whole");
+        assert!(!reader.has_partial_frame());
+        // And a buffer let go of starts small again.
+        assert!(reader.release_idle());
+        let small = envelopes(3, 100);
+        assert!(read_into(&mut reader, &sealed(server.sealer(), &small), 1 << 20) == small);
+        assert!(
+            reader.retained() <= 2 * INITIAL_READ_BUFFER,
+            "{}",
+            reader.retained()
+        );
     }
 
     #[test]
