@@ -166,7 +166,7 @@ impl ShardBudget {
 impl super::Shard {
     /// What this shard retains on peers' behalf, counted exactly (see `budget`).
     pub(super) fn usage(&self) -> u64 {
-        let buffers = self.spare_buffers.len() * crate::tls::transport::WRITE_BUFFER
+        let buffers = self.spare_buffer_bytes()
             + self.mesh.waiting_bytes()
             + self.mesh.locations_bytes();
         let conns: usize = self
@@ -182,11 +182,7 @@ impl super::Shard {
                     + c.link.as_ref().map_or(0, |l| {
                         l.presence.capacity() * std::mem::size_of::<crate::wire::PresenceEntry>()
                     })
-                    + if c.writing {
-                        crate::tls::transport::WRITE_BUFFER
-                    } else {
-                        0
-                    }
+                    + if c.writing { c.write_len } else { 0 }
             })
             .sum();
         let stored = self.durable.as_ref().map_or(0, |d| d.pending_bytes());

@@ -117,6 +117,8 @@ pub(crate) struct Conn {
     pub(crate) write_since_us: u64,
     /// A write buffer is with the engine.
     pub(crate) writing: bool,
+    /// Its length (what it retains).
+    pub(crate) write_len: usize,
     /// The reader waits for a wake-up.
     pub(crate) reader_parked: bool,
     /// Due a KeyUpdate (the session's rotation interval).
@@ -194,6 +196,7 @@ impl Shard {
                 close_notify_sent: false,
                 write_since_us: 0,
                 writing: false,
+                write_len: 0,
                 reader_parked: false,
                 key_update_due: false,
                 writer_awake: false,

@@ -165,6 +165,7 @@ fn link_conn(id: ConnId, transport: Transport, link: LinkSession, now: Now) -> C
         close_notify_sent: false,
         write_since_us: 0,
         writing: false,
+        write_len: 0,
         reader_parked: false,
         key_update_due: false,
         writer_awake: false,

@@ -224,6 +224,15 @@ const OUTBOX_HIGH: usize = 16_384;
 /// Largest frame accepted before HELLO: a HELLO is at most about 8 KiB.
 const PRE_HELLO_MAX_FRAME: usize = 16 << 10;
 
+/// Write buffer for an agent session with little to write (a few envelopes, ACKs): most writes
+/// of a relay with many sessions, which would otherwise each take (and, with many writing at
+/// once, allocate and zero) a full-size buffer.
+pub(crate) const SMALL_WRITE_BUFFER: usize = 32 << 10;
+/// Full-size write buffers kept for reuse per shard.
+const SPARE_BUFFERS: usize = 16;
+/// Small write buffers kept for reuse per shard.
+const SPARE_SMALL_BUFFERS: usize = 64;
+
 /// One core's relay state machine. See the module docs for how to drive it.
 pub struct Shard {
     id: u16,
@@ -245,8 +254,10 @@ pub struct Shard {
     draining: bool,
     custody_swept_us: u64,
     next_conn: ConnId,
-    /// Write buffers not in use, reused across connections.
+    /// Write buffers not in use, reused across connections: full-size ones (at most
+    /// [`SPARE_BUFFERS`]) and small ones for small writes (at most [`SPARE_SMALL_BUFFERS`]).
     spare_buffers: Vec<Vec<u8>>,
+    spare_small: Vec<Vec<u8>>,
     /// Envelopes handed to other cores since the metric was last counted.
     handed_off: u64,
     /// Readers parked on the outbox high-water mark.
@@ -330,6 +341,7 @@ impl Shard {
             custody_swept_us: 0,
             next_conn: 1,
             spare_buffers: Vec::new(),
+            spare_small: Vec::new(),
             handed_off: 0,
             parked_on_outbox: Vec::new(),
             acks_held: VecDeque::new(),
@@ -721,18 +733,33 @@ impl Shard {
         self.mesh.snap.as_ref().map_or(0, |f| f.generation)
     }
 
-    /// A write buffer from the pool.
-    fn buffer(&mut self) -> Vec<u8> {
-        self.spare_buffers
-            .pop()
-            .unwrap_or_else(|| vec![0u8; crate::tls::transport::WRITE_BUFFER])
+    /// A write buffer from the pool: a small one when `small`.
+    fn buffer(&mut self, small: bool) -> Vec<u8> {
+        let (pool, len) = if small {
+            (&mut self.spare_small, SMALL_WRITE_BUFFER)
+        } else {
+            (&mut self.spare_buffers, crate::tls::transport::WRITE_BUFFER)
+        };
+        pool.pop().unwrap_or_else(|| vec![0u8; len])
     }
 
-    /// Returns a write buffer to the pool (at most a few are kept).
+    /// Returns a write buffer to its pool (at most a few of each size are kept).
     fn recycle(&mut self, buf: Vec<u8>) {
-        if buf.len() == crate::tls::transport::WRITE_BUFFER && self.spare_buffers.len() < 16 {
-            self.spare_buffers.push(buf);
+        match buf.len() {
+            crate::tls::transport::WRITE_BUFFER if self.spare_buffers.len() < SPARE_BUFFERS => {
+                self.spare_buffers.push(buf)
+            }
+            SMALL_WRITE_BUFFER if self.spare_small.len() < SPARE_SMALL_BUFFERS => {
+                self.spare_small.push(buf)
+            }
+            _ => {}
         }
+    }
+
+    /// Bytes the pooled write buffers retain.
+    fn spare_buffer_bytes(&self) -> usize {
+        self.spare_buffers.len() * crate::tls::transport::WRITE_BUFFER
+            + self.spare_small.len() * SMALL_WRITE_BUFFER
     }
 
     /// Envelopes agents connected here hold custody of, for the gauges.

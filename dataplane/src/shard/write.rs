@@ -9,7 +9,8 @@
 use bytes::BytesMut;
 
 use super::custody::Released;
-use super::{Action, Conn, ConnId, Now, Shard};
+use super::{Action, Conn, ConnId, Now, Shard, SMALL_WRITE_BUFFER};
+use crate::tls::transport::sealed_size;
 use crate::metrics::CoreMetrics;
 use crate::wire::{AckBatch, DeliveryClass, Envelope, Frame, Reason, MAX_ACK_BATCH};
 
@@ -38,6 +39,7 @@ impl Shard {
         if let Some(hs) = c.transport.take_handshake_output() {
             let n = hs.len();
             c.writing = true;
+            c.write_len = hs.capacity();
             c.write_since_us = now.mono_us;
             return Some((hs, n));
         }
@@ -50,10 +52,15 @@ impl Shard {
             c.a.outq
                 .front()
                 .map_or(0, |e| crate::tls::transport::sealed_size(e.frame_len()));
+        // An agent session with little to write (at most half the small buffer, its ACKs to
+        // come included) takes a small buffer; whatever does not fit goes next pass.
+        let little = c.link.is_none()
+            && sealed_size(c.a.outq.bytes() + c.a.ctrl.len() + 20 * c.a.acks_to_send.len())
+                <= SMALL_WRITE_BUFFER / 2;
         let mut buf = if need > crate::tls::transport::WRITE_BUFFER {
             vec![0u8; need]
         } else {
-            self.buffer()
+            self.buffer(little)
         };
         let c = self.conns.get_mut(&conn)?;
         let used = c
@@ -73,6 +80,7 @@ impl Shard {
             return None;
         }
         c.writing = true;
+        c.write_len = buf.len();
         c.write_since_us = now.mono_us;
         self.resume_paced_sources(conn, false);
         self.answer_expired(now);
@@ -190,6 +198,7 @@ impl Conn {
         let link = self.link.as_ref().map(|l| l.up);
         let welcomed = link.unwrap_or(self.a.welcomed);
         let (window, window_bytes) = self.window();
+        let ctrl_room = buf.len() / 2;
         let Some(mut w) = self.transport.writer(buf, tail) else {
             return Ok(0);
         };
@@ -203,7 +212,7 @@ impl Conn {
                 .a
                 .ctrl
                 .len()
-                .min(crate::tls::transport::WRITE_BUFFER / 2);
+                .min(ctrl_room);
             let part: BytesMut = self.a.ctrl.split_to(room);
             w.copy(&part)?;
         }
