@@ -166,9 +166,8 @@ impl ShardBudget {
 impl super::Shard {
     /// What this shard retains on peers' behalf, counted exactly (see `budget`).
     pub(super) fn usage(&self) -> u64 {
-        let buffers = self.spare_buffer_bytes()
-            + self.mesh.waiting_bytes()
-            + self.mesh.locations_bytes();
+        let buffers =
+            self.spare_buffer_bytes() + self.mesh.waiting_bytes() + self.mesh.locations_bytes();
         let conns: usize = self
             .conns
             .values()

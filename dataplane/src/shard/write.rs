@@ -10,8 +10,8 @@ use bytes::BytesMut;
 
 use super::custody::Released;
 use super::{Action, Conn, ConnId, Now, Shard, SMALL_WRITE_BUFFER};
-use crate::tls::transport::sealed_size;
 use crate::metrics::CoreMetrics;
+use crate::tls::transport::sealed_size;
 use crate::wire::{AckBatch, DeliveryClass, Envelope, Frame, Reason, MAX_ACK_BATCH};
 
 /// Most envelopes moved into one write buffer.
@@ -208,11 +208,7 @@ impl Conn {
         }
         // Control frames: as much as fits; the rest waits for the next pass.
         if !self.a.ctrl.is_empty() {
-            let room = self
-                .a
-                .ctrl
-                .len()
-                .min(ctrl_room);
+            let room = self.a.ctrl.len().min(ctrl_room);
             let part: BytesMut = self.a.ctrl.split_to(room);
             w.copy(&part)?;
         }
