@@ -609,7 +609,9 @@ impl Shared {
                         flush_acks(&mut acks, &mut b);
                         w.push(b.freeze());
                     }
-                    if w.try_flush().unwrap_or(false) {
+                    // One buffer's worth at most here (others may wait on the lock); the
+                    // driver writes the rest.
+                    if w.try_flush_passes(1).unwrap_or(false) {
                         return;
                     }
                 }
@@ -893,8 +895,10 @@ impl Shared {
 }
 
 enum Out {
-    /// A control frame for the current connection only (PING, PONG).
+    /// A control frame for the current connection only (directory requests).
     Control(Bytes),
+    /// A PING or PONG: dropped while the relay takes none of the agent's bytes.
+    Heartbeat(Bytes),
     /// Write what is queued, CLOSE, wait for the relay's CLOSE until the deadline.
     Close {
         deadline: Instant,
@@ -1717,7 +1721,12 @@ impl Agent {
             .await
             .is_ok();
         let relay_close = if sent {
-            answer.await.ok().flatten()
+            // The driver answers by the deadline; a little grace for it to get there.
+            tokio::time::timeout_at(deadline + Duration::from_secs(1), answer)
+                .await
+                .ok()
+                .and_then(|a| a.ok())
+                .flatten()
         } else {
             None
         };
@@ -1848,7 +1857,7 @@ async fn reconnect(
                         _ = &mut sleep => break,
                         o = out.recv() => match o {
                             None | Some(Out::Close { .. }) => return None,
-                            Some(Out::Control(_)) => {}
+                            Some(Out::Control(_) | Out::Heartbeat(_)) => {}
                         },
                     }
                 }
@@ -1979,6 +1988,7 @@ impl Conn<'_> {
         };
 
         let mut swept = Instant::now();
+        let mut expired_at = Instant::now();
         // Every heartbeat interval, a writer that sealed nothing since the last look lets go
         // of its buffers.
         let (mut looked, mut passes) = (Instant::now(), 0u64);
@@ -2000,13 +2010,18 @@ impl Conn<'_> {
             if let Some(a) = acks_due {
                 due = due.min(a);
             }
+            if blocked {
+                // Retries wait for the socket (they may be due already): the driver wakes
+                // for the socket, or once a second to resolve what expired meanwhile.
+                due = Instant::now() + heartbeat.min(Duration::from_secs(1));
+            }
             let mut closing = None;
             tokio::select! {
                 biased;
                 e = &mut end_rx => {
-                    drop(ready);
+                    // The relay is gone or leaving: no waiting on its socket.
                     if let Some(mut w) = sh.unlink() {
-                        let _ = w.shutdown().await;
+                        w.abandon();
                     }
                     return stop(e.ok());
                 }
@@ -2020,8 +2035,8 @@ impl Conn<'_> {
                         match o {
                             // A relay that does not read gets no answers to its PINGs: what
                             // waits to be written stays bounded.
-                            Out::Control(_) if blocked => {}
-                            Out::Control(f) => buf.extend_from_slice(&f),
+                            Out::Heartbeat(_) if blocked => {}
+                            Out::Control(f) | Out::Heartbeat(f) => buf.extend_from_slice(&f),
                             Out::Close { deadline, done } => {
                                 closing = Some((deadline, done));
                                 break;
@@ -2055,6 +2070,10 @@ impl Conn<'_> {
             };
             if !blocked {
                 retry_due(sh, &mut buf);
+            } else if expired_at.elapsed() >= Duration::from_secs(1) {
+                // Envelopes whose TTL ran out while the relay read nothing are resolved.
+                expired_at = Instant::now();
+                expire_pending(sh);
             }
             if rotate_at.is_some_and(|r| r <= unix_ms()) {
                 // One rotation from now, however long the wait was.
@@ -2275,7 +2294,7 @@ async fn read(
                 }
                 Frame::Ping(p) => {
                     if opts.answer_pings {
-                        let _ = out.send(Out::Control(pong(&p))).await;
+                        let _ = out.send(Out::Heartbeat(pong(&p))).await;
                     }
                 }
                 // Relay-link and handshake frames never come on an agent's session.
@@ -2311,7 +2330,7 @@ async fn read(
                 rd.release_idle();
             }
             Heard::Ping(f) => {
-                let _ = out.send(Out::Control(f)).await;
+                let _ = out.send(Out::Heartbeat(f)).await;
             }
             Heard::Dead | Heard::Gone => break,
         }

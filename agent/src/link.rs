@@ -224,17 +224,25 @@ impl LinkWriter {
     /// Seals and writes what waits, as far as the socket takes it without waiting; `true`
     /// when everything is written. After an error the link writes nothing more.
     pub(crate) fn try_flush(&mut self) -> Result<bool, ClientError> {
+        self.try_flush_passes(usize::MAX)
+    }
+
+    /// [`LinkWriter::try_flush`], sealing at most `passes` buffers' worth (what a caller that
+    /// holds others up should take on).
+    pub(crate) fn try_flush_passes(&mut self, passes: usize) -> Result<bool, ClientError> {
         if self.broken {
             return Err(ClientError::Gone);
         }
-        let r = self.flush_now();
+        let r = self.flush_now(passes);
         if r.is_err() {
             self.broken = true;
         }
         r
     }
 
-    fn flush_now(&mut self) -> Result<bool, ClientError> {
+    /// Writes what the socket takes of what was sealed and, while it all went, and while
+    /// passes are left, seals the next buffer's worth.
+    fn flush_now(&mut self, mut passes: usize) -> Result<bool, ClientError> {
         loop {
             while !self.sealed.is_empty() {
                 match self.wr.try_write(&self.out[self.sealed.clone()]) {
@@ -248,6 +256,10 @@ impl LinkWriter {
             if self.queue.is_empty() {
                 return Ok(true);
             }
+            if passes == 0 {
+                return Ok(false);
+            }
+            passes -= 1;
             // The buffer grows to what the writes need, up to WRITE_BUFFER: an idle agent
             // keeps a few KiB.
             let want = sealed_size(self.queued).clamp(4096, WRITE_BUFFER);
@@ -278,6 +290,25 @@ impl LinkWriter {
     pub(crate) async fn write_bytes(&mut self, frames: Bytes) -> Result<(), ClientError> {
         self.push(frames);
         self.flush().await
+    }
+
+    /// A connection that is gone: writes what the socket takes now and, when that was all,
+    /// close_notify; never waits (what stays unwritten is pending, and the next connection
+    /// writes it).
+    pub(crate) fn abandon(&mut self) {
+        if !matches!(self.try_flush(), Ok(true)) {
+            return;
+        }
+        if self.out.len() < 4096 {
+            self.out.resize(4096, 0);
+        }
+        let mut w = RecordWriter::new(&mut self.sealer, &mut self.out, &mut self.tail);
+        if w.close_notify().is_ok() {
+            if let Ok(n) = w.finish() {
+                self.sealed = 0..n;
+                let _ = self.try_flush();
+            }
+        }
     }
 
     /// Writes what waits, then close_notify, and shuts the socket's sending side down (when

@@ -12,7 +12,8 @@ use openmesh_dataplane::pki::Identity;
 use openmesh_dataplane::signaling::{negotiate, ContractPolicy};
 use openmesh_dataplane::testing::InMemoryRelay;
 use openmesh_dataplane::wire::{
-    AgentId, DeliveryClass, Destination, EnvelopeBuilder, Frame, FrameDecoder, MessageId, Ping,
+    AgentId, DeliveryClass, Destination, EnvelopeBuilder, Frame, FrameDecoder, MessageId, Nack,
+    Ping, Reason,
 };
 
 /// Envelopes the relay writes; their ACKs alone (16 bytes each) are 12 MiB, far more than the
@@ -21,16 +22,39 @@ const FLOOD: u64 = 800_000;
 /// Envelopes per pre-encoded block.
 const BLOCK: u64 = 4_000;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_relay_that_stops_reading_cannot_grow_what_the_agent_holds_to_write() {
-    let relay = InMemoryRelay::new();
-    let id = Identity::generate_self_signed("victim").unwrap();
-    let agent_id = id.agent_id();
-    // A small receive buffer (inherited by the accepted socket): the agent's socket fills soon.
+/// The tests here measure the process (its CPU time): one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A listener whose accepted sockets have a small receive buffer (they fill soon).
+fn small_listener() -> tokio::net::TcpListener {
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     sock.set_recv_buffer_size(16 << 10).unwrap();
     sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let listener = sock.listen(4).unwrap();
+    sock.listen(4).unwrap()
+}
+
+/// This process's CPU time (user and system), from /proc.
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    // The fields after the command name (which is in parentheses).
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .map(|x| x.parse().unwrap())
+        .collect();
+    // Clock ticks of 1/100 s (USER_HZ on Linux).
+    Duration::from_millis((f[0] + f[1]) * 10)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_stops_reading_cannot_grow_what_the_agent_holds_to_write() {
+    let _one = SERIAL.lock().await;
+    let relay = InMemoryRelay::new();
+    let id = Identity::generate_self_signed("victim").unwrap();
+    let agent_id = id.agent_id();
+    let listener = small_listener();
     let addr = listener.local_addr().unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(relay.server_tls.clone());
     let relay_id = relay.relay.relay_id();
@@ -119,4 +143,158 @@ async fn a_relay_that_stops_reading_cannot_grow_what_the_agent_holds_to_write() 
         "the agent held {most_unwritten} bytes to write"
     );
     hostile.abort();
+}
+
+/// A relay that reads a few envelopes, NACKs them as retryable and then stops reading, while
+/// the agent has far more to write than the socket takes: the retries come due while nothing
+/// can be written, and the agent waits for the socket instead of spinning on them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_due_while_the_relay_reads_nothing_do_not_spin_the_agent() {
+    let _one = SERIAL.lock().await;
+    let relay = InMemoryRelay::new();
+    let id = Identity::generate_self_signed("victim").unwrap();
+    let agent_id = id.agent_id();
+    let listener = small_listener();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(relay.server_tls.clone());
+    let relay_id = relay.relay.relay_id();
+    let (nacked_tx, nacked_rx) = tokio::sync::oneshot::channel();
+
+    let hostile = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut tls = acceptor.accept(tcp).await.unwrap();
+        let (dec, mut rx) = (FrameDecoder::new(1 << 20), BytesMut::new());
+        let (mut welcomed, mut nacks) = (false, BytesMut::new());
+        let mut n = 0;
+        while n < 4 {
+            match dec.decode(&mut rx).unwrap() {
+                Some(Frame::Hello(h)) if !welcomed => {
+                    let w =
+                        negotiate(&h, &ContractPolicy::default(), 1, relay_id, agent_id).unwrap();
+                    tls.write_all(&Frame::Welcome(w).to_bytes()).await.unwrap();
+                    welcomed = true;
+                }
+                Some(Frame::Envelope(e)) => {
+                    Frame::Nack(Nack::new(e.message_id(), Reason::Overloaded)).encode(&mut nacks);
+                    n += 1;
+                }
+                Some(_) => {}
+                None => assert!(tls.read_buf(&mut rx).await.unwrap() > 0, "agent's frames"),
+            }
+        }
+        // Retry those, later; and never read another byte.
+        tls.write_all(&nacks).await.unwrap();
+        tls.flush().await.unwrap();
+        let _ = nacked_tx.send(());
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        drop(tls);
+    });
+
+    let mut cfg = ClientConfig::new(addr, vec![relay.ca.cert.clone()], id);
+    cfg.server_name = Some("localhost".into());
+    cfg.window = 256;
+    cfg.destination_window = 256;
+    let agent = Agent::connect(cfg).await.unwrap();
+    // 16 MiB: far more than the socket buffers between the agent and a relay that stopped.
+    let body = vec![0x5a_u8; 64 << 10];
+    let mut batch = openmesh_agent::Batch::new();
+    for _ in 0..256 {
+        batch.push(&agent.envelope_to(AgentId([9; 32])).build(&body).unwrap());
+    }
+    let _handle = agent.send_batch(batch).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), nacked_rx)
+        .await
+        .expect("the relay read four envelopes")
+        .unwrap();
+    // The NACKs' retries come due (50 ms) while the socket takes nothing.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let st = agent.stats();
+    assert_eq!(st.nacked, 4, "{st:?}");
+    assert!(
+        st.unwritten_bytes > 0,
+        "the agent's writes must be stuck: {st:?}"
+    );
+    let (t0, c0) = (Instant::now(), cpu_time());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (spent, took) = (cpu_time() - c0, t0.elapsed());
+    eprintln!("{spent:?} of CPU in {took:?} while blocked with retries due");
+    assert!(
+        spent < took / 4,
+        "the agent spun while it could not write: {spent:?} of CPU in {took:?}"
+    );
+    hostile.abort();
+    drop(agent);
+}
+
+/// A relay that answers HELLO and then neither reads nor writes (a frozen process), while the
+/// agent has far more to write than the socket takes: the agent gives the connection up after
+/// three silent heartbeat intervals without waiting on its socket, and closes within its close
+/// timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_relay_does_not_hold_the_agent_on_its_socket() {
+    let _one = SERIAL.lock().await;
+    let relay = InMemoryRelay::new();
+    let id = Identity::generate_self_signed("victim").unwrap();
+    let agent_id = id.agent_id();
+    let listener = small_listener();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(relay.server_tls.clone());
+    let relay_id = relay.relay.relay_id();
+    let frozen = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut tls = acceptor.accept(tcp).await.unwrap();
+        let (dec, mut rx) = (FrameDecoder::new(1 << 20), BytesMut::new());
+        let hello = loop {
+            if let Some(Frame::Hello(h)) = dec.decode(&mut rx).unwrap() {
+                break h;
+            }
+            assert!(tls.read_buf(&mut rx).await.unwrap() > 0, "HELLO");
+        };
+        let policy = ContractPolicy {
+            heartbeat_min_ms: 100,
+            ..ContractPolicy::default()
+        };
+        let welcome = negotiate(&hello, &policy, 1, relay_id, agent_id).unwrap();
+        tls.write_all(&Frame::Welcome(welcome).to_bytes())
+            .await
+            .unwrap();
+        // Frozen: the connection stays open, and nothing more happens on it (later
+        // connections wait in the backlog, never answered).
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        drop((tls, listener));
+    });
+
+    let mut cfg = ClientConfig::new(addr, vec![relay.ca.cert.clone()], id);
+    cfg.server_name = Some("localhost".into());
+    cfg.hello.heartbeat_ms = 100;
+    cfg.window = 256;
+    cfg.destination_window = 256;
+    cfg.connect_timeout = Duration::from_millis(300);
+    cfg.close_timeout = Duration::from_millis(500);
+    let agent = Agent::connect(cfg).await.unwrap();
+    assert_eq!(agent.welcome().heartbeat_ms, 100);
+    let body = vec![0x5a_u8; 64 << 10];
+    let mut batch = openmesh_agent::Batch::new();
+    for _ in 0..256 {
+        batch.push(&agent.envelope_to(AgentId([9; 32])).build(&body).unwrap());
+    }
+    let _handle = agent.send_batch(batch).await.unwrap();
+    // Three silent intervals and more: the agent has given the connection up.
+    let t0 = Instant::now();
+    while agent.stats().reconnects == 0 && agent.stats().unwritten_bytes > 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "still on the frozen connection: {:?}",
+            agent.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let t1 = Instant::now();
+    let report = tokio::time::timeout(Duration::from_secs(5), agent.close())
+        .await
+        .expect("close ends within its timeout")
+        .unwrap();
+    assert!(t1.elapsed() < Duration::from_secs(3), "{:?}", t1.elapsed());
+    assert_eq!(report.unanswered.len(), 256, "nothing was answered");
+    frozen.abort();
 }
