@@ -12,7 +12,9 @@
 #   SUITE=durable benches/compare.sh 5s  # durable envelopes (each fsync'ed before its ACK) against
 #                                      # NATS JetStream with file storage (publishes acked)
 #   PLACEMENT=across benches/compare.sh 5s  # each OpenMesh pair's agents on different relay cores
-#                                      # (or `one`: on one core); default: as their ids fall
+#                                      # (or `one`: on one core); default: as their ids fall,
+#                                      # but the latency pair runs twice, on one relay core and
+#                                      # across two (an extra row), on a relay of 2+ cores
 #   PEERS="nats" benches/compare.sh 5s # only these peers (default "nats iroh")
 #
 # OpenMesh runs TLS 1.3 on every link with at-least-once delivery (ACKed custody); NATS runs in
@@ -168,10 +170,20 @@ fi
 peer() { local name=$1 s=$2; shift 2; echo "== $s: $name" >&2
   "${LT[@]}" run --scenario "$s" --duration "$DUR" "$@" \
     --quiet --json "$OUT/$name-$s.json" --plot "$OUT/$name-$s.svg" >"$OUT/$name-$s.txt" || true; }
+# The latency pair runs twice on a relay of several cores (unless PLACEMENT says where): with
+# both agents on one relay core, and on different cores (each envelope then wakes a second core).
+SPLIT_LATENCY=0
+if [ -z "${PLACEMENT:-}" ] && [ "${PINNED:-0}" != 1 ] && [ "$(nproc)" -ge 2 ]; then SPLIT_LATENCY=1; fi
+om_run() { local s=$1 name=$2; shift 2; echo "== $name: openmesh" >&2
+  "${LT[@]}" run --scenario $s "$@" --duration "$DUR" --relay 127.0.0.1:$RP --ca "$OUT/relay/tls/dev-ca.pem" \
+    --quiet --json "$OUT/om-$name.json" --plot "$OUT/om-$name.svg" >"$OUT/om-$name.txt" || true; }
 for s in small bulk latency fan; do
-  echo "== $s: openmesh" >&2
-  "${LT[@]}" run --scenario $s "${OM_PLACE[@]}" --duration "$DUR" --relay 127.0.0.1:$RP --ca "$OUT/relay/tls/dev-ca.pem" \
-    --quiet --json "$OUT/om-$s.json" --plot "$OUT/om-$s.svg" >"$OUT/om-$s.txt" || true
+  if [ "$s" = latency ] && [ "$SPLIT_LATENCY" = 1 ]; then
+    om_run latency latency --placement one --relay-cores "$(nproc)"
+    om_run latency latency-across --placement across --relay-cores "$(nproc)"
+  else
+    om_run $s $s "${OM_PLACE[@]}"
+  fi
   if [[ " $PEERS " == *" nats "* ]]; then peer nats $s --target nats://127.0.0.1:$NP; fi
   if [ -n "$IPID" ]; then peer iroh $s --target iroh://127.0.0.1:$IP; fi
 done
@@ -184,6 +196,14 @@ def load(n):
     return json.load(open(p)) if os.path.exists(p) else None
 servers = [("om", "openmesh"), ("nats", "NATS"), ("iroh", "iroh-relay")]
 runs = {s: {k: load(f"{k}-{s}.json") for k, _ in servers} for s in ["small", "bulk", "latency", "fan"]}
+# OpenMesh's latency pair across relay cores, against the same peers' runs.
+across = load("om-latency-across.json")
+if across:
+    runs["latency-across"] = dict(runs["latency"], om=across)
+one_core = " [OpenMesh pair on one relay core]" if across else ""
+def own(s, k):
+    """A run of server k for scenario s (the across-cores latency row is OpenMesh's alone)."""
+    return runs[s][k] if s != "latency-across" or k == "om" else None
 present = [(k, n) for k, n in servers if any(runs[s][k] for s in runs)]
 def p(r, q):
     l = r and r.get("latency")
@@ -191,8 +211,12 @@ def p(r, q):
 metrics = [
     ("small envelopes/s (256 B)", "small", lambda r: r.get("envelopes_per_s"), "{:,.0f}", True),
     ("bulk Gbit/s (16 KiB)", "bulk", lambda r: r.get("gbit_per_s"), "{:.2f}", True),
-    ("latency p50 us (20k/s)", "latency", lambda r: p(r, "p50"), "{:.0f}", False),
-    ("latency p99 us (20k/s)", "latency", lambda r: p(r, "p99"), "{:.0f}", False),
+    ("latency p50 us (20k/s)" + one_core, "latency", lambda r: p(r, "p50"), "{:.0f}", False),
+    ("latency p99 us (20k/s)" + one_core, "latency", lambda r: p(r, "p99"), "{:.0f}", False),
+] + ([
+    ("  OpenMesh pair across relay cores: p50", "latency-across", lambda r: p(r, "p50"), "{:.0f}", False),
+    ("  OpenMesh pair across relay cores: p99", "latency-across", lambda r: p(r, "p99"), "{:.0f}", False),
+] if across else []) + [
     ("fan envelopes/s (32 pairs)", "fan", lambda r: r.get("envelopes_per_s"), "{:,.0f}", True),
 ]
 def cells(rows, title):
@@ -213,10 +237,10 @@ cells(rows, "rate (same run)")
 print()
 # What each server and the generator spent: CPU seconds from /proc over what was delivered.
 rows = []
-for s in ["small", "bulk", "latency", "fan"]:
+for s in ["small", "bulk", "latency"] + (["latency-across"] if across else []) + ["fan"]:
     per_env, per_gb, gen = [], [], []
     for k, _ in present:
-        r = runs[s][k]
+        r = own(s, k)
         d = r and r.get("delivered")
         if not d or r.get("relay_cpu_s") is None:
             per_env.append("-"); per_gb.append("-"); gen.append("-")
@@ -231,7 +255,7 @@ for s in ["small", "bulk", "latency", "fan"]:
 cells(rows, "efficiency (same run)")
 for s in runs:
     for k, n in present:
-        r = runs[s][k]
+        r = own(s, k)
         if r and (r.get("lost") or r.get("duplicates")):
             print(f"  {s} on {n}: lost {r['lost']:,}, duplicated {r['duplicates']:,} of {r['sent']:,} sent")
 print(f"\nreports and plots: {out}")
