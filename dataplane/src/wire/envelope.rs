@@ -471,17 +471,26 @@ fn validate(imm: &[u8]) -> Result<Sections, WireError> {
     if imm[OFF_MULTIPATH] > MAX_MULTIPATH {
         return Err(WireError::Invalid("multipath k"));
     }
-    let mut r = Reader::at(imm, FIXED_LEN);
-    let jur = list(&mut r, 2, MAX_CONSTRAINT_LIST, "jurisdictions")?;
-    let jur_bytes = &imm[jur.0 as usize..jur.0 as usize + 2 * jur.1 as usize];
-    if !jur_bytes.iter().all(u8::is_ascii_uppercase) {
-        return Err(WireError::Invalid("jurisdiction"));
-    }
-    let avoid = list(&mut r, 32, MAX_CONSTRAINT_LIST, "avoid list")?;
-    let prefer = list(&mut r, 32, MAX_CONSTRAINT_LIST, "prefer list")?;
-    let fallback = list(&mut r, 1, 3, "fallback order")?;
-    for &c in &imm[fallback.0 as usize..fallback.0 as usize + fallback.1 as usize] {
-        PathClass::from_u8(c)?;
+    let (mut r, jur, avoid, prefer, fallback);
+    if imm.get(FIXED_LEN..FIXED_LEN + 4) == Some(&[0u8; 4][..]) {
+        // No route constraints (most envelopes): four empty lists, each starting right after
+        // its count, as `list` would find them.
+        let at = FIXED_LEN as u16;
+        (jur, avoid, prefer, fallback) = ((at + 1, 0), (at + 2, 0), (at + 3, 0), (at + 4, 0));
+        r = Reader::at(imm, FIXED_LEN + 4);
+    } else {
+        r = Reader::at(imm, FIXED_LEN);
+        jur = list(&mut r, 2, MAX_CONSTRAINT_LIST, "jurisdictions")?;
+        let jur_bytes = &imm[jur.0 as usize..jur.0 as usize + 2 * jur.1 as usize];
+        if !jur_bytes.iter().all(u8::is_ascii_uppercase) {
+            return Err(WireError::Invalid("jurisdiction"));
+        }
+        avoid = list(&mut r, 32, MAX_CONSTRAINT_LIST, "avoid list")?;
+        prefer = list(&mut r, 32, MAX_CONSTRAINT_LIST, "prefer list")?;
+        fallback = list(&mut r, 1, 3, "fallback order")?;
+        for &c in &imm[fallback.0 as usize..fallback.0 as usize + fallback.1 as usize] {
+            PathClass::from_u8(c)?;
+        }
     }
     let schema_start = r.pos() + 1;
     let schema = r.short_str("schema id")?;

@@ -315,6 +315,48 @@ fn golden_envelope() {
     assert_eq!(env.associated_data().len(), env.immutable.len() - 2);
 }
 
+/// An envelope without route constraints (the four lists' counts all zero, read without
+/// walking them) and one with only its last list set decode to the same sections as the
+/// builder wrote, and a bad count after the zeros is still refused.
+#[test]
+fn envelopes_without_route_constraints_decode_every_section() {
+    let mut b = EnvelopeBuilder::new(
+        MessageId::from_u128(7),
+        AgentId([0x11; 32]),
+        Destination::Agent(AgentId([0x22; 32])),
+        100,
+        900,
+    );
+    b.schema = "chat/v2".into();
+    b.extensions = vec![(3, vec![1, 2, 3]), (0x8004, vec![])];
+    for fallback in [vec![], vec![PathClass::LowCost]] {
+        b.constraints.fallback = fallback.clone();
+        let env = b.build(b"payload").unwrap();
+        let got = match decode_one(&Frame::Envelope(env.clone()).to_bytes()).unwrap() {
+            Some(Frame::Envelope(e)) => e,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(got, env);
+        assert_eq!(got.jurisdictions().count(), 0);
+        assert_eq!((got.avoid().count(), got.prefer().count()), (0, 0));
+        assert_eq!(got.fallback().collect::<Vec<_>>(), fallback);
+        assert_eq!(got.schema(), "chat/v2");
+        assert_eq!(got.extensions().count(), 2);
+        assert_eq!(got.extensions().next().unwrap().value, &[1, 2, 3]);
+        assert_eq!(got.payload_ref(), b"payload");
+        assert_eq!(got.associated_data().len(), got.immutable.len() - 7);
+    }
+    // A schema length running past the end, right after the four zero counts (the fixed part
+    // is 104 bytes).
+    b.constraints.fallback = vec![];
+    let env = b.build(b"").unwrap();
+    let mut bytes = Frame::Envelope(env.clone()).to_bytes().to_vec();
+    let imm_at = bytes.len() - env.immutable.len();
+    assert_eq!(&bytes[imm_at + 104..imm_at + 109], &[0, 0, 0, 0, 7]);
+    bytes[imm_at + 108] = 250;
+    assert!(decode_one(&bytes).is_err());
+}
+
 #[test]
 fn routing_part_bounds_are_checked() {
     let mut b = EnvelopeBuilder::new(
