@@ -537,6 +537,10 @@ impl Shared {
         self.link.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn outbox(&self) -> MutexGuard<'_, VecDeque<(u64, Bytes)>> {
+        self.outbox.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Takes the writer out: nothing more is written on this connection.
     fn unlink(&self) -> Option<LinkWriter> {
         self.link().writer.take()
@@ -544,12 +548,7 @@ impl Shared {
 
     /// Nothing waits to be written on the connection (or there is none).
     fn link_idle(&self) -> bool {
-        self.link().writer.as_ref().is_none_or(LinkWriter::is_idle)
-            && self
-                .outbox
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .is_empty()
+        self.link().writer.as_ref().is_none_or(LinkWriter::is_idle) && self.outbox().is_empty()
     }
 
     /// Queues `frames` on the connection's writer after the batches waiting in the outbox,
@@ -569,17 +568,17 @@ impl Shared {
     /// those of an older connection (the current one wrote them again when it started) and,
     /// while disconnected, all (pending: the next connection writes them).
     fn take_outbox(&self, l: &mut LinkSlot) {
-        let mut o = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
-        for (gen, frames) in o.drain(..) {
+        for (gen, frames) in self.outbox().drain(..) {
             if let Some(w) = l.writer.as_mut().filter(|_| gen == l.gen) {
                 w.push(frames);
             }
         }
     }
 
-    /// Writes everything waiting on the connection, waiting for its socket as long as needed.
-    async fn flush_link(&self, ready: &WriteReady) -> Result<(), ClientError> {
-        while !self.write_link(Bytes::new())? {
+    /// Writes `frames` after everything waiting on the connection, waiting for its socket as
+    /// long as needed.
+    async fn flush_link(&self, mut frames: Bytes, ready: &WriteReady) -> Result<(), ClientError> {
+        while !self.write_link(std::mem::take(&mut frames))? {
             ready.wait().await?;
         }
         Ok(())
@@ -587,36 +586,42 @@ impl Shared {
 
     /// Writes `frames`, a batch recorded while connection `gen` was current, after the batches
     /// before it. With `direct`, and when the writer is free, in the caller's task at once
-    /// (held ACKs go with it): an agent sending at a low rate costs no hand-off. Otherwise
-    /// (or when the socket is full) the driver writes it, with whatever else waits by then.
+    /// (held ACKs go with it when nothing waited before it): an agent sending at a low rate
+    /// costs no hand-off. Otherwise the batch waits in the outbox and the driver writes it (as
+    /// it writes the rest of one that found the socket full), with whatever else waits by then.
     fn write_batch(&self, frames: Bytes, gen: u64, direct: bool) {
-        let frames_len = frames.len();
-        self.outbox
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push_back((gen, frames));
         if direct {
             if let Ok(mut l) = self.link.try_lock() {
                 self.take_outbox(&mut l);
-                if let Some(w) = l.writer.as_mut() {
+                if l.gen != gen {
+                    // A newer connection wrote it already (it was pending when it started).
+                    return;
+                }
+                let Some(w) = l.writer.as_mut() else {
+                    // Pending: the next connection writes it.
+                    return;
+                };
+                if w.is_idle() {
                     let mut acks = Vec::new();
-                    if w.unwritten() <= frames_len {
-                        // Nothing waited before this batch: held ACKs go with it.
-                        self.due_acks(true, &mut acks);
-                    }
+                    self.due_acks(true, &mut acks);
                     if !acks.is_empty() {
                         let mut b = BytesMut::new();
                         flush_acks(&mut acks, &mut b);
                         w.push(b.freeze());
                     }
-                    // One buffer's worth at most here (others may wait on the lock); the
-                    // driver writes the rest.
-                    if w.try_flush_passes(1).unwrap_or(false) {
-                        return;
-                    }
                 }
+                w.push(frames);
+                // One buffer's worth at most here (others may wait on the lock); the driver
+                // writes the rest.
+                if w.try_flush_passes(1).unwrap_or(false) {
+                    return;
+                }
+                drop(l);
+                self.wake.notify_one();
+                return;
             }
         }
+        self.outbox().push_back((gen, frames));
         self.wake.notify_one();
     }
 
@@ -883,13 +888,7 @@ impl Shared {
     /// Bytes waiting for the connection's socket, in the writer and in the outbox.
     fn unwritten(&self) -> usize {
         let writer = self.link().writer.as_ref().map_or(0, LinkWriter::unwritten);
-        let outbox: usize = self
-            .outbox
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(_, f)| f.len())
-            .sum();
+        let outbox: usize = self.outbox().iter().map(|(_, f)| f.len()).sum();
         writer + outbox
     }
 }
@@ -1995,26 +1994,29 @@ impl Conn<'_> {
         let mut rotate_at = sh.rotation_due_ms();
         let mut acks_due = None;
         loop {
-            let mut due = sh
-                .lock()
-                .retries
-                .peek()
-                .map(|Reverse((at, _, _))| *at)
-                .unwrap_or_else(|| Instant::now() + heartbeat);
-            if let Some(r) = rotate_at {
-                due = due.min(Instant::now() + Duration::from_millis(r.saturating_sub(unix_ms())));
-            }
-            if let Some(r) = sh.lock().republish_at {
-                due = due.min(r);
-            }
-            if let Some(a) = acks_due {
-                due = due.min(a);
-            }
-            if blocked {
+            let due = if blocked {
                 // Retries wait for the socket (they may be due already): the driver wakes
                 // for the socket, or once a second to resolve what expired meanwhile.
-                due = Instant::now() + heartbeat.min(Duration::from_secs(1));
-            }
+                Instant::now() + heartbeat.min(Duration::from_secs(1))
+            } else {
+                let mut due = sh
+                    .lock()
+                    .retries
+                    .peek()
+                    .map(|Reverse((at, _, _))| *at)
+                    .unwrap_or_else(|| Instant::now() + heartbeat);
+                if let Some(r) = rotate_at {
+                    let r = Duration::from_millis(r.saturating_sub(unix_ms()));
+                    due = due.min(Instant::now() + r);
+                }
+                if let Some(r) = sh.lock().republish_at {
+                    due = due.min(r);
+                }
+                if let Some(a) = acks_due {
+                    due = due.min(a);
+                }
+                due
+            };
             let mut closing = None;
             tokio::select! {
                 biased;
@@ -2107,8 +2109,8 @@ impl Conn<'_> {
             flush_acks(&mut acks, &mut buf);
             if let Some((deadline, done)) = closing {
                 Frame::Close(Close::new(Reason::Normal, "bye")).encode(&mut buf);
-                let written = sh.write_link(buf.split().freeze()).is_ok()
-                    && tokio::time::timeout_at(deadline, sh.flush_link(&ready))
+                let written =
+                    tokio::time::timeout_at(deadline, sh.flush_link(buf.split().freeze(), &ready))
                         .await
                         .is_ok_and(|r| r.is_ok());
                 let answer = if written {

@@ -296,31 +296,28 @@ impl LinkWriter {
     /// close_notify; never waits (what stays unwritten is pending, and the next connection
     /// writes it).
     pub(crate) fn abandon(&mut self) {
-        if !matches!(self.try_flush(), Ok(true)) {
-            return;
+        if matches!(self.try_flush(), Ok(true)) && self.seal_close_notify().is_ok() {
+            let _ = self.try_flush();
         }
+    }
+
+    /// Seals close_notify as the next bytes to write (nothing else may wait).
+    fn seal_close_notify(&mut self) -> Result<(), TransportError> {
+        debug_assert!(self.is_idle());
         if self.out.len() < 4096 {
             self.out.resize(4096, 0);
         }
         let mut w = RecordWriter::new(&mut self.sealer, &mut self.out, &mut self.tail);
-        if w.close_notify().is_ok() {
-            if let Ok(n) = w.finish() {
-                self.sealed = 0..n;
-                let _ = self.try_flush();
-            }
-        }
+        w.close_notify()?;
+        self.sealed = 0..w.finish()?;
+        Ok(())
     }
 
     /// Writes what waits, then close_notify, and shuts the socket's sending side down (when
     /// no [`WriteReady`] is left; otherwise when the last one goes).
     pub(crate) async fn shutdown(&mut self) -> Result<(), ClientError> {
         self.flush().await?;
-        if self.out.len() < 4096 {
-            self.out.resize(4096, 0);
-        }
-        let mut w = RecordWriter::new(&mut self.sealer, &mut self.out, &mut self.tail);
-        w.close_notify().map_err(TransportError::from)?;
-        self.sealed = 0..w.finish().map_err(TransportError::from)?;
+        self.seal_close_notify()?;
         self.flush().await?;
         if let Some(wr) = Arc::get_mut(&mut self.wr) {
             wr.shutdown().await?;
@@ -503,15 +500,7 @@ mod tests {
                 prop_assert!(passes <= want.len() / (out_len / 4) + 8, "passes end");
                 let n = seal_pass(&mut sealer, &mut out, &mut tail, &mut queue).unwrap();
                 prop_assert!(n > 0 && n <= out_len);
-                let mut at = 0;
-                while at < n {
-                    let len = RecordLayer::record_len(&out[at..n]).unwrap().unwrap();
-                    match server.open(&mut out[at..at + len]).unwrap() {
-                        Opened::Data(r) => plain.extend_from_slice(&out[at + r.start..at + r.end]),
-                        other => prop_assert!(false, "unexpected {other:?}"),
-                    }
-                    at += len;
-                }
+                plain.extend(open_all(&mut server, out[..n].to_vec()));
             }
             prop_assert!(plain == want, "{} bytes sealed, {} queued", plain.len(), want.len());
         }

@@ -13,8 +13,10 @@ use openmesh_dataplane::signaling::{negotiate, ContractPolicy};
 use openmesh_dataplane::testing::InMemoryRelay;
 use openmesh_dataplane::wire::{
     AgentId, DeliveryClass, Destination, EnvelopeBuilder, Frame, FrameDecoder, MessageId, Nack,
-    Ping, Reason,
+    Ping, Reason, RelayId,
 };
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::server::TlsStream;
 
 /// Envelopes the relay writes; their ACKs alone (16 bytes each) are 12 MiB, far more than the
 /// socket buffers hold.
@@ -25,12 +27,73 @@ const BLOCK: u64 = 4_000;
 /// The tests here measure the process (its CPU time): one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// A listener whose accepted sockets have a small receive buffer (they fill soon).
-fn small_listener() -> tokio::net::TcpListener {
+/// One agent's relay, as hostile as each test makes it: TLS with an in-memory relay's
+/// certificate, on a listener whose accepted sockets have a small receive buffer (they fill
+/// soon).
+struct Hostile {
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    relay_id: RelayId,
+    agent_id: AgentId,
+}
+
+/// A hostile relay for the agent `name`, and that agent's configuration.
+fn hostile(name: &str) -> (Hostile, ClientConfig) {
+    let relay = InMemoryRelay::new();
+    let id = Identity::generate_self_signed(name).unwrap();
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     sock.set_recv_buffer_size(16 << 10).unwrap();
     sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    sock.listen(4).unwrap()
+    let listener = sock.listen(4).unwrap();
+    let h = Hostile {
+        acceptor: tokio_rustls::TlsAcceptor::from(relay.server_tls.clone()),
+        relay_id: relay.relay.relay_id(),
+        agent_id: id.agent_id(),
+        listener,
+    };
+    let mut cfg = ClientConfig::new(
+        h.listener.local_addr().unwrap(),
+        vec![relay.ca.cert.clone()],
+        id,
+    );
+    cfg.server_name = Some("localhost".into());
+    (h, cfg)
+}
+
+impl Hostile {
+    /// Accepts the agent, reads its HELLO and answers it under `policy`. Returns the stream,
+    /// what was read past the HELLO, and the listener (later connections wait in its backlog,
+    /// never answered, while it is held).
+    async fn welcome(
+        self,
+        policy: ContractPolicy,
+    ) -> (TlsStream<TcpStream>, BytesMut, TcpListener) {
+        let (tcp, _) = self.listener.accept().await.unwrap();
+        let mut tls = self.acceptor.accept(tcp).await.unwrap();
+        let (dec, mut rx) = (FrameDecoder::new(1 << 20), BytesMut::new());
+        let hello = loop {
+            if let Some(Frame::Hello(h)) = dec.decode(&mut rx).unwrap() {
+                break h;
+            }
+            assert!(tls.read_buf(&mut rx).await.unwrap() > 0, "HELLO");
+        };
+        let welcome = negotiate(&hello, &policy, 1, self.relay_id, self.agent_id).unwrap();
+        tls.write_all(&Frame::Welcome(welcome).to_bytes())
+            .await
+            .unwrap();
+        (tls, rx, self.listener)
+    }
+}
+
+/// Sends 256 envelopes of 64 KiB: 16 MiB, far more than the socket buffers between the agent
+/// and a relay that does not read.
+async fn send_16_mib(agent: &Agent) {
+    let body = vec![0x5a_u8; 64 << 10];
+    let mut batch = openmesh_agent::Batch::new();
+    for _ in 0..256 {
+        batch.push(&agent.envelope_to(AgentId([9; 32])).build(&body).unwrap());
+    }
+    let _handle = agent.send_batch(batch).await.unwrap();
 }
 
 /// This process's CPU time (user and system), from /proc.
@@ -51,33 +114,15 @@ fn cpu_time() -> Duration {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_that_stops_reading_cannot_grow_what_the_agent_holds_to_write() {
     let _one = SERIAL.lock().await;
-    let relay = InMemoryRelay::new();
-    let id = Identity::generate_self_signed("victim").unwrap();
-    let agent_id = id.agent_id();
-    let listener = small_listener();
-    let addr = listener.local_addr().unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(relay.server_tls.clone());
-    let relay_id = relay.relay.relay_id();
-
+    let (relay, mut cfg) = hostile("victim");
+    let agent_id = cfg.identity.agent_id();
     let hostile = tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await.unwrap();
-        let mut tls = acceptor.accept(tcp).await.unwrap();
         // The HELLO, then never a byte more is read.
-        let (dec, mut rx) = (FrameDecoder::new(1 << 20), BytesMut::new());
-        let hello = loop {
-            if let Some(Frame::Hello(h)) = dec.decode(&mut rx).unwrap() {
-                break h;
-            }
-            assert!(tls.read_buf(&mut rx).await.unwrap() > 0, "HELLO");
-        };
         let policy = ContractPolicy {
             deliver_window: 1 << 20,
             ..ContractPolicy::default()
         };
-        let welcome = negotiate(&hello, &policy, 1, relay_id, agent_id).unwrap();
-        tls.write_all(&Frame::Welcome(welcome).to_bytes())
-            .await
-            .unwrap();
+        let (mut tls, _, _) = relay.welcome(policy).await;
         let now = openmesh_agent::unix_ms();
         let mut block = BytesMut::new();
         for i in 0..BLOCK {
@@ -104,8 +149,6 @@ async fn a_relay_that_stops_reading_cannot_grow_what_the_agent_holds_to_write() 
         drop(tls);
     });
 
-    let mut cfg = ClientConfig::new(addr, vec![relay.ca.cert.clone()], id);
-    cfg.server_name = Some("localhost".into());
     cfg.auto_ack = true;
     let mut agent = Agent::connect(cfg).await.unwrap();
 
@@ -151,29 +194,15 @@ async fn a_relay_that_stops_reading_cannot_grow_what_the_agent_holds_to_write() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_due_while_the_relay_reads_nothing_do_not_spin_the_agent() {
     let _one = SERIAL.lock().await;
-    let relay = InMemoryRelay::new();
-    let id = Identity::generate_self_signed("victim").unwrap();
-    let agent_id = id.agent_id();
-    let listener = small_listener();
-    let addr = listener.local_addr().unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(relay.server_tls.clone());
-    let relay_id = relay.relay.relay_id();
+    let (relay, mut cfg) = hostile("victim");
     let (nacked_tx, nacked_rx) = tokio::sync::oneshot::channel();
 
     let hostile = tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await.unwrap();
-        let mut tls = acceptor.accept(tcp).await.unwrap();
-        let (dec, mut rx) = (FrameDecoder::new(1 << 20), BytesMut::new());
-        let (mut welcomed, mut nacks) = (false, BytesMut::new());
+        let (mut tls, mut rx, _) = relay.welcome(ContractPolicy::default()).await;
+        let (dec, mut nacks) = (FrameDecoder::new(1 << 20), BytesMut::new());
         let mut n = 0;
         while n < 4 {
             match dec.decode(&mut rx).unwrap() {
-                Some(Frame::Hello(h)) if !welcomed => {
-                    let w =
-                        negotiate(&h, &ContractPolicy::default(), 1, relay_id, agent_id).unwrap();
-                    tls.write_all(&Frame::Welcome(w).to_bytes()).await.unwrap();
-                    welcomed = true;
-                }
                 Some(Frame::Envelope(e)) => {
                     Frame::Nack(Nack::new(e.message_id(), Reason::Overloaded)).encode(&mut nacks);
                     n += 1;
@@ -190,18 +219,10 @@ async fn retries_due_while_the_relay_reads_nothing_do_not_spin_the_agent() {
         drop(tls);
     });
 
-    let mut cfg = ClientConfig::new(addr, vec![relay.ca.cert.clone()], id);
-    cfg.server_name = Some("localhost".into());
     cfg.window = 256;
     cfg.destination_window = 256;
     let agent = Agent::connect(cfg).await.unwrap();
-    // 16 MiB: far more than the socket buffers between the agent and a relay that stopped.
-    let body = vec![0x5a_u8; 64 << 10];
-    let mut batch = openmesh_agent::Batch::new();
-    for _ in 0..256 {
-        batch.push(&agent.envelope_to(AgentId([9; 32])).build(&body).unwrap());
-    }
-    let _handle = agent.send_batch(batch).await.unwrap();
+    send_16_mib(&agent).await;
     tokio::time::timeout(Duration::from_secs(10), nacked_rx)
         .await
         .expect("the relay read four envelopes")
@@ -233,39 +254,19 @@ async fn retries_due_while_the_relay_reads_nothing_do_not_spin_the_agent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_relay_does_not_hold_the_agent_on_its_socket() {
     let _one = SERIAL.lock().await;
-    let relay = InMemoryRelay::new();
-    let id = Identity::generate_self_signed("victim").unwrap();
-    let agent_id = id.agent_id();
-    let listener = small_listener();
-    let addr = listener.local_addr().unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(relay.server_tls.clone());
-    let relay_id = relay.relay.relay_id();
+    let (relay, mut cfg) = hostile("victim");
     let frozen = tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await.unwrap();
-        let mut tls = acceptor.accept(tcp).await.unwrap();
-        let (dec, mut rx) = (FrameDecoder::new(1 << 20), BytesMut::new());
-        let hello = loop {
-            if let Some(Frame::Hello(h)) = dec.decode(&mut rx).unwrap() {
-                break h;
-            }
-            assert!(tls.read_buf(&mut rx).await.unwrap() > 0, "HELLO");
-        };
         let policy = ContractPolicy {
             heartbeat_min_ms: 100,
             ..ContractPolicy::default()
         };
-        let welcome = negotiate(&hello, &policy, 1, relay_id, agent_id).unwrap();
-        tls.write_all(&Frame::Welcome(welcome).to_bytes())
-            .await
-            .unwrap();
+        let (tls, _, listener) = relay.welcome(policy).await;
         // Frozen: the connection stays open, and nothing more happens on it (later
         // connections wait in the backlog, never answered).
         tokio::time::sleep(Duration::from_secs(60)).await;
         drop((tls, listener));
     });
 
-    let mut cfg = ClientConfig::new(addr, vec![relay.ca.cert.clone()], id);
-    cfg.server_name = Some("localhost".into());
     cfg.hello.heartbeat_ms = 100;
     cfg.window = 256;
     cfg.destination_window = 256;
@@ -273,12 +274,7 @@ async fn a_frozen_relay_does_not_hold_the_agent_on_its_socket() {
     cfg.close_timeout = Duration::from_millis(500);
     let agent = Agent::connect(cfg).await.unwrap();
     assert_eq!(agent.welcome().heartbeat_ms, 100);
-    let body = vec![0x5a_u8; 64 << 10];
-    let mut batch = openmesh_agent::Batch::new();
-    for _ in 0..256 {
-        batch.push(&agent.envelope_to(AgentId([9; 32])).build(&body).unwrap());
-    }
-    let _handle = agent.send_batch(batch).await.unwrap();
+    send_16_mib(&agent).await;
     // Three silent intervals and more: the agent has given the connection up.
     let t0 = Instant::now();
     while agent.stats().reconnects == 0 && agent.stats().unwritten_bytes > 0 {
