@@ -67,6 +67,25 @@ impl InMemoryRelay {
         )
     }
 
+    /// Shards `0..cores` of one relay with `settings`, sharing a 1 GiB budget.
+    pub fn shards(&self, settings: Settings, cores: u16) -> Vec<Shard> {
+        let seqs = Arc::new(SeqSource::default());
+        let budget = RelayBudget::new(1 << 30, cores as usize);
+        let config = self.shard_config();
+        (0..cores)
+            .map(|k| {
+                Shard::new(
+                    k,
+                    cores,
+                    config.clone(),
+                    settings.clone(),
+                    seqs.clone(),
+                    budget.clone(),
+                )
+            })
+            .collect()
+    }
+
     /// A TLS client for agent `id` that trusts this relay.
     pub fn client(&self, id: &Identity) -> ClientConnection {
         let cfg = crate::tls::client_config(id, std::slice::from_ref(&self.ca.cert))

@@ -10,12 +10,15 @@
 //!     --callgrind-out-file=/tmp/cg.N target/release/relay-instructions N
 //! ```
 //! Run it with N and 2N; the difference divided by N is the relay's instructions per envelope.
-//! `SIZE=16384` changes the payload size.
+//! `SIZE=16384` changes the payload size. `CORES=2` runs two shards, the sender's home core and
+//! the receiver's apart, so every envelope crosses between cores (handed over as a `Delivers`
+//! message, its verdict coming back as `Verdicts`), as on a relay with several cores.
 
 use std::io::Write;
 
 use bytes::BytesMut;
 use openmesh_dataplane::pki::Identity;
+use openmesh_dataplane::routing::home_core;
 use openmesh_dataplane::shard::msg::ConnId;
 use openmesh_dataplane::shard::{Limits, Now, Shard};
 use openmesh_dataplane::testing::{open_settings, InMemoryRelay};
@@ -38,14 +41,38 @@ fn feed(shard: &mut Shard, conn: ConnId, mut wire: &[u8]) {
     }
 }
 
-/// Runs the shard's writer for `conn`; returns the bytes it wrote.
-fn drain(shard: &mut Shard, conn: ConnId) -> Vec<u8> {
+/// Moves every shard's messages to their cores until none is left (the engine's mailboxes).
+fn pump(shards: &mut [Shard]) {
+    loop {
+        let mut mail = Vec::new();
+        for (from, shard) in shards.iter_mut().enumerate() {
+            for (to, q) in shard.outbox().queues_mut() {
+                mail.extend(q.drain(..).map(|m| (from, to, m)));
+            }
+            shard.outbox_flushed();
+        }
+        if mail.is_empty() {
+            return;
+        }
+        for (_, to, m) in mail {
+            shards[to].on_message(m, NOW);
+        }
+    }
+}
+
+/// Delivers the shards' messages, then runs `conn`'s writer on core `core`; returns the bytes
+/// it wrote.
+fn drain(shards: &mut [Shard], core: usize, conn: ConnId) -> Vec<u8> {
+    pump(shards);
+    let shard = &mut shards[core];
     let mut out = Vec::new();
     while let Some((buf, n)) = shard.poll_write(conn, NOW) {
         out.extend_from_slice(&buf[..n]);
         shard.on_write_done(conn, buf, true, NOW);
     }
-    while shard.poll_action().is_some() {}
+    for shard in shards.iter_mut() {
+        while shard.poll_action().is_some() {}
+    }
     out
 }
 
@@ -57,14 +84,17 @@ fn records(c: &mut ClientConnection) -> Vec<u8> {
     v
 }
 
+/// An agent's connection: its core and its id there.
+type At = (usize, ConnId);
+
 #[inline(never)]
-fn measured(shard: &mut Shard, rounds: &[(Vec<u8>, Vec<u8>)], s: ConnId, r: ConnId) -> usize {
+fn measured(shards: &mut [Shard], rounds: &[(Vec<u8>, Vec<u8>)], s: At, r: At) -> usize {
     let mut bytes = 0;
     for (envelopes, acks) in rounds {
-        feed(shard, s, envelopes);
-        bytes += drain(shard, r).len();
-        feed(shard, r, acks);
-        bytes += drain(shard, s).len();
+        feed(&mut shards[s.0], s.1, envelopes);
+        bytes += drain(shards, r.0, r.1).len();
+        feed(&mut shards[r.0], r.1, acks);
+        bytes += drain(shards, s.0, s.1).len();
     }
     bytes
 }
@@ -78,14 +108,26 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(256);
+    let cores: u16 = std::env::var("CORES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
     let relay = InMemoryRelay::new();
-    let mut shard = relay.shard(open_settings(Limits::default()));
-    // Two agents: handshake, HELLO, WELCOME.
+    let mut shards = relay.shards(open_settings(Limits::default()), cores);
+    // Two agents, each on its home core (the sender on core 0, the receiver on the last):
+    // handshake, HELLO, WELCOME.
     let mut agents = Vec::new();
-    for i in 0..2 {
-        let id = Identity::generate_self_signed(&format!("agent-{i}")).expect("identity");
+    for i in 0..2u16 {
+        let want = i * (cores - 1);
+        let id = loop {
+            let id = Identity::generate_self_signed(&format!("agent-{i}")).expect("identity");
+            if home_core(&id.agent_id(), cores) == want {
+                break id;
+            }
+        };
+        let core = want as usize;
         let mut c = relay.client(&id);
-        let conn = shard.open(NOW).expect("accepted");
+        let conn = shards[core].open(NOW).expect("accepted");
         let hello = openmesh_dataplane::testing::hello();
         let mut sent_hello = false;
         for _ in 0..6 {
@@ -94,15 +136,15 @@ fn main() {
                 c.writer().write_all(&hello.to_bytes()).expect("hello");
             }
             let out = records(&mut c);
-            feed(&mut shard, conn, &out);
-            let back = drain(&mut shard, conn);
+            feed(&mut shards[core], conn, &out);
+            let back = drain(&mut shards, core, conn);
             let mut b = &back[..];
             while !b.is_empty() {
                 c.read_tls(&mut b).expect("read");
                 c.process_new_packets().expect("process");
             }
         }
-        agents.push((c, conn, id.agent_id()));
+        agents.push((c, (core, conn), id.agent_id()));
     }
     let (src, dst) = (agents[0].2, agents[1].2);
     // Every client record, prepared in advance.
@@ -138,6 +180,8 @@ fn main() {
         let acks = records(&mut agents[1].0);
         rounds.push((envelopes, acks));
     }
-    let bytes = measured(&mut shard, &rounds, agents[0].1, agents[1].1);
-    println!("{n} envelopes of {size} bytes forwarded, {bytes} bytes written by the relay");
+    let bytes = measured(&mut shards, &rounds, agents[0].1, agents[1].1);
+    println!(
+        "{n} envelopes of {size} bytes forwarded across {cores} core(s), {bytes} bytes written by the relay"
+    );
 }

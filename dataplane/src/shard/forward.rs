@@ -167,6 +167,14 @@ impl Shard {
         r
     }
 
+    /// Whether `agent` has an open session on this core (one that takes envelopes).
+    fn serves(&self, agent: &crate::wire::AgentId) -> bool {
+        self.by_agent
+            .get(agent)
+            .and_then(|cid| self.conns.get(cid))
+            .is_some_and(|c| c.session.is_open() && !c.closing)
+    }
+
     /// Keeps new work for a destination agent that is not connected here (its home core), within
     /// the same bounds as its send queue and the source's quota; best-effort envelopes are not
     /// kept (dropped, counted `destination_unavailable`).
@@ -254,7 +262,10 @@ impl Shard {
     /// An envelope from another core (a source's, or custody following its agent).
     pub(super) fn on_deliver(&mut self, env: Envelope, src: Option<Src>, now: Now) {
         let class = env.class();
+        // An agent with an open session here is attached here (a newer attachment elsewhere
+        // retires it first): only an absent one is looked up.
         let moved = dest_agent(&env)
+            .filter(|a| !self.serves(a))
             .and_then(|a| self.directory.locate(&a))
             .filter(|l| l.core != self.id);
         if let Some(loc) = moved {

@@ -146,6 +146,22 @@ pub const MAX_COALESCED: usize = 256;
 #[derive(Debug)]
 pub struct Outbox {
     pub(crate) per_core: Vec<VecDeque<CoreMsg>>,
+    /// Per core, how long a run of `Delivers` and of `Verdicts` to it recently grew: a new run
+    /// starts with room for about that many, so a run does not copy itself as it grows (the
+    /// hint halves at each new run and follows the runs down: what short runs after a long one
+    /// reserve beyond their length adds up to at most `2 * MAX_COALESCED` entries per core and
+    /// kind).
+    runs: Vec<(usize, usize)>,
+}
+
+/// The room a run starts with at least.
+const RUN_MIN: usize = 16;
+
+/// A new run's vector, with room for about what the last runs held; halves `hint`.
+fn run_vec<T>(hint: &mut usize) -> Vec<T> {
+    let v = Vec::with_capacity((*hint).clamp(RUN_MIN, MAX_COALESCED));
+    *hint /= 2;
+    v
 }
 
 impl Outbox {
@@ -153,6 +169,7 @@ impl Outbox {
     pub fn new(cores: usize) -> Self {
         Outbox {
             per_core: (0..cores).map(|_| VecDeque::new()).collect(),
+            runs: vec![(0, 0); cores],
         }
     }
 
@@ -169,10 +186,14 @@ impl Outbox {
     /// Queues a `Deliver` for `core`, joining the `Deliver`s queued right before it.
     pub fn deliver(&mut self, core: u16, env: Envelope, src: Option<Src>) {
         let q = &mut self.per_core[core as usize];
+        let hint = &mut self.runs[core as usize].0;
         match q.back_mut() {
-            Some(CoreMsg::Delivers(v)) if v.len() < MAX_COALESCED => v.push((env, src)),
+            Some(CoreMsg::Delivers(v)) if v.len() < MAX_COALESCED => {
+                v.push((env, src));
+                *hint = (*hint).max(v.len());
+            }
             Some(back @ CoreMsg::Deliver { .. }) => {
-                let mut v = Vec::with_capacity(16);
+                let mut v = run_vec(hint);
                 if let CoreMsg::Deliver { env, src } = std::mem::replace(back, CoreMsg::Drain) {
                     v.push((env, src));
                 }
@@ -186,10 +207,14 @@ impl Outbox {
     /// Queues a `Verdict` for `core`, joining the `Verdict`s queued right before it.
     pub fn verdict(&mut self, core: u16, v: Verdict) {
         let q = &mut self.per_core[core as usize];
+        let hint = &mut self.runs[core as usize].1;
         match q.back_mut() {
-            Some(CoreMsg::Verdicts(vs)) if vs.len() < MAX_COALESCED => vs.push(v),
+            Some(CoreMsg::Verdicts(vs)) if vs.len() < MAX_COALESCED => {
+                vs.push(v);
+                *hint = (*hint).max(vs.len());
+            }
             Some(back @ CoreMsg::Verdict(_)) => {
-                let mut vs = Vec::with_capacity(16);
+                let mut vs = run_vec(hint);
                 if let CoreMsg::Verdict(first) = std::mem::replace(back, CoreMsg::Drain) {
                     vs.push(first);
                 }
@@ -280,5 +305,44 @@ mod tests {
         assert_eq!(out.per_core[1].len(), 1000_usize.div_ceil(MAX_COALESCED));
         let got = received(&mut out, 1);
         assert_eq!(got, (0..1000).map(|i| ('d', i)).collect::<Vec<_>>());
+    }
+
+    /// The room a run of deliveries reserved: its vector's capacity.
+    fn reserved(out: &mut Outbox, core: usize) -> usize {
+        let room = out.per_core[core]
+            .iter()
+            .map(|m| match m {
+                CoreMsg::Delivers(v) => v.capacity(),
+                _ => 0,
+            })
+            .sum();
+        out.per_core[core].clear();
+        room
+    }
+
+    #[test]
+    fn a_run_starts_with_the_room_recent_runs_took_and_short_runs_give_it_back() {
+        let mut out = Outbox::new(1);
+        for i in 0..200u128 {
+            out.push(0, deliver(i));
+        }
+        // Grown one envelope at a time from the smallest run's room.
+        assert!(reserved(&mut out, 0) >= 200);
+        // The next run starts with that room (no copy as it grows)...
+        for i in 0..150u128 {
+            out.push(0, deliver(i));
+        }
+        assert_eq!(reserved(&mut out, 0), 200);
+        // ...and short runs after it reserve less and less: a bounded sum, then the least.
+        let mut sum = 0;
+        let mut last = 0;
+        for _ in 0..12 {
+            out.push(0, deliver(1));
+            out.push(0, deliver(2));
+            last = reserved(&mut out, 0);
+            sum += last;
+        }
+        assert!(sum <= 2 * MAX_COALESCED + 12 * RUN_MIN, "{sum}");
+        assert_eq!(last, RUN_MIN);
     }
 }
