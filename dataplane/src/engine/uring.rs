@@ -23,8 +23,20 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio_uring::buf::BoundedBuf;
 
 /// Runs `fut` to completion on a new io_uring runtime on the current thread.
+///
+/// The ring completes work cooperatively where the kernel can (`IORING_SETUP_COOP_TASKRUN`,
+/// Linux 5.19): a completion for a core that is busy waits for its next system call instead of
+/// interrupting it. A core asleep is still woken at once.
 pub fn run<F: Future>(ring_entries: u32, fut: F) -> F::Output {
-    tokio_uring::builder().entries(ring_entries).start(fut)
+    let mut ring = tokio_uring::uring_builder();
+    ring.setup_coop_taskrun();
+    if ring.build(2).is_err() {
+        ring = tokio_uring::uring_builder();
+    }
+    tokio_uring::builder()
+        .entries(ring_entries)
+        .uring_builder(&ring)
+        .start(fut)
 }
 
 /// Spawns a task on the current core's runtime.
