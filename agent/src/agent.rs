@@ -1392,12 +1392,12 @@ impl Agent {
         out.extend(self.ready.drain(..));
         if out.len() == start {
             match self.inbox.recv().await {
-                Some(b) => append(&self.sh, out, b),
+                Some(b) => self.sh.give_back(append(out, b)),
                 None => return false,
             }
         }
         while let Ok(b) = self.inbox.try_recv() {
-            append(&self.sh, out, b);
+            self.sh.give_back(append(out, b));
         }
         let bytes = out[start..].iter().map(|e| e.frame_len() as u64).sum();
         self.took((out.len() - start) as u64, bytes);
@@ -2198,15 +2198,17 @@ fn retry_due(sh: &Shared, buf: &mut BytesMut) {
     }
 }
 
-/// Moves `b`'s items to the end of `out` (taking `b` whole when `out` is empty).
-fn append(sh: &Shared, out: &mut Vec<Envelope>, mut b: Vec<Envelope>) {
-    let empty = if out.is_empty() {
+/// Moves `b`'s items to the end of `out`; returns the emptied vector (for the reader). An
+/// empty `out` too small for them takes `b` whole; otherwise `out` keeps its room, so a caller
+/// that drains and reuses its vector stops allocating once it is large enough (handing it over
+/// instead left the caller a small vector to grow again, in fresh memory, at every call).
+fn append(out: &mut Vec<Envelope>, mut b: Vec<Envelope>) -> Vec<Envelope> {
+    if out.is_empty() && out.capacity() < b.len() {
         std::mem::replace(out, b)
     } else {
         out.append(&mut b);
         b
-    };
-    sh.give_back(empty);
+    }
 }
 
 const SPARE_VECS: usize = 4;
@@ -2339,4 +2341,51 @@ async fn read(
     }
     bump(&sh.counters.received, received);
     end
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openmesh_dataplane::wire::{AgentId, Destination, EnvelopeBuilder, MessageId};
+
+    fn envs(n: u128) -> Vec<Envelope> {
+        (0..n)
+            .map(|i| {
+                EnvelopeBuilder::new(
+                    MessageId::from_u128(i),
+                    AgentId([1; 32]),
+                    Destination::Agent(AgentId([2; 32])),
+                    0,
+                    10,
+                )
+                .build(b"x")
+                .unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_receivers_vector_keeps_its_room_and_the_readers_go_back() {
+        // A first call hands the caller the reader's vector whole.
+        let mut out = Vec::new();
+        let back = append(&mut out, envs(3));
+        assert_eq!((out.len(), back.capacity()), (3, 0));
+        // The caller drains it and keeps it: it is filled in place from now on.
+        let mut out = Vec::with_capacity(64);
+        let at = out.as_ptr();
+        for _ in 0..3 {
+            let batch = envs(40);
+            let batch_at = batch.as_ptr();
+            let back = append(&mut out, batch);
+            assert_eq!(out.len(), 40);
+            assert_eq!(out.as_ptr(), at, "the caller's vector was replaced");
+            assert!(back.is_empty() && back.as_ptr() == batch_at);
+            out.clear();
+        }
+        // Several batches in one call go one after another, in order.
+        append(&mut out, envs(2));
+        append(&mut out, envs(3));
+        let ids: Vec<u128> = out.iter().map(|e| e.message_id().as_u128()).collect();
+        assert_eq!(ids, vec![0, 1, 0, 1, 2]);
+    }
 }
