@@ -13,8 +13,8 @@
 #                                      # NATS JetStream with file storage (publishes acked)
 #   PLACEMENT=across benches/compare.sh 5s  # each OpenMesh pair's agents on different relay cores
 #                                      # (or `one`: on one core); default: as their ids fall,
-#                                      # but the latency pair runs twice, on one relay core and
-#                                      # across two (an extra row), on a relay of 2+ cores
+#                                      # but the small and latency pairs run twice, on one relay
+#                                      # core and across two (extra rows), on a relay of 2+ cores
 #   PEERS="nats" benches/compare.sh 5s # only these peers (default "nats iroh")
 #
 # OpenMesh runs TLS 1.3 on every link with at-least-once delivery (ACKed custody); NATS runs in
@@ -170,17 +170,19 @@ fi
 peer() { local name=$1 s=$2; shift 2; echo "== $s: $name" >&2
   "${LT[@]}" run --scenario "$s" --duration "$DUR" "$@" \
     --quiet --json "$OUT/$name-$s.json" --plot "$OUT/$name-$s.svg" >"$OUT/$name-$s.txt" || true; }
-# The latency pair runs twice on a relay of several cores (unless PLACEMENT says where): with
-# both agents on one relay core, and on different cores (each envelope then wakes a second core).
-SPLIT_LATENCY=0
-if [ -z "${PLACEMENT:-}" ] && [ "${PINNED:-0}" != 1 ] && [ "$(nproc)" -ge 2 ]; then SPLIT_LATENCY=1; fi
+# The small and latency pairs run twice on a relay of several cores (unless PLACEMENT says
+# where): with both agents on one relay core, and on different cores (each envelope then crosses
+# to a second core, and at a low rate wakes it). As their ids fall, one pair lands either way,
+# and the two differ by more than the machine's noise.
+SPLIT=0
+if [ -z "${PLACEMENT:-}" ] && [ "${PINNED:-0}" != 1 ] && [ "$(nproc)" -ge 2 ]; then SPLIT=1; fi
 om_run() { local s=$1 name=$2; shift 2; echo "== $name: openmesh" >&2
   "${LT[@]}" run --scenario $s "$@" --duration "$DUR" --relay 127.0.0.1:$RP --ca "$OUT/relay/tls/dev-ca.pem" \
     --quiet --json "$OUT/om-$name.json" --plot "$OUT/om-$name.svg" >"$OUT/om-$name.txt" || true; }
 for s in small bulk latency fan; do
-  if [ "$s" = latency ] && [ "$SPLIT_LATENCY" = 1 ]; then
-    om_run latency latency --placement one --relay-cores "$(nproc)"
-    om_run latency latency-across --placement across --relay-cores "$(nproc)"
+  if { [ "$s" = small ] || [ "$s" = latency ]; } && [ "$SPLIT" = 1 ]; then
+    om_run $s $s --placement one --relay-cores "$(nproc)"
+    om_run $s $s-across --placement across --relay-cores "$(nproc)"
   else
     om_run $s $s "${OM_PLACE[@]}"
   fi
@@ -196,27 +198,34 @@ def load(n):
     return json.load(open(p)) if os.path.exists(p) else None
 servers = [("om", "openmesh"), ("nats", "NATS"), ("iroh", "iroh-relay")]
 runs = {s: {k: load(f"{k}-{s}.json") for k, _ in servers} for s in ["small", "bulk", "latency", "fan"]}
-# OpenMesh's latency pair across relay cores, against the same peers' runs.
-across = load("om-latency-across.json")
-if across:
-    runs["latency-across"] = dict(runs["latency"], om=across)
-one_core = " [OpenMesh pair on one relay core]" if across else ""
+# OpenMesh's small and latency pairs across relay cores, against the same peers' runs.
+split = []
+for s in ["small", "latency"]:
+    across = load(f"om-{s}-across.json")
+    if across:
+        runs[f"{s}-across"] = dict(runs[s], om=across)
+        split.append(s)
+def one_core(s):
+    return " [OpenMesh pair on one relay core]" if s in split else ""
 def own(s, k):
-    """A run of server k for scenario s (the across-cores latency row is OpenMesh's alone)."""
-    return runs[s][k] if s != "latency-across" or k == "om" else None
+    """A run of server k for scenario s (the across-cores rows are OpenMesh's alone)."""
+    return runs[s][k] if not s.endswith("-across") or k == "om" else None
 present = [(k, n) for k, n in servers if any(runs[s][k] for s in runs)]
 def p(r, q):
     l = r and r.get("latency")
     return l and l.get(f"{q}_us")
 metrics = [
-    ("small envelopes/s (256 B)", "small", lambda r: r.get("envelopes_per_s"), "{:,.0f}", True),
+    ("small envelopes/s (256 B)" + one_core("small"), "small", lambda r: r.get("envelopes_per_s"), "{:,.0f}", True),
+] + ([
+    ("  OpenMesh pair across relay cores", "small-across", lambda r: r.get("envelopes_per_s"), "{:,.0f}", True),
+] if "small" in split else []) + [
     ("bulk Gbit/s (16 KiB)", "bulk", lambda r: r.get("gbit_per_s"), "{:.2f}", True),
-    ("latency p50 us (20k/s)" + one_core, "latency", lambda r: p(r, "p50"), "{:.0f}", False),
-    ("latency p99 us (20k/s)" + one_core, "latency", lambda r: p(r, "p99"), "{:.0f}", False),
+    ("latency p50 us (20k/s)" + one_core("latency"), "latency", lambda r: p(r, "p50"), "{:.0f}", False),
+    ("latency p99 us (20k/s)" + one_core("latency"), "latency", lambda r: p(r, "p99"), "{:.0f}", False),
 ] + ([
     ("  OpenMesh pair across relay cores: p50", "latency-across", lambda r: p(r, "p50"), "{:.0f}", False),
     ("  OpenMesh pair across relay cores: p99", "latency-across", lambda r: p(r, "p99"), "{:.0f}", False),
-] if across else []) + [
+] if "latency" in split else []) + [
     ("fan envelopes/s (32 pairs)", "fan", lambda r: r.get("envelopes_per_s"), "{:,.0f}", True),
 ]
 def cells(rows, title):
@@ -237,7 +246,7 @@ cells(rows, "rate (same run)")
 print()
 # What each server and the generator spent: CPU seconds from /proc over what was delivered.
 rows = []
-for s in ["small", "bulk", "latency"] + (["latency-across"] if across else []) + ["fan"]:
+for s in ["small"] + [f"{s}-across" for s in split if s == "small"] + ["bulk", "latency"] + [f"{s}-across" for s in split if s == "latency"] + ["fan"]:
     per_env, per_gb, gen = [], [], []
     for k, _ in present:
         r = own(s, k)

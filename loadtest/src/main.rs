@@ -121,6 +121,11 @@ struct RunArgs {
 
 fn main() -> ExitCode {
     let Cmd::Run(args) = Cli::parse().cmd;
+    // The generator's own first touches of 2 MiB pages would hold its envelopes for
+    // milliseconds and be counted as the relay's latency.
+    if let Err(e) = openmesh_dataplane::engine::uring::disable_huge_pages() {
+        eprintln!("openmesh-loadtest: cannot turn transparent huge pages off: {e}");
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -74,6 +74,10 @@ pub struct RelaySection {
     pub pin_cores: bool,
     /// Period of each core's timer sweep, milliseconds.
     pub tick_ms: u64,
+    /// Let the kernel back the relay's memory with transparent huge pages. Off by default:
+    /// the first touch of each 2 MiB page stalls the core that makes it (see
+    /// docs/OPERATIONS.md).
+    pub huge_pages: bool,
     /// `plain` or `json`.
     pub log_format: String,
     /// A tracing filter such as `info` or `openmesh_dataplane=debug`.
@@ -89,6 +93,7 @@ impl Default for RelaySection {
             cores: 0,
             pin_cores: true,
             tick_ms: 100,
+            huge_pages: false,
             log_format: "plain".into(),
             log_level: "info".into(),
         }

@@ -199,6 +199,11 @@ fn run() -> anyhow::Result<()> {
     // Every agent is a file descriptor: take the hard limit.
     let nofile = openmesh_dataplane::engine::uring::raise_fd_limit();
     tracing::info!(nofile, "open file limit (one per agent connection)");
+    if !cfg.relay.huge_pages {
+        if let Err(e) = openmesh_dataplane::engine::uring::disable_huge_pages() {
+            tracing::warn!(error = %e, "cannot turn transparent huge pages off");
+        }
+    }
 
     let dev = DevPkiPaths::under(&cfg.relay.data_dir);
     let identity = match (&cfg.tls.cert, &cfg.tls.key) {

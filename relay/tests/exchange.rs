@@ -291,3 +291,28 @@ async fn a_dropped_agent_writes_its_last_acks() {
         }
     }
 }
+
+/// The process's transparent-huge-pages flag, as `/proc/PID/status` reports it.
+fn thp_enabled(pid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .map(|v| v.trim().to_string())
+        .expect("THP_enabled in /proc/PID/status")
+}
+
+#[test]
+fn the_relay_runs_without_transparent_huge_pages_unless_configured() {
+    let relay = Relay::start(&[], None);
+    assert_eq!(thp_enabled(relay.pid()), "0", "off by default");
+    drop(relay);
+    // Only a kernel that would give huge pages at all can show the setting taking effect.
+    let system =
+        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+    if system.contains("[never]") || system.is_empty() {
+        return;
+    }
+    let relay = Relay::start(&[], Some("[relay]\nhuge_pages = true\n"));
+    assert_eq!(thp_enabled(relay.pid()), "1", "kept with relay.huge_pages");
+}

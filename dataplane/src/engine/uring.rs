@@ -147,6 +147,22 @@ pub fn raise_fd_limit() -> u64 {
     rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0)
 }
 
+/// Turns transparent huge pages off for this process (`PR_SET_THP_DISABLE`): memory first
+/// touched afterwards comes in 4 KiB pages. With them on, the allocator's arenas are backed by
+/// 2 MiB pages, and the thread that first touches one (or touches it again after the allocator
+/// gave it back to the system) zeroes all 2 MiB in the middle of its work: a fresh relay held
+/// its first envelopes for up to 35 ms that way, and the throughput measured the same without.
+pub fn disable_huge_pages() -> std::io::Result<()> {
+    #[allow(unsafe_code)]
+    // SAFETY: prctl with PR_SET_THP_DISABLE reads only its integer arguments.
+    let r = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// One core's store files, written through its ring: carries out the log's
 /// [`LogAction`](crate::store::log::LogAction)s. One operation at a time (the log hands out
 /// one), never raced against a timer: a stalled one is seen by the shard's sweep.
