@@ -546,6 +546,11 @@ impl Shared {
         self.link().writer.take()
     }
 
+    /// Bytes the connection's socket has taken so far (0 without one).
+    fn link_written(&self) -> u64 {
+        self.link().writer.as_ref().map_or(0, LinkWriter::written)
+    }
+
     /// Nothing waits to be written on the connection (or there is none).
     fn link_idle(&self) -> bool {
         self.link().writer.as_ref().is_none_or(LinkWriter::is_idle) && self.outbox().is_empty()
@@ -1993,6 +1998,9 @@ impl Conn<'_> {
         let (mut looked, mut passes) = (Instant::now(), 0u64);
         let mut rotate_at = sh.rotation_due_ms();
         let mut acks_due = None;
+        // Bytes written when the socket last took any, or when nothing waited: a connection
+        // that takes nothing for `write_timeout` with something waiting is given up.
+        let mut progress = (sh.link_written(), Instant::now());
         loop {
             let due = if blocked {
                 // Retries wait for the socket (they may be due already): the driver wakes
@@ -2070,6 +2078,21 @@ impl Conn<'_> {
                     return stop(None);
                 }
             };
+            let written = sh.link_written();
+            if !blocked || written != progress.0 {
+                progress = (written, Instant::now());
+            } else if progress.1.elapsed() >= cfg.write_timeout {
+                // The relay still talks (its heartbeat keeps the session) but reads nothing.
+                tracing::warn!(
+                    waited = ?progress.1.elapsed(),
+                    "the relay took nothing written: connection given up"
+                );
+                if let Some(mut w) = sh.unlink() {
+                    w.abandon();
+                }
+                reader.abort();
+                return stop(None);
+            }
             if !blocked {
                 retry_due(sh, &mut buf);
             } else if expired_at.elapsed() >= Duration::from_secs(1) {

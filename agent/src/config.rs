@@ -111,6 +111,12 @@ pub struct ClientConfig {
     pub reconnect_max: Duration,
     /// How long [`crate::Agent::close`] waits for outstanding answers and the relay's CLOSE.
     pub close_timeout: Duration,
+    /// How long the connection may take no byte of what waits to be written before the agent
+    /// gives it up (a relay that stops reading while it still talks: its heartbeat alone would
+    /// keep the connection). The agent then reconnects as after any lost connection and sends
+    /// what was unanswered again. The relay applies the same rule to agents
+    /// (`session.write_timeout_ms`, 30 s by default).
+    pub write_timeout: Duration,
     /// End-to-end encryption: with `Some`, the agent holds a key-agreement key, publishes its
     /// bundle (keys and the HELLO's schemas as its capability descriptor) in the relay's
     /// directory on every connection and rotation, and can [`seal`](crate::Agent::seal) and
@@ -121,7 +127,8 @@ pub struct ClientConfig {
 impl ClientConfig {
     /// A config with the default HELLO (this build's versions, TCP+TLS, whatever classes the
     /// relay serves, 1 MiB frames, the relay's heartbeat), a window of 4,096 envelopes (1,024 per
-    /// destination), reconnection from 100 ms doubling to 5 s, 10 s timeouts.
+    /// destination), reconnection from 100 ms doubling to 5 s, 10 s timeouts (30 s for a
+    /// connection that takes nothing written).
     pub fn new(relay: SocketAddr, ca: Vec<CertificateDer<'static>>, identity: Identity) -> Self {
         ClientConfig {
             relay,
@@ -150,6 +157,7 @@ impl ClientConfig {
             reconnect_initial: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
             close_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(30),
             e2e: Some(crate::E2eConfig::default()),
         }
     }

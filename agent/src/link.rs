@@ -60,6 +60,8 @@ pub(crate) struct LinkWriter {
     broken: bool,
     /// Seal passes so far (to tell an idle writer from a busy one).
     passes: u64,
+    /// Bytes the socket took so far (to tell a relay that reads slowly from one that stopped).
+    written: u64,
 }
 
 /// Waits until a [`LinkWriter`]'s socket takes bytes again, without holding the writer.
@@ -181,6 +183,7 @@ impl LinkWriter {
             queued: 0,
             broken: false,
             passes: 0,
+            written: 0,
         }
     }
 
@@ -200,6 +203,11 @@ impl LinkWriter {
     /// Bytes waiting: records sealed and not yet written, and frames not yet sealed.
     pub(crate) fn unwritten(&self) -> usize {
         self.sealed.len() + self.queued
+    }
+
+    /// Bytes the socket has taken since the connection opened.
+    pub(crate) fn written(&self) -> u64 {
+        self.written
     }
 
     /// Lets go of the write buffers when nothing was sealed since the last call (`seen` keeps
@@ -247,7 +255,10 @@ impl LinkWriter {
             while !self.sealed.is_empty() {
                 match self.wr.try_write(&self.out[self.sealed.clone()]) {
                     Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
-                    Ok(n) => self.sealed.start += n,
+                    Ok(n) => {
+                        self.sealed.start += n;
+                        self.written += n as u64;
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => return Err(e.into()),

@@ -294,3 +294,63 @@ async fn a_frozen_relay_does_not_hold_the_agent_on_its_socket() {
     assert_eq!(report.unanswered.len(), 256, "nothing was answered");
     frozen.abort();
 }
+
+/// A relay that answers HELLO, keeps its heartbeat going (a PING every 50 ms, so the agent
+/// hears it) and never reads again, while the agent has far more to write than the socket
+/// takes: the agent gives the connection up once nothing was taken for its `write_timeout`,
+/// and not before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_talks_but_never_reads_is_given_up_after_the_write_timeout() {
+    let _one = SERIAL.lock().await;
+    let (relay, mut cfg) = hostile("victim");
+    let talker = tokio::spawn(async move {
+        let policy = ContractPolicy {
+            heartbeat_min_ms: 100,
+            ..ContractPolicy::default()
+        };
+        let (mut tls, _, listener) = relay.welcome(policy).await;
+        // Later connections wait in the backlog, never answered.
+        let _listener = listener;
+        for i in 0.. {
+            let ping = Frame::Ping(Ping { timestamp_us: i }).to_bytes();
+            if tls.write_all(&ping).await.is_err() || tls.flush().await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+
+    cfg.hello.heartbeat_ms = 100;
+    cfg.window = 256;
+    cfg.destination_window = 256;
+    cfg.connect_timeout = Duration::from_millis(300);
+    cfg.close_timeout = Duration::from_millis(500);
+    cfg.write_timeout = Duration::from_millis(1500);
+    let agent = Agent::connect(cfg).await.unwrap();
+    send_16_mib(&agent).await;
+    let t0 = Instant::now();
+    // The relay's PINGs keep the session: three heartbeat intervals pass and more.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(
+        agent.stats().reconnects,
+        0,
+        "given up before the write timeout"
+    );
+    assert!(agent.stats().unwritten_bytes > 0, "{:?}", agent.stats());
+    while agent.stats().reconnects == 0 && agent.stats().unwritten_bytes > 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(6),
+            "still on a connection that takes nothing: {:?}",
+            agent.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let waited = t0.elapsed();
+    assert!(waited >= Duration::from_millis(1400), "{waited:?}");
+    let report = tokio::time::timeout(Duration::from_secs(5), agent.close())
+        .await
+        .expect("close ends within its timeout")
+        .unwrap();
+    assert_eq!(report.unanswered.len(), 256, "nothing was answered");
+    talker.abort();
+}
