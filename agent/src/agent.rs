@@ -2075,11 +2075,15 @@ impl Conn<'_> {
                 Ok(idle) => !idle,
                 Err(_) => {
                     reader.abort();
-                    return stop(None);
+                    return match closing {
+                        Some(c) => closed_broken(c),
+                        None => stop(None),
+                    };
                 }
             };
             let written = sh.link_written();
-            if !blocked || written != progress.0 {
+            if !blocked || written != progress.0 || closing.is_some() {
+                // (A close has its own deadline.)
                 progress = (written, Instant::now());
             } else if progress.1.elapsed() >= cfg.write_timeout {
                 // The relay still talks (its heartbeat keeps the session) but reads nothing.
@@ -2219,6 +2223,16 @@ fn retry_due(sh: &Shared, buf: &mut BytesMut) {
     if expired {
         sh.freed(st);
     }
+}
+
+/// The connection broke while the application closed the agent: the close is answered (no
+/// CLOSE from the relay) and the agent ends, instead of reconnecting with nobody left to close
+/// it.
+fn closed_broken(closing: (Instant, Option<oneshot::Sender<Option<Close>>>)) -> Ended {
+    if let Some(done) = closing.1 {
+        let _ = done.send(None);
+    }
+    Ended::Closed
 }
 
 /// Moves `b`'s items to the end of `out`; returns the emptied vector (for the reader). An

@@ -114,8 +114,12 @@ pub struct ClientConfig {
     /// How long the connection may take no byte of what waits to be written before the agent
     /// gives it up (a relay that stops reading while it still talks: its heartbeat alone would
     /// keep the connection). The agent then reconnects as after any lost connection and sends
-    /// what was unanswered again. The relay applies the same rule to agents
-    /// (`session.write_timeout_ms`, 30 s by default).
+    /// what was unanswered again. A relay also stops reading on purpose, to hold a sender
+    /// back: while what it keeps for the agent unanswered is at its bound (in a fleet, durable
+    /// envelopes waiting for a path to a relay that is down). The default, two minutes, outlasts
+    /// such pauses of ordinary length; past it the agent reconnects and sends again, and the
+    /// destination's relay drops the copies it already has. (The relay gives an agent that
+    /// reads nothing `session.write_timeout_ms`, 30 s by default.)
     pub write_timeout: Duration,
     /// End-to-end encryption: with `Some`, the agent holds a key-agreement key, publishes its
     /// bundle (keys and the HELLO's schemas as its capability descriptor) in the relay's
@@ -127,7 +131,7 @@ pub struct ClientConfig {
 impl ClientConfig {
     /// A config with the default HELLO (this build's versions, TCP+TLS, whatever classes the
     /// relay serves, 1 MiB frames, the relay's heartbeat), a window of 4,096 envelopes (1,024 per
-    /// destination), reconnection from 100 ms doubling to 5 s, 10 s timeouts (30 s for a
+    /// destination), reconnection from 100 ms doubling to 5 s, 10 s timeouts (two minutes for a
     /// connection that takes nothing written).
     pub fn new(relay: SocketAddr, ca: Vec<CertificateDer<'static>>, identity: Identity) -> Self {
         ClientConfig {
@@ -157,7 +161,7 @@ impl ClientConfig {
             reconnect_initial: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
             close_timeout: Duration::from_secs(10),
-            write_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(120),
             e2e: Some(crate::E2eConfig::default()),
         }
     }

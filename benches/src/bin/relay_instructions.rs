@@ -1,5 +1,5 @@
 //! A fixed workload for instruction counting under callgrind: the relay's whole per-envelope
-//! path, in memory, on one shard. A sender's TLS records carrying N 256-byte envelopes (in rounds
+//! path, in memory, on one shard (or two, `CORES=2`). A sender's TLS records carrying N 256-byte envelopes (in rounds
 //! of 100) are read by the shard (records opened in place, frames decoded, checked, routed and
 //! queued), the destination's writer seals them, the destination's ACK records are read, custody
 //! is settled and the sender's ACKs are sealed. Every client record is prepared before the
@@ -111,7 +111,8 @@ fn main() {
     let cores: u16 = std::env::var("CORES")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(1);
+        .unwrap_or(1)
+        .max(1);
     let relay = InMemoryRelay::new();
     let mut shards = relay.shards(open_settings(Limits::default()), cores);
     // Two agents, each on its home core (the sender on core 0, the receiver on the last):

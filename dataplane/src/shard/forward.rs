@@ -262,8 +262,9 @@ impl Shard {
     /// An envelope from another core (a source's, or custody following its agent).
     pub(super) fn on_deliver(&mut self, env: Envelope, src: Option<Src>, now: Now) {
         let class = env.class();
-        // An agent with an open session here is attached here (a newer attachment elsewhere
-        // retires it first): only an absent one is looked up.
+        // An agent with an open session here is attached here (sessions attach only on their
+        // home core, and a newer one retires the older first): only an absent one is looked
+        // up.
         let moved = dest_agent(&env)
             .filter(|a| !self.serves(a))
             .and_then(|a| self.directory.locate(&a))
