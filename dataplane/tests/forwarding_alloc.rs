@@ -124,58 +124,74 @@ impl Client {
     }
 }
 
-#[test]
-fn forwarding_an_envelope_allocates_nothing_per_envelope_in_steady_state() {
-    let relay = InMemoryRelay::new();
-    let mut shard = relay.shard(open_settings(Limits::default()));
-    let mut wire = Vec::with_capacity(1 << 20);
-    let mut frames = Vec::with_capacity(4096);
-    let mut clients: Vec<(Client, AgentId)> = (0..2)
-        .map(|i| {
-            let id = Identity::generate_self_signed(&format!("agent-{i}")).unwrap();
-            let agent = id.agent_id();
-            let tls = relay.client(&id);
-            let conn = shard.open(NOW).unwrap();
-            (
-                Client {
-                    tls,
-                    hello_sent: false,
-                    conn,
-                    plain: BytesMut::with_capacity(1 << 20),
-                    dec: FrameDecoder::new(1 << 20),
-                },
-                agent,
-            )
-        })
-        .collect();
-    // Handshakes and HELLO/WELCOME.
-    let hello = openmesh_dataplane::testing::hello();
-    for _ in 0..6 {
-        for (c, _) in &mut clients {
-            if !c.tls.is_handshaking() && !c.hello_sent {
-                c.hello_sent = true;
-                c.tls.writer().write_all(&hello.to_bytes()).unwrap();
+/// One shard and two agents in memory, sessions up: the sender's envelopes go to the receiver.
+struct Pair {
+    shard: Shard,
+    clients: Vec<(Client, AgentId)>,
+    wire: Vec<u8>,
+    frames: Vec<Frame>,
+    next: u128,
+}
+
+impl Pair {
+    fn new(relay: &InMemoryRelay) -> Pair {
+        let mut shard = relay.shard(open_settings(Limits::default()));
+        let mut wire = Vec::with_capacity(1 << 20);
+        let mut frames = Vec::with_capacity(4096);
+        let mut clients: Vec<(Client, AgentId)> = (0..2)
+            .map(|i| {
+                let id = Identity::generate_self_signed(&format!("agent-{i}")).unwrap();
+                let agent = id.agent_id();
+                let tls = relay.client(&id);
+                let conn = shard.open(NOW).unwrap();
+                (
+                    Client {
+                        tls,
+                        hello_sent: false,
+                        conn,
+                        plain: BytesMut::with_capacity(1 << 20),
+                        dec: FrameDecoder::new(1 << 20),
+                    },
+                    agent,
+                )
+            })
+            .collect();
+        // Handshakes and HELLO/WELCOME.
+        let hello = openmesh_dataplane::testing::hello();
+        for _ in 0..6 {
+            for (c, _) in &mut clients {
+                if !c.tls.is_handshaking() && !c.hello_sent {
+                    c.hello_sent = true;
+                    c.tls.writer().write_all(&hello.to_bytes()).unwrap();
+                }
+                c.send_to_relay(&mut shard, &mut wire);
+                c.receive_from_relay(&mut shard, &mut frames);
             }
-            c.send_to_relay(&mut shard, &mut wire);
-            c.receive_from_relay(&mut shard, &mut frames);
+        }
+        let welcomed = frames
+            .iter()
+            .filter(|f| matches!(f, Frame::Welcome(_)))
+            .count();
+        assert_eq!(welcomed, 2, "both sessions up: {frames:?}");
+        frames.clear();
+        Pair {
+            shard,
+            clients,
+            wire,
+            frames,
+            next: 1,
         }
     }
-    let welcomed = frames
-        .iter()
-        .filter(|f| matches!(f, Frame::Welcome(_)))
-        .count();
-    assert_eq!(welcomed, 2, "both sessions up: {frames:?}");
-    frames.clear();
-    let (src, dst) = (clients[0].1, clients[1].1);
-    let mut next = 1u128;
-    let payload = [0xabu8; 256];
-    let mut round = |clients: &mut Vec<(Client, AgentId)>, shard: &mut Shard, n: usize| {
-        let (a, b) = clients.split_at_mut(1);
-        let (sender, receiver) = (&mut a[0].0, &mut b[0].0);
-        let mut out = BytesMut::with_capacity(n * 512);
+
+    /// The sender writes `n` envelopes of `size` bytes and the shard reads them (queued for
+    /// the receiver, whose writer has not run).
+    fn send(&mut self, n: usize, size: usize) {
+        let (src, dst) = (self.clients[0].1, self.clients[1].1);
+        let payload = vec![0xab_u8; size];
+        let mut out = BytesMut::with_capacity(n * (size + 256));
         for _ in 0..n {
             EnvelopeBuilder::new(
-                MessageId::from_u128(next),
+                MessageId::from_u128(self.next),
                 src,
                 Destination::Agent(dst),
                 NOW.unix_ms,
@@ -184,13 +200,22 @@ fn forwarding_an_envelope_allocates_nothing_per_envelope_in_steady_state() {
             .build(&payload)
             .unwrap()
             .encode(&mut out);
-            next += 1;
+            self.next += 1;
         }
+        let sender = &mut self.clients[0].0;
         sender.tls.writer().write_all(&out).unwrap();
-        sender.send_to_relay(shard, &mut wire);
-        frames.clear();
-        receiver.receive_from_relay(shard, &mut frames);
-        let ids: Vec<MessageId> = frames
+        sender.send_to_relay(&mut self.shard, &mut self.wire);
+    }
+
+    /// The receiver's writer runs, the receiver ACKs what it got, the sender's writer runs;
+    /// checks that all `n` envelopes were delivered and ACKed to the sender.
+    fn settle(&mut self, n: usize) {
+        let (a, b) = self.clients.split_at_mut(1);
+        let (sender, receiver) = (&mut a[0].0, &mut b[0].0);
+        self.frames.clear();
+        receiver.receive_from_relay(&mut self.shard, &mut self.frames);
+        let ids: Vec<MessageId> = self
+            .frames
             .iter()
             .filter_map(|f| match f {
                 Frame::Envelope(e) => Some(e.message_id()),
@@ -203,10 +228,11 @@ fn forwarding_an_envelope_allocates_nothing_per_envelope_in_steady_state() {
             .writer()
             .write_all(&Frame::Ack(AckBatch::new(ids)).to_bytes())
             .unwrap();
-        receiver.send_to_relay(shard, &mut wire);
-        frames.clear();
-        sender.receive_from_relay(shard, &mut frames);
-        let acked: usize = frames
+        receiver.send_to_relay(&mut self.shard, &mut self.wire);
+        self.frames.clear();
+        sender.receive_from_relay(&mut self.shard, &mut self.frames);
+        let acked: usize = self
+            .frames
             .iter()
             .map(|f| match f {
                 Frame::Ack(a) => a.len(),
@@ -214,16 +240,27 @@ fn forwarding_an_envelope_allocates_nothing_per_envelope_in_steady_state() {
             })
             .sum();
         assert_eq!(acked, n, "every envelope ACKed to its sender");
-    };
+    }
+
+    fn round(&mut self, n: usize) {
+        self.send(n, 256);
+        self.settle(n);
+    }
+}
+
+#[test]
+fn forwarding_an_envelope_allocates_nothing_per_envelope_in_steady_state() {
+    let relay = InMemoryRelay::new();
+    let mut pair = Pair::new(&relay);
     for _ in 0..20 {
-        round(&mut clients, &mut shard, 150);
+        pair.round(150);
     }
     // Allocations per envelope: the difference between rounds of 150 and rounds of 50 (what is
     // per read, per write buffer or per ACK frame cancels out).
     let mut measure = |n: usize| {
         let before = allocs();
         for _ in 0..200 {
-            round(&mut clients, &mut shard, n);
+            pair.round(n);
         }
         allocs() - before
     };
@@ -241,4 +278,42 @@ fn forwarding_an_envelope_allocates_nothing_per_envelope_in_steady_state() {
         "{per_envelope:.4} allocations per envelope ({small} for 10,000, {large} for 30,000)"
     );
     assert!(small <= 2 * 200, "{small} allocations for 200 rounds of 50");
+}
+
+/// The memory budget counts an envelope in custody as what it retains: its frame bytes and the
+/// decoded envelope in its queue slot. Tiny envelopes, where the decoded form weighs as much as
+/// the frame, are queued and then settled: the shard's usage falls by both.
+#[test]
+fn custody_is_counted_with_each_envelopes_decoded_form() {
+    let relay = InMemoryRelay::new();
+    let mut pair = Pair::new(&relay);
+    // Buffers at their steady sizes first.
+    for _ in 0..20 {
+        pair.round(150);
+    }
+    let n = 300;
+    pair.send(n, 1);
+    let queued = pair.shard.memory_used();
+    pair.settle(n);
+    let settled = pair.shard.memory_used();
+    let frame = EnvelopeBuilder::new(
+        MessageId::from_u128(1),
+        AgentId([1; 32]),
+        Destination::Agent(AgentId([2; 32])),
+        NOW.unix_ms,
+        60_000,
+    )
+    .build(&[0xab])
+    .unwrap()
+    .frame_len() as u64;
+    let per_envelope = queued.saturating_sub(settled) as f64 / n as f64;
+    eprintln!(
+        "usage {queued} queued, {settled} settled: {per_envelope:.0} bytes per {frame}-byte frame"
+    );
+    // Buffers may move a little between the two readings; the decoded form (160 bytes a
+    // frame) is far more than that over 300 envelopes.
+    assert!(
+        per_envelope >= (frame + 160) as f64 - 20.0 && per_envelope <= (frame + 160) as f64 + 60.0,
+        "{per_envelope:.0} bytes counted per envelope of {frame} frame bytes"
+    );
 }

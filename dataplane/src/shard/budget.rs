@@ -1,7 +1,8 @@
 //! The relay's memory budget: what each shard holds, the relay-wide sum, and the overload states.
 //!
-//! Every shard counts what it retains on peers' behalf (`Usage`): custody (frame bytes queued,
-//! in flight and held for absent agents), read buffers (their capacity: what they really
+//! Every shard counts what it retains on peers' behalf (`Usage`): custody (envelopes queued, in
+//! flight and held for absent agents: their frame bytes and 160 bytes each for the decoded
+//! envelope and its slot), read buffers (their capacity: what they really
 //! retain), write buffers, control output, and a fixed share per connection for its TLS and
 //! session state. The count is exact at each tick and only grows in between (everything accepted
 //! since the tick is added, nothing released is subtracted), so the budget is never
@@ -177,6 +178,8 @@ impl super::Shard {
                     + c.a.ctrl.capacity()
                     + c.a.outq.bytes()
                     + c.a.inflight.bytes()
+                    + (c.a.outq.len() + c.a.inflight.slots())
+                        * super::custody::HELD_ENVELOPE_OVERHEAD
                     + c.a.awaiting_bytes
                     + c.link.as_ref().map_or(0, |l| {
                         l.presence.capacity() * std::mem::size_of::<crate::wire::PresenceEntry>()

@@ -228,6 +228,12 @@ impl Inflight {
         self.unacked
     }
 
+    /// Envelopes kept, acknowledged ones behind an older one included (each a decoded
+    /// envelope in a slot).
+    pub(crate) fn slots(&self) -> usize {
+        self.order.len()
+    }
+
     /// Envelopes still unacknowledged and not in the store (lost if the process ends).
     pub(crate) fn unstored(&self) -> usize {
         self.order
@@ -364,7 +370,8 @@ fn unshare_aged<'a>(
 }
 
 /// Memory one kept envelope costs besides its frame bytes (the decoded envelope, its
-/// timestamp, its queue slot).
+/// timestamp, its queue slot): counted for every envelope in custody, queued, in flight or
+/// held.
 pub(crate) const HELD_ENVELOPE_OVERHEAD: usize = 160;
 /// Memory one agent with something kept costs (map entry, queue header).
 pub(crate) const HELD_AGENT_OVERHEAD: usize = 128;

@@ -119,7 +119,7 @@ impl Shard {
         if r.is_ok() {
             self.dedup.mark(source, id);
             self.sources.hold(source, len);
-            self.charge(len as u64);
+            self.charge((len + crate::shard::custody::HELD_ENVELOPE_OVERHEAD) as u64);
         }
         r
     }
