@@ -122,10 +122,13 @@ impl Durable {
         (d, s.recovered)
     }
 
-    /// Bytes of envelopes waiting for their sync and of the id index (charged to the memory
-    /// budget).
+    /// Bytes of envelopes waiting for their sync (frames and decoded forms) and of the id index
+    /// (charged to the memory budget).
     pub(crate) fn pending_bytes(&self) -> usize {
-        self.pending_bytes + self.log.pending_bytes() + self.ids.len() * STORED_ID_BYTES
+        self.pending_bytes
+            + self.pending.len() * crate::shard::custody::HELD_ENVELOPE_OVERHEAD
+            + self.log.pending_bytes()
+            + self.ids.len() * STORED_ID_BYTES
     }
 
     /// Back to taking durable envelopes once the fault is gone: a stall when no operation runs
@@ -250,7 +253,7 @@ impl Shard {
         self.sources.hold(env.source(), len);
         d.ids.insert((env.source(), env.message_id()), (seq, false));
         d.pending.insert(seq, Pending { env, src });
-        self.charge(len as u64);
+        self.charge((len + crate::shard::custody::HELD_ENVELOPE_OVERHEAD) as u64);
         self.actions.push_back(Action::WakeStore);
         Ok(())
     }
