@@ -546,6 +546,13 @@ impl Shared {
         self.link().writer.take()
     }
 
+    /// Gives the connection up without waiting on its socket ([`LinkWriter::abandon`]).
+    fn abandon_link(&self) {
+        if let Some(mut w) = self.unlink() {
+            w.abandon();
+        }
+    }
+
     /// Bytes the connection's socket has taken so far (0 without one).
     fn link_written(&self) -> u64 {
         self.link().writer.as_ref().map_or(0, LinkWriter::written)
@@ -2030,9 +2037,7 @@ impl Conn<'_> {
                 biased;
                 e = &mut end_rx => {
                     // The relay is gone or leaving: no waiting on its socket.
-                    if let Some(mut w) = sh.unlink() {
-                        w.abandon();
-                    }
+                    sh.abandon_link();
                     return stop(e.ok());
                 }
                 o = out.recv() => {
@@ -2091,9 +2096,7 @@ impl Conn<'_> {
                     waited = ?progress.1.elapsed(),
                     "the relay took nothing written: connection given up"
                 );
-                if let Some(mut w) = sh.unlink() {
-                    w.abandon();
-                }
+                sh.abandon_link();
                 reader.abort();
                 return stop(None);
             }

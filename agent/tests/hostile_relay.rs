@@ -111,6 +111,37 @@ fn cpu_time() -> Duration {
     Duration::from_millis((f[0] + f[1]) * 10)
 }
 
+/// Short timeouts, a 100 ms heartbeat and a window of 256, for an agent whose relay will stop
+/// taking what it writes.
+fn impatient(cfg: &mut ClientConfig) {
+    cfg.hello.heartbeat_ms = 100;
+    cfg.window = 256;
+    cfg.destination_window = 256;
+    cfg.connect_timeout = Duration::from_millis(300);
+    cfg.close_timeout = Duration::from_millis(500);
+}
+
+/// Waits until the agent has given its connection up (it reconnects, or nothing waits to be
+/// written any more), failing after `within`; returns how long it took from `t0`.
+async fn until_given_up(agent: &Agent, t0: Instant, within: Duration, what: &str) -> Duration {
+    while agent.stats().reconnects == 0 && agent.stats().unwritten_bytes > 0 {
+        assert!(t0.elapsed() < within, "{what}: {:?}", agent.stats());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    t0.elapsed()
+}
+
+/// Closes an agent whose 256 envelopes were never answered; returns how long the close took.
+async fn close_unanswered(agent: Agent) -> Duration {
+    let t1 = Instant::now();
+    let report = tokio::time::timeout(Duration::from_secs(5), agent.close())
+        .await
+        .expect("close ends within its timeout")
+        .unwrap();
+    assert_eq!(report.unanswered.len(), 256, "nothing was answered");
+    t1.elapsed()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_that_stops_reading_cannot_grow_what_the_agent_holds_to_write() {
     let _one = SERIAL.lock().await;
@@ -267,31 +298,21 @@ async fn a_frozen_relay_does_not_hold_the_agent_on_its_socket() {
         drop((tls, listener));
     });
 
-    cfg.hello.heartbeat_ms = 100;
-    cfg.window = 256;
-    cfg.destination_window = 256;
-    cfg.connect_timeout = Duration::from_millis(300);
-    cfg.close_timeout = Duration::from_millis(500);
+    impatient(&mut cfg);
     let agent = Agent::connect(cfg).await.unwrap();
     assert_eq!(agent.welcome().heartbeat_ms, 100);
     send_16_mib(&agent).await;
     // Three silent intervals and more: the agent has given the connection up.
-    let t0 = Instant::now();
-    while agent.stats().reconnects == 0 && agent.stats().unwritten_bytes > 0 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(5),
-            "still on the frozen connection: {:?}",
-            agent.stats()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let t1 = Instant::now();
-    let report = tokio::time::timeout(Duration::from_secs(5), agent.close())
-        .await
-        .expect("close ends within its timeout")
-        .unwrap();
-    assert!(t1.elapsed() < Duration::from_secs(3), "{:?}", t1.elapsed());
-    assert_eq!(report.unanswered.len(), 256, "nothing was answered");
+    let within = Duration::from_secs(5);
+    until_given_up(
+        &agent,
+        Instant::now(),
+        within,
+        "still on the frozen connection",
+    )
+    .await;
+    let closing = close_unanswered(agent).await;
+    assert!(closing < Duration::from_secs(3), "{closing:?}");
     frozen.abort();
 }
 
@@ -320,11 +341,7 @@ async fn a_relay_that_talks_but_never_reads_is_given_up_after_the_write_timeout(
         }
     });
 
-    cfg.hello.heartbeat_ms = 100;
-    cfg.window = 256;
-    cfg.destination_window = 256;
-    cfg.connect_timeout = Duration::from_millis(300);
-    cfg.close_timeout = Duration::from_millis(500);
+    impatient(&mut cfg);
     cfg.write_timeout = Duration::from_millis(1500);
     let agent = Agent::connect(cfg).await.unwrap();
     send_16_mib(&agent).await;
@@ -337,20 +354,10 @@ async fn a_relay_that_talks_but_never_reads_is_given_up_after_the_write_timeout(
         "given up before the write timeout"
     );
     assert!(agent.stats().unwritten_bytes > 0, "{:?}", agent.stats());
-    while agent.stats().reconnects == 0 && agent.stats().unwritten_bytes > 0 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(6),
-            "still on a connection that takes nothing: {:?}",
-            agent.stats()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let waited = t0.elapsed();
+    let within = Duration::from_secs(6);
+    let what = "still on a connection that takes nothing";
+    let waited = until_given_up(&agent, t0, within, what).await;
     assert!(waited >= Duration::from_millis(1400), "{waited:?}");
-    let report = tokio::time::timeout(Duration::from_secs(5), agent.close())
-        .await
-        .expect("close ends within its timeout")
-        .unwrap();
-    assert_eq!(report.unanswered.len(), 256, "nothing was answered");
+    close_unanswered(agent).await;
     talker.abort();
 }

@@ -184,13 +184,14 @@ impl Pair {
     }
 
     /// The sender writes `n` envelopes of `size` bytes and the shard reads them (queued for
-    /// the receiver, whose writer has not run).
-    fn send(&mut self, n: usize, size: usize) {
+    /// the receiver, whose writer has not run). Returns an envelope's frame length.
+    fn send(&mut self, n: usize, size: usize) -> usize {
         let (src, dst) = (self.clients[0].1, self.clients[1].1);
         let payload = vec![0xab_u8; size];
         let mut out = BytesMut::with_capacity(n * (size + 256));
+        let mut frame = 0;
         for _ in 0..n {
-            EnvelopeBuilder::new(
+            let env = EnvelopeBuilder::new(
                 MessageId::from_u128(self.next),
                 src,
                 Destination::Agent(dst),
@@ -198,13 +199,15 @@ impl Pair {
                 60_000,
             )
             .build(&payload)
-            .unwrap()
-            .encode(&mut out);
+            .unwrap();
+            frame = env.frame_len();
+            env.encode(&mut out);
             self.next += 1;
         }
         let sender = &mut self.clients[0].0;
         sender.tls.writer().write_all(&out).unwrap();
         sender.send_to_relay(&mut self.shard, &mut self.wire);
+        frame
     }
 
     /// The receiver's writer runs, the receiver ACKs what it got, the sender's writer runs;
@@ -292,20 +295,10 @@ fn custody_is_counted_with_each_envelopes_decoded_form() {
         pair.round(150);
     }
     let n = 300;
-    pair.send(n, 1);
+    let frame = pair.send(n, 1) as u64;
     let queued = pair.shard.memory_used();
     pair.settle(n);
     let settled = pair.shard.memory_used();
-    let frame = EnvelopeBuilder::new(
-        MessageId::from_u128(1),
-        AgentId([1; 32]),
-        Destination::Agent(AgentId([2; 32])),
-        NOW.unix_ms,
-        60_000,
-    )
-    .build(&[0xab])
-    .unwrap()
-    .frame_len() as u64;
     let per_envelope = queued.saturating_sub(settled) as f64 / n as f64;
     eprintln!(
         "usage {queued} queued, {settled} settled: {per_envelope:.0} bytes per {frame}-byte frame"

@@ -151,7 +151,7 @@ pub fn raise_fd_limit() -> u64 {
 /// touched afterwards comes in 4 KiB pages. With them on, the allocator's arenas are backed by
 /// 2 MiB pages, and the thread that first touches one (or touches it again after the allocator
 /// gave it back to the system) zeroes all 2 MiB in the middle of its work: a fresh relay held
-/// its first envelopes for up to 35 ms that way, and the throughput measured the same without.
+/// its first envelopes for up to 44 ms that way, and the throughput measured the same without.
 pub fn disable_huge_pages() -> std::io::Result<()> {
     #[allow(unsafe_code)]
     // SAFETY: prctl with PR_SET_THP_DISABLE reads only its integer arguments.
