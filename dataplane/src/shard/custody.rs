@@ -560,7 +560,7 @@ pub(crate) struct Released(
 impl Released {
     /// `env` left custody for good (ACKed by its destination, expired, dropped).
     pub(crate) fn note(&mut self, env: &Envelope) {
-        self.0.push((env.source(), env.frame_len() as u32));
+        self.note_bytes(env);
         if env.store_seq() != 0 {
             self.1.push(env.store_seq());
         }
@@ -579,7 +579,18 @@ impl Released {
 
     /// `env` left this core's quota but stays in custody (handed to another core).
     pub(crate) fn note_moved(&mut self, env: &Envelope) {
-        self.0.push((env.source(), env.frame_len() as u32));
+        self.note_bytes(env);
+    }
+
+    /// `env`'s bytes leave its source's quota: added to the last entry when that is the same
+    /// source's (envelopes leave custody in runs from one source, and each entry is one map
+    /// lookup in [`SourceQuota::release`]).
+    fn note_bytes(&mut self, env: &Envelope) {
+        let (source, len) = (env.source(), env.frame_len() as u32);
+        match self.0.last_mut() {
+            Some((last, n)) if *last == source && n.checked_add(len).is_some() => *n += len,
+            _ => self.0.push((source, len)),
+        }
     }
 }
 
@@ -599,15 +610,29 @@ impl SourceQuota {
         *self.by_source.entry(source).or_default() += len as u64;
     }
 
+    /// Holds `len` more bytes for `source` and says whether it stays within `quota` (what
+    /// [`allows`](Self::allows) then [`hold`](Self::hold) say, in one lookup). Taken back with
+    /// [`unhold`](Self::unhold) if the envelope is not kept after all.
+    pub(crate) fn hold_within(&mut self, source: AgentId, len: usize, quota: u64) -> bool {
+        let held = self.by_source.entry(source).or_default();
+        *held += len as u64;
+        *held <= quota
+    }
+
+    /// Takes back a [`hold_within`](Self::hold_within) whose envelope was not kept.
+    pub(crate) fn unhold(&mut self, source: &AgentId, len: usize) {
+        if let Some(b) = self.by_source.get_mut(source) {
+            *b = b.saturating_sub(len as u64);
+            if *b == 0 {
+                self.by_source.remove(source);
+            }
+        }
+    }
+
     /// Takes the released list into account (and empties it).
     pub(crate) fn release(&mut self, released: &mut Released) {
         for (src, len) in released.0.drain(..) {
-            if let Some(b) = self.by_source.get_mut(&src) {
-                *b = b.saturating_sub(len as u64);
-                if *b == 0 {
-                    self.by_source.remove(&src);
-                }
-            }
+            self.unhold(&src, len as usize);
         }
     }
 }
@@ -712,7 +737,8 @@ mod tests {
             f.settle(MessageId::from_u128(3), true, &mut r),
             Settled::Known
         );
-        assert_eq!(r.0.len(), 1, "0 left; 2 and 3 wait behind 1");
+        let left = |r: &Released| r.0.iter().map(|(_, n)| *n as usize).sum::<usize>();
+        assert_eq!(left(&r), one, "0 left; 2 and 3 wait behind 1");
         assert_eq!(f.len(), 2);
         assert_eq!(f.bytes, 4 * one, "2 and 3 stay behind the unACKed 1");
         assert!(
@@ -729,7 +755,8 @@ mod tests {
             Settled::Known
         );
         assert_eq!((f.len(), f.bytes), (1, one));
-        assert_eq!(r.0.len(), 4);
+        assert_eq!(left(&r), 4 * one);
+        assert_eq!(r.0.len(), 1, "one source's runs are one entry");
         for bogus in 100..110 {
             assert_eq!(
                 f.settle(MessageId::from_u128(bogus), true, &mut r),
@@ -742,7 +769,7 @@ mod tests {
             "twice"
         );
         assert_eq!(f.len(), 1, "bogus ids change nothing");
-        assert_eq!(r.0.len(), 4);
+        assert_eq!(left(&r), 4 * one);
         f.push(env(5));
         f.settle(MessageId::from_u128(5), true, &mut r);
         // Two envelopes with one id (two sources may pick the same): each ACK settles the oldest.
@@ -779,5 +806,42 @@ mod tests {
             .collect();
         assert_eq!(left, vec![4]);
         assert!(f.is_empty());
+    }
+
+    #[test]
+    fn a_sources_released_runs_are_one_entry_and_quota_holds_are_taken_back() {
+        let other = |i: u128| {
+            EnvelopeBuilder::new(
+                MessageId::from_u128(i),
+                AgentId([3; 32]),
+                Destination::Agent(AgentId([2; 32])),
+                0,
+                10,
+            )
+            .build(b"")
+            .unwrap()
+        };
+        let mut r = Released::default();
+        for e in [env(1), env(2), other(3), env(4), env(5)] {
+            r.note(&e);
+        }
+        let one = env(1).frame_len() as u32;
+        assert_eq!(
+            r.0,
+            vec![
+                (AgentId([1; 32]), 2 * one),
+                (AgentId([3; 32]), one),
+                (AgentId([1; 32]), 2 * one)
+            ]
+        );
+        let mut q = SourceQuota::default();
+        let a = AgentId([1; 32]);
+        assert!(q.hold_within(a, 60, 100));
+        assert!(!q.hold_within(a, 60, 100), "120 held: over the quota");
+        assert!(!q.allows(&a, 1, 100));
+        q.unhold(&a, 60);
+        assert!(q.allows(&a, 40, 100) && !q.allows(&a, 41, 100));
+        q.unhold(&a, 60);
+        assert!(q.by_source.is_empty(), "nothing held: forgotten");
     }
 }

@@ -136,6 +136,17 @@ impl Window {
 
 type Key = (AgentId, u64);
 
+/// What [`Dedup::check_mark`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Marking {
+    /// Accepted before: not marked again.
+    Duplicate,
+    /// Not a known duplicate, and now marked.
+    Marked,
+    /// Not a known duplicate, not marked (its epoch is not in the current generation).
+    Unmarked,
+}
+
 /// The windows of one shard.
 pub(crate) struct Dedup {
     current: HashMap<Key, Window, crate::shard::hasher::MapHasher>,
@@ -165,6 +176,28 @@ impl Dedup {
         match self.current.get(&key).or_else(|| self.previous.get(&key)) {
             Some(w) => w.seen(c),
             None => Seen::New,
+        }
+    }
+
+    /// [`seen`](Self::seen), then [`mark`](Self::mark) unless it is a duplicate, in one
+    /// lookup when `source`'s epoch is in the current generation (a source sending steadily);
+    /// otherwise `id` is left unmarked ([`Marking::Unmarked`]) and the caller marks it once
+    /// accepted. A [`Marking::Marked`] envelope that is refused after all is
+    /// [`forget`](Self::forget)ten: only its own counter is cleared (the window may have moved
+    /// up to it, which the source's own counter did anyway).
+    pub(crate) fn check_mark(&mut self, source: &AgentId, id: MessageId) -> Marking {
+        let (epoch, c) = split(id);
+        let key = (*source, epoch);
+        if let Some(w) = self.current.get_mut(&key) {
+            if w.seen(c) == Seen::Duplicate {
+                return Marking::Duplicate;
+            }
+            w.mark(c);
+            return Marking::Marked;
+        }
+        match self.previous.get(&key) {
+            Some(w) if w.seen(c) == Seen::Duplicate => Marking::Duplicate,
+            _ => Marking::Unmarked,
         }
     }
 
@@ -332,5 +365,31 @@ mod tests {
         }
         assert_eq!(d.seen(&s, id(1, 6 + 9_900)), Seen::Duplicate);
         assert!(d.retained() <= 1000 * EPOCH_BYTES);
+    }
+
+    #[test]
+    fn one_lookup_checks_and_marks_and_a_refused_envelope_is_forgotten() {
+        let s = AgentId([6; 32]);
+        let mut d = Dedup::new(4);
+        // A new epoch is not in the current generation: left to the caller to mark.
+        assert_eq!(d.check_mark(&s, id(1, 1)), Marking::Unmarked);
+        assert_eq!(d.seen(&s, id(1, 1)), Seen::New);
+        d.mark(s, id(1, 1));
+        assert_eq!(d.check_mark(&s, id(1, 1)), Marking::Duplicate);
+        assert_eq!(d.check_mark(&s, id(1, 2)), Marking::Marked);
+        assert_eq!(d.seen(&s, id(1, 2)), Seen::Duplicate);
+        // Refused after all: only its own counter is cleared.
+        d.forget(&s, id(1, 2));
+        assert_eq!(d.seen(&s, id(1, 2)), Seen::New);
+        assert_eq!(d.seen(&s, id(1, 1)), Seen::Duplicate);
+        // Two more epochs push the first into the previous generation: still a duplicate
+        // there, a new id left unmarked (marking brings it forward).
+        for e in 2..=3 {
+            d.mark(AgentId([7; 32]), id(e, 1));
+        }
+        assert!(!d.current.contains_key(&(s, 1)));
+        assert_eq!(d.check_mark(&s, id(1, 1)), Marking::Duplicate);
+        assert_eq!(d.check_mark(&s, id(1, 3)), Marking::Unmarked);
+        assert_eq!(d.seen(&s, id(1, 3)), Seen::New);
     }
 }

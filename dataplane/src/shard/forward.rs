@@ -14,6 +14,7 @@
 
 use super::budget::Overload;
 use super::conn::{PACED_SOURCES_MAX, PACE_MAX_US};
+use super::dedup::Marking;
 use super::msg::{CoreMsg, Src, Verdict};
 use super::{dest_agent, Action, ConnId, Now, Shard};
 use crate::routing::Route;
@@ -87,10 +88,7 @@ impl Shard {
                 }
             }
             Route::Local => {
-                let result = match self.duplicate_verdict(&env) {
-                    Some(v) => v,
-                    None => self.deliver_local(env, me).map_err(|(r, _)| r),
-                };
+                let result = self.accept_local(env, me, None);
                 self.settle(src, id, class, result, None, now);
             }
             Route::Core(k) => {
@@ -107,21 +105,49 @@ impl Shard {
         }
     }
 
-    /// Puts new work from the source connection `src` (core, connection) on the send queue of
-    /// its destination, attached to this core, within the source's quota.
-    // The refused envelope travels back by value: no allocation on the refusal path.
-    #[allow(clippy::result_large_err)]
-    fn deliver_local(&mut self, env: Envelope, src: Src) -> Result<bool, (Reason, Envelope)> {
-        let (source, len) = (env.source(), env.frame_len());
-        let within_quota = self.sources.allows(&source, len, self.source_quota());
-        let id = env.message_id();
-        let r = self.enqueue_local(env, within_quota, src);
-        if r.is_ok() {
-            self.dedup.mark(source, id);
-            self.sources.hold(source, len);
-            self.charge((len + crate::shard::custody::HELD_ENVELOPE_OVERHEAD) as u64);
+    /// New work from the source connection `src` (core, connection) for a destination on this
+    /// core: a known duplicate is answered as one (`docs/PROTOCOL.md` §3: ACKed again and not
+    /// queued twice; a best-effort one is dropped, counted `duplicate`); anything else goes on
+    /// the destination's send queue within the source's quota, or is refused with `refuse`
+    /// when given (a core over its memory budget).
+    fn accept_local(
+        &mut self,
+        env: Envelope,
+        src: Src,
+        refuse: Option<Reason>,
+    ) -> Result<bool, Reason> {
+        let (source, id, len, class) =
+            (env.source(), env.message_id(), env.frame_len(), env.class());
+        let marking = self.dedup.check_mark(&source, id);
+        if marking == Marking::Duplicate {
+            self.m.duplicates.increment(1);
+            return match class {
+                DeliveryClass::BestEffort => Err(Reason::Duplicate),
+                _ => Ok(false),
+            };
         }
-        r
+        let result = match refuse {
+            Some(r) => Err(r),
+            None => {
+                let within_quota = self.sources.hold_within(source, len, self.source_quota());
+                self.enqueue_local(env, within_quota, src)
+                    .map_err(|(r, _)| {
+                        self.sources.unhold(&source, len);
+                        r
+                    })
+            }
+        };
+        match result {
+            Ok(_) => {
+                if marking == Marking::Unmarked {
+                    self.dedup.mark(source, id);
+                }
+                self.charge((len + crate::shard::custody::HELD_ENVELOPE_OVERHEAD) as u64);
+            }
+            Err(_) if marking == Marking::Marked => self.dedup.forget(&source, id),
+            Err(_) => {}
+        }
+        result
     }
 
     // The refused envelope travels back by value: no allocation on the refusal path.
@@ -206,21 +232,6 @@ impl Shard {
         Ok(false)
     }
 
-    /// The verdict on a duplicate of an envelope accepted here before (`docs/PROTOCOL.md` §3):
-    /// ACKed again and not queued twice; a best-effort one is dropped, counted `duplicate`.
-    /// `None`: not a known duplicate.
-    fn duplicate_verdict(&mut self, env: &Envelope) -> Option<Result<bool, Reason>> {
-        if self.dedup.seen(&env.source(), env.message_id()) != super::dedup::Seen::Duplicate {
-            return None;
-        }
-        self.m.duplicates.increment(1);
-        Some(if env.class() == DeliveryClass::BestEffort {
-            Err(Reason::Duplicate)
-        } else {
-            Ok(false)
-        })
-    }
-
     /// Resumes the sources paused on `conn`'s send queue once it is below a quarter of its
     /// bounds (or at once with `now_anyway`: the session ended or handed its queue over).
     pub(super) fn resume_paced_sources(&mut self, conn: ConnId, now_anyway: bool) {
@@ -291,17 +302,9 @@ impl Shard {
             }
             return;
         }
-        if let Some(v) = self.duplicate_verdict(&env) {
-            self.verdict_to(src, class, v, now);
-            return;
-        }
         // New work from another core meets this core's budget too.
-        let result = if self.budget.state == Overload::Refuse {
-            Err((Reason::Overloaded, env))
-        } else {
-            self.deliver_local(env, src)
-        };
-        let result = result.map_err(|(r, _)| r);
+        let refuse = (self.budget.state == Overload::Refuse).then_some(Reason::Overloaded);
+        let result = self.accept_local(env, src, refuse);
         self.verdict_to(src, class, result, now);
     }
 
