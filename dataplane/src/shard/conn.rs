@@ -180,8 +180,7 @@ impl Shard {
                 return None;
             }
         };
-        let id = self.next_conn;
-        self.next_conn += 1;
+        let id = self.conns.next_id();
         self.conns.insert(
             id,
             Conn {
@@ -304,8 +303,7 @@ impl Shard {
     /// what it had already received. The engine gives it its socket and tasks.
     pub fn adopt(&mut self, moving: MovingConn, now: Now) -> ConnId {
         let mut c = moving.0;
-        let id = self.next_conn;
-        self.next_conn += 1;
+        let id = self.conns.next_id();
         c.id = id;
         c.moving_to = None;
         c.reader_parked = false;
@@ -355,7 +353,6 @@ impl Shard {
         self.teardown(conn, now);
     }
 
-    /// Wakes a connection's writer.
     /// Wakes a connection's writer unless it is already awake (it polls again after every
     /// write, and goes idle only when [`Shard::poll_write`] found nothing).
     pub(super) fn wake_writer(&mut self, conn: ConnId) {
@@ -374,5 +371,112 @@ impl Shard {
                 self.actions.push_back(Action::WakeReader(conn));
             }
         }
+    }
+}
+
+/// The connections of a shard, by id: a slab. An id is a slot's index in its low 32 bits and
+/// the shard's count of connections opened so far in its high ones, so that a lookup is an
+/// index and a compare, and an id is not given twice (an answer for a connection that closed
+/// finds nothing, not its slot's next tenant). The slots never exceed the most connections
+/// open at once (`max_connections_per_core`), each a `Conn` wide, as a map's would.
+#[derive(Default)]
+pub(crate) struct Conns {
+    slots: Vec<Option<Conn>>,
+    free: Vec<u32>,
+    len: usize,
+    opened: u64,
+}
+
+impl Conns {
+    /// The id the next [`insert`](Self::insert) takes.
+    pub(crate) fn next_id(&self) -> ConnId {
+        let index = self.free.last().copied().unwrap_or(self.slots.len() as u32);
+        ((self.opened + 1) << 32) | index as u64
+    }
+
+    /// Puts `c` in, under `id`: the id [`next_id`](Self::next_id) just gave.
+    pub(crate) fn insert(&mut self, id: ConnId, c: Conn) {
+        assert_eq!(id, self.next_id(), "a connection goes in under the next id");
+        self.opened += 1;
+        let index = id as u32 as usize;
+        if index == self.slots.len() {
+            self.slots.push(Some(c));
+        } else {
+            self.free.pop();
+            self.slots[index] = Some(c);
+        }
+        self.len += 1;
+    }
+
+    pub(crate) fn get(&self, id: &ConnId) -> Option<&Conn> {
+        self.slots
+            .get(*id as u32 as usize)?
+            .as_ref()
+            .filter(|c| c.id == *id)
+    }
+
+    pub(crate) fn get_mut(&mut self, id: &ConnId) -> Option<&mut Conn> {
+        self.slots
+            .get_mut(*id as u32 as usize)?
+            .as_mut()
+            .filter(|c| c.id == *id)
+    }
+
+    pub(crate) fn remove(&mut self, id: &ConnId) -> Option<Conn> {
+        let slot = self.slots.get_mut(*id as u32 as usize)?;
+        if slot.as_ref()?.id != *id {
+            return None;
+        }
+        let c = slot.take();
+        self.free.push(*id as u32);
+        self.len -= 1;
+        c
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn keys(&self) -> impl Iterator<Item = &ConnId> + '_ {
+        self.values().map(|c| &c.id)
+    }
+
+    pub(crate) fn values(&self) -> impl Iterator<Item = &Conn> + '_ {
+        self.slots.iter().flatten()
+    }
+
+    pub(crate) fn values_mut(&mut self) -> impl Iterator<Item = &mut Conn> + '_ {
+        self.slots.iter_mut().flatten()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::shard::{Limits, Now};
+    use crate::testing::{open_settings, InMemoryRelay};
+
+    const NOW: Now = Now {
+        mono_us: 1_000_000,
+        unix_ms: 1_800_000_000_000,
+    };
+
+    #[test]
+    fn a_closed_connections_slot_is_used_again_under_a_new_id() {
+        let relay = InMemoryRelay::new();
+        let mut shard = relay.shard(open_settings(Limits::default()));
+        let a = shard.open(NOW).expect("open");
+        let b = shard.open(NOW).expect("open");
+        shard.on_read_end(a, NOW);
+        assert_eq!(shard.connections(), 1);
+        let c = shard.open(NOW).expect("open");
+        assert_eq!(c as u32, a as u32, "the freed slot");
+        assert!(c != a && c != b, "ids are not given twice");
+        assert!(
+            shard.take_read_buf(a).is_none(),
+            "the closed one's id finds nothing"
+        );
+        assert!(shard.take_read_buf(b).is_some() && shard.take_read_buf(c).is_some());
+        shard.on_read_end(a, NOW);
+        assert_eq!(shard.connections(), 2, "nor closes its slot's new tenant");
     }
 }

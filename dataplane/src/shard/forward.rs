@@ -187,8 +187,10 @@ impl Shard {
                 paced.push(src);
             }
         }
-        if r.is_ok() {
-            self.wake_writer(cid);
+        // The writer woken here, not by `wake_writer`: the connection is at hand.
+        if r.is_ok() && !c.writer_awake {
+            c.writer_awake = true;
+            self.actions.push_back(Action::WakeWriter(cid));
         }
         r
     }

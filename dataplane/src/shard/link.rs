@@ -224,8 +224,7 @@ impl Shard {
 
     fn insert_link(&mut self, transport: Transport, link: LinkSession, now: Now) -> ConnId {
         self.charge(CONNECTION_OVERHEAD);
-        let id = self.next_conn;
-        self.next_conn += 1;
+        let id = self.conns.next_id();
         self.conns.insert(id, link_conn(id, transport, link, now));
         id
     }

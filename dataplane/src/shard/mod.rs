@@ -243,7 +243,7 @@ pub struct Shard {
     /// relays, envelopes waiting for a path.
     mesh: mesh::Mesh,
     m: CoreMetrics,
-    conns: HashMap<ConnId, Conn, crate::shard::hasher::MapHasher>,
+    conns: conn::Conns,
     by_agent: HashMap<AgentId, ConnId, crate::shard::hasher::MapHasher>,
     directory: Directory,
     held: Held,
@@ -253,7 +253,6 @@ pub struct Shard {
     seq: Arc<SeqSource>,
     draining: bool,
     custody_swept_us: u64,
-    next_conn: ConnId,
     /// Write buffers not in use, reused across connections: full-size ones (at most
     /// [`SPARE_BUFFERS`]) and small ones for small writes (at most [`SPARE_SMALL_BUFFERS`]).
     spare_buffers: Vec<Vec<u8>>,
@@ -330,7 +329,7 @@ impl Shard {
             settings: Arc::new(settings),
             mesh: mesh::Mesh::default(),
             m: CoreMetrics::new(id),
-            conns: HashMap::default(),
+            conns: conn::Conns::default(),
             by_agent: HashMap::default(),
             directory: Directory::new(),
             held: Held::default(),
@@ -339,7 +338,6 @@ impl Shard {
             seq,
             draining: false,
             custody_swept_us: 0,
-            next_conn: 1,
             spare_buffers: Vec::new(),
             spare_small: Vec::new(),
             handed_off: 0,
