@@ -369,11 +369,9 @@ impl FrameReader {
         }
     }
 
-    fn decode(&mut self, mut frame: Bytes) -> Result<Frame, TransportError> {
+    fn decode(&mut self, frame: Bytes) -> Result<Frame, TransportError> {
         self.frame_bytes += frame.len() as u64;
-        // Past the length prefix without a second reference to the buffer.
-        frame.advance(4);
-        Ok(Frame::decode(frame)?)
+        Ok(Frame::decode_prefixed(frame)?)
     }
 
     /// Length (prefix included) of the frame starting the carried plaintext, once known.

@@ -218,14 +218,22 @@ impl Envelope {
     }
 
     /// Decodes an ENVELOPE frame body. `body` is a slice of the received frame; the result shares it.
-    pub fn decode(mut body: Bytes) -> Result<Self, WireError> {
-        let mut r = Reader::new(&body);
-        let routing = RoutingPart::decode(&mut r, &body)?;
+    pub fn decode(body: Bytes) -> Result<Self, WireError> {
+        Envelope::decode_at(body, 0)
+    }
+
+    /// Decodes the ENVELOPE frame body that starts at `at` in `frame` (past its length prefix
+    /// and type). The frame is moved past what comes before the immutable part in one step,
+    /// once the routing part is read: a `Bytes` changed in memory and then handed on whole
+    /// stalls the copy that reads it back.
+    pub(crate) fn decode_at(mut frame: Bytes, at: usize) -> Result<Self, WireError> {
+        let mut r = Reader::at(&frame, at);
+        let routing = RoutingPart::decode(&mut r, &frame)?;
         // The immutable part is the rest of the body: moved past the routing part, not sliced
         // (a slice and the body's drop would be two more steps on a shared reference count).
         let pos = r.pos();
-        bytes::Buf::advance(&mut body, pos);
-        let immutable = body;
+        bytes::Buf::advance(&mut frame, pos);
+        let immutable = frame;
         let sections = validate(&immutable)?;
         if routing.copy_index >= immutable[OFF_MULTIPATH].max(1) {
             return Err(WireError::Invalid("copy index"));
@@ -452,6 +460,9 @@ fn relay_id(c: &[u8]) -> RelayId {
 }
 
 /// Checks every field of an immutable part and returns where its sections are.
+// Inlined into `Envelope::decode`: returned through memory, the sections were written field by
+// field and read back at once as wider words, which stalls the load on every envelope.
+#[inline(always)]
 fn validate(imm: &[u8]) -> Result<Sections, WireError> {
     // The fixed part: one length check, then the few bytes that have a domain.
     if imm.len() < FIXED_LEN {

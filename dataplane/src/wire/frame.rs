@@ -473,9 +473,8 @@ impl FrameDecoder {
         if buf.len() < total {
             return Ok(None);
         }
-        buf.advance(4);
-        let frame = buf.split_to(total - 4).freeze();
-        Frame::decode(frame).map(Some)
+        let frame = buf.split_to(total).freeze();
+        Frame::decode_prefixed(frame).map(Some)
     }
 
     /// The length, prefix included, of the frame starting `buf`, once its 4-byte prefix is
@@ -499,6 +498,16 @@ impl FrameDecoder {
 }
 
 impl Frame {
+    /// Decodes `length | type | body`, a whole frame whose length prefix the caller checked.
+    /// An envelope is cut from it in one step (see [`Envelope::decode_at`]).
+    pub fn decode_prefixed(mut frame: Bytes) -> Result<Self, WireError> {
+        if frame.get(4) == Some(&(FrameType::Envelope as u8)) {
+            return Envelope::decode_at(frame, 5).map(Frame::Envelope);
+        }
+        frame.advance(4.min(frame.len()));
+        Frame::decode(frame)
+    }
+
     /// Decodes `type | body` (the bytes after the length prefix).
     pub fn decode(mut frame: Bytes) -> Result<Self, WireError> {
         if frame.is_empty() {

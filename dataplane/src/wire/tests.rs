@@ -784,6 +784,16 @@ proptest! {
     }
 
     #[test]
+    fn a_frame_decodes_the_same_with_or_without_its_length_prefix((b, payload) in arb_builder(), flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4)) {
+        let mut bytes = Frame::Envelope(b.build(&payload).unwrap()).to_bytes().to_vec();
+        for (i, v) in flips { let n = bytes.len(); bytes[4 + i.index(n - 4)] = v; }
+        let whole = Frame::decode_prefixed(Bytes::from(bytes.clone()));
+        let body = Frame::decode(Bytes::from(bytes[4..].to_vec()));
+        let show = |r: Result<Frame, WireError>| r.map(|f| f.to_bytes());
+        prop_assert_eq!(show(whole), show(body));
+    }
+
+    #[test]
     fn mutated_envelopes_never_panic((b, payload) in arb_builder(), flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8)) {
         let mut bytes = Frame::Envelope(b.build(&payload).unwrap()).to_bytes().to_vec();
         for (i, v) in flips { let n = bytes.len(); bytes[4 + i.index(n - 4)] = v; }
