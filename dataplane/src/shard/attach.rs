@@ -252,6 +252,7 @@ impl Conn {
     /// should slow down. Reasons in the order of `docs/PROTOCOL.md` §4.
     // The refused envelope travels back by value: no allocation on the refusal path.
     #[allow(clippy::result_large_err)]
+    #[inline]
     pub(super) fn enqueue(
         &mut self,
         env: Envelope,

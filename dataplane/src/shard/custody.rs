@@ -58,6 +58,7 @@ pub(crate) enum Settled {
 
 impl Inflight {
     /// Records an envelope just written to the agent.
+    #[inline]
     pub(crate) fn push(&mut self, env: Envelope) {
         self.bytes += env.frame_len();
         self.unacked += 1;
@@ -293,6 +294,7 @@ impl SendQueue {
     /// Queues `env` within the bounds. `Ok(true)`: past half of either bound (senders slow down).
     // The refused envelope travels back by value: no allocation on the refusal path.
     #[allow(clippy::result_large_err)]
+    #[inline]
     pub(crate) fn push(
         &mut self,
         env: Envelope,
@@ -308,6 +310,7 @@ impl SendQueue {
         Ok(self.q.len() > max_envelopes / 2 || self.bytes > max_bytes / 2)
     }
 
+    #[inline]
     pub(crate) fn pop(&mut self) -> Option<Envelope> {
         let e = self.q.pop_front()?;
         self.bytes -= e.frame_len();

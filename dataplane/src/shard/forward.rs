@@ -152,6 +152,7 @@ impl Shard {
 
     // The refused envelope travels back by value: no allocation on the refusal path.
     #[allow(clippy::result_large_err)]
+    #[inline]
     fn enqueue_local(
         &mut self,
         env: Envelope,

@@ -225,7 +225,9 @@ impl Envelope {
     /// Decodes the ENVELOPE frame body that starts at `at` in `frame` (past its length prefix
     /// and type). The frame is moved past what comes before the immutable part in one step,
     /// once the routing part is read: a `Bytes` changed in memory and then handed on whole
-    /// stalls the copy that reads it back.
+    /// stalls the copy that reads it back. Inlined into the frame reader, so that the envelope
+    /// is built where it is returned instead of in a result copied field by field.
+    #[inline(always)]
     pub(crate) fn decode_at(mut frame: Bytes, at: usize) -> Result<Self, WireError> {
         let mut r = Reader::at(&frame, at);
         let routing = RoutingPart::decode(&mut r, &frame)?;
