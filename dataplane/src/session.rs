@@ -146,8 +146,11 @@ impl Session {
 
     /// Decides what to do with a frame that arrived at `now_us`. Any frame proves the peer alive.
     pub fn on_frame(&mut self, frame: &Frame, now_us: u64) -> Admit {
+        if let Frame::Envelope(_) = frame {
+            return self.on_envelope(now_us);
+        }
         self.last_rx_us = now_us;
-        if matches!(frame, Frame::Envelope(_) | Frame::Ack(_)) {
+        if matches!(frame, Frame::Ack(_)) {
             self.last_traffic_us = now_us;
         }
         match (self.state, frame) {
@@ -167,7 +170,6 @@ impl Session {
                 | Frame::LinkReceipt(_)
                 | Frame::Directory(_),
             ) => Admit::Close(Reason::UnexpectedFrame),
-            (SessionState::Draining, Frame::Envelope(_)) => Admit::Nack(Reason::ShuttingDown),
             (_, Frame::Ping(_)) => {
                 // Each PING makes the relay write a PONG: more than a few per heartbeat
                 // interval is a flood.
@@ -186,6 +188,18 @@ impl Session {
                 self.close(Reason::Normal);
                 Admit::Accept
             }
+            _ => Admit::Accept,
+        }
+    }
+
+    /// [`Session::on_frame`] for an ENVELOPE (what it decides needs no more than that).
+    pub fn on_envelope(&mut self, now_us: u64) -> Admit {
+        self.last_rx_us = now_us;
+        self.last_traffic_us = now_us;
+        match self.state {
+            SessionState::Closed => Admit::Close(Reason::Normal),
+            SessionState::Handshake => Admit::Close(Reason::UnexpectedFrame),
+            SessionState::Draining => Admit::Nack(Reason::ShuttingDown),
             _ => Admit::Accept,
         }
     }

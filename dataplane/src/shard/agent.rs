@@ -11,6 +11,7 @@ use crate::pki::ed25519_key_of;
 use crate::policy::check_ingress;
 use crate::session::{Admit, SessionState};
 use crate::wire::{AgentId, Close, Envelope, Frame, Nack, Pong, Reason};
+use std::ops::ControlFlow;
 
 use super::custody::Settled;
 
@@ -61,8 +62,43 @@ impl Shard {
             return;
         };
         loop {
-            let frame = match c.transport.frame_or_close(conn) {
+            // Envelopes are handled here as they are decoded; other frames come back below.
+            let frame = match c.transport.frame_or_close_with(conn, &mut |env| {
+                frames += 1;
+                match c.session.on_envelope(now.mono_us) {
+                    Admit::Close(r) => {
+                        close = Some(r);
+                        return ControlFlow::Break(None);
+                    }
+                    Admit::Nack(r) => {
+                        nack(&mut c.a.ctrl, &self.m, c.a.agent, &env, r);
+                        wake = true;
+                    }
+                    Admit::Accept => {
+                        let Some(contract) = c.a.contract.as_ref() else {
+                            return ControlFlow::Continue(());
+                        };
+                        if let Err(r) = check_ingress(&env, contract, now.unix_ms) {
+                            nack(&mut c.a.ctrl, &self.m, c.a.agent, &env, r);
+                            wake = true;
+                            return ControlFlow::Continue(());
+                        }
+                        #[cfg(feature = "fault-injection")]
+                        let env = {
+                            let mut env = env;
+                            super::fault::at_ingress(&mut env);
+                            env
+                        };
+                        let k = env.class() as usize;
+                        n_env[k] += 1;
+                        n_bytes[k] += env.immutable.len() as u64;
+                        accepted.push(env);
+                    }
+                }
+                ControlFlow::Continue(())
+            }) {
                 Ok(Some(f)) => f,
+                // No frame left, or an envelope's session rule closes the session.
                 Ok(None) => break,
                 Err(r) => {
                     close = Some(r);
@@ -90,23 +126,8 @@ impl Shard {
                     hello = Some(h);
                     break;
                 }
-                #[cfg_attr(not(feature = "fault-injection"), allow(unused_mut))]
-                Frame::Envelope(mut env) => {
-                    let Some(contract) = c.a.contract.as_ref() else {
-                        continue;
-                    };
-                    if let Err(r) = check_ingress(&env, contract, now.unix_ms) {
-                        nack(&mut c.a.ctrl, &self.m, c.a.agent, &env, r);
-                        wake = true;
-                        continue;
-                    }
-                    #[cfg(feature = "fault-injection")]
-                    super::fault::at_ingress(&mut env);
-                    let k = env.class() as usize;
-                    n_env[k] += 1;
-                    n_bytes[k] += env.immutable.len() as u64;
-                    accepted.push(env);
-                }
+                // Handled above as they were decoded.
+                Frame::Envelope(_) => {}
                 Frame::Ack(a) => {
                     let was_full = c.window_full();
                     let (mut known, mut unknown) = (0u64, 0u64);

@@ -21,6 +21,7 @@
 //! frames and small envelopes are copied into a small tail that follows them in the same record.
 //! Counting the passes: see `docs/ARCHITECTURE.md`.
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -29,7 +30,7 @@ use super::handshake::Handshake;
 use super::record::{
     Opened, RecordError, RecordLayer, RecordOpener, RecordSealer, MAX_PLAINTEXT, OVERHEAD,
 };
-use crate::wire::{Frame, FrameDecoder, WireError};
+use crate::wire::{Envelope, Frame, FrameDecoder, WireError};
 
 /// First size of a connection's read buffer; it doubles (up to the configured maximum) whenever
 /// a read fills it, so idle connections stay cheap.
@@ -254,7 +255,17 @@ impl Transport {
     /// The next complete frame, or the reason to close the connection: a frame that does not
     /// decode, or a TLS failure (logged for connection `conn`).
     pub fn frame_or_close(&mut self, conn: u64) -> Result<Option<Frame>, crate::wire::Reason> {
-        match self.reader.next_frame() {
+        self.frame_or_close_with(conn, &mut |env| ControlFlow::Break(Some(env)))
+    }
+
+    /// [`Transport::frame_or_close`], each ENVELOPE given to `envelope` as
+    /// [`FrameReader::next_frame_with`] does.
+    pub fn frame_or_close_with(
+        &mut self,
+        conn: u64,
+        envelope: &mut impl FnMut(Envelope) -> ControlFlow<Option<Envelope>>,
+    ) -> Result<Option<Frame>, crate::wire::Reason> {
+        match self.reader.next_frame_with(envelope) {
             Ok(f) => Ok(f),
             Err(TransportError::Wire(e)) => {
                 tracing::info!(conn, error = %e, "undecodable frame");
@@ -353,25 +364,38 @@ impl FrameReader {
 
     /// The next complete frame read, if any: records are opened as needed.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, TransportError> {
-        loop {
-            if let Some(len) = self.carried_frame_len()? {
-                if self.carried >= len {
-                    let f = self.rx.split_to(len).freeze();
-                    self.carried -= len;
-                    return self.decode(f).map(Some);
-                }
-            }
-            match self.open_next_record()? {
-                Step::Nothing => return Ok(None),
-                Step::Progress => {}
-                Step::Joined(f) => return self.decode(f.freeze()).map(Some),
-            }
-        }
+        self.next_frame_with(&mut |env| ControlFlow::Break(Some(env)))
     }
 
-    fn decode(&mut self, frame: Bytes) -> Result<Frame, TransportError> {
-        self.frame_bytes += frame.len() as u64;
-        Ok(Frame::decode_prefixed(frame)?)
+    /// [`FrameReader::next_frame`], except that each ENVELOPE is given to `envelope` as soon as
+    /// it is decoded, and reading goes on while that answers `Continue`; `Break(Some(env))`
+    /// returns the envelope as the frame, `Break(None)` returns `Ok(None)`. An envelope handed
+    /// on where it is built is not copied out through the result of every layer (each such copy
+    /// reads back, as wider words, what was just written field by field: a stall per envelope).
+    pub fn next_frame_with(
+        &mut self,
+        envelope: &mut impl FnMut(Envelope) -> ControlFlow<Option<Envelope>>,
+    ) -> Result<Option<Frame>, TransportError> {
+        loop {
+            let frame = match self.carried_frame_len()? {
+                Some(len) if self.carried >= len => {
+                    self.carried -= len;
+                    self.rx.split_to(len).freeze()
+                }
+                _ => match self.open_next_record()? {
+                    Step::Nothing => return Ok(None),
+                    Step::Progress => continue,
+                    Step::Joined(f) => f.freeze(),
+                },
+            };
+            self.frame_bytes += frame.len() as u64;
+            if !Frame::is_envelope(&frame) {
+                return Ok(Some(Frame::decode_prefixed(frame)?));
+            }
+            if let ControlFlow::Break(env) = envelope(Envelope::decode_at(frame, 5)?) {
+                return Ok(env.map(Frame::Envelope));
+            }
+        }
     }
 
     /// Length (prefix included) of the frame starting the carried plaintext, once known.

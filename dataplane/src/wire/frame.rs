@@ -501,11 +501,16 @@ impl Frame {
     /// Decodes `length | type | body`, a whole frame whose length prefix the caller checked.
     /// An envelope is cut from it in one step (see [`Envelope::decode_at`]).
     pub fn decode_prefixed(mut frame: Bytes) -> Result<Self, WireError> {
-        if frame.get(4) == Some(&(FrameType::Envelope as u8)) {
+        if Frame::is_envelope(&frame) {
             return Envelope::decode_at(frame, 5).map(Frame::Envelope);
         }
         frame.advance(4.min(frame.len()));
         Frame::decode(frame)
+    }
+
+    /// Whether `length | type | body` is an ENVELOPE frame's.
+    pub(crate) fn is_envelope(prefixed: &[u8]) -> bool {
+        prefixed.get(4) == Some(&(FrameType::Envelope as u8))
     }
 
     /// Decodes `type | body` (the bytes after the length prefix).
