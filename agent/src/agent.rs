@@ -23,6 +23,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -2295,36 +2296,39 @@ async fn read(
         );
         let (mut added, mut added_bytes, mut acked_bytes) = (0u64, 0u64, 0u64);
         loop {
-            let f = match rd.next_frame() {
+            // Envelopes are taken here as they are decoded; other frames come back below.
+            let f = match rd.next_frame_with(&mut |e| {
+                received += 1;
+                let len = e.frame_len() as u64;
+                let acked = e.class() != DeliveryClass::BestEffort;
+                if queued + added >= opts.max_queued
+                    || queued_bytes + added_bytes + len > opts.max_queued_bytes
+                {
+                    // Unanswered, an envelope to ACK stays the relay's to deliver again.
+                    let dropped = if acked {
+                        &sh.counters.dropped_unacked
+                    } else {
+                        &sh.counters.dropped_best_effort
+                    };
+                    bump(dropped, 1);
+                    return ControlFlow::Continue(());
+                }
+                added += 1;
+                added_bytes += len;
+                if acked && opts.auto_ack {
+                    acks.push(e.message_id());
+                    acked_bytes += len;
+                }
+                batch.push(e);
+                ControlFlow::Continue(())
+            }) {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
                 Err(_) => break 'outer,
             };
             match f {
-                Frame::Envelope(e) => {
-                    received += 1;
-                    let len = e.frame_len() as u64;
-                    let acked = e.class() != DeliveryClass::BestEffort;
-                    if queued + added >= opts.max_queued
-                        || queued_bytes + added_bytes + len > opts.max_queued_bytes
-                    {
-                        // Unanswered, an envelope to ACK stays the relay's to deliver again.
-                        let dropped = if acked {
-                            &sh.counters.dropped_unacked
-                        } else {
-                            &sh.counters.dropped_best_effort
-                        };
-                        bump(dropped, 1);
-                        continue;
-                    }
-                    added += 1;
-                    added_bytes += len;
-                    if acked && opts.auto_ack {
-                        acks.push(e.message_id());
-                        acked_bytes += len;
-                    }
-                    batch.push(e);
-                }
+                // Taken above as they were decoded.
+                Frame::Envelope(_) => {}
                 Frame::Ack(a) => sh.on_acks(&a),
                 Frame::Nack(n) => sh.on_nack(n),
                 Frame::Receipt(r) => sh.on_receipt(r),

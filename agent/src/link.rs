@@ -10,7 +10,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
-use std::ops::Range;
+use std::ops::{ControlFlow, Range};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -24,7 +24,7 @@ use openmesh_dataplane::tls::record::RecordSealer;
 use openmesh_dataplane::tls::transport::{
     sealed_size, FrameReader, RecordWriter, Transport, TransportError, WRITE_BUFFER,
 };
-use openmesh_dataplane::wire::Frame;
+use openmesh_dataplane::wire::{Envelope, Frame};
 
 use crate::{ClientConfig, ClientError};
 
@@ -138,6 +138,15 @@ impl LinkReader {
     /// The next complete frame already read, if any.
     pub(crate) fn next_frame(&mut self) -> Result<Option<Frame>, TransportError> {
         self.frames.next_frame()
+    }
+
+    /// The next complete frame already read that is not an ENVELOPE, each envelope before it
+    /// handed to `envelope` as it is decoded (see `FrameReader::next_frame_with`).
+    pub(crate) fn next_frame_with(
+        &mut self,
+        envelope: &mut impl FnMut(Envelope) -> ControlFlow<Option<Envelope>>,
+    ) -> Result<Option<Frame>, TransportError> {
+        self.frames.next_frame_with(envelope)
     }
 
     /// Changes the largest frame accepted (to the session contract's).
