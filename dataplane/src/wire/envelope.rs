@@ -125,6 +125,9 @@ impl RoutingPart {
         })
     }
 
+    // Inlined into `Envelope::decode_at`: returned through memory, its narrow fields were read
+    // back at once as a wider word (a store-forwarding stall per envelope).
+    #[inline(always)]
     fn decode(r: &mut Reader<'_>, frame: &Bytes) -> Result<Self, WireError> {
         let hop_limit = r.u8("hop limit")?;
         let hop_index = r.u8("hop index")?;
