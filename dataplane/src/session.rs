@@ -325,6 +325,20 @@ mod tests {
     }
 
     #[test]
+    fn an_envelope_is_admitted_only_while_the_session_is_established() {
+        let mut s = Session::new(0, SessionTimeouts::default());
+        assert_eq!(s.on_envelope(1), Admit::Close(Reason::UnexpectedFrame));
+        s.on_frame(&hello(), 2);
+        s.established(&welcome(1000, 0), 2);
+        assert_eq!(s.on_envelope(3), Admit::Accept);
+        assert_eq!(s.quiet_us(3), 0, "an envelope counts as heard from");
+        assert!(s.start_drain(4));
+        assert_eq!(s.on_envelope(5), Admit::Nack(Reason::ShuttingDown));
+        s.close(Reason::Normal);
+        assert_eq!(s.on_envelope(6), Admit::Close(Reason::Normal));
+    }
+
+    #[test]
     fn more_than_a_few_pings_per_interval_is_a_flood() {
         let mut s = Session::new(0, SessionTimeouts::default());
         s.on_frame(&hello(), 0);
