@@ -278,6 +278,14 @@ async fn retries_due_while_the_relay_reads_nothing_do_not_spin_the_agent() {
     drop(agent);
 }
 
+/// A contract whose heartbeat may be as short as 100 ms (what the agent asks for here).
+fn heartbeat_100_ms() -> ContractPolicy {
+    ContractPolicy {
+        heartbeat_min_ms: 100,
+        ..ContractPolicy::default()
+    }
+}
+
 /// A relay that answers HELLO and then neither reads nor writes (a frozen process), while the
 /// agent has far more to write than the socket takes: the agent gives the connection up after
 /// three silent heartbeat intervals without waiting on its socket, and closes within its close
@@ -287,11 +295,7 @@ async fn a_frozen_relay_does_not_hold_the_agent_on_its_socket() {
     let _one = SERIAL.lock().await;
     let (relay, mut cfg) = hostile("victim");
     let frozen = tokio::spawn(async move {
-        let policy = ContractPolicy {
-            heartbeat_min_ms: 100,
-            ..ContractPolicy::default()
-        };
-        let (tls, _, listener) = relay.welcome(policy).await;
+        let (tls, _, listener) = relay.welcome(heartbeat_100_ms()).await;
         // Frozen: the connection stays open, and nothing more happens on it (later
         // connections wait in the backlog, never answered).
         tokio::time::sleep(Duration::from_secs(60)).await;
@@ -325,11 +329,7 @@ async fn a_relay_that_talks_but_never_reads_is_given_up_after_the_write_timeout(
     let _one = SERIAL.lock().await;
     let (relay, mut cfg) = hostile("victim");
     let talker = tokio::spawn(async move {
-        let policy = ContractPolicy {
-            heartbeat_min_ms: 100,
-            ..ContractPolicy::default()
-        };
-        let (mut tls, _, listener) = relay.welcome(policy).await;
+        let (mut tls, _, listener) = relay.welcome(heartbeat_100_ms()).await;
         // Later connections wait in the backlog, never answered.
         let _listener = listener;
         for i in 0.. {

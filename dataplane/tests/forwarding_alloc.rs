@@ -134,6 +134,15 @@ struct Pair {
 }
 
 impl Pair {
+    /// A pair that has forwarded long enough for its buffers to be at their steady sizes.
+    fn steady(relay: &InMemoryRelay) -> Pair {
+        let mut pair = Pair::new(relay);
+        for _ in 0..20 {
+            pair.round(150);
+        }
+        pair
+    }
+
     fn new(relay: &InMemoryRelay) -> Pair {
         let mut shard = relay.shard(open_settings(Limits::default()));
         let mut wire = Vec::with_capacity(1 << 20);
@@ -254,10 +263,7 @@ impl Pair {
 #[test]
 fn forwarding_an_envelope_allocates_nothing_per_envelope_in_steady_state() {
     let relay = InMemoryRelay::new();
-    let mut pair = Pair::new(&relay);
-    for _ in 0..20 {
-        pair.round(150);
-    }
+    let mut pair = Pair::steady(&relay);
     // Allocations per envelope: the difference between rounds of 150 and rounds of 50 (what is
     // per read, per write buffer or per ACK frame cancels out).
     let mut measure = |n: usize| {
@@ -289,11 +295,7 @@ fn forwarding_an_envelope_allocates_nothing_per_envelope_in_steady_state() {
 #[test]
 fn custody_is_counted_with_each_envelopes_decoded_form() {
     let relay = InMemoryRelay::new();
-    let mut pair = Pair::new(&relay);
-    // Buffers at their steady sizes first.
-    for _ in 0..20 {
-        pair.round(150);
-    }
+    let mut pair = Pair::steady(&relay);
     let n = 300;
     let frame = pair.send(n, 1) as u64;
     let queued = pair.shard.memory_used();

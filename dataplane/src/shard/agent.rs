@@ -111,13 +111,9 @@ impl Shard {
                     close = Some(r);
                     break;
                 }
-                Admit::Nack(r) => {
-                    if let Frame::Envelope(e) = &frame {
-                        nack(&mut c.a.ctrl, &self.m, c.a.agent, e, r);
-                        wake = true;
-                    }
-                    continue;
-                }
+                // Only envelopes are NACKed by the session rules: they were handled as they
+                // were decoded.
+                Admit::Nack(_) => continue,
                 Admit::Accept => {}
             }
             match frame {

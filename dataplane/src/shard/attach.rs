@@ -229,12 +229,7 @@ impl Shard {
         let here: Vec<(AgentId, ConnId)> = self
             .held
             .agents()
-            .filter_map(|a| self.by_agent.get(&a).map(|c| (a, *c)))
-            .filter(|(_, c)| {
-                self.conns
-                    .get(c)
-                    .is_some_and(|c| c.session.is_open() && !c.closing)
-            })
+            .filter_map(|a| self.serving(&a).map(|c| (a, c.id)))
             .collect();
         for (agent, cid) in here {
             if let Some(kept) = self.held.take(&agent) {
@@ -260,7 +255,7 @@ impl Conn {
         max_bytes: usize,
         within_quota: bool,
     ) -> Result<bool, (Reason, Envelope)> {
-        if !self.session.is_open() || self.closing {
+        if !self.takes_envelopes() {
             return Err((Reason::DestinationUnavailable, env));
         }
         if self

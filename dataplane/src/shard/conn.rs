@@ -374,6 +374,13 @@ impl Shard {
     }
 }
 
+impl Conn {
+    /// Whether this connection's session takes envelopes (open, and not closing).
+    pub(super) fn takes_envelopes(&self) -> bool {
+        self.session.is_open() && !self.closing
+    }
+}
+
 /// The connections of a shard, by id: a slab. An id is a slot's index in its low 32 bits and
 /// the shard's count of connections opened so far in its high ones, so that a lookup is an
 /// index and a compare, and an id is not given twice (an answer for a connection that closed

@@ -646,9 +646,13 @@ mod tests {
     use crate::wire::{AgentId, Destination, EnvelopeBuilder};
 
     fn env(i: u128) -> Envelope {
+        env_from(i, AgentId([1; 32]))
+    }
+
+    fn env_from(i: u128, source: AgentId) -> Envelope {
         EnvelopeBuilder::new(
             MessageId::from_u128(i),
-            AgentId([1; 32]),
+            source,
             Destination::Agent(AgentId([2; 32])),
             0,
             10,
@@ -813,17 +817,7 @@ mod tests {
 
     #[test]
     fn a_sources_released_runs_are_one_entry_and_quota_holds_are_taken_back() {
-        let other = |i: u128| {
-            EnvelopeBuilder::new(
-                MessageId::from_u128(i),
-                AgentId([3; 32]),
-                Destination::Agent(AgentId([2; 32])),
-                0,
-                10,
-            )
-            .build(b"")
-            .unwrap()
-        };
+        let other = |i: u128| env_from(i, AgentId([3; 32]));
         let mut r = Released::default();
         for e in [env(1), env(2), other(3), env(4), env(5)] {
             r.note(&e);

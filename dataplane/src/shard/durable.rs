@@ -200,11 +200,7 @@ impl Shard {
         let (max_n, max_b) = (l.send_queue_envelopes, l.send_queue_bytes());
         let len = env.frame_len();
         let (pn, pb) = d.pending_for(&dst);
-        let present = self
-            .by_agent
-            .get(&dst)
-            .and_then(|c| self.conns.get(c))
-            .filter(|c| c.session.is_open() && !c.closing);
+        let present = self.serving(&dst);
         match present {
             Some(c) => {
                 if c.a

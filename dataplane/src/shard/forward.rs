@@ -170,11 +170,7 @@ impl Shard {
             (max_n, max_b) = (max_n * 4, max_b * 4);
         }
         let cid = self.by_agent.get(&dst).copied();
-        let present = cid.and_then(|cid| {
-            self.conns
-                .get_mut(&cid)
-                .filter(|c| c.session.is_open() && !c.closing)
-        });
+        let present = cid.and_then(|cid| self.conns.get_mut(&cid).filter(|c| c.takes_envelopes()));
         let Some(c) = present else {
             return self.hold_for_absent(dst, env, within_quota, (max_n, max_b));
         };
@@ -198,10 +194,15 @@ impl Shard {
 
     /// Whether `agent` has an open session on this core (one that takes envelopes).
     fn serves(&self, agent: &crate::wire::AgentId) -> bool {
+        self.serving(agent).is_some()
+    }
+
+    /// `agent`'s connection on this core, if its session takes envelopes.
+    pub(super) fn serving(&self, agent: &crate::wire::AgentId) -> Option<&super::conn::Conn> {
         self.by_agent
             .get(agent)
             .and_then(|cid| self.conns.get(cid))
-            .is_some_and(|c| c.session.is_open() && !c.closing)
+            .filter(|c| c.takes_envelopes())
     }
 
     /// Keeps new work for a destination agent that is not connected here (its home core), within

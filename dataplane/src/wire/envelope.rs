@@ -465,7 +465,7 @@ fn relay_id(c: &[u8]) -> RelayId {
 }
 
 /// Checks every field of an immutable part and returns where its sections are.
-// Inlined into `Envelope::decode`: returned through memory, the sections were written field by
+// Inlined into `Envelope::decode_at`: returned through memory, the sections were written field by
 // field and read back at once as wider words, which stalls the load on every envelope.
 #[inline(always)]
 fn validate(imm: &[u8]) -> Result<Sections, WireError> {
